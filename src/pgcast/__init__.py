@@ -1,0 +1,57 @@
+"""pgcast: real-time pub/sub on PostgreSQL LISTEN/NOTIFY.
+
+::
+
+    import pgcast
+
+    with pgcast.connect("postgresql://localhost/app") as ps:
+        ps.listen("orders")
+        for event in ps.events():
+            print(event.channel, event.payload, event.pid)
+
+The asyncio twin is :mod:`pgcast.aio`; the embedded server is
+:mod:`pgcast.embedded`.
+"""
+
+from __future__ import annotations
+
+from . import aio
+from ._channels import MAX_CHANNEL_BYTES
+from ._errors import (
+    ClosedError,
+    ConnectError,
+    ConnectionLostError,
+    DatabaseError,
+    InvalidChannelError,
+    PayloadError,
+    PayloadTooLargeError,
+    PgcastError,
+)
+from ._event import Event
+from ._payload import MAX_PAYLOAD_BYTES, Payload
+from .aio import AsyncPubSub
+from .client import PubSub, Runner, connect, notify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_CHANNEL_BYTES",
+    "MAX_PAYLOAD_BYTES",
+    "AsyncPubSub",
+    "ClosedError",
+    "ConnectError",
+    "ConnectionLostError",
+    "DatabaseError",
+    "Event",
+    "InvalidChannelError",
+    "Payload",
+    "PayloadError",
+    "PayloadTooLargeError",
+    "PgcastError",
+    "PubSub",
+    "Runner",
+    "__version__",
+    "aio",
+    "connect",
+    "notify",
+]

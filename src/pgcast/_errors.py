@@ -1,0 +1,74 @@
+"""The pgcast exception tree.
+
+Every error pgcast raises on purpose is a :class:`PgcastError`; errors caused by
+bad arguments are also :class:`ValueError`, so code written for the standard
+library's conventions keeps working::
+
+    PgcastError
+    ├── InvalidChannelError (also ValueError)   a channel name PostgreSQL would mangle
+    ├── PayloadError (also ValueError)          a payload NOTIFY cannot carry
+    │   └── PayloadTooLargeError                8000 bytes or more in UTF-8
+    ├── ConnectError                            could not connect (bad DSN, server gone, auth)
+    ├── ConnectionLostError                     an established connection broke
+    ├── ClosedError                             the PubSub was closed by its user
+    └── DatabaseError                           the server refused a command
+
+Errors that wrap a psycopg exception keep it as ``__cause__`` and carry the
+server's own message in theirs.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClosedError",
+    "ConnectError",
+    "ConnectionLostError",
+    "DatabaseError",
+    "InvalidChannelError",
+    "PayloadError",
+    "PayloadTooLargeError",
+    "PgcastError",
+]
+
+
+class PgcastError(Exception):
+    """Base class of every error raised by pgcast."""
+
+
+class InvalidChannelError(PgcastError, ValueError):
+    """A channel name that PostgreSQL cannot use exactly as given."""
+
+
+class PayloadError(PgcastError, ValueError):
+    """A payload that NOTIFY cannot carry (for example one containing NUL)."""
+
+
+class PayloadTooLargeError(PayloadError):
+    """A payload whose UTF-8 encoding reaches PostgreSQL's NOTIFY limit.
+
+    :attr:`size` is the payload's size in bytes and :attr:`limit` the largest
+    size NOTIFY accepts, plus one.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"payload is {size} bytes in UTF-8; NOTIFY payloads must be under {limit} bytes"
+        )
+
+
+class ConnectError(PgcastError):
+    """Connecting to PostgreSQL failed; the message is the server's or libpq's."""
+
+
+class ConnectionLostError(PgcastError):
+    """The connection to PostgreSQL broke while it was in use."""
+
+
+class ClosedError(PgcastError):
+    """The PubSub was closed and cannot be used any more."""
+
+
+class DatabaseError(PgcastError):
+    """PostgreSQL refused a command; the message is the server's."""
