@@ -1,0 +1,60 @@
+"""The ``pgcast`` command.
+
+Each group of subcommands lives in its own module of this package and exposes
+``register(subparsers)``, which adds its parsers and sets ``func`` on each: a
+callable taking the parsed arguments and returning the exit code. To add a
+command, write the module and name it in :data:`COMMAND_MODULES`.
+
+Errors a user can cause (:class:`pgcast.PgcastError`, bad arguments, a
+missing file) are printed as one line on stderr with exit code 1 (2 for usage
+errors, 130 for Ctrl-C); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .._errors import PgcastError
+
+__all__ = ["COMMAND_MODULES", "main"]
+
+#: The modules of this package that add subcommands, in help order.
+COMMAND_MODULES = ("basic",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgcast",
+        description="Real-time pub/sub on PostgreSQL LISTEN/NOTIFY.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"pgcast {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``pgcast`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (PgcastError, OSError, ValueError) as exc:
+        print(f"pgcast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

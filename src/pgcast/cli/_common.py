@@ -1,0 +1,31 @@
+"""Helpers shared by the subcommands: the ``--dsn`` option and its fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+__all__ = ["add_dsn_argument", "resolve_dsn"]
+
+
+def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL DSN or URL (default: DATABASE_URL, then PG* variables, "
+        "else the embedded server, started if needed)",
+    )
+
+
+def resolve_dsn(args: argparse.Namespace) -> str:
+    """``--dsn``, else ``DATABASE_URL``, else libpq's ``PG*`` variables (an
+    empty DSN), else the persistent embedded server, started if needed."""
+    dsn: str | None = getattr(args, "dsn", None)
+    if dsn:
+        return dsn
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    if any(k in os.environ for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")):
+        return ""
+    from ..embedded import ensure_running
+
+    return ensure_running()

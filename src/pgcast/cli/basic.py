@@ -1,0 +1,81 @@
+"""``pgcast listen`` and ``pgcast notify``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import client
+from ._common import add_dsn_argument, resolve_dsn
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "listen", help="print one JSON line per notification on CHANNEL...",
+        description="Print one JSON line per notification (channel, payload, pid, "
+        "received) until Ctrl-C, --count or --timeout.",
+    )
+    p.add_argument("channels", nargs="+", metavar="CHANNEL")
+    p.add_argument("--count", type=int, help="stop after N events")
+    p.add_argument("--timeout", type=float, help="stop after S seconds")
+    add_dsn_argument(p)
+    p.set_defaults(func=cmd_listen)
+
+    p = subparsers.add_parser(
+        "notify", help="send PAYLOAD (or each line of stdin) on CHANNEL",
+    )
+    p.add_argument("channel", metavar="CHANNEL")
+    p.add_argument("payload", nargs="?", metavar="PAYLOAD",
+                   help="the payload; when omitted, one notification per line of stdin")
+    add_dsn_argument(p)
+    p.set_defaults(func=cmd_notify)
+
+
+def event_line(event: Any) -> str:
+    """The JSON line ``pgcast listen`` prints for *event*."""
+    record = {
+        "channel": event.channel,
+        "payload": event.payload,
+        "pid": event.pid,
+        "received": datetime.now(UTC).isoformat(timespec="microseconds"),
+    }
+    return json.dumps(record, ensure_ascii=False)
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise ValueError("--count must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ValueError("--timeout must be > 0 seconds")
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    seen = 0
+    with client.connect(resolve_dsn(args)) as ps:
+        ps.listen(*args.channels)
+        print(f"listening on {', '.join(args.channels)} (pid {ps.backend_pid})",
+              file=sys.stderr, flush=True)
+        slice_ = 0.5 if deadline is None else min(0.5, args.timeout)
+        for event in ps.events(select_timeout=slice_, yield_timeouts=True):
+            if event is not None:
+                print(event_line(event), flush=True)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    return 0
+            if deadline is not None and time.monotonic() >= deadline:
+                return 0
+    return 0
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    with client.connect(resolve_dsn(args)) as ps:
+        if args.payload is not None:
+            ps.notify(args.channel, args.payload)
+            return 0
+        for line in sys.stdin:
+            ps.notify(args.channel, line.rstrip("\n"))
+    return 0
