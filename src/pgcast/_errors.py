@@ -11,7 +11,9 @@ library's conventions keeps working::
     ├── ConnectError                            could not connect (bad DSN, server gone, auth)
     ├── ConnectionLostError                     an established connection broke
     ├── ClosedError                             the PubSub was closed by its user
-    └── DatabaseError                           the server refused a command
+    ├── DatabaseError                           the server refused a command
+    ├── PublishError                            a Publisher's transaction failed
+    └── PublisherFullError                      a Publisher's buffer stayed full
 
 Errors that wrap a psycopg exception keep it as ``__cause__`` and carry the
 server's own message in theirs.
@@ -24,10 +26,13 @@ __all__ = [
     "ConnectError",
     "ConnectionLostError",
     "DatabaseError",
+    "EmbeddedServerError",
     "InvalidChannelError",
     "PayloadError",
     "PayloadTooLargeError",
     "PgcastError",
+    "PublishError",
+    "PublisherFullError",
 ]
 
 
@@ -72,3 +77,36 @@ class ClosedError(PgcastError):
 
 class DatabaseError(PgcastError):
     """PostgreSQL refused a command; the message is the server's."""
+
+
+class PublishError(PgcastError):
+    """A :class:`pgcast.Publisher` transaction failed; its notifications were not sent.
+
+    :attr:`messages` holds every ``(channel, payload)`` that was not sent, in
+    order, so nothing is lost; the cause (the server's or libpq's error) is
+    ``__cause__``.
+    """
+
+    def __init__(self, message: str, messages: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.messages = messages
+
+
+class PublisherFullError(PgcastError):
+    """A :class:`pgcast.Publisher` held *limit* unsent notifications for longer
+    than the publishing caller agreed to wait; that notification was not queued."""
+
+    def __init__(self, limit: int, waited: float) -> None:
+        self.limit = limit
+        self.waited = waited
+        super().__init__(
+            f"the Publisher already holds {limit} unsent notifications (max_pending) "
+            f"and no room came free within {waited:g} s; this one was not queued"
+        )
+
+
+class EmbeddedServerError(PgcastError, RuntimeError):
+    """The embedded server could not be initialised, started, attached to or stopped.
+
+    When the server itself failed, the message ends with the tail of its log.
+    """

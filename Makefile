@@ -1,0 +1,46 @@
+# Development tasks. CI runs `make test` through .ci/run.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LOCAL_DSN := postgresql://postgres@127.0.0.1:5432/postgres
+PYTEST_ARGS ?=
+# pytest exits with 5 when it collects no tests: not a failure for us.
+PYTEST = $(BIN)/pytest $(PYTEST_ARGS) || test $$? -eq 5
+
+.DEFAULT_GOAL := test
+.PHONY: demo test lint typecheck bench clean
+
+# Reinstalls whenever pyproject.toml changes; `touch` marks the venv up to date.
+$(VENV): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(VENV)
+
+demo: $(VENV)
+	$(BIN)/pgcast demo
+
+lint: $(VENV)
+	$(BIN)/ruff check src tests
+
+typecheck: $(VENV)
+	$(BIN)/mypy
+
+# The suite runs on the embedded server, then again on a PostgreSQL already
+# listening on 127.0.0.1:5432 if there is one (PGCAST_TEST_DSN).
+test: lint typecheck
+	$(PYTEST)
+	@if $(BIN)/python -c "import psycopg; psycopg.connect('$(LOCAL_DSN)', connect_timeout=3).close()" \
+			>/dev/null 2>&1; then \
+		echo "PostgreSQL answers on 127.0.0.1:5432: running the suite against it too"; \
+		PGCAST_TEST_DSN=$(LOCAL_DSN) $(PYTEST); \
+	else \
+		echo "No PostgreSQL answers on 127.0.0.1:5432: skipping the PGCAST_TEST_DSN run"; \
+	fi
+
+bench: $(VENV)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf build dist .mypy_cache .pytest_cache .ruff_cache .hypothesis src/*.egg-info
+	find src tests benchmarks examples -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true
