@@ -23,7 +23,7 @@ __all__ = ["MAX_PAYLOAD_BYTES", "Payload", "encode_payload", "payload_size"]
 MAX_PAYLOAD_BYTES = 8000
 
 #: What :meth:`PubSub.notify` accepts: text as it is, dicts and lists as JSON.
-Payload: TypeAlias = "str | Mapping[str, object] | list[object] | tuple[object, ...] | None"
+Payload: TypeAlias = str | Mapping[str, object] | list[object] | tuple[object, ...] | None
 
 
 def payload_size(text: str) -> int:
@@ -39,7 +39,9 @@ def to_text(payload: Payload) -> str:
         return payload
     if isinstance(payload, Mapping | list | tuple):
         try:
-            return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+            # allow_nan=False: NaN and Infinity are not JSON, and a consumer
+            # in another language would fail to parse the payload.
+            return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from exc
     raise PayloadError(
