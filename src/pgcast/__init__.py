@@ -18,6 +18,7 @@ from __future__ import annotations
 from . import aio
 from ._channels import MAX_CHANNEL_BYTES
 from ._errors import (
+    AccessDenied,
     ClosedError,
     ConnectError,
     ConnectionLostError,
@@ -26,6 +27,7 @@ from ._errors import (
     PayloadError,
     PayloadTooLargeError,
     PgcastError,
+    ProtocolError,
 )
 from ._event import Event
 from ._payload import MAX_PAYLOAD_BYTES, Payload
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_CHANNEL_BYTES",
     "MAX_PAYLOAD_BYTES",
+    "AccessDenied",
     "AsyncPubSub",
     "ClosedError",
     "ConnectError",
@@ -48,6 +51,7 @@ __all__ = [
     "PayloadError",
     "PayloadTooLargeError",
     "PgcastError",
+    "ProtocolError",
     "PubSub",
     "Runner",
     "__version__",

@@ -13,7 +13,9 @@ library's conventions keeps working::
     ├── ClosedError                             the PubSub was closed by its user
     ├── DatabaseError                           the server refused a command
     ├── PublishError                            a Publisher's transaction failed
-    └── PublisherFullError                      a Publisher's buffer stayed full
+    ├── PublisherFullError                      a Publisher's buffer stayed full
+    ├── AccessDenied                            the gateway's authorizer refused a client
+    └── ProtocolError (also ValueError)         a gateway client frame malformed or over a limit
 
 Errors that wrap a psycopg exception keep it as ``__cause__`` and carry the
 server's own message in theirs.
@@ -22,6 +24,7 @@ server's own message in theirs.
 from __future__ import annotations
 
 __all__ = [
+    "AccessDenied",
     "ClosedError",
     "ConnectError",
     "ConnectionLostError",
@@ -31,6 +34,7 @@ __all__ = [
     "PayloadError",
     "PayloadTooLargeError",
     "PgcastError",
+    "ProtocolError",
     "PublishError",
     "PublisherFullError",
 ]
@@ -110,3 +114,13 @@ class EmbeddedServerError(PgcastError, RuntimeError):
 
     When the server itself failed, the message ends with the tail of its log.
     """
+
+
+class AccessDenied(PgcastError):
+    """The gateway refuses a client: raised by an authorizer (the message is
+    sent to the client), or by the gateway for a bad origin or a refused token."""
+
+
+class ProtocolError(PgcastError, ValueError):
+    """A frame a gateway client sent that is malformed, of an unknown type, or
+    over a limit; the client gets the message in an ``error`` frame."""
