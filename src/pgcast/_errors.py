@@ -15,7 +15,9 @@ library's conventions keeps working::
     ├── PublishError                            a Publisher's transaction failed
     ├── PublisherFullError                      a Publisher's buffer stayed full
     ├── AccessDenied                            the gateway's authorizer refused a client
-    └── ProtocolError (also ValueError)         a gateway client frame malformed or over a limit
+    ├── ProtocolError (also ValueError)         a gateway client frame malformed or over a limit
+    ├── WatchError (also ValueError)            a change feed on a missing table or column
+    └── QueueError (also ValueError)            a queue table name or job pgcast cannot use
 
 Errors that wrap a psycopg exception keep it as ``__cause__`` and carry the
 server's own message in theirs.
@@ -37,6 +39,8 @@ __all__ = [
     "ProtocolError",
     "PublishError",
     "PublisherFullError",
+    "QueueError",
+    "WatchError",
 ]
 
 
@@ -124,3 +128,12 @@ class AccessDenied(PgcastError):
 class ProtocolError(PgcastError, ValueError):
     """A frame a gateway client sent that is malformed, of an unknown type, or
     over a limit; the client gets the message in an ``error`` frame."""
+
+
+class WatchError(PgcastError, ValueError):
+    """A table change feed that cannot be set up as asked: no such table, not
+    a table, an unknown column or operation."""
+
+
+class QueueError(PgcastError, ValueError):
+    """A queue table name pgcast cannot use, or a job it cannot store."""
