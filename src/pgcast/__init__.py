@@ -28,11 +28,14 @@ from ._errors import (
     PayloadTooLargeError,
     PgcastError,
     ProtocolError,
+    PublisherFullError,
+    PublishError,
 )
 from ._event import Event
 from ._payload import MAX_PAYLOAD_BYTES, Payload
 from .aio import AsyncPubSub
 from .client import PubSub, Runner, connect, notify
+from .publisher import AsyncPublisher, Publisher
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "AccessDenied",
     "AsyncPubSub",
+    "AsyncPublisher",
     "ClosedError",
     "ConnectError",
     "ConnectionLostError",
@@ -53,6 +57,9 @@ __all__ = [
     "PgcastError",
     "ProtocolError",
     "PubSub",
+    "PublishError",
+    "Publisher",
+    "PublisherFullError",
     "Runner",
     "__version__",
     "aio",
