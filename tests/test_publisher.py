@@ -1,0 +1,362 @@
+"""pgcast.Publisher and AsyncPublisher against a real PostgreSQL, and their
+pure core (pgcast._batcher) on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+import pgcast
+from pgcast._batcher import Batcher
+
+WAIT = 10.0  # seconds anything that should happen on loopback may take
+
+
+def collect(ps: pgcast.PubSub, n: int, timeout: float = WAIT) -> list[pgcast.Event]:
+    """The next *n* events of *ps*, or fail after *timeout* seconds."""
+    got: list[pgcast.Event] = []
+    deadline = time.monotonic() + timeout
+    for event in ps.events(select_timeout=0.05, yield_timeouts=True):
+        if event is not None:
+            got.append(event)
+            if len(got) == n:
+                return got
+        if time.monotonic() > deadline:
+            break
+    pytest.fail(f"received {len(got)} of {n} notifications within {timeout} s")
+
+
+def nothing_more(ps: pgcast.PubSub, wait: float = 0.3) -> None:
+    """Fail if an event arrives within *wait* seconds."""
+    extra = list(ps.wait(0))
+    deadline = time.monotonic() + wait
+    while not extra and time.monotonic() < deadline:
+        time.sleep(0.05)
+        extra = list(ps.wait(0))
+    assert extra == []
+
+
+@pytest.fixture
+def listener(dsn: str, unique_channel: str) -> Iterator[pgcast.PubSub]:
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        yield ps
+
+
+# -- the pure core -------------------------------------------------------------
+
+
+def make_batcher(**kw: int | float) -> Batcher[object]:
+    options: dict[str, int | float] = {"interval": 0.01, "max_batch": 3, "max_pending": 5}
+    options.update(kw)
+    return Batcher(object, **options)  # type: ignore[arg-type]
+
+
+def test_batcher_fills_batches_in_order_and_bounds_pending() -> None:
+    b = make_batcher()
+    assert b.due_in(0.0) is None
+    wakes = []
+    handles = []
+    for i in range(5):
+        assert b.has_room()
+        batch, wake = b.add("c", str(i), now=100.0)
+        wakes.append(wake)
+        handles.append(batch.handle)
+    assert not b.has_room()
+    # The first message opens a batch, the third fills it, the fourth opens another.
+    assert wakes == [True, False, True, True, False]
+    assert handles[0] is handles[2] and handles[3] is not handles[2]
+    assert b.due_in(100.0) == 0.0  # the head is full: due now
+    first = b.take()
+    assert first.messages() == [("c", "0"), ("c", "1"), ("c", "2")]
+    assert b.has_room() and b.pending == 2
+    # Not full: due interval after its first message, sooner after a flush mark.
+    assert b.due_in(100.004) == pytest.approx(0.006)
+    assert b.flush_mark() == 2
+    assert b.due_in(100.004) == 0.0
+
+
+def test_batcher_closing_makes_everything_due() -> None:
+    b = make_batcher(interval=60)
+    b.add("c", "x", now=0.0)
+    assert b.due_in(0.0) == 60.0
+    b.closing = True
+    assert b.due_in(0.0) == 0.0
+
+
+def test_batcher_reports_failures_once_with_every_message() -> None:
+    b = make_batcher()
+    for i in range(4):
+        b.add("c", str(i), now=0.0)
+    one, two = b.take(), b.take()
+    assert b.outcome(one, None) is None
+    b.finish(one)
+    error = b.outcome(two, OSError("boom"))
+    assert isinstance(error, pgcast.PublishError)
+    assert error.messages == [("c", "3")] and isinstance(error.__cause__, OSError)
+    b.finish(two)
+    assert b.completed == 2
+    b.add("d", "4", now=0.0)
+    [(_, failed)] = b.fail_queued(RuntimeError("gone"))
+    assert failed.messages == [("d", "4")]
+    combined = b.take_failure()
+    assert combined is not None
+    assert combined.messages == [("c", "3"), ("d", "4")]
+    assert "2 Publisher transactions failed" in str(combined)
+    assert isinstance(combined.__cause__, OSError)
+    assert b.take_failure() is None
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("interval", -1), ("max_batch", 0), ("max_pending", 1.5), ("max_batch", True)],
+)
+def test_batcher_refuses_bad_options(option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=option):
+        make_batcher(**{option: value})  # type: ignore[arg-type]
+
+
+# -- the sync Publisher --------------------------------------------------------
+
+
+def test_many_threads_few_transactions_nothing_lost(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
+) -> None:
+    threads, per_thread = 8, 250
+    handles: set[concurrent.futures.Future[None]] = set()
+    lock = threading.Lock()
+    with pgcast.Publisher(dsn, interval=0.005) as pub:
+        barrier = threading.Barrier(threads)
+
+        def work(t: int) -> None:
+            barrier.wait(WAIT)
+            mine = [pub.publish(unique_channel, f"{t}:{i}") for i in range(per_thread)]
+            with lock:
+                handles.update(mine)
+
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(WAIT)
+            assert not w.is_alive()
+        pub.flush(timeout=WAIT)
+        for h in handles:
+            assert h.done() and h.result(0) is None
+    got = collect(listener, threads * per_thread)
+    payloads = [e.payload for e in got]
+    assert sorted(payloads) == sorted(f"{t}:{i}" for t in range(threads) for i in range(per_thread))
+    # One thread's notifications arrive in the order it published them.
+    for t in range(threads):
+        mine = [int(p.split(":")[1]) for p in payloads if p.startswith(f"{t}:")]
+        assert mine == list(range(per_thread))
+    # Each handle is one transaction: far fewer than one per notification.
+    assert len(handles) <= threads * per_thread // 10
+    nothing_more(listener)
+
+
+def test_batch_goes_out_after_interval_without_flush(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
+) -> None:
+    with pgcast.Publisher(dsn, interval=0.02) as pub:
+        handle = pub.publish(unique_channel, {"id": 1})
+        handle.result(WAIT)
+        [event] = collect(listener, 1)
+        assert event.json() == {"id": 1}
+
+
+def test_identical_messages_in_one_batch_coalesce(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
+) -> None:
+    with pgcast.Publisher(dsn, interval=60) as pub:
+        for _ in range(5):
+            pub.publish(unique_channel, "same")
+        pub.publish(unique_channel, "end")
+        pub.flush(WAIT)
+    assert [e.payload for e in collect(listener, 2)] == ["same", "end"]
+    nothing_more(listener)
+
+
+def test_bad_messages_raise_in_the_caller_and_queue_nothing(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
+) -> None:
+    with pgcast.Publisher(dsn, interval=60) as pub:
+        with pytest.raises(pgcast.PayloadTooLargeError, match="8000"):
+            pub.publish(unique_channel, "x" * 8000)
+        with pytest.raises(pgcast.InvalidChannelError, match="63"):
+            pub.publish("c" * 64, "x")
+        assert pub.pending == 0
+        pub.publish(unique_channel, "ok")
+        pub.flush(WAIT)
+    assert [e.payload for e in collect(listener, 1)] == ["ok"]
+
+
+def test_full_buffer_raises_after_timeout_and_blocks_until_room(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
+) -> None:
+    with pgcast.Publisher(dsn, interval=60, max_batch=1000, max_pending=3) as pub:
+        for i in range(3):
+            pub.publish(unique_channel, str(i))
+        with pytest.raises(pgcast.PublisherFullError, match=r"3 unsent .*max_pending"):
+            pub.publish(unique_channel, "now", timeout=0)
+        start = time.monotonic()
+        with pytest.raises(pgcast.PublisherFullError) as info:
+            pub.publish(unique_channel, "later", timeout=0.2)
+        assert info.value.limit == 3 and 0.2 <= time.monotonic() - start < WAIT
+
+        # A publisher blocked on a full buffer goes on once a flush makes room.
+        result: list[object] = []
+        blocked = threading.Thread(
+            target=lambda: result.append(pub.publish(unique_channel, "3", timeout=WAIT))
+        )
+        blocked.start()
+        time.sleep(0.1)
+        assert blocked.is_alive() and not result
+        pub.flush(WAIT)
+        blocked.join(WAIT)
+        assert not blocked.is_alive() and len(result) == 1
+    assert [e.payload for e in collect(listener, 4)] == ["0", "1", "2", "3"]
+
+
+def test_close_sends_the_queue_then_refuses(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
+) -> None:
+    pub = pgcast.Publisher(dsn, interval=60)
+    handle = pub.publish(unique_channel, "queued")
+    assert not handle.done()
+    pub.close(timeout=WAIT)
+    assert handle.result(0) is None
+    assert pub.closed and "closed" in repr(pub)
+    pub.close()  # idempotent
+    with pytest.raises(pgcast.ClosedError):
+        pub.publish(unique_channel, "late")
+    assert [e.payload for e in collect(listener, 1)] == ["queued"]
+
+
+def test_failed_transaction_is_reported_then_the_next_batch_reconnects(
+    dsn: str,
+    conn: psycopg.Connection[tuple[object, ...]],
+    listener: pgcast.PubSub,
+    unique_channel: str,
+) -> None:
+    app = f"pgcast_pub_{uuid.uuid4().hex[:8]}"
+    with pgcast.Publisher(dsn, interval=60, application_name=app) as pub:
+        pub.publish(unique_channel, "before")
+        pub.flush(WAIT)
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (app,),
+        ).fetchone()
+        assert row == (1,)
+        lost = pub.publish(unique_channel, "lost")
+        with pytest.raises(pgcast.PublishError) as info:
+            pub.flush(WAIT)
+        assert info.value.messages == [(unique_channel, "lost")]
+        assert isinstance(info.value.__cause__, pgcast.ConnectionLostError)
+        with pytest.raises(pgcast.PublishError):
+            lost.result(0)
+        # Reported once; the next batch goes out on a new connection.
+        pub.publish(unique_channel, "after")
+        pub.flush(WAIT)
+    assert [e.payload for e in collect(listener, 2)] == ["before", "after"]
+
+
+def test_unreachable_server_is_a_connect_error() -> None:
+    with pytest.raises(pgcast.ConnectError, match="cannot connect"):
+        pgcast.Publisher("postgresql://postgres@127.0.0.1:1/postgres", connect_timeout=2)
+
+
+def test_bad_options_are_refused(dsn: str) -> None:
+    with pytest.raises(ValueError, match="max_pending"):
+        pgcast.Publisher(dsn, max_pending=0)
+    with pytest.raises(ValueError, match="timeout"):
+        pgcast.Publisher(dsn, timeout=-1)
+
+
+# -- AsyncPublisher --------------------------------------------------------------
+
+
+def test_async_many_tasks_nothing_lost(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
+) -> None:
+    tasks, per_task = 10, 100
+
+    async def main() -> set[asyncio.Future[None]]:
+        async with await pgcast.AsyncPublisher.connect(dsn, interval=0.005) as pub:
+
+            async def work(t: int) -> list[asyncio.Future[None]]:
+                out = []
+                for i in range(per_task):
+                    out.append(await pub.publish(unique_channel, f"{t}:{i}"))
+                    if i % 10 == 0:
+                        await asyncio.sleep(0)
+                return out
+
+            async with asyncio.timeout(WAIT):
+                results = await asyncio.gather(*(work(t) for t in range(tasks)))
+                await pub.flush()
+            handles = {h for r in results for h in r}
+            for h in handles:
+                assert h.done() and h.result() is None
+            return handles
+
+    handles = asyncio.run(main())
+    got = collect(listener, tasks * per_task)
+    payloads = [e.payload for e in got]
+    for t in range(tasks):
+        assert [p for p in payloads if p.startswith(f"{t}:")] == [
+            f"{t}:{i}" for i in range(per_task)
+        ]
+    assert len(handles) <= tasks * per_task // 10
+    nothing_more(listener)
+
+
+def test_async_full_buffer_close_and_failure(
+    dsn: str,
+    conn: psycopg.Connection[tuple[object, ...]],
+    listener: pgcast.PubSub,
+    unique_channel: str,
+) -> None:
+    app = f"pgcast_apub_{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        pub = await pgcast.AsyncPublisher.connect(
+            dsn, interval=60, max_pending=2, application_name=app
+        )
+        async with asyncio.timeout(WAIT):
+            await pub.publish(unique_channel, "0")
+            await pub.publish(unique_channel, "1")
+            with pytest.raises(pgcast.PublisherFullError, match="2 unsent"):
+                await pub.publish(unique_channel, "2", timeout=0.1)
+            blocked = asyncio.create_task(pub.publish(unique_channel, "2", timeout=WAIT))
+            await asyncio.sleep(0.05)
+            assert not blocked.done()
+            await pub.flush()
+            await blocked
+            await pub.flush()
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            )
+            lost = await pub.publish(unique_channel, "lost")
+            with pytest.raises(pgcast.PublishError) as info:
+                await pub.close()
+            assert info.value.messages == [(unique_channel, "lost")]
+            with pytest.raises(pgcast.PublishError):
+                await lost
+            assert pub.closed
+            with pytest.raises(pgcast.ClosedError):
+                await pub.publish(unique_channel, "late")
+
+    asyncio.run(main())
+    assert [e.payload for e in collect(listener, 3)] == ["0", "1", "2"]
+    nothing_more(listener)
