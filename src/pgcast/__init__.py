@@ -30,12 +30,17 @@ from ._errors import (
     ProtocolError,
     PublisherFullError,
     PublishError,
+    QueueError,
+    WatchError,
 )
 from ._event import Event
 from ._payload import MAX_PAYLOAD_BYTES, Payload
 from .aio import AsyncPubSub
 from .client import PubSub, Runner, connect, notify
+from .manager import NotificationManager
 from .publisher import AsyncPublisher, Publisher
+from .triggers import unwatch_table, watch_table
+from .worker import Retry, Worker
 
 __version__ = "0.1.0"
 
@@ -51,6 +56,7 @@ __all__ = [
     "DatabaseError",
     "Event",
     "InvalidChannelError",
+    "NotificationManager",
     "Payload",
     "PayloadError",
     "PayloadTooLargeError",
@@ -60,9 +66,15 @@ __all__ = [
     "PublishError",
     "Publisher",
     "PublisherFullError",
+    "QueueError",
+    "Retry",
     "Runner",
+    "WatchError",
+    "Worker",
     "__version__",
     "aio",
     "connect",
     "notify",
+    "unwatch_table",
+    "watch_table",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -37,8 +37,9 @@ from ._core import (
 from ._errors import ClosedError, ConnectError, ConnectionLostError
 from ._event import Event
 from ._payload import Payload
+from .aio_manager import NotificationManager
 
-__all__ = ["AsyncPubSub", "connect", "notify"]
+__all__ = ["AsyncPubSub", "NotificationManager", "connect", "notify"]
 
 
 async def connect(conninfo: str = "", **kwargs: Any) -> AsyncPubSub:
@@ -86,6 +87,9 @@ class AsyncPubSub:
         # Our own descriptor for the socket: the loop keys readers by fd, and
         # psycopg adds its reader to the original one while a query runs.
         self._fd = os.dup(self._pgconn.socket)
+        # Set by a NotificationManager: called whenever this AsyncPubSub wakes
+        # its own waiter, i.e. on events taken in off the socket and on close.
+        self._on_wake: Callable[[], object] | None = None
         conn.add_notify_handler(self._core.on_notify)
 
     # -- connection --------------------------------------------------------
@@ -104,6 +108,13 @@ class AsyncPubSub:
     def closed(self) -> bool:
         """True once :meth:`close` was called or the connection broke."""
         return self._closed or self._conn.closed
+
+    def fileno(self) -> int:
+        """A descriptor of the connection's socket (a duplicate, owned by this
+        AsyncPubSub and valid until :meth:`close`), to wait on with
+        ``loop.add_reader`` as :class:`pgcast.aio.NotificationManager` does."""
+        self._check_open()
+        return self._fd
 
     async def close(self) -> None:
         """Close the connection. Idempotent; iterating tasks stop iterating."""
@@ -268,6 +279,8 @@ class AsyncPubSub:
     def _wake(self) -> None:
         if self._waiter is not None:
             _resolve(self._waiter)
+        if self._on_wake is not None:  # a NotificationManager watching us
+            self._on_wake()
 
     async def _execute(self, sql: str | bytes, params: Any = None) -> None:
         self._check_open()

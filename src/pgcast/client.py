@@ -11,21 +11,38 @@ and the iterating thread is woken to hand them out.
 What is not safe: two threads iterating the same PubSub at once, and
 :meth:`transaction` while other threads notify through the same PubSub (their
 NOTIFYs would join the transaction).
+
+Reconnecting (see :mod:`pgcast._reconnect` for the order of things): the
+thread that finds the connection lost reconnects, under a lock, so one thread
+does it and the others wait for it. The iterating thread does it when a read
+fails or the health check expires, with no time limit but the backoff's own;
+a thread calling :meth:`PubSub.notify` (or any command) does it when nobody
+else is, bounded by ``notify_timeout``, then sends. The health check's probe
+is sent by the iterating thread only, without waiting for its answer; a
+command from another thread first waits (briefly) for that answer, since libpq
+runs one command at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
+import select
 import selectors
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
 import psycopg
+import psycopg.conninfo
 
+from . import diagnostics
+from ._backoff import Backoff
 from ._core import (
     Core,
     ExceptionHandler,
@@ -38,28 +55,88 @@ from ._core import (
     plan,
     wrap_error,
 )
-from ._errors import ClosedError, ConnectError, ConnectionLostError
+from ._errors import ClosedError, ConnectError, ConnectionLostError, NotSentError
 from ._event import Event
 from ._payload import Payload
+from ._reconnect import (
+    Attempt,
+    OnReconnect,
+    Reconnected,
+    Resilience,
+    Sleep,
+    add_keepalives,
+    reconnect_plan,
+    resilience,
+)
 
 __all__ = ["PubSub", "Runner", "connect", "notify"]
 
 
-def connect(conninfo: str = "", **kwargs: Any) -> PubSub:
+logger = logging.getLogger("pgcast")
+
+#: A reconnect hook: see :meth:`PubSub.add_reconnect_hook`.
+ReconnectHook = Callable[["PubSub"], None]
+
+
+def connect(
+    conninfo: str = "",
+    *,
+    reconnect: bool = True,
+    reconnect_backoff: Backoff | None = None,
+    health_check_interval: float | None = 30.0,
+    on_reconnect: OnReconnect | None = None,
+    notify_timeout: float = 30.0,
+    **kwargs: Any,
+) -> PubSub:
     """Open a :class:`PubSub` on a new connection.
 
     Takes what ``psycopg.connect`` takes: a DSN or URL, keyword arguments, or
-    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables).
+    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables). The
+    connection arguments are kept to reconnect with.
 
+    :param reconnect: when the connection is lost, reconnect with
+        *reconnect_backoff* (default :class:`pgcast.Backoff`: 0.1 s growing
+        to 10 s, with jitter, without end), LISTEN every channel again and
+        deliver a :class:`pgcast.Reconnected` marker in the event stream.
+        ``False``: raise :class:`~pgcast.ConnectionLostError` instead.
+    :param health_check_interval: while listening, probe the connection after
+        this many seconds of silence, and reconnect when a probe is not
+        answered within as long again; also sets TCP keepalives. ``0`` turns
+        the probe off.
+    :param on_reconnect: called with each marker after every channel was
+        LISTENed again, before the marker reaches the event stream; a coroutine
+        function is run to completion.
+    :param notify_timeout: how long a command (a notify, a listen) waits for a
+        lost connection to come back before failing with
+        :class:`~pgcast.NotSentError`.
     :raises ConnectError: the server could not be reached or refused the
         login; the message is the server's.
     """
+    res = resilience(reconnect, reconnect_backoff, health_check_interval, notify_timeout,
+                     on_reconnect)
     conninfo, options = connect_args(conninfo, kwargs)
-    try:
-        conn = psycopg.Connection.connect(conninfo, **options)
-    except psycopg.Error as exc:
-        raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-    return PubSub(conn)
+    options = add_keepalives(conninfo, options, res.health_check_interval)
+
+    def open_connection() -> psycopg.Connection[Any]:
+        try:
+            return psycopg.Connection.connect(conninfo, **options)
+        except psycopg.Error as exc:
+            raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+
+    return PubSub(open_connection(), resilience=res, connector=open_connection)
+
+
+def _connector_for(conn: psycopg.Connection[Any]) -> Callable[[], psycopg.Connection[Any]]:
+    """Reconnect with what *conn* was opened with (its password included)."""
+    conninfo = psycopg.conninfo.make_conninfo(conn.info.dsn, password=conn.info.password)
+
+    def open_connection() -> psycopg.Connection[Any]:
+        try:
+            return psycopg.Connection.connect(conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+
+    return open_connection
 
 
 def notify(conn: psycopg.Connection[Any], channel: str, payload: Payload = "") -> None:
@@ -80,21 +157,53 @@ class PubSub:
     :meth:`close`.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        """Wrap *conn*, which must be in autocommit mode and used by nothing else."""
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        resilience: Resilience | None = None,
+        connector: Callable[[], psycopg.Connection[Any]] | None = None,
+    ) -> None:
+        """Wrap *conn*, which must be in autocommit mode and used by nothing else.
+
+        *resilience* holds the reconnect and health-check settings (see
+        :func:`pgcast.connect`); *connector* opens a new connection to
+        reconnect with (default: *conn*'s own parameters).
+        """
         if not conn.autocommit:
             raise ValueError("a PubSub needs a connection in autocommit mode")
+        res = resilience or Resilience()
+        self._res = res
+        self._connector = connector or _connector_for(conn)
         self._conn = conn
         self._pgconn = conn.pgconn
         self._lock = conn.lock
-        self._core = Core()
+        self._core = Core(res.health_check_interval)
+        self._core.new_connection(conn.info.backend_pid)
         self._closed = False
+        self._closing = threading.Event()
+        # Bumped by every reconnect: a thread that saw the connection fail
+        # under generation g reconnects only if nobody did since.
+        self._generation = 0
+        self._reconnect_lock = threading.Lock()
+        self._reconnecting: int | None = None  # the thread reconnecting now
+        self._last_marker: Reconnected | None = None
+        self._hooks: list[ReconnectHook] = []
+        # Commands running or about to run: the iterating thread sends no
+        # probe meanwhile (libpq runs one command at a time).
+        self._queries = 0
+        self._queries_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._pgconn.socket, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._registered = (self._generation, self._pgconn.socket)
+        # Set by a NotificationManager: called (from any thread) whenever this
+        # PubSub wakes its own waiter, i.e. on events taken in off the socket
+        # and on close.
+        self._on_wake: Callable[[], object] | None = None
         conn.add_notify_handler(self._core.on_notify)
 
     # -- connection --------------------------------------------------------
@@ -111,14 +220,28 @@ class PubSub:
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` was called or the connection broke."""
-        return self._closed or self._conn.closed
+        """True once :meth:`close` was called, or the connection broke and
+        ``reconnect=False`` (a reconnecting PubSub is not closed by a loss)."""
+        return self._closed or (self._conn.closed and not self._res.reconnect)
+
+    def fileno(self) -> int:
+        """The connection's socket, to wait on with ``select``/``selectors``
+        (as :class:`pgcast.NotificationManager` does); then :meth:`get_event`.
+
+        A reconnect replaces the socket: ask again after a :class:`Reconnected`
+        marker (or when :attr:`generation` changed)."""
+        self._check_open()
+        try:
+            return self._pgconn.socket
+        except psycopg.Error as exc:
+            raise wrap_error(exc) from exc
 
     def close(self) -> None:
         """Close the connection. Idempotent; iterating threads stop iterating."""
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         self._wake()
         self._conn.close()
         self._selector.close()
@@ -324,6 +447,8 @@ class PubSub:
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
+        if self._on_wake is not None:  # a NotificationManager watching us
+            self._on_wake()
 
     def _execute(self, sql: str | bytes, params: Any = None) -> None:
         self._check_open()

@@ -1,0 +1,251 @@
+"""The asyncio NotificationManager: :class:`pgcast.NotificationManager` for ``async for``.
+
+It drives the same policy (:mod:`pgcast._manager_core`) as the sync manager,
+so the semantics are the same: ``(aps, [events...])`` or ``None`` as an idle
+event, timeouts ``None`` / ``> 0`` / ``0``, ``connections`` and ``garbage``
+sets, nothing held during an idle event, the iteration ends when no
+connection is left. Import it as ``pgcast.aio.NotificationManager``.
+
+Waiting is done by the event loop: each connection's descriptor
+(:meth:`AsyncPubSub.fileno`) gets one reader, added once. A reader that
+fires marks its connection ready and is paused until the connection has been
+read, so the loop never spins on a socket the user has not got round to, and
+a wake-up costs the same whatever the number of idle connections.
+
+A manager belongs to the event loop it is first iterated in, and an
+AsyncPubSub to at most one manager, not iterated by other means meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from ._core import Wait
+from ._errors import ClosedError
+from ._event import Event
+from ._manager_core import (
+    ConnectionSet,
+    ManagerCore,
+    Read,
+    Register,
+    Step,
+    Unregister,
+    weak_callback,
+)
+
+if TYPE_CHECKING:  # aio imports this module: no import at run time
+    from .aio import AsyncPubSub
+
+__all__ = ["NotificationManager"]
+
+logger = logging.getLogger("pgcast")
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class NotificationManager:
+    """Wait for notifications on many :class:`~pgcast.AsyncPubSub` at once.
+
+    :param connections: the AsyncPubSubs to watch; more can be added later.
+    :param timeout: seconds without events before an idle event (``None``);
+        ``None`` never idles, ``0`` polls once and ends the iteration.
+
+    ``async for x in nm`` yields ``(aps, [events...])`` or ``None``. Use
+    ``async with`` or ``await close()`` to remove its readers from the loop.
+    """
+
+    def __init__(self, *connections: AsyncPubSub, timeout: float | None = None) -> None:
+        self._closed = False
+        self._core: ManagerCore[AsyncPubSub] = ManagerCore(connections, timeout, self._wake)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        # Connections whose reader fired and was removed until they are read.
+        self._paused: set[AsyncPubSub] = set()
+        self._hooks: dict[AsyncPubSub, Callable[[], None]] = {}
+        self._steps: Iterator[Step[AsyncPubSub]] | None = None
+
+    # -- py-postgresql's interface -------------------------------------------
+
+    @property
+    def connections(self) -> ConnectionSet[AsyncPubSub]:
+        """The connections watched: a set, to change at any time."""
+        return self._core.connections
+
+    @connections.setter
+    def connections(self, value: Iterable[AsyncPubSub]) -> None:
+        self._core.connections = value
+
+    @property
+    def garbage(self) -> set[AsyncPubSub]:
+        """Connections that died or raised, moved out of :attr:`connections`."""
+        return self._core.garbage
+
+    @garbage.setter
+    def garbage(self, value: set[AsyncPubSub]) -> None:
+        self._core.garbage = value
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Set the seconds without events before an idle event; see
+        :meth:`pgcast.NotificationManager.settimeout`."""
+        self._core.timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        """The timeout as last set: a number of seconds, or None."""
+        return self._core.timeout
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> tuple[AsyncPubSub, list[Event]] | None:
+        if self._closed:
+            raise ClosedError("this NotificationManager is closed")
+        steps = self._steps
+        if steps is None:
+            steps = self._steps = self._core.steps()
+        for step in steps:
+            kind = type(step)
+            if kind is Read:
+                await self._read(step.conn)  # type: ignore[union-attr]
+            elif kind is Wait:
+                await self._wait(step.timeout)  # type: ignore[union-attr]
+            elif kind is Register:
+                self._register(step.conn)  # type: ignore[union-attr]
+            elif kind is Unregister:
+                self._unregister(step.conn)  # type: ignore[union-attr]
+            else:
+                return step  # type: ignore[return-value]
+        self._steps = None  # the next iteration starts over
+        raise StopAsyncIteration
+
+    # -- lifetime ------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop watching every connection (their readers leave the loop).
+
+        The AsyncPubSubs stay open and keep their unread events. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._core.fds):
+            self._unregister(conn)
+        if self._waiter is not None:
+            _resolve(self._waiter)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<pgcast.aio.NotificationManager connections={len(self.connections)} "
+            f"garbage={len(self.garbage)} timeout={self.gettimeout()!r}>"
+        )
+
+    # -- the driver ----------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter)
+
+    def _poked(self, conn: AsyncPubSub) -> None:
+        self._core.poke(conn)
+        if conn.closed:
+            # close() closes the descriptor right after this call: the reader
+            # must leave the loop now, not when this manager next runs.
+            self._pause(conn)
+        self._wake()
+
+    def _readable(self, conn: AsyncPubSub) -> None:
+        self._core.ready(conn)
+        self._pause(conn)
+        self._wake()
+
+    def _pause(self, conn: AsyncPubSub) -> None:
+        fd = self._core.fds.get(conn)
+        if fd is not None and conn not in self._paused and self._loop is not None:
+            self._loop.remove_reader(fd)
+            self._paused.add(conn)
+
+    def _lose(self, conn: AsyncPubSub, exc: BaseException) -> None:
+        logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+        self._core.lose(conn, exc)
+
+    async def _read(self, conn: AsyncPubSub) -> None:
+        try:
+            await conn._read()
+        except Exception as exc:
+            self._lose(conn, exc)
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this NotificationManager belongs to another event loop")
+        return loop
+
+    async def _wait(self, timeout: float | None) -> None:
+        loop = self._get_loop()
+        if self._paused:
+            # Every paused connection has been read since (or left the set):
+            # its reader can watch again.
+            fds = self._core.fds
+            lost = False
+            for conn in list(self._paused):
+                self._paused.discard(conn)
+                fd = fds.get(conn)
+                if fd is None:
+                    continue
+                try:
+                    loop.add_reader(fd, self._readable, conn)
+                except Exception as exc:  # its descriptor was closed
+                    self._paused.add(conn)
+                    self._lose(conn, exc)
+                    lost = True
+            if lost:
+                return  # the set changed: back to the policy before waiting
+        fut = self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, fut)
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _register(self, conn: AsyncPubSub) -> None:
+        loop = self._get_loop()
+        try:
+            fd = conn.fileno()
+            loop.add_reader(fd, self._readable, conn)
+        except Exception as exc:
+            self._lose(conn, exc)
+            return
+        hook = self._hooks[conn] = weak_callback(self._poked, conn)
+        conn._on_wake = hook
+        self._core.registered(conn, fd)
+
+    def _unregister(self, conn: AsyncPubSub) -> None:
+        fd = self._core.fds.get(conn)
+        if fd is not None and conn not in self._paused and self._loop is not None:
+            self._loop.remove_reader(fd)
+        self._paused.discard(conn)
+        hook = self._hooks.pop(conn, None)
+        if hook is not None and conn._on_wake is hook:
+            conn._on_wake = None
+        self._core.unregistered(conn)

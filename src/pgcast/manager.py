@@ -1,0 +1,257 @@
+"""The NotificationManager: one loop over many PubSubs, py-postgresql's semantics.
+
+::
+
+    nm = pgcast.NotificationManager(ps1, ps2, timeout=2)
+    for x in nm:
+        if x is None:
+            ...                          # idle: 2 s without events
+            continue
+        ps, events = x                   # one connection, every event picked up on it
+        for channel, payload, pid in events:
+            ...
+
+The contract (the policy itself lives in :mod:`pgcast._manager_core`, shared
+with the asyncio twin :class:`pgcast.aio.NotificationManager`):
+
+* The manager is an iterator (``iter(nm) is nm``). It yields
+  ``(pubsub, [events...])`` with every event picked up on that connection, or
+  ``None`` as an idle event: never with timeout ``None``, after each
+  ``timeout`` seconds without events otherwise. With timeout ``0`` it reads
+  every connection once, yields what is pending and stops; iterating again
+  starts over.
+* Nothing is held in the manager while the user holds a value: breaking out
+  of the loop, at an idle event or while handling events, loses nothing; the
+  connections not yet visited are visited by the next iteration.
+* :attr:`~NotificationManager.connections` is a set; add and remove
+  connections at any time, from inside the loop or (the manager is woken)
+  from another thread. A connection that dies or raises moves to
+  :attr:`~NotificationManager.garbage` and the others keep delivering; what
+  it had received is still yielded. The iteration ends when no connection is
+  left.
+* One thread waits on every socket with one ``selectors.DefaultSelector``
+  (epoll on Linux). Each socket is registered once, so a wake-up costs the
+  same with 1 or 500 idle connections.
+
+A PubSub belongs to at most one manager at a time, and is not iterated by
+other means (``events()``, ``wait()``, ``run_in_thread()``) while it is
+managed; other threads may still ``notify`` through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Self
+
+from ._core import Wait
+from ._errors import ClosedError
+from ._event import Event
+from ._manager_core import (
+    ConnectionSet,
+    ManagerCore,
+    Read,
+    Register,
+    Step,
+    Unregister,
+    weak_callback,
+)
+from .client import PubSub
+
+__all__ = ["NotificationManager"]
+
+logger = logging.getLogger("pgcast")
+
+
+def _release(selector: selectors.BaseSelector, rfd: int, wfd: int) -> None:
+    selector.close()
+    os.close(rfd)
+    os.close(wfd)
+
+
+class NotificationManager:
+    """Wait for notifications on many :class:`~pgcast.PubSub` connections at once.
+
+    :param connections: the PubSubs to watch; more can be added later.
+    :param timeout: seconds without events before an idle event (``None``);
+        ``None`` never idles, ``0`` polls once and ends the iteration.
+
+    Use it as a context manager, or call :meth:`close`, to release the
+    selector; the PubSubs themselves stay open.
+    """
+
+    def __init__(self, *connections: PubSub, timeout: float | None = None) -> None:
+        self._closed = False
+        # A pipe rather than a socketpair: plain descriptors, so a manager
+        # dropped without close() is cleaned up by its finalizer silently.
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        self._rfd, self._wfd = rfd, wfd
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(rfd, selectors.EVENT_READ, None)
+        self._finalizer = weakref.finalize(self, _release, self._selector, rfd, wfd)
+        self._core: ManagerCore[PubSub] = ManagerCore(connections, timeout, self._wake)
+        self._hooks: dict[PubSub, Callable[[], None]] = {}
+        self._steps: Iterator[Step[PubSub]] | None = None
+
+    # -- py-postgresql's interface -------------------------------------------
+
+    @property
+    def connections(self) -> ConnectionSet[PubSub]:
+        """The connections watched: a set, to change at any time."""
+        return self._core.connections
+
+    @connections.setter
+    def connections(self, value: Iterable[PubSub]) -> None:
+        self._core.connections = value
+
+    @property
+    def garbage(self) -> set[PubSub]:
+        """Connections that died or raised, moved out of :attr:`connections`.
+
+        Empty them yourself (``nm.garbage.clear()``) once handled.
+        """
+        return self._core.garbage
+
+    @garbage.setter
+    def garbage(self, value: set[PubSub]) -> None:
+        self._core.garbage = value
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Set the seconds without events before an idle event.
+
+        ``None``: never idle. ``0``: the iteration reads every connection
+        once, yields what is pending, and ends.
+
+        :raises ValueError: a negative timeout.
+        :raises TypeError: not a number.
+        """
+        self._core.timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        """The timeout as last set: a number of seconds, or None."""
+        return self._core.timeout
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> tuple[PubSub, list[Event]] | None:
+        if self._closed:
+            raise ClosedError("this NotificationManager is closed")
+        steps = self._steps
+        if steps is None:
+            steps = self._steps = self._core.steps()
+        for step in steps:
+            kind = type(step)
+            if kind is Read:
+                self._read(step.conn)  # type: ignore[union-attr]
+            elif kind is Wait:
+                self._wait(step.timeout)  # type: ignore[union-attr]
+            elif kind is Register:
+                self._register(step.conn)  # type: ignore[union-attr]
+            elif kind is Unregister:
+                self._unregister(step.conn)  # type: ignore[union-attr]
+            else:
+                return step  # type: ignore[return-value]
+        self._steps = None  # the next iteration starts over
+        raise StopIteration
+
+    # -- lifetime ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop watching every connection and release the selector.
+
+        The PubSubs stay open and keep their unread events. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._core.fds):
+            self._unregister(conn)
+        self._finalizer()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<pgcast.NotificationManager connections={len(self.connections)} "
+            f"garbage={len(self.garbage)} timeout={self.gettimeout()!r}>"
+        )
+
+    # -- the driver ----------------------------------------------------------
+
+    def _wake(self) -> None:
+        if not self._closed:
+            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                os.write(self._wfd, b"\0")
+
+    def _poked(self, conn: PubSub) -> None:
+        self._core.poke(conn)
+        self._wake()
+
+    def _lose(self, conn: PubSub, exc: BaseException) -> None:
+        logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+        self._core.lose(conn, exc)
+
+    def _read(self, conn: PubSub) -> None:
+        try:
+            conn._read()
+        except Exception as exc:
+            self._lose(conn, exc)
+
+    def _wait(self, timeout: float | None) -> None:
+        core = self._core
+        for key, _ in self._selector.select(timeout):
+            conn = key.data
+            if conn is None:
+                with contextlib.suppress(OSError):
+                    os.read(self._rfd, 4096)
+            else:
+                core.ready(conn)
+
+    def _register(self, conn: PubSub) -> None:
+        selector = self._selector
+        try:
+            fd = conn.fileno()
+            try:
+                selector.register(fd, selectors.EVENT_READ, conn)
+            except KeyError:
+                # The descriptor number is still registered for a connection
+                # whose socket was closed, and the system reused the number.
+                stale = selector.get_key(fd).data
+                self._unregister(stale)
+                self._lose(stale, OSError(f"its socket (fd {fd}) was closed"))
+                selector.register(fd, selectors.EVENT_READ, conn)
+        except Exception as exc:
+            self._lose(conn, exc)
+            return
+        hook = self._hooks[conn] = weak_callback(self._poked, conn)
+        conn._on_wake = hook
+        self._core.registered(conn, fd)
+
+    def _unregister(self, conn: PubSub) -> None:
+        fd = self._core.fds.get(conn)
+        if fd is not None:
+            key = self._selector.get_map().get(fd)
+            if key is not None and key.data is conn:
+                # EpollSelector ignores the error of a descriptor already closed.
+                self._selector.unregister(fd)
+        hook = self._hooks.pop(conn, None)
+        if hook is not None and conn._on_wake is hook:
+            conn._on_wake = None
+        self._core.unregistered(conn)
