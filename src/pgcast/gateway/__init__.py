@@ -1,0 +1,33 @@
+"""pgcast's web gateway: PostgreSQL notifications to browsers over WebSocket and SSE.
+
+::
+
+    from pgcast.gateway import create_app
+
+    app = create_app("postgresql://localhost/app", allow=["orders.*"])
+
+:func:`create_app` returns a Starlette (ASGI) application to run with uvicorn
+(``pgcast serve`` does) or mount inside FastAPI or Starlette. One LISTEN
+connection per process serves every client: LISTEN on a channel's first
+subscriber, UNLISTEN after its last. The protocol is in
+:mod:`pgcast.gateway._protocol` and the README; access control in
+:mod:`pgcast.gateway.auth`.
+
+Needs the ``gateway`` extra (``pip install 'pgcast[gateway]'``).
+"""
+
+from __future__ import annotations
+
+try:
+    import starlette  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "pgcast.gateway needs Starlette and uvicorn: pip install 'pgcast[gateway]'"
+    ) from exc
+
+from ._router import Overflow
+from ._serve import serve
+from .app import create_app
+from .auth import Access, Authorizer, allow_list
+
+__all__ = ["Access", "Authorizer", "Overflow", "allow_list", "create_app", "serve"]

@@ -1,0 +1,533 @@
+"""The gateway's driver: one LISTEN connection, fanned out to every client.
+
+A :class:`Hub` owns one :class:`pgcast.AsyncPubSub` and a :class:`Router`. One
+task (the *pump*) iterates the connection's events and queues each one, JSON
+encoded once, for the subscribers of its channel; the transports
+(:mod:`.websocket`, :mod:`.sse`) drain each client's queue in a task of their
+own, so a slow client only fills its own bounded queue.
+
+Subscription changes are serialised by one lock, and made in this order, so
+the ``subscribed`` reply goes out only once LISTEN is in effect and no message
+of a channel precedes it: LISTEN the channels nobody listened to yet, then, in
+one step without awaiting, add the client to the router and queue the reply.
+UNLISTEN happens after a channel's last subscriber left (the *reaper* task).
+
+Statements on the shared connection run in tasks of the hub, never in a
+client's task, so a client that disconnects mid-request cannot cancel a query
+half-way and break the connection for everyone.
+
+When the connection is lost, the pump opens a new one with backoff, LISTENs
+every channel some client wants, and sends every client a ``reconnected``
+notice (notifications sent meanwhile were missed); requests made meanwhile
+wait for it, up to ``database_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+
+from .. import aio
+from .._errors import AccessDenied, ConnectError, ConnectionLostError, PgcastError, ProtocolError
+from .._event import Event
+from . import _metrics, _protocol
+from ._protocol import Command, Frame, Ping, Publish, Ref, Subscribe, Unsubscribe
+from ._router import Outbox, Overflow, Router, Subscriber
+from .auth import Access, Authorizer
+
+__all__ = ["Client", "Hub", "Settings"]
+
+logger = logging.getLogger("pgcast.gateway")
+
+T = TypeVar("T")
+
+#: WebSocket close codes the gateway uses.
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_SLOW_CONSUMER = 4000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The gateway's configuration; see :func:`pgcast.gateway.create_app`."""
+
+    dsn: str = ""
+    authorizer: Authorizer | None = None
+    allowed_origins: frozenset[str] | None = None
+    max_clients: int = 10_000
+    max_subscriptions: int = 100
+    max_frame_bytes: int = _protocol.MAX_FRAME_BYTES
+    queue_size: int = 1000
+    overflow: Overflow = Overflow.DISCONNECT
+    heartbeat: float = 15.0
+    database_timeout: float = 10.0
+    close_timeout: float = 2.0
+    metrics_cache: float = 5.0
+    connect_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_clients", "max_subscriptions", "max_frame_bytes", "queue_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("heartbeat", "database_timeout", "close_timeout", "metrics_cache"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        object.__setattr__(self, "overflow", Overflow(self.overflow))
+
+
+class Client:
+    """One connected client, as the transports drive it."""
+
+    __slots__ = ("access", "closing", "detached", "sub", "wake")
+
+    def __init__(self, sub: Subscriber, access: Access, wake: asyncio.Event) -> None:
+        self.sub = sub
+        self.access = access
+        #: Set when the outbox has frames (or the client must go).
+        self.wake = wake
+        #: Resolved with ``(close code, reason)`` when the gateway drops the client.
+        self.closing: asyncio.Future[tuple[int, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.detached = False
+
+    @property
+    def outbox(self) -> Outbox:
+        """The client's bounded queue of frames."""
+        return self.sub.outbox
+
+    def kick(self, code: int, reason: str) -> None:
+        """Ask the client's transport to close with *code* and *reason*."""
+        if not self.closing.done():
+            self.closing.set_result((code, reason))
+        self.wake.set()
+
+
+class Hub:
+    """One LISTEN connection and the clients it serves; see the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.router = Router(settings.max_subscriptions)
+        self.stats = _metrics.Stats()
+        self._aps: aio.AsyncPubSub | None = None
+        self._ready = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._clients: dict[Subscriber, Client] = {}
+        self._closing = False
+        self._pump_task: asyncio.Task[None] | None = None
+        self._reap_task: asyncio.Task[None] | None = None
+        self._reap_wanted = asyncio.Event()
+        self._jobs: set[asyncio.Task[Any]] = set()
+        self._queue_usage: tuple[float, float | None] = (-1e9, None)
+        self._authorize: Authorizer = settings.authorizer or _deny_all
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the LISTEN connection and start the pump.
+
+        :raises pgcast.ConnectError: PostgreSQL cannot be reached; the
+            gateway does not start without its database.
+        """
+        self._aps = await self._connect()
+        self._ready.set()
+        self._pump_task = asyncio.create_task(self._pump(), name="pgcast-gateway-pump")
+        self._reap_task = asyncio.create_task(self._reaper(), name="pgcast-gateway-reaper")
+
+    async def shutdown_clients(self, timeout: float | None = None) -> None:
+        """Refuse new clients and close every connected one (WebSocket close
+        1001, SSE streams end after a ``shutdown`` notice); wait up to
+        *timeout* seconds (default ``close_timeout``) for them to go."""
+        self._closing = True
+        clients = list(self._clients.values())
+        for client in clients:
+            client.kick(CLOSE_GOING_AWAY, "server shutting down")
+        if clients:
+            self.stats.disconnects["shutdown"] += len(clients)
+        wait = self.settings.close_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        while self._clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        """Close every client, stop the tasks and close the connection."""
+        await self.shutdown_clients()
+        for task in (self._pump_task, self._reap_task, *self._jobs):
+            if task is not None:
+                task.cancel()
+        for task in (self._pump_task, self._reap_task, *self._jobs):
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._aps is not None:
+            await self._aps.close()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the gateway is shutting down (new clients are refused)."""
+        return self._closing
+
+    @property
+    def database_up(self) -> bool:
+        """Whether the LISTEN connection is open and in use."""
+        aps = self._aps
+        return self._ready.is_set() and aps is not None and not aps.closed
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process id of the LISTEN connection, while it is up."""
+        aps = self._aps
+        if aps is None or aps.closed:
+            return None
+        return aps.backend_pid
+
+    def listening(self) -> frozenset[str]:
+        """The channels the database connection LISTENs to now."""
+        aps = self._aps
+        return aps.listening_channels() if aps is not None else frozenset()
+
+    # -- admission ---------------------------------------------------------
+
+    async def authorize(self, connection: Any, token: str | None) -> Access:
+        """Run the authorizer. :raises AccessDenied: it refused the client."""
+        result = self._authorize(connection, token)
+        if isinstance(result, Awaitable):
+            result = await result
+        if not isinstance(result, Access):
+            raise TypeError(
+                f"the gateway's authorizer must return a pgcast.gateway.Access, "
+                f"not {type(result).__name__}"
+            )
+        return result
+
+    def check_room(self) -> None:
+        """:raises AccessDenied: shutting down, or at ``max_clients``."""
+        if self._closing:
+            raise AccessDenied("the gateway is shutting down")
+        if len(self._clients) >= self.settings.max_clients:
+            self.stats.rejected["capacity"] += 1
+            raise AccessDenied(
+                f"the gateway is full: {len(self._clients)} clients connected, "
+                f"the limit is {self.settings.max_clients}"
+            )
+
+    def attach(self, transport: str, access: Access) -> Client:
+        """Register a new client. :raises AccessDenied: see :meth:`check_room`."""
+        self.check_room()
+        wake = asyncio.Event()
+        outbox = Outbox(self.settings.queue_size, self.settings.overflow, wake.set)
+        sub = Subscriber(outbox, transport)
+        client = Client(sub, access, wake)
+        self._clients[sub] = client
+        self.router.attach(sub)
+        self.stats.connections[transport] += 1
+        return client
+
+    def detach(self, client: Client) -> None:
+        """Forget a client that went away; its channels may be UNLISTENed."""
+        if client.detached:
+            return
+        client.detached = True
+        self._clients.pop(client.sub, None)
+        had = bool(client.sub.channels)
+        self.router.detach(client.sub)
+        if had:
+            self._reap_wanted.set()
+
+    def clients_by_transport(self) -> Counter[str]:
+        """How many clients are connected, per transport."""
+        return Counter(sub.transport for sub in self._clients)
+
+    # -- requests ----------------------------------------------------------
+
+    async def handle(self, client: Client, command: Command) -> None:
+        """Carry out one client request; the reply goes to its queue.
+
+        :raises ProtocolError: the request is refused (not allowed, over a
+            limit, database unavailable); nothing changed.
+        """
+        if isinstance(command, Subscribe):
+            await self.subscribe(client, command.channels, command.ref)
+        elif isinstance(command, Unsubscribe):
+            await self.unsubscribe(client, command.channels, command.ref)
+        elif isinstance(command, Publish):
+            await self.publish(client, command)
+        elif isinstance(command, Ping):
+            self.reply(client, _protocol.pong(command.ref))
+
+    def reply(self, client: Client, frame: Frame) -> None:
+        """Queue a reply or notice; a client that floods requests without
+        reading the replies is disconnected."""
+        if not client.outbox.put_control(frame):
+            self._slow(client)
+
+    def refuse(self, client: Client, message: str, ref: Ref = None) -> None:
+        """Queue an ``error`` frame."""
+        self.stats.errors += 1
+        self.reply(client, _protocol.error(message, ref))
+
+    async def subscribe(self, client: Client, channels: tuple[str, ...], ref: Ref = None) -> None:
+        """Subscribe *client* to *channels*; ``subscribed`` is queued once
+        LISTEN is in effect for all of them. All or nothing."""
+        refused = [c for c in channels if not client.access.can_read(c)]
+        if refused:
+            raise ProtocolError(_not_allowed("subscribe to", refused))
+        self.router.check_subscribe(client.sub, channels)
+
+        def commit() -> None:
+            if client.detached:
+                return
+            self.router.subscribe(client.sub, channels)
+            self.reply(client, _protocol.subscribed(channels, ref))
+
+        await self._shielded(self._listen_then(channels, commit))
+
+    async def unsubscribe(
+        self, client: Client, channels: tuple[str, ...], ref: Ref = None
+    ) -> None:
+        """Unsubscribe at once (no message on *channels* follows the reply);
+        the UNLISTEN of channels left without subscribers follows."""
+        gone = self.router.unsubscribe(client.sub, channels)
+        self.reply(client, _protocol.unsubscribed(channels, ref))
+        if gone:
+            self._reap_wanted.set()
+
+    async def publish(self, client: Client, command: Publish) -> None:
+        """NOTIFY on behalf of *client*, if it may write to the channel."""
+        if not client.access.can_write(command.channel):
+            raise ProtocolError(_not_allowed("publish on", [command.channel]))
+        await self._shielded(self._notify(command.channel, command.payload))
+        self.stats.published += 1
+        self.reply(client, _protocol.published(command.channel, command.ref))
+
+    # -- the database side -------------------------------------------------
+
+    async def _connect(self) -> aio.AsyncPubSub:
+        options = dict(self.settings.connect_kwargs)
+        options.setdefault("application_name", "pgcast-gateway")
+        # TCP keepalives notice a peer that vanished without closing the socket.
+        for key, value in (("keepalives", 1), ("keepalives_idle", 10),
+                           ("keepalives_interval", 5), ("keepalives_count", 3)):
+            options.setdefault(key, value)
+        return await aio.connect(self.settings.dsn, **options)
+
+    async def _shielded(self, coro: Coroutine[Any, Any, T]) -> T:
+        # The statement finishes even if the client's task is cancelled.
+        task = asyncio.ensure_future(coro)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return await asyncio.shield(task)
+
+    async def _wait_ready(self, deadline: float) -> None:
+        if self._ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise ProtocolError(
+                "the gateway's database connection is down and did not come back within "
+                f"{self.settings.database_timeout:g} s; try again later"
+            ) from None
+
+    async def _listen_then(self, channels: tuple[str, ...], commit: Callable[[], None]) -> None:
+        deadline = time.monotonic() + self.settings.database_timeout
+        while True:
+            await self._wait_ready(deadline)
+            async with self._lock:
+                aps = self._aps
+                if not self._ready.is_set() or aps is None:
+                    continue
+                missing = self.router.missing(aps.listening_channels(), channels)
+                try:
+                    if missing:
+                        await aps.listen(*missing)
+                except ConnectionLostError:
+                    await self._lost(aps)
+                    continue
+                except PgcastError as exc:
+                    raise ProtocolError(f"PostgreSQL refused to LISTEN: {exc}") from None
+                commit()
+                return
+
+    async def _notify(self, channel: str, payload: str) -> None:
+        deadline = time.monotonic() + self.settings.database_timeout
+        await self._wait_ready(deadline)
+        aps = self._aps
+        assert aps is not None
+        try:
+            await aps.notify(channel, payload)
+        except ConnectionLostError:
+            await self._lost(aps)
+            raise ProtocolError(
+                "the gateway's database connection was lost while publishing; "
+                "the message may not have been sent"
+            ) from None
+        except PgcastError as exc:
+            raise ProtocolError(f"PostgreSQL refused the NOTIFY: {exc}") from None
+
+    async def _lost(self, aps: aio.AsyncPubSub) -> None:
+        # Closing it ends the pump's iteration, which then reconnects.
+        if aps is self._aps:
+            self._ready.clear()
+        with contextlib.suppress(Exception):
+            await aps.close()
+
+    async def _reaper(self) -> None:
+        while True:
+            await self._reap_wanted.wait()
+            self._reap_wanted.clear()
+            await self._ready.wait()
+            async with self._lock:
+                aps = self._aps
+                if aps is None or not self._ready.is_set():
+                    continue
+                orphans = self.router.orphans(aps.listening_channels())
+                if not orphans:
+                    continue
+                try:
+                    await aps.unlisten(*orphans)
+                except ConnectionLostError:
+                    await self._lost(aps)
+                except PgcastError:
+                    logger.exception("pgcast gateway: UNLISTEN %s failed", orphans)
+
+    async def _pump(self) -> None:
+        router = self.router
+        stats = self.stats
+        message = _protocol.message
+        while not self._closing:
+            aps = self._aps
+            assert aps is not None
+            try:
+                async for event in aps.events(select_timeout=5.0):
+                    if type(event) is not Event:
+                        # A marker from a connection that reconnected by itself.
+                        if event is not None:
+                            self._announce_reconnect()
+                        continue
+                    stats.messages_in += 1
+                    frame = message(event.channel, event.payload, event.pid,
+                                    getattr(event, "id", None))
+                    _, overflowed = router.publish(event.channel, frame)
+                    for sub in overflowed:
+                        self._slow(self._clients.get(sub))
+                    # Let the clients' senders run between events, so a burst
+                    # is streamed out rather than piled up in every queue.
+                    await asyncio.sleep(0)
+            except (ConnectionLostError, psycopg.Error) as exc:
+                logger.warning("pgcast gateway: LISTEN connection lost: %s", exc)
+            except Exception:
+                # Never die silently: log, then start over on a new connection.
+                logger.exception("pgcast gateway: the LISTEN loop failed; reconnecting")
+            if self._closing:
+                return
+            await self._reconnect(aps)
+
+    async def _reconnect(self, old: aio.AsyncPubSub) -> None:
+        self._ready.clear()
+        with contextlib.suppress(Exception):
+            await old.close()
+        attempt = 0
+        while not self._closing:
+            if attempt:
+                # Exponential backoff with full jitter, capped at 5 s.
+                await asyncio.sleep(random.uniform(0, min(5.0, 0.1 * 2 ** (attempt - 1))))
+            attempt += 1
+            try:
+                aps = await self._connect()
+            except ConnectError as exc:
+                logger.warning("pgcast gateway: reconnect attempt %d failed: %s", attempt, exc)
+                continue
+            async with self._lock:
+                try:
+                    channels = self.router.channels()
+                    if channels:
+                        await aps.listen(*sorted(channels))
+                except PgcastError as exc:
+                    logger.warning("pgcast gateway: re-LISTEN failed: %s", exc)
+                    with contextlib.suppress(Exception):
+                        await aps.close()
+                    continue
+                self._aps = aps
+                self._ready.set()
+            self._reap_wanted.set()
+            self._announce_reconnect()
+            logger.info("pgcast gateway: LISTEN connection restored (pid %d)", aps.backend_pid)
+            return
+
+    def _announce_reconnect(self) -> None:
+        self.stats.reconnects += 1
+        frame = _protocol.notice(
+            "reconnected",
+            "the gateway's database connection was lost and restored; "
+            "notifications sent in between were missed",
+        )
+        for sub in self.router.broadcast(frame):
+            self._slow(self._clients.get(sub))
+
+    def _slow(self, client: Client | None) -> None:
+        if client is None or client.closing.done():
+            return
+        self.stats.disconnects["slow_consumer"] += 1
+        client.kick(
+            CLOSE_SLOW_CONSUMER,
+            f"slow consumer: {self.settings.queue_size} messages queued (queue_size)",
+        )
+
+    # -- operations --------------------------------------------------------
+
+    async def queue_usage(self) -> float | None:
+        """``pg_notification_queue_usage()`` from a short separate connection,
+        cached for ``metrics_cache`` seconds; None if it cannot be read."""
+        at, value = self._queue_usage
+        now = time.monotonic()
+        if now - at < self.settings.metrics_cache:
+            return value
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self.settings.dsn, autocommit=True, connect_timeout=5,
+                application_name="pgcast-gateway-metrics",
+            ) as conn:
+                cur = await conn.execute("SELECT pg_notification_queue_usage()")
+                row = await cur.fetchone()
+                value = float(row[0]) if row is not None else None
+        except psycopg.Error as exc:
+            logger.warning("pgcast gateway: cannot read the NOTIFY queue usage: %s", exc)
+            value = None
+        self._queue_usage = (now, value)
+        return value
+
+    async def metrics(self) -> str:
+        """The Prometheus text for ``/metrics``."""
+        usage = await self.queue_usage()
+        return _metrics.render(
+            self.stats,
+            clients=self.clients_by_transport(),
+            subscriptions=self.router.subscriptions,
+            channels=len(self.listening()),
+            database_up=self.database_up,
+            backend_pid=self.backend_pid,
+            queue_usage=usage,
+        )
+
+
+def _deny_all(connection: Any, token: str | None) -> Access:
+    return Access()
+
+
+def _not_allowed(verb: str, channels: list[str]) -> str:
+    names = ", ".join(repr(c) for c in channels[:5])
+    more = f" and {len(channels) - 5} more" if len(channels) > 5 else ""
+    return f"not allowed to {verb} {names}{more}: not in this gateway's allow-list"

@@ -1,0 +1,322 @@
+"""The gateway's wire protocol: client frames in, server frames out, SSE framing.
+
+Everything here is pure (no socket, no event loop), so every rule of the
+protocol is decided once, for the WebSocket and the Server-Sent Events
+transports alike, and tested without a server.
+
+Client to server (JSON text frames; ``ref`` is optional in each and, when
+given as a string or an integer, is echoed in the reply so a client can match
+replies to requests)::
+
+    {"type": "subscribe",   "channels": ["a", "b"]}
+    {"type": "unsubscribe", "channels": ["a"]}
+    {"type": "publish",     "channel": "a", "payload": "text or JSON value"}
+    {"type": "ping"}
+
+Server to client::
+
+    {"type": "subscribed",   "channels": [...]}      once LISTEN is in effect
+    {"type": "unsubscribed", "channels": [...]}
+    {"type": "published",    "channel": "a"}         the NOTIFY was sent
+    {"type": "message", "channel": "a", "payload": "...", "pid": 123}   (+ "id" when durable)
+    {"type": "error",   "message": "..."}            the request was refused; nothing changed
+    {"type": "notice",  "event": "...", "message": "..."}   reconnected, dropped, shutdown
+    {"type": "pong"}
+
+:func:`parse_frame` turns a frame into a :data:`Command` or raises
+:class:`~pgcast.ProtocolError` whose message is fit to send back verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, NamedTuple, TypeAlias
+
+from .._channels import check_channels
+from .._errors import InvalidChannelError, PayloadError, ProtocolError
+from .._payload import encode_payload
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "Command",
+    "Frame",
+    "Ping",
+    "Publish",
+    "Ref",
+    "Subscribe",
+    "Unsubscribe",
+    "error",
+    "message",
+    "notice",
+    "parse_frame",
+    "pong",
+    "published",
+    "sse_comment",
+    "sse_event",
+    "subscribed",
+    "unsubscribed",
+]
+
+#: The default limit on the size of one client frame, in bytes of UTF-8.
+MAX_FRAME_BYTES = 16 * 1024
+
+#: A client's request tag, echoed in the reply.
+Ref: TypeAlias = "str | int | None"
+
+_MAX_REF_CHARS = 64
+
+
+class Subscribe(NamedTuple):
+    """Start receiving messages on :attr:`channels` (exact names)."""
+
+    channels: tuple[str, ...]
+    ref: Ref = None
+
+
+class Unsubscribe(NamedTuple):
+    """Stop receiving messages on :attr:`channels`."""
+
+    channels: tuple[str, ...]
+    ref: Ref = None
+
+
+class Publish(NamedTuple):
+    """Send :attr:`payload` (already checked and encoded) on :attr:`channel`."""
+
+    channel: str
+    payload: str
+    ref: Ref = None
+
+
+class Ping(NamedTuple):
+    """Ask for a ``pong``: an application-level liveness check."""
+
+    ref: Ref = None
+
+
+#: Every request a client can make.
+Command: TypeAlias = "Subscribe | Unsubscribe | Publish | Ping"
+
+
+class Frame(NamedTuple):
+    """One frame queued for a client: JSON text, shared by every recipient."""
+
+    text: str
+    """The JSON object, as sent in a WebSocket text frame or an SSE ``data:`` line."""
+
+    id: str | None = None
+    """The durable event id (the SSE ``id:`` line), if the event has one."""
+
+    is_message: bool = False
+    """Whether this is a ``message`` frame (counted as a message out)."""
+
+
+# -- client frames -----------------------------------------------------------
+
+
+def parse_frame(data: str | bytes | None, max_bytes: int = MAX_FRAME_BYTES) -> Command:
+    """Decode and validate one client frame.
+
+    :raises ProtocolError: the frame is binary and not UTF-8, over *max_bytes*,
+        not a JSON object, of an unknown type, or has a missing or mistyped
+        field, a bad channel name or an unsendable payload. The message says
+        which, and the limit where there is one.
+    """
+    if data is None:
+        raise ProtocolError("empty frame: send a JSON object with a \"type\" field")
+    if isinstance(data, bytes):
+        size = len(data)
+        if size > max_bytes:
+            raise ProtocolError(f"frame is {size} bytes; the limit is {max_bytes} bytes")
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("binary frame is not UTF-8 JSON text") from None
+    else:
+        # One byte per character at least, so only long frames pay for encoding.
+        size = len(data) if len(data) * 4 <= max_bytes else _utf8_size(data)
+        if size > max_bytes:
+            raise ProtocolError(f"frame is {size} bytes; the limit is {max_bytes} bytes")
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(
+            f"frame must be a JSON object with a \"type\" field, not {_json_kind(obj)}"
+        )
+    ref = _ref(obj)
+    kind = obj.get("type")
+    if kind == "subscribe":
+        return Subscribe(_channels(obj, kind), ref)
+    if kind == "unsubscribe":
+        return Unsubscribe(_channels(obj, kind), ref)
+    if kind == "publish":
+        return _publish(obj, ref)
+    if kind == "ping":
+        return Ping(ref)
+    if "type" not in obj:
+        raise ProtocolError("frame has no \"type\" field")
+    raise ProtocolError(
+        f"unknown frame type {_short(kind)}; expected subscribe, unsubscribe, publish or ping"
+    )
+
+
+def _utf8_size(text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ProtocolError("frame is not valid Unicode") from None
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _ref(obj: dict[str, Any]) -> Ref:
+    ref = obj.get("ref")
+    if ref is None:
+        return None
+    if isinstance(ref, bool) or not isinstance(ref, str | int):
+        raise ProtocolError(f"\"ref\" must be a string or an integer, not {_json_kind(ref)}")
+    if isinstance(ref, str) and len(ref) > _MAX_REF_CHARS:
+        raise ProtocolError(f"\"ref\" is {len(ref)} characters; the limit is {_MAX_REF_CHARS}")
+    if isinstance(ref, int) and not -(2**53) <= ref <= 2**53:
+        raise ProtocolError("\"ref\" must be an integer JavaScript can represent exactly")
+    return ref
+
+
+def _channels(obj: dict[str, Any], kind: str) -> tuple[str, ...]:
+    channels = obj.get("channels")
+    if channels is None and isinstance(obj.get("channel"), str):
+        channels = [obj["channel"]]  # the singular form, a common slip
+    if channels is None:
+        raise ProtocolError(f"{kind} needs \"channels\": a list of channel names")
+    if not isinstance(channels, list):
+        raise ProtocolError(
+            f"\"channels\" must be a list of channel names, not {_json_kind(channels)}"
+        )
+    if not channels:
+        raise ProtocolError("\"channels\" is empty")
+    try:
+        names = check_channels(channels)
+    except InvalidChannelError as exc:
+        raise ProtocolError(str(exc)) from None
+    return tuple(dict.fromkeys(names))
+
+
+def _publish(obj: dict[str, Any], ref: Ref) -> Publish:
+    channel = obj.get("channel")
+    if channel is None:
+        raise ProtocolError("publish needs \"channel\": a channel name")
+    try:
+        (name,) = check_channels([channel])
+    except InvalidChannelError as exc:
+        raise ProtocolError(str(exc)) from None
+    payload = obj.get("payload", "")
+    if not isinstance(payload, str):
+        # Any other JSON value is sent as its compact JSON text.
+        payload = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text = encode_payload(payload)
+    except PayloadError as exc:
+        raise ProtocolError(str(exc)) from None
+    return Publish(name, text, ref)
+
+
+# -- server frames -----------------------------------------------------------
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _with_ref(obj: dict[str, Any], ref: Ref) -> dict[str, Any]:
+    if ref is not None:
+        obj["ref"] = ref
+    return obj
+
+
+def subscribed(channels: Iterable[str], ref: Ref = None) -> Frame:
+    """The reply to a subscribe, sent once LISTEN is in effect for every channel."""
+    return Frame(_dump(_with_ref({"type": "subscribed", "channels": list(channels)}, ref)))
+
+
+def unsubscribed(channels: Iterable[str], ref: Ref = None) -> Frame:
+    """The reply to an unsubscribe: no message on *channels* follows it."""
+    return Frame(_dump(_with_ref({"type": "unsubscribed", "channels": list(channels)}, ref)))
+
+
+def published(channel: str, ref: Ref = None) -> Frame:
+    """The reply to a publish: PostgreSQL accepted the NOTIFY."""
+    return Frame(_dump(_with_ref({"type": "published", "channel": channel}, ref)))
+
+
+def message(channel: str, payload: str, pid: int, event_id: object = None) -> Frame:
+    """One notification, encoded once and shared by every subscriber."""
+    obj: dict[str, Any] = {"type": "message", "channel": channel, "payload": payload, "pid": pid}
+    sid = None
+    if event_id is not None:
+        obj["id"] = event_id
+        sid = str(event_id)
+    return Frame(_dump(obj), sid, True)
+
+
+def error(text: str, ref: Ref = None) -> Frame:
+    """A refused request; the state is as it was before the request."""
+    return Frame(_dump(_with_ref({"type": "error", "message": text}, ref)))
+
+
+def notice(event: str, text: str, **fields: Any) -> Frame:
+    """Something the client should know that is not a reply: ``reconnected``,
+    ``dropped`` (with ``count``), ``shutdown``."""
+    return Frame(_dump({"type": "notice", "event": event, "message": text, **fields}))
+
+
+def pong(ref: Ref = None) -> Frame:
+    """The reply to a ping."""
+    return Frame(_dump(_with_ref({"type": "pong"}, ref)))
+
+
+# -- Server-Sent Events ------------------------------------------------------
+
+
+def sse_event(data: str, event_id: str | None = None, retry_ms: int | None = None) -> str:
+    """One SSE event: optional ``id:`` and ``retry:`` lines, then *data*.
+
+    Each line of *data* gets its own ``data:`` field, so a newline in it
+    cannot end the event early; CR and LF in an id are refused, since they
+    would split the ``id:`` line.
+    """
+    parts = []
+    if event_id is not None:
+        if "\n" in event_id or "\r" in event_id or "\x00" in event_id:
+            raise ValueError(f"SSE event id must not contain CR, LF or NUL: {event_id!r}")
+        parts.append(f"id: {event_id}\n")
+    if retry_ms is not None:
+        parts.append(f"retry: {int(retry_ms)}\n")
+    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        parts.append(f"data: {line}\n")
+    parts.append("\n")
+    return "".join(parts)
+
+
+def sse_comment(text: str = "") -> str:
+    """An SSE comment line: ignored by EventSource, keeps the stream alive."""
+    return "".join(f": {line}\n" for line in text.split("\n")) + "\n"

@@ -1,0 +1,262 @@
+"""The fan-out core: who listens to what, and a bounded queue per client.
+
+Pure bookkeeping, no I/O: the gateway's driver (:mod:`pgcast.gateway._hub`)
+runs the LISTEN/UNLISTEN statements this module asks for and the transports
+drain the queues.
+
+* :class:`Outbox` is one client's bounded queue of :class:`Frame` s with a named
+  :class:`Overflow` policy: ``disconnect`` (the default: the client is marked
+  :attr:`~Outbox.overflowed` and must be closed) or ``drop-oldest`` (the oldest
+  frame goes, :attr:`~Outbox.dropped` counts it). Either way memory is bounded
+  and a slow client never makes :meth:`Router.publish` wait.
+* :class:`Router` keeps each client's channels and, per channel, its
+  subscribers. The database must LISTEN on exactly :meth:`Router.channels`:
+  :meth:`Router.missing` and :meth:`Router.orphans` compare that with what the
+  connection listens to, so LISTEN happens on a channel's first subscriber and
+  UNLISTEN after its last, and a fresh connection is brought back in line the
+  same way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
+from enum import StrEnum
+
+from .._errors import ProtocolError
+from ._protocol import Frame
+
+__all__ = ["CONTROL_SLACK", "Outbox", "Overflow", "Router", "Subscriber"]
+
+#: How many replies and notices may be queued beyond a client's queue size.
+CONTROL_SLACK = 64
+
+
+class Overflow(StrEnum):
+    """What happens when a client's queue is full and another frame comes."""
+
+    DISCONNECT = "disconnect"
+    """The client is disconnected (WebSocket close code 4000, reason given)."""
+
+    DROP_OLDEST = "drop-oldest"
+    """The oldest queued frame is dropped and counted; the client stays."""
+
+
+def _nothing() -> None:
+    pass
+
+
+class Outbox:
+    """A bounded FIFO of frames for one client.
+
+    *wake* is called when the queue goes from empty to non-empty, and when
+    the client overflows, so the driver's sender can wait without polling.
+    """
+
+    __slots__ = ("_items", "dropped", "maxsize", "overflowed", "policy", "unreported", "wake")
+
+    def __init__(
+        self,
+        maxsize: int,
+        policy: Overflow = Overflow.DISCONNECT,
+        wake: Callable[[], None] = _nothing,
+    ) -> None:
+        if maxsize < 1:
+            raise ValueError(f"queue size must be at least 1, got {maxsize}")
+        self._items: deque[Frame] = deque()
+        self.maxsize = maxsize
+        self.policy = Overflow(policy)
+        self.wake = wake
+        #: Frames dropped under ``drop-oldest``, in total.
+        self.dropped = 0
+        #: Frames dropped since :meth:`take_unreported` was last called.
+        self.unreported = 0
+        #: Set under ``disconnect`` when a frame found the queue full.
+        self.overflowed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, frame: Frame) -> bool:
+        """Queue *frame*; False when the queue was full and the policy is to
+        disconnect (the frame is not queued and the client must go)."""
+        items = self._items
+        if len(items) >= self.maxsize:
+            if self.policy is Overflow.DISCONNECT:
+                if not self.overflowed:
+                    self.overflowed = True
+                    self.wake()
+                return False
+            items.popleft()
+            self.dropped += 1
+            self.unreported += 1
+        items.append(frame)
+        if len(items) == 1:
+            self.wake()
+        return True
+
+    def put_control(self, frame: Frame) -> bool:
+        """Queue a reply or notice, past :attr:`maxsize` if need be: a reply
+        must not be dropped or lost behind messages. Up to
+        :data:`CONTROL_SLACK` frames more are allowed; a client that sends
+        requests without reading the replies then overflows whatever the
+        policy, and False is returned."""
+        items = self._items
+        if len(items) >= self.maxsize + CONTROL_SLACK:
+            if not self.overflowed:
+                self.overflowed = True
+                self.wake()
+            return False
+        items.append(frame)
+        if len(items) == 1:
+            self.wake()
+        return True
+
+    def take(self) -> list[Frame]:
+        """Every queued frame, oldest first, leaving the queue empty."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def take_unreported(self) -> int:
+        """The number of frames dropped since the last call."""
+        n, self.unreported = self.unreported, 0
+        return n
+
+
+class Subscriber:
+    """One connected client as the router sees it: its queue and its channels."""
+
+    __slots__ = ("channels", "outbox", "transport")
+
+    def __init__(self, outbox: Outbox, transport: str = "websocket") -> None:
+        self.outbox = outbox
+        #: ``"websocket"`` or ``"sse"``, for the metrics.
+        self.transport = transport
+        self.channels: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<Subscriber {self.transport} channels={sorted(self.channels)!r}>"
+
+
+class Router:
+    """The subscriptions of every client, and the fan-out of events to them."""
+
+    def __init__(self, max_subscriptions: int = 100) -> None:
+        if max_subscriptions < 1:
+            raise ValueError(f"max_subscriptions must be at least 1, got {max_subscriptions}")
+        self.max_subscriptions = max_subscriptions
+        self._subscribers: dict[str, set[Subscriber]] = {}
+        self._clients: set[Subscriber] = set()
+        self._subscriptions = 0
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def clients(self) -> Collection[Subscriber]:
+        """Every attached client."""
+        return self._clients
+
+    @property
+    def subscriptions(self) -> int:
+        """The number of (client, channel) subscriptions."""
+        return self._subscriptions
+
+    def channels(self) -> set[str]:
+        """The channels with at least one subscriber: what must be LISTENed."""
+        return set(self._subscribers)
+
+    def subscribers(self, channel: str) -> Collection[Subscriber]:
+        """The clients subscribed to *channel*."""
+        return self._subscribers.get(channel, ())
+
+    def missing(self, listening: Collection[str], channels: Iterable[str]) -> list[str]:
+        """Which of *channels* the connection must still LISTEN to."""
+        return [c for c in channels if c not in listening]
+
+    def orphans(self, listening: Iterable[str]) -> list[str]:
+        """Channels the connection listens to that no client wants any more."""
+        return [c for c in listening if c not in self._subscribers]
+
+    # -- clients -----------------------------------------------------------
+
+    def attach(self, subscriber: Subscriber) -> None:
+        """Add a client with no subscriptions yet."""
+        self._clients.add(subscriber)
+
+    def detach(self, subscriber: Subscriber) -> None:
+        """Remove a client and all its subscriptions (idempotent)."""
+        self._clients.discard(subscriber)
+        self.unsubscribe(subscriber, list(subscriber.channels))
+
+    def check_subscribe(self, subscriber: Subscriber, channels: Iterable[str]) -> list[str]:
+        """The channels of *channels* that would be new for *subscriber*.
+
+        :raises ProtocolError: they would take it over :attr:`max_subscriptions`.
+        """
+        new = [c for c in dict.fromkeys(channels) if c not in subscriber.channels]
+        total = len(subscriber.channels) + len(new)
+        if total > self.max_subscriptions:
+            raise ProtocolError(
+                f"subscribing to {len(new)} more channel(s) would make {total} "
+                f"subscriptions; the limit per client is {self.max_subscriptions}"
+            )
+        return new
+
+    def subscribe(self, subscriber: Subscriber, channels: Iterable[str]) -> list[str]:
+        """Subscribe *subscriber* to *channels*; returns those that were new.
+
+        Call it once the channels are LISTENed to, in the same step as the
+        ``subscribed`` reply is queued, so no message precedes that reply.
+
+        :raises ProtocolError: over the subscription limit; nothing changes.
+        """
+        new = self.check_subscribe(subscriber, channels)
+        for channel in new:
+            subscriber.channels.add(channel)
+            subs = self._subscribers.get(channel)
+            if subs is None:
+                subs = self._subscribers[channel] = set()
+            subs.add(subscriber)
+        self._subscriptions += len(new)
+        return new
+
+    def unsubscribe(self, subscriber: Subscriber, channels: Iterable[str]) -> list[str]:
+        """Remove *channels* from *subscriber*; returns those it had."""
+        gone = []
+        for channel in dict.fromkeys(channels):
+            if channel not in subscriber.channels:
+                continue
+            subscriber.channels.discard(channel)
+            subs = self._subscribers[channel]
+            subs.discard(subscriber)
+            if not subs:
+                del self._subscribers[channel]
+            gone.append(channel)
+        self._subscriptions -= len(gone)
+        return gone
+
+    # -- fan-out -----------------------------------------------------------
+
+    def publish(self, channel: str, frame: Frame) -> tuple[int, list[Subscriber]]:
+        """Queue *frame* for every subscriber of *channel*.
+
+        Returns how many clients it was queued for and the clients that
+        overflowed under the ``disconnect`` policy (the driver closes them).
+        """
+        subs = self._subscribers.get(channel)
+        if not subs:
+            return 0, []
+        overflowed: list[Subscriber] = []
+        queued = 0
+        for sub in subs:
+            if sub.outbox.put(frame):
+                queued += 1
+            else:
+                overflowed.append(sub)
+        return queued, overflowed
+
+    def broadcast(self, frame: Frame) -> list[Subscriber]:
+        """Queue a notice for every client, past a full queue (see
+        :meth:`Outbox.put_control`); returns the clients that overflowed."""
+        return [sub for sub in self._clients if not sub.outbox.put_control(frame)]

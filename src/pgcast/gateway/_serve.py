@@ -1,0 +1,57 @@
+"""Running the gateway with uvicorn, and shutting it down gracefully.
+
+On SIGTERM or Ctrl-C uvicorn stops accepting connections and then closes the
+WebSockets still open with code 1012. :class:`GatewayServer` first closes
+every gateway client itself, with 1001 ("going away", the code the protocol
+documents) and a ``shutdown`` notice on SSE streams, then lets uvicorn finish.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+__all__ = ["GatewayServer", "config", "serve"]
+
+
+class GatewayServer(uvicorn.Server):
+    """A uvicorn server that closes the gateway's clients first on shutdown."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Close the gateway's clients (1001), then shut down as uvicorn does."""
+        app = self.config.app
+        hub = getattr(getattr(app, "state", None), "pgcast_gateway", None)
+        if hub is not None:
+            for server in self.servers:
+                server.close()  # refuse new connections while clients close
+            await hub.shutdown_clients()
+        await super().shutdown(sockets)
+
+
+def config(
+    app: Starlette, host: str = "127.0.0.1", port: int = 8000, **options: Any
+) -> uvicorn.Config:
+    """The uvicorn configuration the gateway runs with.
+
+    Protocol-level WebSocket pings every 20 s find dead clients; frames up to
+    1 MiB reach the app, which answers those over ``max_frame_bytes`` with an
+    error frame instead of letting the server drop the connection.
+    """
+    options.setdefault("ws_ping_interval", 20.0)
+    options.setdefault("ws_ping_timeout", 20.0)
+    options.setdefault("ws_max_size", 1024 * 1024)
+    options.setdefault("timeout_graceful_shutdown", 10)
+    options.setdefault("log_level", "info")
+    options.setdefault("lifespan", "on")
+    return uvicorn.Config(app, host=host, port=port, **options)
+
+
+def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Run *app* (from :func:`create_app`) until SIGTERM or Ctrl-C.
+
+    *options* go to :class:`uvicorn.Config` (``log_level``, ``ssl_keyfile`` ...).
+    """
+    GatewayServer(config(app, host, port, **options)).run()

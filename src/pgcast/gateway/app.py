@@ -1,0 +1,203 @@
+"""The gateway as a Starlette application: :func:`create_app`.
+
+Routes: ``/ws`` (:mod:`.websocket`), ``/sse`` (:mod:`.sse`), ``/healthz``,
+``/metrics``, and with ``demo_page=True`` the three-bar demo page at ``/``.
+
+The database connection is opened by the app's lifespan when it runs
+standalone (``pgcast serve``, ``uvicorn module:app``). Mounted inside another
+application, whose server does not run a sub-app's lifespan, the gateway
+connects at its first request instead; run ``app.router.lifespan_context(app)``
+from the host's own lifespan to connect at start-up and close cleanly.
+The :class:`~pgcast.gateway._hub.Hub` is ``app.state.pgcast_gateway``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import _metrics
+from ._hub import Hub, Settings
+from ._router import Overflow
+from .auth import Authorizer, allow_list
+from .sse import SSEEndpoint
+from .websocket import websocket_endpoint
+
+__all__ = ["create_app"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(
+    dsn: str = "",
+    *,
+    allow: Iterable[str] = (),
+    allow_publish: Iterable[str] = (),
+    authorizer: Authorizer | None = None,
+    allowed_origins: Iterable[str] | None = None,
+    max_clients: int = 10_000,
+    max_subscriptions: int = 100,
+    max_frame_bytes: int = 16 * 1024,
+    queue_size: int = 1000,
+    overflow: str = "disconnect",
+    heartbeat: float = 15.0,
+    database_timeout: float = 10.0,
+    close_timeout: float = 2.0,
+    metrics_cache: float = 5.0,
+    demo_page: bool = False,
+    demo_command: str | None = None,
+    connect_kwargs: Mapping[str, Any] | None = None,
+) -> Starlette:
+    """An ASGI app pushing PostgreSQL notifications to WebSocket and SSE clients.
+
+    One LISTEN connection to *dsn* (empty: ``DATABASE_URL``, then libpq's
+    ``PG*`` variables) serves every client of the process.
+
+    :param allow: globs of the channels clients may subscribe to (default: none).
+    :param allow_publish: globs of the channels clients may publish on (default: none).
+    :param authorizer: ``(connection, token) -> Access`` (sync or async),
+        instead of *allow* and *allow_publish*; see :mod:`pgcast.gateway.auth`.
+    :param allowed_origins: the ``Origin`` values browsers may connect from,
+        as ``scheme://host[:port]``, or ``["*"]`` for any; ``None`` (default)
+        allows the gateway's own origin only.
+    :param max_clients: connected clients at once; more are refused (503).
+    :param max_subscriptions: channels per client.
+    :param max_frame_bytes: the largest client frame accepted, in bytes.
+    :param queue_size: frames queued per client before *overflow* applies.
+    :param overflow: ``"disconnect"`` (close code 4000) or ``"drop-oldest"``
+        (the oldest frames go; the client gets a ``dropped`` notice and
+        ``pgcast_gateway_dropped_total`` counts them).
+    :param heartbeat: seconds between SSE heartbeat comments.
+    :param database_timeout: how long a request waits for a lost database
+        connection to come back before it gets an error.
+    :param close_timeout: how long closing a client (or all, at shutdown) may take.
+    :param metrics_cache: seconds the NOTIFY queue usage in ``/metrics`` is cached.
+    :param demo_page: serve the three-bar demo page at ``/``.
+    :param demo_command: the command the demo page shows for moving a bar.
+    :param connect_kwargs: extra arguments for the database connection.
+    """
+    if authorizer is not None and (list(allow) or list(allow_publish)):
+        raise ValueError("pass either an authorizer or allow/allow_publish globs, not both")
+    if overflow not in tuple(Overflow):
+        raise ValueError(
+            f"overflow must be one of {', '.join(repr(str(o)) for o in Overflow)}, "
+            f"not {overflow!r}"
+        )
+    origins = None if allowed_origins is None else frozenset(
+        o.rstrip("/") for o in allowed_origins
+    )
+    settings = Settings(
+        dsn=dsn,
+        authorizer=authorizer or allow_list(allow, allow_publish),
+        allowed_origins=origins,
+        max_clients=max_clients,
+        max_subscriptions=max_subscriptions,
+        max_frame_bytes=max_frame_bytes,
+        queue_size=queue_size,
+        overflow=Overflow(overflow),
+        heartbeat=heartbeat,
+        database_timeout=database_timeout,
+        close_timeout=close_timeout,
+        metrics_cache=metrics_cache,
+        connect_kwargs=dict(connect_kwargs or {}),
+    )
+    hub = Hub(settings)
+    starter = _Starter(hub)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await starter.start()
+        try:
+            yield
+        finally:
+            await hub.close()
+
+    async def healthz(request: Request) -> Response:
+        await starter.start_quietly()
+        if hub.database_up:
+            return JSONResponse({"status": "ok", "database": "up", "backend_pid": hub.backend_pid})
+        return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
+
+    async def metrics(request: Request) -> Response:
+        await starter.start_quietly()
+        return PlainTextResponse(await hub.metrics(), media_type=_metrics.CONTENT_TYPE)
+
+    routes: list[Any] = [
+        WebSocketRoute("/ws", starter.wrap_ws(websocket_endpoint(hub))),
+        Route("/sse", starter.wrap_asgi(SSEEndpoint(hub))),
+        Route("/healthz", healthz),
+        Route("/metrics", metrics),
+    ]
+    if demo_page:
+        page = _demo_page(demo_command)
+
+        async def index(request: Request) -> Response:
+            return HTMLResponse(page)
+
+        routes.append(Route("/", index))
+        routes.append(Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.pgcast_gateway = hub
+    return app
+
+
+def _demo_page(command: str | None) -> str:
+    text = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    command = command or "psql -c \"NOTIFY data, 'green'\""
+    return text.replace("{{PSQL_COMMAND}}", html.escape(command))
+
+
+class _Starter:
+    """Starts the hub once: from the lifespan, or at the first request when
+    the app is mounted where its lifespan does not run."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._started = False
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        async with self._lock:
+            if not self._started:
+                await self.hub.start()
+                self._started = True
+
+    async def start_quietly(self) -> None:
+        # A failed start is reported by /healthz as 503, not as a 500.
+        with contextlib.suppress(Exception):
+            await self.start()
+
+    def wrap_ws(self, endpoint: Any) -> Any:
+        async def ws(websocket: Any) -> None:
+            await self.start_quietly()
+            await endpoint(websocket)
+
+        return ws
+
+    def wrap_asgi(self, app: ASGIApp) -> ASGIApp:
+        return _StartFirst(self, app)
+
+
+class _StartFirst:
+    # A class, not a function: Starlette routes a function as a
+    # request/response endpoint and an object as a raw ASGI app.
+    def __init__(self, starter: _Starter, app: ASGIApp) -> None:
+        self.starter = starter
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.starter.start_quietly()
+        await self.app(scope, receive, send)

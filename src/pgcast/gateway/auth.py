@@ -1,0 +1,141 @@
+"""Who may read and write which channels, and from which web origins.
+
+The gateway asks an *authorizer* once per connection (WebSocket or SSE)::
+
+    def authorizer(connection: HTTPConnection, token: str | None) -> Access: ...
+
+(or an ``async def``). *connection* is the Starlette request or websocket, for
+headers, cookies and the client address; *token* comes from the ``token``
+query parameter (browsers cannot set headers on a WebSocket or an
+EventSource) or an ``Authorization: Bearer`` header. It returns an
+:class:`Access`: two predicates on channel names. To refuse the client it
+raises :class:`pgcast.AccessDenied`, whose message the client sees (HTTP 403).
+
+Without an authorizer the gateway uses :func:`allow_list`: the same access for
+everyone, subscribing to channels that match the ``allow`` globs and
+publishing to those that match ``allow_publish`` (none by default).
+
+Origins: a browser page on another site can open a WebSocket to the gateway
+with the user's cookies, so :func:`origin_allowed` refuses any ``Origin`` that
+is not the gateway's own unless it is configured; clients that send no
+``Origin`` (not a browser) are not affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, TypeAlias
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from starlette.requests import HTTPConnection
+
+__all__ = [
+    "Access",
+    "Authorizer",
+    "allow_list",
+    "bearer_token",
+    "origin_allowed",
+]
+
+
+def _never(channel: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What one client may do: predicates on exact channel names."""
+
+    can_read: Callable[[str], bool] = _never
+    """Whether the client may subscribe to the channel."""
+
+    can_write: Callable[[str], bool] = _never
+    """Whether the client may publish on the channel."""
+
+    @classmethod
+    def globs(cls, read: Iterable[str] = (), write: Iterable[str] = ()) -> Access:
+        """Access by :mod:`fnmatch` globs, matched case-sensitively (channel
+        names are exact): ``"orders.*"``, ``"user-[0-9]*"``, ``"*"``."""
+        return cls(_matcher(read), _matcher(write))
+
+
+def _matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    pats = tuple(dict.fromkeys(patterns))
+    for p in pats:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"channel patterns must be non-empty strings, got {p!r}")
+    if not pats:
+        return _never
+    if "*" in pats:
+        return lambda channel: True
+    exact = frozenset(p for p in pats if not any(ch in p for ch in "*?["))
+    globs = tuple(p for p in pats if p not in exact)
+
+    def match(channel: str) -> bool:
+        return channel in exact or any(fnmatchcase(channel, g) for g in globs)
+
+    return match
+
+
+#: The authorizer hook: ``(connection, token) -> Access``, sync or async;
+#: raises :class:`pgcast.AccessDenied` to refuse.
+Authorizer: TypeAlias = "Callable[[HTTPConnection, str | None], Access | Awaitable[Access]]"
+
+
+def allow_list(allow: Iterable[str] = (), allow_publish: Iterable[str] = ()) -> Authorizer:
+    """The default authorizer: everyone may subscribe to channels matching
+    *allow* and publish to channels matching *allow_publish*; the token is
+    ignored."""
+    access = Access.globs(allow, allow_publish)
+
+    def authorize(connection: HTTPConnection, token: str | None) -> Access:
+        return access
+
+    return authorize
+
+
+def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The client's token: ``?token=``, else ``Authorization: Bearer ...``."""
+    token = query.get("token")
+    if token:
+        return token
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str] | None) -> bool:
+    """Whether a request with header *origin* may connect.
+
+    No ``Origin`` header: allowed (not a browser, which always sends one on
+    WebSocket and cross-origin requests). *allowed* ``None`` means same
+    origin only: the origin's host and port must be the request's ``Host``.
+    Otherwise the origin must be in *allowed* (``scheme://host[:port]``, no
+    trailing slash), or *allowed* contains ``"*"``.
+    """
+    if origin is None:
+        return True
+    if allowed is not None:
+        return "*" in allowed or origin.rstrip("/") in allowed
+    if not host:
+        return False
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    default = 443 if parts.scheme == "https" else 80
+    origin_host = parts.hostname.lower()
+    if ":" in origin_host:
+        origin_host = f"[{origin_host}]"
+    want = f"{origin_host}:{port or default}"
+    host = host.lower()
+    has_port = "]:" in host if host.startswith("[") else ":" in host
+    return (host if has_port else f"{host}:{default}") == want

@@ -1,0 +1,205 @@
+"""The Server-Sent Events transport: ``GET /sse?channel=a&channel=b``.
+
+Each SSE event's ``data:`` is one server frame of the WebSocket protocol as
+JSON (``subscribed`` first, once LISTEN is in effect, then ``message``,
+``notice`` ...), so ``EventSource.onmessage`` sees the same objects a
+WebSocket client does; durable events carry an ``id:`` line. A comment line
+is sent every ``heartbeat`` seconds so proxies and clients can tell a quiet
+stream from a dead one.
+
+Everything that can be refused is checked before the stream starts, with a
+plain-text HTTP error: a bad origin or token (403), no or bad channel names
+(400), a channel outside the allow-list (403), too many channels (400), a full
+gateway (503).
+
+This is a raw ASGI app rather than a ``StreamingResponse``: the gateway must
+be able to stop writing to a client that stopped reading (a full queue), and
+only the task that owns ``send`` can be cancelled for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.types import Receive, Scope, Send
+
+from .._channels import check_channels
+from .._errors import AccessDenied, InvalidChannelError, ProtocolError
+from . import _protocol
+from ._hub import Client, Hub
+from .auth import bearer_token, origin_allowed
+
+__all__ = ["SSEEndpoint"]
+
+_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
+]
+
+#: What EventSource waits before reconnecting after the stream ends, in ms.
+RETRY_MS = 2000
+
+
+class SSEEndpoint:
+    """The ASGI app serving ``/sse`` for *hub*."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub = self.hub
+        request = Request(scope, receive)
+        if request.method not in ("GET", "HEAD"):
+            await PlainTextResponse("use GET", 405, {"allow": "GET"})(scope, receive, send)
+            return
+        try:
+            client, channels = await self._admit(request)
+        except _Refusal as r:
+            await PlainTextResponse(r.message, r.status)(scope, receive, send)
+            return
+        try:
+            await self._stream(client, channels, scope, receive, send)
+        finally:
+            hub.detach(client)
+
+    async def _admit(self, request: Request) -> tuple[Client, tuple[str, ...]]:
+        hub = self.hub
+        origin = request.headers.get("origin")
+        if not origin_allowed(origin, request.headers.get("host"), hub.settings.allowed_origins):
+            hub.stats.rejected["origin"] += 1
+            raise _Refusal(403, f"origin {origin!r} is not allowed by this gateway")
+        names = request.query_params.getlist("channel")
+        if not names:
+            raise _Refusal(400, "name at least one channel: /sse?channel=NAME&channel=...")
+        try:
+            channels = tuple(dict.fromkeys(check_channels(names)))
+        except InvalidChannelError as exc:
+            raise _Refusal(400, str(exc)) from None
+        if len(channels) > hub.settings.max_subscriptions:
+            raise _Refusal(
+                400,
+                f"{len(channels)} channels requested; the limit per client is "
+                f"{hub.settings.max_subscriptions}",
+            )
+        try:
+            hub.check_room()
+        except AccessDenied as exc:
+            raise _Refusal(503, str(exc)) from None
+        token = bearer_token(request.headers, request.query_params)
+        try:
+            access = await hub.authorize(request, token)
+        except AccessDenied as exc:
+            hub.stats.rejected["auth"] += 1
+            raise _Refusal(403, str(exc) or "access denied") from None
+        refused = [c for c in channels if not access.can_read(c)]
+        if refused:
+            hub.stats.rejected["auth"] += 1
+            names_ = ", ".join(repr(c) for c in refused[:5])
+            raise _Refusal(403, f"not allowed to subscribe to {names_}: "
+                                "not in this gateway's allow-list")
+        try:
+            return hub.attach("sse", access), channels
+        except AccessDenied as exc:
+            raise _Refusal(503, str(exc)) from None
+
+    async def _stream(
+        self, client: Client, channels: tuple[str, ...], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        hub = self.hub
+        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        writer = asyncio.create_task(self._write(client, channels, send))
+        watcher = asyncio.create_task(_until_disconnect(receive))
+        try:
+            waiting: list[asyncio.Future[Any]] = [writer, watcher, client.closing]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (writer, watcher):
+                task.cancel()
+            for task in (writer, watcher):
+                with contextlib.suppress(BaseException):
+                    await task
+        if writer.done() and not writer.cancelled() and writer.exception() is None:
+            # The writer ended the stream itself (its subscription was refused).
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if client.closing.done() and not watcher.done():
+            code, reason = client.closing.result()
+            event = "shutdown" if code == 1001 else "disconnected"
+            last = _protocol.sse_event(_protocol.notice(event, reason, code=code).text)
+            # End the response cleanly if the client still reads; else give up.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    send({"type": "http.response.body", "body": last.encode(),
+                          "more_body": False}),
+                    hub.settings.close_timeout,
+                )
+
+    async def _write(self, client: Client, channels: tuple[str, ...], send: Send) -> None:
+        hub = self.hub
+        stats = hub.stats
+        outbox = client.outbox
+        wake = client.wake
+        sse_event = _protocol.sse_event
+
+        async def write(text: str) -> None:
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+        await write(f"retry: {RETRY_MS}\n" + _protocol.sse_comment("pgcast gateway"))
+        try:
+            await hub.subscribe(client, channels)
+        except ProtocolError as exc:
+            # Only the database being unavailable gets here (the rest was
+            # checked before the stream began): say so and end the stream;
+            # EventSource retries after RETRY_MS.
+            stats.errors += 1
+            await write(sse_event(_protocol.error(str(exc)).text))
+            return
+        heartbeat = hub.settings.heartbeat
+        while True:
+            wake.clear()
+            frames = outbox.take()
+            if not frames:
+                try:
+                    await asyncio.wait_for(wake.wait(), heartbeat)
+                except TimeoutError:
+                    await write(_protocol.sse_comment("heartbeat"))
+                continue
+            parts = []
+            dropped = outbox.take_unreported()
+            if dropped:
+                stats.dropped += dropped
+                parts.append(sse_event(_protocol.notice(
+                    "dropped",
+                    f"{dropped} message(s) were dropped: this client did not keep up and "
+                    f"its queue holds {outbox.maxsize} (the oldest go first)",
+                    count=dropped,
+                ).text))
+            sent = 0
+            for frame in frames:
+                parts.append(sse_event(frame.text, frame.id))
+                sent += frame.is_message
+            await write("".join(parts))
+            stats.messages_out += sent
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message

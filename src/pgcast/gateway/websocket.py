@@ -1,0 +1,164 @@
+"""The WebSocket transport: ``/ws``, JSON text frames both ways.
+
+One connection runs two tasks: the *receiver* parses each client frame
+(:func:`pgcast.gateway._protocol.parse_frame`) and carries it out through the
+hub, one at a time and in order; the *sender* drains the client's bounded
+queue into the socket. When the gateway drops the client (a full queue under
+the ``disconnect`` policy, or shutdown) the sender is cancelled wherever it
+is blocked and the socket is closed with a code and a reason:
+
+==== ===============================================================
+1001 the gateway is shutting down
+1008 refused before the handshake: bad origin, token, or full (HTTP 403/503
+     where the server supports denial responses, as uvicorn does)
+4000 slow consumer: the client's queue was full
+==== ===============================================================
+
+A close that cannot be sent within ``close_timeout`` (the client stopped
+reading, so the socket is full) is given up on; the ASGI server then drops
+the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from starlette.responses import PlainTextResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .._errors import AccessDenied, ProtocolError
+from . import _protocol
+from ._hub import Client, Hub
+from .auth import bearer_token, origin_allowed
+
+__all__ = ["websocket_endpoint"]
+
+
+def websocket_endpoint(hub: Hub) -> object:
+    """The endpoint for a Starlette ``WebSocketRoute``, bound to *hub*."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await _session(hub, websocket)
+
+    return endpoint
+
+
+async def _deny(websocket: WebSocket, status: int, message: str) -> None:
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(PlainTextResponse(message, status_code=status))
+    else:
+        await websocket.close(code=1008, reason=message[:120])
+
+
+async def _admit(hub: Hub, websocket: WebSocket) -> Client | None:
+    origin = websocket.headers.get("origin")
+    if not origin_allowed(origin, websocket.headers.get("host"), hub.settings.allowed_origins):
+        hub.stats.rejected["origin"] += 1
+        await _deny(websocket, 403, f"origin {origin!r} is not allowed by this gateway")
+        return None
+    try:
+        hub.check_room()
+    except AccessDenied as exc:
+        await _deny(websocket, 503, str(exc))
+        return None
+    token = bearer_token(websocket.headers, websocket.query_params)
+    try:
+        access = await hub.authorize(websocket, token)
+    except AccessDenied as exc:
+        hub.stats.rejected["auth"] += 1
+        await _deny(websocket, 403, str(exc) or "access denied")
+        return None
+    try:
+        client = hub.attach("websocket", access)
+    except AccessDenied as exc:
+        await _deny(websocket, 503, str(exc))
+        return None
+    return client
+
+
+async def _session(hub: Hub, websocket: WebSocket) -> None:
+    client = await _admit(hub, websocket)
+    if client is None:
+        return
+    try:
+        await websocket.accept()
+    except BaseException:
+        hub.detach(client)
+        raise
+    sender = asyncio.create_task(_send(hub, websocket, client))
+    receiver = asyncio.create_task(_receive(hub, websocket, client))
+    try:
+        waiting: list[asyncio.Future[Any]] = [sender, receiver, client.closing]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sender, receiver):
+            task.cancel()
+        for task in (sender, receiver):
+            with contextlib.suppress(BaseException):
+                await task
+        hub.detach(client)
+    if client.closing.done() and not receiver.done():
+        code, reason = client.closing.result()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                websocket.close(code=code, reason=reason), hub.settings.close_timeout
+            )
+
+
+async def _receive(hub: Hub, websocket: WebSocket, client: Client) -> None:
+    max_bytes = hub.settings.max_frame_bytes
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes")
+        try:
+            command = _protocol.parse_frame(data, max_bytes)
+        except ProtocolError as exc:
+            hub.refuse(client, str(exc))
+            continue
+        try:
+            await hub.handle(client, command)
+        except ProtocolError as exc:
+            hub.refuse(client, str(exc), command.ref)
+
+
+async def _send(hub: Hub, websocket: WebSocket, client: Client) -> None:
+    outbox = client.outbox
+    wake = client.wake
+    stats = hub.stats
+    limit = outbox.maxsize
+    try:
+        while True:
+            # Clear before taking: a frame queued after take() sets it again.
+            wake.clear()
+            frames = outbox.take()
+            if not frames:
+                if client.closing.done():
+                    return
+                await wake.wait()
+                continue
+            dropped = outbox.take_unreported()
+            if dropped:
+                stats.dropped += dropped
+                await websocket.send_text(_dropped_notice(dropped, limit))
+            sent = 0
+            for frame in frames:
+                await websocket.send_text(frame.text)
+                sent += frame.is_message
+            stats.messages_out += sent
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        return  # the client went away; the session ends
+
+
+def _dropped_notice(count: int, limit: int) -> str:
+    return _protocol.notice(
+        "dropped",
+        f"{count} message(s) were dropped: this client did not keep up and its "
+        f"queue holds {limit} (the oldest go first)",
+        count=count,
+    ).text
