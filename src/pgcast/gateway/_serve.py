@@ -3,12 +3,17 @@
 On SIGTERM or Ctrl-C uvicorn stops accepting connections and then closes the
 WebSockets still open with code 1012. :class:`GatewayServer` first closes
 every gateway client itself, with 1001 ("going away", the code the protocol
-documents) and a ``shutdown`` notice on SSE streams, then lets uvicorn finish.
+documents) and a ``shutdown`` notice on SSE streams, then lets uvicorn finish,
+and returns from :meth:`~GatewayServer.run` rather than dying of the signal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -29,6 +34,22 @@ class GatewayServer(uvicorn.Server):
                 server.close()  # refuse new connections while clients close
             await hub.shutdown_clients()
         await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """As uvicorn's, except that after a graceful shutdown on SIGTERM or
+        SIGINT :meth:`run` returns instead of re-raising the signal, so the
+        caller cleans up (the demo stops its embedded server) and exits 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
 
 
 def config(

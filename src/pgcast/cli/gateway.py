@@ -1,0 +1,163 @@
+"""``pgcast serve`` (the gateway) and ``pgcast demo`` (the gateway, an embedded
+server and the three-bar page).
+
+Starlette and uvicorn are imported when one of these commands runs, so the
+rest of the CLI works without the ``gateway`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from ._common import add_dsn_argument, resolve_dsn
+
+__all__ = ["register"]
+
+DEMO_CHANNEL = "data"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run the WebSocket/SSE gateway",
+        description="Serve PostgreSQL notifications to browsers over WebSocket (/ws) and "
+        "Server-Sent Events (/sse), with /healthz and /metrics, on one LISTEN connection. "
+        "Clients may subscribe only to channels matching --allow and publish only to "
+        "channels matching --allow-publish.",
+    )
+    add_dsn_argument(p)
+    _add_listen_arguments(p)
+    p.add_argument("--allow", action="append", default=[], metavar="GLOB",
+                   help="channels clients may subscribe to (fnmatch glob; repeatable)")
+    p.add_argument("--allow-publish", action="append", default=[], metavar="GLOB",
+                   help="channels clients may publish to (fnmatch glob; repeatable)")
+    p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a browser origin allowed to connect, e.g. https://app.example.com, "
+                   "or * for any (repeatable; default: the gateway's own origin only)")
+    p.add_argument("--max-clients", type=int, default=10_000, metavar="N",
+                   help="clients connected at once (default 10000)")
+    p.add_argument("--queue-size", type=int, default=1000, metavar="N",
+                   help="messages queued per client before --overflow applies (default 1000)")
+    p.add_argument("--overflow", choices=("disconnect", "drop-oldest"), default="disconnect",
+                   help="what happens to a client whose queue is full (default disconnect)")
+    p.add_argument("--demo-page", action="store_true",
+                   help="also serve the three-bar demo page at /")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser(
+        "demo", help="the demo: a browser page whose bars move on NOTIFY",
+        description="Start an embedded PostgreSQL (unless --dsn), the gateway and a page "
+        f"with three coloured bars at http://HOST:PORT/. `NOTIFY {DEMO_CHANNEL}, 'green'` "
+        "in psql moves the green bar; the buttons publish too. With --terminal, the "
+        "terminal demo instead.",
+    )
+    p.add_argument("--dsn", help="use this PostgreSQL instead of a temporary embedded one")
+    _add_listen_arguments(p)
+    p.add_argument("--terminal", action="store_true",
+                   help="run the terminal demo (a listener printing notifications) instead")
+    p.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
+
+
+def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before starting, so a busy port is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                      "choose another with --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run(app: Any, sock: socket.socket, log_level: str = "info") -> None:
+    from ..gateway._serve import GatewayServer, config
+
+    host, port = sock.getsockname()[:2]
+    server = GatewayServer(config(app, host, port, log_level=log_level))
+    server.run(sockets=[sock])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..gateway import create_app
+
+    if not args.allow:
+        print("pgcast serve: warning: no --allow given, so clients can subscribe to no "
+              "channel", file=sys.stderr)
+    sock = _bind(args.host, args.port)
+    app = create_app(
+        resolve_dsn(args),
+        allow=args.allow,
+        allow_publish=args.allow_publish,
+        allowed_origins=args.allowed_origin,
+        max_clients=args.max_clients,
+        queue_size=args.queue_size,
+        overflow=args.overflow,
+        demo_page=args.demo_page,
+    )
+    print(f"pgcast gateway on http://{_url_host(args.host)}:{args.port}/ "
+          f"(WebSocket /ws, SSE /sse, /healthz, /metrics)", file=sys.stderr, flush=True)
+    _run(app, sock)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@contextlib.contextmanager
+def _database(dsn: str | None) -> Iterator[tuple[str, str]]:
+    """Yield a DSN and the psql executable to reach it."""
+    if dsn:
+        yield dsn, "psql"
+        return
+    from ..embedded import EmbeddedServer
+
+    print("starting an embedded PostgreSQL...", file=sys.stderr, flush=True)
+    with EmbeddedServer() as srv:
+        yield srv.dsn, str(srv.bin_dir / "psql")
+
+
+def demo_command(psql: str, dsn: str, colour: str = "green") -> str:
+    """The shell command that moves the *colour* bar of the demo page."""
+    # Double quotes around the SQL: readable, and nothing in it is special to a shell.
+    return f"{shlex.quote(psql)} {shlex.quote(dsn)} -c \"NOTIFY {DEMO_CHANNEL}, '{colour}'\""
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.terminal:
+        from . import terminal_demo
+
+        return terminal_demo.run(args.dsn, seconds=args.seconds)
+    from ..gateway import create_app
+
+    sock = _bind(args.host, args.port)
+    with _database(args.dsn) as (dsn, psql):
+        command = demo_command(psql, dsn)
+        app = create_app(
+            dsn,
+            allow=[DEMO_CHANNEL],
+            allow_publish=[DEMO_CHANNEL],
+            demo_page=True,
+            demo_command=command,
+        )
+        url = f"http://{_url_host(args.host)}:{args.port}/"
+        print(f"\npgcast demo: open {url}\n\nMove the green bar from a terminal with:\n\n"
+              f"    {command}\n\n(or: pgcast notify --dsn {shlex.quote(dsn)} {DEMO_CHANNEL} "
+              f"green)\nCtrl-C to stop.\n", flush=True)
+        _run(app, sock, log_level="warning")
+    return 0
