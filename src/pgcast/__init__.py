@@ -16,6 +16,7 @@ The asyncio twin is :mod:`pgcast.aio`; the embedded server is
 from __future__ import annotations
 
 from . import aio
+from ._backoff import Backoff
 from ._channels import MAX_CHANNEL_BYTES
 from ._errors import (
     AccessDenied,
@@ -23,7 +24,10 @@ from ._errors import (
     ConnectError,
     ConnectionLostError,
     DatabaseError,
+    HotStandbyError,
     InvalidChannelError,
+    ListenNotEffectiveError,
+    NotSentError,
     PayloadError,
     PayloadTooLargeError,
     PgcastError,
@@ -35,6 +39,7 @@ from ._errors import (
 )
 from ._event import Event
 from ._payload import MAX_PAYLOAD_BYTES, Payload
+from ._reconnect import Reconnected
 from .aio import AsyncPubSub
 from .client import PubSub, Runner, connect, notify
 from .manager import NotificationManager
@@ -50,12 +55,16 @@ __all__ = [
     "AccessDenied",
     "AsyncPubSub",
     "AsyncPublisher",
+    "Backoff",
     "ClosedError",
     "ConnectError",
     "ConnectionLostError",
     "DatabaseError",
     "Event",
+    "HotStandbyError",
     "InvalidChannelError",
+    "ListenNotEffectiveError",
+    "NotSentError",
     "NotificationManager",
     "Payload",
     "PayloadError",
@@ -67,6 +76,7 @@ __all__ = [
     "Publisher",
     "PublisherFullError",
     "QueueError",
+    "Reconnected",
     "Retry",
     "Runner",
     "WatchError",

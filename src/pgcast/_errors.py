@@ -10,8 +10,12 @@ library's conventions keeps working::
     │   └── PayloadTooLargeError                8000 bytes or more in UTF-8
     ├── ConnectError                            could not connect (bad DSN, server gone, auth)
     ├── ConnectionLostError                     an established connection broke
+    │   └── NotSentError                        lost, and not back in time to send
+    ├── HotStandbyError                         the server is a standby (in recovery)
+    ├── ListenNotEffectiveError                 LISTEN did not hold (a pooler in transaction mode)
     ├── ClosedError                             the PubSub was closed by its user
     ├── DatabaseError                           the server refused a command
+    │   └── SchemaError                         the pgcast schema is missing, too new or not installable
     ├── PublishError                            a Publisher's transaction failed
     ├── PublisherFullError                      a Publisher's buffer stayed full
     ├── AccessDenied                            the gateway's authorizer refused a client
@@ -32,7 +36,10 @@ __all__ = [
     "ConnectionLostError",
     "DatabaseError",
     "EmbeddedServerError",
+    "HotStandbyError",
     "InvalidChannelError",
+    "ListenNotEffectiveError",
+    "NotSentError",
     "PayloadError",
     "PayloadTooLargeError",
     "PgcastError",
@@ -40,6 +47,7 @@ __all__ = [
     "PublishError",
     "PublisherFullError",
     "QueueError",
+    "SchemaError",
     "WatchError",
 ]
 
@@ -79,12 +87,43 @@ class ConnectionLostError(PgcastError):
     """The connection to PostgreSQL broke while it was in use."""
 
 
+class NotSentError(ConnectionLostError):
+    """A notification was not sent: the connection was lost and was not
+    restored within the PubSub's ``notify_timeout``. Nothing went out; the
+    message says for how long it waited and why the connection was lost."""
+
+
+class HotStandbyError(PgcastError):
+    """The server is a hot standby (``pg_is_in_recovery()``), where LISTEN and
+    NOTIFY cannot run: connect to the primary (``target_session_attrs=read-write``)."""
+
+
+class ListenNotEffectiveError(PgcastError):
+    """``LISTEN`` returned but ``pg_listening_channels()`` does not show it.
+
+    The usual cause is a connection pooler in transaction or statement mode
+    (PgBouncer ``pool_mode=transaction``): each statement may run on another
+    server session, so the LISTEN is lost. :attr:`missing` holds the channels
+    the server session does not listen to.
+    """
+
+    def __init__(self, message: str, missing: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 class ClosedError(PgcastError):
     """The PubSub was closed and cannot be used any more."""
 
 
 class DatabaseError(PgcastError):
     """PostgreSQL refused a command; the message is the server's."""
+
+
+class SchemaError(DatabaseError):
+    """The ``pgcast`` schema (durable channels, large payloads) cannot be used:
+    it could not be installed (the message says what to run, and as whom), or
+    it is newer than this pgcast."""
 
 
 class PublishError(PgcastError):

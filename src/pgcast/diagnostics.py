@@ -1,0 +1,250 @@
+"""Self-diagnosis: is this server session fit for LISTEN/NOTIFY?
+
+Three things silently break a listener, and are checked here:
+
+* a connection pooler in transaction or statement mode (PgBouncer
+  ``pool_mode=transaction``): ``LISTEN`` succeeds on whatever server session
+  runs it, which is then handed to someone else. Checked after every LISTEN
+  with ``pg_listening_channels()`` in a *separate* statement (in the same
+  statement it would run on the same session and prove nothing):
+  :func:`check_listening` raises :class:`~pgcast.ListenNotEffectiveError`;
+* a hot standby (``pg_is_in_recovery()``), where LISTEN and NOTIFY cannot run:
+  :func:`check_recovery` raises :class:`~pgcast.HotStandbyError`;
+* a full notification queue (``pg_notification_queue_usage()``): a listener
+  that stopped reading makes every NOTIFY fail once the queue is full.
+
+The decisions are pure functions of the rows the server returned, so the sync
+and the asyncio PubSub run the same SQL (:data:`VERIFY_SQL`,
+:data:`QUEUE_USAGE_SQL`) and the same checks. :func:`run_checks` is the
+report behind ``pgcast doctor``: it never raises for a failed check, it
+returns every :class:`Check` with its verdict and the server's notify-related
+settings.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+
+from ._channels import quote_ident
+from ._core import connect_args
+from ._errors import HotStandbyError, ListenNotEffectiveError
+
+__all__ = [
+    "QUEUE_USAGE_SQL",
+    "SETTINGS",
+    "VERIFY_SQL",
+    "Check",
+    "Report",
+    "check_listening",
+    "check_recovery",
+    "check_session",
+    "queue_usage",
+    "run_checks",
+]
+
+#: One round trip after LISTEN: is the server a standby, what does this
+#: session listen to.
+VERIFY_SQL = "SELECT pg_is_in_recovery(), array(SELECT pg_listening_channels())::text[]"
+#: The fraction of the notification queue in use, 0.0 to 1.0.
+QUEUE_USAGE_SQL = "SELECT pg_notification_queue_usage()"
+
+#: The server settings ``pgcast doctor`` prints (those a server lacks are
+#: reported as absent: ``max_notify_queue_pages`` exists from PostgreSQL 17).
+SETTINGS = (
+    "server_version",
+    "max_notify_queue_pages",
+    "max_connections",
+    "idle_session_timeout",
+    "idle_in_transaction_session_timeout",
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_keepalives_count",
+    "tcp_user_timeout",
+)
+SETTINGS_SQL = "SELECT name, setting, unit FROM pg_settings WHERE name = ANY(%s) ORDER BY name"
+
+#: Queue usage above which ``pgcast doctor`` warns.
+QUEUE_WARN = 0.5
+
+_POOLER_HINT = (
+    "this usually means a connection pooler in transaction or statement mode "
+    "(PgBouncer pool_mode=transaction) sits between pgcast and PostgreSQL, and "
+    "ran the LISTEN on a server session that was then given to another client. "
+    "Listeners need a direct connection or a session-mode pool"
+)
+
+
+def check_recovery(in_recovery: bool) -> None:
+    """Raise :class:`HotStandbyError` if the server is in recovery."""
+    if in_recovery:
+        raise HotStandbyError(
+            "the server is a hot standby (pg_is_in_recovery() is true): LISTEN and "
+            "NOTIFY only work on the primary; connect to the primary, for example "
+            "with target_session_attrs=read-write in the DSN"
+        )
+
+
+def check_listening(expected: Iterable[str], listening: Iterable[str]) -> None:
+    """Raise :class:`ListenNotEffectiveError` unless every *expected* channel
+    is among those the server session reports (*listening*)."""
+    missing = frozenset(expected) - frozenset(listening)
+    if missing:
+        names = ", ".join(repr(c) for c in sorted(missing)[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ListenNotEffectiveError(
+            f"LISTEN did not take effect: pg_listening_channels() on this session does "
+            f"not list {names}{more}; {_POOLER_HINT}",
+            missing,
+        )
+
+
+def check_session(expected: Iterable[str], row: Sequence[Any] | None) -> None:
+    """Check the row :data:`VERIFY_SQL` returned against the *expected* channels."""
+    if row is None:
+        raise ListenNotEffectiveError(f"{VERIFY_SQL!r} returned no row; {_POOLER_HINT}")
+    in_recovery, listening = row
+    check_recovery(bool(in_recovery))
+    check_listening(expected, listening or ())
+
+
+def queue_usage(conn: psycopg.Connection[Any]) -> float:
+    """``pg_notification_queue_usage()`` on *conn*: 0.0 (empty) to 1.0 (full)."""
+    row = conn.execute(QUEUE_USAGE_SQL).fetchone()
+    return float(row[0]) if row else 0.0
+
+
+# -- pgcast doctor -------------------------------------------------------------
+
+Verdict = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    """What was checked."""
+    verdict: Verdict
+    """``ok``, ``warn`` (works, but look at it) or ``fail``."""
+    detail: str
+    """What was found, or what is wrong and what to do."""
+
+
+@dataclass(slots=True)
+class Report:
+    """Everything ``pgcast doctor`` found."""
+
+    checks: list[Check] = field(default_factory=list)
+    """The checks, in the order they ran."""
+    settings: dict[str, str | None] = field(default_factory=dict)
+    """Each of :data:`SETTINGS`, with its unit; ``None`` when the server lacks it."""
+
+    @property
+    def ok(self) -> bool:
+        """No check failed (warnings allowed)."""
+        return all(c.verdict != "fail" for c in self.checks)
+
+
+def _setting_text(setting: str, unit: str | None) -> str:
+    return f"{setting} {unit}".rstrip() if unit and unit not in ("", None) else setting
+
+
+def run_checks(
+    conninfo: str, *, timeout: float = 5.0, health_check_interval: float = 30.0
+) -> Report:
+    """Connect to *conninfo* and run every check; never raises for a failure.
+
+    *timeout* bounds the notification round trip; *health_check_interval* is
+    the one the listeners use, compared with ``idle_session_timeout``.
+    """
+    report = Report()
+    add = report.checks.append
+    dsn, options = connect_args(conninfo, {})
+    options["connect_timeout"] = max(1, round(timeout))
+    started = time.perf_counter()
+    try:
+        conn = psycopg.Connection.connect(dsn, **options)
+    except psycopg.Error as exc:
+        add(Check("connect", "fail", f"cannot connect: {str(exc).strip()}"))
+        return report
+    with conn:
+        info = conn.info
+        elapsed = (time.perf_counter() - started) * 1000
+        where = info.host if info.host.startswith("/") else f"{info.host}:{info.port}"
+        add(Check("connect", "ok", f"{where} database {info.dbname!r} as {info.user!r}, "
+                  f"backend pid {info.backend_pid} ({elapsed:.1f} ms)"))
+        rows = conn.execute(SETTINGS_SQL, (list(SETTINGS),)).fetchall()
+        found = {name: _setting_text(setting, unit) for name, setting, unit in rows}
+        report.settings = {name: found.get(name) for name in SETTINGS}
+
+        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        try:
+            check_recovery(bool(row and row[0]))
+            add(Check("primary", "ok", "pg_is_in_recovery() is false"))
+            standby = False
+        except HotStandbyError as exc:
+            add(Check("primary", "fail", str(exc)))
+            standby = True
+
+        channel = f"pgcast.doctor.{uuid.uuid4().hex[:12]}"
+        if standby:
+            add(Check("listen", "fail", "skipped: a standby cannot LISTEN"))
+        else:
+            _check_listen(conn, channel, timeout, add)
+
+        usage = float(conn.execute(QUEUE_USAGE_SQL).fetchone()[0])  # type: ignore[index]
+        if usage >= QUEUE_WARN:
+            add(Check("queue usage", "warn", f"{usage:.1%} of the notification queue is in use: "
+                      "a listener is not reading; once full, every NOTIFY fails"))
+        else:
+            add(Check("queue usage", "ok", f"{usage:.2%} of the notification queue in use"))
+
+        idle = _seconds(report.settings.get("idle_session_timeout"))
+        if idle and health_check_interval and idle <= health_check_interval:
+            add(Check("idle_session_timeout", "warn",
+                      f"{idle:g} s ends idle sessions sooner than the {health_check_interval:g} s "
+                      "health check keeps listeners busy: listeners will be reconnected often"))
+    return report
+
+
+def _check_listen(conn: psycopg.Connection[Any], channel: str, timeout: float, add: Any) -> None:
+    try:
+        conn.execute(f"LISTEN {quote_ident(channel)}")
+        row = conn.execute(VERIFY_SQL).fetchone()
+        check_session([channel], row)
+    except ListenNotEffectiveError as exc:
+        add(Check("listen", "fail", str(exc)))
+        return
+    except psycopg.Error as exc:
+        add(Check("listen", "fail", f"LISTEN failed: {str(exc).strip()}"))
+        return
+    add(Check("listen", "ok", "pg_listening_channels() confirms LISTEN took effect"))
+    started = time.perf_counter()
+    conn.execute("SELECT pg_notify(%s, 'doctor')", (channel,))
+    got = any(n.channel == channel for n in conn.notifies(timeout=timeout, stop_after=1))
+    elapsed = (time.perf_counter() - started) * 1000
+    if got:
+        add(Check("round trip", "ok", f"a NOTIFY to this session came back in {elapsed:.1f} ms"))
+    else:
+        add(Check("round trip", "fail", f"a NOTIFY to this session did not come back "
+                  f"within {timeout:g} s"))
+    conn.execute("UNLISTEN *")
+
+
+def _seconds(text: str | None) -> float:
+    """``idle_session_timeout`` as pg_settings shows it (``'0 ms'``, ``'60000 ms'``)."""
+    if not text:
+        return 0.0
+    value, _, unit = text.partition(" ")
+    try:
+        number = float(value)
+    except ValueError:
+        return 0.0
+    scale = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}.get(unit, 1.0)
+    return number * scale
