@@ -86,12 +86,14 @@ class Backoff:
         """The largest delay before attempt number *attempt* (0-based)."""
         if attempt <= 0:
             return 0.0
+        if self.initial == 0:
+            return 0.0
+        if self.multiplier == 1:
+            return min(self.maximum, self.initial)
         # Compare exponents rather than computing a power that may overflow.
         exponent = attempt - 1
-        if self.multiplier > 1 and self.initial > 0:
-            limit = math.log(self.maximum / self.initial, self.multiplier)
-            if exponent >= limit:
-                return self.maximum
+        if exponent >= math.log(self.maximum / self.initial, self.multiplier):
+            return self.maximum
         return min(self.maximum, self.initial * self.multiplier**exponent)
 
     def attempts(

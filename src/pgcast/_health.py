@@ -58,15 +58,22 @@ def keepalive_options(interval: float) -> dict[str, int]:
 
     The kernel starts probing after *interval* seconds of silence (30 when
     the health check is off), then every third of that, and drops the
-    connection after 3 unanswered probes. libpq ignores them on Unix sockets.
+    connection after 3 unanswered probes. With the health check on, data
+    sent but not acknowledged for two intervals also drops it
+    (``tcp_user_timeout``), so a command sent into a dead network fails
+    instead of hanging for the kernel's default quarter of an hour. libpq
+    ignores these on Unix sockets.
     """
     idle = max(1, round(interval)) if interval > 0 else 30
-    return {
+    options = {
         "keepalives": 1,
         "keepalives_idle": idle,
         "keepalives_interval": max(1, idle // 3),
         "keepalives_count": 3,
     }
+    if interval > 0:
+        options["tcp_user_timeout"] = max(1000, round(2 * interval * 1000))
+    return options
 
 
 @dataclass(slots=True)

@@ -100,6 +100,7 @@ class Attempt:
     """Try to connect and restore the subscriptions; throw any failure back."""
 
     number: int
+    """1 for the first attempt of a series."""
 
 
 #: Failures worth another attempt: the server is down, restarting, refusing

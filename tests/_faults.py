@@ -1,0 +1,86 @@
+"""Helpers for the fault-injection tests of reconnect and health checks.
+
+Every wait is bounded and fails the test loudly; every loop is bounded in
+count and time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+
+import pgcast
+from pgcast.embedded import EmbeddedServer
+
+Item = pgcast.Event | pgcast.Reconnected
+
+#: How long a test waits for a reconnect on loopback.
+RECONNECT_TIMEOUT = 20.0
+
+#: A backoff that retries fast, so outage tests stay short.
+FAST = pgcast.Backoff(initial=0.05, maximum=0.5)
+
+
+def terminate(conn: psycopg.Connection[tuple[object, ...]], pid: int) -> None:
+    """pg_terminate_backend(pid), checked."""
+    row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+    assert row == (True,), f"backend {pid} was not terminated"
+
+
+def until(
+    ps: pgcast.PubSub, done: type | str, timeout: float = RECONNECT_TIMEOUT
+) -> list[Item]:
+    """Iterate *ps* until an item of type *done* (or an event with payload
+    *done*) arrives; return every item up to and including it."""
+    got: list[Item] = []
+    deadline = time.monotonic() + timeout
+    for item in ps.events(select_timeout=0.05, yield_timeouts=True):
+        if item is not None:
+            got.append(item)
+            if _matches(item, done):
+                return got
+        if time.monotonic() > deadline:
+            break
+    pytest.fail(f"{done!r} did not arrive within {timeout} s; got {got[-5:]}")
+
+
+async def auntil(
+    aps: pgcast.AsyncPubSub, done: type | str, timeout: float = RECONNECT_TIMEOUT
+) -> list[Item]:
+    """The asyncio twin of :func:`until`."""
+    got: list[Item] = []
+    deadline = time.monotonic() + timeout
+    async for item in aps.events(select_timeout=0.05, yield_timeouts=True):
+        if item is not None:
+            got.append(item)
+            if _matches(item, done):
+                return got
+        if time.monotonic() > deadline:
+            break
+    pytest.fail(f"{done!r} did not arrive within {timeout} s; got {got[-5:]}")
+
+
+def _matches(item: Item, done: type | str) -> bool:
+    if isinstance(done, str):
+        return isinstance(item, pgcast.Event) and item.payload == done
+    return isinstance(item, done)
+
+
+def markers(items: list[Item]) -> list[pgcast.Reconnected]:
+    return [i for i in items if isinstance(i, pgcast.Reconnected)]
+
+
+def payloads(items: list[Item]) -> list[str]:
+    return [i.payload for i in items if isinstance(i, pgcast.Event)]
+
+
+@contextmanager
+def dedicated_server() -> Iterator[EmbeddedServer]:
+    """A server of the test's own, to stop and restart without disturbing
+    the session's."""
+    with EmbeddedServer() as srv:
+        yield srv
