@@ -295,8 +295,16 @@ def connect_args(conninfo: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, 
     if not conninfo and not kwargs:
         conninfo = os.environ.get("DATABASE_URL", "")
     options = dict(kwargs)
-    options.setdefault("connect_timeout", 10)
-    options.setdefault("application_name", "pgcast")
+    # psycopg lets keyword arguments override the DSN, so a default is only
+    # added where neither the DSN nor libpq's environment sets the value.
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(conninfo) if conninfo else {}
+    except psycopg.Error:
+        given = {}  # a bad DSN: psycopg.connect reports it
+    if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ:
+        options.setdefault("connect_timeout", 10)
+    if "application_name" not in given and "PGAPPNAME" not in os.environ:
+        options.setdefault("application_name", "pgcast")
     options["client_encoding"] = "UTF8"
     options["autocommit"] = True
     return conninfo, options

@@ -51,7 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except (PgcastError, OSError, ValueError) as exc:
-        print(f"pgcast {args.command}: error: {exc}", file=sys.stderr)
+        # One line whatever the message: libpq's often span several
+        # ("... Connection refused\n\tIs the server running on that host ...").
+        message = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"pgcast {args.command}: error: {message}", file=sys.stderr)
         return 1
     return code
 

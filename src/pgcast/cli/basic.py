@@ -77,5 +77,6 @@ def cmd_notify(args: argparse.Namespace) -> int:
             ps.notify(args.channel, args.payload)
             return 0
         for line in sys.stdin:
-            ps.notify(args.channel, line.rstrip("\n"))
+            # The line without its end, "\n" or "\r\n" (text from Windows).
+            ps.notify(args.channel, line.removesuffix("\n").removesuffix("\r"))
     return 0

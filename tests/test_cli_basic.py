@@ -1,0 +1,407 @@
+"""``pgcast listen`` and ``pgcast notify`` (:mod:`pgcast.cli.basic`), run as
+real subprocesses (``python -m pgcast`` and the ``pgcast`` console script)
+against real PostgreSQL.
+
+Every subprocess runs with a timeout, and a listener's output is read through
+a queue with a timeout, so a stuck command fails the test instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+import pgcast
+from pgcast.embedded import EmbeddedServer
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+COMMAND_TIMEOUT = 60.0
+SCRIPT = Path(sys.executable).with_name("pgcast")
+PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any database settings, plus *extra*."""
+    env = {k: v for k, v in os.environ.items() if k not in PG_VARIABLES and k != "DATABASE_URL"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def argv(*args: str, script: bool = False) -> list[str]:
+    return [str(SCRIPT), *args] if script else [sys.executable, "-m", "pgcast", *args]
+
+
+def run(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    script: bool = False,
+    timeout: float = COMMAND_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            argv(*args, script=script),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env if env is not None else clean_env(),
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pgcast {' '.join(args)} did not finish within {timeout} s")
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert done.stdout == ""
+    return lines[0]
+
+
+@dataclass
+class Listener:
+    """A ``pgcast listen`` subprocess whose output lines are read by threads."""
+
+    proc: subprocess.Popen[str]
+    out: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    err: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def start_readers(self) -> None:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        for stream, q in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=_pump, args=(stream, q), daemon=True).start()
+
+    def wait_listening(self, timeout: float = COMMAND_TIMEOUT) -> str:
+        """Wait for the line saying the listener is ready; return it."""
+        try:
+            line = self.err.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"pgcast listen did not start listening within {timeout} s")
+        assert line is not None and line.startswith("listening on"), line
+        return line
+
+    def lines(self, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        records = []
+        deadline = time.monotonic() + timeout
+        for _ in range(n):
+            try:
+                line = self.out.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"pgcast listen printed {len(records)} of {n} lines in {timeout} s")
+            assert line is not None, "pgcast listen exited early"
+            records.append(json.loads(line))
+        return records
+
+    def finish(self, timeout: float = 20.0) -> tuple[int, str, str]:
+        """Wait for the exit; return the code, the rest of stdout and of stderr."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"pgcast listen did not exit within {timeout} s")
+        return code, drain(self.out), drain(self.err)
+
+
+def _pump(stream: IO[str], q: queue.Queue[str | None]) -> None:
+    for line in stream:
+        q.put(line.rstrip("\n"))
+    q.put(None)
+
+
+def drain(q: queue.Queue[str | None], timeout: float = 10.0) -> str:
+    lines = []
+    while True:
+        try:
+            line = q.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail("a reader thread did not finish")
+        if line is None:
+            return "".join(f"{x}\n" for x in lines)
+        lines.append(line)
+
+
+@pytest.fixture
+def listen() -> Iterator[Callable[..., Listener]]:
+    started: list[Listener] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, script: bool = False) -> Listener:
+        proc = subprocess.Popen(
+            argv("listen", *args, script=script),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env if env is not None else clean_env(),
+        )
+        listener = Listener(proc)
+        listener.start_readers()
+        started.append(listener)
+        return listener
+
+    yield start
+    for listener in started:
+        if listener.proc.poll() is None:
+            listener.proc.kill()
+        listener.proc.wait(10)
+        for stream in (listener.proc.stdout, listener.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def check_record(record: dict[str, Any], channel: str, payload: str, pid: int) -> None:
+    assert set(record) == {"channel", "payload", "pid", "received"}
+    assert (record["channel"], record["payload"], record["pid"]) == (channel, payload, pid)
+    received = datetime.fromisoformat(record["received"])
+    assert received.tzinfo is not None
+    assert abs(datetime.now(UTC) - received) < timedelta(minutes=5)
+
+
+# -- listen ------------------------------------------------------------------------
+
+
+def test_listen_count_prints_json_lines(
+    listen: Callable[..., Listener], dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    other = unique_channel + "_Other"
+    listener = listen(unique_channel, other, "--count", "3", "--dsn", dsn)
+    ready = listener.wait_listening()
+    assert unique_channel in ready and other in ready
+    pgcast.notify(conn, unique_channel, "first")
+    pgcast.notify(conn, other, {"n": 2})
+    pgcast.notify(conn, unique_channel, "ünïcödé ✓")
+    pgcast.notify(conn, unique_channel, "not printed: --count 3 reached")
+    records = listener.lines(3)
+    pid = conn.info.backend_pid
+    check_record(records[0], unique_channel, "first", pid)
+    check_record(records[1], other, '{"n":2}', pid)
+    check_record(records[2], unique_channel, "ünïcödé ✓", pid)
+    code, rest, _ = listener.finish()
+    assert code == 0
+    assert rest == ""
+
+
+def test_listen_timeout_stops(
+    listen: Callable[..., Listener], dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    listener = listen(unique_channel, "--timeout", "1.5", "--dsn", dsn, script=True)
+    listener.wait_listening()
+    start = time.monotonic()
+    pgcast.notify(conn, unique_channel, "before the timeout")
+    check_record(listener.lines(1)[0], unique_channel, "before the timeout",
+                 conn.info.backend_pid)
+    code, rest, err = listener.finish()
+    assert code == 0, err
+    assert rest == ""
+    assert time.monotonic() - start < 10
+
+
+def test_listen_timeout_without_events(dsn: str, unique_channel: str) -> None:
+    start = time.monotonic()
+    done = run("listen", unique_channel, "--timeout", "0.3", "--dsn", dsn)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert time.monotonic() - start < COMMAND_TIMEOUT
+
+
+def test_listen_ctrl_c_exits_130_without_traceback(
+    listen: Callable[..., Listener], dsn: str, unique_channel: str
+) -> None:
+    listener = listen(unique_channel, "--dsn", dsn)
+    listener.wait_listening()
+    listener.proc.send_signal(signal.SIGINT)
+    code, rest, err = listener.finish()
+    assert code == 130
+    assert "Traceback" not in err
+    assert rest == ""
+
+
+def test_listen_with_database_url(
+    listen: Callable[..., Listener], dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    listener = listen(unique_channel, "--count", "1", env=clean_env(DATABASE_URL=dsn))
+    listener.wait_listening()
+    pgcast.notify(conn, unique_channel, "via DATABASE_URL")
+    check_record(listener.lines(1)[0], unique_channel, "via DATABASE_URL",
+                 conn.info.backend_pid)
+    assert listener.finish()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--count", "0"], "--count must be at least 1"),
+        (["--timeout", "0"], "--timeout must be > 0"),
+    ],
+)
+def test_listen_bad_options(dsn: str, args: list[str], fragment: str) -> None:
+    assert_one_line_error(run("listen", "c", *args, "--dsn", dsn), fragment)
+
+
+# -- notify ------------------------------------------------------------------------
+
+
+def test_notify_payload(dsn: str, unique_channel: str) -> None:
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        assert run("notify", unique_channel, "green", "--dsn", dsn).returncode == 0
+        assert run("notify", unique_channel, "--dsn", dsn, stdin="").returncode == 0
+        done = run("notify", unique_channel, "", "--dsn", dsn, script=True)
+        assert done.returncode == 0, done.stderr
+        events = collect_payloads(ps, 2)
+    assert events == ["green", ""]
+
+
+def test_notify_from_stdin_lines(dsn: str, unique_channel: str) -> None:
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        done = run("notify", unique_channel, "--dsn", dsn,
+                   stdin='one\n{"two": 2}\n\nünïcödé\r\nlast without newline')
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "" and done.stderr == ""
+        events = collect_payloads(ps, 5)
+    assert events == ["one", '{"two": 2}', "", "ünïcödé", "last without newline"]
+
+
+def test_notify_with_database_url_and_pg_variables(dsn: str, unique_channel: str) -> None:
+    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER",
+             "dbname": "PGDATABASE", "password": "PGPASSWORD"}
+    pg_env = {names[k]: str(v) for k, v in conninfo_to_dict(dsn).items() if k in names}
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        done = run("notify", unique_channel, "by url", env=clean_env(DATABASE_URL=dsn))
+        assert done.returncode == 0, done.stderr
+        done = run("notify", unique_channel, "by PG*", env=clean_env(**pg_env))
+        assert done.returncode == 0, done.stderr
+        assert collect_payloads(ps, 2) == ["by url", "by PG*"]
+
+
+def test_dsn_option_wins_over_the_environment(dsn: str, unique_channel: str) -> None:
+    nowhere = f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres"
+    env = clean_env(DATABASE_URL=nowhere, PGHOST="127.0.0.1", PGPORT=str(closed_port()))
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        done = run("notify", unique_channel, "explicit", "--dsn", dsn, env=env)
+        assert done.returncode == 0, done.stderr
+        assert collect_payloads(ps, 1) == ["explicit"]
+
+
+def test_stdin_line_with_nul_stops_with_one_line(dsn: str, unique_channel: str) -> None:
+    # (An oversize payload is no error for `pgcast notify`: PubSub.notify
+    # stores it in the durable log.)
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        done = run("notify", unique_channel, "--dsn", dsn, stdin="ok\nbad\x00line\nnot sent\n")
+        assert_one_line_error(done, "NUL")
+        ps.notify(unique_channel, "end")
+        assert collect_payloads(ps, 2) == ["ok", "end"]
+
+
+@pytest.mark.parametrize("command", ["listen", "notify"])
+def test_invalid_channel_is_one_line(dsn: str, command: str) -> None:
+    assert_one_line_error(run(command, "a" * 64, "x" if command == "notify" else "--count=1",
+                              "--dsn", dsn), "64 bytes")
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make_dsn", "fragment"),
+    [
+        (lambda dsn: "nonsense dsn", 'missing "=" after "nonsense"'),
+        (lambda dsn: f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres",
+         "Connection refused"),
+        (lambda dsn: dsn.rsplit("/", 1)[0] + "/pgcast_no_such_db",
+         'database "pgcast_no_such_db" does not exist'),
+    ],
+    ids=["malformed", "server-gone", "no-such-database"],
+)
+@pytest.mark.parametrize("command", ["listen", "notify"])
+def test_bad_dsn_is_one_line_and_exit_1(
+    dsn: str, command: str, make_dsn: Callable[[str], str], fragment: str
+) -> None:
+    args: Sequence[str] = ("c", "--count", "1") if command == "listen" else ("c", "p")
+    line = assert_one_line_error(run(command, *args, "--dsn", make_dsn(dsn)), fragment)
+    assert line.startswith(f"pgcast {command}: error: cannot connect to PostgreSQL")
+
+
+def test_bad_database_url_is_one_line(unique_channel: str) -> None:
+    env = clean_env(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{closed_port()}/x")
+    assert_one_line_error(run("notify", unique_channel, "p", env=env), "Connection refused")
+
+
+def test_usage_error_exits_2() -> None:
+    done = run("listen")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "usage:" in done.stderr
+
+
+# -- the embedded server as the last fallback --------------------------------------
+
+
+@pytest.mark.slow
+def test_without_dsn_uses_the_embedded_server(
+    tmp_path: Path, listen: Callable[..., Listener], unique_channel: str
+) -> None:
+    # A private data home, so the per-user server is this test's own.
+    env = clean_env(XDG_DATA_HOME=str(tmp_path))
+    datadir = tmp_path / "pgcast" / "pg18"
+    try:
+        done = run("notify", unique_channel, "starts the server", env=env)
+        assert done.returncode == 0, done.stderr
+        listener = listen(unique_channel, "--count", "1", env=env)
+        listener.wait_listening()
+        done = run("notify", unique_channel, "embedded", env=env)
+        assert done.returncode == 0, done.stderr
+        assert listener.lines(1)[0]["payload"] == "embedded"
+        assert listener.finish()[0] == 0
+        assert (datadir / "PG_VERSION").exists()
+    finally:
+        EmbeddedServer(datadir, persistent=True).stop()
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def collect_payloads(ps: pgcast.PubSub, n: int, timeout: float = 20.0) -> list[str]:
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    for event in ps.events(select_timeout=0.05, yield_timeouts=True):
+        if event is not None:
+            got.append(event.payload)
+            if len(got) == n:
+                return got
+        if time.monotonic() > deadline:
+            break
+    pytest.fail(f"received {got} of {n} payloads within {timeout} s")
