@@ -1,0 +1,395 @@
+"""Run every benchmark in one go: ``python benchmarks/run.py [--smoke] [--only NAME]``.
+
+It starts its own embedded PostgreSQL (connecting through its Unix socket, or
+TCP 127.0.0.1 with ``--tcp``), imports every ``benchmarks/bench_*.py`` module
+and calls its ``run(dsn, smoke)``, which returns rows with the keys
+``benchmark``, ``subject``, ``metric``, ``value``, ``unit`` and optionally
+``note``. A module that fails becomes a FAILED row; the others still run.
+
+Output: a Markdown report on stdout; a full run (neither ``--smoke`` nor
+``--only``, or with ``--write``) also writes ``benchmarks/RESULTS.md``, the
+raw rows in ``benchmarks/results.json`` and the chart ``benchmarks/chart.png``.
+``--report`` rebuilds the report and chart from results.json without
+measuring. Ratios are only ever taken between rows of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import SERVER_SETTINGS, Row, fmt, row  # noqa: E402
+
+RESULTS_MD = HERE / "RESULTS.md"
+RESULTS_JSON = HERE / "results.json"
+CHART = HERE / "chart.png"
+
+# The row every other row of a benchmark is compared with (same run).
+REFERENCES: dict[str, Callable[[Row], str | None]] = {
+    "receive": lambda r: "raw psycopg 3 notifies()",
+    "publish": lambda r: "pgbench 100/tx, 1 client",
+    "latency": lambda r: "raw psycopg 3",
+    "writers": lambda r: "NOTIFY in each writer's transaction [" + r["subject"].split(" [", 1)[1]
+    if " [" in r["subject"]
+    else None,
+}
+
+
+def discover(only: Sequence[str]) -> list[str]:
+    """The benchmark module names to run, in file order."""
+    names = sorted(p.stem for p in HERE.glob("bench_*.py"))
+    if only:
+        wanted = {n if n.startswith("bench_") else f"bench_{n}" for n in only}
+        unknown = wanted - set(names)
+        if unknown:
+            raise SystemExit(f"no such benchmark: {', '.join(sorted(unknown))}; have {names}")
+        names = [n for n in names if n in wanted]
+    return names
+
+
+def run_module(name: str, dsn: str, smoke: bool) -> list[Row]:
+    """Import and run one module; a failure becomes a row saying so."""
+    short = name.removeprefix("bench_")
+    start = time.monotonic()
+    print(f"-- {name} ...", file=sys.stderr, flush=True)
+    try:
+        module = importlib.import_module(name)
+        rows: list[Row] = list(module.run(dsn, smoke))
+    except Exception as exc:
+        traceback.print_exc()
+        return [row(short, "(module)", "run", float("nan"), "", f"FAILED: {exc!r}")]
+    print(f"-- {name}: {len(rows)} rows in {time.monotonic() - start:.0f} s", file=sys.stderr)
+    return rows
+
+
+@contextlib.contextmanager
+def server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """The DSN to benchmark and a description of how it is reached."""
+    if args.dsn:
+        yield args.dsn, "an external server (--dsn)"
+        return
+    from pgcast.embedded import EmbeddedServer
+
+    with EmbeddedServer(settings=SERVER_SETTINGS) as srv:
+        if args.tcp:
+            yield srv.dsn, "embedded PostgreSQL over TCP 127.0.0.1 (--tcp)"
+        else:
+            yield srv.socket_dsn, "embedded PostgreSQL over its Unix socket"
+
+
+# -- the environment line -------------------------------------------------------
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return "absent"
+
+
+def environment(dsn: str, how: str) -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    env = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "server": how,
+        "libraries": ", ".join(
+            f"{m} {_version(m)}"
+            for m in ("psycopg", "psycopg-binary", "asyncpg", "psycopg2-binary", "redis")
+        ),
+    }
+    try:
+        import psycopg
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            got = conn.execute("SHOW server_version").fetchone()
+            env["postgresql"] = str(got[0]) if got else "?"
+    except Exception as exc:
+        env["postgresql"] = f"unknown ({exc})"
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
+        env["redis"] = str(client.info("server")["redis_version"]) + " on TCP 127.0.0.1:6379"
+        client.close()
+    except Exception:
+        env["redis"] = "none answering on 127.0.0.1:6379"
+    return env
+
+
+# -- targets ----------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One target of issue 7: a ratio (or a value) between rows of one run."""
+
+    name: str
+    benchmark: str
+    subject: str
+    metric: str
+    versus: str | None  # the other subject, same benchmark and metric; None: absolute
+    op: str  # ">=", ">", "<=", "<"
+    bound: float
+    goal: bool = False  # a goal, not a target
+
+
+TARGETS = [
+    Target("receive sync >= 1.0x psycopg 3", "receive", "pgcast sync events()", "rate",
+           "raw psycopg 3 notifies()", ">=", 1.0),
+    Target("receive asyncio >= 1.0x psycopg 3", "receive", "pgcast asyncio events()", "rate",
+           "raw psycopg 3 notifies()", ">=", 1.0),
+    Target("receive sync > asyncpg", "receive", "pgcast sync events()", "rate",
+           "raw asyncpg add_listener", ">", 1.0),
+    Target("receive asyncio > asyncpg", "receive", "pgcast asyncio events()", "rate",
+           "raw asyncpg add_listener", ">", 1.0),
+    Target("receive sync >= 0.8x psycopg2 (goal)", "receive", "pgcast sync events()", "rate",
+           "raw psycopg2 select()+poll()", ">=", 0.8, goal=True),
+    Target("receive asyncio >= 0.8x psycopg2 (goal)", "receive", "pgcast asyncio events()",
+           "rate", "raw psycopg2 select()+poll()", ">=", 0.8, goal=True),
+    Target("round trip p50 sync <= 1.1x psycopg 3", "latency", "pgcast sync", "p50",
+           "raw psycopg 3", "<=", 1.1),
+    Target("round trip p50 asyncio <= 1.1x psycopg 3", "latency", "pgcast asyncio", "p50",
+           "raw psycopg 3", "<=", 1.1),
+    Target("round trip p50 sync <= Redis", "latency", "pgcast sync", "p50",
+           "Redis pub/sub (redis-py)", "<=", 1.0),
+    Target("round trip p50 asyncio <= Redis", "latency", "pgcast asyncio", "p50",
+           "Redis pub/sub (redis-py)", "<=", 1.0),
+    Target("notify_many >= 0.8x pgbench 100/tx, 1 client", "publish",
+           "pgcast notify_many() 100/tx", "rate", "pgbench 100/tx, 1 client", ">=", 0.8),
+    Target("Publisher >= 3x NOTIFY in each transaction [1 statement]", "writers",
+           "commit, then pgcast.Publisher [1 statement]", "commits",
+           "NOTIFY in each writer's transaction [1 statement]", ">=", 3.0),
+    Target("Publisher >= 3x NOTIFY in each transaction [BEGIN; UPDATE; NOTIFY; COMMIT]",
+           "writers", "commit, then pgcast.Publisher [BEGIN; UPDATE; NOTIFY; COMMIT]", "commits",
+           "NOTIFY in each writer's transaction [BEGIN; UPDATE; NOTIFY; COMMIT]", ">=", 3.0),
+    Target("listener RSS growth < 5 MiB (sync)", "memory", "pgcast sync events()",
+           "RSS growth", None, "<", 5.0),
+    Target("listener RSS growth < 5 MiB (asyncio)", "memory", "pgcast asyncio events()",
+           "RSS growth", None, "<", 5.0),
+    Target("listener RSS growth < 5 MiB (callbacks)", "memory",
+           "pgcast sync callbacks (run_in_thread)", "RSS growth", None, "<", 5.0),
+]  # fmt: skip
+
+#: What was measured, tried and why, for targets that need explaining. Kept
+#: here so every regenerated RESULTS.md carries it; keyed by Target.name.
+TARGET_NOTES: dict[str, str] = {}
+
+
+def _value(rows: Sequence[Row], benchmark: str, subject: str, metric: str) -> float | None:
+    for r in rows:
+        if (r["benchmark"], r["subject"], r["metric"]) == (benchmark, subject, metric):
+            v = float(r["value"])
+            return None if math.isnan(v) else v
+    return None
+
+
+def judge(target: Target, rows: Sequence[Row]) -> tuple[str, str, str]:
+    """(measured, ratio, status) of one target in this run."""
+    mine = _value(rows, target.benchmark, target.subject, target.metric)
+    if target.versus is None:
+        if mine is None:
+            return "not measured", "", "NOT MEASURED"
+        value = mine
+        measured = f"{fmt(mine)}"
+        ratio_text = ""
+    else:
+        other = _value(rows, target.benchmark, target.versus, target.metric)
+        if mine is None or other is None or other == 0:
+            return "not measured", "", "NOT MEASURED"
+        value = mine / other
+        measured = f"{fmt(mine)} vs {fmt(other)}"
+        ratio_text = f"{value:.2f}x"
+    ok = {
+        ">=": value >= target.bound,
+        ">": value > target.bound,
+        "<=": value <= target.bound,
+        "<": value < target.bound,
+    }[target.op]
+    status = "met" if ok else ("goal missed" if target.goal else "MISSED")
+    return measured, ratio_text, status
+
+
+# -- the report ---------------------------------------------------------------------
+
+
+def _ratio(r: Row, rows: Sequence[Row]) -> str:
+    ref_of = REFERENCES.get(r["benchmark"])
+    reference = ref_of(r) if ref_of else None
+    if reference is None:
+        return ""
+    other = _value(rows, r["benchmark"], reference, r["metric"])
+    mine = float(r["value"])
+    if other is None or other == 0 or math.isnan(mine):
+        return ""
+    return f"{mine / other:.2f}x"
+
+
+def report(rows: Sequence[Row], env: dict[str, str], smoke: bool) -> str:
+    """The Markdown report: environment, targets, one table per benchmark."""
+    out = ["# pgcast benchmark results", ""]
+    if smoke:
+        out += ["**Smoke run**: tiny counts, for checking the suite works, not for numbers.", ""]
+    out += [
+        "Produced by `make bench` (`python benchmarks/run.py`; see benchmarks/README.md for "
+        "the method). All ratios are between rows of this one run: the machine is shared and "
+        "noisy, so absolute numbers move between runs and only ratios mean much.",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in env.items()),
+        "",
+        "![pgcast next to the raw drivers, Redis and pgbench](chart.png)",
+        "",
+        "## Targets (issue 7)",
+        "",
+        "| target | measured | ratio | status |",
+        "|---|---|---:|---|",
+    ]
+    for target in TARGETS:
+        measured, ratio_text, status = judge(target, rows)
+        out.append(f"| {target.name} | {measured} | {ratio_text} | {status} |")
+    notes = [(t.name, TARGET_NOTES[t.name]) for t in TARGETS if t.name in TARGET_NOTES]
+    if notes:
+        out += ["", "### What was measured, tried, and why", ""]
+        for name, text in notes:
+            out += [f"**{name}.** {text}", ""]
+    benchmarks: dict[str, list[Row]] = {}
+    for r in rows:
+        benchmarks.setdefault(r["benchmark"], []).append(r)
+    for benchmark, group in benchmarks.items():
+        ref_of = REFERENCES.get(benchmark)
+        header = "ratio" if ref_of is None else "ratio to reference"
+        out += [
+            "",
+            f"## {benchmark}",
+            "",
+            f"| subject | metric | value | unit | {header} | note |",
+            "|---|---|---:|---|---:|---|",
+        ]
+        for r in group:
+            out.append(
+                f"| {r['subject']} | {r['metric']} | {fmt(float(r['value']))} | {r['unit']} "
+                f"| {_ratio(r, rows)} | {r.get('note', '')} |"
+            )
+        if ref_of is not None:
+            refs = sorted({ref for r in group if (ref := ref_of(r))})
+            out += ["", "Reference: " + "; ".join(f"`{ref}`" for ref in refs) + "."]
+    return "\n".join(out) + "\n"
+
+
+def chart(rows: Sequence[Row], path: Path) -> None:
+    """Bar charts of the comparisons, pgcast's bars highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("receive", "rate", "receive rate (notifications/s)"),
+        ("publish", "rate", "publish rate (notifications/s)"),
+        ("latency", "p50", "ping-pong round trip p50 (µs, lower is better)"),
+        ("writers", "commits", "32 writers (commits/s)"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+    for ax, (benchmark, metric, title) in zip(axes.flat, panels, strict=True):
+        group = [
+            r for r in rows
+            if r["benchmark"] == benchmark and r["metric"] == metric
+            and not math.isnan(float(r["value"]))
+        ]  # fmt: skip
+        labels = [r["subject"] for r in group]
+        values = [float(r["value"]) for r in group]
+        colors = ["tab:blue" if s.startswith(("pgcast", "commit, then")) else "tab:gray"
+                  for s in labels]  # fmt: skip
+        ax.barh(range(len(values)), values, color=colors)
+        ax.set_yticks(range(len(values)), [_short(s) for s in labels], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        if benchmark == "publish":
+            ax.set_xscale("log")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {fmt(v)}", va="center", fontsize=7)
+        ax.margins(x=0.2)
+    fig.suptitle("pgcast (blue) next to raw drivers, Redis and pgbench — one run; see RESULTS.md")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _short(subject: str) -> str:
+    return subject.replace("BEGIN; UPDATE; NOTIFY; COMMIT", "4 statements")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``make bench`` command."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run, tiny counts")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only bench_NAME.py (repeatable)")  # fmt: skip
+    parser.add_argument("--tcp", action="store_true", help="connect over TCP, not the socket")
+    parser.add_argument("--dsn", help="benchmark this server instead of an embedded one")
+    parser.add_argument("--write", action="store_true",
+                        help="write RESULTS.md, results.json and chart.png even for a "
+                        "smoke or partial run")  # fmt: skip
+    parser.add_argument("--no-write", action="store_true", help="write no files")
+    parser.add_argument("--report", action="store_true",
+                        help="rebuild RESULTS.md and chart.png from results.json; measure nothing")  # fmt: skip
+    args = parser.parse_args(argv)
+
+    if args.report:
+        saved = json.loads(RESULTS_JSON.read_text())
+        text = report(saved["rows"], saved["environment"], saved["smoke"])
+        RESULTS_MD.write_text(text)
+        chart(saved["rows"], CHART)
+        print(text)
+        return 0
+
+    names = discover(args.only)
+    rows: list[Row] = []
+    with server(args) as (dsn, how):
+        env = environment(dsn, how)
+        for name in names:
+            rows.extend(run_module(name, dsn, args.smoke))
+    text = report(rows, env, args.smoke)
+    print(text)
+    write = (args.write or not (args.smoke or args.only)) and not args.no_write
+    if write:
+        RESULTS_JSON.write_text(
+            json.dumps({"environment": env, "smoke": args.smoke, "rows": rows}, indent=1) + "\n"
+        )
+        RESULTS_MD.write_text(text)
+        chart(rows, CHART)
+        print(f"wrote {RESULTS_MD}, {RESULTS_JSON} and {CHART}", file=sys.stderr)
+    failed = [r for r in rows if str(r.get("note", "")).startswith("FAILED")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
