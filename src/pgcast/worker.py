@@ -214,6 +214,8 @@ class Worker:
     :param on_error: called with ``(exception, batch)`` for a batch that failed
         its last attempt; default: log it.
     :param poll_interval: drain the queues at least this often, seconds.
+    :param name: the ``application_name`` of the worker's connections, to
+        tell workers apart in ``pg_stat_activity``.
     """
 
     def __init__(
@@ -225,8 +227,10 @@ class Worker:
         retry: Retry | None = None,
         on_error: ErrorHook | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        name: str = "pgcast worker",
     ) -> None:
         self.dsn = dsn
+        self.name = name
         self._debounce = _check_debounce(debounce)
         self._max_batch = _check_positive("max_batch", max_batch)
         self._retry = retry if retry is not None else Retry()
@@ -362,7 +366,7 @@ class Worker:
                 self._stop.wait(delay)
 
     def _session(self) -> None:
-        conninfo, options = connect_args(self.dsn or "", {})
+        conninfo, options = connect_args(self.dsn or "", {"application_name": self.name})
         with contextlib.ExitStack() as stack:
             ps = stack.enter_context(client.connect(conninfo, **options))
             work: psycopg.Connection[Any] | None = None
