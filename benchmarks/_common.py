@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 
 
-def row(
+def row(  # noqa: PLR0917 - the six fields of a row, in their order
     benchmark: str, subject: str, metric: str, value: float, unit: str, note: str = ""
 ) -> Row:
     """One result row in the shape benchmarks/run.py collects."""
@@ -144,7 +145,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def fmt(value: float) -> str:
     """Thousands separators for big numbers, two decimals for small ones."""
-    if value != value:  # NaN: not measured
+    if math.isnan(value):  # not measured
         return "n/a"
     if abs(value) >= 100:
         return f"{value:,.0f}"

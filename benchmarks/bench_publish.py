@@ -140,7 +140,9 @@ def pgbench(dsn: str, bin_dir: Path, per_tx: int, clients: int, seconds: float) 
     if per_tx == 1:
         script = "SELECT pg_notify('bench_pgbench', 'x');\n"
     else:
-        script = f"SELECT pg_notify('bench_pgbench', g::text) FROM generate_series(1, {per_tx}) g;\n"
+        script = (
+            f"SELECT pg_notify('bench_pgbench', g::text) FROM generate_series(1, {per_tx}) g;\n"
+        )
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
     try:
@@ -202,7 +204,7 @@ def run(dsn: str, smoke: bool) -> list[Row]:
         for name, measure in subjects.items():
             rates[name].append(measure())
     rows = [
-        row(BENCH, name, "rate", median(values), "notify/s", f"median of {repeats}; {spread(values)}")
+        row(BENCH, name, "rate", median(values), "notify/s", f"median of {repeats}; {spread(values)}")  # noqa: E501
         for name, values in rates.items()
     ]
     if bin_dir is None:

@@ -29,7 +29,6 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -360,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "smoke or partial run")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="write no files")
     parser.add_argument("--report", action="store_true",
-                        help="rebuild RESULTS.md and chart.png from results.json; measure nothing")  # fmt: skip
+                        help="rebuild RESULTS.md and chart.png from results.json")  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.report:
