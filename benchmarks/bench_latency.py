@@ -116,6 +116,34 @@ def side_psycopg3(dsn: str, me: str, peer: str, rounds: int, measure: bool) -> l
     return times
 
 
+def side_psycopg3_async(dsn: str, me: str, peer: str, rounds: int, measure: bool) -> list[float]:
+    async def main() -> list[float]:
+        times: list[float] = []
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute(f'LISTEN "{me}"')
+            _ready()
+
+            async def receive() -> Any:
+                async for n in conn.notifies(timeout=TIMEOUT, stop_after=1):
+                    return n
+                return None
+
+            if measure:
+                for i in range(rounds):
+                    start = time.perf_counter()
+                    await conn.execute("SELECT pg_notify(%s, %s)", (peer, str(i)))
+                    n = await receive()
+                    times.append(time.perf_counter() - start)
+                    _check(n, i)
+                await conn.execute("SELECT pg_notify(%s, 'stop')", (peer,))
+            else:
+                while (n := await receive()) is not None and n.payload != "stop":
+                    await conn.execute("SELECT pg_notify(%s, %s)", (peer, n.payload))
+        return times
+
+    return asyncio.run(main())
+
+
 def side_asyncpg(dsn: str, me: str, peer: str, rounds: int, measure: bool) -> list[float]:
     import asyncpg
 
@@ -222,6 +250,7 @@ SIDES: dict[str, Callable[[str, str, str, int, bool], list[float]]] = {
     "pgcast sync": side_pgcast_sync,
     "pgcast asyncio": side_pgcast_async,
     "raw psycopg 3": side_psycopg3,
+    "raw psycopg 3 asyncio": side_psycopg3_async,
     "raw psycopg2": side_psycopg2,
     "raw asyncpg": side_asyncpg,
     "Redis pub/sub (redis-py)": side_redis,

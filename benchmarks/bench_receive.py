@@ -202,6 +202,24 @@ def raw_psycopg3(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], No
     return drain, conn.close
 
 
+def raw_psycopg3_async(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], None]]:
+    async def setup() -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        await conn.execute(f'LISTEN "{channel}"')
+        return conn
+
+    async def drain(conn: psycopg.AsyncConnection[Any]) -> int:
+        count = 0
+        async for _ in conn.notifies(timeout=DRAIN_TIMEOUT, stop_after=n):
+            count += 1
+        return count
+
+    async def close(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.close()
+
+    return _in_loop(setup, drain, close)
+
+
 def raw_psycopg2(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], None]]:
     import psycopg2
     import psycopg2.extensions
@@ -296,6 +314,7 @@ SUBJECTS: dict[str, Setup] = {
     "pgcast asyncio callbacks (await run())": pgcast_async_callbacks,
     "pgcast NotificationManager": pgcast_manager,
     "raw psycopg 3 notifies()": raw_psycopg3,
+    "raw psycopg 3 asyncio notifies()": raw_psycopg3_async,
     "raw psycopg2 select()+poll()": raw_psycopg2,
     "raw asyncpg add_listener": raw_asyncpg,
 }
