@@ -257,6 +257,8 @@ class ManagerCore(Generic[C]):
 
     @connections.setter
     def connections(self, value: Iterable[C]) -> None:
+        if value is self._connections:
+            return  # ``nm.connections |= {...}`` assigns the set to itself
         self._connections = ConnectionSet(value, self._on_change)
         self._synced = -1
         self._changed()

@@ -294,10 +294,11 @@ class AsyncPubSub:
     async def _after_query(self) -> None:
         if self._closed or self._conn.closed:
             return
-        before = len(self._core.inbox)
         async with self._conn.lock:
             self._core.take(self._pgconn)
-        if len(self._core.inbox) > before:
+        # Not only what take() added: psycopg's notify handler already put in
+        # the inbox what came with the results, and nobody was woken for it.
+        if self._core.inbox:
             self._wake()
 
     async def _read(self) -> None:

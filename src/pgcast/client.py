@@ -465,10 +465,11 @@ class PubSub:
         # is waiting on a socket that will not become readable for them.
         if self._closed or self._conn.closed:
             return
-        before = len(self._core.inbox)
         with self._lock:
             self._core.take(self._pgconn)
-        if len(self._core.inbox) > before:
+        # Not only what take() added: psycopg's notify handler already put in
+        # the inbox what came with the results, and nobody was woken for it.
+        if self._core.inbox:
             self._wake()
 
     def _read(self) -> None:
