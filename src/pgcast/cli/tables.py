@@ -123,6 +123,8 @@ def cmd_unwatch(args: argparse.Namespace) -> int:
 def load_worker(target: str) -> Any:
     """Import ``module:attribute`` and return the Worker it names.
 
+    A function is called with no arguments and must return a Worker.
+
     :raises ValueError: *target* is malformed, or does not name a Worker.
     """
     from ..worker import Worker
@@ -145,7 +147,11 @@ def load_worker(target: str) -> Any:
         except AttributeError:
             raise ValueError(f"module {module_name!r} has no attribute {attribute!r}") from None
     if not isinstance(obj, Worker) and callable(obj):
-        obj = obj()
+        try:
+            obj = obj()
+        except TypeError as exc:
+            raise ValueError(f"{target} is not a pgcast.Worker, and calling it with no "
+                             f"arguments failed: {exc}") from exc
     if not isinstance(obj, Worker):
         raise ValueError(f"{target} is a {type(obj).__name__}, not a pgcast.Worker "
                          "(or a function returning one)")
