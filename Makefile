@@ -38,8 +38,12 @@ test: lint typecheck
 		echo "No PostgreSQL answers on 127.0.0.1:5432: skipping the PGCAST_TEST_DSN run"; \
 	fi
 
+# The peers pgcast is measured against come with the `bench` extra.
+# BENCH_ARGS=--smoke for a seconds-long run; see benchmarks/README.md.
 bench: $(VENV)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -c "import asyncpg, psycopg2, redis, matplotlib, psutil" 2>/dev/null \
+		|| $(BIN)/pip install -e '.[dev,bench]'
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist .mypy_cache .pytest_cache .ruff_cache .hypothesis src/*.egg-info
