@@ -1,0 +1,413 @@
+"""The I/O-free part of durable channels and large payloads.
+
+Everything a durable PubSub decides without a socket lives here, once, for the
+sync and the asyncio drivers (:mod:`pgcast.client`, :mod:`pgcast.aio`) and for
+:mod:`pgcast.durable`:
+
+* (the schema's SQL and retention are in :mod:`pgcast._durable_schema`);
+* the *reference payload*, what NOTIFY carries for a message kept in the log
+  (:func:`ref_payload`, :func:`parse_ref`);
+* :func:`publish_query`: whether a message can go out as a plain NOTIFY or
+  must go through the log, and the statement either way;
+* :class:`DurableState`: per durable channel, the position reached, the
+  switch-over from replay to live, and the duplicates it removes.
+
+Work that needs the database is written as *steps*: a generator that yields
+``(sql, params)`` and is sent back the rows, which a driver runs with its own
+connection (as psycopg's ``generators.py`` is run by its sync and async
+waiters). So the replay logic exists once.
+
+**Commit order.** Ids come from a sequence, and a sequence hands out ids in
+the order transactions *ask*, not the order they *commit*: the transaction
+holding id 10 can commit after the one holding 11. A listener that replays
+``id > 10`` after seeing 11 would then skip 10 for ever. pgcast closes that gap
+at the source: every insert into the log first takes a transaction-level
+advisory lock on its channel (``pgcast.notify`` in SQL), held until commit. On
+one channel, a transaction can only draw an id after the previous one has
+committed and become visible, so id order *is* commit order, and every
+snapshot sees, per channel, a prefix of the log with no holes. Replay is then
+just ``WHERE channel = $1 AND id > $2 ORDER BY id``, and the live stream,
+which PostgreSQL delivers in commit order, has increasing ids: anything at or
+below the position reached is a duplicate. The price is that durable
+publishers of one channel commit one at a time (NOTIFY already serialises all
+notifying commits on a global lock, so for short transactions this costs
+little); a long transaction that publishes durably holds its channel's lock
+until it ends. Ordering is guaranteed per channel, not across channels.
+
+**Switching from replay to live.** A durable channel is LISTENed *first*, then
+replayed: everything committed before a replay query is in its result,
+everything committed after arrives as a notification. While a channel is
+replaying, its live notifications are dropped, only their highest id kept
+(``seen``); a replay batch shorter than the batch size means the log is read
+up to that query, and the channel goes live once the position covers every id
+seen. Then live notifications at or below the position are duplicates. Memory
+stays bounded however long the replay is.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ._channels import check_channel
+from ._durable_schema import (
+    INLINE_LIMIT,
+    REF_PREFIX,
+    Query,
+    Steps,
+)
+from ._errors import PayloadError
+from ._event import DurableEvent, Event
+from ._payload import MAX_PAYLOAD_BYTES, Payload, to_text
+from ._reconnect import Reconnected
+
+__all__ = [
+    "INLINE_LIMIT",
+    "REF_PREFIX",
+    "DurableState",
+    "Unfetched",
+    "check_consumer",
+    "needs_log",
+    "parse_ref",
+    "publish_many_query",
+    "publish_query",
+    "ref_payload",
+]
+
+logger = logging.getLogger("pgcast")
+
+#: Replay reads the log this many rows at a time.
+REPLAY_BATCH = 1000
+#: Replayed payloads larger than this are fetched one at a time as they are
+#: handed out, so a batch never holds more than about this much per row.
+REPLAY_INLINE_BYTES = 64 * 1024
+
+# -- reference payloads --------------------------------------------------------
+
+
+def ref_payload(id: int, payload: str | None = None) -> str:
+    """What NOTIFY carries for log row *id*: with *payload* inline, or not."""
+    if payload is None:
+        return f"{REF_PREFIX}{id}"
+    return f"{REF_PREFIX}{id}:{payload}"
+
+
+_REF = re.compile(r"\x1epgcast:([0-9]{1,19})(?::|\Z)")
+
+
+def parse_ref(text: str) -> tuple[int, str | None] | None:
+    """The log id and inline payload (``None``: to fetch) of a reference
+    payload, or ``None`` if *text* is not one (then it is an ordinary payload)."""
+    m = _REF.match(text)
+    if m is None:
+        return None
+    inline = m.group(0).endswith(":")
+    return int(m.group(1)), (text[m.end():] if inline else None)
+
+
+# -- publishing ----------------------------------------------------------------
+
+NOTIFY_LOGGED_SQL = "SELECT pgcast.notify(%s, %s, %s)"
+NOTIFY_MANY_LOGGED_SQL = "SELECT pgcast.notify_many(%s::text[], %s::text[], %s)"
+
+
+def _checked_text(payload: Payload) -> str:
+    text = to_text(payload)
+    if "\x00" in text:
+        raise PayloadError("payload contains a NUL character, which PostgreSQL text cannot hold")
+    return text
+
+
+def needs_log(text: str) -> bool:
+    """Whether *text* cannot travel as a plain NOTIFY payload: too large in
+    UTF-8, or looking like a reference payload."""
+    if text.startswith("\x1e"):
+        return True
+    if text.isascii():
+        return len(text) >= MAX_PAYLOAD_BYTES
+    # A character is at most 4 bytes: short texts need no encoding to decide.
+    if len(text) * 4 < MAX_PAYLOAD_BYTES:
+        return False
+    try:
+        return len(text.encode("utf-8")) >= MAX_PAYLOAD_BYTES
+    except UnicodeEncodeError as exc:
+        raise PayloadError(f"payload is not valid Unicode: {exc}") from exc
+
+
+def publish_query(channel: str, payload: Payload, durable: bool) -> tuple[Query, bool]:
+    """The statement sending one message, and whether it uses the log.
+
+    A durable message, and one that NOTIFY cannot carry, goes through
+    ``pgcast.notify()`` (which returns its id); anything else is a plain
+    ``pg_notify``.
+    """
+    check_channel(channel)
+    text = _checked_text(payload)
+    if durable or needs_log(text):
+        return (NOTIFY_LOGGED_SQL, (channel, text, durable)), True
+    return ("SELECT pg_notify(%s, %s)", (channel, text)), False
+
+
+def publish_many_query(
+    messages: Iterable[tuple[str, Payload]], durable: bool
+) -> tuple[Query, bool] | None:
+    """The statement sending every message in one round trip (``None``: no
+    messages), and whether it uses the log. All are checked first."""
+    channels: list[str] = []
+    texts: list[str] = []
+    logged = durable
+    for channel, payload in messages:
+        channels.append(check_channel(channel))
+        text = _checked_text(payload)
+        texts.append(text)
+        logged = logged or needs_log(text)
+    if not channels:
+        return None
+    if logged:
+        return (NOTIFY_MANY_LOGGED_SQL, (channels, texts, durable)), True
+    return (
+        "SELECT count(pg_notify(c, p)) FROM unnest(%s::text[], %s::text[]) AS t(c, p)",
+        (channels, texts),
+    ), False
+
+
+# -- consumers and retention ---------------------------------------------------
+
+
+def check_consumer(name: object) -> str:
+    """Validate a consumer name: a non-empty str without NUL, at most 200 chars."""
+    if not isinstance(name, str):
+        raise TypeError(f"consumer must be a str, not {type(name).__name__}")
+    if not name or "\x00" in name or len(name) > 200:
+        raise ValueError(
+            f"consumer name must be 1 to 200 characters without NUL, got {name!r}"
+        )
+    return name
+
+
+# -- receiving -----------------------------------------------------------------
+
+
+class Unfetched(DurableEvent):
+    """A log message whose payload is still in the database: the driver
+    fetches it (:meth:`DurableState.fetch_steps`) before handing it out."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    consumer: str | None
+    last: int  # the highest id handed to the inbox, or covered by a replay
+    replaying: bool = True
+    seen: int = 0  # the highest live id dropped while replaying
+    busy: bool = False  # a replay query for it is running
+
+
+class DurableState:
+    """The durable channels of one PubSub and what was received on them.
+
+    Thread safe: the sync driver's reading thread admits notifications while
+    another thread may apply a replay batch.
+    """
+
+    __slots__ = ("_lock", "inbox", "schema_ready", "streams")
+
+    def __init__(self, inbox: deque[Event | Reconnected]) -> None:
+        self.inbox = inbox
+        self.streams: dict[str, _Stream] = {}
+        #: Whether this connection's server was checked to have the schema.
+        self.schema_ready = False
+        self._lock = threading.Lock()
+
+    # -- live ------------------------------------------------------------
+
+    def admit(self, channel: str, text: str, pid: int) -> None:
+        """Take one notification whose payload starts with the reference
+        prefix into the inbox: decoded, and on durable channels deduplicated
+        (or dropped while the channel replays: the replay brings it)."""
+        ref = parse_ref(text)
+        if ref is None:
+            self.inbox.append(Event(channel, text, pid))
+            return
+        id, payload = ref
+        event = Unfetched(channel, "", pid, id) if payload is None else DurableEvent(
+            channel, payload, pid, id
+        )
+        stream = self.streams.get(channel)
+        if stream is None:
+            self.inbox.append(event)
+            return
+        with self._lock:
+            if stream.replaying:
+                stream.seen = max(stream.seen, id)
+                return
+            if id <= stream.last:
+                return
+            stream.last = id
+            self.inbox.append(event)
+
+    # -- subscriptions ---------------------------------------------------
+
+    def plan_subscribe(
+        self, channels: Sequence[str], durable: bool, since: int | None, consumer: str | None
+    ) -> list[str]:
+        """Validate the durable part of a listen (*channels* are valid names);
+        return the channels to make durable, in order, without repeats."""
+        if not durable:
+            if since is not None or consumer is not None:
+                raise ValueError("since and consumer need durable=True")
+            return []
+        if since is not None and (
+            isinstance(since, bool) or not isinstance(since, int) or since < 0
+        ):
+            raise ValueError(f"since must be a log id (an int >= 0), got {since!r}")
+        if consumer is not None:
+            check_consumer(consumer)
+        new = []
+        for channel in dict.fromkeys(channels):
+            stream = self.streams.get(channel)
+            if stream is None:
+                new.append(channel)
+            elif stream.consumer != consumer or since is not None:
+                raise ValueError(
+                    f"channel {channel!r} is already listened to durably"
+                    + (f" as consumer {stream.consumer!r}" if stream.consumer else "")
+                    + "; unlisten it first to change where it starts"
+                )
+        return new
+
+    def subscribe_steps(
+        self, channels: Sequence[str], since: int | None, consumer: str | None
+    ) -> Steps[None]:
+        """Find where each new durable channel starts, then replay a first
+        batch. Run after the channels were LISTENed."""
+        for channel in channels:
+            if consumer is not None:
+                rows = yield (
+                    """
+WITH new AS (
+    INSERT INTO pgcast.consumers (name, channel, position)
+    VALUES (%(name)s, %(channel)s, coalesce(%(since)s::bigint,
+        (SELECT max(id) FROM pgcast.log WHERE channel = %(channel)s), 0))
+    ON CONFLICT (name, channel) DO NOTHING
+    RETURNING position
+)
+SELECT position FROM new
+UNION ALL
+SELECT position FROM pgcast.consumers WHERE name = %(name)s AND channel = %(channel)s
+""",
+                    {"name": consumer, "channel": channel, "since": since},
+                )
+                start = int(rows[0][0])
+            elif since is not None:
+                start = since
+            else:
+                rows = yield (
+                    "SELECT coalesce(max(id), 0) FROM pgcast.log WHERE channel = %s",
+                    (channel,),
+                )
+                start = int(rows[0][0])
+            with self._lock:
+                self.streams[channel] = _Stream(consumer, start, seen=start)
+        while self.pending:
+            yield from self.replay_steps()
+
+    def forget(self, channels: Iterable[str] | None) -> None:
+        """The channels were unlistened (``None``: all of them)."""
+        with self._lock:
+            if channels is None:
+                self.streams.clear()
+            else:
+                for channel in channels:
+                    self.streams.pop(channel, None)
+
+    def reconnected(self) -> None:
+        """The connection was replaced and every channel LISTENed again:
+        each durable channel replays from the position it reached."""
+        with self._lock:
+            self.schema_ready = False
+            for stream in self.streams.values():
+                stream.replaying = True
+                stream.busy = False
+                stream.seen = stream.last
+
+    # -- replay ----------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """Whether a durable channel is replaying and no query for it runs."""
+        return any(s.replaying and not s.busy for s in self.streams.values())
+
+    def replay_steps(self) -> Steps[int]:
+        """Read one batch of the log for one replaying channel into the
+        inbox; return how many events it added."""
+        with self._lock:
+            picked = next(
+                ((c, s) for c, s in self.streams.items() if s.replaying and not s.busy), None
+            )
+            if picked is None:
+                return 0
+            channel, stream = picked
+            stream.busy = True
+            start, seen_before = stream.last, stream.seen
+        try:
+            rows = yield (
+                "SELECT id, pid, CASE WHEN octet_length(payload) <= %s THEN payload END "
+                "FROM pgcast.log WHERE channel = %s AND id > %s ORDER BY id LIMIT %s",
+                (REPLAY_INLINE_BYTES, channel, start, REPLAY_BATCH),
+            )
+        finally:
+            stream.busy = False
+        with self._lock:
+            if self.streams.get(channel) is not stream or stream.last != start:
+                return 0  # unlistened, or reconnected, meanwhile
+            append = self.inbox.append
+            for id, pid, payload in rows:
+                if payload is None:
+                    append(Unfetched(channel, "", pid, id))
+                else:
+                    append(DurableEvent(channel, payload, pid, id))
+            if rows:
+                stream.last = rows[-1][0]
+            if len(rows) < REPLAY_BATCH:
+                # The log is read up to the query: every id seen before it was
+                # issued is covered (or was pruned meanwhile).
+                stream.last = max(stream.last, seen_before)
+                if stream.seen <= stream.last:
+                    stream.replaying = False
+            return len(rows)
+
+    # -- large payloads and acknowledgements -----------------------------
+
+    @staticmethod
+    def fetch_steps(event: Unfetched) -> Steps[DurableEvent | None]:
+        """Fetch the payload of *event*; ``None`` if it was pruned meanwhile."""
+        rows = yield ("SELECT payload FROM pgcast.log WHERE id = %s", (event.id,))
+        if not rows:
+            logger.warning(
+                "pgcast: message %d on %r was pruned from the log before it could be "
+                "read; skipped", event.id, event.channel,
+            )
+            return None
+        return DurableEvent(event.channel, rows[0][0], event.pid, event.id)
+
+    def ack_query(self, event: Event) -> Query:
+        """The statement recording that *event* (and all before it on its
+        channel) was processed by the channel's consumer."""
+        id = getattr(event, "id", None)
+        if not isinstance(event, Event) or id is None:
+            raise TypeError(f"only events of durable channels can be acknowledged, not {event!r}")
+        stream = self.streams.get(event.channel)
+        if stream is None or stream.consumer is None:
+            raise ValueError(
+                f"channel {event.channel!r} is not listened to with a consumer: "
+                "use listen(channel, durable=True, consumer=NAME)"
+            )
+        return (
+            "UPDATE pgcast.consumers SET position = greatest(position, %s), updated_at = now() "
+            "WHERE name = %s AND channel = %s",
+            (id, stream.consumer, event.channel),
+        )

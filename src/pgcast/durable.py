@@ -1,0 +1,221 @@
+"""Durable channels and payloads of any size: the schema, retention, drivers.
+
+A *durable* message is stored in the table ``pgcast.log`` and announced by a
+NOTIFY carrying its id, in the same transaction (one statement:
+``SELECT pgcast.notify(channel, payload)``, also callable from SQL and
+triggers). A listener of a durable channel
+(``ps.listen(channel, durable=True, since=ID)``, or with
+``consumer="name"``, whose position is kept in ``pgcast.consumers`` and
+advanced by ``ps.ack(event)``) replays from the log what it missed, offline
+or across reconnects, then continues live: per channel in commit order, with
+no gap and no duplicate. How that is guaranteed is explained in
+:mod:`pgcast._durable_core`, which holds all the logic; this module only
+runs it against a connection.
+
+A payload too large for NOTIFY (8000 bytes of UTF-8 or more) is stored the
+same way, and a receiving PubSub fetches it before handing the event out:
+:meth:`pgcast.PubSub.notify` takes payloads of any size. Such a message is in
+the log, so it is durable too. Events that went through the log are
+:class:`pgcast.DurableEvent`: an :class:`~pgcast.Event` with an ``id``.
+
+**The schema** lives in its own schema, ``pgcast``, versioned by
+``pgcast.schema_version``: :func:`install_schema` (or ``pgcast init``)
+applies the migrations this release knows, in one transaction, serialised by
+an advisory lock, and does nothing when the schema is up to date. A PubSub
+that needs the schema and finds it missing installs it itself; a role that may
+not create it gets a :class:`~pgcast.SchemaError` saying to run
+``pgcast init`` as one that may.
+
+**Retention**: nothing is deleted by itself. :func:`prune` (``pgcast prune``)
+deletes messages older than :data:`DEFAULT_RETENTION` (7 days) unless told
+otherwise, optionally keeping the newest *keep_last* of every channel
+whatever their age. Run it from cron or a scheduler. Prune does not wait for
+consumers: one that falls further behind than the retention misses what was
+deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import psycopg
+
+from ._core import wrap_error
+from ._durable_schema import (
+    DEFAULT_RETENTION,
+    LATEST_VERSION,
+    Query,
+    Rows,
+    Steps,
+    install_steps,
+    parse_duration,
+    prune_query,
+)
+from ._errors import PgcastError, SchemaError
+
+__all__ = [
+    "DEFAULT_RETENTION",
+    "LATEST_VERSION",
+    "adrive",
+    "drive",
+    "install_schema",
+    "install_schema_async",
+    "parse_duration",
+    "prune",
+    "prune_async",
+    "schema_error",
+]
+
+T = TypeVar("T")
+Params = Sequence[Any] | Mapping[str, Any] | None
+
+
+def drive(steps: Steps[T], fetch: Callable[[str, Params], Rows]) -> T:
+    """Run *steps* (see :mod:`pgcast._durable_core`) with a sync *fetch*."""
+    try:
+        query: Query = next(steps)
+        while True:
+            query = steps.send(fetch(*query))
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+    except BaseException:
+        steps.close()  # lets the steps undo their bookkeeping
+        raise
+
+
+async def adrive(steps: Steps[T], fetch: Callable[[str, Params], Awaitable[Rows]]) -> T:
+    """Run *steps* with an async *fetch*: the asyncio twin of :func:`drive`."""
+    try:
+        query: Query = next(steps)
+        while True:
+            query = steps.send(await fetch(*query))
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+    except BaseException:
+        steps.close()
+        raise
+
+
+def schema_error(exc: BaseException) -> PgcastError:
+    """The error to raise when installing the schema failed with *exc* (a
+    psycopg error, or a pgcast error caused by one)."""
+    cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+    if isinstance(cause, psycopg.errors.InsufficientPrivilege):
+        return SchemaError(
+            "the pgcast schema (needed for durable channels and payloads of 8000 "
+            f"bytes or more) is not installed and this role may not install it: {cause}. "
+            "Run `pgcast init` (or pgcast.install_schema(conn)) as a role that may "
+            "create schemas in this database"
+        )
+    if isinstance(cause, psycopg.errors.ReadOnlySqlTransaction):
+        return SchemaError(
+            f"the pgcast schema cannot be installed on a read-only server or transaction: {cause}"
+        )
+    if isinstance(exc, PgcastError):
+        return exc
+    assert isinstance(exc, psycopg.Error)
+    return wrap_error(exc)
+
+
+def _sync_fetch(conn: psycopg.Connection[Any]) -> Callable[[str, Params], Rows]:
+    def fetch(sql: str, params: Params) -> Rows:
+        cur = conn.execute(sql, params, prepare=None if params else False)
+        return cur.fetchall() if cur.description is not None else []
+
+    return fetch
+
+
+def _async_fetch(
+    conn: psycopg.AsyncConnection[Any],
+) -> Callable[[str, Params], Awaitable[Rows]]:
+    async def fetch(sql: str, params: Params) -> Rows:
+        cur = await conn.execute(sql, params, prepare=None if params else False)
+        return await cur.fetchall() if cur.description is not None else []
+
+    return fetch
+
+
+def install_schema(conn: psycopg.Connection[Any]) -> int:
+    """Install the ``pgcast`` schema, or migrate it to this release's version.
+
+    Safe to call any number of times and from many processes at once. It runs
+    in one transaction of *conn* (a savepoint if one is open). Returns the
+    version found before: 0 when the schema was not there, the current
+    version (:data:`LATEST_VERSION`) when nothing had to be done.
+
+    :raises SchemaError: the role may not create the schema, or the
+        installed schema is newer than this pgcast.
+    """
+    try:
+        with conn.transaction():
+            return drive(install_steps(), _sync_fetch(conn))
+    except psycopg.Error as exc:
+        raise schema_error(exc) from exc
+
+
+async def install_schema_async(conn: psycopg.AsyncConnection[Any]) -> int:
+    """:func:`install_schema` on an asyncio connection."""
+    try:
+        async with conn.transaction():
+            return await adrive(install_steps(), _async_fetch(conn))
+    except psycopg.Error as exc:
+        raise schema_error(exc) from exc
+
+
+def _prune_steps(
+    older_than: timedelta | None, keep_last: int | None, channel: str | None
+) -> Steps[dict[str, int]]:
+    sql, params = prune_query(older_than, keep_last, channel)
+    exists = yield ("SELECT to_regclass('pgcast.log') IS NOT NULL", None)
+    if not exists[0][0]:
+        raise SchemaError(
+            "the pgcast schema is not installed in this database: there is nothing to "
+            "prune (`pgcast init` installs it)"
+        )
+    rows = yield (sql, params)
+    return {channel: int(count) for channel, count in rows}
+
+
+def prune(
+    conn: psycopg.Connection[Any],
+    older_than: timedelta | None = DEFAULT_RETENTION,
+    keep_last: int | None = None,
+    channel: str | None = None,
+) -> dict[str, int]:
+    """Delete from the log the messages retention no longer keeps.
+
+    A message is deleted when it is older than *older_than* (default: 7
+    days; ``None`` keeps messages of any age) and is not among the
+    *keep_last* newest of its channel (``None``: no such protection). So
+    ``prune(conn, older_than=timedelta(0), keep_last=1000)`` keeps exactly the
+    last 1000 messages per channel. *channel* limits it to one channel.
+    Returns how many messages were deleted per channel.
+
+    :raises SchemaError: the schema is not installed.
+    :raises ValueError: a negative age or count, or neither limit.
+    """
+    try:
+        with conn.transaction():
+            return drive(_prune_steps(older_than, keep_last, channel), _sync_fetch(conn))
+    except psycopg.Error as exc:
+        raise wrap_error(exc) from exc
+
+
+async def prune_async(
+    conn: psycopg.AsyncConnection[Any],
+    older_than: timedelta | None = DEFAULT_RETENTION,
+    keep_last: int | None = None,
+    channel: str | None = None,
+) -> dict[str, int]:
+    """:func:`prune` on an asyncio connection."""
+    try:
+        async with conn.transaction():
+            return await adrive(
+                _prune_steps(older_than, keep_last, channel), _async_fetch(conn)
+            )
+    except psycopg.Error as exc:
+        raise wrap_error(exc) from exc
