@@ -124,6 +124,18 @@ def test_claims_skip_rows_locked_by_another_transaction(
         assert queue.pending(conn) == 6  # `mine` were not completed: still queued
 
 
+def test_install_when_installed_waits_for_no_lock(dsn: str, conn: Conn, queue: Queue) -> None:
+    queue.enqueue(conn, "busy")
+    with psycopg.connect(dsn, autocommit=True) as other, other.transaction():
+        queue.complete(other, queue.claim(other, 1))  # a worker mid-batch, not committed
+        conn.execute("SET lock_timeout = '500ms'")
+        try:
+            queue.install(conn)  # would wait for `other` if it re-created the trigger
+            assert queue.installed(conn)
+        finally:
+            conn.execute("RESET lock_timeout")
+
+
 # -- workers -----------------------------------------------------------------------
 
 

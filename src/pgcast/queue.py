@@ -124,7 +124,14 @@ class Queue:
     # -- setting up --------------------------------------------------------
 
     def install(self, conn: psycopg.Connection[Any]) -> None:
-        """Create the table, the wake-up function and trigger; idempotent."""
+        """Create the table, the wake-up function and trigger; idempotent.
+
+        When everything exists it only reads the catalog: every worker calls
+        it at start, and re-creating the trigger would wait for the batches
+        in progress and make the application's INSERTs queue up behind it.
+        """
+        if self.installed(conn):
+            return
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOCK_KEY,))
             conn.execute("CREATE SCHEMA IF NOT EXISTS pgcast")
@@ -148,6 +155,17 @@ class Queue:
                     " FOR EACH STATEMENT EXECUTE FUNCTION pgcast.queue_wake({})"
                 ).format(self._ident, sql.Literal(self.channel))
             )
+
+    def installed(self, conn: psycopg.Connection[Any]) -> bool:
+        """True if the table, its wake-up trigger and the function exist."""
+        name = self._ident.as_string(conn)
+        row = conn.execute(
+            "SELECT to_regprocedure('pgcast.queue_wake()') IS NOT NULL AND EXISTS ("
+            " SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s)"
+            " AND tgname = 'pgcast_wake')",
+            (name,),
+        ).fetchone()
+        return bool(row and row[0])
 
     def uninstall(self, conn: psycopg.Connection[Any]) -> None:
         """Drop the table, and every job in it."""
