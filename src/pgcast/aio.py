@@ -145,6 +145,8 @@ class AsyncPubSub:
 
     async def listen(self, *channels: str) -> None:
         """Start receiving on *channels*; see :meth:`pgcast.PubSub.listen`."""
+        if self._closed:  # even when there is nothing to send
+            raise ClosedError("this AsyncPubSub is closed")
         new, sql = self._core.plan_listen(channels)
         if sql is not None:
             await self._execute(sql)
@@ -152,6 +154,8 @@ class AsyncPubSub:
 
     async def unlisten(self, *channels: str) -> None:
         """Stop receiving on *channels*, or on all; see :meth:`pgcast.PubSub.unlisten`."""
+        if self._closed:  # even when there is nothing to send
+            raise ClosedError("this AsyncPubSub is closed")
         gone, sql = self._core.plan_unlisten(channels)
         if sql is not None:
             await self._execute(sql)

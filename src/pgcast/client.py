@@ -274,6 +274,8 @@ class PubSub:
         :raises InvalidChannelError: a name is empty, contains NUL or is over
             63 bytes in UTF-8.
         """
+        if self._closed:  # even when there is nothing to send
+            raise ClosedError("this PubSub is closed")
         new, sql = self._core.plan_listen(channels)
         if sql is not None:
             self._execute(sql)
@@ -285,6 +287,8 @@ class PubSub:
         Events of those channels already read but not yet handed out are
         discarded: after this returns, none arrives.
         """
+        if self._closed:  # even when there is nothing to send
+            raise ClosedError("this PubSub is closed")
         gone, sql = self._core.plan_unlisten(channels)
         if sql is not None:
             self._execute(sql)

@@ -1,0 +1,904 @@
+"""The synchronous PubSub (:mod:`pgcast.client`) against real PostgreSQL.
+
+Each test proves one sentence of the foundation's contract (issue 2): the API
+calls, the seeds' LISTEN/NOTIFY semantics, exact channel names, payload
+limits, transactions, batch publishing and connection errors. The callback
+interface is in test_callbacks.py, threads in test_threads.py, the asyncio
+twin in test_aio.py.
+
+To show that something is *not* delivered, a test sends it and then a
+sentinel from the same session, and checks everything received up to the
+sentinel: PostgreSQL delivers one session's notifications in order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import selectors
+import socket
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
+
+import pgcast
+from pgcast.embedded import EmbeddedServer
+
+from _eventwait import collect, collect_until
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+#: A bound for "never blocks" / "returns at once", not a benchmark.
+IMMEDIATE = 0.05
+
+
+@pytest.fixture
+def ps(dsn: str) -> Iterator[pgcast.PubSub]:
+    with pgcast.connect(dsn) as pubsub:
+        yield pubsub
+
+
+def server_channels(conn: Conn) -> set[str]:
+    """The session's LISTENs, less the health check's own probe channel."""
+    rows = conn.execute("SELECT pg_listening_channels()")
+    return {r[0] for r in rows if not r[0].startswith("pgcast.probe.")}
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# -- connect -------------------------------------------------------------------
+
+
+def test_connect_with_a_dsn(dsn: str) -> None:
+    with pgcast.connect(dsn) as ps:
+        assert isinstance(ps, pgcast.PubSub)
+        assert not ps.closed
+        row = ps.connection.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None and row[0] == ps.backend_pid
+        assert ps.connection.autocommit
+
+
+def test_connect_with_psycopg_keyword_args(dsn: str) -> None:
+    kwargs = conninfo_to_dict(dsn)
+    with pgcast.connect(**kwargs) as ps:
+        ps.listen("kw")
+        ps.notify("kw", "by keywords")
+        assert collect(ps, 1)[0].payload == "by keywords"
+
+
+def test_connect_with_no_args_uses_database_url(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    # DATABASE_URL comes first: PG* variables pointing nowhere are not used.
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(closed_port()))
+    with pgcast.connect() as ps:
+        assert ps.backend_pid > 0
+
+
+def test_connect_with_no_args_uses_pg_variables(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER",
+             "dbname": "PGDATABASE", "password": "PGPASSWORD"}
+    for key, value in conninfo_to_dict(dsn).items():
+        if key in names:
+            monkeypatch.setenv(names[key], str(value))
+    with pgcast.connect() as ps:
+        assert ps.backend_pid > 0
+        assert ps.connection.info.port == int(conninfo_to_dict(dsn).get("port", 5432))
+
+
+def test_connection_settings(dsn: str) -> None:
+    with pgcast.connect(dsn) as ps:
+        params = ps.connection.info.get_parameters()
+        assert params["connect_timeout"] == "10"
+        assert params["application_name"] == "pgcast"
+        assert ps.connection.info.encoding == "utf-8"
+
+
+def test_settings_in_the_dsn_are_not_overridden(dsn: str) -> None:
+    sep = "&" if "?" in dsn else "?"
+    with pgcast.connect(f"{dsn}{sep}connect_timeout=3&application_name=mine") as ps:
+        params = ps.connection.info.get_parameters()
+        assert params["connect_timeout"] == "3"
+        assert params["application_name"] == "mine"
+    with pgcast.connect(dsn, connect_timeout=4, application_name="kw") as ps:
+        params = ps.connection.info.get_parameters()
+        assert (params["connect_timeout"], params["application_name"]) == ("4", "kw")
+
+
+def test_pubsub_needs_autocommit(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn, pytest.raises(ValueError, match="autocommit"):
+        pgcast.PubSub(conn)
+
+
+# -- connect errors: a pgcast error with the server's message, never a hang ----
+
+
+def test_bad_dsn_raises_connect_error() -> None:
+    with pytest.raises(pgcast.ConnectError, match='missing "=" after "nonsense"') as info:
+        pgcast.connect("nonsense dsn")
+    assert isinstance(info.value.__cause__, psycopg.Error)
+
+
+def test_server_gone_raises_connect_error() -> None:
+    port = closed_port()
+    start = time.monotonic()
+    with pytest.raises(pgcast.ConnectError, match="Connection refused") as info:
+        pgcast.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    assert time.monotonic() - start < 10
+    assert f"port {port} failed" in str(info.value)
+
+
+def test_unknown_database_raises_connect_error_with_server_message(dsn: str) -> None:
+    kwargs = conninfo_to_dict(dsn)
+    kwargs["dbname"] = "pgcast_no_such_db"
+    with pytest.raises(pgcast.ConnectError, match='database "pgcast_no_such_db" does not exist'):
+        pgcast.connect(**kwargs)
+
+
+def test_server_that_never_answers_times_out() -> None:
+    # A socket that accepts TCP connections but never speaks: without
+    # connect_timeout, libpq would wait for the server's reply forever.
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        port = mute.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(pgcast.ConnectError, match="timeout"):
+            pgcast.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=1)
+        assert time.monotonic() - start < 10
+
+
+@pytest.fixture
+def password_role(server: EmbeddedServer, conn: Conn) -> Iterator[tuple[str, str]]:
+    """A role that must log in with a password over TCP.
+
+    The embedded server trusts every local login, so a pg_hba.conf line that
+    asks this one role for a password goes first, and is removed afterwards.
+    """
+    role = f"pgcast_pw_{uuid.uuid4().hex[:8]}"
+    password = "right-password"
+    conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    row = conn.execute("SHOW hba_file").fetchone()
+    assert row is not None
+    hba = row[0]
+    with open(hba) as f:
+        original = f.read()
+    line = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
+    try:
+        with open(hba, "w") as f:
+            f.write(line + original)
+        conn.execute("SELECT pg_reload_conf()")
+        url = f"postgresql://{role}:wrong@127.0.0.1:{server.port}/postgres"
+        deadline = time.monotonic() + 10
+        while True:  # the postmaster reloads asynchronously
+            try:
+                psycopg.connect(url, connect_timeout=5).close()
+            except psycopg.OperationalError:
+                break
+            assert time.monotonic() < deadline, "pg_hba.conf reload not seen in 10 s"
+            time.sleep(0.05)
+        yield role, password
+    finally:
+        with open(hba) as f:
+            current = f.read()
+        with open(hba, "w") as f:
+            f.write(current.replace(line, "", 1))
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_wrong_password_raises_connect_error(
+    server: EmbeddedServer, password_role: tuple[str, str]
+) -> None:
+    role, password = password_role
+    base = f"127.0.0.1:{server.port}/postgres"
+    with pytest.raises(
+        pgcast.ConnectError, match=f'password authentication failed for user "{role}"'
+    ):
+        pgcast.connect(f"postgresql://{role}:wrong@{base}")
+    with pgcast.connect(f"postgresql://{role}:{password}@{base}") as ps:
+        assert ps.backend_pid > 0
+
+
+# -- listen / unlisten / listening_channels ------------------------------------
+
+
+def test_listen_many_channels_in_one_and_several_calls(ps: pgcast.PubSub) -> None:
+    assert ps.listening_channels() == frozenset()
+    ps.listen("orders", "Prices")
+    ps.listen("third")
+    ps.listen("orders", "fourth")  # again: no error, no duplicate
+    expected = frozenset({"orders", "Prices", "third", "fourth"})
+    assert ps.listening_channels() == expected
+    assert isinstance(ps.listening_channels(), frozenset)
+    assert server_channels(ps.connection) == expected
+    ps.listen()  # nothing: nothing to do
+
+
+def test_listen_many_channels_costs_no_more_round_trips_than_one(ps: pgcast.PubSub) -> None:
+    one = trace(ps, lambda: ps.listen("c"))
+    many = trace(ps, lambda: ps.listen(*(f"c{i}" for i in range(50))))
+    assert many.count("ReadyForQuery") == one.count("ReadyForQuery") <= 2
+    assert len(ps.listening_channels()) == 51
+
+
+def test_unlisten_one_and_all(ps: pgcast.PubSub) -> None:
+    ps.listen("a", "b", "c")
+    ps.unlisten("b")
+    assert ps.listening_channels() == {"a", "c"}
+    assert server_channels(ps.connection) == {"a", "c"}
+    ps.unlisten("not-listened")  # no error
+    ps.unlisten()
+    assert ps.listening_channels() == frozenset()
+    assert server_channels(ps.connection) == set()
+
+
+def test_listening_channels_is_a_snapshot(ps: pgcast.PubSub) -> None:
+    ps.listen("a")
+    snapshot = ps.listening_channels()
+    ps.listen("b")
+    assert snapshot == {"a"}
+
+
+# -- notify ----------------------------------------------------------------------
+
+
+def test_notify_payloads(ps: pgcast.PubSub, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    ps.notify(unique_channel)
+    ps.notify(unique_channel, "shipped 42")
+    ps.notify(unique_channel, {"id": 42, "state": "shipped"})
+    ps.notify(unique_channel, [1, "two", None])
+    ps.notify(unique_channel, "ünïcödé ✓")
+    events = collect(ps, 5)
+    assert [e.payload for e in events] == [
+        "", "shipped 42", '{"id":42,"state":"shipped"}', '[1,"two",null]', "ünïcödé ✓"
+    ]
+    assert events[2].json() == {"id": 42, "state": "shipped"}
+    assert events[3].json() == [1, "two", None]
+    assert all(e.channel == unique_channel and e.pid == ps.backend_pid for e in events)
+    channel, payload, pid = events[1]
+    assert (channel, payload, pid) == (unique_channel, "shipped 42", ps.backend_pid)
+
+
+def test_notify_through_an_application_connection(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str
+) -> None:
+    ps.listen(unique_channel)
+    pgcast.notify(conn, unique_channel, {"k": 1})
+    pgcast.notify(conn, unique_channel)
+    events = collect(ps, 2)
+    assert [e.payload for e in events] == ['{"k":1}', ""]
+    assert events[0].pid == conn.info.backend_pid
+
+
+# -- receiving ---------------------------------------------------------------------
+
+
+def test_get_event_never_blocks(ps: pgcast.PubSub, conn: Conn, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    for _ in range(5):
+        start = time.monotonic()
+        assert ps.get_event() is None
+        assert time.monotonic() - start < IMMEDIATE
+    pgcast.notify(conn, unique_channel, "1")
+    pgcast.notify(conn, unique_channel, "2")
+    got: list[pgcast.Event] = []
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        event = ps.get_event()
+        if event is None:
+            wait_readable(ps, 0.1)
+        else:
+            got.append(event)
+    assert [e.payload for e in got] == ["1", "2"]
+    assert ps.get_event() is None
+
+
+def wait_readable(ps: pgcast.PubSub, timeout: float) -> None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(ps.connection.fileno(), selectors.EVENT_READ)
+        sel.select(timeout)
+
+
+def test_events_yield_timeouts(ps: pgcast.PubSub, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    start = time.monotonic()
+    values: list[pgcast.Event | None] = []
+    for value in ps.events(select_timeout=0.1, yield_timeouts=True):
+        values.append(value)
+        if len(values) == 3:
+            break
+    elapsed = time.monotonic() - start
+    assert values == [None, None, None]
+    assert 0.25 < elapsed < 5
+
+
+def test_events_without_yield_timeouts_only_yields_events(
+    ps: pgcast.PubSub, dsn: str, unique_channel: str
+) -> None:
+    ps.listen(unique_channel)
+    sender = threading.Timer(0.4, lambda: send(dsn, unique_channel, "late"))
+    sender.start()
+    try:
+        first = next(iter(ps.events(select_timeout=0.05)))
+    finally:
+        sender.join(10)
+    assert first is not None and first.payload == "late"
+
+
+def send(dsn: str, channel: str, *payloads: str) -> None:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+        for payload in payloads:
+            pgcast.notify(c, channel, payload)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "5"])
+def test_events_refuses_bad_select_timeout(ps: pgcast.PubSub, bad: Any) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        ps.events(select_timeout=bad)
+
+
+def test_wait_none_yields_events_only(ps: pgcast.PubSub, dsn: str, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    sender = threading.Timer(0.3, lambda: send(dsn, unique_channel, "a", "b"))
+    sender.start()
+    try:
+        got = []
+        for value in ps.wait(timeout=None):
+            assert value is not None
+            got.append(value.payload)
+            if len(got) == 2:
+                break
+    finally:
+        sender.join(10)
+    assert got == ["a", "b"]
+
+
+def test_wait_positive_yields_idle_events(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str
+) -> None:
+    ps.listen(unique_channel)
+    pgcast.notify(conn, unique_channel, "x")
+    values: list[pgcast.Event | None] = []
+    start = time.monotonic()
+    for value in ps.wait(timeout=0.1):
+        values.append(value)
+        if len(values) == 3:
+            break
+    assert time.monotonic() - start < 5
+    assert values[0] is not None and values[0].payload == "x"
+    assert values[1:] == [None, None]
+
+
+def test_wait_zero_yields_what_is_pending_and_ends(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str
+) -> None:
+    ps.listen(unique_channel)
+    start = time.monotonic()
+    assert list(ps.wait(timeout=0)) == []
+    assert time.monotonic() - start < IMMEDIATE
+    for i in range(3):
+        pgcast.notify(conn, unique_channel, str(i))
+    wait_readable(ps, 10)
+    time.sleep(0.05)  # let all three reach the socket
+    assert [e.payload for e in ps.wait(0) if e is not None] == ["0", "1", "2"]
+    assert list(ps.wait(0)) == []
+
+
+@pytest.mark.parametrize("how", ["events", "wait"])
+def test_breaking_out_loses_nothing(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str, how: str
+) -> None:
+    ps.listen(unique_channel)
+    for i in range(5):
+        pgcast.notify(conn, unique_channel, str(i))
+    iterator = ps.events(select_timeout=10) if how == "events" else ps.wait(timeout=10)
+    for first in iterator:
+        break
+    assert first is not None and first.payload == "0"
+    assert [e.payload for e in collect(ps, 4)] == ["1", "2", "3", "4"]
+
+
+def test_backend_pid_and_ignore_own(ps: pgcast.PubSub, conn: Conn, unique_channel: str) -> None:
+    row = ps.connection.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None and ps.backend_pid == row[0]
+    ps.listen(unique_channel)
+    ps.notify(unique_channel, "mine")
+    pgcast.notify(conn, unique_channel, "theirs")
+    ps.notify(unique_channel, "mine again")
+    pgcast.notify(conn, unique_channel, "theirs again")
+    got = []
+    for event in ps.events(select_timeout=10, ignore_own=True):
+        assert event is not None
+        got.append(event)
+        if len(got) == 2:
+            break
+    assert [e.payload for e in got] == ["theirs", "theirs again"]
+    assert {e.pid for e in got} == {conn.info.backend_pid}
+
+
+# -- close ---------------------------------------------------------------------
+
+
+def test_close_is_idempotent_and_context_manager_closes(dsn: str) -> None:
+    ps = pgcast.connect(dsn)
+    ps.close()
+    ps.close()
+    assert ps.closed
+    with pgcast.connect(dsn) as ps2:
+        assert not ps2.closed
+    assert ps2.closed and ps2.connection.closed
+    assert "closed" in repr(ps2)
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda ps: ps.listen("x"),
+        lambda ps: ps.unlisten("x"),
+        lambda ps: ps.unlisten(),
+        lambda ps: ps.notify("x", "p"),
+        lambda ps: ps.notify_many([("x", "p")]),
+        lambda ps: ps.get_event(),
+        lambda ps: next(iter(ps.events())),
+        lambda ps: next(iter(ps.wait(0))),
+        lambda ps: ps.transaction().__enter__(),
+        lambda ps: ps.run_in_thread(),
+        lambda ps: ps.subscribe("x", print),
+    ],
+)
+def test_using_a_closed_pubsub_raises_closed_error(
+    dsn: str, use: Callable[[pgcast.PubSub], object]
+) -> None:
+    ps = pgcast.connect(dsn)
+    ps.close()
+    with pytest.raises(pgcast.ClosedError, match="closed"):
+        use(ps)
+
+
+def test_closing_ends_iteration_in_another_thread(dsn: str) -> None:
+    ps = pgcast.connect(dsn)
+    ps.listen("x")
+    ended = threading.Event()
+    errors: list[BaseException] = []
+
+    def iterate() -> None:
+        try:
+            for _ in ps.events(select_timeout=30):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+        ended.set()
+
+    thread = threading.Thread(target=iterate, daemon=True)
+    try:
+        thread.start()
+        time.sleep(0.1)
+    finally:
+        ps.close()
+    assert ended.wait(5), "iteration did not end when the PubSub was closed"
+    thread.join(5)
+    assert errors == []
+
+
+# -- waking on the socket ----------------------------------------------------------
+
+
+def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
+    # select_timeout=30: an event can only arrive promptly if the wait ends
+    # on the socket becoming readable, not on a timer.
+    rounds = 50
+    ready = threading.Event()
+    sent_at: list[float] = []
+    latencies: list[float] = []
+
+    def sender() -> None:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+            for i in range(rounds):
+                if not ready.wait(10):
+                    return
+                ready.clear()
+                time.sleep(0.002)  # let the listener block in select()
+                sent_at.append(time.perf_counter())
+                pgcast.notify(c, unique_channel, str(i))
+
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        thread = threading.Thread(target=sender, daemon=True)
+        thread.start()
+        ready.set()
+        for event in ps.events(select_timeout=30, yield_timeouts=True):
+            assert event is not None, "no event within 30 s"
+            latencies.append(time.perf_counter() - sent_at[int(event.payload)])
+            if len(latencies) == rounds:
+                break
+            ready.set()
+        thread.join(10)
+    assert statistics.median(latencies) < 0.020, sorted(latencies)
+
+
+def test_waiting_idle_burns_no_cpu(ps: pgcast.PubSub, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    cpu = time.process_time()
+    values = []
+    for value in ps.events(select_timeout=0.5, yield_timeouts=True):
+        values.append(value)
+        break
+    assert values == [None]
+    # A sleep-and-poll loop would spin; waiting on the socket uses no CPU.
+    assert time.process_time() - cpu < 0.1
+
+
+def test_no_sleep_in_the_receiving_code() -> None:
+    import pgcast._core
+    import pgcast.aio
+    import pgcast.client
+
+    for module in (pgcast.client, pgcast.aio, pgcast._core):
+        assert "sleep(" not in inspect.getsource(module), module.__name__
+
+
+# -- channel names are exact ---------------------------------------------------------
+
+
+def test_channel_names_are_exact(
+    ps: pgcast.PubSub, conn: Conn, psql: Callable[..., str]
+) -> None:
+    ps.listen("Prices")
+    pgcast.notify(conn, "Prices", "via pg_notify")
+    conn.execute("SELECT pg_notify('Prices', 'via SQL pg_notify')")
+    conn.execute("SELECT pg_notify('prices', 'lower case')")
+    psql("""NOTIFY Prices, 'unquoted'; NOTIFY "Prices", 'quoted'; NOTIFY "Prices", 'end'""")
+    got = collect_until(ps, "end")
+    assert [e.payload for e in got] == ["via pg_notify", "via SQL pg_notify", "quoted", "end"]
+    assert {e.channel for e in got} == {"Prices"}
+
+
+def test_unquoted_notify_is_folded_to_lower_case(
+    ps: pgcast.PubSub, psql: Callable[..., str]
+) -> None:
+    ps.listen("prices")
+    psql("NOTIFY Prices, 'folded'")
+    [event] = collect(ps, 1)
+    assert (event.channel, event.payload) == ("prices", "folded")
+
+
+INJECTION = 'x"; DROP TABLE users; --'
+
+
+def test_injection_name_is_just_a_channel(ps: pgcast.PubSub, conn: Conn) -> None:
+    # A temporary table of the listener's own session: the one an injected
+    # DROP TABLE users would hit, and invisible to other tests.
+    ps.connection.execute("CREATE TEMP TABLE users (name text)")
+    ps.connection.execute("INSERT INTO users VALUES ('alice')")
+    ps.listen(INJECTION)
+    assert ps.listening_channels() == {INJECTION}
+    assert server_channels(ps.connection) == {INJECTION}
+    pgcast.notify(conn, INJECTION, "from another session")
+    ps.notify(INJECTION, "from itself")
+    got = collect(ps, 2)
+    assert [(e.channel, e.payload) for e in got] == [
+        (INJECTION, "from another session"), (INJECTION, "from itself")
+    ]
+    ps.unlisten(INJECTION)
+    assert server_channels(ps.connection) == set()
+    row = ps.connection.execute("SELECT name FROM users").fetchone()
+    assert row == ("alice",)
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a" * 64, "チャンネル" * 4 + "名前", "nul\x00name"],
+    ids=["empty", "64-ascii", "22-chars-66-bytes", "nul"],
+)
+def test_invalid_names_raise_before_anything_is_sent(
+    ps: pgcast.PubSub, conn: Conn, name: str, unique_channel: str
+) -> None:
+    ps.listen(unique_channel)
+    calls: list[Callable[[], object]] = [
+        lambda: ps.listen("fine", name),
+        lambda: ps.unlisten(unique_channel, name),
+        lambda: ps.notify(name, "p"),
+        lambda: ps.notify_many([(unique_channel, "no"), (name, "p")]),
+        lambda: ps.subscribe(name, print),
+        lambda: ps.unsubscribe(name),
+        lambda: pgcast.notify(conn, name, "p"),
+    ]
+
+    def attempt_all() -> None:
+        for call in calls:
+            with pytest.raises(ValueError) as info:
+                call()
+            assert isinstance(info.value, pgcast.InvalidChannelError)
+
+    assert trace(ps, attempt_all) == [], "something was sent"
+    # The valid names in the same calls took no effect either.
+    assert ps.listening_channels() == {unique_channel}
+    assert server_channels(ps.connection) == {unique_channel}
+    ps.notify(unique_channel, "end")
+    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
+
+
+# -- payload limits ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "error", "message"),
+    [
+        ("a" * 8000, pgcast.PayloadTooLargeError,
+         "8000 bytes in UTF-8; NOTIFY payloads must be under 8000"),
+        ("é" * 4000, pgcast.PayloadTooLargeError, "8000 bytes"),
+        ({"k": "x" * 9000}, pgcast.PayloadTooLargeError, "9008 bytes"),
+        ("a" * 100_000, pgcast.PayloadTooLargeError, "100000 bytes"),
+        ("nul\x00inside", pgcast.PayloadError, "NUL"),
+    ],
+    ids=["8000-ascii", "8000-bytes-4000-chars", "json", "100k", "nul"],
+)
+def test_payload_limits_and_the_connection_stays_usable(
+    ps: pgcast.PubSub,
+    conn: Conn,
+    unique_channel: str,
+    payload: pgcast.Payload,
+    error: type[Exception],
+    message: str,
+) -> None:
+    # pgcast.notify(conn, ...) is plain NOTIFY: the limit is NOTIFY's.
+    # (PubSub.notify accepts any size: what NOTIFY cannot carry goes through
+    # the durable log; see test_durable*. NUL it refuses, below.)
+    ps.listen(unique_channel)
+    with pytest.raises(error, match=message) as info:
+        pgcast.notify(conn, unique_channel, payload)
+    if isinstance(info.value, pgcast.PayloadTooLargeError):
+        assert info.value.limit == 8000
+    # The connection is still usable, and nothing was sent.
+    pgcast.notify(conn, unique_channel, "after")
+    pgcast.notify(conn, unique_channel, "end")
+    assert [e.payload for e in collect_until(ps, "end")] == ["after", "end"]
+
+
+@pytest.mark.parametrize("payload", ["nul\x00inside", b"bytes", 42])
+def test_pubsub_refuses_what_no_channel_can_carry(
+    ps: pgcast.PubSub, unique_channel: str, payload: Any
+) -> None:
+    ps.listen(unique_channel)
+    with pytest.raises(pgcast.PayloadError):
+        ps.notify(unique_channel, payload)
+    with pytest.raises(pgcast.PayloadError):
+        ps.notify_many([(unique_channel, "fine"), (unique_channel, payload)])
+    ps.notify(unique_channel, "end")
+    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
+
+
+def test_payload_limit_inside_the_application_transaction(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str
+) -> None:
+    ps.listen(unique_channel)
+    with conn.transaction():
+        pgcast.notify(conn, unique_channel, "kept")
+        with pytest.raises(pgcast.PayloadTooLargeError):
+            pgcast.notify(conn, unique_channel, "é" * 4000)
+        # Refused before sending, so the transaction is not aborted.
+        pgcast.notify(conn, unique_channel, "end")
+    assert [e.payload for e in collect_until(ps, "end")] == ["kept", "end"]
+
+
+def test_largest_payload_is_delivered(ps: pgcast.PubSub, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    text = "é" * 3999 + "a"
+    ps.notify(unique_channel, text)
+    assert collect(ps, 1)[0].payload == text
+
+
+# -- transactions ------------------------------------------------------------------------
+
+
+def test_transaction_delivers_at_commit_only(
+    ps: pgcast.PubSub, dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    with pgcast.connect(dsn) as listener:
+        listener.listen(unique_channel)
+        with ps.transaction():
+            ps.notify(unique_channel, "in transaction")
+            ps.notify_many([(unique_channel, "batched")])
+            pgcast.notify(conn, unique_channel, "outside")
+            got = collect_until(listener, "outside")
+            assert [e.payload for e in got] == ["outside"]
+        got = collect(listener, 2)
+        assert [e.payload for e in got] == ["in transaction", "batched"]
+
+
+def test_transaction_rolled_back_delivers_nothing(
+    ps: pgcast.PubSub, unique_channel: str
+) -> None:
+    ps.listen(unique_channel)
+    with pytest.raises(ZeroDivisionError), ps.transaction():
+        ps.notify(unique_channel, "rolled back")
+        1 / 0  # noqa: B018
+    ps.notify(unique_channel, "end")
+    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
+
+
+def test_application_transaction_freshports_pattern(
+    ps: pgcast.PubSub, dsn: str, unique_channel: str
+) -> None:
+    table = f"ports_{uuid.uuid4().hex[:8]}"
+    ps.listen(unique_channel)
+    with psycopg.connect(dsn, connect_timeout=10) as app:  # not autocommit
+        app.execute(f"CREATE TABLE {table} (name text)")
+        app.commit()
+        try:
+            app.execute(f"INSERT INTO {table} VALUES ('rolled back')")
+            pgcast.notify(app, unique_channel, "rolled back")
+            app.rollback()
+            app.execute(f"INSERT INTO {table} VALUES ('committed')")
+            pgcast.notify(app, unique_channel, {"port": "committed"})
+            assert ps.get_event() is None  # not before the commit
+            app.commit()
+            [event] = collect(ps, 1)
+            assert event.json() == {"port": "committed"}
+            assert event.pid == app.info.backend_pid
+            # The listener sees the data the notification announces.
+            rows = ps.connection.execute(f"SELECT name FROM {table}").fetchall()
+            assert rows == [("committed",)]
+            app.execute(f"SELECT pg_notify('{unique_channel}', 'end')")
+            app.commit()
+            assert [e.payload for e in collect_until(ps, "end")] == ["end"]
+        finally:
+            app.rollback()
+            app.execute(f"DROP TABLE {table}")
+            app.commit()
+
+
+def test_identical_notifications_in_one_transaction_arrive_once(
+    ps: pgcast.PubSub, unique_channel: str
+) -> None:
+    ps.listen(unique_channel)
+    with ps.transaction():
+        for _ in range(3):
+            ps.notify(unique_channel, "same")
+        ps.notify(unique_channel, "other")
+        ps.notify(unique_channel, "same")
+    ps.notify_many([(unique_channel, "dup")] * 3)
+    ps.notify(unique_channel, "end")
+    assert [e.payload for e in collect_until(ps, "end")] == ["same", "other", "dup", "end"]
+
+
+# -- the seeds' semantics ----------------------------------------------------------------
+
+
+def test_order_is_preserved(ps: pgcast.PubSub, conn: Conn, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    for i in range(1000):
+        pgcast.notify(conn, unique_channel, str(i))
+    got = collect(ps, 1000, timeout=30)
+    assert [int(e.payload) for e in got] == list(range(1000))
+
+
+def test_notification_before_listen_is_not_received(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str
+) -> None:
+    pgcast.notify(conn, unique_channel, "too early")
+    ps.listen(unique_channel)
+    pgcast.notify(conn, unique_channel, "end")
+    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
+
+
+def test_after_unlisten_nothing_more_arrives(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str
+) -> None:
+    other = unique_channel + "_other"
+    ps.listen(unique_channel, other)
+    # Already read into the inbox but not handed out:
+    for i in range(3):
+        pgcast.notify(conn, unique_channel, f"read {i}")
+    wait_readable(ps, 10)
+    time.sleep(0.05)
+    first = ps.get_event()
+    assert first is not None and first.payload == "read 0"
+    # Still on the socket, unread, when unlisten is called:
+    pgcast.notify(conn, unique_channel, "unread")
+    wait_readable(ps, 10)
+    ps.unlisten(unique_channel)
+    assert ps.get_event() is None
+    pgcast.notify(conn, unique_channel, "after")
+    pgcast.notify(conn, other, "end")
+    got = collect_until(ps, "end")
+    assert [(e.channel, e.payload) for e in got] == [(other, "end")]
+
+
+def test_psql_notify_arrives_with_psql_s_pid(
+    ps: pgcast.PubSub, psql: Callable[..., str]
+) -> None:
+    ps.listen("data")
+    out = psql("NOTIFY data, 'green'", "-Atq", "--command=SELECT pg_backend_pid()")
+    psql_pid = int(out.strip())
+    [event] = collect(ps, 1)
+    assert event == ("data", "green", psql_pid)
+    assert event.pid != ps.backend_pid
+
+
+# -- notify_many --------------------------------------------------------------------------
+
+
+def test_notify_many_in_order(ps: pgcast.PubSub, unique_channel: str) -> None:
+    other = unique_channel + "_b"
+    ps.listen(unique_channel, other)
+    messages: list[tuple[str, pgcast.Payload]] = [
+        (unique_channel if i % 3 else other, str(i)) for i in range(500)
+    ]
+    messages.append((other, {"json": True}))
+    ps.notify_many(messages)
+    got = collect(ps, 501)
+    assert [(e.channel, e.payload) for e in got[:500]] == messages[:500]
+    assert got[500].json() == {"json": True}
+    ps.notify_many([])  # nothing to send
+
+
+def test_notify_many_is_one_round_trip(ps: pgcast.PubSub, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    messages = trace(ps, lambda: ps.notify_many((unique_channel, str(i)) for i in range(200)))
+    assert messages.count("Sync") + messages.count("Query") == 1
+    assert messages.count("ReadyForQuery") == 1
+    assert len(collect(ps, 200)) == 200
+
+
+def test_notify_many_is_one_transaction(
+    ps: pgcast.PubSub, dsn: str, unique_channel: str
+) -> None:
+    # Identical notifications are folded only within one transaction.
+    ps.listen(unique_channel)
+    ps.notify_many([(unique_channel, "x"), (unique_channel, "x"), (unique_channel, "end")])
+    assert [e.payload for e in collect_until(ps, "end")] == ["x", "end"]
+
+
+def test_notify_many_bad_message_sends_none(ps: pgcast.PubSub, unique_channel: str) -> None:
+    ps.listen(unique_channel)
+    with pytest.raises(pgcast.InvalidChannelError):
+        ps.notify_many([(unique_channel, "1"), ("", "2")])
+    with pytest.raises(pgcast.PayloadError):
+        ps.notify_many([(unique_channel, "1"), (unique_channel, "nul\x00")])
+    with pytest.raises(pgcast.PayloadError):
+        ps.notify_many([(unique_channel, "1"), (unique_channel, 42)])  # type: ignore[list-item]
+    ps.notify(unique_channel, "end")
+    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def trace(ps: pgcast.PubSub, action: Callable[[], object]) -> list[str]:
+    """The protocol messages (names only) exchanged while *action* runs."""
+    pgconn = ps.connection.pgconn
+    with tempfile.TemporaryFile("w+") as f:
+        pgconn.trace(f.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            action()
+        finally:
+            pgconn.untrace()
+        f.seek(0)
+        return [line.split("\t")[2] for line in f.read().splitlines() if line.count("\t") >= 2]
+
+
+def test_trace_helper_sees_messages(ps: pgcast.PubSub) -> None:
+    assert trace(ps, lambda: ps.unlisten("nothing")) == []
+    assert trace(ps, lambda: ps.notify("traced"))[-1] == "ReadyForQuery"
