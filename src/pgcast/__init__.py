@@ -35,13 +35,15 @@ from ._errors import (
     PublisherFullError,
     PublishError,
     QueueError,
+    SchemaError,
     WatchError,
 )
-from ._event import Event
+from ._event import DurableEvent, Event
 from ._payload import MAX_PAYLOAD_BYTES, Payload
 from ._reconnect import Reconnected
 from .aio import AsyncPubSub
 from .client import PubSub, Runner, connect, notify
+from .durable import DEFAULT_RETENTION, install_schema, prune
 from .manager import NotificationManager
 from .publisher import AsyncPublisher, Publisher
 from .triggers import unwatch_table, watch_table
@@ -50,6 +52,7 @@ from .worker import Retry, Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_RETENTION",
     "MAX_CHANNEL_BYTES",
     "MAX_PAYLOAD_BYTES",
     "AccessDenied",
@@ -60,6 +63,7 @@ __all__ = [
     "ConnectError",
     "ConnectionLostError",
     "DatabaseError",
+    "DurableEvent",
     "Event",
     "HotStandbyError",
     "InvalidChannelError",
@@ -79,12 +83,15 @@ __all__ = [
     "Reconnected",
     "Retry",
     "Runner",
+    "SchemaError",
     "WatchError",
     "Worker",
     "__version__",
     "aio",
     "connect",
+    "install_schema",
     "notify",
+    "prune",
     "unwatch_table",
     "watch_table",
 ]

@@ -14,7 +14,13 @@ decision that needs no waiting lives here, once:
 * :func:`plan` is the iteration policy of ``events()``, ``wait()`` and the idle
   events: a generator that yields :class:`Wait` requests, which the driver
   answers by waiting on the socket and calling :meth:`Core.read`, and the
-  values the user should see (:class:`Event` or ``None``).
+  values the user should see (:class:`Event`, :class:`Reconnected` or ``None``);
+* the health check (:mod:`pgcast._health`): :meth:`Core.send_probe` sends the
+  round-trip probe without waiting, :meth:`Core.read` drains its answer, and
+  :meth:`Core.settle` is what a query must wait for while a probe is out
+  (libpq runs one command at a time);
+* after a reconnect (:mod:`pgcast._reconnect`): :meth:`Core.new_connection`,
+  :meth:`Core.relisten_sql`, :meth:`Core.lost` and :meth:`Core.restored`.
 """
 
 from __future__ import annotations
@@ -25,16 +31,21 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeAlias
 
 import psycopg
 from psycopg import pq
 
 from ._channels import check_channel, check_channels, listen_sql, unlisten_sql
-from ._errors import ConnectionLostError, DatabaseError, PgcastError
+from ._durable_core import DurableState
+from ._errors import ConnectionLostError, DatabaseError, HotStandbyError, PgcastError
 from ._event import Event
+from ._health import HealthCheck, probe_channel, probe_sql
 from ._payload import Payload, encode_payload
+from ._reconnect import Reconnected, utcnow
 
 __all__ = [
     "NOTIFY_MANY_SQL",
@@ -98,30 +109,36 @@ _NOW = Wait(0)
 
 
 def plan(
-    inbox: deque[Event],
+    inbox: deque[Event | Reconnected],
     *,
     timeout: float | None,
     idle: bool,
     once: bool = False,
     skip_pid: int | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> Iterator[Wait | Event | None]:
+    skip_pids: AbstractSet[int] | None = None,
+) -> Iterator[Wait | Event | Reconnected | None]:
     """The iteration policy shared by ``events()`` and ``wait()``.
 
     Yields the events of *inbox* in order, and :class:`Wait` whenever it is
     empty. With *idle*, ``None`` is yielded after each *timeout* seconds that
     passed without an event. With *once* (py-postgresql's zero timeout), the
     socket is read once without waiting, what is pending is yielded, and the
-    iteration ends. Events from *skip_pid* are dropped (``ignore_own``).
+    iteration ends. Events from *skip_pid*, or from any pid in the live set
+    *skip_pids* (every backend a reconnecting PubSub had), are dropped
+    (``ignore_own``). :class:`Reconnected` markers are yielded like events.
 
     Nothing is held back: events stay in *inbox* until yielded, so a consumer
     that stops iterating loses none of them.
     """
+    own: AbstractSet[int] = frozenset() if skip_pid is None else frozenset((skip_pid,))
+    if skip_pids is not None:
+        own = skip_pids if skip_pid is None else own | skip_pids
     if once:
         yield _NOW
         while inbox:
             event = inbox.popleft()
-            if event.pid != skip_pid:
+            if not own or isinstance(event, Reconnected) or event.pid not in own:
                 yield event
         return
     if timeout is None:
@@ -129,7 +146,7 @@ def plan(
         while True:
             while inbox:
                 event = inbox.popleft()
-                if event.pid != skip_pid:
+                if not own or isinstance(event, Reconnected) or event.pid not in own:
                     yield event
             yield forever
     deadline = clock() + timeout
@@ -137,7 +154,7 @@ def plan(
         if inbox:
             while inbox:
                 event = inbox.popleft()
-                if event.pid != skip_pid:
+                if not own or isinstance(event, Reconnected) or event.pid not in own:
                     yield event
             deadline = clock() + timeout
         remaining = deadline - clock()
@@ -167,23 +184,63 @@ def _event_from_notify(n: psycopg.Notify) -> Event:
 class Core:
     """The state of one PubSub that needs no I/O to maintain."""
 
-    __slots__ = ("_async_handlers", "channels", "exception_handler", "handlers", "inbox")
+    __slots__ = (
+        "_async_handlers",
+        "channels",
+        "clock",
+        "durable",
+        "exception_handler",
+        "handlers",
+        "health",
+        "inbox",
+        "outage",
+        "own_pids",
+        "probe",
+        "probe_in_flight",
+        "probe_listening",
+    )
 
-    def __init__(self) -> None:
-        self.inbox: deque[Event] = deque()
+    def __init__(
+        self, health_check_interval: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        #: Events read but not yet handed out, and :class:`Reconnected` markers.
+        self.inbox: deque[Event | Reconnected] = deque()
         #: The exact names LISTENed to now.
         self.channels: set[str] = set()
         self.handlers: dict[str, list[Handler]] = {}
         self._async_handlers: set[Handler] = set()
         self.exception_handler: ExceptionHandler | None = None
+        self.clock = clock
+        #: The probe schedule of the current connection.
+        self.health = HealthCheck(health_check_interval, clock())
+        #: The private channel of the current connection's probes.
+        self.probe: str | None = None
+        self.probe_listening = False
+        #: A probe was sent and its command result is not drained yet: no
+        #: other query can be sent until it is (see :meth:`settle`).
+        self.probe_in_flight = False
+        #: Every backend pid this PubSub had: ``ignore_own`` skips them all.
+        self.own_pids: set[int] = set()
+        #: When and why the connection was lost, until it is restored.
+        self.outage: tuple[datetime, str] | None = None
+        #: Durable channels and log references (:mod:`pgcast._durable_core`).
+        self.durable = DurableState(self.inbox)
 
     # -- subscriptions -----------------------------------------------------
 
     def plan_listen(self, channels: Sequence[object]) -> tuple[list[str], bytes | None]:
-        """Validate *channels*; return the new ones and the SQL to LISTEN them."""
+        """Validate *channels*; return the new ones and the SQL to LISTEN them.
+
+        The first LISTEN of a connection with health checks on also LISTENs
+        the probe channel, which is never reported as a channel listened to.
+        """
         names = check_channels(channels)
         new = [c for c in dict.fromkeys(names) if c not in self.channels]
-        return new, (listen_sql(new) if new else None)
+        if not new:
+            return new, None
+        if self.health.enabled and self.probe is not None and not self.probe_listening:
+            return new, listen_sql([*new, self.probe])
+        return new, listen_sql(new)
 
     def plan_unlisten(self, channels: Sequence[object]) -> tuple[list[str] | None, bytes | None]:
         """Validate *channels* (none: all); return those to drop and the SQL."""
@@ -194,18 +251,26 @@ class Core:
         return gone, (unlisten_sql(gone) if gone else None)
 
     def did_listen(self, channels: Iterable[str]) -> None:
+        """The SQL of :meth:`plan_listen` ran."""
         self.channels.update(channels)
+        if self.health.enabled and self.probe is not None:
+            self.probe_listening = True
 
     def did_unlisten(self, channels: Iterable[str] | None) -> None:
+        """The SQL of :meth:`plan_unlisten` ran."""
         if channels is None:
             self.channels.clear()
             self.handlers.clear()
+            self.probe_listening = False  # UNLISTEN * dropped it too
         else:
             self.channels.difference_update(channels)
+        self.durable.forget(channels)
         # Events already read for channels no longer listened to are dropped:
         # after unlisten() returns, nothing more arrives on them.
         if self.inbox:
-            keep = [e for e in self.inbox if e.channel in self.channels]
+            keep = [
+                e for e in self.inbox if isinstance(e, Reconnected) or e.channel in self.channels
+            ]
             self.inbox.clear()
             self.inbox.extend(keep)
 
@@ -242,17 +307,25 @@ class Core:
     def on_notify(self, n: psycopg.Notify) -> None:
         """psycopg's notify handler: notifications that arrive during a query."""
         if n.channel in self.channels:
-            self.inbox.append(_event_from_notify(n))
+            if n.payload.startswith("\x1e"):  # a log reference: pgcast.durable
+                self.durable.admit(n.channel, n.payload, n.pid)
+            else:
+                self.inbox.append(_event_from_notify(n))
+        elif n.channel == self.probe:
+            self.health.heard(self.clock())
 
     def read(self, pgconn: pq.abc.PGconn) -> None:
         """Take what has arrived on the socket into the inbox, never blocking.
 
         The caller holds the connection's lock, so no query runs meanwhile.
+        The answer to an outstanding probe is drained here.
         """
         try:
             pgconn.consume_input()
         except psycopg.OperationalError as exc:
             raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+        if self.probe_in_flight:
+            self._drain_probe(pgconn)
         self.take(pgconn)
 
     def take(self, pgconn: pq.abc.PGconn) -> None:
@@ -260,15 +333,137 @@ class Core:
         append = self.inbox.append
         channels = self.channels
         n = pgconn.notifies()
+        if n is not None:
+            self.health.heard(self.clock())
         while n is not None:
             channel = n.relname.decode()
             # A notification can still arrive for a channel just UNLISTENed
-            # (it was queued before); the user asked not to see those.
+            # (it was queued before); the user asked not to see those. Probes
+            # (not in channels) end here too.
             if channel in channels:
-                append(Event(channel, n.extra.decode(), n.be_pid))
+                payload = n.extra.decode()
+                if payload.startswith("\x1e"):  # a log reference: pgcast.durable
+                    self.durable.admit(channel, payload, n.be_pid)
+                else:
+                    append(Event(channel, payload, n.be_pid))
             n = pgconn.notifies()
         if pgconn.status == pq.ConnStatus.BAD:
             raise ConnectionLostError("connection to PostgreSQL lost: " + _error_text(pgconn))
+
+    # -- health check --------------------------------------------------------
+
+    def wait_time(self, timeout: float | None) -> float | None:
+        """How long a driver may wait for the socket, given the caller's
+        *timeout*: no longer than the next probe or probe expiry is due."""
+        if not self.channels or not self.health.enabled:
+            return timeout
+        due = self.health.next_check(self.clock())
+        if due is None:
+            return timeout
+        return due if timeout is None else min(timeout, due)
+
+    def wants_probe(self) -> bool:
+        """A probe is due: the PubSub listens and heard nothing for an interval."""
+        return (
+            bool(self.channels)
+            and not self.probe_in_flight
+            and self.probe is not None
+            and self.health.should_probe(self.clock())
+        )
+
+    def send_probe(self, pgconn: pq.abc.PGconn) -> None:
+        """Send the probe without waiting for its answer (the caller holds the
+        connection's lock and knows no query is running)."""
+        assert self.probe is not None
+        try:
+            pgconn.send_query(probe_sql(self.probe))
+            pgconn.flush()
+        except psycopg.OperationalError as exc:
+            raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+        self.probe_in_flight = True
+        self.health.probe_sent(self.clock())
+
+    def _drain_probe(self, pgconn: pq.abc.PGconn) -> None:
+        # get_result() blocks while libpq is busy, so only call it when not;
+        # the probe is answered when libpq is ready for the next command.
+        while not pgconn.is_busy():
+            if pgconn.get_result() is None:
+                self.probe_in_flight = False
+                self.health.heard(self.clock())
+                return
+
+    def check_health(self) -> None:
+        """Raise :class:`ConnectionLostError` if the probe went unanswered."""
+        now = self.clock()
+        if self.health.is_dead(now):
+            raise ConnectionLostError(self._dead_message(now))
+
+    def _dead_message(self, now: float) -> str:
+        return (
+            f"no answer from PostgreSQL to the health check for "
+            f"{self.health.silence(now):.1f} s (health_check_interval="
+            f"{self.health.interval:g} s): the network dropped the connection"
+        )
+
+    def settle(self, pgconn: pq.abc.PGconn) -> Iterator[Wait]:
+        """Before a query: read until the outstanding probe is answered.
+
+        Yields :class:`Wait` (for the socket, with the connection's lock held);
+        raises :class:`ConnectionLostError` if the probe expires first, in
+        which case the query was not sent.
+        """
+        # Twice: a server ending the session (pg_terminate_backend, shutdown)
+        # sends its FATAL message, then closes; one read may take the message
+        # only, the second finds the end of the stream. Known lost here means
+        # nothing was sent yet.
+        self.read(pgconn)
+        while True:
+            self.read(pgconn)
+            if not self.probe_in_flight:
+                return
+            deadline = self.health.deadline()
+            now = self.clock()
+            if deadline is None:  # health checks turned off meanwhile
+                deadline = now + 1.0
+            if now >= deadline:
+                raise ConnectionLostError(self._dead_message(now))
+            yield Wait(deadline - now)
+
+    # -- reconnecting --------------------------------------------------------
+
+    def new_connection(self, backend_pid: int) -> None:
+        """A (new) connection is in place: reset its probe state."""
+        self.probe = probe_channel(backend_pid)
+        self.probe_listening = False
+        self.probe_in_flight = False
+        self.own_pids.add(backend_pid)
+        self.health.reset(self.clock())
+
+    def lost(self, error: BaseException | str) -> None:
+        """Record the loss; the first one counts until :meth:`restored`."""
+        if self.outage is None:
+            self.outage = (utcnow(), str(error) or type(error).__name__)
+
+    def relisten_sql(self) -> bytes | None:
+        """The LISTEN for every channel (and the probe) on a new connection."""
+        if not self.channels:
+            return None
+        names = sorted(self.channels)
+        if self.health.enabled and self.probe is not None:
+            names.append(self.probe)
+        return listen_sql(names)
+
+    def expected_listening(self) -> frozenset[str]:
+        """What ``pg_listening_channels()`` must show on this connection."""
+        if self.probe_listening and self.probe is not None:
+            return frozenset((*self.channels, self.probe))
+        return frozenset(self.channels)
+
+    def restored(self, attempts: int) -> Reconnected:
+        """The marker for the outage that just ended (not yet delivered)."""
+        lost_at, error = self.outage or (utcnow(), "reconnect requested")
+        self.outage = None
+        return Reconnected(lost_at, utcnow(), error, attempts)
 
 
 def _error_text(pgconn: pq.abc.PGconn) -> str:
@@ -280,6 +475,13 @@ def wrap_error(exc: psycopg.Error) -> PgcastError:
     """Map a psycopg error to the pgcast tree, keeping the server's message."""
     if isinstance(exc, psycopg.OperationalError):
         return ConnectionLostError(f"connection to PostgreSQL lost: {exc}")
+    # LISTEN and NOTIFY on a standby fail with read_only_sql_transaction and
+    # "cannot execute ... during recovery": say what to do about it.
+    if exc.sqlstate == "25006" and "recovery" in str(exc):
+        return HotStandbyError(
+            f"the server is a hot standby: {exc}; connect to the primary, for "
+            "example with target_session_attrs=read-write in the DSN"
+        )
     return DatabaseError(str(exc))
 
 

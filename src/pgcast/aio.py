@@ -9,19 +9,31 @@ iterates :meth:`AsyncPubSub.events`.
 
 An AsyncPubSub belongs to the event loop it was created in and is not thread
 safe, like every asyncio object.
+
+Reconnecting follows the sync client (see :mod:`pgcast.client` and
+:mod:`pgcast._reconnect`): the task that finds the connection lost
+reconnects under an :class:`asyncio.Lock`, the iterating task without a time
+limit but the backoff's, a notifying task within ``notify_timeout``; the same
+pure retry loop, probe schedule and marker are driven here with awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
 import psycopg
+import psycopg.conninfo
 
+from . import diagnostics
+from ._backoff import Backoff
 from ._core import (
     Core,
     ExceptionHandler,
@@ -29,28 +41,82 @@ from ._core import (
     Wait,
     check_timeout,
     connect_args,
-    notify_many_query,
     notify_query,
     plan,
     wrap_error,
 )
-from ._errors import ClosedError, ConnectError, ConnectionLostError
-from ._event import Event
+from ._durable_core import Unfetched, publish_many_query, publish_query
+from ._durable_schema import Steps, install_steps
+from ._errors import (
+    ClosedError,
+    ConnectError,
+    ConnectionLostError,
+    ListenNotEffectiveError,
+    NotSentError,
+    PgcastError,
+)
+from ._event import DurableEvent, Event
 from ._payload import Payload
+from ._reconnect import (
+    Attempt,
+    OnReconnect,
+    Reconnected,
+    Resilience,
+    Sleep,
+    add_keepalives,
+    reconnect_plan,
+    resilience,
+)
 from .aio_manager import NotificationManager
+from .durable import adrive, schema_error
 
 __all__ = ["AsyncPubSub", "NotificationManager", "connect", "notify"]
 
 
-async def connect(conninfo: str = "", **kwargs: Any) -> AsyncPubSub:
+logger = logging.getLogger("pgcast")
+
+#: A reconnect hook: see :meth:`AsyncPubSub.add_reconnect_hook`.
+AsyncReconnectHook = Callable[["AsyncPubSub"], Awaitable[None]]
+
+
+async def connect(
+    conninfo: str = "",
+    *,
+    reconnect: bool = True,
+    reconnect_backoff: Backoff | None = None,
+    health_check_interval: float | None = 30.0,
+    on_reconnect: OnReconnect | None = None,
+    notify_timeout: float = 30.0,
+    **kwargs: Any,
+) -> AsyncPubSub:
     """Open an :class:`AsyncPubSub`; the arguments are those of
-    :func:`pgcast.connect`."""
+    :func:`pgcast.connect` (*on_reconnect* may be a coroutine function)."""
+    res = resilience(reconnect, reconnect_backoff, health_check_interval, notify_timeout,
+                     on_reconnect)
     conninfo, options = connect_args(conninfo, kwargs)
-    try:
-        conn = await psycopg.AsyncConnection.connect(conninfo, **options)
-    except psycopg.Error as exc:
-        raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-    return AsyncPubSub(conn)
+    options = add_keepalives(conninfo, options, res.health_check_interval)
+
+    async def open_connection() -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(conninfo, **options)
+        except psycopg.Error as exc:
+            raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+
+    return AsyncPubSub(await open_connection(), resilience=res, connector=open_connection)
+
+
+def _connector_for(
+    conn: psycopg.AsyncConnection[Any],
+) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
+    conninfo = psycopg.conninfo.make_conninfo(conn.info.dsn, password=conn.info.password)
+
+    async def open_connection() -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+
+    return open_connection
 
 
 async def notify(
@@ -74,19 +140,39 @@ class AsyncPubSub:
     ``await close()``.
     """
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        resilience: Resilience | None = None,
+        connector: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+    ) -> None:
+        """Wrap *conn* (autocommit, used by nothing else); see
+        :class:`pgcast.PubSub` for *resilience* and *connector*."""
         if not conn.autocommit:
             raise ValueError("an AsyncPubSub needs a connection in autocommit mode")
+        res = resilience or Resilience()
+        self._res = res
+        self._connector = connector or _connector_for(conn)
         self._conn = conn
         self._pgconn = conn.pgconn
-        self._core = Core()
+        self._core = Core(res.health_check_interval)
+        self._core.new_connection(conn.info.backend_pid)
         self._closed = False
+        self._closing = asyncio.Event()
+        self._generation = 0
+        self._reconnect_lock = asyncio.Lock()
+        self._reconnecting: asyncio.Task[Any] | None = None
+        self._last_marker: Reconnected | None = None
+        self._hooks: list[AsyncReconnectHook] = [AsyncPubSub._replay_after_reconnect]
+        self._queries = 0
         self._stopping = False
         self._waiter: asyncio.Future[None] | None = None
         self._reader_loop: asyncio.AbstractEventLoop | None = None
         # Our own descriptor for the socket: the loop keys readers by fd, and
         # psycopg adds its reader to the original one while a query runs.
         self._fd = os.dup(self._pgconn.socket)
+        self._reader_fd = self._fd
         # Set by a NotificationManager: called whenever this AsyncPubSub wakes
         # its own waiter, i.e. on events taken in off the socket and on close.
         self._on_wake: Callable[[], object] | None = None
@@ -106,13 +192,17 @@ class AsyncPubSub:
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` was called or the connection broke."""
-        return self._closed or self._conn.closed
+        """True once :meth:`close` was called, or the connection broke and
+        ``reconnect=False``."""
+        return self._closed or (self._conn.closed and not self._res.reconnect)
 
     def fileno(self) -> int:
         """A descriptor of the connection's socket (a duplicate, owned by this
         AsyncPubSub and valid until :meth:`close`), to wait on with
-        ``loop.add_reader`` as :class:`pgcast.aio.NotificationManager` does."""
+        ``loop.add_reader`` as :class:`pgcast.aio.NotificationManager` does.
+
+        A reconnect replaces it: ask again after a :class:`Reconnected` marker
+        (or when :attr:`generation` changed)."""
         self._check_open()
         return self._fd
 
@@ -121,6 +211,7 @@ class AsyncPubSub:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         self._wake()
         self._unhook()
         await self._conn.close()
@@ -143,14 +234,34 @@ class AsyncPubSub:
 
     # -- subscriptions -----------------------------------------------------
 
-    async def listen(self, *channels: str) -> None:
-        """Start receiving on *channels*; see :meth:`pgcast.PubSub.listen`."""
+    async def listen(
+        self,
+        *channels: str,
+        durable: bool = False,
+        since: int | None = None,
+        consumer: str | None = None,
+    ) -> None:
+        """Start receiving on *channels*; see :meth:`pgcast.PubSub.listen`
+        (the LISTEN is confirmed with ``pg_listening_channels()``), also for
+        *durable*, *since* and *consumer*."""
         if self._closed:  # even when there is nothing to send
             raise ClosedError("this AsyncPubSub is closed")
         new, sql = self._core.plan_listen(channels)
+        fresh = self._core.durable.plan_subscribe(channels, durable, since, consumer)
         if sql is not None:
             await self._execute(sql)
             self._core.did_listen(new)
+            await self._verify(new)
+        if fresh:
+            await self._durable_run(self._core.durable.subscribe_steps(fresh, since, consumer))
+
+    async def _verify(self, new: list[str]) -> None:
+        rows = await self._fetch(diagnostics.VERIFY_SQL)
+        try:
+            diagnostics.check_session(self._core.expected_listening(), rows[0] if rows else None)
+        except ListenNotEffectiveError:
+            self._core.channels.difference_update(new)
+            raise
 
     async def unlisten(self, *channels: str) -> None:
         """Stop receiving on *channels*, or on all; see :meth:`pgcast.PubSub.unlisten`."""
@@ -165,69 +276,119 @@ class AsyncPubSub:
         """The exact names of the channels listened to now."""
         return frozenset(self._core.channels)
 
+    async def queue_usage(self) -> float:
+        """``pg_notification_queue_usage()``, 0.0 to 1.0; see
+        :meth:`pgcast.PubSub.queue_usage`."""
+        rows = await self._fetch(diagnostics.QUEUE_USAGE_SQL)
+        return float(rows[0][0]) if rows else 0.0
+
     # -- publishing --------------------------------------------------------
 
-    async def notify(self, channel: str, payload: Payload = "") -> None:
-        """Send *payload* on *channel*; see :meth:`pgcast.PubSub.notify`."""
-        sql, params = notify_query(channel, payload)
-        await self._execute(sql, params)
-
-    async def notify_many(self, messages: Iterable[tuple[str, Payload]]) -> None:
-        """Send many messages in one round trip; see :meth:`pgcast.PubSub.notify_many`."""
-        query = notify_many_query(messages)
-        if query is not None:
+    async def notify(
+        self, channel: str, payload: Payload = "", *, durable: bool = False
+    ) -> int | None:
+        """Send *payload*, of any size, on *channel*; see :meth:`pgcast.PubSub.notify`."""
+        query, logged = publish_query(channel, payload, durable)
+        if not logged:
             await self._execute(*query)
+            return None
+        rows = await self._durable_run(None, query)
+        return int(rows[0][0])
+
+    async def notify_many(
+        self, messages: Iterable[tuple[str, Payload]], *, durable: bool = False
+    ) -> int | None:
+        """Send many messages in one round trip; see :meth:`pgcast.PubSub.notify_many`."""
+        planned = publish_many_query(messages, durable)
+        if planned is None:
+            return None
+        query, logged = planned
+        if not logged:
+            await self._execute(*query)
+            return None
+        rows = await self._durable_run(None, query)
+        return None if rows[0][0] is None else int(rows[0][0])
+
+    async def ack(self, event: Event) -> None:
+        """Record that the consumer processed *event* and all before it on its
+        channel; see :meth:`pgcast.PubSub.ack`."""
+        await self._execute(*self._core.durable.ack_query(event))
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         """Notifications sent inside are delivered at commit, none on rollback."""
         self._check_open()
+        await self._begin_command()
         try:
             async with self._conn.transaction():
                 yield
         except psycopg.Error as exc:
             raise wrap_error(exc) from exc
         finally:
+            self._queries -= 1
             await self._after_query()
 
     # -- receiving ---------------------------------------------------------
 
-    async def get_event(self) -> Event | None:
-        """The next event, or None. Never waits for the network."""
+    async def get_event(self) -> Event | Reconnected | None:
+        """The next event or :class:`Reconnected` marker, or None; see
+        :meth:`pgcast.PubSub.get_event`."""
         inbox = self._core.inbox
         if not inbox:
-            await self._read()
-        return inbox.popleft() if inbox else None
+            generation = self._generation
+            try:
+                await self._replay()
+                await self._read()
+            except ConnectionLostError as exc:
+                await self._recover(exc, generation)
+        event = inbox.popleft() if inbox else None
+        if type(event) is Unfetched:
+            fetched = await self._fetch_payload(event)
+            return await self.get_event() if fetched is None else fetched
+        return event
 
     def events(
         self,
         select_timeout: float | None = 5.0,
         yield_timeouts: bool = False,
         ignore_own: bool = False,
-    ) -> AsyncIterator[Event | None]:
-        """``async for`` over events as they arrive; see :meth:`pgcast.PubSub.events`."""
+    ) -> AsyncIterator[Event | Reconnected | None]:
+        """``async for`` over events and :class:`Reconnected` markers as they
+        arrive; see :meth:`pgcast.PubSub.events`."""
         timeout = check_timeout("select_timeout", select_timeout)
         if timeout == 0:
             raise ValueError("select_timeout must be > 0 (use get_event() to poll)")
-        skip = self.backend_pid if ignore_own else None
+        own = self._core.own_pids if ignore_own else None
         return self._drive(
-            plan(self._core.inbox, timeout=timeout, idle=yield_timeouts, skip_pid=skip)
+            plan(self._core.inbox, timeout=timeout, idle=yield_timeouts, skip_pids=own)
         )
 
-    def wait(self, timeout: float | None = None) -> AsyncIterator[Event | None]:
+    def wait(self, timeout: float | None = None) -> AsyncIterator[Event | Reconnected | None]:
         """``async for`` over events and idle ``None``; see :meth:`pgcast.PubSub.wait`."""
         t = check_timeout("timeout", timeout)
         return self._drive(plan(self._core.inbox, timeout=t, idle=t is not None, once=t == 0))
 
     async def _drive(
-        self, steps: Iterator[Wait | Event | None], stoppable: bool = False
-    ) -> AsyncIterator[Event | None]:
-        self._check_open()
+        self, steps: Iterator[Wait | Event | Reconnected | None], stoppable: bool = False
+    ) -> AsyncIterator[Event | Reconnected | None]:
+        if self._closed:
+            raise ClosedError("this AsyncPubSub is closed")
         for step in steps:
             if type(step) is Wait:
                 if self._closed or (stoppable and self._stopping):
                     return
-                await self._fill(step.timeout)
+                generation = self._generation
+                try:
+                    # A durable channel catching up: a batch, then a read.
+                    await self._fill(0 if await self._replay() else step.timeout)
+                except ConnectionLostError as exc:
+                    if self._closed:
+                        return
+                    await self._recover(exc, generation)  # the marker lands in the inbox
+            elif type(step) is Unfetched:
+                fetched = await self._fetch_payload(step)
+                if fetched is not None:
+                    yield fetched
             else:
                 yield step  # type: ignore[misc]
 
@@ -258,7 +419,9 @@ class AsyncPubSub:
         self._stopping = False
         steps = plan(core.inbox, timeout=None, idle=False)
         async for event in self._drive(steps, stoppable=True):
-            assert event is not None
+            # Markers go to on_reconnect, which was called already.
+            if event is None or isinstance(event, Reconnected):
+                continue
             for handler in core.handlers.get(event.channel, ()):
                 try:
                     result = handler(event)
@@ -287,19 +450,80 @@ class AsyncPubSub:
             self._on_wake()
 
     async def _execute(self, sql: str | bytes, params: Any = None) -> None:
-        self._check_open()
+        await self._command(sql, params, fetch=False)
+
+    async def _fetch(self, sql: str | bytes, params: Any = None) -> list[tuple[Any, ...]]:
+        """Run a query and return its rows, as :meth:`_execute` runs commands."""
+        return await self._command(sql, params, fetch=True)
+
+    async def _command(
+        self, sql: str | bytes, params: Any, *, fetch: bool
+    ) -> list[tuple[Any, ...]]:
+        # As in the sync client: restored first if known lost, never retried
+        # once on the wire.
+        if self._closed:
+            raise ClosedError("this AsyncPubSub is closed")
+        await self._begin_command()
         try:
-            await self._conn.execute(sql, params, prepare=None if params else False)
-        except psycopg.Error as exc:
-            raise wrap_error(exc) from exc
+            conn = self._conn
+            try:
+                cur = await conn.execute(sql, params, prepare=None if params else False)
+                return await cur.fetchall() if fetch and cur.description is not None else []
+            except psycopg.Error as exc:
+                error = wrap_error(exc)
+                if isinstance(error, ConnectionLostError):
+                    self._core.lost(error)
+                    raise ConnectionLostError(
+                        f"{error} (while the command was on its way: the server may or "
+                        "may not have run it)"
+                    ) from exc
+                raise error from exc
         finally:
+            self._queries -= 1
             await self._after_query()
 
+    async def _begin_command(self) -> None:
+        self._queries += 1
+        try:
+            deadline: float | None = None
+            while True:
+                generation = self._generation
+                try:
+                    await self._settle()
+                    return
+                except ConnectionLostError as exc:
+                    if not self._res.reconnect or self._in_reconnect():
+                        raise
+                    if deadline is None:
+                        deadline = time.monotonic() + self._res.notify_timeout
+                    try:
+                        await self._recover(exc, generation, deadline)
+                    except ConnectionLostError as gave_up:
+                        raise NotSentError(
+                            f"not sent: the connection to PostgreSQL was lost and not "
+                            f"restored within notify_timeout={self._res.notify_timeout:g} s "
+                            f"({gave_up})"
+                        ) from gave_up
+        except BaseException:
+            self._queries -= 1
+            raise
+
+    async def _settle(self) -> None:
+        self._check_open()
+        conn = self._conn
+        async with conn.lock:
+            for step in self._core.settle(conn.pgconn):
+                await _readable(conn.pgconn.socket, step.timeout)
+
     async def _after_query(self) -> None:
-        if self._closed or self._conn.closed:
+        conn = self._conn
+        if self._closed or conn.closed:
             return
-        async with self._conn.lock:
-            self._core.take(self._pgconn)
+        async with conn.lock:
+            try:
+                self._core.take(conn.pgconn)
+            except ConnectionLostError:
+                return  # the next read or command notices it
         # Not only what take() added: psycopg's notify handler already put in
         # the inbox what came with the results, and nobody was woken for it.
         if self._core.inbox:
@@ -307,21 +531,27 @@ class AsyncPubSub:
 
     async def _read(self) -> None:
         self._check_open()
-        async with self._conn.lock:
-            self._core.read(self._pgconn)
+        conn = self._conn
+        async with conn.lock:
+            self._core.read(conn.pgconn)
 
     def _unhook(self) -> None:
         if self._reader_loop is not None:
-            self._reader_loop.remove_reader(self._fd)
+            self._reader_loop.remove_reader(self._reader_fd)
             self._reader_loop = None
 
     async def _fill(self, timeout: float | None) -> None:
+        core = self._core
         if timeout != 0:
+            self._check_open()
+            await self._maybe_probe()
+            wait = core.wait_time(timeout)
             loop = asyncio.get_running_loop()
             fut = self._waiter = loop.create_future()
-            loop.add_reader(self._fd, _resolve, fut)
+            self._reader_fd = self._fd
+            loop.add_reader(self._reader_fd, _resolve, fut)
             self._reader_loop = loop
-            timer = None if timeout is None else loop.call_later(timeout, _resolve, fut)
+            timer = None if wait is None else loop.call_later(wait, _resolve, fut)
             try:
                 await fut
             finally:
@@ -332,3 +562,230 @@ class AsyncPubSub:
             if self._closed:
                 return
         await self._read()
+        core.check_health()
+
+    async def _maybe_probe(self) -> None:
+        core = self._core
+        if not core.wants_probe() or self._reconnecting is not None or self._queries:
+            return
+        conn = self._conn
+        # Not contended (no command runs): taking the lock does not yield to
+        # a task that could start one.
+        async with conn.lock:
+            if not self._queries:
+                core.send_probe(conn.pgconn)
+
+    # -- durable channels (the logic is in pgcast._durable_core) ------------
+
+    async def _durable_run(self, steps: Steps[Any] | None, query: Any = None) -> Any:
+        """Run *steps*, or the single *query* (returning its rows), with the
+        ``pgcast`` schema checked (and installed if missing) first."""
+        durable = self._core.durable
+        if not durable.schema_ready:
+            try:
+                async with self.transaction():
+                    await adrive(install_steps(), self._fetch)
+            except PgcastError as exc:
+                raise schema_error(exc) from exc
+            durable.schema_ready = True
+        before = len(self._core.inbox)
+        if steps is None:
+            result = await self._fetch(*query)
+        else:
+            result = await adrive(steps, self._fetch)
+        if len(self._core.inbox) > before:
+            self._wake()  # another task may be iterating
+        return result
+
+    async def _replay(self) -> bool:
+        """Read one replay batch if a durable channel is catching up."""
+        durable = self._core.durable
+        if not durable.pending:
+            return False
+        await self._durable_run(durable.replay_steps())
+        return True
+
+    async def _replay_after_reconnect(self) -> None:
+        # A reconnect hook: what was missed is read before the marker.
+        durable = self._core.durable
+        durable.reconnected()
+        while durable.pending:
+            await self._durable_run(durable.replay_steps())
+
+    async def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
+        """The event with its payload read from the log (None: pruned)."""
+        while True:
+            generation = self._generation
+            try:
+                result: DurableEvent | None = await self._durable_run(
+                    self._core.durable.fetch_steps(event)
+                )
+                return result
+            except ConnectionLostError as exc:
+                if self._closed:
+                    raise ClosedError("this AsyncPubSub is closed") from exc
+                await self._recover(exc, generation)
+
+    # -- reconnecting ------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """How many times this AsyncPubSub reconnected (0 at first)."""
+        return self._generation
+
+    def add_reconnect_hook(self, hook: AsyncReconnectHook) -> None:
+        """``await hook(pubsub)`` after each reconnect, once every channel is
+        LISTENed again and before the marker is queued; see
+        :meth:`pgcast.PubSub.add_reconnect_hook`."""
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, not {type(hook).__name__}")
+        self._hooks.append(hook)
+
+    async def reconnect(self) -> Reconnected:
+        """Drop the connection and open a new one now; see
+        :meth:`pgcast.PubSub.reconnect`."""
+        if self._closed:
+            raise ClosedError("this AsyncPubSub is closed")
+        marker = await self._recover(
+            ConnectionLostError("reconnect() was called"), self._generation, force=True
+        )
+        assert marker is not None
+        return marker
+
+    def _in_reconnect(self) -> bool:
+        return self._reconnecting is not None and self._reconnecting is asyncio.current_task()
+
+    async def _recover(
+        self,
+        exc: ConnectionLostError,
+        generation: int,
+        deadline: float | None = None,
+        *,
+        force: bool = False,
+    ) -> Reconnected | None:
+        if not (self._res.reconnect or force):
+            self._core.lost(exc)
+            raise exc
+        try:
+            if deadline is None:
+                await self._reconnect_lock.acquire()
+            else:
+                timeout = max(0.0, deadline - time.monotonic())
+                await asyncio.wait_for(self._reconnect_lock.acquire(), timeout)
+        except TimeoutError:
+            raise ConnectionLostError(
+                f"another task is restoring the connection and was not done in time; "
+                f"the connection was lost: {exc}"
+            ) from exc
+        try:
+            if self._generation != generation:
+                return self._last_marker
+            if self._closed:
+                raise ClosedError("this AsyncPubSub is closed")
+            self._reconnecting = asyncio.current_task()
+            return await self._reconnect_now(exc, deadline)
+        finally:
+            self._reconnecting = None
+            self._reconnect_lock.release()
+
+    async def _reconnect_now(
+        self, exc: ConnectionLostError, deadline: float | None
+    ) -> Reconnected:
+        core = self._core
+        core.lost(exc)
+        logger.warning("pgcast: connection lost (%s); reconnecting", exc)
+        await self._discard()
+        steps = reconnect_plan(self._res.backoff, exc, deadline=deadline)
+        failure: BaseException | None = None
+        while True:
+            try:
+                step = steps.send(None) if failure is None else steps.throw(failure)
+            except StopIteration as done:
+                attempts: int = done.value
+                break
+            failure = None
+            if type(step) is Sleep:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), step.seconds)
+                if self._closed:
+                    raise ClosedError("this AsyncPubSub was closed while reconnecting")
+            elif type(step) is Attempt:
+                try:
+                    await self._attempt()
+                except asyncio.CancelledError:
+                    await self._discard()
+                    raise
+                except BaseException as error:
+                    await self._discard()
+                    failure = error
+                if self._closed:
+                    await self._discard()
+                    raise ClosedError("this AsyncPubSub was closed while reconnecting")
+        marker = core.restored(attempts)
+        self._last_marker = marker
+        logger.warning("pgcast: reconnected after %.3f s", marker.downtime.total_seconds())
+        await self._call_on_reconnect(marker)
+        core.inbox.append(marker)
+        self._wake()
+        return marker
+
+    async def _attempt(self) -> None:
+        conn = await self._connector()
+        self._install(conn)
+        core = self._core
+        try:
+            sql = core.relisten_sql()
+            if sql is not None:
+                await conn.execute(sql, prepare=False)
+                core.did_listen(())
+                cur = await conn.execute(diagnostics.VERIFY_SQL)
+                diagnostics.check_session(core.expected_listening(), await cur.fetchone())
+        except psycopg.Error as exc:
+            raise wrap_error(exc) from exc
+        finally:
+            await self._after_query()
+        for hook in self._hooks:
+            await hook(self)
+
+    def _install(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        conn.add_notify_handler(self._core.on_notify)
+        # The iterating task may wait on the old descriptor: unhook it there
+        # and wake it, so it waits on the new one.
+        self._wake()
+        self._unhook()
+        old_fd = self._fd
+        self._fd = os.dup(conn.pgconn.socket)
+        os.close(old_fd)
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._core.new_connection(conn.info.backend_pid)
+        self._generation += 1
+
+    async def _discard(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._conn.close()
+
+    async def _call_on_reconnect(self, marker: Reconnected) -> None:
+        callback = self._res.on_reconnect
+        if callback is None:
+            return
+        try:
+            result = callback(marker)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("pgcast: on_reconnect failed on %r", marker)
+
+
+async def _readable(fd: int, timeout: float | None) -> None:
+    """Wait until *fd* is readable, at most *timeout* seconds."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _resolve, fut)
+    timer = None if timeout is None else loop.call_later(timeout, _resolve, fut)
+    try:
+        await fut
+    finally:
+        if timer is not None:
+            timer.cancel()
+        loop.remove_reader(fd)

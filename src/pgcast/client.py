@@ -50,13 +50,21 @@ from ._core import (
     Wait,
     check_timeout,
     connect_args,
-    notify_many_query,
     notify_query,
     plan,
     wrap_error,
 )
-from ._errors import ClosedError, ConnectError, ConnectionLostError, NotSentError
-from ._event import Event
+from ._durable_core import Unfetched, publish_many_query, publish_query
+from ._durable_schema import Steps, install_steps
+from ._errors import (
+    ClosedError,
+    ConnectError,
+    ConnectionLostError,
+    ListenNotEffectiveError,
+    NotSentError,
+    PgcastError,
+)
+from ._event import DurableEvent, Event
 from ._payload import Payload
 from ._reconnect import (
     Attempt,
@@ -68,6 +76,7 @@ from ._reconnect import (
     reconnect_plan,
     resilience,
 )
+from .durable import drive, schema_error
 
 __all__ = ["PubSub", "Runner", "connect", "notify"]
 
@@ -188,11 +197,14 @@ class PubSub:
         self._reconnect_lock = threading.Lock()
         self._reconnecting: int | None = None  # the thread reconnecting now
         self._last_marker: Reconnected | None = None
-        self._hooks: list[ReconnectHook] = []
+        self._hooks: list[ReconnectHook] = [PubSub._replay_after_reconnect]
         # Commands running or about to run: the iterating thread sends no
         # probe meanwhile (libpq runs one command at a time).
         self._queries = 0
         self._queries_lock = threading.Lock()
+        # Whether the iterating thread is inside select(); see close().
+        self._selecting = False
+        self._select_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -240,10 +252,19 @@ class PubSub:
         """Close the connection. Idempotent; iterating threads stop iterating."""
         if self._closed:
             return
-        self._closed = True
+        with self._select_lock:
+            self._closed = True
+            selecting = self._selecting
         self._closing.set()
         self._wake()
         self._conn.close()
+        # A thread inside select() must find the wake byte: closing the wake
+        # socket would remove it from epoll's ready list and leave the thread
+        # asleep, so that thread releases them on its way out.
+        if not selecting:
+            self._release()
+
+    def _release(self) -> None:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -265,21 +286,56 @@ class PubSub:
 
     # -- subscriptions -----------------------------------------------------
 
-    def listen(self, *channels: str) -> None:
+    def listen(
+        self,
+        *channels: str,
+        durable: bool = False,
+        since: int | None = None,
+        consumer: str | None = None,
+    ) -> None:
         """Start receiving notifications on *channels* (exact names).
 
         All names are validated before anything is sent; listening again to a
         channel already listened to does nothing.
 
+        With *durable*, the channels' durable messages (see
+        :mod:`pgcast.durable`) are also replayed from the log: those after
+        log id *since*; or, for a named *consumer*, those after the last one
+        it acknowledged with :meth:`ack` (a new consumer starts at *since*,
+        else at the end of the log); or, with neither, only what is missed
+        across reconnects. Then they continue live, per channel in commit
+        order, with no gap and no duplicate. The first batch of the replay is
+        in the inbox when this returns.
+
         :raises InvalidChannelError: a name is empty, contains NUL or is over
             63 bytes in UTF-8.
+        :raises ListenNotEffectiveError: ``pg_listening_channels()`` does not
+            show the LISTEN (a pooler in transaction mode); the channels are
+            not counted as listened to.
+        :raises HotStandbyError: the server is a standby.
+        :raises SchemaError: durable, and the ``pgcast`` schema is missing
+            and may not be installed by this role.
         """
         if self._closed:  # even when there is nothing to send
             raise ClosedError("this PubSub is closed")
         new, sql = self._core.plan_listen(channels)
+        fresh = self._core.durable.plan_subscribe(channels, durable, since, consumer)
         if sql is not None:
             self._execute(sql)
             self._core.did_listen(new)
+            self._verify(new)
+        if fresh:
+            self._durable_run(self._core.durable.subscribe_steps(fresh, since, consumer))
+
+    def _verify(self, new: list[str]) -> None:
+        # A separate statement: behind a transaction-mode pooler it may run on
+        # another server session, which is exactly what it is meant to catch.
+        rows = self._fetch(diagnostics.VERIFY_SQL)
+        try:
+            diagnostics.check_session(self._core.expected_listening(), rows[0] if rows else None)
+        except ListenNotEffectiveError:
+            self._core.channels.difference_update(new)
+            raise
 
     def unlisten(self, *channels: str) -> None:
         """Stop receiving on *channels*; with no arguments, on every channel.
@@ -298,57 +354,112 @@ class PubSub:
         """The exact names of the channels listened to now."""
         return frozenset(self._core.channels)
 
+    def queue_usage(self) -> float:
+        """``pg_notification_queue_usage()``: the fraction of the server's
+        notification queue in use, 0.0 to 1.0. Near 1.0, a listener somewhere
+        is not reading and NOTIFY is about to fail."""
+        rows = self._fetch(diagnostics.QUEUE_USAGE_SQL)
+        return float(rows[0][0]) if rows else 0.0
+
     # -- publishing --------------------------------------------------------
 
-    def notify(self, channel: str, payload: Payload = "") -> None:
+    def notify(self, channel: str, payload: Payload = "", *, durable: bool = False) -> int | None:
         """Send *payload* on *channel*. Dicts and lists are sent as JSON.
 
         Outside :meth:`transaction` it is delivered at once; inside, at commit.
+        Payloads of any size are accepted: one of 8000 bytes or more in UTF-8
+        is stored in the log and fetched by the receivers. With *durable*, the
+        message is stored in the log for replay (see :mod:`pgcast.durable`).
+        Returns the message's log id, or None for a plain NOTIFY.
 
-        :raises PayloadTooLargeError: the payload is 8000 bytes or more in
-            UTF-8. Nothing was sent and the PubSub stays usable.
+        :raises PayloadError: the payload contains NUL or is not a str, dict
+            or list. Nothing was sent and the PubSub stays usable.
+        :raises SchemaError: the payload needs the log, and the ``pgcast``
+            schema is missing and may not be installed by this role.
         """
-        sql, params = notify_query(channel, payload)
-        self._execute(sql, params)
+        query, logged = publish_query(channel, payload, durable)
+        if not logged:
+            self._execute(*query)
+            return None
+        rows = self._durable_run(None, query)
+        return int(rows[0][0])
 
-    def notify_many(self, messages: Iterable[tuple[str, Payload]]) -> None:
+    def notify_many(
+        self, messages: Iterable[tuple[str, Payload]], *, durable: bool = False
+    ) -> int | None:
         """Send many ``(channel, payload)`` in one round trip and one transaction.
 
         Every message is checked first; one bad message means none is sent.
-        As with any transaction, identical messages in one call arrive once.
+        As with any transaction, identical plain messages in one call arrive
+        once. With *durable*, or when a payload needs the log (see
+        :meth:`notify`), returns the last message's log id, else None.
         """
-        query = notify_many_query(messages)
-        if query is not None:
+        planned = publish_many_query(messages, durable)
+        if planned is None:
+            return None
+        query, logged = planned
+        if not logged:
             self._execute(*query)
+            return None
+        rows = self._durable_run(None, query)
+        return None if rows[0][0] is None else int(rows[0][0])
+
+    def ack(self, event: Event) -> None:
+        """Record that the consumer of *event*'s channel processed it, and
+        everything before it on that channel: after a restart, the consumer
+        resumes after it. Acknowledgements only move forward.
+
+        :raises TypeError: *event* is not a durable event.
+        :raises ValueError: its channel is not listened to with a consumer.
+        """
+        self._execute(*self._core.durable.ack_query(event))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """A transaction: notifications sent inside are delivered at commit,
-        and not at all if it rolls back (on an exception)."""
+        and not at all if it rolls back (on an exception). A connection lost
+        inside raises :class:`~pgcast.ConnectionLostError`: nothing of the
+        transaction was committed."""
         self._check_open()
+        self._begin_command()
         try:
             with self._conn.transaction():
                 yield
         except psycopg.Error as exc:
             raise wrap_error(exc) from exc
         finally:
+            self._end_command()
             self._after_query()
 
     # -- receiving ---------------------------------------------------------
 
-    def get_event(self) -> Event | None:
-        """The next event, or None. Never blocks: reads only what has arrived."""
+    def get_event(self) -> Event | Reconnected | None:
+        """The next event or :class:`Reconnected` marker, or None.
+
+        Reads only what has arrived, without waiting; but when it finds the
+        connection lost, it reconnects first (which waits), unless
+        ``reconnect=False``: then :class:`~pgcast.ConnectionLostError`.
+        """
         inbox = self._core.inbox
         if not inbox:
-            self._read()
-        return inbox.popleft() if inbox else None
+            generation = self._generation
+            try:
+                self._replay()
+                self._read()
+            except ConnectionLostError as exc:
+                self._recover(exc, generation)
+        event = inbox.popleft() if inbox else None
+        if type(event) is Unfetched:
+            fetched = self._fetch_payload(event)
+            return self.get_event() if fetched is None else fetched
+        return event
 
     def events(
         self,
         select_timeout: float | None = 5.0,
         yield_timeouts: bool = False,
         ignore_own: bool = False,
-    ) -> Iterator[Event | None]:
+    ) -> Iterator[Event | Reconnected | None]:
         """Block and yield events as they arrive (pgpubsub's interface).
 
         The socket is waited on in slices of *select_timeout* seconds; with
@@ -356,33 +467,53 @@ class PubSub:
         event (a chance to send a keep-alive). *ignore_own* skips the
         notifications this PubSub sent itself. Iteration ends when the PubSub
         is closed.
+
+        After a lost connection is restored, a :class:`Reconnected` marker is
+        yielded: notifications sent meanwhile were missed. With
+        ``reconnect=False``, :class:`~pgcast.ConnectionLostError` is raised
+        instead.
         """
         timeout = check_timeout("select_timeout", select_timeout)
         if timeout == 0:
             raise ValueError("select_timeout must be > 0 (use get_event() to poll)")
-        skip = self.backend_pid if ignore_own else None
+        own = self._core.own_pids if ignore_own else None
         return self._drive(plan(self._core.inbox, timeout=timeout, idle=yield_timeouts,
-                                skip_pid=skip))
+                                skip_pids=own))
 
-    def wait(self, timeout: float | None = None) -> Iterator[Event | None]:
+    def wait(self, timeout: float | None = None) -> Iterator[Event | Reconnected | None]:
         """Yield events, and ``None`` as an idle event about every *timeout*
         seconds without one (py-postgresql's interface).
 
         ``timeout=None`` never idles; ``timeout=0`` yields what is pending now
-        and ends. Breaking out of the loop loses nothing.
+        and ends. Breaking out of the loop loses nothing. :class:`Reconnected`
+        markers are yielded as in :meth:`events`.
         """
         t = check_timeout("timeout", timeout)
         return self._drive(plan(self._core.inbox, timeout=t, idle=t is not None, once=t == 0))
 
     def _drive(
-        self, steps: Iterator[Wait | Event | None], stop: threading.Event | None = None
-    ) -> Iterator[Event | None]:
-        self._check_open()
+        self,
+        steps: Iterator[Wait | Event | Reconnected | None],
+        stop: threading.Event | None = None,
+    ) -> Iterator[Event | Reconnected | None]:
+        if self._closed:
+            raise ClosedError("this PubSub is closed")
         for step in steps:
             if type(step) is Wait:
                 if self._closed or (stop is not None and stop.is_set()):
                     return
-                self._fill(step.timeout)
+                generation = self._generation
+                try:
+                    # A durable channel catching up: a batch, then a read.
+                    self._fill(0 if self._replay() else step.timeout)
+                except ConnectionLostError as exc:
+                    if self._closed:
+                        return
+                    self._recover(exc, generation)  # the marker lands in the inbox
+            elif type(step) is Unfetched:
+                fetched = self._fetch_payload(step)
+                if fetched is not None:
+                    yield fetched
             else:
                 yield step  # type: ignore[misc]
 
@@ -419,7 +550,9 @@ class PubSub:
         with contextlib.ExitStack() as stack:
             loop: asyncio.Runner | None = None
             for event in self._drive(steps, stop):
-                assert event is not None
+                # Markers go to on_reconnect, which was called already.
+                if event is None or isinstance(event, Reconnected):
+                    continue
                 for handler in core.handlers.get(event.channel, ()):
                     try:
                         result = handler(event)
@@ -455,22 +588,92 @@ class PubSub:
             self._on_wake()
 
     def _execute(self, sql: str | bytes, params: Any = None) -> None:
-        self._check_open()
+        self._command(sql, params, fetch=False)
+
+    def _fetch(self, sql: str | bytes, params: Any = None) -> list[tuple[Any, ...]]:
+        """Run a query and return its rows, as :meth:`_execute` runs commands."""
+        return self._command(sql, params, fetch=True)
+
+    def _command(self, sql: str | bytes, params: Any, *, fetch: bool) -> list[tuple[Any, ...]]:
+        # A connection known lost before anything is sent is restored first
+        # (bounded by notify_timeout): the command is then sent, never dropped.
+        # A connection lost while the command is on the wire cannot tell
+        # whether the server ran it: that is raised, not retried.
+        if self._closed:
+            raise ClosedError("this PubSub is closed")
+        self._begin_command()
         try:
-            self._conn.execute(sql, params, prepare=None if params else False)
-        except psycopg.Error as exc:
-            raise wrap_error(exc) from exc
+            conn = self._conn
+            try:
+                cur = conn.execute(sql, params, prepare=None if params else False)
+                return cur.fetchall() if fetch and cur.description is not None else []
+            except psycopg.Error as exc:
+                error = wrap_error(exc)
+                if isinstance(error, ConnectionLostError):
+                    self._core.lost(error)
+                    raise ConnectionLostError(
+                        f"{error} (while the command was on its way: the server may or "
+                        "may not have run it)"
+                    ) from exc
+                raise error from exc
         finally:
+            self._end_command()
             self._after_query()
+
+    def _begin_command(self) -> None:
+        """Make the connection ready for a command: no probe outstanding, not
+        known to be lost (else reconnect, within notify_timeout)."""
+        with self._queries_lock:
+            self._queries += 1
+        try:
+            deadline: float | None = None
+            while True:
+                generation = self._generation
+                try:
+                    self._settle()
+                    return
+                except ConnectionLostError as exc:
+                    if not self._res.reconnect or self._reconnecting == threading.get_ident():
+                        raise
+                    if deadline is None:
+                        deadline = time.monotonic() + self._res.notify_timeout
+                    try:
+                        self._recover(exc, generation, deadline)
+                    except ConnectionLostError as gave_up:
+                        raise NotSentError(
+                            f"not sent: the connection to PostgreSQL was lost and not "
+                            f"restored within notify_timeout={self._res.notify_timeout:g} s "
+                            f"({gave_up})"
+                        ) from gave_up
+        except BaseException:
+            self._end_command()
+            raise
+
+    def _end_command(self) -> None:
+        with self._queries_lock:
+            self._queries -= 1
+
+    def _settle(self) -> None:
+        # Reads what is pending (which notices a connection closed by the
+        # server) and waits for an outstanding probe's answer.
+        self._check_open()
+        conn = self._conn
+        with conn.lock:
+            for step in self._core.settle(conn.pgconn):
+                select.select([conn.pgconn.socket], [], [], step.timeout)
 
     def _after_query(self) -> None:
         # Notifications that came in with the query's results are already in
         # the inbox, and libpq may hold more parsed ones; the iterating thread
         # is waiting on a socket that will not become readable for them.
-        if self._closed or self._conn.closed:
+        conn = self._conn
+        if self._closed or conn.closed:
             return
-        with self._lock:
-            self._core.take(self._pgconn)
+        with conn.lock:
+            try:
+                self._core.take(conn.pgconn)
+            except ConnectionLostError:
+                return  # the next read or command notices it
         # Not only what take() added: psycopg's notify handler already put in
         # the inbox what came with the results, and nobody was woken for it.
         if self._core.inbox:
@@ -478,18 +681,39 @@ class PubSub:
 
     def _read(self) -> None:
         self._check_open()
-        with self._lock:
-            self._core.read(self._pgconn)
+        conn = self._conn
+        with conn.lock:
+            self._core.read(conn.pgconn)
 
     def _fill(self, timeout: float | None) -> None:
+        core = self._core
         if timeout != 0:
+            self._check_open()
+            self._maybe_probe()
             try:
-                ready = self._selector.select(timeout)
-            except (OSError, ValueError):  # closed by another thread meanwhile
+                sock = self._pgconn.socket
+            except psycopg.Error as exc:  # closed by another thread meanwhile
                 if self._closed:
                     return
-                raise
+                raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+            if self._registered != (self._generation, sock):
+                self._register(sock)
+            with self._select_lock:
+                if self._closed:
+                    return
+                self._selecting = True
+            try:
+                ready = self._selector.select(core.wait_time(timeout))
+            finally:
+                with self._select_lock:
+                    self._selecting = False
+                    release = self._closed
+                if release:
+                    self._release()
+            if release:
+                return
             if not ready:
+                core.check_health()
                 return
             for key, _ in ready:
                 if key.fileobj is self._wake_r:
@@ -498,6 +722,218 @@ class PubSub:
             if self._closed:
                 return
         self._read()
+        core.check_health()
+
+    def _maybe_probe(self) -> None:
+        core = self._core
+        if not core.wants_probe() or self._reconnecting is not None:
+            return
+        with self._queries_lock:
+            if self._queries:
+                return  # a command is a round trip too; probe after it
+            conn = self._conn
+            with conn.lock:
+                core.send_probe(conn.pgconn)
+
+    def _register(self, sock: int) -> None:
+        _, old = self._registered
+        with contextlib.suppress(KeyError, OSError, ValueError):
+            self._selector.unregister(old)
+        self._selector.register(sock, selectors.EVENT_READ)
+        self._registered = (self._generation, sock)
+
+    # -- durable channels (the logic is in pgcast._durable_core) ------------
+
+    def _durable_run(self, steps: Steps[Any] | None, query: Any = None) -> Any:
+        """Run *steps*, or the single *query* (returning its rows), with the
+        ``pgcast`` schema checked (and installed if missing) first."""
+        durable = self._core.durable
+        if not durable.schema_ready:
+            try:
+                with self.transaction():
+                    drive(install_steps(), self._fetch)
+            except PgcastError as exc:
+                raise schema_error(exc) from exc
+            durable.schema_ready = True
+        before = len(self._core.inbox)
+        result = self._fetch(*query) if steps is None else drive(steps, self._fetch)
+        if len(self._core.inbox) > before:
+            self._wake()  # another thread may be iterating
+        return result
+
+    def _replay(self) -> bool:
+        """Read one replay batch if a durable channel is catching up."""
+        durable = self._core.durable
+        if not durable.pending:
+            return False
+        self._durable_run(durable.replay_steps())
+        return True
+
+    def _replay_after_reconnect(self) -> None:
+        # A reconnect hook: every channel is LISTENed again; what was missed
+        # meanwhile is read now, so that it comes before the marker.
+        durable = self._core.durable
+        durable.reconnected()
+        while durable.pending:
+            self._durable_run(durable.replay_steps())
+
+    def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
+        """The event with its payload read from the log (None: pruned)."""
+        while True:
+            generation = self._generation
+            try:
+                result: DurableEvent | None = self._durable_run(
+                    self._core.durable.fetch_steps(event)
+                )
+                return result
+            except ConnectionLostError as exc:
+                if self._closed:
+                    raise ClosedError("this PubSub is closed") from exc
+                self._recover(exc, generation)
+
+    # -- reconnecting ------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """How many times this PubSub reconnected (0 on its first connection)."""
+        return self._generation
+
+    def add_reconnect_hook(self, hook: ReconnectHook) -> None:
+        """Call ``hook(pubsub)`` after each reconnect, once every channel is
+        LISTENed again and before the :class:`Reconnected` marker is queued.
+
+        For extensions such as durable channels: the hook may run commands
+        through this PubSub (it runs in the reconnecting thread, on the new
+        connection) and append events to the inbox, which then come before
+        the marker. A hook that raises a connection error makes the attempt
+        fail and be retried; any other exception ends the reconnect and
+        propagates to the thread that was reconnecting.
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, not {type(hook).__name__}")
+        self._hooks.append(hook)
+
+    def reconnect(self) -> Reconnected:
+        """Drop the connection and open a new one now (for example when a
+        supervisor decided it is dead); returns the marker, which is also
+        queued. Works with ``reconnect=False`` too.
+
+        :raises ConnectionLostError: the backoff gave up.
+        """
+        if self._closed:
+            raise ClosedError("this PubSub is closed")
+        marker = self._recover(
+            ConnectionLostError("reconnect() was called"), self._generation, force=True
+        )
+        assert marker is not None
+        return marker
+
+    def _recover(
+        self,
+        exc: ConnectionLostError,
+        generation: int,
+        deadline: float | None = None,
+        *,
+        force: bool = False,
+    ) -> Reconnected | None:
+        """Reconnect after *exc*, seen on *generation*, unless another thread
+        did meanwhile; raise *exc* itself when reconnecting is off."""
+        if not (self._res.reconnect or force):
+            self._core.lost(exc)
+            raise exc
+        timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._reconnect_lock.acquire(timeout=timeout):
+            raise ConnectionLostError(
+                f"another thread is restoring the connection and was not done in time; "
+                f"the connection was lost: {exc}"
+            ) from exc
+        try:
+            if self._generation != generation:
+                return self._last_marker  # another thread reconnected meanwhile
+            if self._closed:
+                raise ClosedError("this PubSub is closed")
+            self._reconnecting = threading.get_ident()
+            return self._reconnect_now(exc, deadline)
+        finally:
+            self._reconnecting = None
+            self._reconnect_lock.release()
+
+    def _reconnect_now(self, exc: ConnectionLostError, deadline: float | None) -> Reconnected:
+        core = self._core
+        core.lost(exc)
+        logger.warning("pgcast: connection lost (%s); reconnecting", exc)
+        self._discard()
+        steps = reconnect_plan(self._res.backoff, exc, deadline=deadline)
+        failure: BaseException | None = None
+        while True:
+            try:
+                step = steps.send(None) if failure is None else steps.throw(failure)
+            except StopIteration as done:
+                attempts: int = done.value
+                break
+            failure = None
+            if type(step) is Sleep:
+                if self._closing.wait(step.seconds):
+                    raise ClosedError("this PubSub was closed while reconnecting")
+            elif type(step) is Attempt:
+                try:
+                    self._attempt()
+                except BaseException as error:
+                    self._discard()
+                    failure = error
+                if self._closed:
+                    self._discard()
+                    raise ClosedError("this PubSub was closed while reconnecting")
+        marker = core.restored(attempts)
+        self._last_marker = marker
+        logger.warning("pgcast: reconnected after %.3f s", marker.downtime.total_seconds())
+        self._call_on_reconnect(marker)
+        core.inbox.append(marker)
+        self._wake()
+        return marker
+
+    def _attempt(self) -> None:
+        """Open a connection, LISTEN again, check it, run the hooks."""
+        conn = self._connector()
+        self._install(conn)
+        core = self._core
+        try:
+            sql = core.relisten_sql()
+            if sql is not None:
+                conn.execute(sql, prepare=False)
+                core.did_listen(())
+                row = conn.execute(diagnostics.VERIFY_SQL).fetchone()
+                diagnostics.check_session(core.expected_listening(), row)
+        except psycopg.Error as exc:
+            raise wrap_error(exc) from exc
+        finally:
+            self._after_query()
+        for hook in self._hooks:
+            hook(self)
+
+    def _install(self, conn: psycopg.Connection[Any]) -> None:
+        conn.add_notify_handler(self._core.on_notify)
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._lock = conn.lock
+        self._core.new_connection(conn.info.backend_pid)
+        self._generation += 1
+        self._wake()  # the iterating thread waits on the old socket
+
+    def _discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()
+
+    def _call_on_reconnect(self, marker: Reconnected) -> None:
+        callback = self._res.on_reconnect
+        if callback is None:
+            return
+        try:
+            result = callback(marker)
+            if inspect.iscoroutine(result):
+                asyncio.run(result)
+        except Exception:
+            logger.exception("pgcast: on_reconnect failed on %r", marker)
 
 
 class Runner(threading.Thread):
