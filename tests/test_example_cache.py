@@ -41,6 +41,7 @@ def own_database(dsn: str, conn: psycopg.Connection[Any]) -> Iterator[str]:
     conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_the_example_runs_on_its_own_embedded_server() -> None:
     done = run_example()
     assert "all checks passed" in done.stdout

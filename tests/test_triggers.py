@@ -338,6 +338,7 @@ def test_statement_mode_sends_the_set_of_keys_per_statement(
     assert (insert.part, insert.parts, insert.truncated) == (1, 1, False)
 
 
+@pytest.mark.slow
 def test_a_100000_row_update_sends_a_few_notifications_not_100000(
     conn: Conn, ps: pgcast.PubSub, table: str
 ) -> None:
