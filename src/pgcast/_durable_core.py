@@ -200,10 +200,31 @@ class Unfetched(DurableEvent):
 @dataclass(slots=True)
 class _Stream:
     consumer: str | None
-    last: int  # the highest id handed to the inbox, or covered by a replay
+    # The highest id handed to the inbox or covered by a replay; None until
+    # the start position is known.
+    last: int | None = None
     replaying: bool = True
     seen: int = 0  # the highest live id dropped while replaying
     busy: bool = False  # a replay query for it is running
+
+
+_CONSUMER_SQL = """
+WITH new AS (
+    INSERT INTO pgcast.consumers (name, channel, position)
+    VALUES (%(name)s, %(channel)s, coalesce(%(since)s::bigint,
+        (SELECT max(id) FROM pgcast.log WHERE channel = %(channel)s), 0))
+    ON CONFLICT (name, channel) DO NOTHING
+    RETURNING position
+)
+SELECT position FROM new
+UNION ALL
+SELECT position FROM pgcast.consumers WHERE name = %(name)s AND channel = %(channel)s
+"""
+_END_SQL = "SELECT coalesce(max(id), 0) FROM pgcast.log WHERE channel = %s"
+REPLAY_SQL = (
+    "SELECT id, pid, CASE WHEN octet_length(payload) <= %s THEN payload END "
+    "FROM pgcast.log WHERE channel = %s AND id > %s ORDER BY id LIMIT %s"
+)
 
 
 class DurableState:
@@ -211,6 +232,11 @@ class DurableState:
 
     Thread safe: the sync driver's reading thread admits notifications while
     another thread may apply a replay batch.
+
+    A durable listen is three steps: :meth:`plan_subscribe` (before the
+    LISTEN: from then on, live notifications of the channel are held back),
+    the LISTEN itself, then :meth:`subscribe_steps` (the start position and a
+    first replay batch). :meth:`replay_steps` reads the next batches.
     """
 
     __slots__ = ("_lock", "inbox", "schema_ready", "streams")
@@ -244,6 +270,7 @@ class DurableState:
             if stream.replaying:
                 stream.seen = max(stream.seen, id)
                 return
+            assert stream.last is not None
             if id <= stream.last:
                 return
             stream.last = id
@@ -254,8 +281,9 @@ class DurableState:
     def plan_subscribe(
         self, channels: Sequence[str], durable: bool, since: int | None, consumer: str | None
     ) -> list[str]:
-        """Validate the durable part of a listen (*channels* are valid names);
-        return the channels to make durable, in order, without repeats."""
+        """Validate the durable part of a listen (*channels* are valid names)
+        and hold back the live notifications of the channels to make durable,
+        which it returns, in order, without repeats. Call before the LISTEN."""
         if not durable:
             if since is not None or consumer is not None:
                 raise ValueError("since and consumer need durable=True")
@@ -269,7 +297,7 @@ class DurableState:
         new = []
         for channel in dict.fromkeys(channels):
             stream = self.streams.get(channel)
-            if stream is None:
+            if stream is None or stream.last is None:  # new, or a failed listen
                 new.append(channel)
             elif stream.consumer != consumer or since is not None:
                 raise ValueError(
@@ -277,43 +305,47 @@ class DurableState:
                     + (f" as consumer {stream.consumer!r}" if stream.consumer else "")
                     + "; unlisten it first to change where it starts"
                 )
+        with self._lock:
+            for channel in new:
+                self.streams[channel] = _Stream(consumer)
         return new
 
     def subscribe_steps(
-        self, channels: Sequence[str], since: int | None, consumer: str | None
+        self,
+        channels: Sequence[str],
+        since: int | None,
+        consumer: str | None,
+        batch: int = REPLAY_BATCH,
     ) -> Steps[None]:
-        """Find where each new durable channel starts, then replay a first
-        batch. Run after the channels were LISTENed."""
+        """Find where each of *channels* (from :meth:`plan_subscribe`) starts,
+        then replay a first batch. Run after the channels were LISTENed:
+        whatever commits after the start position is read is then either
+        replayed or notified."""
         for channel in channels:
             if consumer is not None:
                 rows = yield (
-                    """
-WITH new AS (
-    INSERT INTO pgcast.consumers (name, channel, position)
-    VALUES (%(name)s, %(channel)s, coalesce(%(since)s::bigint,
-        (SELECT max(id) FROM pgcast.log WHERE channel = %(channel)s), 0))
-    ON CONFLICT (name, channel) DO NOTHING
-    RETURNING position
-)
-SELECT position FROM new
-UNION ALL
-SELECT position FROM pgcast.consumers WHERE name = %(name)s AND channel = %(channel)s
-""",
-                    {"name": consumer, "channel": channel, "since": since},
+                    _CONSUMER_SQL, {"name": consumer, "channel": channel, "since": since}
                 )
                 start = int(rows[0][0])
             elif since is not None:
                 start = since
             else:
-                rows = yield (
-                    "SELECT coalesce(max(id), 0) FROM pgcast.log WHERE channel = %s",
-                    (channel,),
-                )
+                rows = yield (_END_SQL, (channel,))
                 start = int(rows[0][0])
             with self._lock:
-                self.streams[channel] = _Stream(consumer, start, seen=start)
-        while self.pending:
-            yield from self.replay_steps()
+                stream = self.streams.get(channel)
+                if stream is not None and stream.last is None:
+                    stream.last = start
+        yield from self.replay_steps(batch)
+
+    def abandon(self, channels: Iterable[str]) -> None:
+        """A durable listen failed: drop what :meth:`plan_subscribe` set up
+        for *channels* and did not start."""
+        with self._lock:
+            for channel in channels:
+                stream = self.streams.get(channel)
+                if stream is not None and stream.last is None:
+                    del self.streams[channel]
 
     def forget(self, channels: Iterable[str] | None) -> None:
         """The channels were unlistened (``None``: all of them)."""
@@ -330,54 +362,59 @@ SELECT position FROM pgcast.consumers WHERE name = %(name)s AND channel = %(chan
         with self._lock:
             self.schema_ready = False
             for stream in self.streams.values():
-                stream.replaying = True
-                stream.busy = False
-                stream.seen = stream.last
+                if stream.last is not None:
+                    stream.replaying = True
+                    stream.busy = False
+                    stream.seen = stream.last
 
     # -- replay ----------------------------------------------------------
 
     @property
     def pending(self) -> bool:
         """Whether a durable channel is replaying and no query for it runs."""
-        return any(s.replaying and not s.busy for s in self.streams.values())
+        return any(
+            s.replaying and not s.busy and s.last is not None for s in self.streams.values()
+        )
 
-    def replay_steps(self) -> Steps[int]:
-        """Read one batch of the log for one replaying channel into the
-        inbox; return how many events it added."""
+    def replay_steps(self, batch: int = REPLAY_BATCH) -> Steps[int]:
+        """Read one batch (at most *batch* rows) of the log for one replaying
+        channel into the inbox; return how many events it added."""
         with self._lock:
             picked = next(
-                ((c, s) for c, s in self.streams.items() if s.replaying and not s.busy), None
+                (
+                    (c, s)
+                    for c, s in self.streams.items()
+                    if s.replaying and not s.busy and s.last is not None
+                ),
+                None,
             )
             if picked is None:
                 return 0
             channel, stream = picked
+            assert stream.last is not None
             stream.busy = True
             start, seen_before = stream.last, stream.seen
         try:
-            rows = yield (
-                "SELECT id, pid, CASE WHEN octet_length(payload) <= %s THEN payload END "
-                "FROM pgcast.log WHERE channel = %s AND id > %s ORDER BY id LIMIT %s",
-                (REPLAY_INLINE_BYTES, channel, start, REPLAY_BATCH),
-            )
+            rows = yield (REPLAY_SQL, (REPLAY_INLINE_BYTES, channel, start, batch))
         finally:
             stream.busy = False
         with self._lock:
             if self.streams.get(channel) is not stream or stream.last != start:
-                return 0  # unlistened, or reconnected, meanwhile
+                return 0  # unlistened, or replayed by another thread, meanwhile
             append = self.inbox.append
             for id, pid, payload in rows:
                 if payload is None:
                     append(Unfetched(channel, "", pid, id))
                 else:
                     append(DurableEvent(channel, payload, pid, id))
-            if rows:
-                stream.last = rows[-1][0]
-            if len(rows) < REPLAY_BATCH:
+            last: int = rows[-1][0] if rows else start
+            if len(rows) < batch:
                 # The log is read up to the query: every id seen before it was
                 # issued is covered (or was pruned meanwhile).
-                stream.last = max(stream.last, seen_before)
-                if stream.seen <= stream.last:
+                last = max(last, seen_before)
+                if stream.seen <= last:
                     stream.replaying = False
+            stream.last = last
             return len(rows)
 
     # -- large payloads and acknowledgements -----------------------------

@@ -15,7 +15,7 @@ library's conventions keeps working::
     ├── ListenNotEffectiveError                 LISTEN did not hold (a pooler in transaction mode)
     ├── ClosedError                             the PubSub was closed by its user
     ├── DatabaseError                           the server refused a command
-    │   └── SchemaError                         the pgcast schema is missing, too new or not installable
+    │   └── SchemaError                         the pgcast schema cannot be installed, or is too new
     ├── PublishError                            a Publisher's transaction failed
     ├── PublisherFullError                      a Publisher's buffer stayed full
     ├── AccessDenied                            the gateway's authorizer refused a client

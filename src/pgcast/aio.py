@@ -248,12 +248,16 @@ class AsyncPubSub:
             raise ClosedError("this AsyncPubSub is closed")
         new, sql = self._core.plan_listen(channels)
         fresh = self._core.durable.plan_subscribe(channels, durable, since, consumer)
-        if sql is not None:
-            await self._execute(sql)
-            self._core.did_listen(new)
-            await self._verify(new)
-        if fresh:
-            await self._durable_run(self._core.durable.subscribe_steps(fresh, since, consumer))
+        try:
+            if sql is not None:
+                await self._execute(sql)
+                self._core.did_listen(new)
+                await self._verify(new)
+            if fresh:
+                await self._durable_run(self._core.durable.subscribe_steps(fresh, since, consumer))
+        except BaseException:
+            self._core.durable.abandon(fresh)
+            raise
 
     async def _verify(self, new: list[str]) -> None:
         rows = await self._fetch(diagnostics.VERIFY_SQL)
@@ -416,22 +420,30 @@ class AsyncPubSub:
         """Deliver events to the subscribed handlers until :meth:`stop`,
         :meth:`close` or cancellation. A failing handler does not stop it."""
         core = self._core
-        self._stopping = False
         steps = plan(core.inbox, timeout=None, idle=False)
-        async for event in self._drive(steps, stoppable=True):
-            # Markers go to on_reconnect, which was called already.
-            if event is None or isinstance(event, Reconnected):
-                continue
-            for handler in core.handlers.get(event.channel, ()):
-                try:
-                    result = handler(event)
-                    if core.is_async(handler):
-                        await result  # type: ignore[misc]
-                except Exception as exc:
-                    core.handler_failed(exc, event)
+        try:
+            async with contextlib.aclosing(self._drive(steps, stoppable=True)) as events:
+                async for event in events:
+                    # Markers go to on_reconnect, which was called already.
+                    if event is None or isinstance(event, Reconnected):
+                        continue
+                    for handler in core.handlers.get(event.channel, ()):
+                        try:
+                            result = handler(event)
+                            if core.is_async(handler):
+                                await result  # type: ignore[misc]
+                        except Exception as exc:
+                            core.handler_failed(exc, event)
+                    if self._stopping:
+                        return  # the events not handled stay in the inbox
+        finally:
+            # Reset on the way out, not on entry: a stop() between
+            # create_task(run()) and its first step must still stop it.
+            self._stopping = False
 
     def stop(self) -> None:
-        """Make :meth:`run` return after the event it is handling."""
+        """Make :meth:`run` return after the event it is handling (at once if
+        it has not started yet); events not handled stay pending."""
         self._stopping = True
         self._wake()
 
@@ -611,6 +623,23 @@ class AsyncPubSub:
         durable.reconnected()
         while durable.pending:
             await self._durable_run(durable.replay_steps())
+
+    async def _ready_inbox(self) -> None:
+        """Make the inbox fit to be handed out as it is; see
+        :meth:`pgcast.PubSub._ready_inbox`."""
+        if await self._replay() and self._core.durable.pending:
+            self._wake()
+        inbox = self._core.inbox
+        i = 0
+        while i < len(inbox):
+            event = inbox[i]
+            if type(event) is Unfetched:
+                fetched = await self._fetch_payload(event)
+                if fetched is None:
+                    del inbox[i]
+                    continue
+                inbox[i] = fetched
+            i += 1
 
     async def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
         """The event with its payload read from the log (None: pruned)."""

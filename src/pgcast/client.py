@@ -320,12 +320,16 @@ class PubSub:
             raise ClosedError("this PubSub is closed")
         new, sql = self._core.plan_listen(channels)
         fresh = self._core.durable.plan_subscribe(channels, durable, since, consumer)
-        if sql is not None:
-            self._execute(sql)
-            self._core.did_listen(new)
-            self._verify(new)
-        if fresh:
-            self._durable_run(self._core.durable.subscribe_steps(fresh, since, consumer))
+        try:
+            if sql is not None:
+                self._execute(sql)
+                self._core.did_listen(new)
+                self._verify(new)
+            if fresh:
+                self._durable_run(self._core.durable.subscribe_steps(fresh, since, consumer))
+        except BaseException:
+            self._core.durable.abandon(fresh)
+            raise
 
     def _verify(self, new: list[str]) -> None:
         # A separate statement: behind a transaction-mode pooler it may run on
@@ -562,6 +566,8 @@ class PubSub:
                             loop.run(result)  # type: ignore[arg-type]
                     except Exception as exc:
                         core.handler_failed(exc, event)
+                if stop is not None and stop.is_set():
+                    return  # the events not handled stay in the inbox
 
     def run_in_thread(self, *, daemon: bool = True) -> Runner:
         """Deliver events to the handlers from a background thread.
@@ -776,6 +782,23 @@ class PubSub:
         durable.reconnected()
         while durable.pending:
             self._durable_run(durable.replay_steps())
+
+    def _ready_inbox(self) -> None:
+        """Make the inbox fit to be handed out as it is (a NotificationManager
+        does): run a replay batch if one is due, fetch referenced payloads."""
+        if self._replay() and self._core.durable.pending:
+            self._wake()  # more to replay: come back
+        inbox = self._core.inbox
+        i = 0
+        while i < len(inbox):  # only the consumer removes, so indexes hold
+            event = inbox[i]
+            if type(event) is Unfetched:
+                fetched = self._fetch_payload(event)
+                if fetched is None:
+                    del inbox[i]
+                    continue
+                inbox[i] = fetched
+            i += 1
 
     def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
         """The event with its payload read from the log (None: pruned)."""
