@@ -96,9 +96,13 @@ def arun(coro: Awaitable[T], timeout: float = 60.0) -> T:
     """Run *coro* in a fresh event loop; fail (not hang) after *timeout* s."""
 
     async def bounded() -> T:
+        scope = asyncio.timeout(timeout)
         try:
-            return await asyncio.wait_for(coro, timeout)
+            async with scope:
+                return await coro
         except TimeoutError:
-            pytest.fail(f"asyncio test body did not finish within {timeout} s")
+            if scope.expired():
+                pytest.fail(f"asyncio test body did not finish within {timeout} s")
+            raise  # a TimeoutError of the test's own
 
     return asyncio.run(bounded())
