@@ -55,6 +55,8 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_SLOW_CONSUMER = 4000
 
+_RETRY_DELAY = 0.1
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -183,7 +185,10 @@ class Hub:
     def database_up(self) -> bool:
         """Whether the LISTEN connection is open and in use."""
         aps = self._aps
-        return self._ready.is_set() and aps is not None and not aps.closed
+        return (
+            self._ready.is_set() and aps is not None and not aps.closed
+            and not aps.connection.closed  # lost, while it reconnects by itself
+        )
 
     @property
     def backend_pid(self) -> int | None:
@@ -334,7 +339,8 @@ class Hub:
         if self._ready.is_set():
             return
         try:
-            await asyncio.wait_for(self._ready.wait(), max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._ready.wait()
         except TimeoutError:
             raise ProtocolError(
                 "the gateway's database connection is down and did not come back within "
@@ -345,6 +351,7 @@ class Hub:
         deadline = time.monotonic() + self.settings.database_timeout
         while True:
             await self._wait_ready(deadline)
+            lost = False
             async with self._lock:
                 aps = self._aps
                 if not self._ready.is_set() or aps is None:
@@ -354,12 +361,20 @@ class Hub:
                     if missing:
                         await aps.listen(*missing)
                 except ConnectionLostError:
-                    await self._lost(aps)
-                    continue
+                    lost = True
                 except PgcastError as exc:
                     raise ProtocolError(f"PostgreSQL refused to LISTEN: {exc}") from None
-                commit()
-                return
+                else:
+                    commit()
+                    return
+            # The pump (or the connection itself) is reconnecting: retry soon.
+            if lost and time.monotonic() + _RETRY_DELAY < deadline:
+                await asyncio.sleep(_RETRY_DELAY)
+                continue
+            raise ProtocolError(
+                "the gateway's database connection is down and did not come back within "
+                f"{self.settings.database_timeout:g} s; try again later"
+            )
 
     async def _notify(self, channel: str, payload: str) -> None:
         deadline = time.monotonic() + self.settings.database_timeout
@@ -369,20 +384,12 @@ class Hub:
         try:
             await aps.notify(channel, payload)
         except ConnectionLostError:
-            await self._lost(aps)
             raise ProtocolError(
                 "the gateway's database connection was lost while publishing; "
                 "the message may not have been sent"
             ) from None
         except PgcastError as exc:
             raise ProtocolError(f"PostgreSQL refused the NOTIFY: {exc}") from None
-
-    async def _lost(self, aps: aio.AsyncPubSub) -> None:
-        # Closing it ends the pump's iteration, which then reconnects.
-        if aps is self._aps:
-            self._ready.clear()
-        with contextlib.suppress(Exception):
-            await aps.close()
 
     async def _reaper(self) -> None:
         while True:
@@ -399,7 +406,9 @@ class Hub:
                 try:
                     await aps.unlisten(*orphans)
                 except ConnectionLostError:
-                    await self._lost(aps)
+                    # Whoever reconnects LISTENs to the wanted channels only.
+                    self._reap_wanted.set()
+                    await asyncio.sleep(_RETRY_DELAY)
                 except PgcastError:
                     logger.exception("pgcast gateway: UNLISTEN %s failed", orphans)
 
@@ -415,6 +424,7 @@ class Hub:
                     if type(event) is not Event:
                         # A marker from a connection that reconnected by itself.
                         if event is not None:
+                            self._reap_wanted.set()
                             self._announce_reconnect()
                         continue
                     stats.messages_in += 1

@@ -59,11 +59,15 @@ def config(
 
     Protocol-level WebSocket pings every 20 s find dead clients; frames up to
     1 MiB reach the app, which answers those over ``max_frame_bytes`` with an
-    error frame instead of letting the server drop the connection.
+    error frame instead of letting the server drop the connection; no
+    per-message compression.
     """
     options.setdefault("ws_ping_interval", 20.0)
     options.setdefault("ws_ping_timeout", 20.0)
     options.setdefault("ws_max_size", 1024 * 1024)
+    # Per-message deflate would compress every frame once per client, undoing
+    # the encode-once fan-out; notifications are small (< 8000 bytes) anyway.
+    options.setdefault("ws_per_message_deflate", False)
     options.setdefault("timeout_graceful_shutdown", 10)
     options.setdefault("log_level", "info")
     options.setdefault("lifespan", "on")

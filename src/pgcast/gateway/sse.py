@@ -120,18 +120,23 @@ class SSEEndpoint:
         try:
             waiting: list[asyncio.Future[Any]] = [writer, watcher, client.closing]
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            client_left = watcher.done()
+            writer_ended = (writer.done() and not writer.cancelled()
+                            and writer.exception() is None)
         finally:
             for task in (writer, watcher):
                 task.cancel()
             for task in (writer, watcher):
                 with contextlib.suppress(BaseException):
                     await task
-        if writer.done() and not writer.cancelled() and writer.exception() is None:
+        if client_left:
+            return
+        if writer_ended and not client.closing.done():
             # The writer ended the stream itself (its subscription was refused).
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        if client.closing.done() and not watcher.done():
+        if client.closing.done():
             code, reason = client.closing.result()
             event = "shutdown" if code == 1001 else "disconnected"
             last = _protocol.sse_event(_protocol.notice(event, reason, code=code).text)
@@ -168,8 +173,13 @@ class SSEEndpoint:
             wake.clear()
             frames = outbox.take()
             if not frames:
+                if client.closing.done():
+                    return
                 try:
-                    await asyncio.wait_for(wake.wait(), heartbeat)
+                    # Not wait_for: on Python 3.11 it can swallow a cancellation
+                    # that arrives as the event is set (the kick does both).
+                    async with asyncio.timeout(heartbeat):
+                        await wake.wait()
                 except TimeoutError:
                     await write(_protocol.sse_comment("heartbeat"))
                 continue

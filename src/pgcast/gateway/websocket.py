@@ -92,19 +92,26 @@ async def _session(hub: Hub, websocket: WebSocket) -> None:
     try:
         waiting: list[asyncio.Future[Any]] = [sender, receiver, client.closing]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        client_left = receiver.done()
+        await _cancel(sender, receiver)
+        if client.closing.done() and not client_left:
+            code, reason = client.closing.result()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    websocket.close(code=code, reason=reason), hub.settings.close_timeout
+                )
     finally:
-        for task in (sender, receiver):
-            task.cancel()
-        for task in (sender, receiver):
-            with contextlib.suppress(BaseException):
-                await task
+        await _cancel(sender, receiver)
+        # Detached last: shutdown waits for this, so the close frame is out first.
         hub.detach(client)
-    if client.closing.done() and not receiver.done():
-        code, reason = client.closing.result()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                websocket.close(code=code, reason=reason), hub.settings.close_timeout
-            )
+
+
+async def _cancel(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def _receive(hub: Hub, websocket: WebSocket, client: Client) -> None:

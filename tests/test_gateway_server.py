@@ -1,0 +1,814 @@
+"""The gateway served for real: uvicorn on a free loopback port, real PostgreSQL.
+
+Clients are the ``websockets`` library and httpx (SSE); notifications come
+from psql. Every wait has a timeout that fails the test loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from pgcast import AccessDenied
+from pgcast.embedded import EmbeddedServer
+from pgcast.gateway import Access, create_app
+from pgcast.gateway._hub import Hub
+from pgcast.gateway._serve import GatewayServer, config
+
+TIMEOUT = 10.0
+
+
+@dataclass
+class Gateway:
+    """A gateway running in a background thread."""
+
+    port: int
+    hub: Hub
+    server: GatewayServer
+    thread: threading.Thread
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` as {sample name with labels: value}."""
+        r = httpx.get(f"{self.http}/metrics", timeout=TIMEOUT, trust_env=False)
+        assert r.status_code == 200
+        out = {}
+        for line in r.text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def wait_metric(
+        self, name: str, check: Callable[[float], bool], timeout: float = TIMEOUT
+    ) -> float:
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.metrics().get(name)
+            if value is not None and check(value):
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"metric {name} still {value} after {timeout} s")
+
+
+@pytest.fixture
+def gateway(dsn: str) -> Iterator[Callable[..., Gateway]]:
+    """``gateway(**create_app options, sndbuf=None)``: start a gateway on a free port."""
+    running: list[Gateway] = []
+
+    def start(*, sndbuf: int | None = None, **options: Any) -> Gateway:
+        options.setdefault("allow", ["*"])
+        app = create_app(options.pop("dsn", dsn), **options)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sndbuf is not None:
+            # Inherited by accepted sockets: a small buffer makes a stalled
+            # client fill up after little data.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = GatewayServer(config(app, "127.0.0.1", port, log_level="warning",
+                                      timeout_graceful_shutdown=3))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise AssertionError("the gateway did not start")
+            time.sleep(0.02)
+        gw = Gateway(port, app.state.pgcast_gateway, server, thread)
+        running.append(gw)
+        return gw
+
+    yield start
+    for gw in running:
+        gw.server.should_exit = True
+    for gw in running:
+        gw.thread.join(30)
+        assert not gw.thread.is_alive(), "the gateway did not shut down"
+
+
+def ws_connect(url: str, **kwargs: Any) -> Any:
+    kwargs.setdefault("proxy", None)
+    kwargs.setdefault("open_timeout", TIMEOUT)
+    kwargs.setdefault("compression", None)
+    return connect(url, **kwargs)
+
+
+async def recv(ws: ClientConnection, timeout: float = TIMEOUT) -> dict[str, Any]:
+    try:
+        text = await asyncio.wait_for(ws.recv(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"no frame within {timeout} s") from None
+    frame: dict[str, Any] = json.loads(text)
+    return frame
+
+
+async def request(ws: ClientConnection, frame: dict[str, Any]) -> dict[str, Any]:
+    await ws.send(json.dumps(frame))
+    return await recv(ws)
+
+
+async def subscribe(ws: ClientConnection, *channels: str) -> None:
+    reply = await request(ws, {"type": "subscribe", "channels": list(channels)})
+    assert reply == {"type": "subscribed", "channels": list(channels)}
+
+
+async def apsql(psql: Callable[..., str], sql: str) -> str:
+    return await asyncio.to_thread(psql, sql)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+# -- receiving -----------------------------------------------------------------
+
+
+def test_websocket_client_receives_notify_from_psql(
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+) -> None:
+    gw = gateway()
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            await subscribe(ws, unique_channel)
+            # "subscribed" means LISTEN is in effect: a NOTIFY right after it arrives.
+            await apsql(psql, f"NOTIFY {unique_channel}, 'green'")
+            frame = await recv(ws)
+            assert frame["type"] == "message"
+            assert frame["channel"] == unique_channel
+            assert frame["payload"] == "green"
+            assert isinstance(frame["pid"], int) and frame["pid"] != gw.hub.backend_pid
+            await apsql(psql, f"SELECT pg_notify('{unique_channel}', 'ünïcødé ' || i) "
+                              "FROM generate_series(1, 3) AS i")
+            assert [(await recv(ws))["payload"] for _ in range(3)] == [
+                f"ünïcødé {i}" for i in (1, 2, 3)
+            ]
+
+    run(main())
+
+
+def test_subscribed_is_sent_only_once_listen_is_in_effect(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str
+) -> None:
+    gw = gateway()
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            for i in range(20):
+                channel = f"{unique_channel}_{i}"
+                await subscribe(ws, channel)
+                await asyncio.to_thread(conn.execute, "SELECT pg_notify(%s, 'x')", (channel,))
+                frame = await recv(ws)
+                assert (frame["type"], frame["channel"]) == ("message", channel)
+
+    run(main())
+
+
+def sse_events(lines: list[str]) -> list[dict[str, Any]]:
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+def test_sse_client_receives_notify_from_psql(
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+) -> None:
+    gw = gateway(heartbeat=0.2)
+
+    async def main() -> None:
+        other = f"{unique_channel}_b"
+        url = f"{gw.http}/sse?channel={unique_channel}&channel={other}"
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                client.stream("GET", url) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = response.aiter_lines()
+
+            async def next_event() -> dict[str, Any]:
+                while True:
+                    line = await asyncio.wait_for(anext(lines), TIMEOUT)
+                    if line.startswith("data: "):
+                        event: dict[str, Any] = json.loads(line[6:])
+                        return event
+
+            assert await next_event() == {"type": "subscribed",
+                                          "channels": [unique_channel, other]}
+            await apsql(psql, f"NOTIFY {unique_channel}, 'one'")
+            await apsql(psql, f"NOTIFY {other}, 'two'")
+            first, second = await next_event(), await next_event()
+            assert (first["channel"], first["payload"]) == (unique_channel, "one")
+            assert (second["channel"], second["payload"]) == (other, "two")
+            # Heartbeat comments keep a quiet stream alive.
+            seen = []
+            deadline = time.monotonic() + TIMEOUT
+            while ": heartbeat" not in seen and time.monotonic() < deadline:
+                seen.append(await asyncio.wait_for(anext(lines), TIMEOUT))
+            assert ": heartbeat" in seen
+
+    run(main())
+    gw.wait_metric('pgcast_gateway_clients{transport="sse"}', lambda v: v == 0)
+    gw.wait_metric("pgcast_gateway_channels", lambda v: v == 0)
+
+
+# -- access control ------------------------------------------------------------
+
+
+def test_unauthorized_subscribe_is_refused(
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+) -> None:
+    gw = gateway(allow=[f"{unique_channel}_ok*"])
+
+    async def main() -> None:
+        ok, secret = f"{unique_channel}_ok1", f"{unique_channel}_secret"
+        async with ws_connect(gw.ws) as ws:
+            reply = await request(ws, {"type": "subscribe", "channels": [ok, secret], "ref": 1})
+            assert reply["type"] == "error" and reply["ref"] == 1
+            assert f"not allowed to subscribe to '{secret}'" in reply["message"]
+            # All or nothing: the allowed channel was not subscribed either.
+            await apsql(psql, f"NOTIFY {ok}, 'early'; NOTIFY {secret}, 'hidden'")
+            await subscribe(ws, ok)
+            await apsql(psql, f"NOTIFY {secret}, 'hidden'; NOTIFY {ok}, 'late'")
+            assert (await recv(ws))["payload"] == "late"
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            r = await client.get(f"{gw.http}/sse?channel={secret}")
+            assert r.status_code == 403
+            assert f"not allowed to subscribe to '{secret}'" in r.text
+            r = await client.get(f"{gw.http}/sse")
+            assert r.status_code == 400 and "at least one channel" in r.text
+            r = await client.get(f"{gw.http}/sse?channel=" + "x" * 64)
+            assert r.status_code == 400 and "63" in r.text
+
+    run(main())
+
+
+def test_default_allow_list_is_empty(gateway: Callable[..., Gateway]) -> None:
+    gw = gateway(allow=[])
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            reply = await request(ws, {"type": "subscribe", "channels": ["anything"]})
+            assert reply["type"] == "error" and "allow-list" in reply["message"]
+
+    run(main())
+
+
+def test_publish_refused_by_default_allowed_with_allow_publish(
+    gateway: Callable[..., Gateway], unique_channel: str
+) -> None:
+    closed = gateway()
+    open_ = gateway(allow_publish=[f"{unique_channel}*"])
+
+    async def main() -> None:
+        frame = {"type": "publish", "channel": unique_channel, "payload": "hi", "ref": "p"}
+        async with ws_connect(closed.ws) as ws:
+            reply = await request(ws, frame)
+            assert reply["type"] == "error" and reply["ref"] == "p"
+            assert f"not allowed to publish on '{unique_channel}'" in reply["message"]
+        async with ws_connect(open_.ws) as ws, ws_connect(open_.ws) as listener:
+            await subscribe(listener, unique_channel)
+            assert await request(ws, frame) == {
+                "type": "published", "channel": unique_channel, "ref": "p",
+            }
+            got = await recv(listener)
+            assert (got["channel"], got["payload"]) == (unique_channel, "hi")
+            assert got["pid"] == open_.hub.backend_pid  # sent on the gateway's connection
+            big = {"type": "publish", "channel": unique_channel, "payload": "x" * 8000}
+            reply = await request(ws, big)
+            assert reply["type"] == "error" and "under 8000 bytes" in reply["message"]
+
+    run(main())
+    assert open_.metrics()["pgcast_gateway_published_total"] == 1
+
+
+def test_authorizer_hook_and_token(gateway: Callable[..., Gateway], unique_channel: str) -> None:
+    seen: list[str | None] = []
+
+    async def authorizer(connection: Any, token: str | None) -> Access:
+        seen.append(token)
+        if token == "reader":
+            return Access.globs(read=[unique_channel])
+        if token == "writer":
+            return Access.globs(read=[unique_channel], write=[unique_channel])
+        raise AccessDenied("unknown token")
+
+    gw = gateway(authorizer=authorizer, allow=())
+
+    async def main() -> None:
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_connect(f"{gw.ws}?token=bogus"):
+                pass
+        assert info.value.response.status_code == 403
+        assert b"unknown token" in info.value.response.body
+        async with ws_connect(f"{gw.ws}?token=reader") as ws:
+            await subscribe(ws, unique_channel)
+            reply = await request(ws, {"type": "publish", "channel": unique_channel})
+            assert reply["type"] == "error"
+        headers = {"Authorization": "Bearer writer"}
+        async with ws_connect(gw.ws, additional_headers=headers) as ws:
+            await subscribe(ws, unique_channel)
+            assert (await request(ws, {"type": "publish", "channel": unique_channel}))[
+                "type"] in ("published", "message")
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            r = await client.get(f"{gw.http}/sse?channel={unique_channel}&token=nope")
+            assert r.status_code == 403 and "unknown token" in r.text
+
+    run(main())
+    assert seen[:3] == ["bogus", "reader", "writer"]
+    assert gw.metrics()['pgcast_gateway_rejected_total{reason="auth"}'] == 2
+
+
+def test_origin_check(gateway: Callable[..., Gateway], unique_channel: str) -> None:
+    same = gateway()
+    listed = gateway(allowed_origins=["http://app.example"])
+
+    async def main() -> None:
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_connect(same.ws, origin="http://evil.example"):
+                pass
+        assert info.value.response.status_code == 403
+        assert b"origin 'http://evil.example' is not allowed" in info.value.response.body
+        async with ws_connect(same.ws, origin=f"http://127.0.0.1:{same.port}") as ws:
+            await subscribe(ws, unique_channel)
+        async with ws_connect(listed.ws, origin="http://app.example") as ws:
+            await subscribe(ws, unique_channel)
+        with pytest.raises(InvalidStatus):
+            async with ws_connect(listed.ws, origin=f"http://127.0.0.1:{listed.port}"):
+                pass
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            r = await client.get(f"{same.http}/sse?channel={unique_channel}",
+                                 headers={"Origin": "http://evil.example"})
+            assert r.status_code == 403
+
+    run(main())
+    assert same.metrics()['pgcast_gateway_rejected_total{reason="origin"}'] == 2
+
+
+def test_limits_on_subscriptions_clients_and_frame_size(
+    gateway: Callable[..., Gateway], unique_channel: str
+) -> None:
+    gw = gateway(max_subscriptions=3, max_clients=2, max_frame_bytes=1000)
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws, ws_connect(gw.ws):
+            chans = [f"{unique_channel}_{i}" for i in range(4)]
+            reply = await request(ws, {"type": "subscribe", "channels": chans})
+            assert reply["type"] == "error"
+            assert "the limit per client is 3" in reply["message"]
+            await subscribe(ws, *chans[:3])
+            big = {"type": "publish", "channel": "c", "payload": "y" * 2000}
+            reply = await request(ws, big)
+            size = len(json.dumps(big))
+            assert reply == {"type": "error",
+                             "message": f"frame is {size} bytes; the limit is 1000 bytes"}
+            # A third client is one too many.
+            with pytest.raises(InvalidStatus) as info:
+                async with ws_connect(gw.ws):
+                    pass
+            assert info.value.response.status_code == 503
+            assert b"the limit is 2" in info.value.response.body
+            async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+                r = await client.get(f"{gw.http}/sse?channel={unique_channel}")
+                assert r.status_code == 503 and "the limit is 2" in r.text
+
+    run(main())
+    assert gw.metrics()['pgcast_gateway_rejected_total{reason="capacity"}'] == 2
+
+
+def test_malformed_frames_get_error_replies_and_the_connection_survives(
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+) -> None:
+    gw = gateway()
+    bad: list[str | bytes] = [
+        "not json", "", "[]", "null", '{"type": "dance"}', "{}",
+        '{"type": "subscribe", "channels": "x"}', '{"type": "subscribe", "channels": [1, 2]}',
+        '{"type": "subscribe", "channels": ["' + "x" * 100 + '"]}',
+        '{"type": "publish", "channel": null}', b"\xff\x00binary", '{"type": "ping", "ref": {}}',
+        "x" * 20_000,
+    ]
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            await subscribe(ws, unique_channel)
+            for frame in bad:
+                reply = await request(ws, frame)  # type: ignore[arg-type]
+                assert reply["type"] == "error", (frame, reply)
+                assert reply["message"]
+            assert await request(ws, {"type": "ping", "ref": 5}) == {"type": "pong", "ref": 5}
+            await apsql(psql, f"NOTIFY {unique_channel}, 'still here'")
+            assert (await recv(ws))["payload"] == "still here"
+
+    async def request(ws: ClientConnection, frame: str | bytes | dict[str, Any]) -> dict[str, Any]:
+        await ws.send(json.dumps(frame) if isinstance(frame, dict) else frame)
+        return await recv(ws)
+
+    run(main())
+    assert gw.metrics()["pgcast_gateway_errors_total"] == len(bad)
+
+
+def test_unsubscribe_stops_messages_and_unlistens_after_the_last(
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+) -> None:
+    gw = gateway()
+    other = f"{unique_channel}_other"
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as a, ws_connect(gw.ws) as b:
+            await subscribe(a, unique_channel, other)
+            await subscribe(b, unique_channel)
+            assert gw.hub.listening() == {unique_channel, other}
+            assert await request(a, {"type": "unsubscribe", "channels": [unique_channel]}) == {
+                "type": "unsubscribed", "channels": [unique_channel],
+            }
+            await apsql(psql, f"NOTIFY {unique_channel}, '1'; NOTIFY {other}, '2'")
+            assert (await recv(a))["payload"] == "2"  # not '1': unsubscribed
+            assert (await recv(b))["payload"] == "1"
+            assert gw.hub.listening() == {unique_channel, other}  # b still wants it
+            await request(b, {"type": "unsubscribe", "channels": [unique_channel]})
+        # Both gone: nothing is LISTENed any more.
+
+    run(main())
+    gw.wait_metric("pgcast_gateway_channels", lambda v: v == 0)
+    assert gw.hub.listening() == frozenset()
+
+
+def test_one_listen_connection_and_one_listen_per_channel(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str
+) -> None:
+    gw = gateway()
+    channels = [f"{unique_channel}_{i}" for i in range(3)]
+
+    async def main() -> None:
+        clients = [await ws_connect(gw.ws).__aenter__() for _ in range(30)]
+        try:
+            for i, ws in enumerate(clients):
+                await subscribe(ws, *channels[: 1 + i % 3])
+            m = gw.metrics()
+            assert m["pgcast_gateway_subscriptions"] == 10 * (1 + 2 + 3)
+            assert m["pgcast_gateway_channels"] == 3
+            assert gw.hub.listening() == set(channels)
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgcast-gateway'"
+            ).fetchall()
+            assert [r[0] for r in rows] == [gw.hub.backend_pid]
+            await asyncio.to_thread(conn.execute, "SELECT pg_notify(%s, 'all')", (channels[0],))
+            for ws in clients:
+                assert (await recv(ws))["payload"] == "all"
+        finally:
+            for ws in clients:
+                await ws.close()
+
+    run(main())
+    gw.wait_metric("pgcast_gateway_channels", lambda v: v == 0)
+    assert gw.metrics()["pgcast_gateway_messages_out_total"] == 30
+
+
+# -- backpressure --------------------------------------------------------------
+
+
+async def stalled_client(url: str) -> Any:
+    """A WebSocket client that reads almost nothing: a tiny receive buffer and
+    a client library that stops reading after one queued frame."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    port = int(url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return await ws_connect(url, sock=sock, max_queue=1).__aenter__()
+
+
+def burst_sql(channel: str, count: int, batch: int = 0) -> str:
+    # Distinct payloads (NOTIFY folds duplicates in one transaction), 4 kB each.
+    first = batch * count + 1
+    return (f"SELECT pg_notify('{channel}', lpad(i::text, 4000, 'x')) "
+            f"FROM generate_series({first}, {first + count - 1}) AS i")
+
+
+def test_stalled_client_is_dropped_while_another_keeps_receiving(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str
+) -> None:
+    gw = gateway(queue_size=16, sndbuf=16384, close_timeout=0.5)
+    batches, per_batch = 100, 4
+
+    async def main() -> None:
+        stalled = await stalled_client(gw.ws)
+        try:
+            async with ws_connect(gw.ws) as good:
+                await stalled.send(json.dumps({"type": "subscribe",
+                                               "channels": [unique_channel]}))
+                await subscribe(good, unique_channel)
+                await asyncio.to_thread(
+                    gw.wait_metric, "pgcast_gateway_subscriptions", lambda v: v == 2
+                )
+                # Paced by the good client: it never has more than one batch
+                # pending, while the stalled one falls further behind each time.
+                for b in range(batches):
+                    await asyncio.to_thread(conn.execute, burst_sql(unique_channel, per_batch, b))
+                    for i in range(per_batch):
+                        frame = await recv(good)
+                        assert frame["payload"].lstrip("x") == str(b * per_batch + i + 1)
+                await asyncio.to_thread(
+                    gw.wait_metric, 'pgcast_gateway_disconnects_total{reason="slow_consumer"}',
+                    lambda v: v == 1,
+                )
+                await asyncio.to_thread(
+                    gw.wait_metric, 'pgcast_gateway_clients{transport="websocket"}',
+                    lambda v: v == 1,
+                )
+                await asyncio.to_thread(conn.execute, f"NOTIFY {unique_channel}, 'after'")
+                assert (await recv(good))["payload"] == "after"
+            # The stalled client, reading again, finds its connection ended early.
+            got = 0
+            with pytest.raises(ConnectionClosed) as info:
+                for _ in range(batches * per_batch + 10):
+                    await recv(stalled)
+                    got += 1
+            assert got < batches * per_batch
+            code = info.value.rcvd.code if info.value.rcvd is not None else 1006
+            assert code in (4000, 1006)
+            if info.value.rcvd is not None:
+                assert "slow consumer" in info.value.rcvd.reason
+        finally:
+            await stalled.close()
+
+    run(main())
+
+
+def test_drop_oldest_policy_keeps_the_slow_client_and_counts_drops(
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+) -> None:
+    gw = gateway(queue_size=8, sndbuf=16384, overflow="drop-oldest")
+    count = 300
+
+    async def main() -> None:
+        slow = await stalled_client(gw.ws)
+        try:
+            await slow.send(json.dumps({"type": "subscribe", "channels": [unique_channel]}))
+            await asyncio.to_thread(
+                gw.wait_metric, "pgcast_gateway_subscriptions", lambda v: v == 1
+            )
+            await apsql(psql, burst_sql(unique_channel, count))
+            await asyncio.to_thread(
+                gw.wait_metric, "pgcast_gateway_messages_in_total", lambda v: v == count
+            )
+            frames = []
+            while True:
+                frame = await recv(slow)
+                frames.append(frame)
+                if frame.get("payload", "").endswith(str(count)):
+                    break
+            notices = [f for f in frames if f["type"] == "notice"]
+            assert notices and notices[0]["event"] == "dropped"
+            dropped = sum(f["count"] for f in notices)
+            messages = [f for f in frames if f["type"] == "message"]
+            assert dropped > 0 and len(messages) + dropped == count
+            # Still connected and served.
+            await apsql(psql, f"NOTIFY {unique_channel}, 'after'")
+            assert (await recv(slow))["payload"] == "after"
+            assert gw.metrics()["pgcast_gateway_dropped_total"] == dropped
+        finally:
+            await slow.close()
+
+    run(main())
+
+
+# -- the database connection ---------------------------------------------------
+
+
+def test_database_connection_restart_is_invisible_except_for_a_notice(
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+) -> None:
+    gw = gateway()
+
+    async def main() -> None:
+        url = f"{gw.http}/sse?channel={unique_channel}"
+        async with ws_connect(gw.ws) as ws, \
+                httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                client.stream("GET", url) as sse:
+            lines = sse.aiter_lines()
+
+            async def next_sse() -> dict[str, Any]:
+                while True:
+                    line = await asyncio.wait_for(anext(lines), TIMEOUT)
+                    if line.startswith("data: "):
+                        event: dict[str, Any] = json.loads(line[6:])
+                        return event
+
+            assert (await next_sse())["type"] == "subscribed"
+            await subscribe(ws, unique_channel)
+            old_pid = gw.hub.backend_pid
+            await apsql(psql, f"SELECT pg_terminate_backend({old_pid})")
+            notice = await recv(ws)
+            assert notice["type"] == "notice" and notice["event"] == "reconnected"
+            assert (await next_sse())["event"] == "reconnected"
+            assert gw.hub.backend_pid not in (None, old_pid)
+            await apsql(psql, f"NOTIFY {unique_channel}, 'after'")
+            assert (await recv(ws))["payload"] == "after"
+            assert (await next_sse())["payload"] == "after"
+
+    run(main())
+    m = gw.metrics()
+    assert m["pgcast_gateway_reconnects_total"] == 1
+    assert m["pgcast_gateway_database_up"] == 1
+
+
+def test_healthz_follows_the_database_down_and_back(
+    gateway: Callable[..., Gateway], server: EmbeddedServer, unique_channel: str
+) -> None:
+    gw = gateway(database_timeout=30)
+    r = httpx.get(f"{gw.http}/healthz", trust_env=False, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["database"] == "up"
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            await subscribe(ws, unique_channel)
+            await asyncio.to_thread(server.kill)  # data kept; start() comes back on the port
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                r = await asyncio.to_thread(
+                    httpx.get, f"{gw.http}/healthz", trust_env=False, timeout=TIMEOUT
+                )
+                if r.status_code == 503:
+                    break
+                assert time.monotonic() < deadline, "healthz never reported the database down"
+                await asyncio.sleep(0.05)
+            assert r.json() == {"status": "unavailable", "database": "down"}
+            await asyncio.to_thread(server.start)
+            notice = await recv(ws, timeout=30)
+            assert notice["event"] == "reconnected"
+            r = await asyncio.to_thread(
+                httpx.get, f"{gw.http}/healthz", trust_env=False, timeout=TIMEOUT
+            )
+            assert r.status_code == 200
+            with psycopg.connect(server.dsn, autocommit=True) as c:
+                c.execute(f"NOTIFY {unique_channel}, 'back'")
+            assert (await recv(ws))["payload"] == "back"
+
+    run(main())
+
+
+def test_metrics_report_queue_usage_and_counts(
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+) -> None:
+    gw = gateway()
+    m = gw.metrics()
+    assert 0 <= m["pgcast_gateway_notify_queue_usage"] < 1
+    assert m["pgcast_gateway_database_up"] == 1
+    assert m["pgcast_gateway_backend_pid"] == gw.hub.backend_pid
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            await subscribe(ws, unique_channel)
+            await apsql(psql, f"NOTIFY {unique_channel}, 'a'")
+            await recv(ws)
+            m = await asyncio.to_thread(gw.metrics)
+            assert m['pgcast_gateway_clients{transport="websocket"}'] == 1
+            assert m["pgcast_gateway_subscriptions"] == 1
+            assert m["pgcast_gateway_messages_in_total"] == 1
+            assert m["pgcast_gateway_messages_out_total"] == 1
+
+    run(main())
+    r = httpx.get(f"{gw.http}/metrics", trust_env=False, timeout=TIMEOUT)
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+def test_app_mounted_in_another_starlette_app_connects_at_first_request(
+    dsn: str, unique_channel: str, psql: Callable[..., str]
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    inner = create_app(dsn, allow=["*"])
+    outer = Starlette(routes=[Mount("/rt", app=inner)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = GatewayServer(config(outer, "127.0.0.1", port, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+
+        async def main() -> None:
+            async with ws_connect(f"ws://127.0.0.1:{port}/rt/ws") as ws:
+                await subscribe(ws, unique_channel)
+                await apsql(psql, f"NOTIFY {unique_channel}, 'mounted'")
+                assert (await recv(ws))["payload"] == "mounted"
+
+        run(main())
+        r = httpx.get(f"http://127.0.0.1:{port}/rt/healthz", trust_env=False, timeout=TIMEOUT)
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT + 5)
+        asyncio.run(inner.state.pgcast_gateway.close())
+    assert not thread.is_alive()
+
+
+# -- the command ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_pgcast_serve_closes_clients_with_1001_on_sigterm(dsn: str, unique_channel: str) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, "--port", str(port),
+         "--allow", f"{unique_channel}*", "--allow-publish", unique_channel],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", trust_env=False,
+                             timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "pgcast serve did not start"
+            time.sleep(0.1)
+
+        async def main() -> None:
+            url = f"http://127.0.0.1:{port}/sse?channel={unique_channel}"
+            async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws, \
+                    httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                    client.stream("GET", url) as sse:
+                await subscribe(ws, unique_channel)
+                reply = await request(ws, {"type": "publish", "channel": unique_channel,
+                                           "payload": "p"})
+                assert reply["type"] in ("published", "message")
+                proc.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as info:
+                    for _ in range(10):
+                        await recv(ws)
+                assert info.value.rcvd is not None
+                assert info.value.rcvd.code == 1001
+                assert info.value.rcvd.reason == "server shutting down"
+                # The SSE stream ends with a shutdown notice.
+                events = []
+                async for line in sse.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[6:]))
+                assert events[0]["type"] == "subscribed"
+                assert events[-1]["type"] == "notice" and events[-1]["event"] == "shutdown"
+
+        run(main())
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)  # reaps it and closes the pipe
+
+
+def test_pgcast_serve_reports_a_busy_port(dsn: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, "--port", str(port)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert done.returncode == 1
+    assert re.search(rf"cannot listen on 127\.0\.0\.1:{port}: .*--port", done.stderr)
+    assert "Traceback" not in done.stderr
