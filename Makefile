@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PYTEST = $(BIN)/pytest $(PYTEST_ARGS) || test $$? -eq 5
 
 .DEFAULT_GOAL := test
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean browser
 
 # Reinstalls whenever pyproject.toml changes; `touch` marks the venv up to date.
 $(VENV): pyproject.toml
@@ -28,7 +28,15 @@ typecheck: $(VENV)
 
 # The suite runs on the embedded server, then again on a PostgreSQL already
 # listening on 127.0.0.1:5432 if there is one (PGCAST_TEST_DSN).
-test: lint typecheck
+# Debian's chromium for the gateway's browser test; best effort: without apt
+# (or root) the test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		[ "$$(id -u)" = 0 ] && (timeout 900 apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium) \
+		>/dev/null 2>&1; } || echo "chromium not installed: the browser test will skip"
+
+test: lint typecheck browser
 	$(PYTEST)
 	@if $(BIN)/python -c "import psycopg; psycopg.connect('$(LOCAL_DSN)', connect_timeout=3).close()" \
 			>/dev/null 2>&1; then \

@@ -235,7 +235,7 @@ def test_router_subscription_limit_is_all_or_nothing() -> None:
     router = Router(max_subscriptions=3)
     a = sub()
     router.subscribe(a, ["1", "2"])
-    with pytest.raises(ProtocolError, match="would make 4 subscriptions; the limit .* is 3"):
+    with pytest.raises(ProtocolError, match=r"would make 4 subscriptions; the limit .* is 3"):
         router.subscribe(a, ["2", "3", "4"])
     assert a.channels == {"1", "2"}
     router.subscribe(a, ["1", "3"])  # only one is new

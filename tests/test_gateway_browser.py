@@ -1,0 +1,127 @@
+"""End to end in a real browser: the demo page in headless Chromium.
+
+Debian's ``chromium`` (installed by ``make browser``, or here if missing and
+apt is usable) driven by Playwright's Python API with ``executable_path``;
+Playwright's own browser downloads are never used. Skipped, saying why, only
+where no Chromium can be installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pgcast.gateway import create_app
+from pgcast.gateway._serve import GatewayServer, config
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+INSTALL_TIMEOUT = 900
+
+
+def _install_chromium() -> str | None:
+    """Install Debian's chromium; None when done, else why it could not be."""
+    if shutil.which("apt-get") is None:
+        return "no apt-get on this system to install Debian's chromium"
+    if os.geteuid() != 0:
+        return "not root, so apt-get cannot install chromium (run `make browser` as root)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, env=env,
+                                  timeout=INSTALL_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            return f"{' '.join(argv)} did not finish in {INSTALL_TIMEOUT} s"
+        if done.returncode != 0:
+            return f"{' '.join(argv)} failed: {done.stderr.strip()[-300:]}"
+    return None if CHROMIUM.exists() else "apt-get installed chromium but not at /usr/bin"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        why = _install_chromium()
+        if why is not None:
+            pytest.skip(f"no Chromium for the browser test: {why}")
+    pytest.importorskip("playwright.sync_api", reason="Playwright is in the dev extra")
+    return CHROMIUM
+
+
+@pytest.fixture
+def demo_url(dsn: str, psql: Callable[..., str]) -> Iterator[str]:
+    app = create_app(dsn, allow=["data"], allow_publish=["data"], demo_page=True,
+                     demo_command="psql -c \"NOTIFY data, 'green'\"")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = GatewayServer(config(app, "127.0.0.1", port, log_level="warning",
+                                  timeout_graceful_shutdown=3))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.slow
+def test_demo_page_bar_moves_on_notify_in_headless_chromium(
+    chromium: Path, demo_url: str, psql: Callable[..., str]
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS,
+                                     timeout=60_000)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(demo_url, timeout=30_000)
+            assert page.text_content("#command") == "psql -c \"NOTIFY data, 'green'\""
+            # "listening" appears once the gateway confirmed the subscription.
+            page.wait_for_selector('#status[data-state="open"]', timeout=20_000)
+            green = page.locator("#bar-green")
+            assert green.get_attribute("data-count") == "0"
+
+            psql("NOTIFY data, 'green'")
+            page.wait_for_function(
+                "document.getElementById('bar-green').dataset.count === '1'", timeout=15_000
+            )
+            assert green.get_attribute("data-value") == "10"
+            assert green.evaluate("el => el.style.width") == "10%"
+            assert page.locator("#bar-red").get_attribute("data-count") == "0"
+
+            psql("NOTIFY data, 'green 70'")
+            page.wait_for_function(
+                "document.getElementById('bar-green').dataset.value === '70'", timeout=15_000
+            )
+
+            # A button publishes through the gateway; the page hears its own NOTIFY.
+            page.click('button[data-colour="red"]')
+            page.wait_for_function(
+                "document.getElementById('bar-red').dataset.count === '1'", timeout=15_000
+            )
+            assert "data:" in (page.text_content("#log") or "")
+            if os.environ.get("PGCAST_SCREENSHOT"):
+                page.screenshot(path=os.environ["PGCAST_SCREENSHOT"])
+            assert errors == []
+        finally:
+            browser.close()
