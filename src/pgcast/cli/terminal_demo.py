@@ -67,8 +67,10 @@ def run(dsn: str | None = None, *, seconds: float | None = None, out: TextIO = s
 
         def printer() -> None:
             for event in listener.events(select_timeout=0.2, yield_timeouts=True):
-                if event is not None:
+                if isinstance(event, Event):
                     _show(out, event, sent, own)
+                elif event is not None:  # a Reconnected marker: say so
+                    print(f"  (reconnected: {event})", file=out, flush=True)
                 if stop.is_set():
                     return
 
