@@ -30,6 +30,7 @@ def collect(ps: pgcast.PubSub, n: int, timeout: float = ARRIVAL_TIMEOUT) -> list
     deadline = time.monotonic() + timeout
     for event in ps.events(select_timeout=0.05, yield_timeouts=True):
         if event is not None:
+            assert isinstance(event, pgcast.Event), f"not an event: {event!r}"
             got.append(event)
             if len(got) == n:
                 return got
@@ -50,6 +51,7 @@ def collect_until(
     deadline = time.monotonic() + timeout
     for event in ps.events(select_timeout=0.05, yield_timeouts=True):
         if event is not None:
+            assert isinstance(event, pgcast.Event), f"not an event: {event!r}"
             got.append(event)
             if event.payload == sentinel:
                 return got
@@ -68,6 +70,7 @@ async def acollect(
     deadline = time.monotonic() + timeout
     async for event in aps.events(select_timeout=0.05, yield_timeouts=True):
         if event is not None:
+            assert isinstance(event, pgcast.Event), f"not an event: {event!r}"
             got.append(event)
             if len(got) == n:
                 return got
@@ -84,6 +87,7 @@ async def acollect_until(
     deadline = time.monotonic() + timeout
     async for event in aps.events(select_timeout=0.05, yield_timeouts=True):
         if event is not None:
+            assert isinstance(event, pgcast.Event), f"not an event: {event!r}"
             got.append(event)
             if event.payload == sentinel:
                 return got

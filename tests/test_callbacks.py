@@ -22,7 +22,6 @@ import pytest
 
 import pgcast
 import pgcast.aio
-
 from _eventwait import arun
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -286,7 +285,7 @@ def test_stop_is_prompt_and_stops_between_events(
     # What was not handled is not lost: iterating again gets it, in order.
     rest: list[str] = []
     for event in ps.events(select_timeout=1, yield_timeouts=True):
-        if event is None:
+        if not isinstance(event, pgcast.Event):
             break
         rest.append(event.payload)
     assert seen + rest == [str(i) for i in range(200)]

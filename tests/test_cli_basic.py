@@ -103,7 +103,7 @@ class Listener:
         return line
 
     def lines(self, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        records = []
+        records: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         for _ in range(n):
             try:
@@ -132,7 +132,7 @@ def _pump(stream: IO[str], q: queue.Queue[str | None]) -> None:
 
 
 def drain(q: queue.Queue[str | None], timeout: float = 10.0) -> str:
-    lines = []
+    lines: list[str] = []
     while True:
         try:
             line = q.get(timeout=timeout)
@@ -398,7 +398,7 @@ def collect_payloads(ps: pgcast.PubSub, n: int, timeout: float = 20.0) -> list[s
     got: list[str] = []
     deadline = time.monotonic() + timeout
     for event in ps.events(select_timeout=0.05, yield_timeouts=True):
-        if event is not None:
+        if isinstance(event, pgcast.Event):
             got.append(event.payload)
             if len(got) == n:
                 return got

@@ -30,9 +30,8 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
 import pgcast
-from pgcast.embedded import EmbeddedServer
-
 from _eventwait import collect, collect_until
+from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -60,6 +59,11 @@ def closed_port() -> int:
     return port
 
 
+def connect_kwargs(dsn: str) -> dict[str, Any]:
+    """*dsn* as the keyword arguments of psycopg.connect."""
+    return dict(conninfo_to_dict(dsn))
+
+
 # -- connect -------------------------------------------------------------------
 
 
@@ -73,7 +77,7 @@ def test_connect_with_a_dsn(dsn: str) -> None:
 
 
 def test_connect_with_psycopg_keyword_args(dsn: str) -> None:
-    kwargs = conninfo_to_dict(dsn)
+    kwargs = connect_kwargs(dsn)
     with pgcast.connect(**kwargs) as ps:
         ps.listen("kw")
         ps.notify("kw", "by keywords")
@@ -102,7 +106,7 @@ def test_connect_with_no_args_uses_pg_variables(
             monkeypatch.setenv(names[key], str(value))
     with pgcast.connect() as ps:
         assert ps.backend_pid > 0
-        assert ps.connection.info.port == int(conninfo_to_dict(dsn).get("port", 5432))
+        assert ps.connection.info.port == int(conninfo_to_dict(dsn).get("port") or 5432)
 
 
 def test_connection_settings(dsn: str) -> None:
@@ -148,7 +152,7 @@ def test_server_gone_raises_connect_error() -> None:
 
 
 def test_unknown_database_raises_connect_error_with_server_message(dsn: str) -> None:
-    kwargs = conninfo_to_dict(dsn)
+    kwargs = connect_kwargs(dsn)
     kwargs["dbname"] = "pgcast_no_such_db"
     with pytest.raises(pgcast.ConnectError, match='database "pgcast_no_such_db" does not exist'):
         pgcast.connect(**kwargs)
@@ -309,6 +313,7 @@ def test_get_event_never_blocks(ps: pgcast.PubSub, conn: Conn, unique_channel: s
         if event is None:
             wait_readable(ps, 0.1)
         else:
+            assert isinstance(event, pgcast.Event)
             got.append(event)
     assert [e.payload for e in got] == ["1", "2"]
     assert ps.get_event() is None
@@ -323,7 +328,7 @@ def wait_readable(ps: pgcast.PubSub, timeout: float) -> None:
 def test_events_yield_timeouts(ps: pgcast.PubSub, unique_channel: str) -> None:
     ps.listen(unique_channel)
     start = time.monotonic()
-    values: list[pgcast.Event | None] = []
+    values: list[object] = []
     for value in ps.events(select_timeout=0.1, yield_timeouts=True):
         values.append(value)
         if len(values) == 3:
@@ -343,7 +348,7 @@ def test_events_without_yield_timeouts_only_yields_events(
         first = next(iter(ps.events(select_timeout=0.05)))
     finally:
         sender.join(10)
-    assert first is not None and first.payload == "late"
+    assert isinstance(first, pgcast.Event) and first.payload == "late"
 
 
 def send(dsn: str, channel: str, *payloads: str) -> None:
@@ -363,9 +368,9 @@ def test_wait_none_yields_events_only(ps: pgcast.PubSub, dsn: str, unique_channe
     sender = threading.Timer(0.3, lambda: send(dsn, unique_channel, "a", "b"))
     sender.start()
     try:
-        got = []
+        got: list[str] = []
         for value in ps.wait(timeout=None):
-            assert value is not None
+            assert isinstance(value, pgcast.Event)
             got.append(value.payload)
             if len(got) == 2:
                 break
@@ -379,14 +384,14 @@ def test_wait_positive_yields_idle_events(
 ) -> None:
     ps.listen(unique_channel)
     pgcast.notify(conn, unique_channel, "x")
-    values: list[pgcast.Event | None] = []
+    values: list[object] = []
     start = time.monotonic()
     for value in ps.wait(timeout=0.1):
         values.append(value)
         if len(values) == 3:
             break
     assert time.monotonic() - start < 5
-    assert values[0] is not None and values[0].payload == "x"
+    assert isinstance(values[0], pgcast.Event) and values[0].payload == "x"
     assert values[1:] == [None, None]
 
 
@@ -401,7 +406,7 @@ def test_wait_zero_yields_what_is_pending_and_ends(
         pgcast.notify(conn, unique_channel, str(i))
     wait_readable(ps, 10)
     time.sleep(0.05)  # let all three reach the socket
-    assert [e.payload for e in ps.wait(0) if e is not None] == ["0", "1", "2"]
+    assert [e.payload for e in ps.wait(0) if isinstance(e, pgcast.Event)] == ["0", "1", "2"]
     assert list(ps.wait(0)) == []
 
 
@@ -413,9 +418,10 @@ def test_breaking_out_loses_nothing(
     for i in range(5):
         pgcast.notify(conn, unique_channel, str(i))
     iterator = ps.events(select_timeout=10) if how == "events" else ps.wait(timeout=10)
-    for first in iterator:
+    for event in iterator:  # and break out of it
+        first = event
         break
-    assert first is not None and first.payload == "0"
+    assert isinstance(first, pgcast.Event) and first.payload == "0"
     assert [e.payload for e in collect(ps, 4)] == ["1", "2", "3", "4"]
 
 
@@ -429,7 +435,7 @@ def test_backend_pid_and_ignore_own(ps: pgcast.PubSub, conn: Conn, unique_channe
     pgcast.notify(conn, unique_channel, "theirs again")
     got = []
     for event in ps.events(select_timeout=10, ignore_own=True):
-        assert event is not None
+        assert isinstance(event, pgcast.Event)
         got.append(event)
         if len(got) == 2:
             break
@@ -528,7 +534,7 @@ def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
         thread.start()
         ready.set()
         for event in ps.events(select_timeout=30, yield_timeouts=True):
-            assert event is not None, "no event within 30 s"
+            assert isinstance(event, pgcast.Event), "no event within 30 s"
             latencies.append(time.perf_counter() - sent_at[int(event.payload)])
             if len(latencies) == rounds:
                 break
@@ -642,14 +648,14 @@ def test_invalid_names_raise_before_anything_is_sent(
 
 
 @pytest.mark.parametrize(
-    ("payload", "error", "message"),
+    ("payload", "expected"),
     [
-        ("a" * 8000, pgcast.PayloadTooLargeError,
-         "8000 bytes in UTF-8; NOTIFY payloads must be under 8000"),
-        ("é" * 4000, pgcast.PayloadTooLargeError, "8000 bytes"),
-        ({"k": "x" * 9000}, pgcast.PayloadTooLargeError, "9008 bytes"),
-        ("a" * 100_000, pgcast.PayloadTooLargeError, "100000 bytes"),
-        ("nul\x00inside", pgcast.PayloadError, "NUL"),
+        ("a" * 8000, (pgcast.PayloadTooLargeError,
+                      "8000 bytes in UTF-8; NOTIFY payloads must be under 8000")),
+        ("é" * 4000, (pgcast.PayloadTooLargeError, "8000 bytes")),
+        ({"k": "x" * 9000}, (pgcast.PayloadTooLargeError, "9008 bytes")),
+        ("a" * 100_000, (pgcast.PayloadTooLargeError, "100000 bytes")),
+        ("nul\x00inside", (pgcast.PayloadError, "NUL")),
     ],
     ids=["8000-ascii", "8000-bytes-4000-chars", "json", "100k", "nul"],
 )
@@ -658,9 +664,9 @@ def test_payload_limits_and_the_connection_stays_usable(
     conn: Conn,
     unique_channel: str,
     payload: pgcast.Payload,
-    error: type[Exception],
-    message: str,
+    expected: tuple[type[Exception], str],
 ) -> None:
+    error, message = expected
     # pgcast.notify(conn, ...) is plain NOTIFY: the limit is NOTIFY's.
     # (PubSub.notify accepts any size: what NOTIFY cannot carry goes through
     # the durable log; see test_durable*. NUL it refuses, below.)
@@ -813,7 +819,7 @@ def test_after_unlisten_nothing_more_arrives(
     wait_readable(ps, 10)
     time.sleep(0.05)
     first = ps.get_event()
-    assert first is not None and first.payload == "read 0"
+    assert isinstance(first, pgcast.Event) and first.payload == "read 0"
     # Still on the socket, unread, when unlisten is called:
     pgcast.notify(conn, unique_channel, "unread")
     wait_readable(ps, 10)

@@ -17,11 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pgcast
+from _eventwait import collect
 from pgcast._payload import MAX_PAYLOAD_BYTES, encode_payload, payload_size, to_text
 
-from _eventwait import collect
-
-text_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+text_chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 db_settings = settings(
     max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

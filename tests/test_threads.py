@@ -47,8 +47,8 @@ class Iterating:
         try:
             self.waiting.set()
             for event in self.ps.events(select_timeout=LONG_SELECT, yield_timeouts=True):
-                if event is None:
-                    raise AssertionError(f"no event within {LONG_SELECT} s")
+                if not isinstance(event, pgcast.Event):
+                    raise AssertionError(f"no event within {LONG_SELECT} s: {event!r}")
                 self.events.append(event)
                 if len(self.events) >= self.expected:
                     break
@@ -108,7 +108,7 @@ def test_notify_from_another_thread_while_main_iterates(
     thread.start()
     got: list[str] = []
     for event in ps.events(select_timeout=LONG_SELECT, yield_timeouts=True):
-        assert event is not None, f"no event within {LONG_SELECT} s"
+        assert isinstance(event, pgcast.Event), f"no event within {LONG_SELECT} s"
         got.append(event.payload)
         if len(got) == 50:
             break

@@ -422,20 +422,19 @@ class AsyncPubSub:
         core = self._core
         steps = plan(core.inbox, timeout=None, idle=False)
         try:
-            async with contextlib.aclosing(self._drive(steps, stoppable=True)) as events:
-                async for event in events:
-                    # Markers go to on_reconnect, which was called already.
-                    if event is None or isinstance(event, Reconnected):
-                        continue
-                    for handler in core.handlers.get(event.channel, ()):
-                        try:
-                            result = handler(event)
-                            if core.is_async(handler):
-                                await result  # type: ignore[misc]
-                        except Exception as exc:
-                            core.handler_failed(exc, event)
-                    if self._stopping:
-                        return  # the events not handled stay in the inbox
+            async for event in self._drive(steps, stoppable=True):
+                # Markers go to on_reconnect, which was called already.
+                if event is None or isinstance(event, Reconnected):
+                    continue
+                for handler in core.handlers.get(event.channel, ()):
+                    try:
+                        result = handler(event)
+                        if core.is_async(handler):
+                            await result  # type: ignore[misc]
+                    except Exception as exc:
+                        core.handler_failed(exc, event)
+                if self._stopping:
+                    return  # the events not handled stay in the inbox
         finally:
             # Reset on the way out, not on entry: a stop() between
             # create_task(run()) and its first step must still stop it.
