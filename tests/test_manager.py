@@ -44,8 +44,8 @@ def open_pubsub(dsn: str) -> Iterator[Callable[..., pgcast.PubSub]]:
     """``open_pubsub(*channels, dsn=...)``: a listening PubSub, closed after the test."""
     opened: list[pgcast.PubSub] = []
 
-    def open_(*channels: str, dsn: str = dsn) -> pgcast.PubSub:
-        ps = pgcast.connect(dsn)
+    def open_(*channels: str, dsn: str = dsn, **kwargs: Any) -> pgcast.PubSub:
+        ps = pgcast.connect(dsn, **kwargs)
         opened.append(ps)
         if channels:
             ps.listen(*channels)
@@ -632,6 +632,92 @@ def test_two_servers_and_a_stopped_server_moves_to_garbage(
             assert nm.connections == {here}
             notify(conn, ch, "still here")
             assert events_of(take(nm, 1)) == [(here, ch, "still here")]
+
+
+# -- reconnect=True ----------------------------------------------------------------------
+
+FAST = pgcast.Backoff(initial=0.05, maximum=0.2)
+
+
+def until(
+    nm: pgcast.NotificationManager, done: Callable[[list[Value]], bool], what: str
+) -> list[Value]:
+    """Iterate *nm* (timeout > 0) until done(values so far); every value yielded."""
+    got: list[Value] = []
+    deadline = time.monotonic() + ARRIVAL
+    while not done(got):
+        got.append(next(nm))
+        assert time.monotonic() < deadline, f"{what} within {ARRIVAL} s; got {got[-3:]}"
+    return got
+
+
+def markers(values: list[Value], ps: pgcast.PubSub) -> list[pgcast.Reconnected]:
+    return [e for x in values if x and x[0] is ps for e in x[1]
+            if isinstance(e, pgcast.Reconnected)]
+
+
+def test_reconnect_option_reconnects_instead_of_garbage(open_pubsub: Any, conn: Conn) -> None:
+    chans = [channel() for _ in range(2)]
+    a, b = (open_pubsub(ch) for ch in chans)
+    old_pid = a.backend_pid
+    with pgcast.NotificationManager(a, b, timeout=0.1, reconnect=True) as nm:
+        conn.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
+        until(nm, lambda got: bool(markers(got, a)), "no Reconnected marker for a")
+        assert nm.connections == {a, b} and not nm.garbage
+        assert a.backend_pid != old_pid
+        notify(conn, chans[0], "on the new connection")
+        notify(conn, chans[1], "b")
+        assert sorted(events_of(take(nm, 2)), key=str) == sorted(
+            [(a, chans[0], "on the new connection"), (b, chans[1], "b")], key=str
+        )
+
+
+@pytest.mark.slow
+def test_reconnect_option_waits_for_a_server_to_come_back(
+    open_pubsub: Any, conn: Conn
+) -> None:
+    with EmbeddedServer() as second:
+        ch = channel()
+        here = open_pubsub(ch)
+        there = open_pubsub(ch, dsn=second.dsn, reconnect_backoff=FAST)
+        with pgcast.NotificationManager(here, there, timeout=0.1, reconnect=True) as nm:
+            second.stop()
+            # While it reconnects, the other connection keeps delivering.
+            time.sleep(0.3)
+            notify(conn, ch, "meanwhile")
+            assert events_of(take(nm, 1)) == [(here, ch, "meanwhile")]
+            assert there in nm.connections and not nm.garbage
+            second.start()
+            until(nm, lambda got: bool(markers(got, there)), "no marker after the restart")
+            with psycopg.connect(second.dsn, autocommit=True) as other:
+                notify(other, ch, "back")
+            assert events_of(take(nm, 1)) == [(there, ch, "back")]
+
+
+def test_reconnect_option_gives_up_into_garbage(open_pubsub: Any, conn: Conn) -> None:
+    with EmbeddedServer() as second:
+        ch = channel()
+        here = open_pubsub(ch)
+        backoff = pgcast.Backoff(initial=0.05, maximum=0.1, max_attempts=3)
+        there = open_pubsub(ch, dsn=second.dsn, reconnect_backoff=backoff)
+        with pgcast.NotificationManager(here, there, timeout=0.1, reconnect=True) as nm:
+            second.stop()
+            until(nm, lambda _: there in nm.garbage, "the reconnect did not give up")
+            assert nm.connections == {here}
+            notify(conn, ch, "still here")
+            assert events_of(take(nm, 1)) == [(here, ch, "still here")]
+
+
+def test_reconnect_option_a_closed_connection_still_goes_to_garbage(
+    open_pubsub: Any, conn: Conn
+) -> None:
+    chans = [channel() for _ in range(2)]
+    a, b = (open_pubsub(ch) for ch in chans)
+    with pgcast.NotificationManager(a, b, timeout=0.1, reconnect=True) as nm:
+        assert next(nm) is None
+        a.close()
+        until(nm, lambda _: a in nm.garbage, "the closed connection was not dropped")
+        assert nm.connections == {b}
 
 
 # -- scale ------------------------------------------------------------------------------

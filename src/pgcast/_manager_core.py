@@ -22,7 +22,11 @@ The driver's side of the contract:
 * ``Unregister(c)``: stop watching the descriptor recorded for ``c`` and call
   :meth:`ManagerCore.unregistered`.
 * ``Read(c)``: read without blocking what arrived on ``c`` into its inbox
-  (``PubSub._read()``); on any exception call :meth:`ManagerCore.lose`.
+  (``PubSub._read()``); on any exception call :meth:`ManagerCore.lose`. When
+  that returns True (``reconnect`` is on and the connection was lost), stop
+  watching ``c``, reconnect it in the background (``c.reconnect()``) and
+  report the outcome with :meth:`ManagerCore.reconnected`, waking the
+  manager.
 * ``Wait(t)``: wait at most ``t`` seconds (``None``: no limit) until a watched
   socket is readable or the manager is woken, and call
   :meth:`ManagerCore.ready` for each readable connection.
@@ -39,6 +43,10 @@ The semantics are py-postgresql's ``NotificationManager``:
 * A connection whose read or registration raises moves from ``connections``
   to ``garbage``; the events it had already received are still yielded. The
   iteration ends when ``connections`` is empty.
+* With ``reconnect``, a lost connection stays in ``connections`` while it is
+  reconnected, unwatched; then it is watched again on its new socket, and
+  its :class:`~pgcast.Reconnected` marker is yielded with its events. Only a
+  reconnect that gives up moves it to ``garbage``.
 * A wake-up costs the same whatever the number of idle connections: the
   driver registers each socket once, readiness names the connections to read,
   and the connection set is compared with the registrations only after it
@@ -56,6 +64,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
 
 from ._core import Core, Wait, check_timeout
+from ._errors import ConnectionLostError
 from ._event import Event
 
 __all__ = [
@@ -223,7 +232,14 @@ class ManagerCore(Generic[C]):
         connections: Iterable[C],
         timeout: float | None,
         on_change: Callable[[], object] | None = None,
+        *,
+        reconnect: bool = False,
     ) -> None:
+        #: Reconnect lost connections rather than moving them to garbage.
+        self.reconnect = reconnect
+        #: Connections being reconnected: in ``connections``, not watched.
+        self.reconnecting: set[C] = set()
+        self._restored: deque[tuple[C, BaseException | None]] = deque()
         self._connections: ConnectionSet[C] = ConnectionSet(connections, on_change)
         self._on_change = on_change
         #: Connections that died or raised, moved out of ``connections``.
@@ -289,12 +305,27 @@ class ManagerCore(Generic[C]):
         a query, or a close). Thread safe."""
         self._pokes.append(conn)
 
-    def lose(self, conn: C, exc: BaseException) -> None:
-        """*conn* died or raised *exc*: move it from connections to garbage."""
-        self.garbage.add(conn)
+    def lose(self, conn: C, exc: BaseException) -> bool:
+        """*conn* died or raised *exc*: move it from connections to garbage.
+
+        With :attr:`reconnect`, a lost connection (:class:`ConnectionLostError`)
+        that is still wanted is instead marked as reconnecting and True is
+        returned: the driver stops watching it and reconnects it, then
+        reports with :meth:`reconnected`.
+        """
         self._ready.pop(conn, None)
+        if self.reconnect and isinstance(exc, ConnectionLostError) and conn in self._connections:
+            self.reconnecting.add(conn)
+            return True
+        self.garbage.add(conn)
         if conn in self._connections:
             self._connections.discard(conn)
+        return False
+
+    def reconnected(self, conn: C, exc: BaseException | None = None) -> None:
+        """The driver's reconnect of *conn* is over: done, or failed with *exc*
+        (then it goes to garbage). Thread safe."""
+        self._restored.append((conn, exc))
 
     # -- the policy --------------------------------------------------------
 
@@ -305,7 +336,7 @@ class ManagerCore(Generic[C]):
             version = conns.version
             fds = self.fds
             gone = [c for c in fds if c not in conns]
-            new = [c for c in conns if c not in fds]
+            new = [c for c in conns if c not in fds and c not in self.reconnecting]
             for c in gone:
                 yield Unregister(c)
             for c in new:
@@ -313,6 +344,15 @@ class ManagerCore(Generic[C]):
             self._synced = version
 
     def _take_pokes(self) -> None:
+        restored = self._restored
+        while restored:
+            conn, exc = restored.popleft()
+            self.reconnecting.discard(conn)
+            if exc is not None and conn in self._connections:
+                self.garbage.add(conn)
+                self._connections.discard(conn)
+            # Register it again, on its new socket (if it is still wanted).
+            self._synced = -1
         pokes = self._pokes
         while pokes:
             conn = pokes.popleft()
@@ -324,8 +364,8 @@ class ManagerCore(Generic[C]):
         polled = False
         last = clock()
         while True:
-            yield from self._sync()
             self._take_pokes()
+            yield from self._sync()
             if self.timeout == 0 and not polled:
                 # py-postgresql's zero timeout: every connection once.
                 polled = True
@@ -351,8 +391,8 @@ class ManagerCore(Generic[C]):
                     events: list[Any] = [inbox.popleft() for _ in range(len(inbox))]
                     yield conn, events
                     last = clock()
-                yield from self._sync()
                 self._take_pokes()
+                yield from self._sync()
             if self.timeout == 0 and polled:
                 return
             if not self._connections:

@@ -4,7 +4,8 @@ It drives the same policy (:mod:`pgcast._manager_core`) as the sync manager,
 so the semantics are the same: ``(aps, [events...])`` or ``None`` as an idle
 event, timeouts ``None`` / ``> 0`` / ``0``, ``connections`` and ``garbage``
 sets, nothing held during an idle event, the iteration ends when no
-connection is left. Import it as ``pgcast.aio.NotificationManager``.
+connection is left, ``reconnect=True`` (a task per reconnect). Import it as
+``pgcast.aio.NotificationManager``.
 
 Waiting is done by the event loop: each connection's descriptor
 (:meth:`AsyncPubSub.fileno`) gets one reader, added once. A reader that
@@ -56,14 +57,22 @@ class NotificationManager:
     :param connections: the AsyncPubSubs to watch; more can be added later.
     :param timeout: seconds without events before an idle event (``None``);
         ``None`` never idles, ``0`` polls once and ends the iteration.
+    :param reconnect: reconnect a lost connection (in a task of its own, with
+        :meth:`AsyncPubSub.reconnect`) instead of moving it to garbage; see
+        :class:`pgcast.NotificationManager`.
 
     ``async for x in nm`` yields ``(aps, [events...])`` or ``None``. Use
     ``async with`` or ``await close()`` to remove its readers from the loop.
     """
 
-    def __init__(self, *connections: AsyncPubSub, timeout: float | None = None) -> None:
+    def __init__(
+        self, *connections: AsyncPubSub, timeout: float | None = None, reconnect: bool = False
+    ) -> None:
         self._closed = False
-        self._core: ManagerCore[AsyncPubSub] = ManagerCore(connections, timeout, self._wake)
+        self._core: ManagerCore[AsyncPubSub] = ManagerCore(
+            connections, timeout, self._wake, reconnect=reconnect
+        )
+        self._reconnects: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
         # Connections whose reader fired and was removed until they are read.
@@ -138,6 +147,10 @@ class NotificationManager:
             self._unregister(conn)
         if self._waiter is not None:
             _resolve(self._waiter)
+        tasks = list(self._reconnects)  # the manager's work: it ends with the manager
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         return self
@@ -182,8 +195,23 @@ class NotificationManager:
             self._paused.add(conn)
 
     def _lose(self, conn: AsyncPubSub, exc: BaseException) -> None:
-        logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
-        self._core.lose(conn, exc)
+        if not self._core.lose(conn, exc):
+            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+            return
+        self._unregister(conn)
+        task = self._get_loop().create_task(self._reconnect(conn))
+        self._reconnects.add(task)
+        task.add_done_callback(self._reconnects.discard)
+
+    async def _reconnect(self, conn: AsyncPubSub) -> None:
+        try:
+            await conn.reconnect()
+        except Exception as exc:
+            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+            self._core.reconnected(conn, exc)
+        else:
+            self._core.reconnected(conn)
+        self._wake()
 
     async def _read(self, conn: AsyncPubSub) -> None:
         try:

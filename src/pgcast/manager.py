@@ -28,7 +28,9 @@ with the asyncio twin :class:`pgcast.aio.NotificationManager`):
   from another thread. A connection that dies or raises moves to
   :attr:`~NotificationManager.garbage` and the others keep delivering; what
   it had received is still yielded. The iteration ends when no connection is
-  left.
+  left. With ``reconnect=True`` a lost connection is reconnected instead (in
+  a short-lived thread of its own, so the backoff holds up no other
+  connection) and its :class:`~pgcast.Reconnected` marker is yielded.
 * One thread waits on every socket with one ``selectors.DefaultSelector``
   (epoll on Linux). Each socket is registered once, so a wake-up costs the
   same with 1 or 500 idle connections.
@@ -44,6 +46,7 @@ import contextlib
 import logging
 import os
 import selectors
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -80,13 +83,22 @@ class NotificationManager:
     :param connections: the PubSubs to watch; more can be added later.
     :param timeout: seconds without events before an idle event (``None``);
         ``None`` never idles, ``0`` polls once and ends the iteration.
+    :param reconnect: reconnect a lost connection (with the PubSub's own
+        backoff, :meth:`PubSub.reconnect`) instead of moving it to
+        :attr:`garbage`; it stays in :attr:`connections` meanwhile and its
+        :class:`~pgcast.Reconnected` marker comes in its events list. Only a
+        reconnect that gives up, or a connection closed by its user, goes to
+        garbage.
 
     Use it as a context manager, or call :meth:`close`, to release the
     selector; the PubSubs themselves stay open.
     """
 
-    def __init__(self, *connections: PubSub, timeout: float | None = None) -> None:
+    def __init__(
+        self, *connections: PubSub, timeout: float | None = None, reconnect: bool = False
+    ) -> None:
         self._closed = False
+        self._pipe_lock = threading.Lock()  # no write to the pipe once closed
         # A pipe rather than a socketpair: plain descriptors, so a manager
         # dropped without close() is cleaned up by its finalizer silently.
         rfd, wfd = os.pipe()
@@ -96,7 +108,9 @@ class NotificationManager:
         self._selector = selectors.DefaultSelector()
         self._selector.register(rfd, selectors.EVENT_READ, None)
         self._finalizer = weakref.finalize(self, _release, self._selector, rfd, wfd)
-        self._core: ManagerCore[PubSub] = ManagerCore(connections, timeout, self._wake)
+        self._core: ManagerCore[PubSub] = ManagerCore(
+            connections, timeout, self._wake, reconnect=reconnect
+        )
         self._hooks: dict[PubSub, Callable[[], None]] = {}
         self._steps: Iterator[Step[PubSub]] | None = None
 
@@ -169,9 +183,10 @@ class NotificationManager:
 
         The PubSubs stay open and keep their unread events. Idempotent.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._pipe_lock:
+            if self._closed:
+                return
+            self._closed = True
         for conn in list(self._core.fds):
             self._unregister(conn)
         self._finalizer()
@@ -196,17 +211,35 @@ class NotificationManager:
     # -- the driver ----------------------------------------------------------
 
     def _wake(self) -> None:
-        if not self._closed:
-            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
-                os.write(self._wfd, b"\0")
+        with self._pipe_lock:
+            if not self._closed:
+                with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                    os.write(self._wfd, b"\0")
 
     def _poked(self, conn: PubSub) -> None:
         self._core.poke(conn)
         self._wake()
 
     def _lose(self, conn: PubSub, exc: BaseException) -> None:
-        logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
-        self._core.lose(conn, exc)
+        if not self._core.lose(conn, exc):
+            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+            return
+        self._unregister(conn)
+        # In a thread of its own, so that the backoff between attempts does
+        # not hold up the other connections; the thread ends with the reconnect.
+        threading.Thread(
+            target=self._reconnect, args=(conn,), name="pgcast-manager-reconnect", daemon=True
+        ).start()
+
+    def _reconnect(self, conn: PubSub) -> None:
+        try:
+            conn.reconnect()
+        except Exception as exc:
+            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+            self._core.reconnected(conn, exc)
+        else:
+            self._core.reconnected(conn)
+        self._wake()
 
     def _read(self, conn: PubSub) -> None:
         try:
