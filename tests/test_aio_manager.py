@@ -46,8 +46,8 @@ async def pubsubs(dsn: str) -> AsyncIterator[Opener]:
     """``await open_(*channels, dsn=...)``: listening AsyncPubSubs, closed at the end."""
     opened: list[AsyncPubSub] = []
 
-    async def open_(*channels: str, dsn: str = dsn) -> AsyncPubSub:
-        aps = await pgcast.aio.connect(dsn)
+    async def open_(*channels: str, dsn: str = dsn, **kwargs: Any) -> AsyncPubSub:
+        aps = await pgcast.aio.connect(dsn, **kwargs)
         opened.append(aps)
         if channels:
             await aps.listen(*channels)
@@ -670,6 +670,120 @@ def test_two_servers_and_a_stopped_server_moves_to_garbage(dsn: str, conn: Conn)
                     assert nm.connections == {here}
                     notify(conn, ch, "still here")
                     assert events_of(await take(nm, 1)) == [(here, ch, "still here")]
+
+        arun(body())
+
+
+# -- reconnect=True ----------------------------------------------------------------------
+
+FAST = pgcast.Backoff(initial=0.05, maximum=0.2)
+
+
+async def until(
+    nm: NotificationManager, done: Callable[[list[Value]], bool], what: str
+) -> list[Value]:
+    """Iterate *nm* (timeout > 0) until done(values so far); every value yielded."""
+    got: list[Value] = []
+    deadline = time.monotonic() + ARRIVAL
+    while not done(got):
+        got.append(await anext(nm))
+        assert time.monotonic() < deadline, f"{what} within {ARRIVAL} s; got {got[-3:]}"
+    return got
+
+
+def markers(values: list[Value], aps: AsyncPubSub) -> list[pgcast.Reconnected]:
+    return [e for x in values if x and x[0] is aps for e in x[1]
+            if isinstance(e, pgcast.Reconnected)]
+
+
+def test_reconnect_option_reconnects_instead_of_garbage(dsn: str, conn: Conn) -> None:
+    async def body() -> None:
+        chans = [channel() for _ in range(2)]
+        async with pubsubs(dsn) as open_:
+            a, b = [await open_(ch) for ch in chans]
+            old_pid = a.backend_pid
+            async with NotificationManager(a, b, timeout=0.1, reconnect=True) as nm:
+                conn.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
+                await until(nm, lambda got: bool(markers(got, a)), "no marker for a")
+                assert nm.connections == {a, b} and not nm.garbage
+                assert a.backend_pid != old_pid
+                notify(conn, chans[0], "on the new connection")
+                notify(conn, chans[1], "b")
+                assert sorted(events_of(await take(nm, 2)), key=str) == sorted(
+                    [(a, chans[0], "on the new connection"), (b, chans[1], "b")], key=str
+                )
+
+    arun(body())
+
+
+@pytest.mark.slow
+def test_reconnect_option_waits_for_a_server_to_come_back(dsn: str, conn: Conn) -> None:
+    with EmbeddedServer() as second:
+
+        async def body() -> None:
+            ch = channel()
+            async with pubsubs(dsn) as open_:
+                here = await open_(ch)
+                there = await open_(ch, dsn=second.dsn, reconnect_backoff=FAST)
+                async with NotificationManager(here, there, timeout=0.1, reconnect=True) as nm:
+                    second.stop()
+                    await asyncio.sleep(0.3)
+                    notify(conn, ch, "meanwhile")  # the others keep delivering
+                    assert events_of(await take(nm, 1)) == [(here, ch, "meanwhile")]
+                    assert there in nm.connections and not nm.garbage
+                    await asyncio.to_thread(second.start)
+                    await until(nm, lambda got: bool(markers(got, there)), "no marker")
+                    with psycopg.connect(second.dsn, autocommit=True) as other:
+                        notify(other, ch, "back")
+                    assert events_of(await take(nm, 1)) == [(there, ch, "back")]
+
+        arun(body())
+
+
+def test_reconnect_option_gives_up_into_garbage(dsn: str, conn: Conn) -> None:
+    with EmbeddedServer() as second:
+
+        async def body() -> None:
+            ch = channel()
+            backoff = pgcast.Backoff(initial=0.05, maximum=0.1, max_attempts=3)
+            async with pubsubs(dsn) as open_:
+                here = await open_(ch)
+                there = await open_(ch, dsn=second.dsn, reconnect_backoff=backoff)
+                async with NotificationManager(here, there, timeout=0.1, reconnect=True) as nm:
+                    second.stop()
+                    await until(nm, lambda _: there in nm.garbage, "no giving up")
+                    assert nm.connections == {here}
+                    notify(conn, ch, "still here")
+                    assert events_of(await take(nm, 1)) == [(here, ch, "still here")]
+
+        arun(body())
+
+
+def test_reconnect_option_a_closed_connection_still_goes_to_garbage(dsn: str) -> None:
+    async def body() -> None:
+        async with pubsubs(dsn) as open_:
+            a, b = [await open_(channel()) for _ in range(2)]
+            async with NotificationManager(a, b, timeout=0.1, reconnect=True) as nm:
+                assert await anext(nm) is None
+                await a.close()
+                await until(nm, lambda _: a in nm.garbage, "the closed one was not dropped")
+                assert nm.connections == {b}
+
+    arun(body())
+
+
+def test_closing_the_manager_cancels_its_reconnects(dsn: str) -> None:
+    with EmbeddedServer() as second:
+
+        async def body() -> None:
+            async with pubsubs(dsn) as open_:
+                here = await open_(channel())
+                there = await open_(channel(), dsn=second.dsn, reconnect_backoff=FAST)
+                nm = NotificationManager(here, there, timeout=0.1, reconnect=True)
+                second.stop()
+                await until(nm, lambda _: bool(nm._reconnects), "no reconnect started")
+                await nm.close()  # returns, with no task left behind
+                assert not nm._reconnects
 
         arun(body())
 
