@@ -9,7 +9,6 @@ plain psycopg connections unless the test is about asyncio sending.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import socket
 import statistics
 import tempfile
@@ -23,11 +22,14 @@ import pytest
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
+import _hba
 import pgcast
 import pgcast.aio
 from _eventwait import acollect, acollect_until, arun
+from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+password_role = _hba.password_role  # a fixture, shared by test_client/test_aio
 IMMEDIATE = 0.05
 
 
@@ -402,10 +404,6 @@ def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
     assert statistics.median(latencies) < 0.020, sorted(latencies)
 
 
-def test_no_sleep_in_the_asyncio_client() -> None:
-    assert "sleep(" not in inspect.getsource(pgcast.aio)
-
-
 def test_other_tasks_notify_while_one_iterates(dsn: str, unique_channel: str) -> None:
     async def main() -> None:
         async with await pgcast.aio.connect(dsn) as aps:
@@ -642,5 +640,22 @@ def test_notify_many(dsn: str, unique_channel: str) -> None:
             await aps.notify_many([])
             await aps.notify(unique_channel, "end")
             assert await payloads_until(aps) == ["end"]
+
+    arun(main())
+
+
+def test_wrong_password_raises_connect_error(
+    server: EmbeddedServer, password_role: tuple[str, str]
+) -> None:
+    role, password = password_role
+    base = f"127.0.0.1:{server.port}/postgres"
+
+    async def main() -> None:
+        with pytest.raises(
+            pgcast.ConnectError, match=f'password authentication failed for user "{role}"'
+        ):
+            await pgcast.aio.connect(f"postgresql://{role}:wrong@{base}")
+        async with await pgcast.aio.connect(f"postgresql://{role}:{password}@{base}") as aps:
+            assert aps.backend_pid > 0
 
     arun(main())

@@ -29,11 +29,13 @@ import pytest
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
+import _hba
 import pgcast
 from _eventwait import collect, collect_until
 from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+password_role = _hba.password_role  # a fixture, shared by test_client/test_aio
 
 #: A bound for "never blocks" / "returns at once", not a benchmark.
 IMMEDIATE = 0.05
@@ -169,45 +171,6 @@ def test_server_that_never_answers_times_out() -> None:
         with pytest.raises(pgcast.ConnectError, match="timeout"):
             pgcast.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=1)
         assert time.monotonic() - start < 10
-
-
-@pytest.fixture
-def password_role(server: EmbeddedServer, conn: Conn) -> Iterator[tuple[str, str]]:
-    """A role that must log in with a password over TCP.
-
-    The embedded server trusts every local login, so a pg_hba.conf line that
-    asks this one role for a password goes first, and is removed afterwards.
-    """
-    role = f"pgcast_pw_{uuid.uuid4().hex[:8]}"
-    password = "right-password"
-    conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-    row = conn.execute("SHOW hba_file").fetchone()
-    assert row is not None
-    hba = row[0]
-    with open(hba) as f:
-        original = f.read()
-    line = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
-    try:
-        with open(hba, "w") as f:
-            f.write(line + original)
-        conn.execute("SELECT pg_reload_conf()")
-        url = f"postgresql://{role}:wrong@127.0.0.1:{server.port}/postgres"
-        deadline = time.monotonic() + 10
-        while True:  # the postmaster reloads asynchronously
-            try:
-                psycopg.connect(url, connect_timeout=5).close()
-            except psycopg.OperationalError:
-                break
-            assert time.monotonic() < deadline, "pg_hba.conf reload not seen in 10 s"
-            time.sleep(0.05)
-        yield role, password
-    finally:
-        with open(hba) as f:
-            current = f.read()
-        with open(hba, "w") as f:
-            f.write(current.replace(line, "", 1))
-        conn.execute("SELECT pg_reload_conf()")
-        conn.execute(f"DROP ROLE IF EXISTS {role}")
 
 
 def test_wrong_password_raises_connect_error(
@@ -555,13 +518,17 @@ def test_waiting_idle_burns_no_cpu(ps: pgcast.PubSub, unique_channel: str) -> No
     assert time.process_time() - cpu < 0.1
 
 
-def test_no_sleep_in_the_receiving_code() -> None:
-    import pgcast._core
-    import pgcast.aio
-    import pgcast.client
+RECEIVING_PATH = ("get_event", "events", "wait", "_drive", "_fill", "_read")
 
-    for module in (pgcast.client, pgcast.aio, pgcast._core):
-        assert "sleep(" not in inspect.getsource(module), module.__name__
+
+@pytest.mark.parametrize("cls", [pgcast.PubSub, pgcast.AsyncPubSub])
+def test_no_sleep_in_the_receiving_code(cls: type) -> None:
+    import pgcast._core
+
+    functions: list[Any] = [getattr(cls, name) for name in RECEIVING_PATH]
+    functions += [pgcast._core.plan, pgcast._core.Core.read, pgcast._core.Core.take]
+    for function in functions:
+        assert "sleep(" not in inspect.getsource(function), function.__qualname__
 
 
 # -- channel names are exact ---------------------------------------------------------
