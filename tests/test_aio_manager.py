@@ -805,3 +805,16 @@ def test_a_hundred_idle_connections_and_one_active(dsn: str, conn: Conn) -> None
                 assert len(nm._core.fds) == 101
 
     arun(body())
+
+
+def test_waiting_on_idle_connections_burns_no_cpu(dsn: str) -> None:
+    async def body() -> None:
+        async with pubsubs(dsn) as open_:
+            idle = [await open_(channel()) for _ in range(50)]
+            async with NotificationManager(*idle, timeout=1.0) as nm:
+                cpu = time.process_time()
+                assert await anext(nm) is None
+                used = time.process_time() - cpu
+            assert used < 0.2, f"{used:.3f} s of CPU for 1 s of waiting: polling?"
+
+    arun(body())

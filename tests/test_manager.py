@@ -28,6 +28,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 import pgcast
+from pgcast._manager_core import ConnectionSet
 from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -733,5 +734,67 @@ def test_a_hundred_idle_connections_and_one_active(open_pubsub: Any, conn: Conn)
             got = events_of(take(nm, 1))
             assert got == [(active, ch, str(i))]
         assert len(nm.connections) == 101 and not nm.garbage
-        # Registered once each, and not again on each wake-up.
-        assert len(nm._selector.get_map()) == 102
+        # Registered once each (plus the manager's own wake-up pipe)...
+        keys = dict(nm._selector.get_map())
+        assert len(keys) == 102
+        for i in range(5):
+            notify(conn, ch, f"again {i}")
+            assert events_of(take(nm, 1)) == [(active, ch, f"again {i}")]
+        # ... and not registered again on any wake-up since.
+        assert all(nm._selector.get_map()[fd] is key for fd, key in keys.items())
+
+
+def test_waiting_on_idle_connections_burns_no_cpu(open_pubsub: Any) -> None:
+    idle = [open_pubsub(channel()) for _ in range(50)]
+    with pgcast.NotificationManager(*idle, timeout=1.0) as nm:
+        cpu = time.process_time()
+        assert next(nm) is None  # a second of waiting on 50 sockets
+        used = time.process_time() - cpu
+    assert used < 0.2, f"{used:.3f} s of CPU for 1 s of waiting: polling?"
+
+
+def test_no_sleep_in_the_manager() -> None:
+    import inspect
+
+    import pgcast._manager_core
+    import pgcast.aio_manager
+    import pgcast.manager
+
+    for module in (pgcast.manager, pgcast.aio_manager, pgcast._manager_core):
+        source = inspect.getsource(module)
+        assert "sleep(" not in source, module.__name__
+
+
+# -- the connections set, pure -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda s: s.add(9), {1, 2, 3, 9}),
+        (lambda s: s.discard(2), {1, 3}),
+        (lambda s: s.remove(2), {1, 3}),
+        (lambda s: s.pop(), None),
+        (lambda s: s.clear(), set()),
+        (lambda s: s.update([4], {5}), {1, 2, 3, 4, 5}),
+        (lambda s: s.difference_update({1}, [2]), {3}),
+        (lambda s: s.intersection_update({1, 2, 7}), {1, 2}),
+        (lambda s: s.symmetric_difference_update({3, 4}), {1, 2, 4}),
+        (lambda s: s.__ior__({4}), {1, 2, 3, 4}),
+        (lambda s: s.__iand__({1}), {1}),
+        (lambda s: s.__isub__({1}), {2, 3}),
+        (lambda s: s.__ixor__({1, 4}), {2, 3, 4}),
+    ],
+)
+def test_every_change_of_the_connection_set_is_seen(
+    change: Callable[[ConnectionSet[int]], object], expected: set[int] | None
+) -> None:
+    calls: list[int] = []
+    s: ConnectionSet[int] = ConnectionSet([1, 2, 3], on_change=lambda: calls.append(1))
+    assert isinstance(s, set) and s.version == 0
+    change(s)
+    assert s.version == 1 and calls == [1]
+    if expected is not None:
+        assert s == expected
+    else:
+        assert len(s) == 2
