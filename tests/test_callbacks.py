@@ -461,3 +461,46 @@ def test_async_unsubscribe_while_running(dsn: str, conn: Conn, unique_channel: s
             await asyncio.wait_for(task, 5)
 
     arun(main())
+
+
+def test_stop_from_inside_a_handler(ps: pgcast.PubSub, conn: Conn, unique_channel: str) -> None:
+    seen: list[str] = []
+    runners: list[pgcast.Runner] = []
+
+    def handler(event: pgcast.Event) -> None:
+        seen.append(event.payload)
+        if event.payload == "stop":
+            runners[0].stop()  # from the runner's own thread: no join
+
+    ps.subscribe(unique_channel, handler)
+    runners.append(ps.run_in_thread())
+    for payload in ("1", "stop", "left pending"):
+        pgcast.notify(conn, unique_channel, payload)
+    runners[0].join(10)
+    assert not runners[0].is_alive()
+    assert seen == ["1", "stop"]
+    assert runners[0].exception is None
+
+
+def test_async_stop_from_inside_a_handler(dsn: str, conn: Conn, unique_channel: str) -> None:
+    async def main() -> None:
+        seen: list[str] = []
+        async with await pgcast.aio.connect(dsn) as aps:
+
+            def handler(event: pgcast.Event) -> None:
+                seen.append(event.payload)
+                if event.payload == "stop":
+                    aps.stop()
+
+            await aps.subscribe(unique_channel, handler)
+            for payload in ("1", "stop", "left pending"):
+                pgcast.notify(conn, unique_channel, payload)
+            await asyncio.wait_for(aps.run(), 10)
+            assert seen == ["1", "stop"]
+            # The event not handled is still there for the next run().
+            task = asyncio.create_task(aps.run())
+            await await_for(lambda: seen == ["1", "stop", "left pending"])
+            aps.stop()
+            await asyncio.wait_for(task, 5)
+
+    arun(main())
