@@ -561,6 +561,21 @@ def test_a_closed_connection_moves_to_garbage(dsn: str, conn: Conn) -> None:
     arun(body())
 
 
+def test_events_received_before_a_close_are_still_delivered(dsn: str) -> None:
+    async def body() -> None:
+        ch = channel()
+        async with pubsubs(dsn) as open_:
+            a, b = await open_(ch), await open_(channel())
+            async with NotificationManager(a, b, timeout=0.2) as nm:
+                assert await anext(nm) is None
+                await a.notify(ch, "last words")
+                await a.close()
+                got = await until(nm, lambda _: a in nm.garbage, "the closed one was not dropped")
+            assert events_of(got) == [(a, ch, "last words")]
+
+    arun(body())
+
+
 def test_a_closed_connection_added_goes_to_garbage(dsn: str, conn: Conn) -> None:
     async def body() -> None:
         ch = channel()

@@ -521,6 +521,19 @@ def test_a_closed_connection_moves_to_garbage(open_pubsub: Any, conn: Conn) -> N
     assert nm.connections == set()
 
 
+def test_events_received_before_a_close_are_still_delivered(open_pubsub: Any) -> None:
+    # py-postgresql: "if the connection is closed during the loop, any
+    # remaining notifications will be emitted".
+    ch = channel()
+    a, b = open_pubsub(ch), open_pubsub(channel())
+    with pgcast.NotificationManager(a, b, timeout=0.2) as nm:
+        assert next(nm) is None
+        a.notify(ch, "last words")  # in a's inbox: it came with the query's result
+        a.close()
+        got = until(nm, lambda _: a in nm.garbage, "the closed connection was not dropped")
+    assert events_of(got) == [(a, ch, "last words")]
+
+
 def test_a_closed_connection_added_goes_to_garbage(open_pubsub: Any, conn: Conn) -> None:
     ch = channel()
     good = open_pubsub(ch)

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -248,10 +248,11 @@ class ManagerCore(Generic[C]):
         #: The descriptor the driver registered for each connection.
         self.fds: dict[C, int] = {}
         self._synced = -1  # the connections' version the registrations match
-        # An ordered set: the connections to read before waiting again. It
+        # An ordered set: the connections to read before waiting again, first
+        # come first served (OrderedDict: popping the first is O(1)). It
         # lives here rather than in the generator so that a loop broken off
         # (or a generator thrown away) leaves them for the next iteration.
-        self._ready: dict[C, None] = {}
+        self._ready: OrderedDict[C, None] = OrderedDict()
         # Appended to from any thread (deque.append is atomic), drained by
         # the iterating thread.
         self._pokes: deque[C] = deque()
@@ -372,8 +373,7 @@ class ManagerCore(Generic[C]):
                 self._ready.update(dict.fromkeys(self.fds))
             ready = self._ready
             while ready:
-                conn = next(iter(ready))
-                del ready[conn]
+                conn, _ = ready.popitem(last=False)
                 if conn not in self._connections:
                     # Removed since it became ready: stop watching it now, so
                     # that if it is added back it is registered (and read)
