@@ -66,9 +66,11 @@ from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
 from ._core import Core, Wait, check_timeout
 from ._errors import ConnectionLostError
 from ._event import Event
+from ._reconnect import Reconnected
 
 __all__ = [
     "ConnectionSet",
+    "Events",
     "Managed",
     "ManagerCore",
     "Read",
@@ -114,8 +116,11 @@ class Read(Generic[C]):
     conn: C
 
 
+#: The events of one connection: notifications, and with ``reconnect`` its
+#: :class:`~pgcast.Reconnected` markers, in the order they came.
+Events: TypeAlias = list[Event | Reconnected]
 #: What :meth:`ManagerCore.steps` yields: a request, or a value for the user.
-Step: TypeAlias = "Register[C] | Unregister[C] | Read[C] | Wait | tuple[C, list[Event]] | None"
+Step: TypeAlias = "Register[C] | Unregister[C] | Read[C] | Wait | tuple[C, Events] | None"
 
 
 class ConnectionSet(set[C]):
@@ -387,8 +392,7 @@ class ManagerCore(Generic[C]):
                 inbox = conn._core.inbox
                 if inbox:
                     # popleft, not clear(): another thread may be appending.
-                    # Typed loosely: the inbox may also hold reconnect markers.
-                    events: list[Any] = [inbox.popleft() for _ in range(len(inbox))]
+                    events: Events = [inbox.popleft() for _ in range(len(inbox))]
                     yield conn, events
                     last = clock()
                 self._take_pokes()

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Self
 
 from ._core import Wait
 from ._errors import ClosedError
-from ._event import Event
 from ._manager_core import (
     ConnectionSet,
+    Events,
     ManagerCore,
     Read,
     Register,
@@ -112,7 +112,7 @@ class NotificationManager:
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> tuple[AsyncPubSub, list[Event]] | None:
+    async def __anext__(self) -> tuple[AsyncPubSub, Events] | None:
         if self._closed:
             raise ClosedError("this NotificationManager is closed")
         steps = self._steps

@@ -54,9 +54,9 @@ from typing import Self
 
 from ._core import Wait
 from ._errors import ClosedError
-from ._event import Event
 from ._manager_core import (
     ConnectionSet,
+    Events,
     ManagerCore,
     Read,
     Register,
@@ -155,7 +155,7 @@ class NotificationManager:
     def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> tuple[PubSub, list[Event]] | None:
+    def __next__(self) -> tuple[PubSub, Events] | None:
         if self._closed:
             raise ClosedError("this NotificationManager is closed")
         steps = self._steps
