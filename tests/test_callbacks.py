@@ -504,3 +504,34 @@ def test_async_stop_from_inside_a_handler(dsn: str, conn: Conn, unique_channel: 
             await asyncio.wait_for(task, 5)
 
     arun(main())
+
+
+def test_async_callable_object_is_awaited(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str, runners: list[pgcast.Runner]
+) -> None:
+    seen: list[str] = []
+
+    class Handler:
+        async def __call__(self, event: pgcast.Event) -> None:
+            await asyncio.sleep(0)
+            seen.append(event.payload)
+
+    ps.subscribe(unique_channel, Handler())
+    runners.append(ps.run_in_thread())
+    pgcast.notify(conn, unique_channel, "awaited")
+    wait_for(lambda: seen == ["awaited"])
+
+
+def test_unlisten_of_a_channel_drops_its_handlers(
+    ps: pgcast.PubSub, conn: Conn, unique_channel: str, runners: list[pgcast.Runner]
+) -> None:
+    seen: list[str] = []
+    ps.subscribe(unique_channel, lambda e: seen.append(e.payload))
+    ps.unlisten(unique_channel)
+    # Listening again alone does not bring the old handler back.
+    ps.listen(unique_channel)
+    runners.append(ps.run_in_thread())
+    ps.subscribe(unique_channel + "_end", lambda e: seen.append(e.payload))
+    pgcast.notify(conn, unique_channel, "no handler")
+    pgcast.notify(conn, unique_channel + "_end", "end")
+    wait_for(lambda: seen == ["end"])

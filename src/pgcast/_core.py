@@ -166,6 +166,13 @@ def plan(
             deadline = clock() + timeout
 
 
+def is_async_callable(handler: object) -> bool:
+    """True for a coroutine function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        type(handler).__call__ if callable(handler) else None
+    )
+
+
 def check_timeout(name: str, value: float | None) -> float | None:
     """Validate a timeout argument: ``None`` or a number >= 0."""
     if value is None:
@@ -264,6 +271,8 @@ class Core:
             self.probe_listening = False  # UNLISTEN * dropped it too
         else:
             self.channels.difference_update(channels)
+            for channel in channels:  # a handler of a channel not listened to would never run
+                self.handlers.pop(channel, None)
         self.durable.forget(channels)
         # Events already read for channels no longer listened to are dropped:
         # after unlisten() returns, nothing more arrives on them.
@@ -280,7 +289,7 @@ class Core:
         check_channel(channel)
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-        if inspect.iscoroutinefunction(handler):
+        if is_async_callable(handler):
             self._async_handlers.add(handler)
         self.handlers.setdefault(channel, []).append(handler)
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import signal
 import threading
@@ -69,7 +68,7 @@ import psycopg
 
 from . import client
 from ._channels import check_channel
-from ._core import check_timeout, connect_args
+from ._core import check_timeout, connect_args, is_async_callable
 from ._errors import ConnectError, ConnectionLostError
 from ._event import Event
 from .queue import Job, Queue
@@ -274,7 +273,7 @@ class Worker:
             self._check_idle()
             self._routes.setdefault(channel, []).append(_Route(
                 channel, handler, route_debounce, route_max, retry or self._retry,
-                inspect.iscoroutinefunction(handler)))
+                is_async_callable(handler)))
             return handler
 
         return register
@@ -294,7 +293,7 @@ class Worker:
             if q.channel in self._queues:
                 raise ValueError(f"{q!r} already has a handler in this worker")
             self._queues[q.channel] = _QueueRoute(
-                q, handler, size, retry or self._retry, inspect.iscoroutinefunction(handler))
+                q, handler, size, retry or self._retry, is_async_callable(handler))
             return handler
 
         return register
