@@ -68,6 +68,7 @@ from ._reconnect import (
     resilience,
 )
 from .aio_manager import NotificationManager
+from .client import _DISCARD_TIMEOUT, _shutdown
 from .durable import adrive, schema_error
 
 __all__ = ["AsyncPubSub", "NotificationManager", "connect", "notify"]
@@ -166,6 +167,7 @@ class AsyncPubSub:
         self._last_marker: Reconnected | None = None
         self._hooks: list[AsyncReconnectHook] = [AsyncPubSub._replay_after_reconnect]
         self._queries = 0
+        self._in_flight = 0  # commands on the wire (not transactions held open)
         self._stopping = False
         self._waiter: asyncio.Future[None] | None = None
         self._reader_loop: asyncio.AbstractEventLoop | None = None
@@ -477,18 +479,25 @@ class AsyncPubSub:
         await self._begin_command()
         try:
             conn = self._conn
+            generation = self._generation
+            self._in_flight += 1
             try:
                 cur = await conn.execute(sql, params, prepare=None if params else False)
-                return await cur.fetchall() if fetch and cur.description is not None else []
+                rows = await cur.fetchall() if fetch and cur.description is not None else []
             except psycopg.Error as exc:
                 error = wrap_error(exc)
                 if isinstance(error, ConnectionLostError):
-                    self._core.lost(error)
+                    if generation == self._generation:
+                        self._core.lost(error)
                     raise ConnectionLostError(
                         f"{error} (while the command was on its way: the server may or "
                         "may not have run it)"
                     ) from exc
                 raise error from exc
+            finally:
+                self._in_flight -= 1
+            self._core.health.heard(self._core.clock())
+            return rows
         finally:
             self._queries -= 1
             await self._after_query()
@@ -572,12 +581,33 @@ class AsyncPubSub:
                 self._unhook()
             if self._closed:
                 return
-        await self._read()
+        self._check_open()
+        conn = self._conn
+        # A running command holds the lock and reads for us; wait for it no
+        # longer than the health check allows (see the sync twin).
+        limit = core.wait_time(None)
+        try:
+            if limit is None:
+                await conn.lock.acquire()
+            else:
+                await asyncio.wait_for(conn.lock.acquire(), max(0.01, limit))
+        except TimeoutError:
+            core.check_health()
+            return
+        try:
+            core.read(conn.pgconn)
+        finally:
+            conn.lock.release()
         core.check_health()
 
     async def _maybe_probe(self) -> None:
         core = self._core
-        if not core.wants_probe() or self._reconnecting is not None or self._queries:
+        if not core.wants_probe() or self._reconnecting is not None:
+            return
+        if self._queries:
+            # A command on the wire stands in for the probe (see the sync twin).
+            if self._in_flight:
+                core.health.probe_sent(core.clock())
             return
         conn = self._conn
         # Not contended (no command runs): taking the lock does not yield to
@@ -790,8 +820,22 @@ class AsyncPubSub:
         self._generation += 1
 
     async def _discard(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._conn.close()
+        conn = self._conn
+        if conn.closed:
+            return
+        # A command stuck on a dead connection holds its lock: shut the socket
+        # down so it fails at once, then close (see the sync twin).
+        _shutdown(conn.pgconn)
+        try:
+            await asyncio.wait_for(conn.lock.acquire(), _DISCARD_TIMEOUT)
+        except TimeoutError:
+            logger.warning("pgcast: a command on the lost connection did not end; leaving it")
+            return
+        try:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        finally:
+            conn.lock.release()
 
     async def _call_on_reconnect(self, marker: Reconnected) -> None:
         callback = self._res.on_reconnect

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import select
 import selectors
 import socket
@@ -202,6 +203,7 @@ class PubSub:
         # probe meanwhile (libpq runs one command at a time).
         self._queries = 0
         self._queries_lock = threading.Lock()
+        self._in_flight = 0  # commands on the wire (not transactions held open)
         # Whether the iterating thread is inside select(); see close().
         self._selecting = False
         self._select_lock = threading.Lock()
@@ -610,18 +612,25 @@ class PubSub:
         self._begin_command()
         try:
             conn = self._conn
+            generation = self._generation
+            self._in_flight += 1
             try:
                 cur = conn.execute(sql, params, prepare=None if params else False)
-                return cur.fetchall() if fetch and cur.description is not None else []
+                rows = cur.fetchall() if fetch and cur.description is not None else []
             except psycopg.Error as exc:
                 error = wrap_error(exc)
                 if isinstance(error, ConnectionLostError):
-                    self._core.lost(error)
+                    if generation == self._generation:
+                        self._core.lost(error)
                     raise ConnectionLostError(
                         f"{error} (while the command was on its way: the server may or "
                         "may not have run it)"
                     ) from exc
                 raise error from exc
+            finally:
+                self._in_flight -= 1
+            self._core.health.heard(self._core.clock())
+            return rows
         finally:
             self._end_command()
             self._after_query()
@@ -727,7 +736,20 @@ class PubSub:
                         self._wake_r.recv(4096)
             if self._closed:
                 return
-        self._read()
+        self._check_open()
+        conn = self._conn
+        # A command running in another thread holds the lock and reads the
+        # socket itself (its notifications reach the inbox); wait for it no
+        # longer than the health check allows, so a command stuck in a dead
+        # network cannot hold the listener too.
+        limit = core.wait_time(None)
+        if not conn.lock.acquire(timeout=-1 if limit is None else max(0.01, limit)):
+            core.check_health()
+            return
+        try:
+            core.read(conn.pgconn)
+        finally:
+            conn.lock.release()
         core.check_health()
 
     def _maybe_probe(self) -> None:
@@ -736,7 +758,12 @@ class PubSub:
             return
         with self._queries_lock:
             if self._queries:
-                return  # a command is a round trip too; probe after it
+                # libpq runs one command at a time. A command on the wire is a
+                # round trip too: it stands in for the probe, so one stuck in
+                # a dead network is noticed like an unanswered probe.
+                if self._in_flight:
+                    core.health.probe_sent(core.clock())
+                return
             conn = self._conn
             with conn.lock:
                 core.send_probe(conn.pgconn)
@@ -944,8 +971,21 @@ class PubSub:
         self._wake()  # the iterating thread waits on the old socket
 
     def _discard(self) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.close()
+        conn = self._conn
+        if conn.closed:
+            return
+        # A command stuck on a dead connection holds its lock: shutting the
+        # socket down makes it fail at once (and release the lock) rather
+        # than wait for the kernel's timeout; only then is it safe to close.
+        _shutdown(conn.pgconn)
+        if conn.lock.acquire(timeout=_DISCARD_TIMEOUT):
+            try:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            finally:
+                conn.lock.release()
+        else:
+            logger.warning("pgcast: a command on the lost connection did not end; leaving it")
 
     def _call_on_reconnect(self, marker: Reconnected) -> None:
         callback = self._res.on_reconnect
@@ -957,6 +997,23 @@ class PubSub:
                 asyncio.run(result)
         except Exception:
             logger.exception("pgcast: on_reconnect failed on %r", marker)
+
+
+_DISCARD_TIMEOUT = 5.0
+
+
+def _shutdown(pgconn: Any) -> None:
+    """Shut the connection's socket down (both ways) without closing it."""
+    try:
+        fd = os.dup(pgconn.socket)
+    except (psycopg.Error, OSError):
+        return
+    sock = socket.socket(fileno=fd)
+    try:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.close()
 
 
 class Runner(threading.Thread):
