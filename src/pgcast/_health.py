@@ -110,7 +110,7 @@ class HealthCheck:
         return (
             self.interval > 0
             and self.probe_sent_at is None
-            and now - self.last_heard >= self.interval
+            and now >= self.last_heard + self.interval
         )
 
     def probe_sent(self, now: float) -> None:
@@ -122,7 +122,7 @@ class HealthCheck:
         return (
             self.interval > 0
             and self.probe_sent_at is not None
-            and now - self.probe_sent_at >= self.interval
+            and now >= self.probe_sent_at + self.interval
         )
 
     def deadline(self) -> float | None:
