@@ -62,6 +62,7 @@ from ._durable_schema import (
 )
 from ._errors import PayloadError
 from ._event import DurableEvent, Event
+from ._notify_many import notify_many_params, plain_messages
 from ._payload import MAX_PAYLOAD_BYTES, Payload, to_text
 from ._reconnect import Reconnected
 
@@ -157,10 +158,17 @@ def publish_many_query(
 ) -> tuple[Query, bool] | None:
     """The statement sending every message in one round trip (``None``: no
     messages), and whether it uses the log. All are checked first."""
+    pairs = list(messages)
+    if not pairs:
+        return None
+    # The usual batch (short ASCII text, not durable) is checked all at once.
+    plain = None if durable else plain_messages(pairs)
+    if plain is not None:
+        return notify_many_params(*plain), False
     channels: list[str] = []
     texts: list[str] = []
     logged = durable
-    for channel, payload in messages:
+    for channel, payload in pairs:
         channels.append(check_channel(channel))
         text = _checked_text(payload)
         texts.append(text)
@@ -169,10 +177,7 @@ def publish_many_query(
         return None
     if logged:
         return (NOTIFY_MANY_LOGGED_SQL, (channels, texts, durable)), True
-    return (
-        "SELECT count(pg_notify(c, p)) FROM unnest(%s::text[], %s::text[]) AS t(c, p)",
-        (channels, texts),
-    ), False
+    return notify_many_params(channels, texts), False
 
 
 # -- consumers and retention ---------------------------------------------------

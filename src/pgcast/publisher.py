@@ -53,8 +53,9 @@ from typing import Any, Final, Self
 import psycopg
 
 from ._batcher import Batch, Batcher, check_message
-from ._core import NOTIFY_MANY_SQL, check_timeout, connect_args, wrap_error
+from ._core import check_timeout, connect_args, wrap_error
 from ._errors import ClosedError, ConnectError, PgcastError, PublisherFullError
+from ._notify_many import notify_many_params
 from ._payload import Payload
 
 __all__ = ["AsyncPublisher", "Publisher"]
@@ -306,7 +307,7 @@ class Publisher:
                 self._conn = None
                 self._conn = self._connect()
             assert self._conn is not None
-            self._conn.execute(NOTIFY_MANY_SQL, (batch.channels, batch.payloads))
+            self._conn.execute(*notify_many_params(batch.channels, batch.payloads))
         except psycopg.Error as exc:
             error = wrap_error(exc)
             error.__cause__ = exc
@@ -520,7 +521,7 @@ class AsyncPublisher:
                     await conn.close()
                 self._conn = None
                 self._conn = conn = await _aconnect(self._conninfo, self._options)
-            await conn.execute(NOTIFY_MANY_SQL, (batch.channels, batch.payloads))
+            await conn.execute(*notify_many_params(batch.channels, batch.payloads))
         except psycopg.Error as exc:
             error = wrap_error(exc)
             error.__cause__ = exc

@@ -1,0 +1,93 @@
+"""pgcast._notify_many: the array literals and the fast batch check, pure and
+against PostgreSQL's own array parser."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pgcast
+from pgcast._notify_many import (
+    NOTIFY_MANY_ONE_CHANNEL_SQL,
+    NOTIFY_MANY_SQL,
+    notify_many_params,
+    plain_messages,
+    text_array,
+)
+
+# Any text PostgreSQL can hold: no NUL, no lone surrogates.
+texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [],
+        [""],
+        ["NULL", "null"],
+        ["a,b", "{x}", " spaced ", "\t\n"],
+        ['q"uote', "back\\slash", '\\"', '"', "\\", "'"],
+        ["é ü 日本 🎉"],
+    ],
+)
+def test_text_array_is_parsed_back_exactly(
+    conn: psycopg.Connection[tuple[object, ...]], items: list[str]
+) -> None:
+    row = conn.execute("SELECT %s::text[]", (text_array(items),)).fetchone()
+    assert row == (items,)
+
+
+@given(items=st.lists(texts, max_size=20))
+def test_text_array_round_trips_any_text(dsn: str, items: list[str]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT %s::text[]", (text_array(items),)).fetchone()
+    assert row == (items,)
+
+
+def test_one_channel_sends_one_array() -> None:
+    assert notify_many_params(["c", "c"], ["1", "2"]) == (
+        NOTIFY_MANY_ONE_CHANNEL_SQL,
+        ("c", '{"1","2"}'),
+    )
+    assert notify_many_params(["c", "d"], ["1", "2"]) == (
+        NOTIFY_MANY_SQL,
+        ('{"c","d"}', '{"1","2"}'),
+    )
+
+
+def test_plain_messages_takes_only_what_needs_no_care() -> None:
+    assert plain_messages([("c", "1"), ("d", "")]) == (["c", "d"], ["1", ""])
+    for payloads in (
+        [{"k": 1}],  # JSON
+        ["é"],  # not ASCII: len() is not the size
+        ["x" * 8000],  # over the limit (the log may take it)
+        ["ok", "\x1eref"],  # looks like a durable reference
+        ["nul\x00"],  # refused later, by the careful path
+        [None],
+    ):
+        assert plain_messages([("c", p) for p in payloads]) is None, payloads
+    with pytest.raises(pgcast.InvalidChannelError, match="empty"):
+        plain_messages([("c", "1"), ("", "2")])
+    with pytest.raises(pgcast.InvalidChannelError, match="must be a str"):
+        plain_messages([(["unhashable"], "1")])  # type: ignore[list-item]
+
+
+def test_notify_many_delivers_awkward_payloads_in_order(dsn: str, unique_channel: str) -> None:
+    other = unique_channel + "_b"
+    awkward = ["", "NULL", "a,b", "{x}", 'q"uote', "back\\slash", '\\"', "é 日本", "x" * 7999]
+    messages = [(unique_channel, p) for p in awkward]
+    mixed = [(other if i % 2 else unique_channel, p) for i, p in enumerate(awkward)]
+    with pgcast.connect(dsn) as listener, pgcast.connect(dsn) as sender:
+        listener.listen(unique_channel, other)
+        sender.notify_many(messages)
+        sender.notify_many(mixed)
+        got = []
+        for event in listener.wait(5.0):
+            if event is None:
+                break
+            got.append((event.channel, event.payload))
+            if len(got) == len(messages) + len(mixed):
+                break
+    assert got == messages + mixed
