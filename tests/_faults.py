@@ -6,6 +6,11 @@ count and time.
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,3 +89,37 @@ def dedicated_server() -> Iterator[EmbeddedServer]:
     the session's."""
     with EmbeddedServer() as srv:
         yield srv
+
+
+@contextmanager
+def hot_standby() -> Iterator[EmbeddedServer]:
+    """A real hot standby: a primary of its own, pg_basebackup -R, started.
+
+    Run as root, the copied directory is handed to the account the server
+    runs as (as EmbeddedServer does for the clusters it creates).
+    """
+    with EmbeddedServer(settings={"wal_level": "replica"}) as primary:
+        top = tempfile.mkdtemp(prefix="pgcast-standby-")
+        datadir = os.path.join(top, "data")
+        try:
+            done = subprocess.run(
+                [str(primary.bin_dir / "pg_basebackup"), "-d", primary.dsn, "-D", datadir,
+                 "-R", "-X", "stream", "--no-sync"],
+                capture_output=True, text=True, timeout=60, check=False,
+            )
+            assert done.returncode == 0, f"pg_basebackup failed: {done.stderr}"
+            os.chmod(datadir, 0o700)
+            if os.geteuid() == 0:
+                account = pwd.getpwnam("embedded_postgres")
+                for root, _dirs, files in os.walk(top):
+                    os.chown(root, account.pw_uid, account.pw_gid)
+                    for name in files:
+                        os.chown(os.path.join(root, name), account.pw_uid, account.pw_gid)
+            standby = EmbeddedServer(datadir)
+            standby.start()
+            try:
+                yield standby
+            finally:
+                standby.stop()
+        finally:
+            shutil.rmtree(top, ignore_errors=True)

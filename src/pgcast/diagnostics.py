@@ -171,7 +171,7 @@ def run_checks(
     try:
         conn = psycopg.Connection.connect(dsn, **options)
     except psycopg.Error as exc:
-        add(Check("connect", "fail", f"cannot connect: {str(exc).strip()}"))
+        add(Check("connect", "fail", f"cannot connect: {_one_line(exc)}"))
         return report
     with conn:
         info = conn.info
@@ -222,7 +222,7 @@ def _check_listen(conn: psycopg.Connection[Any], channel: str, timeout: float, a
         add(Check("listen", "fail", str(exc)))
         return
     except psycopg.Error as exc:
-        add(Check("listen", "fail", f"LISTEN failed: {str(exc).strip()}"))
+        add(Check("listen", "fail", f"LISTEN failed: {_one_line(exc)}"))
         return
     add(Check("listen", "ok", "pg_listening_channels() confirms LISTEN took effect"))
     started = time.perf_counter()
@@ -235,6 +235,10 @@ def _check_listen(conn: psycopg.Connection[Any], channel: str, timeout: float, a
         add(Check("round trip", "fail", f"a NOTIFY to this session did not come back "
                   f"within {timeout:g} s"))
     conn.execute("UNLISTEN *")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _seconds(text: str | None) -> float:

@@ -22,7 +22,7 @@ from .._errors import PgcastError
 __all__ = ["COMMAND_MODULES", "main"]
 
 #: The modules of this package that add subcommands, in help order.
-COMMAND_MODULES = ("basic", "tables", "gateway", "durable")
+COMMAND_MODULES = ("basic", "tables", "gateway", "durable", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
