@@ -288,11 +288,16 @@ class Model:
         self.inbox: deque[Any] = deque()
         self.state = DurableState(self.inbox)
         self.batch = batch
-        self.state.plan_subscribe(["c"], True, since, None)  # then LISTEN: notes from now on
-        self.steps: Any = self.state.subscribe_steps(["c"], since, None, batch)
-        self.query: Any = next(self.steps, None)
-        self.snapshot: int | None = None
+        self.since = since
         self.start = since
+        self.snapshot: int | None = None
+        self.subscribe()
+
+    def subscribe(self) -> None:
+        self.state.plan_subscribe(["c"], True, self.since, None)  # then LISTEN
+        self.subscribing = True
+        self.steps: Any = self.state.subscribe_steps(["c"], self.since, None, self.batch)
+        self.query: Any = next(self.steps, None)
 
     def commit(self) -> None:
         self.log.append(len(self.log) + 1)
@@ -323,6 +328,20 @@ class Model:
             self.query = self.steps.send(rows)
         except StopIteration:
             self.query = None
+            self.subscribing = False
+
+    def reconnect(self) -> None:
+        # The connection breaks: undelivered notifications and the running
+        # query are lost; the new connection LISTENs at once.
+        self.notes.clear()
+        if self.query is not None:
+            self.steps.close()
+            self.query = None
+            self.snapshot = None
+        self.state.reconnected()
+        if self.subscribing:  # listen() failed: the application calls it again
+            self.state.abandon(["c"])
+            self.subscribe()
 
     def issue(self) -> None:
         if self.query is None and self.state.pending:
@@ -343,13 +362,15 @@ class Model:
         raise AssertionError("the model did not settle")
 
 
-@settings(max_examples=400)
+@settings(max_examples=1000)
 @given(
     committed=st.integers(0, 12),
     batch=st.integers(1, 4),
     since=st.integers(0, 12) | st.none(),
-    actions=st.lists(st.sampled_from(["commit", "deliver", "snap", "answer", "issue"]),
-                     max_size=60),
+    actions=st.lists(
+        st.sampled_from(["commit", "deliver", "snap", "answer", "issue", "reconnect"]),
+        max_size=60,
+    ),
 )
 def test_switch_over_has_no_gap_and_no_duplicate(
     committed: int, batch: int, since: int | None, actions: list[str]

@@ -459,6 +459,9 @@ class Core:
         self.probe_in_flight = False
         self.own_pids.add(backend_pid)
         self.health.reset(self.clock())
+        # Before the channels are LISTENed again: durable channels hold back
+        # live notifications until the replay has caught up.
+        self.durable.reconnected()
 
     def lost(self, error: BaseException | str) -> None:
         """Record the loss; the first one counts until :meth:`restored`."""

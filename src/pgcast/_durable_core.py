@@ -344,13 +344,9 @@ class DurableState:
         yield from self.replay_steps(batch)
 
     def abandon(self, channels: Iterable[str]) -> None:
-        """A durable listen failed: drop what :meth:`plan_subscribe` set up
-        for *channels* and did not start."""
-        with self._lock:
-            for channel in channels:
-                stream = self.streams.get(channel)
-                if stream is not None and stream.last is None:
-                    del self.streams[channel]
+        """A durable listen failed: forget *channels*, the ones
+        :meth:`plan_subscribe` returned, as if it had not been called."""
+        self.forget(channels)
 
     def forget(self, channels: Iterable[str] | None) -> None:
         """The channels were unlistened (``None``: all of them)."""
@@ -362,8 +358,9 @@ class DurableState:
                     self.streams.pop(channel, None)
 
     def reconnected(self) -> None:
-        """The connection was replaced and every channel LISTENed again:
-        each durable channel replays from the position it reached."""
+        """A new connection replaces a lost one; call it *before* its channels
+        are LISTENed again. Each durable channel replays from the position it
+        reached, and holds back live notifications until it caught up."""
         with self._lock:
             self.schema_ready = False
             for stream in self.streams.values():

@@ -648,8 +648,8 @@ class AsyncPubSub:
 
     async def _replay_after_reconnect(self) -> None:
         # A reconnect hook: what was missed is read before the marker.
+        # (Core.new_connection already set the durable channels replaying.)
         durable = self._core.durable
-        durable.reconnected()
         while durable.pending:
             await self._durable_run(durable.replay_steps())
 

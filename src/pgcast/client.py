@@ -805,8 +805,8 @@ class PubSub:
     def _replay_after_reconnect(self) -> None:
         # A reconnect hook: every channel is LISTENed again; what was missed
         # meanwhile is read now, so that it comes before the marker.
+        # (Core.new_connection already set the durable channels replaying.)
         durable = self._core.durable
-        durable.reconnected()
         while durable.pending:
             self._durable_run(durable.replay_steps())
 
