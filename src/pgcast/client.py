@@ -691,8 +691,15 @@ class PubSub:
                 return  # the next read or command notices it
         # Not only what take() added: psycopg's notify handler already put in
         # the inbox what came with the results, and nobody was woken for it.
+        # Only a thread blocked in select() needs the wake byte (_fill looks
+        # at the inbox after setting _selecting): a byte nobody waits for
+        # costs the next wait a spurious wake-up and read, which showed in
+        # the ping-pong round trip (benchmarks/bench_latency.py).
         if self._core.inbox:
-            self._wake()
+            with self._select_lock:
+                selecting = self._selecting
+            if selecting or self._on_wake is not None:
+                self._wake()
 
     def _read(self) -> None:
         self._check_open()
@@ -718,7 +725,9 @@ class PubSub:
                     return
                 self._selecting = True
             try:
-                ready = self._selector.select(core.wait_time(timeout))
+                # Events that reached the inbox before _selecting was set
+                # woke nobody (see _after_query): hand them out, do not wait.
+                ready = self._selector.select(0 if core.inbox else core.wait_time(timeout))
             finally:
                 with self._select_lock:
                     self._selecting = False
@@ -751,6 +760,18 @@ class PubSub:
         finally:
             conn.lock.release()
         core.check_health()
+
+    def health_tick(self) -> float | None:
+        """One step of the health check, for a supervisor that waits on
+        :meth:`fileno` itself instead of iterating (a NotificationManager):
+        sends the probe if one is due, raises
+        :class:`~pgcast.ConnectionLostError` if the last one went unanswered
+        (then call :meth:`reconnect`), and returns how many seconds may pass
+        before the next call (``None``: no health check to run)."""
+        self._check_open()
+        self._maybe_probe()
+        self._core.check_health()
+        return self._core.wait_time(None)
 
     def _maybe_probe(self) -> None:
         core = self._core
