@@ -202,6 +202,33 @@ def raw_psycopg3(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], No
     return drain, conn.close
 
 
+def floor_pgconn(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], None]]:
+    # The least any library on psycopg 3 can do per notification: libpq's
+    # consume_input() and one pgconn.notifies() call each, no decoding, no
+    # objects of its own. pgcast's receive path is this plus its Event.
+    import selectors
+
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(f'LISTEN "{channel}"')
+
+    def drain() -> int:
+        pgconn = conn.pgconn
+        notifies = pgconn.notifies
+        count = 0
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        with selectors.DefaultSelector() as selector:
+            selector.register(pgconn.socket, selectors.EVENT_READ)
+            while count < n and time.monotonic() < deadline:
+                if not selector.select(1.0):
+                    continue
+                pgconn.consume_input()
+                while notifies() is not None:
+                    count += 1
+        return count
+
+    return drain, conn.close
+
+
 def raw_psycopg3_async(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], None]]:
     async def setup() -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
@@ -317,6 +344,7 @@ SUBJECTS: dict[str, Setup] = {
     "raw psycopg 3 asyncio notifies()": raw_psycopg3_async,
     "raw psycopg2 select()+poll()": raw_psycopg2,
     "raw asyncpg add_listener": raw_asyncpg,
+    "floor: psycopg 3 pgconn.notifies(), count only": floor_pgconn,
 }
 REDIS = "Redis pub/sub (redis-py)"
 
