@@ -5,6 +5,7 @@ PostgreSQL through a loopback TCP proxy that can silently drop a connection.
 from __future__ import annotations
 
 import asyncio
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -312,3 +313,24 @@ def test_asyncio_probes_never_reach_the_user(dsn: str, conn: Conn, unique_channe
     arun(body())
     seen = list(conn.notifies(timeout=1.0, stop_after=3))
     assert len(seen) >= 3
+
+
+def test_health_tick_lets_a_supervisor_run_the_check(
+    dsn: str, conn: Conn, proxy: TcpProxy, unique_channel: str
+) -> None:
+    with pgcast.connect(proxy.dsn(dsn), health_check_interval=INTERVAL) as ps:
+        assert ps.health_tick() is None  # not listening: nothing to check
+        ps.listen(unique_channel)
+        proxy.blackhole()
+        deadline = time.monotonic() + 4 * INTERVAL + 5
+        with pytest.raises(pgcast.ConnectionLostError, match="health check"):
+            while time.monotonic() < deadline:
+                wait = ps.health_tick()
+                assert wait is not None and wait <= INTERVAL
+                ready, _, _ = select.select([ps.fileno()], [], [], wait)
+                if ready:
+                    ps._read()
+        marker = ps.reconnect()
+        assert "health check" in marker.error
+        conn.execute("SELECT pg_notify(%s, 'after')", (unique_channel,))
+        assert payloads(until(ps, "after")) == ["after"]

@@ -332,7 +332,7 @@ class Core:
         try:
             pgconn.consume_input()
         except psycopg.OperationalError as exc:
-            raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+            raise self._lost_error(f"connection to PostgreSQL lost: {exc}") from exc
         if self.probe_in_flight:
             self._drain_probe(pgconn)
         self.take(pgconn)
@@ -369,7 +369,7 @@ class Core:
                         append(_new_tuple(Event, (channel, payload, pid)))
                 n = notifies()
         if pgconn.status == pq.ConnStatus.BAD:
-            raise ConnectionLostError("connection to PostgreSQL lost: " + _error_text(pgconn))
+            raise self._lost_error("connection to PostgreSQL lost: " + _error_text(pgconn))
 
     # -- health check --------------------------------------------------------
 
@@ -400,7 +400,7 @@ class Core:
             pgconn.send_query(probe_sql(self.probe))
             pgconn.flush()
         except psycopg.OperationalError as exc:
-            raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+            raise self._lost_error(f"connection to PostgreSQL lost: {exc}") from exc
         self.probe_in_flight = True
         self.health.probe_sent(self.clock())
 
@@ -413,11 +413,18 @@ class Core:
                 self.health.heard(self.clock())
                 return
 
+    def _lost_error(self, message: str) -> ConnectionLostError:
+        # Recorded here, so the marker says why, whichever thread (or
+        # supervisor calling reconnect()) then restores the connection.
+        error = ConnectionLostError(message)
+        self.lost(error)
+        return error
+
     def check_health(self) -> None:
         """Raise :class:`ConnectionLostError` if the probe went unanswered."""
         now = self.clock()
         if self.health.is_dead(now):
-            raise ConnectionLostError(self._dead_message(now))
+            raise self._lost_error(self._dead_message(now))
 
     def _dead_message(self, now: float) -> str:
         return (

@@ -600,6 +600,14 @@ class AsyncPubSub:
             conn.lock.release()
         core.check_health()
 
+    async def health_tick(self) -> float | None:
+        """One step of the health check for a supervisor waiting on
+        :meth:`fileno`; see :meth:`pgcast.PubSub.health_tick`."""
+        self._check_open()
+        await self._maybe_probe()
+        self._core.check_health()
+        return self._core.wait_time(None)
+
     async def _maybe_probe(self) -> None:
         core = self._core
         if not core.wants_probe() or self._reconnecting is not None:
