@@ -613,7 +613,8 @@ class PubSub:
         try:
             conn = self._conn
             generation = self._generation
-            self._in_flight += 1
+            with self._queries_lock:
+                self._in_flight += 1
             try:
                 cur = conn.execute(sql, params, prepare=None if params else False)
                 rows = cur.fetchall() if fetch and cur.description is not None else []
@@ -628,7 +629,8 @@ class PubSub:
                     ) from exc
                 raise error from exc
             finally:
-                self._in_flight -= 1
+                with self._queries_lock:
+                    self._in_flight -= 1
             self._core.health.heard(self._core.clock())
             return rows
         finally:
