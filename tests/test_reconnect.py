@@ -379,3 +379,34 @@ def test_notify_from_another_thread_while_the_listener_reconnects(
             starter.join(60)
         assert errors == []
         assert len(markers(got)) == 1
+
+
+@pytest.mark.slow
+def test_close_ends_iteration_while_reconnecting(
+    running: EmbeddedServer, unique_channel: str
+) -> None:
+    ps = pgcast.connect(running.dsn, health_check_interval=0, reconnect_backoff=FAST)
+    ps.listen(unique_channel)
+    ended = threading.Event()
+    errors: list[BaseException] = []
+
+    def iterate() -> None:
+        try:
+            for _ in ps.events(select_timeout=0.05):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+        ended.set()
+
+    running.stop()
+    try:
+        thread = threading.Thread(target=iterate, daemon=True)
+        thread.start()
+        time.sleep(1.0)  # the iterating thread is retrying against a stopped server
+        assert not ended.is_set()
+        ps.close()
+        assert ended.wait(10), "iteration did not end when the PubSub was closed"
+        thread.join(10)
+        assert errors == []
+    finally:
+        running.start()

@@ -390,7 +390,10 @@ class AsyncPubSub:
                 except ConnectionLostError as exc:
                     if self._closed:
                         return
-                    await self._recover(exc, generation)  # the marker lands in the inbox
+                    try:
+                        await self._recover(exc, generation)  # the marker lands in the inbox
+                    except ClosedError:
+                        return  # closed while reconnecting: iteration ends
             elif type(step) is Unfetched:
                 fetched = await self._fetch_payload(step)
                 if fetched is not None:

@@ -515,7 +515,10 @@ class PubSub:
                 except ConnectionLostError as exc:
                     if self._closed:
                         return
-                    self._recover(exc, generation)  # the marker lands in the inbox
+                    try:
+                        self._recover(exc, generation)  # the marker lands in the inbox
+                    except ClosedError:
+                        return  # closed while reconnecting: iteration ends
             elif type(step) is Unfetched:
                 fetched = self._fetch_payload(step)
                 if fetched is not None:
