@@ -208,6 +208,9 @@ def test_publish_queries() -> None:
         publish_many_query([("c", "ok"), ("c", "\x00")], durable=True)
     with pytest.raises(pgcast.InvalidChannelError):
         publish_query("", "x", durable=True)
+    for durable in (False, True):
+        with pytest.raises(pgcast.PayloadError, match="not valid Unicode"):
+            publish_query("c", "lone \ud800 surrogate", durable=durable)
 
 
 # -- durations and retention arguments (pure) ----------------------------------------------

@@ -116,27 +116,28 @@ NOTIFY_LOGGED_SQL = "SELECT pgcast.notify(%s, %s, %s)"
 NOTIFY_MANY_LOGGED_SQL = "SELECT pgcast.notify_many(%s::text[], %s::text[], %s)"
 
 
-def _checked_text(payload: Payload) -> str:
+def _checked(payload: Payload) -> tuple[str, bool]:
+    """The text of *payload*, and whether it must go through the log."""
     text = to_text(payload)
     if "\x00" in text:
         raise PayloadError("payload contains a NUL character, which PostgreSQL text cannot hold")
-    return text
+    if text.isascii():  # the common case: one byte per character
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise PayloadError(f"payload is not valid Unicode: {exc}") from exc
+    return text, size >= MAX_PAYLOAD_BYTES or text.startswith("\x1e")
 
 
 def needs_log(text: str) -> bool:
-    """Whether *text* cannot travel as a plain NOTIFY payload: too large in
-    UTF-8, or looking like a reference payload."""
-    if text.startswith("\x1e"):
-        return True
-    if text.isascii():
-        return len(text) >= MAX_PAYLOAD_BYTES
-    # A character is at most 4 bytes: short texts need no encoding to decide.
-    if len(text) * 4 < MAX_PAYLOAD_BYTES:
-        return False
-    try:
-        return len(text.encode("utf-8")) >= MAX_PAYLOAD_BYTES
-    except UnicodeEncodeError as exc:
-        raise PayloadError(f"payload is not valid Unicode: {exc}") from exc
+    """Whether *text* cannot travel as a plain NOTIFY payload: 8000 bytes or
+    more in UTF-8, or starting like a reference payload.
+
+    :raises PayloadError: NUL, or not valid Unicode.
+    """
+    return _checked(text)[1]
 
 
 def publish_query(channel: str, payload: Payload, durable: bool) -> tuple[Query, bool]:
@@ -147,8 +148,8 @@ def publish_query(channel: str, payload: Payload, durable: bool) -> tuple[Query,
     ``pg_notify``.
     """
     check_channel(channel)
-    text = _checked_text(payload)
-    if durable or needs_log(text):
+    text, too_large = _checked(payload)
+    if durable or too_large:
         return (NOTIFY_LOGGED_SQL, (channel, text, durable)), True
     return ("SELECT pg_notify(%s, %s)", (channel, text)), False
 
@@ -170,9 +171,9 @@ def publish_many_query(
     logged = durable
     for channel, payload in pairs:
         channels.append(check_channel(channel))
-        text = _checked_text(payload)
+        text, too_large = _checked(payload)
         texts.append(text)
-        logged = logged or needs_log(text)
+        logged = logged or too_large
     if not channels:
         return None
     if logged:

@@ -12,6 +12,16 @@ no gap and no duplicate. How that is guaranteed is explained in
 :mod:`pgcast._durable_core`, which holds all the logic; this module only
 runs it against a connection.
 
+What "exactly once" covers: within the life of a PubSub, every durable
+message of a durable channel is handed out once, across any number of
+reconnects (the replay starts after the last message received, and comes
+before the :class:`~pgcast.Reconnected` marker). A named consumer that
+stops and starts again resumes after its last :meth:`~pgcast.PubSub.ack`:
+what it received but did not acknowledge comes again (at least once across
+restarts, as with any consumer offset). Without *since* or a consumer, a
+durable listen starts at the end of the log and replays only across
+reconnects.
+
 A payload too large for NOTIFY (8000 bytes of UTF-8 or more) is stored the
 same way, and a receiving PubSub fetches it before handing the event out:
 :meth:`pgcast.PubSub.notify` takes payloads of any size. Such a message is in
