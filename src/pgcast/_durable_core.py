@@ -40,8 +40,12 @@ everything committed after arrives as a notification. While a channel is
 replaying, its live notifications are dropped, only their highest id kept
 (``seen``); a replay batch shorter than the batch size means the log is read
 up to that query, and the channel goes live once the position covers every id
-seen. Then live notifications at or below the position are duplicates. Memory
-stays bounded however long the replay is.
+seen. Then live notifications at or below the position are duplicates. The
+log is read a batch at a time as the events are handed out, so however long
+the replay, memory holds about one batch; only after a reconnect is up to
+:data:`BATCHES_BEFORE_MARKER` batches read at once, so that what was missed
+comes before the :class:`~pgcast.Reconnected` marker (a longer gap goes on
+after it, in order all the same).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from ._payload import MAX_PAYLOAD_BYTES, Payload, to_text
 from ._reconnect import Reconnected
 
 __all__ = [
+    "BATCHES_BEFORE_MARKER",
     "INLINE_LIMIT",
     "REF_PREFIX",
     "DurableState",
@@ -82,6 +87,9 @@ logger = logging.getLogger("pgcast")
 
 #: Replay reads the log this many rows at a time.
 REPLAY_BATCH = 1000
+#: After a reconnect, at most this many batches are replayed before the
+#: marker is delivered (the rest follows it, a batch at a time).
+BATCHES_BEFORE_MARKER = 100
 #: Replayed payloads larger than this are fetched one at a time as they are
 #: handed out, so a batch never holds more than about this much per row.
 REPLAY_INLINE_BYTES = 64 * 1024

@@ -55,7 +55,12 @@ from ._core import (
     plan,
     wrap_error,
 )
-from ._durable_core import Unfetched, publish_many_query, publish_query
+from ._durable_core import (
+    BATCHES_BEFORE_MARKER,
+    Unfetched,
+    publish_many_query,
+    publish_query,
+)
 from ._durable_schema import Steps, install_steps
 from ._errors import (
     ClosedError,
@@ -833,7 +838,9 @@ class PubSub:
         # meanwhile is read now, so that it comes before the marker.
         # (Core.new_connection already set the durable channels replaying.)
         durable = self._core.durable
-        while durable.pending:
+        for _ in range(BATCHES_BEFORE_MARKER):
+            if not durable.pending:
+                break
             self._durable_run(durable.replay_steps())
 
     def _ready_inbox(self) -> None:
