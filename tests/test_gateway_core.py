@@ -358,3 +358,25 @@ def test_max_payload_matches_the_protocol_limit() -> None:
     assert parse_frame(json.dumps({"type": "publish", "channel": "a", "payload": ok})) == Publish(
         "a", ok
     )
+
+
+def test_since_positions() -> None:
+    from pgcast.gateway._protocol import parse_since, sse_position
+
+    assert parse_frame('{"type":"subscribe","channels":["a"],"since":5}') == Subscribe(
+        ("a",), None, 5
+    )
+    assert parse_frame('{"type":"subscribe","channels":["a","b"],"since":{"b":2}}').since == {
+        "b": 2
+    }
+    assert parse_since(None) is None
+    assert parse_since("7") == 7
+    assert parse_since('{"a": 1, "b": 0}') == {"a": 1, "b": 0}
+    for bad in ("-1", "x", "1.5", '{"a": "1"}', "true", "[1]"):
+        with pytest.raises(ProtocolError, match="since"):
+            parse_since(bad)
+    with pytest.raises(ProtocolError, match="not being subscribed to"):
+        parse_frame('{"type":"subscribe","channels":["a"],"since":{"b":2}}')
+    position = sse_position({"a": 3, "weird,name\n": 4})
+    assert "\n" not in position and json.loads(position) == {"a": 3, "weird,name\n": 4}
+    assert parse_since(position) == {"a": 3, "weird,name\n": 4}

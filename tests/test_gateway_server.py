@@ -812,3 +812,117 @@ def test_pgcast_serve_reports_a_busy_port(dsn: str) -> None:
     assert done.returncode == 1
     assert re.search(rf"cannot listen on 127\.0\.0\.1:{port}: .*--port", done.stderr)
     assert "Traceback" not in done.stderr
+
+
+# -- durable channels ----------------------------------------------------------
+
+
+@pytest.fixture
+def durable_schema(conn: psycopg.Connection[Any]) -> None:
+    from pgcast.durable import install_schema
+
+    install_schema(conn)
+
+
+def publish_durably(conn: psycopg.Connection[Any], channel: str, *payloads: str) -> list[int]:
+    return [
+        int(conn.execute("SELECT pgcast.notify(%s, %s)", (channel, p)).fetchone()[0])  # type: ignore[index]
+        for p in payloads
+    ]
+
+
+def test_durable_channel_resumes_from_a_position_over_websocket(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
+    durable_schema: None,
+) -> None:
+    gw = gateway(durable=[f"{unique_channel}*"])
+    ids = publish_durably(conn, unique_channel, "one", "two", "three")
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            # Resume after the first message: the other two are replayed, with ids.
+            reply = await request(ws, {"type": "subscribe", "channels": [unique_channel],
+                                       "since": ids[0]})
+            assert reply == {"type": "subscribed", "channels": [unique_channel]}
+            replayed = [await recv(ws) for _ in range(2)]
+            assert [(f["payload"], f["id"]) for f in replayed] == [("two", ids[1]),
+                                                                  ("three", ids[2])]
+            # Then live, once each, with ids.
+            (four,) = await asyncio.to_thread(publish_durably, conn, unique_channel, "four")
+            live = await recv(ws)
+            assert (live["payload"], live["id"]) == ("four", four)
+            await apsql_conn(conn, f"NOTIFY {unique_channel}, 'plain'")
+            plain = await recv(ws)
+            assert plain["payload"] == "plain" and "id" not in plain
+        async with ws_connect(gw.ws) as ws:
+            # A durable channel without since: live only, ids included.
+            await subscribe(ws, unique_channel)
+            (five,) = await asyncio.to_thread(publish_durably, conn, unique_channel, "five")
+            assert (await recv(ws))["id"] == five
+            # since on a channel that is not durable here is refused.
+            reply = await request(ws, {"type": "subscribe", "channels": ["other"], "since": 0})
+            assert reply["type"] == "error" and "not durable" in reply["message"]
+
+    run(main())
+
+
+async def apsql_conn(conn: psycopg.Connection[Any], sql: str) -> None:
+    await asyncio.to_thread(conn.execute, sql)
+
+
+def test_durable_replay_larger_than_the_queue_reaches_a_client_that_keeps_up(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
+    durable_schema: None,
+) -> None:
+    gw = gateway(durable=[unique_channel], queue_size=16)
+    conn.execute(
+        "SELECT pgcast.notify_many(array_fill(%s::text, ARRAY[300]), "
+        "ARRAY(SELECT 'm' || i FROM generate_series(1, 300) i))", (unique_channel,),
+    )
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            await request(ws, {"type": "subscribe", "channels": [unique_channel], "since": 0})
+            payloads = [(await recv(ws))["payload"] for _ in range(300)]
+            assert payloads == [f"m{i}" for i in range(1, 301)]
+
+    run(main())
+    assert gw.metrics()['pgcast_gateway_disconnects_total{reason="slow_consumer"}'] == 0
+
+
+def test_sse_resumes_with_last_event_id(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
+    durable_schema: None,
+) -> None:
+    gw = gateway(durable=[f"{unique_channel}*"])
+    other = f"{unique_channel}_b"
+    a1, a2 = publish_durably(conn, unique_channel, "a1", "a2")
+    (b1,) = publish_durably(conn, other, "b1")
+
+    async def main() -> None:
+        url = f"{gw.http}/sse?channel={unique_channel}&channel={other}"
+        headers = {"Last-Event-ID": json.dumps({unique_channel: a1, other: 0})}
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                client.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            events: list[tuple[str | None, dict[str, Any]]] = []
+            event_id = None
+            while len(events) < 3:
+                line = await asyncio.wait_for(anext(lines), TIMEOUT)
+                if line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("data: "):
+                    events.append((event_id, json.loads(line[6:])))
+                    event_id = None
+            assert events[0][1]["type"] == "subscribed"
+            got = {(e["channel"], e["payload"]): i for i, e in events[1:]}
+            assert set(got) == {(unique_channel, "a2"), (other, "b1")}
+            # The id: line is the position on every durable channel of the stream.
+            last = json.loads(events[-1][0] or "{}")
+            assert last == {unique_channel: a2, other: b1}
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            r = await client.get(url, headers={"Last-Event-ID": "not an id"})
+            assert r.status_code == 400 and "since must be a log id" in r.text
+
+    run(main())

@@ -36,6 +36,9 @@ def register(subparsers: Any) -> None:
                    help="channels clients may subscribe to (fnmatch glob; repeatable)")
     p.add_argument("--allow-publish", action="append", default=[], metavar="GLOB",
                    help="channels clients may publish to (fnmatch glob; repeatable)")
+    p.add_argument("--durable", action="append", default=[], metavar="GLOB",
+                   help="durable channels (pgcast.durable): no message missed across the "
+                   "gateway's reconnects, and clients may resume from a log id (repeatable)")
     p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
                    help="a browser origin allowed to connect, e.g. https://app.example.com, "
                    "or * for any (repeatable; default: the gateway's own origin only)")
@@ -107,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_clients=args.max_clients,
         queue_size=args.queue_size,
         overflow=args.overflow,
+        durable=args.durable,
         demo_page=args.demo_page,
     )
     print(f"pgcast gateway on http://{_url_host(args.host)}:{args.port}/ "

@@ -39,10 +39,12 @@ import psycopg
 from .. import aio
 from .._errors import AccessDenied, ConnectError, ConnectionLostError, PgcastError, ProtocolError
 from .._event import Event
+from .._reconnect import Reconnected
 from . import _metrics, _protocol
-from ._protocol import Command, Frame, Ping, Publish, Ref, Subscribe, Unsubscribe
+from ._protocol import Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
+from ._resume import Resume
 from ._router import Outbox, Overflow, Router, Subscriber
-from .auth import Access, Authorizer
+from .auth import Access, Authorizer, globs_matcher
 
 __all__ = ["Client", "Hub", "Settings"]
 
@@ -74,6 +76,7 @@ class Settings:
     database_timeout: float = 10.0
     close_timeout: float = 2.0
     metrics_cache: float = 5.0
+    durable: tuple[str, ...] = ()
     connect_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,7 +94,7 @@ class Settings:
 class Client:
     """One connected client, as the transports drive it."""
 
-    __slots__ = ("access", "closing", "detached", "sub", "wake")
+    __slots__ = ("access", "closing", "detached", "resume", "sub", "wake")
 
     def __init__(self, sub: Subscriber, access: Access, wake: asyncio.Event) -> None:
         self.sub = sub
@@ -103,6 +106,13 @@ class Client:
             asyncio.get_running_loop().create_future()
         )
         self.detached = False
+        #: The durable channels it resumed from a position, if any.
+        self.resume: Resume | None = None
+
+    @property
+    def gone(self) -> bool:
+        """Whether the client left or is being closed."""
+        return self.detached or self.closing.done()
 
     @property
     def outbox(self) -> Outbox:
@@ -134,6 +144,9 @@ class Hub:
         self._jobs: set[asyncio.Task[Any]] = set()
         self._queue_usage: tuple[float, float | None] = (-1e9, None)
         self._authorize: Authorizer = settings.authorizer or _deny_all
+        self.is_durable = globs_matcher(settings.durable)
+        self._query: psycopg.AsyncConnection[Any] | None = None
+        self._query_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -175,6 +188,8 @@ class Hub:
                     await task
         if self._aps is not None:
             await self._aps.close()
+        if self._query is not None:
+            await self._query.close()
 
     @property
     def closing(self) -> bool:
@@ -264,7 +279,7 @@ class Hub:
             limit, database unavailable); nothing changed.
         """
         if isinstance(command, Subscribe):
-            await self.subscribe(client, command.channels, command.ref)
+            await self.subscribe(client, command.channels, command.ref, command.since)
         elif isinstance(command, Unsubscribe):
             await self.unsubscribe(client, command.channels, command.ref)
         elif isinstance(command, Publish):
@@ -283,21 +298,73 @@ class Hub:
         self.stats.errors += 1
         self.reply(client, _protocol.error(message, ref))
 
-    async def subscribe(self, client: Client, channels: tuple[str, ...], ref: Ref = None) -> None:
+    async def subscribe(
+        self,
+        client: Client,
+        channels: tuple[str, ...],
+        ref: Ref = None,
+        since: Since = None,
+        strict: bool = True,
+    ) -> None:
         """Subscribe *client* to *channels*; ``subscribed`` is queued once
-        LISTEN is in effect for all of them. All or nothing."""
+        LISTEN is in effect for all of them. All or nothing.
+
+        With *since*, durable channels first replay the log after that
+        position (see :mod:`._resume`). *strict*: a *since* for a channel that
+        is not durable here is an error (else it is ignored, as for an SSE
+        ``Last-Event-ID`` naming a channel that is no longer durable).
+        """
         refused = [c for c in channels if not client.access.can_read(c)]
         if refused:
             raise ProtocolError(_not_allowed("subscribe to", refused))
         self.router.check_subscribe(client.sub, channels)
+        resume_from = self._resume_positions(client, channels, since, strict)
 
         def commit() -> None:
             if client.detached:
                 return
             self.router.subscribe(client.sub, channels)
+            if resume_from:
+                resume = client.resume
+                if resume is None:
+                    resume = client.resume = Resume(client.outbox, lambda: self._slow(client))
+                for channel, position in resume_from.items():
+                    resume.start(channel, position)
+                    client.sub.diverted[channel] = resume.divert
             self.reply(client, _protocol.subscribed(channels, ref))
 
         await self._shielded(self._listen_then(channels, commit))
+        if resume_from and client.resume is not None and not client.gone:
+            resume = client.resume
+            try:
+                await self._shielded(
+                    resume.replay(resume_from, self._fetch, lambda: client.gone)
+                )
+            except (PgcastError, psycopg.Error) as exc:
+                raise ProtocolError(f"replaying the log failed: {exc}") from None
+
+    def _resume_positions(
+        self, client: Client, channels: tuple[str, ...], since: Since, strict: bool
+    ) -> dict[str, int]:
+        if since is None:
+            return {}
+        positions = since if isinstance(since, dict) else dict.fromkeys(channels, since)
+        out = {}
+        for channel, position in positions.items():
+            if not self.is_durable(channel):
+                if strict:
+                    raise ProtocolError(
+                        f"channel {channel!r} is not durable on this gateway, so it cannot "
+                        "resume from a position (since)"
+                    )
+                continue
+            if channel in client.sub.channels:
+                raise ProtocolError(
+                    f"already subscribed to {channel!r}; unsubscribe first to resume it "
+                    "from a position"
+                )
+            out[channel] = position
+        return out
 
     async def unsubscribe(
         self, client: Client, channels: tuple[str, ...], ref: Ref = None
@@ -305,6 +372,8 @@ class Hub:
         """Unsubscribe at once (no message on *channels* follows the reply);
         the UNLISTEN of channels left without subscribers follows."""
         gone = self.router.unsubscribe(client.sub, channels)
+        if client.resume is not None:
+            client.resume.forget(gone)
         self.reply(client, _protocol.unsubscribed(channels, ref))
         if gone:
             self._reap_wanted.set()
@@ -357,9 +426,15 @@ class Hub:
                 if not self._ready.is_set() or aps is None:
                     continue
                 missing = self.router.missing(aps.listening_channels(), channels)
+                durable = [c for c in missing if self.is_durable(c)]
+                plain = [c for c in missing if not self.is_durable(c)]
                 try:
-                    if missing:
-                        await aps.listen(*missing)
+                    if plain:
+                        await aps.listen(*plain)
+                    if durable:
+                        # The shared connection itself replays what it missed
+                        # across its reconnects, so no client misses any.
+                        await aps.listen(*durable, durable=True)
                 except ConnectionLostError:
                     lost = True
                 except PgcastError as exc:
@@ -421,16 +496,17 @@ class Hub:
             assert aps is not None
             try:
                 async for event in aps.events(select_timeout=5.0):
-                    if type(event) is not Event:
-                        # A marker from a connection that reconnected by itself.
-                        if event is not None:
+                    if not isinstance(event, Event):
+                        if isinstance(event, Reconnected):
+                            # The connection reconnected by itself (and
+                            # re-LISTENed): clients may have missed messages.
                             self._reap_wanted.set()
                             self._announce_reconnect()
                         continue
                     stats.messages_in += 1
                     frame = message(event.channel, event.payload, event.pid,
                                     getattr(event, "id", None))
-                    _, overflowed = router.publish(event.channel, frame)
+                    _, overflowed = router.publish(event.channel, frame, event)
                     for sub in overflowed:
                         self._slow(self._clients.get(sub))
                     # Let the clients' senders run between events, so a burst
@@ -462,9 +538,13 @@ class Hub:
                 continue
             async with self._lock:
                 try:
-                    channels = self.router.channels()
-                    if channels:
-                        await aps.listen(*sorted(channels))
+                    channels = sorted(self.router.channels())
+                    plain = [c for c in channels if not self.is_durable(c)]
+                    durable = [c for c in channels if self.is_durable(c)]
+                    if plain:
+                        await aps.listen(*plain)
+                    if durable:
+                        await aps.listen(*durable, durable=True)
                 except PgcastError as exc:
                     logger.warning("pgcast gateway: re-LISTEN failed: %s", exc)
                     with contextlib.suppress(Exception):
@@ -495,6 +575,21 @@ class Hub:
             CLOSE_SLOW_CONSUMER,
             f"slow consumer: {self.settings.queue_size} messages queued (queue_size)",
         )
+
+    async def _fetch(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
+        """Run a replay query on the hub's query connection (not the LISTEN
+        one), opened when first needed and again after it broke."""
+        async with self._query_lock:
+            conn = self._query
+            if conn is None or conn.closed:
+                options = dict(self.settings.connect_kwargs)
+                options.update(autocommit=True, application_name="pgcast-gateway-replay")
+                options.setdefault("connect_timeout", 10)
+                conn = self._query = await psycopg.AsyncConnection.connect(
+                    self.settings.dsn, **options
+                )
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall()
 
     # -- operations --------------------------------------------------------
 

@@ -8,7 +8,7 @@ Client to server (JSON text frames; ``ref`` is optional in each and, when
 given as a string or an integer, is echoed in the reply so a client can match
 replies to requests)::
 
-    {"type": "subscribe",   "channels": ["a", "b"]}
+    {"type": "subscribe",   "channels": ["a", "b"]}            (+ "since": ID or {"a": ID})
     {"type": "unsubscribe", "channels": ["a"]}
     {"type": "publish",     "channel": "a", "payload": "text or JSON value"}
     {"type": "ping"}
@@ -44,16 +44,19 @@ __all__ = [
     "Ping",
     "Publish",
     "Ref",
+    "Since",
     "Subscribe",
     "Unsubscribe",
     "error",
     "message",
     "notice",
     "parse_frame",
+    "parse_since",
     "pong",
     "published",
     "sse_comment",
     "sse_event",
+    "sse_position",
     "subscribed",
     "unsubscribed",
 ]
@@ -65,6 +68,11 @@ MAX_FRAME_BYTES = 16 * 1024
 Ref: TypeAlias = "str | int | None"
 
 _MAX_REF_CHARS = 64
+_MAX_ID = 2**63 - 1
+
+#: Where a durable subscription resumes: one log id for every channel, or one
+#: per channel; messages with a larger id are replayed, then live ones follow.
+Since: TypeAlias = "int | dict[str, int] | None"
 
 
 class Subscribe(NamedTuple):
@@ -72,6 +80,7 @@ class Subscribe(NamedTuple):
 
     channels: tuple[str, ...]
     ref: Ref = None
+    since: Since = None
 
 
 class Unsubscribe(NamedTuple):
@@ -111,6 +120,9 @@ class Frame(NamedTuple):
     is_message: bool = False
     """Whether this is a ``message`` frame (counted as a message out)."""
 
+    channel: str | None = None
+    """The channel of a ``message`` frame."""
+
 
 # -- client frames -----------------------------------------------------------
 
@@ -149,7 +161,8 @@ def parse_frame(data: str | bytes | None, max_bytes: int = MAX_FRAME_BYTES) -> C
     ref = _ref(obj)
     kind = obj.get("type")
     if kind == "subscribe":
-        return Subscribe(_channels(obj, kind), ref)
+        channels = _channels(obj, kind)
+        return Subscribe(channels, ref, parse_since(obj.get("since"), channels))
     if kind == "unsubscribe":
         return Unsubscribe(_channels(obj, kind), ref)
     if kind == "publish":
@@ -221,6 +234,40 @@ def _channels(obj: dict[str, Any], kind: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _log_id(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_ID:
+        raise ProtocolError(f"{what} must be a log id (an integer >= 0), not {_short(value)}")
+    return value
+
+
+def parse_since(value: object, channels: Iterable[str] = ()) -> Since:
+    """Validate a resume position: ``None``, a log id, or ``{channel: id}``
+    whose channels must be among *channels* when those are given.
+
+    Strings are parsed as JSON first (an SSE ``Last-Event-ID`` or ``?since=``).
+
+    :raises ProtocolError: anything else, saying what was expected.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ProtocolError(
+                f"since must be a log id or a JSON object of log ids, not {_short(value)}"
+            ) from None
+    if isinstance(value, dict):
+        names = set(channels)
+        out = {}
+        for channel, position in value.items():
+            if names and channel not in names:
+                raise ProtocolError(f"since names {channel!r}, which is not being subscribed to")
+            out[channel] = _log_id(position, f"since[{channel!r}]")
+        return out
+    return _log_id(value, "since")
+
+
 def _publish(obj: dict[str, Any], ref: Ref) -> Publish:
     channel = obj.get("channel")
     if channel is None:
@@ -275,7 +322,7 @@ def message(channel: str, payload: str, pid: int, event_id: object = None) -> Fr
     if event_id is not None:
         obj["id"] = event_id
         sid = str(event_id)
-    return Frame(_dump(obj), sid, True)
+    return Frame(_dump(obj), sid, True, channel)
 
 
 def error(text: str, ref: Ref = None) -> Frame:
@@ -315,6 +362,13 @@ def sse_event(data: str, event_id: str | None = None, retry_ms: int | None = Non
         parts.append(f"data: {line}\n")
     parts.append("\n")
     return "".join(parts)
+
+
+def sse_position(positions: dict[str, int]) -> str:
+    """The SSE ``id:`` of a client with durable channels: the log id reached
+    on each, as JSON, so ``Last-Event-ID`` resumes every channel where it was
+    (ids grow in commit order per channel, not across channels)."""
+    return _dump(positions)
 
 
 def sse_comment(text: str = "") -> str:

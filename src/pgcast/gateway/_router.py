@@ -127,13 +127,17 @@ class Outbox:
 class Subscriber:
     """One connected client as the router sees it: its queue and its channels."""
 
-    __slots__ = ("channels", "outbox", "transport")
+    __slots__ = ("channels", "diverted", "outbox", "transport")
 
     def __init__(self, outbox: Outbox, transport: str = "websocket") -> None:
         self.outbox = outbox
         #: ``"websocket"`` or ``"sse"``, for the metrics.
         self.transport = transport
         self.channels: set[str] = set()
+        #: Channels whose events go to a callback instead of the queue (a
+        #: durable channel resumed from a position: the driver merges the
+        #: replay with the live events and deduplicates).
+        self.diverted: dict[str, Callable[[object], None]] = {}
 
     def __repr__(self) -> str:
         return f"<Subscriber {self.transport} channels={sorted(self.channels)!r}>"
@@ -232,14 +236,18 @@ class Router:
             subs.discard(subscriber)
             if not subs:
                 del self._subscribers[channel]
+            subscriber.diverted.pop(channel, None)
             gone.append(channel)
         self._subscriptions -= len(gone)
         return gone
 
     # -- fan-out -----------------------------------------------------------
 
-    def publish(self, channel: str, frame: Frame) -> tuple[int, list[Subscriber]]:
-        """Queue *frame* for every subscriber of *channel*.
+    def publish(
+        self, channel: str, frame: Frame, event: object = None
+    ) -> tuple[int, list[Subscriber]]:
+        """Queue *frame* for every subscriber of *channel* (or hand *event* to
+        the subscriber's callback if it diverts the channel).
 
         Returns how many clients it was queued for and the clients that
         overflowed under the ``disconnect`` policy (the driver closes them).
@@ -250,6 +258,11 @@ class Router:
         overflowed: list[Subscriber] = []
         queued = 0
         for sub in subs:
+            if sub.diverted:
+                divert = sub.diverted.get(channel)
+                if divert is not None:
+                    divert(event)
+                    continue
             if sub.outbox.put(frame):
                 queued += 1
             else:

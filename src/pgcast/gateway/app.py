@@ -55,6 +55,7 @@ def create_app(
     database_timeout: float = 10.0,
     close_timeout: float = 2.0,
     metrics_cache: float = 5.0,
+    durable: Iterable[str] = (),
     demo_page: bool = False,
     demo_command: str | None = None,
     connect_kwargs: Mapping[str, Any] | None = None,
@@ -83,6 +84,10 @@ def create_app(
         connection to come back before it gets an error.
     :param close_timeout: how long closing a client (or all, at shutdown) may take.
     :param metrics_cache: seconds the NOTIFY queue usage in ``/metrics`` is cached.
+    :param durable: globs of durable channels (:mod:`pgcast.durable`): LISTENed
+        durably, so the gateway misses none of their messages across its own
+        reconnects, and resumable by clients from a log position (``since``
+        in a subscribe frame, ``Last-Event-ID`` or ``?since=`` on SSE).
     :param demo_page: serve the three-bar demo page at ``/``.
     :param demo_command: the command the demo page shows for moving a bar.
     :param connect_kwargs: extra arguments for the database connection.
@@ -110,6 +115,7 @@ def create_app(
         database_timeout=database_timeout,
         close_timeout=close_timeout,
         metrics_cache=metrics_cache,
+        durable=tuple(durable),
         connect_kwargs=dict(connect_kwargs or {}),
     )
     hub = Hub(settings)

@@ -37,6 +37,7 @@ __all__ = [
     "Authorizer",
     "allow_list",
     "bearer_token",
+    "globs_matcher",
     "origin_allowed",
 ]
 
@@ -59,10 +60,12 @@ class Access:
     def globs(cls, read: Iterable[str] = (), write: Iterable[str] = ()) -> Access:
         """Access by :mod:`fnmatch` globs, matched case-sensitively (channel
         names are exact): ``"orders.*"``, ``"user-[0-9]*"``, ``"*"``."""
-        return cls(_matcher(read), _matcher(write))
+        return cls(globs_matcher(read), globs_matcher(write))
 
 
-def _matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+def globs_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """A predicate: does a channel name match one of *patterns* (fnmatch
+    globs, case-sensitive)?"""
     pats = tuple(dict.fromkeys(patterns))
     for p in pats:
         if not isinstance(p, str) or not p:

@@ -3,9 +3,14 @@
 Each SSE event's ``data:`` is one server frame of the WebSocket protocol as
 JSON (``subscribed`` first, once LISTEN is in effect, then ``message``,
 ``notice`` ...), so ``EventSource.onmessage`` sees the same objects a
-WebSocket client does; durable events carry an ``id:`` line. A comment line
-is sent every ``heartbeat`` seconds so proxies and clients can tell a quiet
-stream from a dead one.
+WebSocket client does. A comment line is sent every ``heartbeat`` seconds so
+proxies and clients can tell a quiet stream from a dead one.
+
+Durable messages carry an ``id:`` line: the log position reached on each of
+the client's durable channels, as JSON (``{"orders": 42}``). EventSource
+sends the last one back as ``Last-Event-ID`` when it reconnects, and the
+stream resumes each channel after its position (``?since=ID`` or
+``?since={"orders": 42}`` does the same for a first connection).
 
 Everything that can be refused is checked before the stream starts, with a
 plain-text HTTP error: a bad origin or token (403), no or bad channel names
@@ -31,6 +36,7 @@ from .._channels import check_channels
 from .._errors import AccessDenied, InvalidChannelError, ProtocolError
 from . import _protocol
 from ._hub import Client, Hub
+from ._protocol import Since
 from .auth import bearer_token, origin_allowed
 
 __all__ = ["SSEEndpoint"]
@@ -58,16 +64,16 @@ class SSEEndpoint:
             await PlainTextResponse("use GET", 405, {"allow": "GET"})(scope, receive, send)
             return
         try:
-            client, channels = await self._admit(request)
+            client, channels, since = await self._admit(request)
         except _Refusal as r:
             await PlainTextResponse(r.message, r.status)(scope, receive, send)
             return
         try:
-            await self._stream(client, channels, scope, receive, send)
+            await self._stream(client, (channels, since), scope, receive, send)
         finally:
             hub.detach(client)
 
-    async def _admit(self, request: Request) -> tuple[Client, tuple[str, ...]]:
+    async def _admit(self, request: Request) -> tuple[Client, tuple[str, ...], Since]:
         hub = self.hub
         origin = request.headers.get("origin")
         if not origin_allowed(origin, request.headers.get("host"), hub.settings.allowed_origins):
@@ -79,6 +85,12 @@ class SSEEndpoint:
         try:
             channels = tuple(dict.fromkeys(check_channels(names)))
         except InvalidChannelError as exc:
+            raise _Refusal(400, str(exc)) from None
+        try:
+            since = _protocol.parse_since(
+                request.headers.get("last-event-id") or request.query_params.get("since")
+            )
+        except ProtocolError as exc:
             raise _Refusal(400, str(exc)) from None
         if len(channels) > hub.settings.max_subscriptions:
             raise _Refusal(
@@ -103,19 +115,25 @@ class SSEEndpoint:
             raise _Refusal(403, f"not allowed to subscribe to {names_}: "
                                 "not in this gateway's allow-list")
         try:
-            return hub.attach("sse", access), channels
+            return hub.attach("sse", access), channels, since
         except AccessDenied as exc:
             raise _Refusal(503, str(exc)) from None
 
     async def _stream(
-        self, client: Client, channels: tuple[str, ...], scope: Scope, receive: Receive, send: Send
+        self,
+        client: Client,
+        request: tuple[tuple[str, ...], Since],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
+        channels, since = request
         hub = self.hub
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        writer = asyncio.create_task(self._write(client, channels, send))
+        writer = asyncio.create_task(self._write(client, channels, since, send))
         watcher = asyncio.create_task(_until_disconnect(receive))
         try:
             waiting: list[asyncio.Future[Any]] = [writer, watcher, client.closing]
@@ -148,7 +166,9 @@ class SSEEndpoint:
                     hub.settings.close_timeout,
                 )
 
-    async def _write(self, client: Client, channels: tuple[str, ...], send: Send) -> None:
+    async def _write(
+        self, client: Client, channels: tuple[str, ...], since: Since, send: Send
+    ) -> None:
         hub = self.hub
         stats = hub.stats
         outbox = client.outbox
@@ -159,8 +179,13 @@ class SSEEndpoint:
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
         await write(f"retry: {RETRY_MS}\n" + _protocol.sse_comment("pgcast gateway"))
+        # The durable position reached on each channel, for the id: lines.
+        positions: dict[str, int] = {}
+        if since is not None:
+            start = since if isinstance(since, dict) else dict.fromkeys(channels, since)
+            positions = {c: p for c, p in start.items() if c in channels and hub.is_durable(c)}
         try:
-            await hub.subscribe(client, channels)
+            await hub.subscribe(client, channels, since=since, strict=False)
         except ProtocolError as exc:
             # Only the database being unavailable gets here (the rest was
             # checked before the stream began): say so and end the stream;
@@ -195,7 +220,11 @@ class SSEEndpoint:
                 ).text))
             sent = 0
             for frame in frames:
-                parts.append(sse_event(frame.text, frame.id))
+                event_id = None
+                if frame.id is not None and frame.channel is not None:
+                    positions[frame.channel] = int(frame.id)
+                    event_id = _protocol.sse_position(positions)
+                parts.append(sse_event(frame.text, event_id))
                 sent += frame.is_message
             await write("".join(parts))
             stats.messages_out += sent
