@@ -802,6 +802,25 @@ def test_messages_sent_while_disconnected_are_replayed_before_the_marker(
         assert [e.payload for e in drain(sub)] == ["after"]
 
 
+def test_a_long_gap_goes_on_after_the_marker(
+    dsn: str, pub: pgcast.PubSub, unique_channel: str, conn: Conn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pgcast.client
+
+    monkeypatch.setattr(pgcast.client, "BATCHES_BEFORE_MARKER", 1)
+    with pgcast.connect(dsn) as sub:
+        sub.listen(unique_channel, durable=True)
+        terminate(conn, sub.backend_pid)
+        pub.notify_many([(unique_channel, str(i)) for i in range(2500)], durable=True)
+        got = take(sub, 2501)
+        marker = next(i for i, e in enumerate(got) if isinstance(e, pgcast.Reconnected))
+        assert marker == 1000  # one batch before the marker, the rest after it
+        payloads = [e.payload for e in got if not isinstance(e, pgcast.Reconnected)]
+        assert payloads == [str(i) for i in range(2500)]
+        assert drain(sub) == []
+
+
 # -- retention ---------------------------------------------------------------------------------
 
 
