@@ -926,3 +926,48 @@ def test_sse_resumes_with_last_event_id(
             assert r.status_code == 400 and "since must be a log id" in r.text
 
     run(main())
+
+
+def test_pgcast_serve_reports_an_unreachable_database() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pgcast.cli", "serve", "--dsn",
+         "postgresql://postgres@127.0.0.1:1/postgres", "--port", str(free_port()),
+         "--allow", "x"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("pgcast serve: error: cannot connect to PostgreSQL")
+    assert "Traceback" not in done.stderr
+
+
+def test_pgcast_demo_serves_the_page_and_prints_the_command(dsn: str) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgcast.cli", "demo", "--dsn", dsn, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", trust_env=False, timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, "pgcast demo exited"
+                assert time.monotonic() < deadline, "pgcast demo did not start"
+                time.sleep(0.1)
+        assert page.status_code == 200
+        command = f"psql {dsn} -c &quot;NOTIFY data, &#x27;green&#x27;&quot;"
+        assert command in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/static/demo.js", trust_env=False,
+                         timeout=TIMEOUT).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert f"http://127.0.0.1:{port}/" in out
+        assert f"psql {dsn} -c \"NOTIFY data, 'green'\"" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)

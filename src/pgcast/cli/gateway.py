@@ -87,12 +87,22 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(app: Any, sock: socket.socket, log_level: str = "info") -> None:
+def _check_database(dsn: str) -> None:
+    """Connect once first, so an unreachable database is a one-line error
+    rather than uvicorn's start-up traceback."""
+    from .. import client
+
+    client.connect(dsn).close()
+
+
+def _run(app: Any, sock: socket.socket, log_level: str = "info") -> int:
     from ..gateway._serve import GatewayServer, config
 
     host, port = sock.getsockname()[:2]
     server = GatewayServer(config(app, host, port, log_level=log_level))
     server.run(sockets=[sock])
+    # uvicorn returns without starting when the app's start-up failed (it logged why).
+    return 0 if server.started else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -101,9 +111,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.allow:
         print("pgcast serve: warning: no --allow given, so clients can subscribe to no "
               "channel", file=sys.stderr)
+    dsn = resolve_dsn(args)
+    _check_database(dsn)
     sock = _bind(args.host, args.port)
     app = create_app(
-        resolve_dsn(args),
+        dsn,
         allow=args.allow,
         allow_publish=args.allow_publish,
         allowed_origins=args.allowed_origin,
@@ -115,8 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     print(f"pgcast gateway on http://{_url_host(args.host)}:{args.port}/ "
           f"(WebSocket /ws, SSE /sse, /healthz, /metrics)", file=sys.stderr, flush=True)
-    _run(app, sock)
-    return 0
+    return _run(app, sock)
 
 
 def _url_host(host: str) -> str:
@@ -151,6 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     sock = _bind(args.host, args.port)
     with _database(args.dsn) as (dsn, psql):
+        _check_database(dsn)
         command = demo_command(psql, dsn)
         app = create_app(
             dsn,
@@ -163,5 +175,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\npgcast demo: open {url}\n\nMove the green bar from a terminal with:\n\n"
               f"    {command}\n\n(or: pgcast notify --dsn {shlex.quote(dsn)} {DEMO_CHANNEL} "
               f"green)\nCtrl-C to stop.\n", flush=True)
-        _run(app, sock, log_level="warning")
-    return 0
+        return _run(app, sock, log_level="warning")

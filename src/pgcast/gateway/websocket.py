@@ -49,7 +49,9 @@ async def _deny(websocket: WebSocket, status: int, message: str) -> None:
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(PlainTextResponse(message, status_code=status))
     else:
-        await websocket.close(code=1008, reason=message[:120])
+        # A close reason is at most 123 bytes of UTF-8.
+        reason = message.encode()[:123].decode(errors="ignore")
+        await websocket.close(code=1008, reason=reason)
 
 
 async def _admit(hub: Hub, websocket: WebSocket) -> Client | None:
