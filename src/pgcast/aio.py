@@ -722,11 +722,13 @@ class AsyncPubSub:
         :meth:`pgcast.PubSub.reconnect`."""
         if self._closed:
             raise ClosedError("this AsyncPubSub is closed")
-        marker = await self._recover(
-            ConnectionLostError("reconnect() was called"), self._generation, force=True
-        )
-        assert marker is not None
-        return marker
+        for _ in range(3):  # another reconnect may end just as this one starts
+            marker = await self._recover(
+                ConnectionLostError("reconnect() was called"), self._generation, force=True
+            )
+            if marker is not None:
+                return marker
+        raise ConnectionLostError("reconnect() could not restore the connection")
 
     def _in_reconnect(self) -> bool:
         return self._reconnecting is not None and self._reconnecting is asyncio.current_task()
@@ -754,7 +756,9 @@ class AsyncPubSub:
                 f"the connection was lost: {exc}"
             ) from exc
         try:
-            if self._generation != generation:
+            if self._generation != generation and not self._conn.closed:
+                # Restored by another thread or task meanwhile (a failed
+                # attempt leaves its connection closed: then go on here).
                 return self._last_marker
             if self._closed:
                 raise ClosedError("this AsyncPubSub is closed")

@@ -905,11 +905,13 @@ class PubSub:
         """
         if self._closed:
             raise ClosedError("this PubSub is closed")
-        marker = self._recover(
-            ConnectionLostError("reconnect() was called"), self._generation, force=True
-        )
-        assert marker is not None
-        return marker
+        for _ in range(3):  # another reconnect may end just as this one starts
+            marker = self._recover(
+                ConnectionLostError("reconnect() was called"), self._generation, force=True
+            )
+            if marker is not None:
+                return marker
+        raise ConnectionLostError("reconnect() could not restore the connection")
 
     def _recover(
         self,
@@ -931,8 +933,10 @@ class PubSub:
                 f"the connection was lost: {exc}"
             ) from exc
         try:
-            if self._generation != generation:
-                return self._last_marker  # another thread reconnected meanwhile
+            if self._generation != generation and not self._conn.closed:
+                # Restored by another thread or task meanwhile (a failed
+                # attempt leaves its connection closed: then go on here).
+                return self._last_marker
             if self._closed:
                 raise ClosedError("this PubSub is closed")
             self._reconnecting = threading.get_ident()
