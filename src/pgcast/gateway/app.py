@@ -32,7 +32,7 @@ from ._hub import Hub, Settings
 from ._router import Overflow
 from .auth import Authorizer, allow_list
 from .sse import SSEEndpoint
-from .websocket import websocket_endpoint
+from .websocket import WebSocketEndpoint
 
 __all__ = ["create_app"]
 
@@ -140,7 +140,7 @@ def create_app(
         return PlainTextResponse(await hub.metrics(), media_type=_metrics.CONTENT_TYPE)
 
     routes: list[Any] = [
-        WebSocketRoute("/ws", starter.wrap_ws(websocket_endpoint(hub))),
+        WebSocketRoute("/ws", starter.wrap_asgi(WebSocketEndpoint(hub))),
         Route("/sse", starter.wrap_asgi(SSEEndpoint(hub))),
         Route("/healthz", healthz),
         Route("/metrics", metrics),
@@ -185,13 +185,6 @@ class _Starter:
         # A failed start is reported by /healthz as 503, not as a 500.
         with contextlib.suppress(Exception):
             await self.start()
-
-    def wrap_ws(self, endpoint: Any) -> Any:
-        async def ws(websocket: Any) -> None:
-            await self.start_quietly()
-            await endpoint(websocket)
-
-        return ws
 
     def wrap_asgi(self, app: ASGIApp) -> ASGIApp:
         return _StartFirst(self, app)
