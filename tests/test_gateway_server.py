@@ -603,10 +603,14 @@ def test_drop_oldest_policy_keeps_the_slow_client_and_counts_drops(
 # -- the database connection ---------------------------------------------------
 
 
+@pytest.mark.parametrize("reconnect", [True, False], ids=["by-pubsub", "by-gateway"])
 def test_database_connection_restart_is_invisible_except_for_a_notice(
-    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str,
+    reconnect: bool,
 ) -> None:
-    gw = gateway()
+    # by-pubsub: the AsyncPubSub reconnects and yields a Reconnected marker;
+    # by-gateway: it gives up at once and the gateway opens a new one itself.
+    gw = gateway(connect_kwargs={"reconnect": reconnect})
 
     async def main() -> None:
         url = f"{gw.http}/sse?channel={unique_channel}"
