@@ -130,9 +130,14 @@ def test_queue_usage_is_zero_then_grows_behind_a_listener_that_does_not_read(
     with pgcast.connect(dsn) as ps:
         before = ps.queue_usage()
         assert 0.0 <= before < 0.01
-        # A session that listens and never reads holds the queue's tail.
-        with psycopg.connect(dsn, autocommit=True) as idle:
+        # A listener idle in a transaction reads nothing from the queue until
+        # the transaction ends, so it holds the queue's tail. (One idle outside
+        # a transaction drains the queue into its socket buffers even if its
+        # client never reads them.)
+        with psycopg.connect(dsn) as idle:
             idle.execute(f'LISTEN "{unique_channel}"')
+            idle.commit()
+            idle.execute("SELECT 1")  # a transaction, left open
             payload = "x" * 7000
             ps.notify_many([(unique_channel, payload + str(i)) for i in range(500)])
             deadline = time.monotonic() + 10
