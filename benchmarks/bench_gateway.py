@@ -65,6 +65,11 @@ CLIENTS = 5_000
 NOTIFICATIONS = 20
 SMOKE_CLIENTS = 100
 SMOKE_NOTIFICATIONS = 5
+#: The designs compared at full size are measured this many times, alternating,
+#: and their notifications pooled: the machine is shared, and one run of each
+#: can differ from the next by more than the designs differ.
+ROUNDS = 3
+SMOKE_ROUNDS = 1
 CLIENT_PROCESSES = 2
 PER_CONNECTION_MAX = 150
 CONNECT_TIMEOUT = 300.0
@@ -455,20 +460,28 @@ def measure(design: str, dsn: str, clients: int, notifications: int) -> dict[str
     }
 
 
-def _rows(design: str, clients: int, result: dict[str, Any], extra: str = "") -> list[Row]:
+def _rows(
+    design: str, clients: int, results: list[dict[str, Any]], extra: str = ""
+) -> list[Row]:
     subject = f"{DESIGNS[design]} ({clients:,} clients)"
-    lat = [x * 1000 for x in result["latencies"]]
-    note = (f"{len(lat)} notifications, each to every client; connecting all took "
-            f"{result['connect_s']:.1f} s{extra}")
+    lat = [x * 1000 for r in results for x in r["latencies"]]
+    per_round = ", ".join(
+        f"{percentile([x * 1000 for x in r['latencies']], 50):,.0f}" for r in results
+    )
+    connect = ", ".join(f"{r['connect_s']:.1f}" for r in results)
+    note = (f"{len(lat)} notifications in {len(results)} run(s), each to every client; "
+            f"p50 per run: {per_round} ms; connecting all took {connect} s{extra}")
+    mem = [r["rss_per_client"] / 1024 for r in results]
     rows = [
         row(BENCH, subject, "p50 NOTIFY to last client", percentile(lat, 50), "ms", note),
         row(BENCH, subject, "p99 NOTIFY to last client", percentile(lat, 99), "ms"),
-        row(BENCH, subject, "memory per idle client", result["rss_per_client"] / 1024, "KiB",
-            "server process RSS delta / clients"),
+        row(BENCH, subject, "memory per idle client", sorted(mem)[len(mem) // 2], "KiB",
+            "server process RSS delta / clients, median of the runs"),
     ]
-    if result["backend_uss_per_client"] is not None:
+    uss = [r["backend_uss_per_client"] for r in results if r["backend_uss_per_client"]]
+    if uss:
         rows.append(row(BENCH, subject, "PostgreSQL backend memory per client",
-                        result["backend_uss_per_client"] / 1024, "KiB",
+                        sorted(uss)[len(uss) // 2] / 1024, "KiB",
                         "USS of the per-client backends, summed / clients"))
     return rows
 
@@ -485,11 +498,18 @@ def run(dsn: str, smoke: bool) -> list[Row]:
     in_use = int(used[0]) if used else 0
     small = max(1, min(PER_CONNECTION_MAX, max_connections - in_use - 20,
                        clients // 5 if smoke else PER_CONNECTION_MAX))
+    rounds = SMOKE_ROUNDS if smoke else ROUNDS
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for design, size in (("pgcast", clients), ("broadcaster", clients),
+                             ("pgcast", small), ("perconn", small)):
+            results.setdefault((design, size), []).append(
+                measure(design, dsn, size, notifications))
     rows: list[Row] = []
-    for design in ("pgcast", "broadcaster"):
-        rows += _rows(design, clients, measure(design, dsn, clients, notifications))
-    rows += _rows("pgcast", small, measure("pgcast", dsn, small, notifications))
-    rows += _rows("perconn", small, measure("perconn", dsn, small, notifications),
+    rows += _rows("pgcast", clients, results["pgcast", clients])
+    rows += _rows("broadcaster", clients, results["broadcaster", clients])
+    rows += _rows("pgcast", small, results["pgcast", small])
+    rows += _rows("perconn", small, results["perconn", small],
                   f"; the largest size max_connections={max_connections} allows here")
     if clients > max_connections:
         rows.append(row(
