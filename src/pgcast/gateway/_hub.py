@@ -16,10 +16,18 @@ Statements on the shared connection run in tasks of the hub, never in a
 client's task, so a client that disconnects mid-request cannot cancel a query
 half-way and break the connection for everyone.
 
-When the connection is lost, the pump opens a new one with backoff, LISTENs
-every channel some client wants, and sends every client a ``reconnected``
-notice (notifications sent meanwhile were missed); requests made meanwhile
-wait for it, up to ``database_timeout`` seconds.
+When the connection is lost, the AsyncPubSub reconnects by itself, LISTENs
+again (durable channels replay what they missed) and yields a
+:class:`pgcast.Reconnected` marker, which the pump turns into a
+``reconnected`` notice for every client. If it gives up (or was opened with
+``reconnect=False``), the pump opens a new connection itself, with backoff,
+LISTENs every channel some client wants and sends the same notice. Requests
+made meanwhile wait for the connection, up to ``database_timeout`` seconds.
+
+Durable channels (``durable`` globs) are LISTENed durably; a client resuming
+from a position is served by :mod:`._resume`, whose replay queries run on a
+second connection (the *query* connection), opened when first needed, never on the
+LISTEN one.
 """
 
 from __future__ import annotations
