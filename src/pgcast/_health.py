@@ -131,16 +131,23 @@ class HealthCheck:
             return None
         return self.probe_sent_at + self.interval
 
-    def next_check(self, now: float) -> float | None:
-        """Seconds until a probe is due or the outstanding one expires
-        (``None``: never; the driver may wait as long as it likes)."""
+    def due(self) -> float | None:
+        """When a probe falls due or the outstanding one expires, on the
+        clock the times were given in (``None``: never). It moves only
+        later as the server is heard from and probes are sent, so a
+        supervisor of many connections may keep it in a heap and look again
+        only when the time it noted comes."""
         if self.interval <= 0:
             return None
         if self.probe_sent_at is not None:
-            due = self.probe_sent_at + self.interval
-        else:
-            due = self.last_heard + self.interval
-        return max(0.0, due - now)
+            return self.probe_sent_at + self.interval
+        return self.last_heard + self.interval
+
+    def next_check(self, now: float) -> float | None:
+        """Seconds until a probe is due or the outstanding one expires
+        (``None``: never; the driver may wait as long as it likes)."""
+        due = self.due()
+        return None if due is None else max(0.0, due - now)
 
     def silence(self, now: float) -> float:
         """Seconds since the server was last heard from."""

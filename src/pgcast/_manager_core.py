@@ -12,7 +12,12 @@ once, for both drivers (:mod:`pgcast.manager` and :mod:`pgcast.aio_manager`):
   waiting again), the ``garbage`` set, and the registrations the driver made.
 * :meth:`ManagerCore.steps` is the iteration policy, a generator yielding
   requests the driver carries out, :class:`Register`, :class:`Unregister`,
-  :class:`Read` and :class:`~pgcast._core.Wait`, and the values the user sees.
+  :class:`Read`, :class:`HealthTick` and :class:`~pgcast._core.Wait`, and the
+  values the user sees.
+* The health checks of the connections (:mod:`pgcast._health`): a PubSub
+  probes its connection from its own wait, which a managed PubSub never
+  runs, so the manager decides when each connection's check is due and asks
+  the driver to run it.
 
 The driver's side of the contract:
 
@@ -27,6 +32,10 @@ The driver's side of the contract:
   watching ``c``, reconnect it in the background (``c.reconnect()``) and
   report the outcome with :meth:`ManagerCore.reconnected`, waking the
   manager.
+* ``HealthTick(c)``: run ``c.health_tick()`` (it sends the probe if one is
+  due, raises :class:`~pgcast.ConnectionLostError` if the last one went
+  unanswered); on any exception call :meth:`ManagerCore.lose`, then as for
+  ``Read``.
 * ``Wait(t)``: wait at most ``t`` seconds (``None``: no limit) until a watched
   socket is readable or the manager is woken, and call
   :meth:`ManagerCore.ready` for each readable connection.
@@ -47,14 +56,22 @@ The semantics are py-postgresql's ``NotificationManager``:
   reconnected, unwatched; then it is watched again on its new socket, and
   its :class:`~pgcast.Reconnected` marker is yielded with its events. Only a
   reconnect that gives up moves it to ``garbage``.
+* Health checks: a connection whose network silently dropped it (no FIN, no
+  RST: its socket never becomes readable) is found dead by its probe within
+  about two of its ``health_check_interval`` and then treated like any
+  other lost connection: garbage, or reconnected with ``reconnect``. The
+  manager never waits past the earliest time a connection's check is due.
 * A wake-up costs the same whatever the number of idle connections: the
   driver registers each socket once, readiness names the connections to read,
-  and the connection set is compared with the registrations only after it
-  changed.
+  the connection set is compared with the registrations only after it
+  changed, and the health checks' times are kept in a heap looked at only
+  at its top (see :meth:`ManagerCore._due_checks`).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 import weakref
 from collections import OrderedDict, deque
@@ -71,6 +88,7 @@ from ._reconnect import Reconnected
 __all__ = [
     "ConnectionSet",
     "Events",
+    "HealthTick",
     "Managed",
     "ManagerCore",
     "Read",
@@ -116,11 +134,20 @@ class Read(Generic[C]):
     conn: C
 
 
+@dataclass(frozen=True, slots=True)
+class HealthTick(Generic[C]):
+    """Run the connection's health check (``health_tick()``): it is due."""
+
+    conn: C
+
+
 #: The events of one connection: notifications, and with ``reconnect`` its
 #: :class:`~pgcast.Reconnected` markers, in the order they came.
 Events: TypeAlias = list[Event | Reconnected]
 #: What :meth:`ManagerCore.steps` yields: a request, or a value for the user.
-Step: TypeAlias = "Register[C] | Unregister[C] | Read[C] | Wait | tuple[C, Events] | None"
+Step: TypeAlias = (
+    "Register[C] | Unregister[C] | Read[C] | HealthTick[C] | Wait | tuple[C, Events] | None"
+)
 
 
 class ConnectionSet(set[C]):
@@ -261,6 +288,13 @@ class ManagerCore(Generic[C]):
         # Appended to from any thread (deque.append is atomic), drained by
         # the iterating thread.
         self._pokes: deque[C] = deque()
+        # The health checks: a heap of (when due, entry number, connection),
+        # one live entry per watched connection with checks on, the number
+        # of which _checks holds; other entries are stale, dropped when they
+        # reach the top. See _due_checks.
+        self._heap: list[tuple[float, int, C]] = []
+        self._checks: dict[C, int] = {}
+        self._entry = itertools.count()
 
     @property
     def timeout(self) -> float | None:
@@ -297,10 +331,20 @@ class ManagerCore(Generic[C]):
         libpq, leave the socket unreadable)."""
         self.fds[conn] = fd
         self._ready[conn] = None
+        if conn not in self._checks:
+            self._schedule(conn, conn._core.health.due())
 
     def unregistered(self, conn: C) -> None:
         """The driver no longer watches *conn*."""
         self.fds.pop(conn, None)
+        if self._checks.pop(conn, None) is not None and len(self._heap) > 2 * len(
+            self._checks
+        ) + 64:
+            # Connections added and removed faster than their checks come
+            # due would grow the heap with stale entries: keep the live ones.
+            checks = self._checks
+            self._heap = [e for e in self._heap if checks.get(e[2]) == e[1]]
+            heapq.heapify(self._heap)
 
     def ready(self, conn: C) -> None:
         """*conn*'s socket is readable."""
@@ -365,8 +409,79 @@ class ManagerCore(Generic[C]):
             if conn in self.fds:
                 self._ready[conn] = None
 
+    # -- the health checks ---------------------------------------------------
+
+    def _schedule(self, conn: C, when: float | None) -> None:
+        """Look at *conn*'s health check at *when* (None: never)."""
+        if when is None:
+            self._checks.pop(conn, None)
+            return
+        entry = next(self._entry)
+        self._checks[conn] = entry
+        heapq.heappush(self._heap, (when, entry, conn))
+
+    def _due_checks(self, now: float) -> list[C]:
+        """The connections whose health check is due at *now*, taken off the
+        heap; afterwards the top of the heap is the next time one is due.
+
+        Only the top is looked at. A connection heard from since its entry
+        was pushed is due later than the entry says (times only move later,
+        :meth:`~pgcast._health.HealthCheck.due`): its entry is moved when it
+        reaches the top, once, not at each wake-up. So a wake-up costs a
+        look at the top, plus the checks that are really due: one per
+        connection and interval at most, which an idle connection's probe
+        needs anyway.
+        """
+        heap = self._heap
+        checks = self._checks
+        due: list[C] = []
+        while heap:
+            when, entry, conn = heap[0]
+            if checks.get(conn) != entry:
+                heapq.heappop(heap)  # stale: unwatched, or moved since
+                continue
+            actual = conn._core.health.due()
+            if actual is None:
+                heapq.heappop(heap)
+                del checks[conn]
+            elif actual > when:
+                entry = next(self._entry)
+                checks[conn] = entry
+                heapq.heapreplace(heap, (actual, entry, conn))
+            elif when > now:
+                break
+            else:
+                heapq.heappop(heap)
+                del checks[conn]
+                due.append(conn)
+        return due
+
+    def _checked(self, conn: C, now: float) -> None:
+        """*conn*'s health check ran at *now*: when to look again."""
+        if conn not in self.fds or conn not in self._connections or conn in self._checks:
+            return  # lost (garbage or reconnecting: registered afresh), or removed
+        health = conn._core.health
+        when = health.due()
+        if when is not None and when <= now:
+            # No probe went out: the connection listens to nothing (look
+            # again an interval later: it may start to), or a command or a
+            # reconnect had the connection (soon over: look again sooner).
+            when = now + (health.interval / 10 if conn._core.channels else health.interval)
+        self._schedule(conn, when)
+
+    def _health_wait(self, now: float) -> float | None:
+        """Seconds until the next health check is due (None: none is)."""
+        heap = self._heap
+        return max(0.0, heap[0][0] - now) if heap else None
+
+    # -- the iteration -------------------------------------------------------
+
     def steps(self, clock: Callable[[], float] = time.monotonic) -> Iterator[Step[C]]:
-        """One iteration of the manager: requests for the driver and values."""
+        """One iteration of the manager: requests for the driver and values.
+
+        *clock* must be the clock of the connections' health checks
+        (``time.monotonic``, as :class:`~pgcast._core.Core`'s).
+        """
         polled = False
         last = clock()
         while True:
@@ -397,18 +512,33 @@ class ManagerCore(Generic[C]):
                     last = clock()
                 self._take_pokes()
                 yield from self._sync()
+            if self._heap:
+                now = clock()
+                due = self._due_checks(now)
+                if due:
+                    for conn in due:
+                        yield HealthTick(conn)
+                        self._checked(conn, now)
+                    # A check may have lost its connection, and its probe's
+                    # answer is read when its socket says so: back to the top.
+                    continue
             if self.timeout == 0 and polled:
                 return
             if not self._connections:
                 return
             timeout = self.timeout
             if timeout is None:
-                yield Wait(None)
+                yield Wait(self._health_wait(clock()) if self._heap else None)
             elif timeout == 0:
                 continue  # set to zero meanwhile: poll once, then end
             else:
-                remaining = last + timeout - clock()
+                now = clock()
+                remaining = last + timeout - now
                 if remaining > 0:
+                    if self._heap:
+                        check = self._health_wait(now)
+                        if check is not None and check < remaining:
+                            remaining = check
                     yield Wait(remaining)
                 else:
                     yield None

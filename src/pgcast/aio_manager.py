@@ -4,8 +4,9 @@ It drives the same policy (:mod:`pgcast._manager_core`) as the sync manager,
 so the semantics are the same: ``(aps, [events...])`` or ``None`` as an idle
 event, timeouts ``None`` / ``> 0`` / ``0``, ``connections`` and ``garbage``
 sets, nothing held during an idle event, the iteration ends when no
-connection is left, ``reconnect=True`` (a task per reconnect). Import it as
-``pgcast.aio.NotificationManager``.
+connection is left, ``reconnect=True`` (a task per reconnect), the health
+checks of the connections (:meth:`AsyncPubSub.health_tick`, when due). Import
+it as ``pgcast.aio.NotificationManager``.
 
 Waiting is done by the event loop: each connection's descriptor
 (:meth:`AsyncPubSub.fileno`) gets one reader, added once. A reader that
@@ -30,6 +31,7 @@ from ._errors import ClosedError
 from ._manager_core import (
     ConnectionSet,
     Events,
+    HealthTick,
     ManagerCore,
     Read,
     Register,
@@ -128,6 +130,8 @@ class NotificationManager:
                 self._register(step.conn)  # type: ignore[union-attr]
             elif kind is Unregister:
                 self._unregister(step.conn)  # type: ignore[union-attr]
+            elif kind is HealthTick:
+                await self._health_tick(step.conn)  # type: ignore[union-attr]
             else:
                 return step  # type: ignore[return-value]
         self._steps = None  # the next iteration starts over
@@ -219,6 +223,12 @@ class NotificationManager:
             # Durable channels: a replay batch if one is due, and payloads
             # kept in the log fetched, since the inbox is handed out as is.
             await conn._ready_inbox()
+        except Exception as exc:
+            self._lose(conn, exc)
+
+    async def _health_tick(self, conn: AsyncPubSub) -> None:
+        try:
+            await conn.health_tick()
         except Exception as exc:
             self._lose(conn, exc)
 

@@ -31,9 +31,15 @@ with the asyncio twin :class:`pgcast.aio.NotificationManager`):
   left. With ``reconnect=True`` a lost connection is reconnected instead (in
   a short-lived thread of its own, so the backoff holds up no other
   connection) and its :class:`~pgcast.Reconnected` marker is yielded.
+* The manager runs its connections' health checks (``health_check_interval``
+  of :func:`pgcast.connect`), which a managed PubSub cannot run itself: it
+  wakes when a connection's probe is due (:meth:`PubSub.health_tick`), so a
+  connection the network silently dropped is found dead within about two
+  intervals and goes to garbage, or is reconnected with ``reconnect=True``.
 * One thread waits on every socket with one ``selectors.DefaultSelector``
-  (epoll on Linux). Each socket is registered once, so a wake-up costs the
-  same with 1 or 500 idle connections.
+  (epoll on Linux). Each socket is registered once, and the health checks'
+  times are kept in a heap, so a wake-up costs the same with 1 or 500 idle
+  connections.
 
 A PubSub belongs to at most one manager at a time, and is not iterated by
 other means (``events()``, ``wait()``, ``run_in_thread()``) while it is
@@ -57,6 +63,7 @@ from ._errors import ClosedError
 from ._manager_core import (
     ConnectionSet,
     Events,
+    HealthTick,
     ManagerCore,
     Read,
     Register,
@@ -88,7 +95,7 @@ class NotificationManager:
         :attr:`garbage`; it stays in :attr:`connections` meanwhile and its
         :class:`~pgcast.Reconnected` marker comes in its events list. Only a
         reconnect that gives up, or a connection closed by its user, goes to
-        garbage.
+        garbage. A connection found dead by its health check counts as lost.
 
     Use it as a context manager, or call :meth:`close`, to release the
     selector; the PubSubs themselves stay open.
@@ -171,6 +178,8 @@ class NotificationManager:
                 self._register(step.conn)  # type: ignore[union-attr]
             elif kind is Unregister:
                 self._unregister(step.conn)  # type: ignore[union-attr]
+            elif kind is HealthTick:
+                self._health_tick(step.conn)  # type: ignore[union-attr]
             else:
                 return step  # type: ignore[return-value]
         self._steps = None  # the next iteration starts over
@@ -247,6 +256,12 @@ class NotificationManager:
             # Durable channels: a replay batch if one is due, and payloads
             # kept in the log fetched, since the inbox is handed out as is.
             conn._ready_inbox()
+        except Exception as exc:
+            self._lose(conn, exc)
+
+    def _health_tick(self, conn: PubSub) -> None:
+        try:
+            conn.health_tick()
         except Exception as exc:
             self._lose(conn, exc)
 
