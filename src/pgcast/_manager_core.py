@@ -422,15 +422,16 @@ class ManagerCore(Generic[C]):
 
     def _due_checks(self, now: float) -> list[C]:
         """The connections whose health check is due at *now*, taken off the
-        heap; afterwards the top of the heap is the next time one is due.
+        heap; the top of the heap is then no later than the next one due.
 
-        Only the top is looked at. A connection heard from since its entry
-        was pushed is due later than the entry says (times only move later,
-        :meth:`~pgcast._health.HealthCheck.due`): its entry is moved when it
-        reaches the top, once, not at each wake-up. So a wake-up costs a
-        look at the top, plus the checks that are really due: one per
-        connection and interval at most, which an idle connection's probe
-        needs anyway.
+        Called only when the top's time has come. A connection heard from
+        since its entry was pushed is due later than the entry says (times
+        only move later, :meth:`~pgcast._health.HealthCheck.due`): its entry
+        is moved then, once, not at each wake-up. So a wake-up costs a look
+        at the top's time, plus, when it has come, the checks really due
+        (one per connection and interval at most, which an idle connection's
+        probe needs anyway) and the entries moved (one per busy connection
+        and interval at most; a busy manager wakes then anyway).
         """
         heap = self._heap
         checks = self._checks
@@ -512,8 +513,8 @@ class ManagerCore(Generic[C]):
                     last = clock()
                 self._take_pokes()
                 yield from self._sync()
-            if self._heap:
-                now = clock()
+            heap = self._heap
+            if heap and heap[0][0] <= (now := clock()):
                 due = self._due_checks(now)
                 if due:
                     for conn in due:
