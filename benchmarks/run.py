@@ -290,7 +290,11 @@ def _writers_note(rows: Sequence[Row]) -> str:
         "~100 µs (pg_test_fsync), which makes the serialised notifying commits comparatively "
         "cheap, and 32 Python threads share one GIL, so the writers' own client time weighs in "
         "(most in the 4-statement form). The issue's figure (0.23x without the Publisher, with "
-        "16 pgbench clients) leaves more room."
+        "16 pgbench clients) leaves more room. The notifying writers are also the least stable "
+        "figure: across the full runs made while writing this, the 4-statement form ranged "
+        "from about 800 to 2,500 commits/s, because the global lock is held across the whole "
+        "commit and a backend descheduled while holding it (2 shared cores) stalls every "
+        "notifying writer; the Publisher's rate and the ceiling moved far less."
     )
 
 
