@@ -21,7 +21,8 @@ library's conventions keeps working::
     ├── AccessDenied                            the gateway's authorizer refused a client
     ├── ProtocolError (also ValueError)         a gateway client frame malformed or over a limit
     ├── WatchError (also ValueError)            a change feed on a missing table or column
-    └── QueueError (also ValueError)            a queue table name or job pgcast cannot use
+    ├── QueueError (also ValueError)            a queue table name or job pgcast cannot use
+    └── EmbeddedServerError (also RuntimeError) the embedded server would not start or stop
 
 Errors that wrap a psycopg exception keep it as ``__cause__`` and carry the
 server's own message in theirs.
