@@ -27,12 +27,12 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import psycopg
 import psycopg.conninfo
 
-from . import diagnostics
+from . import _ops as ops
 from ._backoff import Backoff
 from ._core import (
     Core,
@@ -46,19 +46,13 @@ from ._core import (
     wrap_error,
 )
 from ._durable_core import (
-    BATCHES_BEFORE_MARKER,
     Unfetched,
-    publish_many_query,
-    publish_query,
 )
-from ._durable_schema import Steps, install_steps
 from ._errors import (
     ClosedError,
     ConnectError,
     ConnectionLostError,
-    ListenNotEffectiveError,
     NotSentError,
-    PgcastError,
 )
 from ._event import DurableEvent, Event
 from ._payload import Payload
@@ -74,7 +68,6 @@ from ._reconnect import (
 )
 from .aio_manager import NotificationManager
 from .client import _DISCARD_TIMEOUT, _shutdown
-from .durable import adrive, schema_error
 
 __all__ = ["AsyncPubSub", "NotificationManager", "connect", "notify"]
 
@@ -83,6 +76,8 @@ logger = logging.getLogger("pgcast")
 
 #: A reconnect hook: see :meth:`AsyncPubSub.add_reconnect_hook`.
 AsyncReconnectHook = Callable[["AsyncPubSub"], Awaitable[None]]
+
+T = TypeVar("T")
 
 
 async def connect(
@@ -145,6 +140,8 @@ class AsyncPubSub:
     Create it with ``await pgcast.aio.connect(...)``; use ``async with`` or
     ``await close()``.
     """
+
+    _kind = "AsyncPubSub"
 
     def __init__(
         self,
@@ -251,37 +248,11 @@ class AsyncPubSub:
         """Start receiving on *channels*; see :meth:`pgcast.PubSub.listen`
         (the LISTEN is confirmed with ``pg_listening_channels()``), also for
         *durable*, *since* and *consumer*."""
-        if self._closed:  # even when there is nothing to send
-            raise ClosedError("this AsyncPubSub is closed")
-        new, sql = self._core.plan_listen(channels)
-        fresh = self._core.durable.plan_subscribe(channels, durable, since, consumer)
-        try:
-            if sql is not None:
-                await self._execute(sql)
-                self._core.did_listen(new)
-                await self._verify(new)
-            if fresh:
-                await self._durable_run(self._core.durable.subscribe_steps(fresh, since, consumer))
-        except BaseException:
-            self._core.durable.abandon(fresh)
-            raise
-
-    async def _verify(self, new: list[str]) -> None:
-        rows = await self._fetch(diagnostics.VERIFY_SQL)
-        try:
-            diagnostics.check_session(self._core.expected_listening(), rows[0] if rows else None)
-        except ListenNotEffectiveError:
-            self._core.channels.difference_update(new)
-            raise
+        await self._run(ops.listen(self, channels, durable, since, consumer))
 
     async def unlisten(self, *channels: str) -> None:
         """Stop receiving on *channels*, or on all; see :meth:`pgcast.PubSub.unlisten`."""
-        if self._closed:  # even when there is nothing to send
-            raise ClosedError("this AsyncPubSub is closed")
-        gone, sql = self._core.plan_unlisten(channels)
-        if sql is not None:
-            await self._execute(sql)
-            self._core.did_unlisten(gone)
+        await self._run(ops.unlisten(self, channels))
 
     def listening_channels(self) -> frozenset[str]:
         """The exact names of the channels listened to now."""
@@ -290,8 +261,7 @@ class AsyncPubSub:
     async def queue_usage(self) -> float:
         """``pg_notification_queue_usage()``, 0.0 to 1.0; see
         :meth:`pgcast.PubSub.queue_usage`."""
-        rows = await self._fetch(diagnostics.QUEUE_USAGE_SQL)
-        return float(rows[0][0]) if rows else 0.0
+        return await self._run(ops.queue_usage())
 
     # -- publishing --------------------------------------------------------
 
@@ -299,31 +269,18 @@ class AsyncPubSub:
         self, channel: str, payload: Payload = "", *, durable: bool = False
     ) -> int | None:
         """Send *payload*, of any size, on *channel*; see :meth:`pgcast.PubSub.notify`."""
-        query, logged = publish_query(channel, payload, durable)
-        if not logged:
-            await self._execute(*query)
-            return None
-        rows = await self._durable_run(None, query)
-        return int(rows[0][0])
+        return await self._run(ops.notify(self._core, channel, payload, durable))
 
     async def notify_many(
         self, messages: Iterable[tuple[str, Payload]], *, durable: bool = False
     ) -> int | None:
         """Send many messages in one round trip; see :meth:`pgcast.PubSub.notify_many`."""
-        planned = publish_many_query(messages, durable)
-        if planned is None:
-            return None
-        query, logged = planned
-        if not logged:
-            await self._execute(*query)
-            return None
-        rows = await self._durable_run(None, query)
-        return None if rows[0][0] is None else int(rows[0][0])
+        return await self._run(ops.notify_many(self._core, messages, durable))
 
     async def ack(self, event: Event) -> None:
         """Record that the consumer processed *event* and all before it on its
         channel; see :meth:`pgcast.PubSub.ack`."""
-        await self._execute(*self._core.durable.ack_query(event))
+        await self._run(ops.ack(self._core, event))
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
@@ -344,19 +301,7 @@ class AsyncPubSub:
     async def get_event(self) -> Event | Reconnected | None:
         """The next event or :class:`Reconnected` marker, or None; see
         :meth:`pgcast.PubSub.get_event`."""
-        inbox = self._core.inbox
-        if not inbox:
-            generation = self._generation
-            try:
-                await self._replay()
-                await self._read()
-            except ConnectionLostError as exc:
-                await self._recover(exc, generation)
-        event = inbox.popleft() if inbox else None
-        if type(event) is Unfetched:
-            fetched = await self._fetch_payload(event)
-            return await self.get_event() if fetched is None else fetched
-        return event
+        return await self._run(ops.get_event(self))
 
     def events(
         self,
@@ -463,6 +408,73 @@ class AsyncPubSub:
             raise ClosedError("this AsyncPubSub is closed")
         if self._conn.closed:
             raise ConnectionLostError("the connection to PostgreSQL is closed")
+
+    async def _run(self, op: ops.Op[T]) -> T:
+        """Execute the requests of *op* (see :mod:`pgcast._ops`) until it
+        returns: the asyncio twin of :meth:`pgcast.PubSub._run`."""
+        send = op.send
+        reply: Any = None
+        try:
+            request = send(None)
+            while True:
+                try:
+                    kind = type(request)
+                    if kind is tuple:
+                        reply = await self._command(*request, fetch=True)  # type: ignore[misc]
+                    elif kind is ops.Execute:
+                        reply = await self._command(*request, fetch=False)  # type: ignore[misc]
+                    elif request is ops.WAKE:
+                        self._wake()
+                        reply = None
+                    elif request is ops.READ:
+                        await self._read()
+                        reply = None
+                    else:
+                        reply = await self._serve(request)
+                except BaseException as exc:
+                    request = op.throw(exc)
+                    continue
+                request = send(reply)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    async def _serve(self, request: ops.Request) -> Any:
+        """Execute the requests other than commands (see :meth:`_run`)."""
+        if type(request) is ops.Recover:
+            return await self._recover(request.error, request.generation)
+        if type(request) is ops.Transaction:
+            async with self.transaction():
+                return await self._run(request.steps)
+        if type(request) is Sleep:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), request.seconds)
+            if self._closed:
+                raise ClosedError("this AsyncPubSub was closed while reconnecting")
+        elif type(request) is Attempt:
+            await self._run(ops.attempt(self._core))
+        elif request is ops.DISCARD:
+            await self._discard()
+        elif request is ops.CHECK_CLOSED:
+            if self._closed:
+                await self._discard()
+                raise ClosedError("this AsyncPubSub was closed while reconnecting")
+        elif request is ops.CONNECT:
+            self._install(await self._connector())
+        elif type(request) is ops.Direct:
+            try:
+                cur = await self._conn.execute(request.sql, prepare=False)
+                return await cur.fetchall() if request.fetch else None
+            except psycopg.Error as exc:
+                raise wrap_error(exc) from exc
+        elif request is ops.AFTER_QUERY:
+            await self._after_query()
+        elif request is ops.HOOKS:
+            for hook in self._hooks:
+                await hook(self)
+        else:
+            raise TypeError(f"unknown request {request!r}")
+        return None
 
     def _wake(self) -> None:
         if self._waiter is not None:
@@ -637,73 +649,21 @@ class AsyncPubSub:
 
     # -- durable channels (the logic is in pgcast._durable_core) ------------
 
-    async def _durable_run(self, steps: Steps[Any] | None, query: Any = None) -> Any:
-        """Run *steps*, or the single *query* (returning its rows), with the
-        ``pgcast`` schema checked (and installed if missing) first."""
-        durable = self._core.durable
-        if not durable.schema_ready:
-            try:
-                async with self.transaction():
-                    await adrive(install_steps(), self._fetch)
-            except PgcastError as exc:
-                raise schema_error(exc) from exc
-            durable.schema_ready = True
-        before = len(self._core.inbox)
-        if steps is None:
-            result = await self._fetch(*query)
-        else:
-            result = await adrive(steps, self._fetch)
-        if len(self._core.inbox) > before:
-            self._wake()  # another task may be iterating
-        return result
-
     async def _replay(self) -> bool:
         """Read one replay batch if a durable channel is catching up."""
-        durable = self._core.durable
-        if not durable.pending:
-            return False
-        await self._durable_run(durable.replay_steps())
-        return True
+        return await self._run(ops.replay(self._core))
 
     async def _replay_after_reconnect(self) -> None:
-        # A reconnect hook: what was missed is read before the marker.
-        # (Core.new_connection already set the durable channels replaying.)
-        durable = self._core.durable
-        for _ in range(BATCHES_BEFORE_MARKER):
-            if not durable.pending:
-                break
-            await self._durable_run(durable.replay_steps())
+        await self._run(ops.replay_after_reconnect(self._core))
 
     async def _ready_inbox(self) -> None:
         """Make the inbox fit to be handed out as it is; see
         :meth:`pgcast.PubSub._ready_inbox`."""
-        if await self._replay() and self._core.durable.pending:
-            self._wake()
-        inbox = self._core.inbox
-        i = 0
-        while i < len(inbox):
-            event = inbox[i]
-            if type(event) is Unfetched:
-                fetched = await self._fetch_payload(event)
-                if fetched is None:
-                    del inbox[i]
-                    continue
-                inbox[i] = fetched
-            i += 1
+        await self._run(ops.ready_inbox(self))
 
     async def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
         """The event with its payload read from the log (None: pruned)."""
-        while True:
-            generation = self._generation
-            try:
-                result: DurableEvent | None = await self._durable_run(
-                    self._core.durable.fetch_steps(event)
-                )
-                return result
-            except ConnectionLostError as exc:
-                if self._closed:
-                    raise ClosedError("this AsyncPubSub is closed") from exc
-                await self._recover(exc, generation)
+        return await self._run(ops.fetch_payload(self, event))
 
     # -- reconnecting ------------------------------------------------------
 
@@ -774,61 +734,13 @@ class AsyncPubSub:
     async def _reconnect_now(
         self, exc: ConnectionLostError, deadline: float | None
     ) -> Reconnected:
-        core = self._core
-        core.lost(exc)
-        logger.warning("pgcast: connection lost (%s); reconnecting", exc)
-        await self._discard()
-        steps = reconnect_plan(self._res.backoff, exc, deadline=deadline)
-        failure: BaseException | None = None
-        while True:
-            try:
-                step = steps.send(None) if failure is None else steps.throw(failure)
-            except StopIteration as done:
-                attempts: int = done.value
-                break
-            failure = None
-            if type(step) is Sleep:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), step.seconds)
-                if self._closed:
-                    raise ClosedError("this AsyncPubSub was closed while reconnecting")
-            elif type(step) is Attempt:
-                try:
-                    await self._attempt()
-                except asyncio.CancelledError:
-                    await self._discard()
-                    raise
-                except BaseException as error:
-                    await self._discard()
-                    failure = error
-                if self._closed:
-                    await self._discard()
-                    raise ClosedError("this AsyncPubSub was closed while reconnecting")
-        marker = core.restored(attempts)
+        plan = reconnect_plan(self._res.backoff, exc, deadline=deadline)
+        marker = await self._run(ops.reconnect(self._core, plan, exc))
         self._last_marker = marker
-        logger.warning("pgcast: reconnected after %.3f s", marker.downtime.total_seconds())
         await self._call_on_reconnect(marker)
-        core.inbox.append(marker)
+        self._core.inbox.append(marker)
         self._wake()
         return marker
-
-    async def _attempt(self) -> None:
-        conn = await self._connector()
-        self._install(conn)
-        core = self._core
-        try:
-            sql = core.relisten_sql()
-            if sql is not None:
-                await conn.execute(sql, prepare=False)
-                core.did_listen(())
-                cur = await conn.execute(diagnostics.VERIFY_SQL)
-                diagnostics.check_session(core.expected_listening(), await cur.fetchone())
-        except psycopg.Error as exc:
-            raise wrap_error(exc) from exc
-        finally:
-            await self._after_query()
-        for hook in self._hooks:
-            await hook(self)
 
     def _install(self, conn: psycopg.AsyncConnection[Any]) -> None:
         conn.add_notify_handler(self._core.on_notify)

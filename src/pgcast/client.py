@@ -37,12 +37,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import psycopg
 import psycopg.conninfo
 
-from . import diagnostics
+from . import _ops as ops
 from ._backoff import Backoff
 from ._core import (
     Core,
@@ -58,17 +58,12 @@ from ._core import (
 from ._durable_core import (
     BATCHES_BEFORE_MARKER,
     Unfetched,
-    publish_many_query,
-    publish_query,
 )
-from ._durable_schema import Steps, install_steps
 from ._errors import (
     ClosedError,
     ConnectError,
     ConnectionLostError,
-    ListenNotEffectiveError,
     NotSentError,
-    PgcastError,
 )
 from ._event import DurableEvent, Event
 from ._payload import Payload
@@ -82,7 +77,6 @@ from ._reconnect import (
     reconnect_plan,
     resilience,
 )
-from .durable import drive, schema_error
 
 __all__ = ["PubSub", "Runner", "connect", "notify"]
 
@@ -91,6 +85,8 @@ logger = logging.getLogger("pgcast")
 
 #: A reconnect hook: see :meth:`PubSub.add_reconnect_hook`.
 ReconnectHook = Callable[["PubSub"], None]
+
+T = TypeVar("T")
 
 
 def connect(
@@ -171,6 +167,8 @@ class PubSub:
     Create it with :func:`pgcast.connect`. Use it as a context manager, or call
     :meth:`close`.
     """
+
+    _kind = "PubSub"
 
     def __init__(
         self,
@@ -323,30 +321,7 @@ class PubSub:
         :raises SchemaError: durable, and the ``pgcast`` schema is missing
             and may not be installed by this role.
         """
-        if self._closed:  # even when there is nothing to send
-            raise ClosedError("this PubSub is closed")
-        new, sql = self._core.plan_listen(channels)
-        fresh = self._core.durable.plan_subscribe(channels, durable, since, consumer)
-        try:
-            if sql is not None:
-                self._execute(sql)
-                self._core.did_listen(new)
-                self._verify(new)
-            if fresh:
-                self._durable_run(self._core.durable.subscribe_steps(fresh, since, consumer))
-        except BaseException:
-            self._core.durable.abandon(fresh)
-            raise
-
-    def _verify(self, new: list[str]) -> None:
-        # A separate statement: behind a transaction-mode pooler it may run on
-        # another server session, which is exactly what it is meant to catch.
-        rows = self._fetch(diagnostics.VERIFY_SQL)
-        try:
-            diagnostics.check_session(self._core.expected_listening(), rows[0] if rows else None)
-        except ListenNotEffectiveError:
-            self._core.channels.difference_update(new)
-            raise
+        self._run(ops.listen(self, channels, durable, since, consumer))
 
     def unlisten(self, *channels: str) -> None:
         """Stop receiving on *channels*; with no arguments, on every channel.
@@ -354,12 +329,7 @@ class PubSub:
         Events of those channels already read but not yet handed out are
         discarded: after this returns, none arrives.
         """
-        if self._closed:  # even when there is nothing to send
-            raise ClosedError("this PubSub is closed")
-        gone, sql = self._core.plan_unlisten(channels)
-        if sql is not None:
-            self._execute(sql)
-            self._core.did_unlisten(gone)
+        self._run(ops.unlisten(self, channels))
 
     def listening_channels(self) -> frozenset[str]:
         """The exact names of the channels listened to now."""
@@ -369,8 +339,7 @@ class PubSub:
         """``pg_notification_queue_usage()``: the fraction of the server's
         notification queue in use, 0.0 to 1.0. Near 1.0, a listener somewhere
         is not reading and NOTIFY is about to fail."""
-        rows = self._fetch(diagnostics.QUEUE_USAGE_SQL)
-        return float(rows[0][0]) if rows else 0.0
+        return self._run(ops.queue_usage())
 
     # -- publishing --------------------------------------------------------
 
@@ -388,12 +357,7 @@ class PubSub:
         :raises SchemaError: the payload needs the log, and the ``pgcast``
             schema is missing and may not be installed by this role.
         """
-        query, logged = publish_query(channel, payload, durable)
-        if not logged:
-            self._execute(*query)
-            return None
-        rows = self._durable_run(None, query)
-        return int(rows[0][0])
+        return self._run(ops.notify(self._core, channel, payload, durable))
 
     def notify_many(
         self, messages: Iterable[tuple[str, Payload]], *, durable: bool = False
@@ -405,15 +369,7 @@ class PubSub:
         once. With *durable*, or when a payload needs the log (see
         :meth:`notify`), returns the last message's log id, else None.
         """
-        planned = publish_many_query(messages, durable)
-        if planned is None:
-            return None
-        query, logged = planned
-        if not logged:
-            self._execute(*query)
-            return None
-        rows = self._durable_run(None, query)
-        return None if rows[0][0] is None else int(rows[0][0])
+        return self._run(ops.notify_many(self._core, messages, durable))
 
     def ack(self, event: Event) -> None:
         """Record that the consumer of *event*'s channel processed it, and
@@ -423,7 +379,7 @@ class PubSub:
         :raises TypeError: *event* is not a durable event.
         :raises ValueError: its channel is not listened to with a consumer.
         """
-        self._execute(*self._core.durable.ack_query(event))
+        self._run(ops.ack(self._core, event))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -451,19 +407,7 @@ class PubSub:
         connection lost, it reconnects first (which waits), unless
         ``reconnect=False``: then :class:`~pgcast.ConnectionLostError`.
         """
-        inbox = self._core.inbox
-        if not inbox:
-            generation = self._generation
-            try:
-                self._replay()
-                self._read()
-            except ConnectionLostError as exc:
-                self._recover(exc, generation)
-        event = inbox.popleft() if inbox else None
-        if type(event) is Unfetched:
-            fetched = self._fetch_payload(event)
-            return self.get_event() if fetched is None else fetched
-        return event
+        return self._run(ops.get_event(self))
 
     def events(
         self,
@@ -596,6 +540,70 @@ class PubSub:
             raise ClosedError("this PubSub is closed")
         if self._conn.closed:
             raise ConnectionLostError("the connection to PostgreSQL is closed")
+
+    def _run(self, op: ops.Op[T]) -> T:
+        """Execute the requests of *op* (see :mod:`pgcast._ops`) until it returns."""
+        send = op.send
+        reply: Any = None
+        try:
+            request = send(None)
+            while True:
+                try:
+                    kind = type(request)
+                    if kind is tuple:
+                        reply = self._command(*request, fetch=True)  # type: ignore[misc]
+                    elif kind is ops.Execute:
+                        reply = self._command(*request, fetch=False)  # type: ignore[misc]
+                    elif request is ops.WAKE:
+                        self._wake()
+                        reply = None
+                    elif request is ops.READ:
+                        self._read()
+                        reply = None
+                    else:
+                        reply = self._serve(request)
+                except BaseException as exc:
+                    request = op.throw(exc)
+                    continue
+                request = send(reply)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    def _serve(self, request: ops.Request) -> Any:
+        """Execute the requests other than commands (see :meth:`_run`)."""
+        if type(request) is ops.Recover:
+            return self._recover(request.error, request.generation)
+        if type(request) is ops.Transaction:
+            with self.transaction():
+                return self._run(request.steps)
+        if type(request) is Sleep:
+            if self._closing.wait(request.seconds):
+                raise ClosedError("this PubSub was closed while reconnecting")
+        elif type(request) is Attempt:
+            self._run(ops.attempt(self._core))
+        elif request is ops.DISCARD:
+            self._discard()
+        elif request is ops.CHECK_CLOSED:
+            if self._closed:
+                self._discard()
+                raise ClosedError("this PubSub was closed while reconnecting")
+        elif request is ops.CONNECT:
+            self._install(self._connector())
+        elif type(request) is ops.Direct:
+            try:
+                cur = self._conn.execute(request.sql, prepare=False)
+                return cur.fetchall() if request.fetch else None
+            except psycopg.Error as exc:
+                raise wrap_error(exc) from exc
+        elif request is ops.AFTER_QUERY:
+            self._after_query()
+        elif request is ops.HOOKS:
+            for hook in self._hooks:
+                hook(self)
+        else:
+            raise TypeError(f"unknown request {request!r}")
+        return None
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -808,71 +816,22 @@ class PubSub:
 
     # -- durable channels (the logic is in pgcast._durable_core) ------------
 
-    def _durable_run(self, steps: Steps[Any] | None, query: Any = None) -> Any:
-        """Run *steps*, or the single *query* (returning its rows), with the
-        ``pgcast`` schema checked (and installed if missing) first."""
-        durable = self._core.durable
-        if not durable.schema_ready:
-            try:
-                with self.transaction():
-                    drive(install_steps(), self._fetch)
-            except PgcastError as exc:
-                raise schema_error(exc) from exc
-            durable.schema_ready = True
-        before = len(self._core.inbox)
-        result = self._fetch(*query) if steps is None else drive(steps, self._fetch)
-        if len(self._core.inbox) > before:
-            self._wake()  # another thread may be iterating
-        return result
-
     def _replay(self) -> bool:
         """Read one replay batch if a durable channel is catching up."""
-        durable = self._core.durable
-        if not durable.pending:
-            return False
-        self._durable_run(durable.replay_steps())
-        return True
+        return self._run(ops.replay(self._core))
 
     def _replay_after_reconnect(self) -> None:
-        # A reconnect hook: every channel is LISTENed again; what was missed
-        # meanwhile is read now, so that it comes before the marker.
-        # (Core.new_connection already set the durable channels replaying.)
-        durable = self._core.durable
-        for _ in range(BATCHES_BEFORE_MARKER):
-            if not durable.pending:
-                break
-            self._durable_run(durable.replay_steps())
+        # BATCHES_BEFORE_MARKER is looked up here, so that tests may lower it.
+        self._run(ops.replay_after_reconnect(self._core, BATCHES_BEFORE_MARKER))
 
     def _ready_inbox(self) -> None:
         """Make the inbox fit to be handed out as it is (a NotificationManager
         does): run a replay batch if one is due, fetch referenced payloads."""
-        if self._replay() and self._core.durable.pending:
-            self._wake()  # more to replay: come back
-        inbox = self._core.inbox
-        i = 0
-        while i < len(inbox):  # only the consumer removes, so indexes hold
-            event = inbox[i]
-            if type(event) is Unfetched:
-                fetched = self._fetch_payload(event)
-                if fetched is None:
-                    del inbox[i]
-                    continue
-                inbox[i] = fetched
-            i += 1
+        self._run(ops.ready_inbox(self))
 
     def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
         """The event with its payload read from the log (None: pruned)."""
-        while True:
-            generation = self._generation
-            try:
-                result: DurableEvent | None = self._durable_run(
-                    self._core.durable.fetch_steps(event)
-                )
-                return result
-            except ConnectionLostError as exc:
-                if self._closed:
-                    raise ClosedError("this PubSub is closed") from exc
-                self._recover(exc, generation)
+        return self._run(ops.fetch_payload(self, event))
 
     # -- reconnecting ------------------------------------------------------
 
@@ -946,57 +905,13 @@ class PubSub:
             self._reconnect_lock.release()
 
     def _reconnect_now(self, exc: ConnectionLostError, deadline: float | None) -> Reconnected:
-        core = self._core
-        core.lost(exc)
-        logger.warning("pgcast: connection lost (%s); reconnecting", exc)
-        self._discard()
-        steps = reconnect_plan(self._res.backoff, exc, deadline=deadline)
-        failure: BaseException | None = None
-        while True:
-            try:
-                step = steps.send(None) if failure is None else steps.throw(failure)
-            except StopIteration as done:
-                attempts: int = done.value
-                break
-            failure = None
-            if type(step) is Sleep:
-                if self._closing.wait(step.seconds):
-                    raise ClosedError("this PubSub was closed while reconnecting")
-            elif type(step) is Attempt:
-                try:
-                    self._attempt()
-                except BaseException as error:
-                    self._discard()
-                    failure = error
-                if self._closed:
-                    self._discard()
-                    raise ClosedError("this PubSub was closed while reconnecting")
-        marker = core.restored(attempts)
+        plan = reconnect_plan(self._res.backoff, exc, deadline=deadline)
+        marker = self._run(ops.reconnect(self._core, plan, exc))
         self._last_marker = marker
-        logger.warning("pgcast: reconnected after %.3f s", marker.downtime.total_seconds())
         self._call_on_reconnect(marker)
-        core.inbox.append(marker)
+        self._core.inbox.append(marker)
         self._wake()
         return marker
-
-    def _attempt(self) -> None:
-        """Open a connection, LISTEN again, check it, run the hooks."""
-        conn = self._connector()
-        self._install(conn)
-        core = self._core
-        try:
-            sql = core.relisten_sql()
-            if sql is not None:
-                conn.execute(sql, prepare=False)
-                core.did_listen(())
-                row = conn.execute(diagnostics.VERIFY_SQL).fetchone()
-                diagnostics.check_session(core.expected_listening(), row)
-        except psycopg.Error as exc:
-            raise wrap_error(exc) from exc
-        finally:
-            self._after_query()
-        for hook in self._hooks:
-            hook(self)
 
     def _install(self, conn: psycopg.Connection[Any]) -> None:
         conn.add_notify_handler(self._core.on_notify)

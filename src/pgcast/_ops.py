@@ -1,0 +1,392 @@
+"""The sequences of a PubSub's methods, written once for both drivers.
+
+Each public method of :class:`pgcast.PubSub` and :class:`pgcast.aio.AsyncPubSub`
+that runs commands is a sequence: what to send, in which order, what to do
+with the rows, what to undo when something fails. Those sequences are the
+generators here (psycopg's ``generators.py`` is the model): they do no I/O,
+they *yield requests* and receive the answers. The two drivers each have one
+``_run`` (sync in :mod:`pgcast.client`, ``async`` in :mod:`pgcast.aio`) that
+executes the requests and sends the answers back, so a method is a thin call::
+
+    def listen(self, *channels, ...):          # client.py
+        return self._run(ops.listen(self, channels, ...))
+
+    async def listen(self, *channels, ...):    # aio.py
+        return await self._run(ops.listen(self, channels, ...))
+
+The requests, and what the driver answers:
+
+* a plain ``(sql, params)`` tuple (the :data:`pgcast._durable_schema.Steps`
+  protocol, so durable steps are run with ``yield from``): run the query as a
+  command, answer its rows;
+* :class:`Execute`: run a command, answer ``None`` (no rows are fetched);
+* :data:`WAKE`: wake the iterating thread or task (events reached the inbox);
+* :data:`READ`: take in what has arrived on the socket, without waiting;
+* :class:`Transaction`: run the requests of its steps inside a transaction,
+  answer their result;
+* :class:`Recover`: reconnect after a lost connection (see the drivers'
+  ``_recover``), answer the marker or ``None``;
+* :class:`~pgcast._reconnect.Sleep` and :class:`~pgcast._reconnect.Attempt`
+  (from :func:`reconnect`), :data:`DISCARD`, :data:`CONNECT`, :class:`Direct`,
+  :data:`AFTER_QUERY`, :data:`HOOKS` and :data:`CHECK_CLOSED`: the steps of a
+  reconnect, see :func:`reconnect` and :func:`attempt`.
+
+An exception raised while a request is executed is thrown into the generator
+at its ``yield``, so the sequences handle failures (undo, retry, translate) in
+plain ``try`` blocks; one it does not handle comes out of ``_run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
+
+from . import diagnostics
+from ._core import Core
+from ._durable_core import BATCHES_BEFORE_MARKER, Unfetched, publish_many_query, publish_query
+from ._durable_schema import Query, Rows, Steps, install_steps
+from ._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
+from ._event import DurableEvent, Event
+from ._payload import Payload
+from ._reconnect import Attempt, Reconnected, Sleep
+from .durable import schema_error
+
+__all__ = [
+    "AFTER_QUERY",
+    "CHECK_CLOSED",
+    "CONNECT",
+    "DISCARD",
+    "HOOKS",
+    "READ",
+    "WAKE",
+    "Direct",
+    "Execute",
+    "Op",
+    "Recover",
+    "Request",
+    "Session",
+    "Transaction",
+]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("pgcast")
+
+
+class Execute(NamedTuple):
+    """Run *sql* with *params* as a command; the answer is ``None``."""
+
+    sql: str | bytes
+    params: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """Run the requests of *steps* inside one transaction; answer their result."""
+
+    steps: Steps[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Reconnect after *error*, seen on connection *generation*, unless another
+    thread or task did meanwhile; answer the marker (or ``None``)."""
+
+    error: ConnectionLostError
+    generation: int
+
+
+class Direct(NamedTuple):
+    """Run *sql* on the new connection of a reconnect attempt itself (not as
+    a command: no reconnect, no probe to wait for); answer the rows if *fetch*."""
+
+    sql: str | bytes
+    fetch: bool = False
+
+
+class _Signal:
+    """A request without arguments; its name says what the driver does."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<request {self.name}>"
+
+
+#: Wake the iterating thread or task: events reached the inbox.
+WAKE: Final = _Signal("WAKE")
+#: Take in what has arrived on the socket, without waiting (``_read``).
+READ: Final = _Signal("READ")
+#: Drop the current (lost) connection.
+DISCARD: Final = _Signal("DISCARD")
+#: Open a new connection and make it the PubSub's.
+CONNECT: Final = _Signal("CONNECT")
+#: Take in what arrived with a query's results (the drivers' ``_after_query``).
+AFTER_QUERY: Final = _Signal("AFTER_QUERY")
+#: Run the reconnect hooks.
+HOOKS: Final = _Signal("HOOKS")
+#: Raise ClosedError (dropping the connection) if the PubSub was closed.
+CHECK_CLOSED: Final = _Signal("CHECK_CLOSED")
+
+Request: TypeAlias = (
+    Query | Execute | Transaction | Recover | Direct | Sleep | Attempt | _Signal
+)
+#: A sequence: yields requests, receives their answers, returns the result.
+Op: TypeAlias = Generator[Request, Any, T]
+
+
+class Session(Protocol):
+    """What the sequences read of a PubSub (never write: that is the core's)."""
+
+    _core: Core
+    _closed: bool
+    _generation: int
+    _kind: str  # the class's name, for messages
+
+
+# -- subscriptions -----------------------------------------------------------
+
+
+def listen(
+    s: Session,
+    channels: Sequence[str],
+    durable: bool,
+    since: int | None,
+    consumer: str | None,
+) -> Op[None]:
+    """LISTEN to the new ones of *channels*, confirm it with
+    ``pg_listening_channels()``, then start the durable ones' replay; all of
+    it undone for the durable channels if any step fails."""
+    if s._closed:  # even when there is nothing to send
+        raise ClosedError(f"this {s._kind} is closed")
+    core = s._core
+    new, sql = core.plan_listen(channels)
+    fresh = core.durable.plan_subscribe(channels, durable, since, consumer)
+    try:
+        if sql is not None:
+            yield Execute(sql)
+            core.did_listen(new)
+            # A separate statement: behind a transaction-mode pooler it may
+            # run on another server session, which is what it is to catch.
+            rows = yield (diagnostics.VERIFY_SQL, None)
+            try:
+                diagnostics.check_session(core.expected_listening(), rows[0] if rows else None)
+            except ListenNotEffectiveError:
+                core.channels.difference_update(new)
+                raise
+        if fresh:
+            yield from durable_run(core, core.durable.subscribe_steps(fresh, since, consumer))
+    except BaseException:
+        core.durable.abandon(fresh)
+        raise
+
+
+def unlisten(s: Session, channels: Sequence[str]) -> Op[None]:
+    """UNLISTEN *channels* (all when empty) and forget their pending events."""
+    if s._closed:  # even when there is nothing to send
+        raise ClosedError(f"this {s._kind} is closed")
+    core = s._core
+    gone, sql = core.plan_unlisten(channels)
+    if sql is not None:
+        yield Execute(sql)
+        core.did_unlisten(gone)
+
+
+def queue_usage() -> Op[float]:
+    """``pg_notification_queue_usage()``."""
+    rows = yield (diagnostics.QUEUE_USAGE_SQL, None)
+    return float(rows[0][0]) if rows else 0.0
+
+
+# -- publishing ----------------------------------------------------------------
+
+
+def notify(core: Core, channel: str, payload: Payload, durable: bool) -> Op[int | None]:
+    """A plain NOTIFY, or the message stored in the log (its id returned)."""
+    query, logged = publish_query(channel, payload, durable)
+    if not logged:
+        yield Execute(*query)
+        return None
+    rows = yield from durable_run(core, None, query)
+    return int(rows[0][0])
+
+
+def notify_many(core: Core, messages: Any, durable: bool) -> Op[int | None]:
+    """Many messages in one statement; the last one's log id if logged."""
+    planned = publish_many_query(messages, durable)
+    if planned is None:
+        return None
+    query, logged = planned
+    if not logged:
+        yield Execute(*query)
+        return None
+    rows = yield from durable_run(core, None, query)
+    return None if rows[0][0] is None else int(rows[0][0])
+
+
+def ack(core: Core, event: Event) -> Op[None]:
+    """Move the consumer of *event*'s channel past it."""
+    yield Execute(*core.durable.ack_query(event))
+
+
+# -- durable channels (the logic is in pgcast._durable_core) -------------------
+
+
+def durable_run(core: Core, steps: Steps[T] | None, query: Query | None = None) -> Op[Any]:
+    """Run *steps*, or the single *query* (returning its rows), with the
+    ``pgcast`` schema checked (and installed if missing) first."""
+    durable = core.durable
+    if not durable.schema_ready:
+        try:
+            yield Transaction(install_steps())
+        except PgcastError as exc:
+            raise schema_error(exc) from exc
+        durable.schema_ready = True
+    before = len(core.inbox)
+    result: Any
+    if steps is None:
+        assert query is not None
+        result = yield query
+    else:
+        result = yield from steps
+    if len(core.inbox) > before:
+        yield WAKE  # another thread or task may be iterating
+    return result
+
+
+def replay(core: Core) -> Op[bool]:
+    """Read one replay batch if a durable channel is catching up."""
+    durable = core.durable
+    if not durable.pending:
+        return False
+    yield from durable_run(core, durable.replay_steps())
+    return True
+
+
+def replay_after_reconnect(core: Core, batches: int = BATCHES_BEFORE_MARKER) -> Op[None]:
+    """A reconnect hook: every channel is LISTENed again; what was missed
+    meanwhile is read now (at most *batches* batches), so that it comes
+    before the marker. (Core.new_connection already set the durable
+    channels replaying.)"""
+    durable = core.durable
+    for _ in range(batches):
+        if not durable.pending:
+            break
+        yield from durable_run(core, durable.replay_steps())
+
+
+def ready_inbox(s: Session) -> Op[None]:
+    """Make the inbox fit to be handed out as it is (a NotificationManager
+    does): run a replay batch if one is due, fetch referenced payloads."""
+    core = s._core
+    if (yield from replay(core)) and core.durable.pending:
+        yield WAKE  # more to replay: come back
+    inbox = core.inbox
+    i = 0
+    while i < len(inbox):  # only the consumer removes, so indexes hold
+        event = inbox[i]
+        if type(event) is Unfetched:
+            fetched = yield from fetch_payload(s, event)
+            if fetched is None:
+                del inbox[i]
+                continue
+            inbox[i] = fetched
+        i += 1
+
+
+def fetch_payload(s: Session, event: Unfetched) -> Op[DurableEvent | None]:
+    """The event with its payload read from the log (None: pruned); a lost
+    connection is restored and the read tried again."""
+    core = s._core
+    while True:
+        generation = s._generation
+        try:
+            result: DurableEvent | None = yield from durable_run(
+                core, core.durable.fetch_steps(event)
+            )
+            return result
+        except ConnectionLostError as exc:
+            if s._closed:
+                raise ClosedError(f"this {s._kind} is closed") from exc
+            yield Recover(exc, generation)
+
+
+def get_event(s: Session) -> Op[Event | Reconnected | None]:
+    """The next event or marker, reading (never waiting) when the inbox is
+    empty; a lost connection is restored first."""
+    core = s._core
+    inbox = core.inbox
+    while True:
+        if not inbox:
+            generation = s._generation
+            try:
+                yield from replay(core)
+                yield READ
+            except ConnectionLostError as exc:
+                yield Recover(exc, generation)
+        event = inbox.popleft() if inbox else None
+        if type(event) is Unfetched:
+            fetched = yield from fetch_payload(s, event)
+            if fetched is None:
+                continue
+            return fetched
+        return event
+
+
+# -- reconnecting (the retry loop is pgcast._reconnect.reconnect_plan) ---------
+
+
+def reconnect(
+    core: Core, plan: Generator[Sleep | Attempt, None, int], error: ConnectionLostError
+) -> Op[Reconnected]:
+    """Drop the lost connection, then attempt, sleep and attempt again as
+    *plan* says until an attempt succeeds; return the marker (the driver
+    calls ``on_reconnect`` and queues it)."""
+    core.lost(error)
+    logger.warning("pgcast: connection lost (%s); reconnecting", error)
+    yield DISCARD
+    failure: BaseException | None = None
+    while True:
+        try:
+            step = plan.send(None) if failure is None else plan.throw(failure)
+        except StopIteration as done:
+            attempts: int = done.value
+            break
+        failure = None
+        if type(step) is Sleep:
+            yield step  # the driver raises ClosedError if closed meanwhile
+        elif type(step) is Attempt:
+            try:
+                yield step
+            except asyncio.CancelledError:
+                yield DISCARD
+                raise
+            except BaseException as exc:
+                yield DISCARD
+                failure = exc
+            yield CHECK_CLOSED
+    marker = core.restored(attempts)
+    logger.warning("pgcast: reconnected after %.3f s", marker.downtime.total_seconds())
+    return marker
+
+
+def attempt(core: Core) -> Op[None]:
+    """One reconnect attempt: open a connection, LISTEN again, check it, run
+    the hooks (a failure is thrown back into :func:`reconnect`'s plan)."""
+    yield CONNECT
+    try:
+        sql = core.relisten_sql()
+        if sql is not None:
+            yield Direct(sql)
+            core.did_listen(())
+            rows: Rows = yield Direct(diagnostics.VERIFY_SQL, fetch=True)
+            diagnostics.check_session(core.expected_listening(), rows[0] if rows else None)
+    finally:
+        yield AFTER_QUERY
+    yield HOOKS
