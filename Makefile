@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PYTEST = $(BIN)/pytest $(PYTEST_ARGS) || test $$? -eq 5
 
 .DEFAULT_GOAL := test
-.PHONY: demo test lint typecheck bench clean browser
+.PHONY: demo test lint typecheck bench clean browser pgbouncer
 
 # Reinstalls whenever pyproject.toml changes; `touch` marks the venv up to date.
 $(VENV): pyproject.toml
@@ -36,7 +36,16 @@ browser:
 		DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium) \
 		>/dev/null 2>&1; } || echo "chromium not installed: the browser test will skip"
 
-test: lint typecheck browser
+# Debian's PgBouncer for tests/test_pgbouncer.py (LISTEN through a pooler in
+# transaction mode); best effort like chromium: without it those tests skip.
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || { \
+		command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		(timeout 900 apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq pgbouncer) \
+		>/dev/null 2>&1; } || echo "pgbouncer not installed: the PgBouncer tests will skip"
+
+test: lint typecheck browser pgbouncer
 	$(PYTEST)
 	@if $(BIN)/python -c "import psycopg; psycopg.connect('$(LOCAL_DSN)', connect_timeout=3).close()" \
 			>/dev/null 2>&1; then \

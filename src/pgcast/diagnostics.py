@@ -7,7 +7,12 @@ Three things silently break a listener, and are checked here:
   runs it, which is then handed to someone else. Checked after every LISTEN
   with ``pg_listening_channels()`` in a *separate* statement (in the same
   statement it would run on the same session and prove nothing):
-  :func:`check_listening` raises :class:`~pgcast.ListenNotEffectiveError`;
+  :func:`check_listening` raises :class:`~pgcast.ListenNotEffectiveError`.
+  That check alone is blind when the pool hands the same server session
+  back (PgBouncer reuses the last one released: one client on an idle pool
+  always passes), so ``pgcast doctor`` also asks a *second* connection
+  (:data:`SHARED_SQL`, :func:`check_not_shared`): a session that lists
+  another client's LISTEN is shared between clients;
 * a hot standby (``pg_is_in_recovery()``), where LISTEN and NOTIFY cannot run:
   :func:`check_recovery` raises :class:`~pgcast.HotStandbyError`;
 * a full notification queue (``pg_notification_queue_usage()``): a listener
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,10 +43,12 @@ from ._errors import HotStandbyError, ListenNotEffectiveError
 __all__ = [
     "QUEUE_USAGE_SQL",
     "SETTINGS",
+    "SHARED_SQL",
     "VERIFY_SQL",
     "Check",
     "Report",
     "check_listening",
+    "check_not_shared",
     "check_recovery",
     "check_session",
     "queue_usage",
@@ -51,6 +58,8 @@ __all__ = [
 #: One round trip after LISTEN: is the server a standby, what does this
 #: session listen to.
 VERIFY_SQL = "SELECT pg_is_in_recovery(), array(SELECT pg_listening_channels())::text[]"
+#: Run on a second connection: what its server session listens to.
+SHARED_SQL = "SELECT array(SELECT pg_listening_channels())::text[]"
 #: The fraction of the notification queue in use, 0.0 to 1.0.
 QUEUE_USAGE_SQL = "SELECT pg_notification_queue_usage()"
 
@@ -101,6 +110,20 @@ def check_listening(expected: Iterable[str], listening: Iterable[str]) -> None:
             f"LISTEN did not take effect: pg_listening_channels() on this session does "
             f"not list {names}{more}; {_POOLER_HINT}",
             missing,
+        )
+
+
+def check_not_shared(channels: Iterable[str], listening_elsewhere: Iterable[str]) -> None:
+    """Raise :class:`ListenNotEffectiveError` if another client's server
+    session (its :data:`SHARED_SQL` row: *listening_elsewhere*) lists any of
+    the *channels* this client LISTENed to: server sessions are shared."""
+    shared = frozenset(channels) & frozenset(listening_elsewhere)
+    if shared:
+        names = ", ".join(repr(c) for c in sorted(shared)[:5])
+        raise ListenNotEffectiveError(
+            f"LISTEN is not this connection's own: another connection's server session "
+            f"lists {names}, which this one listened to; {_POOLER_HINT}",
+            shared,
         )
 
 
@@ -177,8 +200,13 @@ def run_checks(
         info = conn.info
         elapsed = (time.perf_counter() - started) * 1000
         where = info.host if info.host.startswith("/") else f"{info.host}:{info.port}"
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        # A pooler answers the login itself, with a made-up backend pid.
+        via = "" if pid == info.backend_pid else (
+            f"; through a connection pooler or proxy (the connection was given backend "
+            f"pid {info.backend_pid})")
         add(Check("connect", "ok", f"{where} database {info.dbname!r} as {info.user!r}, "
-                  f"backend pid {info.backend_pid} ({elapsed:.1f} ms)"))
+                  f"backend pid {pid} ({elapsed:.1f} ms){via}"))
         rows = conn.execute(SETTINGS_SQL, (list(SETTINGS),)).fetchall()
         found = {name: _setting_text(setting, unit) for name, setting, unit in rows}
         report.settings = {name: found.get(name) for name in SETTINGS}
@@ -196,7 +224,8 @@ def run_checks(
         if standby:
             add(Check("listen", "fail", "skipped: a standby cannot LISTEN"))
         else:
-            _check_listen(conn, channel, timeout, add)
+            _check_listen(conn, lambda: psycopg.Connection.connect(dsn, **options),
+                          channel, timeout, add)
 
         usage = float(conn.execute(QUEUE_USAGE_SQL).fetchone()[0])  # type: ignore[index]
         if usage >= QUEUE_WARN:
@@ -213,7 +242,13 @@ def run_checks(
     return report
 
 
-def _check_listen(conn: psycopg.Connection[Any], channel: str, timeout: float, add: Any) -> None:
+def _check_listen(
+    conn: psycopg.Connection[Any],
+    connect_other: Callable[[], psycopg.Connection[Any]],
+    channel: str,
+    timeout: float,
+    add: Any,
+) -> None:
     try:
         conn.execute(f"LISTEN {quote_ident(channel)}")
         row = conn.execute(VERIFY_SQL).fetchone()
@@ -224,17 +259,37 @@ def _check_listen(conn: psycopg.Connection[Any], channel: str, timeout: float, a
     except psycopg.Error as exc:
         add(Check("listen", "fail", f"LISTEN failed: {_one_line(exc)}"))
         return
-    add(Check("listen", "ok", "pg_listening_channels() confirms LISTEN took effect"))
-    started = time.perf_counter()
-    conn.execute("SELECT pg_notify(%s, 'doctor')", (channel,))
-    got = any(n.channel == channel for n in conn.notifies(timeout=timeout, stop_after=1))
-    elapsed = (time.perf_counter() - started) * 1000
-    if got:
-        add(Check("round trip", "ok", f"a NOTIFY to this session came back in {elapsed:.1f} ms"))
-    else:
-        add(Check("round trip", "fail", f"a NOTIFY to this session did not come back "
-                  f"within {timeout:g} s"))
-    conn.execute("UNLISTEN *")
+    # A second connection asks whether its server session lists this one's
+    # LISTEN (then a pooler shares sessions), and sends the NOTIFY, as a
+    # listener's come from others: a session's own NOTIFY reaches it even
+    # through a transaction-mode pooler, proving nothing.
+    other: psycopg.Connection[Any] | None = None
+    sender, source = conn, "this connection"
+    try:
+        other = sender = connect_other()
+        source = "another connection"
+    except psycopg.Error as exc:
+        source += f" (a second one could not be opened: {_one_line(exc)})"
+    try:
+        if other is not None:
+            row = other.execute(SHARED_SQL).fetchone()
+            check_not_shared([channel], row[0] if row and row[0] else ())
+        add(Check("listen", "ok", "pg_listening_channels() confirms LISTEN took effect"))
+        started = time.perf_counter()
+        sender.execute("SELECT pg_notify(%s, 'doctor')", (channel,))
+        got = any(n.channel == channel for n in conn.notifies(timeout=timeout, stop_after=1))
+        elapsed = (time.perf_counter() - started) * 1000
+        if got:
+            add(Check("round trip", "ok", f"a NOTIFY from {source} came back in {elapsed:.1f} ms"))
+        else:
+            add(Check("round trip", "fail", f"a NOTIFY from {source} did not come back "
+                      f"within {timeout:g} s"))
+    except ListenNotEffectiveError as exc:
+        add(Check("listen", "fail", str(exc)))
+    finally:
+        if other is not None:
+            other.close()
+        conn.execute(f"UNLISTEN {quote_ident(channel)}")
 
 
 def _one_line(exc: BaseException) -> str:
