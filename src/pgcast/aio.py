@@ -36,10 +36,8 @@ from . import _ops as ops
 from ._backoff import Backoff
 from ._core import (
     Core,
-    ExceptionHandler,
     Handler,
     Wait,
-    check_timeout,
     connect_args,
     notify_query,
     plan,
@@ -52,10 +50,10 @@ from ._errors import (
     ClosedError,
     ConnectError,
     ConnectionLostError,
-    NotSentError,
 )
 from ._event import DurableEvent, Event
 from ._payload import Payload
+from ._pubsub_base import PubSubBase
 from ._reconnect import (
     Attempt,
     OnReconnect,
@@ -134,7 +132,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class AsyncPubSub:
+class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
     """Listen to and notify PostgreSQL channels over one async connection.
 
     Create it with ``await pgcast.aio.connect(...)``; use ``async with`` or
@@ -184,22 +182,6 @@ class AsyncPubSub:
 
     # -- connection --------------------------------------------------------
 
-    @property
-    def connection(self) -> psycopg.AsyncConnection[Any]:
-        """The psycopg connection underneath. Run no queries on it yourself."""
-        return self._conn
-
-    @property
-    def backend_pid(self) -> int:
-        """The server process id of this connection, the one :meth:`notify` uses."""
-        return self._conn.info.backend_pid
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called, or the connection broke and
-        ``reconnect=False``."""
-        return self._closed or (self._conn.closed and not self._res.reconnect)
-
     def fileno(self) -> int:
         """A descriptor of the connection's socket (a duplicate, owned by this
         AsyncPubSub and valid until :meth:`close`), to wait on with
@@ -232,10 +214,6 @@ class AsyncPubSub:
     ) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"pid={self.backend_pid}"
-        return f"<pgcast.AsyncPubSub {state} channels={sorted(self._core.channels)!r}>"
-
     # -- subscriptions -----------------------------------------------------
 
     async def listen(
@@ -253,10 +231,6 @@ class AsyncPubSub:
     async def unlisten(self, *channels: str) -> None:
         """Stop receiving on *channels*, or on all; see :meth:`pgcast.PubSub.unlisten`."""
         await self._run(ops.unlisten(self, channels))
-
-    def listening_channels(self) -> frozenset[str]:
-        """The exact names of the channels listened to now."""
-        return frozenset(self._core.channels)
 
     async def queue_usage(self) -> float:
         """``pg_notification_queue_usage()``, 0.0 to 1.0; see
@@ -311,18 +285,11 @@ class AsyncPubSub:
     ) -> AsyncIterator[Event | Reconnected | None]:
         """``async for`` over events and :class:`Reconnected` markers as they
         arrive; see :meth:`pgcast.PubSub.events`."""
-        timeout = check_timeout("select_timeout", select_timeout)
-        if timeout == 0:
-            raise ValueError("select_timeout must be > 0 (use get_event() to poll)")
-        own = self._core.own_pids if ignore_own else None
-        return self._drive(
-            plan(self._core.inbox, timeout=timeout, idle=yield_timeouts, skip_pids=own)
-        )
+        return self._drive(self._events_plan(select_timeout, yield_timeouts, ignore_own))
 
     def wait(self, timeout: float | None = None) -> AsyncIterator[Event | Reconnected | None]:
         """``async for`` over events and idle ``None``; see :meth:`pgcast.PubSub.wait`."""
-        t = check_timeout("timeout", timeout)
-        return self._drive(plan(self._core.inbox, timeout=t, idle=t is not None, once=t == 0))
+        return self._drive(self._wait_plan(timeout))
 
     async def _drive(
         self, steps: Iterator[Wait | Event | Reconnected | None], stoppable: bool = False
@@ -367,10 +334,6 @@ class AsyncPubSub:
         self._core.remove_handlers(channel)
         await self.unlisten(channel)
 
-    def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
-        """Set what is called with ``(exception, event)`` when a handler fails."""
-        self._core.exception_handler = handler
-
     async def run(self) -> None:
         """Deliver events to the subscribed handlers until :meth:`stop`,
         :meth:`close` or cancellation. A failing handler does not stop it."""
@@ -402,12 +365,6 @@ class AsyncPubSub:
         self._wake()
 
     # -- the driver --------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError("this AsyncPubSub is closed")
-        if self._conn.closed:
-            raise ConnectionLostError("the connection to PostgreSQL is closed")
 
     async def _run(self, op: ops.Op[T]) -> T:
         """Execute the requests of *op* (see :mod:`pgcast._ops`) until it
@@ -505,15 +462,7 @@ class AsyncPubSub:
                 cur = await conn.execute(sql, params, prepare=None if params else False)
                 rows = await cur.fetchall() if fetch and cur.description is not None else []
             except psycopg.Error as exc:
-                error = wrap_error(exc)
-                if isinstance(error, ConnectionLostError):
-                    if generation == self._generation:
-                        self._core.lost(error)
-                    raise ConnectionLostError(
-                        f"{error} (while the command was on its way: the server may or "
-                        "may not have run it)"
-                    ) from exc
-                raise error from exc
+                raise self._command_failed(exc, generation) from exc
             finally:
                 self._in_flight -= 1
             self._core.health.heard(self._core.clock())
@@ -539,11 +488,7 @@ class AsyncPubSub:
                     try:
                         await self._recover(exc, generation, deadline)
                     except ConnectionLostError as gave_up:
-                        raise NotSentError(
-                            f"not sent: the connection to PostgreSQL was lost and not "
-                            f"restored within notify_timeout={self._res.notify_timeout:g} s "
-                            f"({gave_up})"
-                        ) from gave_up
+                        raise self._not_sent(gave_up) from gave_up
         except BaseException:
             self._queries -= 1
             raise
@@ -666,11 +611,6 @@ class AsyncPubSub:
         return await self._run(ops.fetch_payload(self, event))
 
     # -- reconnecting ------------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        """How many times this AsyncPubSub reconnected (0 at first)."""
-        return self._generation
 
     def add_reconnect_hook(self, hook: AsyncReconnectHook) -> None:
         """``await hook(pubsub)`` after each reconnect, once every channel is

@@ -46,10 +46,8 @@ from . import _ops as ops
 from ._backoff import Backoff
 from ._core import (
     Core,
-    ExceptionHandler,
     Handler,
     Wait,
-    check_timeout,
     connect_args,
     notify_query,
     plan,
@@ -63,10 +61,10 @@ from ._errors import (
     ClosedError,
     ConnectError,
     ConnectionLostError,
-    NotSentError,
 )
 from ._event import DurableEvent, Event
 from ._payload import Payload
+from ._pubsub_base import PubSubBase
 from ._reconnect import (
     Attempt,
     OnReconnect,
@@ -161,14 +159,13 @@ def notify(conn: psycopg.Connection[Any], channel: str, payload: Payload = "") -
     conn.execute(sql, params)
 
 
-class PubSub:
+class PubSub(PubSubBase[psycopg.Connection[Any]]):
     """Listen to and notify PostgreSQL channels over one connection.
 
     Create it with :func:`pgcast.connect`. Use it as a context manager, or call
     :meth:`close`.
     """
 
-    _kind = "PubSub"
 
     def __init__(
         self,
@@ -225,22 +222,6 @@ class PubSub:
 
     # -- connection --------------------------------------------------------
 
-    @property
-    def connection(self) -> psycopg.Connection[Any]:
-        """The psycopg connection underneath. Run no queries on it yourself."""
-        return self._conn
-
-    @property
-    def backend_pid(self) -> int:
-        """The server process id of this connection, the one :meth:`notify` uses."""
-        return self._conn.info.backend_pid
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called, or the connection broke and
-        ``reconnect=False`` (a reconnecting PubSub is not closed by a loss)."""
-        return self._closed or (self._conn.closed and not self._res.reconnect)
-
     def fileno(self) -> int:
         """The connection's socket, to wait on with ``select``/``selectors``
         (as :class:`pgcast.NotificationManager` does); then :meth:`get_event`.
@@ -285,10 +266,6 @@ class PubSub:
     ) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"pid={self.backend_pid}"
-        return f"<pgcast.PubSub {state} channels={sorted(self._core.channels)!r}>"
-
     # -- subscriptions -----------------------------------------------------
 
     def listen(
@@ -330,10 +307,6 @@ class PubSub:
         discarded: after this returns, none arrives.
         """
         self._run(ops.unlisten(self, channels))
-
-    def listening_channels(self) -> frozenset[str]:
-        """The exact names of the channels listened to now."""
-        return frozenset(self._core.channels)
 
     def queue_usage(self) -> float:
         """``pg_notification_queue_usage()``: the fraction of the server's
@@ -428,12 +401,7 @@ class PubSub:
         ``reconnect=False``, :class:`~pgcast.ConnectionLostError` is raised
         instead.
         """
-        timeout = check_timeout("select_timeout", select_timeout)
-        if timeout == 0:
-            raise ValueError("select_timeout must be > 0 (use get_event() to poll)")
-        own = self._core.own_pids if ignore_own else None
-        return self._drive(plan(self._core.inbox, timeout=timeout, idle=yield_timeouts,
-                                skip_pids=own))
+        return self._drive(self._events_plan(select_timeout, yield_timeouts, ignore_own))
 
     def wait(self, timeout: float | None = None) -> Iterator[Event | Reconnected | None]:
         """Yield events, and ``None`` as an idle event about every *timeout*
@@ -443,8 +411,7 @@ class PubSub:
         and ends. Breaking out of the loop loses nothing. :class:`Reconnected`
         markers are yielded as in :meth:`events`.
         """
-        t = check_timeout("timeout", timeout)
-        return self._drive(plan(self._core.inbox, timeout=t, idle=t is not None, once=t == 0))
+        return self._drive(self._wait_plan(timeout))
 
     def _drive(
         self,
@@ -493,13 +460,6 @@ class PubSub:
         self._core.remove_handlers(channel)
         self.unlisten(channel)
 
-    def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
-        """Set what is called with ``(exception, event)`` when a handler fails.
-
-        ``None`` restores the default, which logs to the ``pgcast`` logger.
-        """
-        self._core.exception_handler = handler
-
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Deliver events to the subscribed handlers until *stop* is set or
         the PubSub is closed. :meth:`run_in_thread` runs this in a thread."""
@@ -534,12 +494,6 @@ class PubSub:
         return runner
 
     # -- the driver --------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError("this PubSub is closed")
-        if self._conn.closed:
-            raise ConnectionLostError("the connection to PostgreSQL is closed")
 
     def _run(self, op: ops.Op[T]) -> T:
         """Execute the requests of *op* (see :mod:`pgcast._ops`) until it returns."""
@@ -635,15 +589,7 @@ class PubSub:
                 cur = conn.execute(sql, params, prepare=None if params else False)
                 rows = cur.fetchall() if fetch and cur.description is not None else []
             except psycopg.Error as exc:
-                error = wrap_error(exc)
-                if isinstance(error, ConnectionLostError):
-                    if generation == self._generation:
-                        self._core.lost(error)
-                    raise ConnectionLostError(
-                        f"{error} (while the command was on its way: the server may or "
-                        "may not have run it)"
-                    ) from exc
-                raise error from exc
+                raise self._command_failed(exc, generation) from exc
             finally:
                 with self._queries_lock:
                     self._in_flight -= 1
@@ -673,11 +619,7 @@ class PubSub:
                     try:
                         self._recover(exc, generation, deadline)
                     except ConnectionLostError as gave_up:
-                        raise NotSentError(
-                            f"not sent: the connection to PostgreSQL was lost and not "
-                            f"restored within notify_timeout={self._res.notify_timeout:g} s "
-                            f"({gave_up})"
-                        ) from gave_up
+                        raise self._not_sent(gave_up) from gave_up
         except BaseException:
             self._end_command()
             raise
@@ -834,11 +776,6 @@ class PubSub:
         return self._run(ops.fetch_payload(self, event))
 
     # -- reconnecting ------------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        """How many times this PubSub reconnected (0 on its first connection)."""
-        return self._generation
 
     def add_reconnect_hook(self, hook: ReconnectHook) -> None:
         """Call ``hook(pubsub)`` after each reconnect, once every channel is

@@ -1,0 +1,116 @@
+"""What :class:`pgcast.PubSub` and :class:`pgcast.aio.AsyncPubSub` share to
+the letter: the members that wait for nothing (properties, the subscription
+set, the exception handler, the checks and messages of the command path).
+
+The sequences that run commands are in :mod:`pgcast._ops`; waiting, locking
+and reconnecting are each driver's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+import psycopg
+
+from ._core import Core, ExceptionHandler, Wait, check_timeout, plan, wrap_error
+from ._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
+from ._event import Event
+from ._reconnect import Reconnected, Resilience
+
+__all__ = ["PubSubBase"]
+
+C = TypeVar("C", psycopg.Connection[Any], psycopg.AsyncConnection[Any])
+
+
+class PubSubBase(Generic[C]):
+    """The members of a PubSub that its two drivers share."""
+
+    #: The class's name, for messages ("this PubSub is closed").
+    _kind = "PubSub"
+    _conn: C
+    _core: Core
+    _res: Resilience
+    _closed: bool
+    _generation: int
+
+    @property
+    def connection(self) -> C:
+        """The psycopg connection underneath. Run no queries on it yourself."""
+        return self._conn
+
+    @property
+    def backend_pid(self) -> int:
+        """The server process id of this connection, the one ``notify()`` uses."""
+        return self._conn.info.backend_pid
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called, or the connection broke and
+        ``reconnect=False`` (a reconnecting PubSub is not closed by a loss)."""
+        return self._closed or (self._conn.closed and not self._res.reconnect)
+
+    @property
+    def generation(self) -> int:
+        """How many times this PubSub reconnected (0 on its first connection)."""
+        return self._generation
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"pid={self.backend_pid}"
+        return f"<pgcast.{self._kind} {state} channels={sorted(self._core.channels)!r}>"
+
+    def listening_channels(self) -> frozenset[str]:
+        """The exact names of the channels listened to now."""
+        return frozenset(self._core.channels)
+
+    def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
+        """Set what is called with ``(exception, event)`` when a handler fails.
+
+        ``None`` restores the default, which logs to the ``pgcast`` logger.
+        """
+        self._core.exception_handler = handler
+
+    # -- for the drivers -----------------------------------------------------
+
+    def _events_plan(
+        self, select_timeout: float | None, yield_timeouts: bool, ignore_own: bool
+    ) -> Iterator[Wait | Event | Reconnected | None]:
+        """The steps of ``events()``, its arguments checked."""
+        timeout = check_timeout("select_timeout", select_timeout)
+        if timeout == 0:
+            raise ValueError("select_timeout must be > 0 (use get_event() to poll)")
+        own = self._core.own_pids if ignore_own else None
+        return plan(self._core.inbox, timeout=timeout, idle=yield_timeouts, skip_pids=own)
+
+    def _wait_plan(self, timeout: float | None) -> Iterator[Wait | Event | Reconnected | None]:
+        """The steps of ``wait()``, its argument checked."""
+        t = check_timeout("timeout", timeout)
+        return plan(self._core.inbox, timeout=t, idle=t is not None, once=t == 0)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"this {self._kind} is closed")
+        if self._conn.closed:
+            raise ConnectionLostError("the connection to PostgreSQL is closed")
+
+    def _command_failed(self, exc: psycopg.Error, generation: int) -> PgcastError:
+        """What to raise for *exc*, raised by a command sent on connection
+        *generation*: a connection lost while a command is on the wire cannot
+        tell whether the server ran it, so that is said, and not retried."""
+        error = wrap_error(exc)
+        if isinstance(error, ConnectionLostError):
+            if generation == self._generation:
+                self._core.lost(error)
+            return ConnectionLostError(
+                f"{error} (while the command was on its way: the server may or "
+                "may not have run it)"
+            )
+        return error
+
+    def _not_sent(self, gave_up: ConnectionLostError) -> NotSentError:
+        """The error of a command whose connection did not come back in time."""
+        return NotSentError(
+            f"not sent: the connection to PostgreSQL was lost and not "
+            f"restored within notify_timeout={self._res.notify_timeout:g} s "
+            f"({gave_up})"
+        )
