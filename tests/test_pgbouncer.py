@@ -13,14 +13,18 @@ per test in front of the test server, with ``pool_mode = transaction`` or
   session released last, so one client on an idle pool always gets the same
   one): ``pg_listening_channels()`` in a later statement *does* list the
   channel, yet a NOTIFY from another session is dropped by PgBouncer
-  (``got packet 'A' from server when not linked``). ``pgcast doctor`` catches
-  it by asking a second connection; ``PubSub.listen`` does not yet (strict
-  xfail below);
+  (``got packet 'A' from server when not linked``). ``pgcast doctor`` and
+  the sync and asyncio ``listen`` (also when LISTENing again after a
+  reconnect) catch it by asking a second connection, once they saw the pid
+  given at login is not ``pg_backend_pid()`` (a pooler answered the login);
+  the failed LISTEN is undone on the server session the pool hands back;
 * psycopg's prepared statements (after 5 runs of a query) fail on another
-  server session: publishing through transaction pooling needs
-  ``prepare_threshold=None`` (strict xfail for the default);
-* session pooling, the control: listen works, a notification arrives and
-  ``pgcast doctor`` passes (and says a pooler is in between).
+  server session: a PubSub that finds a pooler stops preparing, so
+  publishing through transaction pooling works with the defaults;
+* session pooling, the control: listen works, a notification arrives,
+  ``ignore_own`` recognises the PubSub's own notifications (its
+  ``backend_pid`` is PostgreSQL's, not the made-up one), and ``pgcast
+  doctor`` passes (and says a pooler is in between).
 """
 
 from __future__ import annotations
@@ -277,6 +281,37 @@ def test_check_not_shared() -> None:
     assert "pool_mode=transaction" in str(info.value)
 
 
+def test_check_listening_leaves_the_probe_channel_out() -> None:
+    probe = "pgcast.probe.4242"
+    with pytest.raises(pgcast.ListenNotEffectiveError) as info:
+        diagnostics.check_listening({"a", probe}, [])
+    assert info.value.missing == {"a"}
+    assert "pgcast.probe" not in str(info.value)
+    with pytest.raises(pgcast.ListenNotEffectiveError) as info:
+        diagnostics.check_listening({"a", probe}, ["a"])  # the probe alone: still caught
+    assert info.value.missing == frozenset()
+    assert "does not list the health check's channel" in str(info.value)
+
+
+def test_check_pinned() -> None:
+    probe = "pgcast.probe.4242"
+    diagnostics.check_pinned({"a", probe}, ["b"])
+    diagnostics.check_pinned({"a"}, [])
+    with pytest.raises(pgcast.ListenNotEffectiveError) as info:
+        diagnostics.check_pinned({"a", "c", probe}, ["a", probe, "b"])
+    assert info.value.missing == {"a"}
+    message = str(info.value)
+    assert message.startswith(
+        "LISTEN through a connection pooler does not hold unless it pins one server "
+        "session: use a session-mode pool or connect directly. "
+    )
+    assert "lists 'a', which this one listened to" in message
+    assert "pgcast.probe" not in message
+    error = diagnostics.unverified_pool({"a", probe}, pgcast.ConnectError("refused"))
+    assert error.missing == {"a"}
+    assert str(error).endswith("could not be checked: a second connection failed: refused")
+
+
 # -- transaction pooling: the check after LISTEN runs on another session -----------
 
 
@@ -293,8 +328,10 @@ def test_listen_through_transaction_pooling_raises(
         assert "connection pooler in transaction or statement mode" in message
         assert "PgBouncer pool_mode=transaction" in message
         assert "session-mode pool" in message
-        # With the health check's private channel, LISTENed alongside.
-        assert unique_channel in info.value.missing
+        # The health check's private channel, LISTENed alongside, is not
+        # shown: the user did not name it.
+        assert info.value.missing == {unique_channel}
+        assert "pgcast.probe." not in message
         assert ps.listening_channels() == frozenset()
 
 
@@ -353,24 +390,96 @@ def test_doctor_catches_a_pool_that_hands_the_same_session_back(
     assert out.rstrip().endswith("result: problems found")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="PubSub.listen checks pg_listening_channels() on its own connection only; "
-    "PgBouncer hands an idle client the server session it released last, so the check "
-    "runs where the LISTEN ran and passes, and notifications are then dropped. "
-    "pgcast doctor asks a second connection (diagnostics.check_not_shared); the "
-    "clients do not yet",
+NOT_PINNED = (
+    "LISTEN through a connection pooler does not hold unless it pins one server "
+    "session: use a session-mode pool or connect directly"
 )
+
+
 def test_listen_through_a_pool_that_hands_the_same_session_back_raises(
     start_bouncer: StartBouncer, unique_channel: str
 ) -> None:
     bouncer = start_bouncer("transaction")
-    with (
-        pgcast.connect(bouncer.dsn) as ps,
-        pytest.raises(pgcast.ListenNotEffectiveError),
-    ):
+    with pgcast.connect(bouncer.dsn) as ps:
+        with pytest.raises(pgcast.ListenNotEffectiveError) as info:
+            ps.listen(unique_channel)
+        message = str(info.value)
+        assert message.startswith(NOT_PINNED), message
+        assert f"second connection's server session lists {unique_channel!r}" in message
+        assert "PgBouncer pool_mode=transaction" in message
+        assert "pgcast.probe." not in message
+        assert info.value.missing == {unique_channel}
+        assert ps.listening_channels() == frozenset()
+        # The LISTEN was undone where it landed: the session the pool hands
+        # back (the only one) no longer listens to it, nor to the probe.
+        with psycopg.connect(bouncer.dsn, autocommit=True, connect_timeout=10) as other:
+            row = other.execute(diagnostics.SHARED_SQL).fetchone()
+            assert row is not None
+            assert not [c for c in row[0] if c == unique_channel or c.startswith("pgcast.")]
+
+
+def test_asyncio_listen_through_a_pool_that_hands_the_same_session_back_raises(
+    start_bouncer: StartBouncer, unique_channel: str
+) -> None:
+    bouncer = start_bouncer("transaction")
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(bouncer.dsn) as aps:
+            with pytest.raises(pgcast.ListenNotEffectiveError) as info:
+                await aps.listen(unique_channel)
+            assert str(info.value).startswith(NOT_PINNED)
+            assert info.value.missing == {unique_channel}
+            assert aps.listening_channels() == frozenset()
+
+    arun(body(), timeout=30)
+
+
+def test_relisten_after_reconnect_through_such_a_pool_raises(
+    start_bouncer: StartBouncer, unique_channel: str
+) -> None:
+    """The check is made again on every new connection: a reconnect that
+    lands on a transaction pool fails instead of listening deaf."""
+    session = start_bouncer("session")
+    transaction = start_bouncer("transaction")
+
+    def connector() -> psycopg.Connection[Any]:
+        return psycopg.connect(transaction.dsn, autocommit=True, connect_timeout=10)
+
+    ps = pgcast.PubSub(psycopg.connect(session.dsn, autocommit=True, connect_timeout=10),
+                       connector=connector)
+    with ps:
         ps.listen(unique_channel)
+        assert ps._core.pooled and ps._core.pinned
+        with pytest.raises(pgcast.ListenNotEffectiveError, match="does not hold unless"):
+            ps.reconnect()
+
+
+def test_a_pooler_is_detected_and_direct_connections_are_not(
+    start_bouncer: StartBouncer, dsn: str
+) -> None:
+    bouncer = start_bouncer("session")
+    with pgcast.connect(bouncer.dsn) as ps:
+        assert ps.connection.info.backend_pid != ps.backend_pid  # the login's is made up
+        assert ps.backend_pid > 0
+        assert ps.connection.prepare_threshold is None
+        assert ps._core.probe == f"pgcast.probe.{ps.backend_pid}"
+    with pgcast.connect(dsn) as ps:
+        assert ps.connection.info.backend_pid == ps.backend_pid
+        assert ps.connection.prepare_threshold == 5  # psycopg's default, kept
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(bouncer.dsn) as aps:
+            assert aps.connection.info.backend_pid != aps.backend_pid
+            assert aps.connection.prepare_threshold is None
+        # Built on a connection directly: identified at its first command.
+        conn = await psycopg.AsyncConnection.connect(bouncer.dsn, autocommit=True,
+                                                     connect_timeout=10)
+        async with pgcast.aio.AsyncPubSub(conn) as aps:
+            await aps.notify("pgcast_test_pgbouncer_publish", "x")
+            assert conn.info.backend_pid != aps.backend_pid
+            assert conn.prepare_threshold is None
+
+    arun(body(), timeout=30)
 
 
 # -- prepared statements under transaction pooling -----------------------------------
@@ -385,20 +494,23 @@ def test_publishing_through_transaction_pooling_with_prepare_threshold_none(
             ps.notify("pgcast_test_pgbouncer_publish", str(i))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pgcast.DatabaseError,
-    reason="pgcast leaves psycopg's prepare_threshold at 5: the sixth notify runs a "
-    "statement prepared on another server session ('prepared statement \"_pg3_0\" does "
-    "not exist'); PgBouncer 1.18 does not track prepared statements",
-)
 def test_publishing_through_transaction_pooling_with_the_defaults(
     start_bouncer: StartBouncer,
 ) -> None:
+    # psycopg prepares a query on its sixth run; the next server session
+    # would not know it ('prepared statement "_pg3_0" does not exist').
     bouncer = _round_robin(start_bouncer)
     with pgcast.connect(bouncer.dsn) as ps:
         for i in range(20):
             ps.notify("pgcast_test_pgbouncer_publish", str(i))
+        ps.notify_many([("pgcast_test_pgbouncer_publish", str(i)) for i in range(3)])
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(bouncer.dsn) as aps:
+            for i in range(20):
+                await aps.notify("pgcast_test_pgbouncer_publish", str(i))
+
+    arun(body(), timeout=30)
 
 
 # -- session pooling: the control ------------------------------------------------------
@@ -431,13 +543,6 @@ def test_doctor_passes_through_session_pooling(
     assert out.rstrip().endswith("result: ok")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the PubSub takes its own backend pid from the connection's BackendKeyData "
-    "(psycopg's info.backend_pid), which PgBouncer makes up: ignore_own compares it with "
-    "the notifications' real server pid and lets the PubSub's own notifications through",
-)
 def test_ignore_own_through_session_pooling(
     start_bouncer: StartBouncer, conn: psycopg.Connection[Any], unique_channel: str
 ) -> None:

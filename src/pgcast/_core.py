@@ -20,7 +20,10 @@ decision that needs no waiting lives here, once:
   :meth:`Core.settle` is what a query must wait for while a probe is out
   (libpq runs one command at a time);
 * after a reconnect (:mod:`pgcast._reconnect`): :meth:`Core.new_connection`,
-  :meth:`Core.relisten_sql`, :meth:`Core.lost` and :meth:`Core.restored`.
+  :meth:`Core.relisten_sql`, :meth:`Core.lost` and :meth:`Core.restored`;
+* on every (new) connection, :meth:`Core.identify` takes the server's own
+  ``pg_backend_pid()``: behind a pooler the pid given at login is made up, and
+  a different one means a pooler is in between (:attr:`Core.pooled`).
 """
 
 from __future__ import annotations
@@ -193,15 +196,19 @@ class Core:
 
     __slots__ = (
         "_async_handlers",
+        "backend_pid",
         "channels",
         "clock",
         "durable",
         "exception_handler",
         "handlers",
         "health",
+        "identified",
         "inbox",
         "outage",
         "own_pids",
+        "pinned",
+        "pooled",
         "probe",
         "probe_in_flight",
         "probe_listening",
@@ -232,6 +239,16 @@ class Core:
         self.outage: tuple[datetime, str] | None = None
         #: Durable channels and log references (:mod:`pgcast._durable_core`).
         self.durable = DurableState(self.inbox)
+        #: The server process of the current connection: the one given at
+        #: login until :meth:`identify`, then ``pg_backend_pid()``'s.
+        self.backend_pid = 0
+        #: :meth:`identify` ran on the current connection.
+        self.identified = False
+        #: A pooler sits between this connection and PostgreSQL.
+        self.pooled = False
+        #: A second connection showed that the pooler pins this connection's
+        #: server session (checked once per connection, at the first LISTEN).
+        self.pinned = False
 
     # -- subscriptions -----------------------------------------------------
 
@@ -460,15 +477,32 @@ class Core:
     # -- reconnecting --------------------------------------------------------
 
     def new_connection(self, backend_pid: int) -> None:
-        """A (new) connection is in place: reset its probe state."""
+        """A (new) connection is in place, whose login gave *backend_pid*:
+        reset its probe state; :meth:`identify` is to follow."""
+        self.backend_pid = backend_pid
+        self.identified = self.pooled = self.pinned = False
         self.probe = probe_channel(backend_pid)
         self.probe_listening = False
         self.probe_in_flight = False
-        self.own_pids.add(backend_pid)
         self.health.reset(self.clock())
         # Before the channels are LISTENed again: durable channels hold back
         # live notifications until the replay has caught up.
         self.durable.reconnected()
+
+    def identify(self, server_pid: int) -> bool:
+        """``pg_backend_pid()`` on the new connection answered *server_pid*:
+        from now on it is the backend pid (``ignore_own``, the probe channel).
+
+        Returns whether a pooler is in between: PgBouncer answers the login
+        itself, with a made-up pid (even a negative one), so the two differ.
+        """
+        self.pooled = server_pid != self.backend_pid
+        self.backend_pid = server_pid
+        self.identified = True
+        self.own_pids.add(server_pid)
+        if not self.probe_listening:  # it runs before any LISTEN; be sure
+            self.probe = probe_channel(server_pid)
+        return self.pooled
 
     def lost(self, error: BaseException | str) -> None:
         """Record the loss; the first one counts until :meth:`restored`."""

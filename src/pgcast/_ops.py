@@ -26,6 +26,10 @@ The requests, and what the driver answers:
   answer their result;
 * :class:`Recover`: reconnect after a lost connection (see the drivers'
   ``_recover``), answer the marker or ``None``;
+* :class:`Elsewhere`: run a query on a second, short-lived connection,
+  answer its rows (:func:`check_pinned`);
+* :data:`NO_PREPARE`: stop psycopg preparing statements on this connection
+  (:func:`identify`);
 * :class:`~pgcast._reconnect.Sleep` and :class:`~pgcast._reconnect.Attempt`
   (from :func:`reconnect`), :data:`DISCARD`, :data:`CONNECT`, :class:`Direct`,
   :data:`AFTER_QUERY`, :data:`HOOKS` and :data:`CHECK_CLOSED`: the steps of a
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from . import diagnostics
+from ._channels import unlisten_sql
 from ._core import Core
 from ._durable_core import BATCHES_BEFORE_MARKER, Unfetched, publish_many_query, publish_query
 from ._durable_schema import Query, Rows, Steps, install_steps
@@ -60,9 +65,11 @@ __all__ = [
     "CONNECT",
     "DISCARD",
     "HOOKS",
+    "NO_PREPARE",
     "READ",
     "WAKE",
     "Direct",
+    "Elsewhere",
     "Execute",
     "Op",
     "Recover",
@@ -107,6 +114,13 @@ class Direct(NamedTuple):
     fetch: bool = False
 
 
+class Elsewhere(NamedTuple):
+    """Run *sql* on a second connection, opened as the PubSub's own are and
+    closed at once; answer its rows."""
+
+    sql: str
+
+
 class _Signal:
     """A request without arguments; its name says what the driver does."""
 
@@ -133,9 +147,11 @@ AFTER_QUERY: Final = _Signal("AFTER_QUERY")
 HOOKS: Final = _Signal("HOOKS")
 #: Raise ClosedError (dropping the connection) if the PubSub was closed.
 CHECK_CLOSED: Final = _Signal("CHECK_CLOSED")
+#: Set the connection's ``prepare_threshold`` to ``None``.
+NO_PREPARE: Final = _Signal("NO_PREPARE")
 
 Request: TypeAlias = (
-    Query | Execute | Transaction | Recover | Direct | Sleep | Attempt | _Signal
+    Query | Execute | Transaction | Recover | Direct | Elsewhere | Sleep | Attempt | _Signal
 )
 #: A sequence: yields requests, receives their answers, returns the result.
 Op: TypeAlias = Generator[Request, Any, T]
@@ -148,6 +164,45 @@ class Session(Protocol):
     _closed: bool
     _generation: int
     _kind: str  # the class's name, for messages
+
+
+# -- the connection ------------------------------------------------------------
+
+
+def identify(core: Core) -> Op[None]:
+    """Once per connection, before anything else runs on it: take the server's
+    own ``pg_backend_pid()`` (the pid given at login is made up behind a
+    pooler), and behind a pooler stop preparing statements."""
+    if core.identified:
+        return
+    rows: Rows = yield Direct(diagnostics.BACKEND_PID_SQL, fetch=True)
+    if core.identify(int(rows[0][0])):
+        # Under transaction pooling the next statement may run on another
+        # server session, which does not know psycopg's prepared statements
+        # (PgBouncer before 1.21 does not track them): "prepared statement
+        # "_pg3_0" does not exist" on the sixth run of a query.
+        yield NO_PREPARE
+
+
+def check_pinned(core: Core) -> Op[None]:
+    """Behind a pooler, once per connection, after LISTEN: a second connection
+    must not see this one's channels (:func:`pgcast.diagnostics.check_pinned`).
+
+    ``pg_listening_channels()`` on this connection is blind when the pool
+    hands the same server session back (PgBouncer's default: one client on an
+    idle pool always gets the session it released last), yet notifications
+    to a session no client holds are dropped. A pool that pins the session
+    gives the second connection another one.
+    """
+    if not core.pooled or core.pinned:
+        return
+    expected = core.expected_listening()
+    try:
+        rows: Rows = yield Elsewhere(diagnostics.SHARED_SQL)
+    except PgcastError as exc:
+        raise diagnostics.unverified_pool(expected, exc) from exc
+    diagnostics.check_pinned(expected, rows[0][0] if rows and rows[0][0] else ())
+    core.pinned = True
 
 
 # -- subscriptions -----------------------------------------------------------
@@ -166,25 +221,44 @@ def listen(
     if s._closed:  # even when there is nothing to send
         raise ClosedError(f"this {s._kind} is closed")
     core = s._core
+    yield from identify(core)  # names the probe channel: before plan_listen
     new, sql = core.plan_listen(channels)
     fresh = core.durable.plan_subscribe(channels, durable, since, consumer)
     try:
         if sql is not None:
+            probe_was_listening = core.probe_listening
             yield Execute(sql)
             core.did_listen(new)
-            # A separate statement: behind a transaction-mode pooler it may
-            # run on another server session, which is what it is to catch.
-            rows = yield (diagnostics.VERIFY_SQL, None)
             try:
+                # A separate statement: behind a transaction-mode pooler it may
+                # run on another server session, which is what it is to catch.
+                rows = yield (diagnostics.VERIFY_SQL, None)
                 diagnostics.check_session(core.expected_listening(), rows[0] if rows else None)
+                yield from check_pinned(core)
             except ListenNotEffectiveError:
                 core.channels.difference_update(new)
+                if core.pooled:
+                    yield from _unlisten_shared(core, new, probe_was_listening)
                 raise
         if fresh:
             yield from durable_run(core, core.durable.subscribe_steps(fresh, since, consumer))
     except BaseException:
         core.durable.abandon(fresh)
         raise
+
+
+def _unlisten_shared(core: Core, new: list[str], probe_was_listening: bool) -> Op[None]:
+    """Best effort, after a LISTEN through a pooler did not hold: UNLISTEN
+    where it may have landed (the session the pool hands back), so that the
+    next client given that session does not receive this one's channels."""
+    names = list(new)
+    if not probe_was_listening and core.probe_listening and core.probe is not None:
+        names.append(core.probe)
+        core.probe_listening = False
+    try:
+        yield Execute(unlisten_sql(names))
+    except PgcastError as exc:
+        logger.warning("pgcast: UNLISTEN after a LISTEN that did not hold failed: %s", exc)
 
 
 def unlisten(s: Session, channels: Sequence[str]) -> Op[None]:
@@ -381,12 +455,14 @@ def attempt(core: Core) -> Op[None]:
     the hooks (a failure is thrown back into :func:`reconnect`'s plan)."""
     yield CONNECT
     try:
+        yield from identify(core)
         sql = core.relisten_sql()
         if sql is not None:
             yield Direct(sql)
             core.did_listen(())
             rows: Rows = yield Direct(diagnostics.VERIFY_SQL, fetch=True)
             diagnostics.check_session(core.expected_listening(), rows[0] if rows else None)
+            yield from check_pinned(core)
     finally:
         yield AFTER_QUERY
     yield HOOKS

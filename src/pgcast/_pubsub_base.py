@@ -41,8 +41,10 @@ class PubSubBase(Generic[C]):
 
     @property
     def backend_pid(self) -> int:
-        """The server process id of this connection, the one ``notify()`` uses."""
-        return self._conn.info.backend_pid
+        """The server process id of this connection, the one ``notify()`` uses
+        (``pg_backend_pid()``: through a pooler, the pid the login gave is not
+        PostgreSQL's)."""
+        return self._core.backend_pid
 
     @property
     def closed(self) -> bool:

@@ -101,7 +101,13 @@ async def connect(
         except psycopg.Error as exc:
             raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
 
-    return AsyncPubSub(await open_connection(), resilience=res, connector=open_connection)
+    pubsub = AsyncPubSub(await open_connection(), resilience=res, connector=open_connection)
+    try:
+        await pubsub._run(ops.identify(pubsub._core))
+    except BaseException:
+        await pubsub.close()
+        raise
+    return pubsub
 
 
 def _connector_for(
@@ -424,6 +430,17 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
                 return await cur.fetchall() if request.fetch else None
             except psycopg.Error as exc:
                 raise wrap_error(exc) from exc
+        elif type(request) is ops.Elsewhere:
+            other = await self._connector()
+            try:
+                cur = await other.execute(request.sql, prepare=False)
+                return await cur.fetchall()
+            except psycopg.Error as exc:
+                raise wrap_error(exc) from exc
+            finally:
+                await other.close()
+        elif request is ops.NO_PREPARE:
+            self._conn.prepare_threshold = None
         elif request is ops.AFTER_QUERY:
             await self._after_query()
         elif request is ops.HOOKS:
@@ -455,6 +472,10 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
             raise ClosedError("this AsyncPubSub is closed")
         await self._begin_command()
         try:
+            if not self._core.identified:
+                # An AsyncPubSub built on a connection directly (not by
+                # connect(), which identifies it) does it at its first command.
+                await self._run(ops.identify(self._core))
             conn = self._conn
             generation = self._generation
             self._in_flight += 1

@@ -219,6 +219,11 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
         # and on close.
         self._on_wake: Callable[[], object] | None = None
         conn.add_notify_handler(self._core.on_notify)
+        try:
+            self._run(ops.identify(self._core))
+        except BaseException:
+            self.close()
+            raise
 
     # -- connection --------------------------------------------------------
 
@@ -550,6 +555,16 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
                 return cur.fetchall() if request.fetch else None
             except psycopg.Error as exc:
                 raise wrap_error(exc) from exc
+        elif type(request) is ops.Elsewhere:
+            other = self._connector()
+            try:
+                return other.execute(request.sql, prepare=False).fetchall()
+            except psycopg.Error as exc:
+                raise wrap_error(exc) from exc
+            finally:
+                other.close()
+        elif request is ops.NO_PREPARE:
+            self._conn.prepare_threshold = None
         elif request is ops.AFTER_QUERY:
             self._after_query()
         elif request is ops.HOOKS:

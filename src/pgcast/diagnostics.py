@@ -12,7 +12,10 @@ Three things silently break a listener, and are checked here:
   back (PgBouncer reuses the last one released: one client on an idle pool
   always passes), so ``pgcast doctor`` also asks a *second* connection
   (:data:`SHARED_SQL`, :func:`check_not_shared`): a session that lists
-  another client's LISTEN is shared between clients;
+  another client's LISTEN is shared between clients. The PubSubs do the
+  same, once per connection, when they find a pooler in between (the pid
+  :data:`BACKEND_PID_SQL` returns differs from the one given at login):
+  :func:`check_pinned`;
 * a hot standby (``pg_is_in_recovery()``), where LISTEN and NOTIFY cannot run:
   :func:`check_recovery` raises :class:`~pgcast.HotStandbyError`;
 * a full notification queue (``pg_notification_queue_usage()``): a listener
@@ -39,8 +42,10 @@ import psycopg
 from ._channels import quote_ident
 from ._core import connect_args
 from ._errors import HotStandbyError, ListenNotEffectiveError
+from ._health import PROBE_PREFIX
 
 __all__ = [
+    "BACKEND_PID_SQL",
     "QUEUE_USAGE_SQL",
     "SETTINGS",
     "SHARED_SQL",
@@ -49,15 +54,20 @@ __all__ = [
     "Report",
     "check_listening",
     "check_not_shared",
+    "check_pinned",
     "check_recovery",
     "check_session",
     "queue_usage",
     "run_checks",
+    "unverified_pool",
 ]
 
 #: One round trip after LISTEN: is the server a standby, what does this
 #: session listen to.
 VERIFY_SQL = "SELECT pg_is_in_recovery(), array(SELECT pg_listening_channels())::text[]"
+#: The server process of this session; behind a pooler it differs from the
+#: pid the login answered with (PgBouncer makes that one up).
+BACKEND_PID_SQL = "SELECT pg_backend_pid()"
 #: Run on a second connection: what its server session listens to.
 SHARED_SQL = "SELECT array(SELECT pg_listening_channels())::text[]"
 #: The fraction of the notification queue in use, 0.0 to 1.0.
@@ -87,6 +97,21 @@ _POOLER_HINT = (
     "ran the LISTEN on a server session that was then given to another client. "
     "Listeners need a direct connection or a session-mode pool"
 )
+_NOT_PINNED = (
+    "LISTEN through a connection pooler does not hold unless it pins one server "
+    "session: use a session-mode pool or connect directly"
+)
+
+
+def _shown(channels: Iterable[str]) -> frozenset[str]:
+    """The channels a user named: the health check's private one left out."""
+    return frozenset(c for c in channels if not c.startswith(PROBE_PREFIX))
+
+
+def _names(channels: frozenset[str]) -> str:
+    names = ", ".join(repr(c) for c in sorted(channels)[:5])
+    more = f" and {len(channels) - 5} more" if len(channels) > 5 else ""
+    return names + more
 
 
 def check_recovery(in_recovery: bool) -> None:
@@ -104,12 +129,12 @@ def check_listening(expected: Iterable[str], listening: Iterable[str]) -> None:
     is among those the server session reports (*listening*)."""
     missing = frozenset(expected) - frozenset(listening)
     if missing:
-        names = ", ".join(repr(c) for c in sorted(missing)[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        shown = _shown(missing)
+        names = _names(shown) if shown else "the health check's channel"
         raise ListenNotEffectiveError(
             f"LISTEN did not take effect: pg_listening_channels() on this session does "
-            f"not list {names}{more}; {_POOLER_HINT}",
-            missing,
+            f"not list {names}; {_POOLER_HINT}",
+            shown,
         )
 
 
@@ -125,6 +150,40 @@ def check_not_shared(channels: Iterable[str], listening_elsewhere: Iterable[str]
             f"lists {names}, which this one listened to; {_POOLER_HINT}",
             shared,
         )
+
+
+def check_pinned(channels: Iterable[str], listening_elsewhere: Iterable[str]) -> None:
+    """Behind a pooler: raise :class:`ListenNotEffectiveError` if a second
+    connection's server session (its :data:`SHARED_SQL` row:
+    *listening_elsewhere*) lists any of the *channels* this connection
+    LISTENed to, i.e. the pool hands server sessions from client to client.
+
+    A pool that pins one server session per client (session mode) gives the
+    second connection another session, which lists none of them.
+    """
+    shared = frozenset(channels) & frozenset(listening_elsewhere)
+    if shared:
+        shown = _shown(shared)
+        names = _names(shown) if shown else "this connection's channels"
+        raise ListenNotEffectiveError(
+            f"{_NOT_PINNED}. This connection goes through a pooler (PostgreSQL's "
+            f"backend pid is not the one given at login), and a second connection's "
+            f"server session lists {names}, which this one listened to: the pool hands "
+            "server sessions from client to client (PgBouncer pool_mode=transaction or "
+            "statement), and drops the notifications of a session no client holds",
+            shown,
+        )
+
+
+def unverified_pool(channels: Iterable[str], error: BaseException) -> ListenNotEffectiveError:
+    """The error when the second connection of :func:`check_pinned` failed:
+    whether the pool pins server sessions is unknown, so LISTEN is not trusted."""
+    return ListenNotEffectiveError(
+        f"{_NOT_PINNED}. This connection goes through a pooler (PostgreSQL's backend "
+        f"pid is not the one given at login), and whether the pool pins its server "
+        f"session could not be checked: a second connection failed: {error}",
+        _shown(channels),
+    )
 
 
 def check_session(expected: Iterable[str], row: Sequence[Any] | None) -> None:
