@@ -49,6 +49,7 @@ class Run:
     channel: str
     published: int = 0
     faults_done: int = 0
+    markers: int = 0  # Reconnected markers the listener has seen
     terminated: int = 0
     restarted: int = 0
     errors: list[BaseException] = field(default_factory=list)
@@ -133,9 +134,14 @@ def inject(run: Run, server: EmbeddedServer) -> None:
             while run.published < threshold(k) and not run.stop.is_set():
                 run.check_time(f"waiting to inject fault {k}")
                 time.sleep(0.005)
+            # The previous fault's marker first: every fault is an outage of
+            # its own, not a second blow to a reconnect still under way.
+            while run.markers < k and not run.stop.is_set():
+                run.check_time(f"waiting for the marker of fault {k - 1}")
+                time.sleep(0.005)
             if run.stop.is_set():
                 return
-            # Only a live listener: every fault is an outage of its own.
+            # Only a live listener.
             while not (pids := listener_pids(run)):
                 run.check_time(f"waiting for the listener before fault {k}")
                 time.sleep(0.01)
@@ -143,8 +149,16 @@ def inject(run: Run, server: EmbeddedServer) -> None:
                 server.restart()
                 run.restarted += 1
             else:
-                rows = admin_query(run, "SELECT pg_terminate_backend(%s)", (pids[0],))
-                assert rows == [(True,)], f"could not terminate the listener {pids[0]}"
+                # The backend listed may be the previous one, still exiting
+                # after the last fault (terminate answers False): list again.
+                while admin_query(run, "SELECT pg_terminate_backend(%s)", (pids[0],)) != [
+                    (True,)
+                ]:
+                    run.check_time(f"terminating the listener for fault {k}")
+                    time.sleep(0.01)
+                    while not (pids := listener_pids(run)):
+                        run.check_time(f"waiting for the listener before fault {k}")
+                        time.sleep(0.01)
                 run.terminated += 1
             run.faults_done = k + 1
     except BaseException as exc:
@@ -206,6 +220,7 @@ def test_durable_messages_survive_terminations_and_restarts(
             for item in receive(sub, run):
                 if isinstance(item, pgcast.Reconnected):
                     markers += 1
+                    run.markers = markers
                 elif item is not None:
                     payloads.append(item.payload)
                     event_ids.append(item.id)
