@@ -21,31 +21,15 @@ AsyncPubSub to at most one manager, not iterated by other means meanwhile.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
-from ._core import Wait
-from ._errors import ClosedError
-from ._manager_core import (
-    ConnectionSet,
-    Events,
-    HealthTick,
-    ManagerCore,
-    Read,
-    Register,
-    Step,
-    Unregister,
-    weak_callback,
-)
+from ._manager_core import Events, ManagerBase
 
 if TYPE_CHECKING:  # aio imports this module: no import at run time
     from .aio import AsyncPubSub
 
 __all__ = ["NotificationManager"]
-
-logger = logging.getLogger("pgcast")
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -53,7 +37,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class NotificationManager:
+class NotificationManager(ManagerBase["AsyncPubSub"]):
     """Wait for notifications on many :class:`~pgcast.AsyncPubSub` at once.
 
     :param connections: the AsyncPubSubs to watch; more can be added later.
@@ -67,73 +51,30 @@ class NotificationManager:
     ``async with`` or ``await close()`` to remove its readers from the loop.
     """
 
+    _NAME: ClassVar[str] = "pgcast.aio.NotificationManager"
+
     def __init__(
         self, *connections: AsyncPubSub, timeout: float | None = None, reconnect: bool = False
     ) -> None:
         self._closed = False
-        self._core: ManagerCore[AsyncPubSub] = ManagerCore(
-            connections, timeout, self._wake, reconnect=reconnect
-        )
         self._reconnects: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
         # Connections whose reader fired and was removed until they are read.
         self._paused: set[AsyncPubSub] = set()
-        self._hooks: dict[AsyncPubSub, Callable[[], None]] = {}
-        self._steps: Iterator[Step[AsyncPubSub]] | None = None
-
-    # -- py-postgresql's interface -------------------------------------------
-
-    @property
-    def connections(self) -> ConnectionSet[AsyncPubSub]:
-        """The connections watched: a set, to change at any time."""
-        return self._core.connections
-
-    @connections.setter
-    def connections(self, value: Iterable[AsyncPubSub]) -> None:
-        self._core.connections = value
-
-    @property
-    def garbage(self) -> set[AsyncPubSub]:
-        """Connections that died or raised, moved out of :attr:`connections`."""
-        return self._core.garbage
-
-    @garbage.setter
-    def garbage(self, value: set[AsyncPubSub]) -> None:
-        self._core.garbage = value
-
-    def settimeout(self, timeout: float | None) -> None:
-        """Set the seconds without events before an idle event; see
-        :meth:`pgcast.NotificationManager.settimeout`."""
-        self._core.timeout = timeout
-
-    def gettimeout(self) -> float | None:
-        """The timeout as last set: a number of seconds, or None."""
-        return self._core.timeout
+        super().__init__(connections, timeout, reconnect)
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> tuple[AsyncPubSub, Events] | None:
-        if self._closed:
-            raise ClosedError("this NotificationManager is closed")
-        steps = self._steps
-        if steps is None:
-            steps = self._steps = self._core.steps()
-        for step in steps:
-            kind = type(step)
-            if kind is Read:
-                await self._read(step.conn)  # type: ignore[union-attr]
-            elif kind is Wait:
-                await self._wait(step.timeout)  # type: ignore[union-attr]
-            elif kind is Register:
-                self._register(step.conn)  # type: ignore[union-attr]
-            elif kind is Unregister:
-                self._unregister(step.conn)  # type: ignore[union-attr]
-            elif kind is HealthTick:
-                await self._health_tick(step.conn)  # type: ignore[union-attr]
-            else:
+        for step in self._pending():
+            request = self._request(step)
+            if request is None:
                 return step  # type: ignore[return-value]
+            awaitable = request[0](request[1])
+            if awaitable is not None:  # the methods that wait are coroutines
+                await awaitable
         self._steps = None  # the next iteration starts over
         raise StopAsyncIteration
 
@@ -167,12 +108,6 @@ class NotificationManager:
     ) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        return (
-            f"<pgcast.aio.NotificationManager connections={len(self.connections)} "
-            f"garbage={len(self.garbage)} timeout={self.gettimeout()!r}>"
-        )
-
     # -- the driver ----------------------------------------------------------
 
     def _wake(self) -> None:
@@ -180,12 +115,11 @@ class NotificationManager:
             _resolve(self._waiter)
 
     def _poked(self, conn: AsyncPubSub) -> None:
-        self._core.poke(conn)
         if conn.closed:
             # close() closes the descriptor right after this call: the reader
             # must leave the loop now, not when this manager next runs.
             self._pause(conn)
-        self._wake()
+        super()._poked(conn)
 
     def _readable(self, conn: AsyncPubSub) -> None:
         self._core.ready(conn)
@@ -198,11 +132,7 @@ class NotificationManager:
             self._loop.remove_reader(fd)
             self._paused.add(conn)
 
-    def _lose(self, conn: AsyncPubSub, exc: BaseException) -> None:
-        if not self._core.lose(conn, exc):
-            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
-            return
-        self._unregister(conn)
+    def _reconnect_soon(self, conn: AsyncPubSub) -> None:
         task = self._get_loop().create_task(self._reconnect(conn))
         self._reconnects.add(task)
         task.add_done_callback(self._reconnects.discard)
@@ -211,11 +141,9 @@ class NotificationManager:
         try:
             await conn.reconnect()
         except Exception as exc:
-            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
-            self._core.reconnected(conn, exc)
+            self._reconnect_done(conn, exc)
         else:
-            self._core.reconnected(conn)
-        self._wake()
+            self._reconnect_done(conn)
 
     async def _read(self, conn: AsyncPubSub) -> None:
         try:
@@ -277,16 +205,11 @@ class NotificationManager:
         except Exception as exc:
             self._lose(conn, exc)
             return
-        hook = self._hooks[conn] = weak_callback(self._poked, conn)
-        conn._on_wake = hook
-        self._core.registered(conn, fd)
+        self._watch(conn, fd)
 
     def _unregister(self, conn: AsyncPubSub) -> None:
         fd = self._core.fds.get(conn)
         if fd is not None and conn not in self._paused and self._loop is not None:
             self._loop.remove_reader(fd)
         self._paused.discard(conn)
-        hook = self._hooks.pop(conn, None)
-        if hook is not None and conn._on_wake is hook:
-            conn._on_wake = None
-        self._core.unregistered(conn)
+        self._forget(conn)

@@ -49,33 +49,17 @@ managed; other threads may still ``notify`` through it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import selectors
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
-from ._core import Wait
-from ._errors import ClosedError
-from ._manager_core import (
-    ConnectionSet,
-    Events,
-    HealthTick,
-    ManagerCore,
-    Read,
-    Register,
-    Step,
-    Unregister,
-    weak_callback,
-)
+from ._manager_core import Events, ManagerBase
 from .client import PubSub
 
 __all__ = ["NotificationManager"]
-
-logger = logging.getLogger("pgcast")
 
 
 def _release(selector: selectors.BaseSelector, rfd: int, wfd: int) -> None:
@@ -84,7 +68,7 @@ def _release(selector: selectors.BaseSelector, rfd: int, wfd: int) -> None:
     os.close(wfd)
 
 
-class NotificationManager:
+class NotificationManager(ManagerBase[PubSub]):
     """Wait for notifications on many :class:`~pgcast.PubSub` connections at once.
 
     :param connections: the PubSubs to watch; more can be added later.
@@ -101,6 +85,8 @@ class NotificationManager:
     selector; the PubSubs themselves stay open.
     """
 
+    _NAME: ClassVar[str] = "pgcast.NotificationManager"
+
     def __init__(
         self, *connections: PubSub, timeout: float | None = None, reconnect: bool = False
     ) -> None:
@@ -115,73 +101,17 @@ class NotificationManager:
         self._selector = selectors.DefaultSelector()
         self._selector.register(rfd, selectors.EVENT_READ, None)
         self._finalizer = weakref.finalize(self, _release, self._selector, rfd, wfd)
-        self._core: ManagerCore[PubSub] = ManagerCore(
-            connections, timeout, self._wake, reconnect=reconnect
-        )
-        self._hooks: dict[PubSub, Callable[[], None]] = {}
-        self._steps: Iterator[Step[PubSub]] | None = None
-
-    # -- py-postgresql's interface -------------------------------------------
-
-    @property
-    def connections(self) -> ConnectionSet[PubSub]:
-        """The connections watched: a set, to change at any time."""
-        return self._core.connections
-
-    @connections.setter
-    def connections(self, value: Iterable[PubSub]) -> None:
-        self._core.connections = value
-
-    @property
-    def garbage(self) -> set[PubSub]:
-        """Connections that died or raised, moved out of :attr:`connections`.
-
-        Empty them yourself (``nm.garbage.clear()``) once handled.
-        """
-        return self._core.garbage
-
-    @garbage.setter
-    def garbage(self, value: set[PubSub]) -> None:
-        self._core.garbage = value
-
-    def settimeout(self, timeout: float | None) -> None:
-        """Set the seconds without events before an idle event.
-
-        ``None``: never idle. ``0``: the iteration reads every connection
-        once, yields what is pending, and ends.
-
-        :raises ValueError: a negative timeout.
-        :raises TypeError: not a number.
-        """
-        self._core.timeout = timeout
-
-    def gettimeout(self) -> float | None:
-        """The timeout as last set: a number of seconds, or None."""
-        return self._core.timeout
+        super().__init__(connections, timeout, reconnect)
 
     def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> tuple[PubSub, Events] | None:
-        if self._closed:
-            raise ClosedError("this NotificationManager is closed")
-        steps = self._steps
-        if steps is None:
-            steps = self._steps = self._core.steps()
-        for step in steps:
-            kind = type(step)
-            if kind is Read:
-                self._read(step.conn)  # type: ignore[union-attr]
-            elif kind is Wait:
-                self._wait(step.timeout)  # type: ignore[union-attr]
-            elif kind is Register:
-                self._register(step.conn)  # type: ignore[union-attr]
-            elif kind is Unregister:
-                self._unregister(step.conn)  # type: ignore[union-attr]
-            elif kind is HealthTick:
-                self._health_tick(step.conn)  # type: ignore[union-attr]
-            else:
+        for step in self._pending():
+            request = self._request(step)
+            if request is None:
                 return step  # type: ignore[return-value]
+            request[0](request[1])
         self._steps = None  # the next iteration starts over
         raise StopIteration
 
@@ -211,12 +141,6 @@ class NotificationManager:
     ) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return (
-            f"<pgcast.NotificationManager connections={len(self.connections)} "
-            f"garbage={len(self.garbage)} timeout={self.gettimeout()!r}>"
-        )
-
     # -- the driver ----------------------------------------------------------
 
     def _wake(self) -> None:
@@ -225,15 +149,7 @@ class NotificationManager:
                 with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
                     os.write(self._wfd, b"\0")
 
-    def _poked(self, conn: PubSub) -> None:
-        self._core.poke(conn)
-        self._wake()
-
-    def _lose(self, conn: PubSub, exc: BaseException) -> None:
-        if not self._core.lose(conn, exc):
-            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
-            return
-        self._unregister(conn)
+    def _reconnect_soon(self, conn: PubSub) -> None:
         # In a thread of its own, so that the backoff between attempts does
         # not hold up the other connections; the thread ends with the reconnect.
         threading.Thread(
@@ -244,11 +160,9 @@ class NotificationManager:
         try:
             conn.reconnect()
         except Exception as exc:
-            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
-            self._core.reconnected(conn, exc)
+            self._reconnect_done(conn, exc)
         else:
-            self._core.reconnected(conn)
-        self._wake()
+            self._reconnect_done(conn)
 
     def _read(self, conn: PubSub) -> None:
         try:
@@ -291,9 +205,7 @@ class NotificationManager:
         except Exception as exc:
             self._lose(conn, exc)
             return
-        hook = self._hooks[conn] = weak_callback(self._poked, conn)
-        conn._on_wake = hook
-        self._core.registered(conn, fd)
+        self._watch(conn, fd)
 
     def _unregister(self, conn: PubSub) -> None:
         fd = self._core.fds.get(conn)
@@ -302,7 +214,4 @@ class NotificationManager:
             if key is not None and key.data is conn:
                 # EpollSelector ignores the error of a descriptor already closed.
                 self._selector.unregister(fd)
-        hook = self._hooks.pop(conn, None)
-        if hook is not None and conn._on_wake is hook:
-            conn._on_wake = None
-        self._core.unregistered(conn)
+        self._forget(conn)
