@@ -43,6 +43,7 @@ from ._core import (
     plan,
     wrap_error,
 )
+from ._discard import DISCARD_TIMEOUT, shutdown
 from ._durable_core import (
     Unfetched,
 )
@@ -65,7 +66,6 @@ from ._reconnect import (
     resilience,
 )
 from .aio_manager import NotificationManager
-from .client import _DISCARD_TIMEOUT, _shutdown
 
 __all__ = ["AsyncPubSub", "NotificationManager", "connect", "notify"]
 
@@ -723,9 +723,9 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
             return
         # A command stuck on a dead connection holds its lock: shut the socket
         # down so it fails at once, then close (see the sync twin).
-        _shutdown(conn.pgconn)
+        shutdown(conn.pgconn)
         try:
-            await asyncio.wait_for(conn.lock.acquire(), _DISCARD_TIMEOUT)
+            await asyncio.wait_for(conn.lock.acquire(), DISCARD_TIMEOUT)
         except TimeoutError:
             logger.warning("pgcast: a command on the lost connection did not end; leaving it")
             return

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import select
 import selectors
 import socket
@@ -53,6 +52,7 @@ from ._core import (
     plan,
     wrap_error,
 )
+from ._discard import DISCARD_TIMEOUT, shutdown
 from ._durable_core import (
     BATCHES_BEFORE_MARKER,
     Unfetched,
@@ -75,6 +75,7 @@ from ._reconnect import (
     reconnect_plan,
     resilience,
 )
+from ._runner import Runner
 
 __all__ = ["PubSub", "Runner", "connect", "notify"]
 
@@ -881,8 +882,8 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
         # A command stuck on a dead connection holds its lock: shutting the
         # socket down makes it fail at once (and release the lock) rather
         # than wait for the kernel's timeout; only then is it safe to close.
-        _shutdown(conn.pgconn)
-        if conn.lock.acquire(timeout=_DISCARD_TIMEOUT):
+        shutdown(conn.pgconn)
+        if conn.lock.acquire(timeout=DISCARD_TIMEOUT):
             try:
                 with contextlib.suppress(Exception):
                     conn.close()
@@ -901,52 +902,3 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
                 asyncio.run(result)
         except Exception:
             logger.exception("pgcast: on_reconnect failed on %r", marker)
-
-
-_DISCARD_TIMEOUT = 5.0
-
-
-def _shutdown(pgconn: Any) -> None:
-    """Shut the connection's socket down (both ways) without closing it."""
-    try:
-        fd = os.dup(pgconn.socket)
-    except (psycopg.Error, OSError):
-        return
-    sock = socket.socket(fileno=fd)
-    try:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-    finally:
-        sock.close()
-
-
-class Runner(threading.Thread):
-    """A thread delivering a PubSub's events to its handlers; see
-    :meth:`PubSub.run_in_thread`."""
-
-    def __init__(self, pubsub: PubSub, *, daemon: bool = True) -> None:
-        super().__init__(name="pgcast-runner", daemon=daemon)
-        self.pubsub = pubsub
-        self._stop_event = threading.Event()
-        self.exception: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.pubsub.run_forever(self._stop_event)
-        except ClosedError:
-            pass
-        except BaseException as exc:
-            self.exception = exc
-            raise
-
-    def stop(self, timeout: float | None = 5.0) -> None:
-        """Stop delivering and wait up to *timeout* seconds for the thread.
-
-        :raises TimeoutError: a handler is still running after *timeout*.
-        """
-        self._stop_event.set()
-        self.pubsub._wake()
-        if threading.current_thread() is not self:
-            self.join(timeout)
-            if self.is_alive():
-                raise TimeoutError(f"pgcast runner did not stop within {timeout} s")
