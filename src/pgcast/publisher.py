@@ -48,7 +48,7 @@ import logging
 import threading
 import time
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, ClassVar, Final, Generic, Self, TypeVar
 
 import psycopg
 
@@ -86,11 +86,64 @@ def _remaining(deadline: float | None) -> float:
     return _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
 
 
-def _usable(conn: psycopg.Connection[Any] | None) -> bool:
+def _usable(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any] | None) -> bool:
     return conn is not None and not conn.closed and not conn.broken
 
 
-class Publisher:
+def _unsent(timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"the Publisher did not send its queue within {timeout} s")
+
+
+def _send_failure(exc: psycopg.Error | PgcastError) -> BaseException:
+    """What a batch whose send raised *exc* fails with: a pgcast error."""
+    if isinstance(exc, psycopg.Error):
+        error = wrap_error(exc)
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+H = TypeVar("H", concurrent.futures.Future[None], asyncio.Future[None])
+
+
+class _PublisherBase(Generic[H]):
+    """What both publishers share to the letter: state, checks, the close flag."""
+
+    _NAME: ClassVar[str]
+    _batcher: Batcher[H]
+    _closed: bool
+    _crash: BaseException | None
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Notifications queued and not yet handed to a transaction."""
+        return self._batcher.pending
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"pending={self._batcher.pending}"
+        return f"<pgcast.{self._NAME} {state}>"
+
+    def _check_open(self) -> None:
+        if self._crash is not None:
+            raise ClosedError(f"the Publisher's sender failed: {self._crash!r}")
+        if self._closed:
+            raise ClosedError("this Publisher is closed")
+
+    def _start_closing(self) -> bool:
+        """Mark the publisher closed; True the first time (wake the sender)."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._batcher.closing = True
+        return True
+
+
+class Publisher(_PublisherBase[concurrent.futures.Future[None]]):
     """Send notifications from many threads in few transactions (see the module).
 
     ``Publisher(conninfo, **kwargs)`` connects at once (raising
@@ -104,6 +157,8 @@ class Publisher:
     :param max_pending: the most notifications waiting unsent.
     :param timeout: how long :meth:`publish` waits for room by default.
     """
+
+    _NAME: ClassVar[str] = "Publisher"
 
     def __init__(
         self,
@@ -131,20 +186,6 @@ class Publisher:
         self._crash: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pgcast-publisher", daemon=True)
         self._thread.start()
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
-    @property
-    def pending(self) -> int:
-        """Notifications queued and not yet handed to a transaction."""
-        return self._batcher.pending
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"pending={self._batcher.pending}"
-        return f"<pgcast.Publisher {state}>"
 
     def publish(
         self, channel: str, payload: Payload = "", *, timeout: float | None = _DEFAULT
@@ -197,9 +238,7 @@ class Publisher:
         """
         deadline = _deadline(check_timeout("timeout", timeout))
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._batcher.closing = True
+            if self._start_closing():
                 self._work.notify()
                 self._progress.notify_all()
         while self._thread.is_alive():
@@ -210,7 +249,7 @@ class Publisher:
         if not alive and self._conn is not None:
             self._conn.close()
         if alive:
-            raise TimeoutError(f"the Publisher did not send its queue within {timeout} s")
+            raise _unsent(timeout)
         with self._lock:
             failure = self._batcher.take_failure()
         if failure is not None:
@@ -229,12 +268,6 @@ class Publisher:
 
     # -- under the lock --------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._crash is not None:
-            raise ClosedError(f"the Publisher's sender failed: {self._crash!r}")
-        if self._closed:
-            raise ClosedError("this Publisher is closed")
-
     def _wait_for_room(self, timeout: float | None) -> None:
         batcher = self._batcher
         start = time.monotonic()
@@ -250,7 +283,7 @@ class Publisher:
         while self._batcher.completed < mark and self._crash is None:
             remaining = _remaining(deadline)
             if remaining <= 0:
-                raise TimeoutError(f"the Publisher did not send its queue within {timeout} s")
+                raise _unsent(timeout)
             self._progress.wait(remaining)
 
     # -- the sender thread ---------------------------------------------------
@@ -308,12 +341,8 @@ class Publisher:
                 self._conn = self._connect()
             assert self._conn is not None
             self._conn.execute(*notify_many_params(batch.channels, batch.payloads))
-        except psycopg.Error as exc:
-            error = wrap_error(exc)
-            error.__cause__ = exc
-            return error
-        except PgcastError as exc:
-            return exc
+        except (psycopg.Error, PgcastError) as exc:
+            return _send_failure(exc)
         return None
 
 
@@ -329,12 +358,14 @@ def _resolve(batch: Batch[Any], error: BaseException | None) -> None:
             handle.exception()
 
 
-class AsyncPublisher:
+class AsyncPublisher(_PublisherBase[asyncio.Future[None]]):
     """The asyncio twin of :class:`Publisher`, for many tasks of one event loop.
 
     Create it with ``await AsyncPublisher.connect(conninfo, **kwargs)`` (same
     options as :class:`Publisher`); use ``async with`` or ``await close()``.
     """
+
+    _NAME: ClassVar[str] = "AsyncPublisher"
 
     def __init__(
         self,
@@ -380,20 +411,6 @@ class AsyncPublisher:
         conn = await _aconnect(conninfo, options)
         return cls(conn, conninfo, options, batcher, timeout)
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
-    @property
-    def pending(self) -> int:
-        """Notifications queued and not yet handed to a transaction."""
-        return self._batcher.pending
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"pending={self._batcher.pending}"
-        return f"<pgcast.AsyncPublisher {state}>"
-
     async def publish(
         self, channel: str, payload: Payload = "", *, timeout: float | None = _DEFAULT
     ) -> asyncio.Future[None]:
@@ -418,25 +435,21 @@ class AsyncPublisher:
         self._kick.set()
         while self._batcher.completed < mark and self._crash is None:
             if not await self._wait_progress(deadline):
-                raise TimeoutError(f"the Publisher did not send its queue within {timeout} s")
+                raise _unsent(timeout)
         failure = self._batcher.take_failure()
         if failure is not None:
             raise failure
 
     async def close(self, timeout: float | None = None) -> None:
         """Send what is queued, stop the sender, close; see :meth:`Publisher.close`."""
-        if not self._closed:
-            self._closed = True
-            self._batcher.closing = True
+        if self._start_closing():
             self._kick.set()
             self._signal()
         try:
             async with asyncio.timeout(check_timeout("timeout", timeout)):
                 await asyncio.shield(self._task)
         except TimeoutError:
-            raise TimeoutError(
-                f"the Publisher did not send its queue within {timeout} s"
-            ) from None
+            raise _unsent(timeout) from None
         except Exception:
             pass  # the crash was logged; its failures are reported below
         if self._conn is not None:
@@ -455,12 +468,6 @@ class AsyncPublisher:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def _check_open(self) -> None:
-        if self._crash is not None:
-            raise ClosedError(f"the Publisher's sender failed: {self._crash!r}")
-        if self._closed:
-            raise ClosedError("this Publisher is closed")
 
     def _signal(self) -> None:
         self._progress.set()
@@ -516,18 +523,14 @@ class AsyncPublisher:
     async def _send(self, batch: Batch[Any]) -> BaseException | None:
         try:
             conn = self._conn
-            if conn is None or conn.closed or conn.broken:
+            if conn is None or not _usable(conn):
                 if conn is not None:
                     await conn.close()
                 self._conn = None
                 self._conn = conn = await _aconnect(self._conninfo, self._options)
             await conn.execute(*notify_many_params(batch.channels, batch.payloads))
-        except psycopg.Error as exc:
-            error = wrap_error(exc)
-            error.__cause__ = exc
-            return error
-        except PgcastError as exc:
-            return exc
+        except (psycopg.Error, PgcastError) as exc:
+            return _send_failure(exc)
         return None
 
 
