@@ -30,15 +30,14 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import psycopg
-import psycopg.conninfo
 
 from . import _ops as ops
 from ._backoff import Backoff
+from ._connect import connect_failed, connect_plan, reconnect_conninfo
 from ._core import (
     Core,
     Handler,
     Wait,
-    connect_args,
     notify_query,
     plan,
     wrap_error,
@@ -49,7 +48,6 @@ from ._durable_core import (
 )
 from ._errors import (
     ClosedError,
-    ConnectError,
     ConnectionLostError,
 )
 from ._event import DurableEvent, Event
@@ -61,9 +59,7 @@ from ._reconnect import (
     Reconnected,
     Resilience,
     Sleep,
-    add_keepalives,
     reconnect_plan,
-    resilience,
 )
 from .aio_manager import NotificationManager
 
@@ -90,17 +86,12 @@ async def connect(
 ) -> AsyncPubSub:
     """Open an :class:`AsyncPubSub`; the arguments are those of
     :func:`pgcast.connect` (*on_reconnect* may be a coroutine function)."""
-    res = resilience(reconnect, reconnect_backoff, health_check_interval, notify_timeout,
-                     on_reconnect)
-    conninfo, options = connect_args(conninfo, kwargs)
-    options = add_keepalives(conninfo, options, res.health_check_interval)
-
-    async def open_connection() -> psycopg.AsyncConnection[Any]:
-        try:
-            return await psycopg.AsyncConnection.connect(conninfo, **options)
-        except psycopg.Error as exc:
-            raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-
+    conninfo, options, res = connect_plan(
+        conninfo, kwargs, reconnect=reconnect, reconnect_backoff=reconnect_backoff,
+        health_check_interval=health_check_interval, notify_timeout=notify_timeout,
+        on_reconnect=on_reconnect,
+    )
+    open_connection = _opener(conninfo, options)
     pubsub = AsyncPubSub(await open_connection(), resilience=res, connector=open_connection)
     try:
         await pubsub._run(ops.identify(pubsub._core))
@@ -110,16 +101,16 @@ async def connect(
     return pubsub
 
 
-def _connector_for(
-    conn: psycopg.AsyncConnection[Any],
+def _opener(
+    conninfo: str, options: dict[str, Any]
 ) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
-    conninfo = psycopg.conninfo.make_conninfo(conn.info.dsn, password=conn.info.password)
+    """What opens the AsyncPubSub's connections: the first one and every reconnect."""
 
     async def open_connection() -> psycopg.AsyncConnection[Any]:
         try:
-            return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+            return await psycopg.AsyncConnection.connect(conninfo, **options)
         except psycopg.Error as exc:
-            raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+            raise connect_failed(exc) from exc
 
     return open_connection
 
@@ -160,7 +151,7 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
             raise ValueError("an AsyncPubSub needs a connection in autocommit mode")
         res = resilience or Resilience()
         self._res = res
-        self._connector = connector or _connector_for(conn)
+        self._connector = connector or _opener(reconnect_conninfo(conn), {"autocommit": True})
         self._conn = conn
         self._pgconn = conn.pgconn
         self._core = Core(res.health_check_interval)

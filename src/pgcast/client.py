@@ -39,15 +39,14 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import psycopg
-import psycopg.conninfo
 
 from . import _ops as ops
 from ._backoff import Backoff
+from ._connect import connect_failed, connect_plan, reconnect_conninfo
 from ._core import (
     Core,
     Handler,
     Wait,
-    connect_args,
     notify_query,
     plan,
     wrap_error,
@@ -59,7 +58,6 @@ from ._durable_core import (
 )
 from ._errors import (
     ClosedError,
-    ConnectError,
     ConnectionLostError,
 )
 from ._event import DurableEvent, Event
@@ -71,9 +69,7 @@ from ._reconnect import (
     Reconnected,
     Resilience,
     Sleep,
-    add_keepalives,
     reconnect_plan,
-    resilience,
 )
 from ._runner import Runner
 
@@ -122,29 +118,23 @@ def connect(
     :raises ConnectError: the server could not be reached or refused the
         login; the message is the server's.
     """
-    res = resilience(reconnect, reconnect_backoff, health_check_interval, notify_timeout,
-                     on_reconnect)
-    conninfo, options = connect_args(conninfo, kwargs)
-    options = add_keepalives(conninfo, options, res.health_check_interval)
+    conninfo, options, res = connect_plan(
+        conninfo, kwargs, reconnect=reconnect, reconnect_backoff=reconnect_backoff,
+        health_check_interval=health_check_interval, notify_timeout=notify_timeout,
+        on_reconnect=on_reconnect,
+    )
+    open_connection = _opener(conninfo, options)
+    return PubSub(open_connection(), resilience=res, connector=open_connection)
+
+
+def _opener(conninfo: str, options: dict[str, Any]) -> Callable[[], psycopg.Connection[Any]]:
+    """What opens the PubSub's connections: the first one and every reconnect."""
 
     def open_connection() -> psycopg.Connection[Any]:
         try:
             return psycopg.Connection.connect(conninfo, **options)
         except psycopg.Error as exc:
-            raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-
-    return PubSub(open_connection(), resilience=res, connector=open_connection)
-
-
-def _connector_for(conn: psycopg.Connection[Any]) -> Callable[[], psycopg.Connection[Any]]:
-    """Reconnect with what *conn* was opened with (its password included)."""
-    conninfo = psycopg.conninfo.make_conninfo(conn.info.dsn, password=conn.info.password)
-
-    def open_connection() -> psycopg.Connection[Any]:
-        try:
-            return psycopg.Connection.connect(conninfo, autocommit=True)
-        except psycopg.Error as exc:
-            raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+            raise connect_failed(exc) from exc
 
     return open_connection
 
@@ -185,7 +175,7 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
             raise ValueError("a PubSub needs a connection in autocommit mode")
         res = resilience or Resilience()
         self._res = res
-        self._connector = connector or _connector_for(conn)
+        self._connector = connector or _opener(reconnect_conninfo(conn), {"autocommit": True})
         self._conn = conn
         self._pgconn = conn.pgconn
         self._lock = conn.lock
