@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 
 import psycopg
-from _common import Row, median, prefill, row, spread
+from _common import Row, count_events, median, prefill, row, spread
 
 import pgcast
 from pgcast.durable import install_schema
@@ -127,17 +127,7 @@ def _publish_subjects(channel: str) -> dict[str, tuple[int, Callable[..., int]]]
 
 
 def _drain(ps: pgcast.PubSub, n: int) -> int:
-    count = 0
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    for event in ps.events(select_timeout=1.0, yield_timeouts=True):
-        if event is None:
-            if time.monotonic() > deadline:
-                break
-            continue
-        count += 1
-        if count == n:
-            break
-    return count
+    return count_events(ps.events(select_timeout=1.0, yield_timeouts=True), n, DRAIN_TIMEOUT)
 
 
 def _fill_durable(dsn: str, channel: str, n: int, payload: str | None = None) -> int:

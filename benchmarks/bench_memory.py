@@ -15,11 +15,10 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
-from _common import Row, prefill, row
+from _common import Row, acount_events, count_events, prefill, row
 
 import pgcast
 
@@ -41,81 +40,73 @@ def _page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
+class _Sizes(dict[str, int]):
+    """The listener's RSS after LISTEN, after the warm-up, at the end; its count."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(start=0, warm=0, end=0, count=0)
+        self.warm_at = n // 10
+
+    def ready(self) -> None:
+        """LISTENing: take the first size and tell the parent."""
+        self["start"] = _rss()
+        print("ready", flush=True)
+
+    def counted(self, count: int) -> None:
+        """*count* events so far: the warm-up's size when it ends."""
+        if count == self.warm_at:
+            self["warm"] = _rss()
+
+    def done(self, count: int) -> dict[str, int]:
+        """The drain is over: the last size."""
+        self["end"] = _rss()
+        self["count"] = count
+        return dict(self)
+
+
 def listen_sync(dsn: str, channel: str, n: int) -> dict[str, int]:
-    warm = n // 10
-    out = {"start": 0, "warm": 0, "end": 0, "count": 0}
+    sizes = _Sizes(n)
     with pgcast.connect(dsn) as ps:
         ps.listen(channel)
-        out["start"] = _rss()
-        print("ready", flush=True)
+        sizes.ready()
         sys.stdin.readline()  # "go": everything has been sent
-        count = 0
-        deadline = time.monotonic() + TIMEOUT
-        for event in ps.events(select_timeout=1.0, yield_timeouts=True):
-            if event is None:
-                if time.monotonic() > deadline:
-                    break
-                continue
-            count += 1
-            if count == warm:
-                out["warm"] = _rss()
-            elif count == n:
-                break
-        out["end"] = _rss()
-        out["count"] = count
-    return out
+        events = ps.events(select_timeout=1.0, yield_timeouts=True)
+        return sizes.done(count_events(events, n, TIMEOUT, sizes.counted))
 
 
 def listen_async(dsn: str, channel: str, n: int) -> dict[str, int]:
     async def main() -> dict[str, int]:
-        warm = n // 10
-        out = {"start": 0, "warm": 0, "end": 0, "count": 0}
+        sizes = _Sizes(n)
         async with await pgcast.aio.connect(dsn) as ps:
             await ps.listen(channel)
-            out["start"] = _rss()
-            print("ready", flush=True)
+            sizes.ready()
             await asyncio.to_thread(sys.stdin.readline)
-            count = 0
-            deadline = time.monotonic() + TIMEOUT
-            async for event in ps.events(select_timeout=1.0, yield_timeouts=True):
-                if event is None:
-                    if time.monotonic() > deadline:
-                        break
-                    continue
-                count += 1
-                if count == warm:
-                    out["warm"] = _rss()
-                elif count == n:
-                    break
-            out["end"] = _rss()
-            out["count"] = count
-        return out
+            events = ps.events(select_timeout=1.0, yield_timeouts=True)
+            return sizes.done(await acount_events(events, n, TIMEOUT, sizes.counted))
 
     return asyncio.run(main())
 
 
 def listen_callbacks(dsn: str, channel: str, n: int) -> dict[str, int]:
-    warm = n // 10
-    out = {"start": 0, "warm": 0, "end": 0, "count": 0}
+    sizes = _Sizes(n)
     done = threading.Event()
+    count = 0
     with pgcast.connect(dsn) as ps:
 
         def handler(event: pgcast.Event) -> None:
-            out["count"] += 1
-            if out["count"] == warm:
-                out["warm"] = _rss()
-            elif out["count"] == n:
+            nonlocal count
+            count += 1
+            sizes.counted(count)
+            if count == n:
                 done.set()
 
         ps.subscribe(channel, handler)
-        out["start"] = _rss()
-        print("ready", flush=True)
+        sizes.ready()
         sys.stdin.readline()
         runner = ps.run_in_thread()
         done.wait(TIMEOUT)
         runner.stop()
-        out["end"] = _rss()
-    return out
+        return sizes.done(count)
 
 
 SUBJECTS = {

@@ -25,7 +25,18 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from _common import Row, median, prefill, redis_client, redis_parser, row, spread
+from _common import (
+    Row,
+    acount_events,
+    count_events,
+    listen_raw,
+    median,
+    prefill,
+    redis_client,
+    redis_parser,
+    row,
+    spread,
+)
 
 import pgcast
 
@@ -54,17 +65,8 @@ def pgcast_sync_events(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[
     ps.listen(channel)
 
     def drain() -> int:
-        count = 0
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        for event in ps.events(select_timeout=1.0, yield_timeouts=True):
-            if event is None:
-                if time.monotonic() > deadline:
-                    break
-                continue
-            count += 1
-            if count == n:
-                break
-        return count
+        events = ps.events(select_timeout=1.0, yield_timeouts=True)
+        return count_events(events, n, DRAIN_TIMEOUT)
 
     return drain, ps.close
 
@@ -118,17 +120,8 @@ def pgcast_async_events(dsn: str, channel: str, n: int) -> tuple[Drain, Callable
         return ps
 
     async def drain(ps: pgcast.AsyncPubSub) -> int:
-        count = 0
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        async for event in ps.events(select_timeout=1.0, yield_timeouts=True):
-            if event is None:
-                if time.monotonic() > deadline:
-                    break
-                continue
-            count += 1
-            if count == n:
-                break
-        return count
+        events = ps.events(select_timeout=1.0, yield_timeouts=True)
+        return await acount_events(events, n, DRAIN_TIMEOUT)
 
     async def close(ps: pgcast.AsyncPubSub) -> None:
         await ps.close()
@@ -190,8 +183,7 @@ def pgcast_manager(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], 
 
 
 def raw_psycopg3(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], None]]:
-    conn = psycopg.connect(dsn, autocommit=True)
-    conn.execute(f'LISTEN "{channel}"')
+    conn = listen_raw(dsn, channel)
 
     def drain() -> int:
         count = 0
@@ -208,8 +200,7 @@ def floor_pgconn(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], No
     # objects of its own. pgcast's receive path is this plus its Event.
     import selectors
 
-    conn = psycopg.connect(dsn, autocommit=True)
-    conn.execute(f'LISTEN "{channel}"')
+    conn = listen_raw(dsn, channel)
 
     def drain() -> int:
         pgconn = conn.pgconn
