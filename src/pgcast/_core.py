@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
@@ -316,6 +316,26 @@ class Core:
 
     def is_async(self, handler: Handler) -> bool:
         return handler in self._async_handlers
+
+    def deliver(self, event: Event | Reconnected | None) -> Iterator[Awaitable[object]]:
+        """Call the handlers of *event*'s channel in order (what ``run()``
+        does with each event; markers and idle ``None`` go to none).
+
+        A plain function is called here; what a coroutine function returns is
+        yielded, for the driver to run to completion before the next handler
+        is called, and to pass to :meth:`handler_failed` if it raises. A
+        handler that raises goes to :meth:`handler_failed`; delivery goes on.
+        """
+        if event is None or isinstance(event, Reconnected):
+            return  # markers went to on_reconnect already
+        async_handlers = self._async_handlers
+        for handler in self.handlers.get(event.channel, ()):
+            try:
+                result = handler(event)
+                if handler in async_handlers:
+                    yield result  # type: ignore[misc]
+            except Exception as exc:
+                self.handler_failed(exc, event)
 
     def handler_failed(self, exc: BaseException, event: Event) -> None:
         """Report a handler's exception; never raises, so delivery goes on."""

@@ -338,16 +338,11 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
         steps = plan(core.inbox, timeout=None, idle=False)
         try:
             async for event in self._drive(steps, stoppable=True):
-                # Markers go to on_reconnect, which was called already.
-                if event is None or isinstance(event, Reconnected):
-                    continue
-                for handler in core.handlers.get(event.channel, ()):
+                for result in core.deliver(event):
                     try:
-                        result = handler(event)
-                        if core.is_async(handler):
-                            await result  # type: ignore[misc]
+                        await result
                     except Exception as exc:
-                        core.handler_failed(exc, event)
+                        core.handler_failed(exc, event)  # type: ignore[arg-type]
                 if self._stopping:
                     return  # the events not handled stay in the inbox
         finally:

@@ -464,18 +464,13 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
         with contextlib.ExitStack() as stack:
             loop: asyncio.Runner | None = None
             for event in self._drive(steps, stop):
-                # Markers go to on_reconnect, which was called already.
-                if event is None or isinstance(event, Reconnected):
-                    continue
-                for handler in core.handlers.get(event.channel, ()):
+                for result in core.deliver(event):
                     try:
-                        result = handler(event)
-                        if core.is_async(handler):
-                            if loop is None:
-                                loop = stack.enter_context(asyncio.Runner())
-                            loop.run(result)  # type: ignore[arg-type]
+                        if loop is None:
+                            loop = stack.enter_context(asyncio.Runner())
+                        loop.run(result)  # type: ignore[arg-type]
                     except Exception as exc:
-                        core.handler_failed(exc, event)
+                        core.handler_failed(exc, event)  # type: ignore[arg-type]
                 if stop is not None and stop.is_set():
                     return  # the events not handled stay in the inbox
 
