@@ -27,7 +27,8 @@ made meanwhile wait for the connection, up to ``database_timeout`` seconds.
 Durable channels (``durable`` globs) are LISTENed durably; a client resuming
 from a position is served by :mod:`._resume`, whose replay queries run on a
 second connection (the *query* connection), opened when first needed, never on the
-LISTEN one.
+LISTEN one. How each connection is opened (and the NOTIFY queue usage read
+for ``/metrics``) is in :mod:`._database`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -49,6 +49,7 @@ from .._errors import AccessDenied, ConnectError, ConnectionLostError, PgcastErr
 from .._event import Event
 from .._reconnect import Reconnected
 from . import _metrics, _protocol
+from ._database import QueryConnection, QueueUsage, connect_listener, listen_all, reconnect_delay
 from ._protocol import Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
 from ._resume import Resume
 from ._router import Outbox, Overflow, Router, Subscriber
@@ -150,11 +151,10 @@ class Hub:
         self._reap_task: asyncio.Task[None] | None = None
         self._reap_wanted = asyncio.Event()
         self._jobs: set[asyncio.Task[Any]] = set()
-        self._queue_usage: tuple[float, float | None] = (-1e9, None)
+        self._queue_usage = QueueUsage(settings)
         self._authorize: Authorizer = settings.authorizer or _deny_all
         self.is_durable = globs_matcher(settings.durable)
-        self._query: psycopg.AsyncConnection[Any] | None = None
-        self._query_lock = asyncio.Lock()
+        self._query = QueryConnection(settings)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -164,7 +164,7 @@ class Hub:
         :raises pgcast.ConnectError: PostgreSQL cannot be reached; the
             gateway does not start without its database.
         """
-        self._aps = await self._connect()
+        self._aps = await connect_listener(self.settings)
         self._ready.set()
         self._pump_task = asyncio.create_task(self._pump(), name="pgcast-gateway-pump")
         self._reap_task = asyncio.create_task(self._reaper(), name="pgcast-gateway-reaper")
@@ -196,8 +196,7 @@ class Hub:
                     await task
         if self._aps is not None:
             await self._aps.close()
-        if self._query is not None:
-            await self._query.close()
+        await self._query.close()
 
     @property
     def closing(self) -> bool:
@@ -346,7 +345,7 @@ class Hub:
             resume = client.resume
             try:
                 await self._shielded(
-                    resume.replay(resume_from, self._fetch, lambda: client.gone)
+                    resume.replay(resume_from, self._query.fetch, lambda: client.gone)
                 )
             except (PgcastError, psycopg.Error) as exc:
                 raise ProtocolError(f"replaying the log failed: {exc}") from None
@@ -396,15 +395,6 @@ class Hub:
 
     # -- the database side -------------------------------------------------
 
-    async def _connect(self) -> aio.AsyncPubSub:
-        options = dict(self.settings.connect_kwargs)
-        options.setdefault("application_name", "pgcast-gateway")
-        # TCP keepalives notice a peer that vanished without closing the socket.
-        for key, value in (("keepalives", 1), ("keepalives_idle", 10),
-                           ("keepalives_interval", 5), ("keepalives_count", 3)):
-            options.setdefault(key, value)
-        return await aio.connect(self.settings.dsn, **options)
-
     async def _shielded(self, coro: Coroutine[Any, Any, T]) -> T:
         # The statement finishes even if the client's task is cancelled.
         task = asyncio.ensure_future(coro)
@@ -434,15 +424,8 @@ class Hub:
                 if not self._ready.is_set() or aps is None:
                     continue
                 missing = self.router.missing(aps.listening_channels(), channels)
-                durable = [c for c in missing if self.is_durable(c)]
-                plain = [c for c in missing if not self.is_durable(c)]
                 try:
-                    if plain:
-                        await aps.listen(*plain)
-                    if durable:
-                        # The shared connection itself replays what it missed
-                        # across its reconnects, so no client misses any.
-                        await aps.listen(*durable, durable=True)
+                    await listen_all(aps, missing, self.is_durable)
                 except ConnectionLostError:
                     lost = True
                 except PgcastError as exc:
@@ -536,23 +519,16 @@ class Hub:
         attempt = 0
         while not self._closing:
             if attempt:
-                # Exponential backoff with full jitter, capped at 5 s.
-                await asyncio.sleep(random.uniform(0, min(5.0, 0.1 * 2 ** (attempt - 1))))
+                await asyncio.sleep(reconnect_delay(attempt))
             attempt += 1
             try:
-                aps = await self._connect()
+                aps = await connect_listener(self.settings)
             except ConnectError as exc:
                 logger.warning("pgcast gateway: reconnect attempt %d failed: %s", attempt, exc)
                 continue
             async with self._lock:
                 try:
-                    channels = sorted(self.router.channels())
-                    plain = [c for c in channels if not self.is_durable(c)]
-                    durable = [c for c in channels if self.is_durable(c)]
-                    if plain:
-                        await aps.listen(*plain)
-                    if durable:
-                        await aps.listen(*durable, durable=True)
+                    await listen_all(aps, sorted(self.router.channels()), self.is_durable)
                 except PgcastError as exc:
                     logger.warning("pgcast gateway: re-LISTEN failed: %s", exc)
                     with contextlib.suppress(Exception):
@@ -584,43 +560,12 @@ class Hub:
             f"slow consumer: {self.settings.queue_size} messages queued (queue_size)",
         )
 
-    async def _fetch(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
-        """Run a replay query on the hub's query connection (not the LISTEN
-        one), opened when first needed and again after it broke."""
-        async with self._query_lock:
-            conn = self._query
-            if conn is None or conn.closed:
-                options = dict(self.settings.connect_kwargs)
-                options.update(autocommit=True, application_name="pgcast-gateway-replay")
-                options.setdefault("connect_timeout", 10)
-                conn = self._query = await psycopg.AsyncConnection.connect(
-                    self.settings.dsn, **options
-                )
-            cur = await conn.execute(sql, params)
-            return await cur.fetchall()
-
     # -- operations --------------------------------------------------------
 
     async def queue_usage(self) -> float | None:
         """``pg_notification_queue_usage()`` from a short separate connection,
         cached for ``metrics_cache`` seconds; None if it cannot be read."""
-        at, value = self._queue_usage
-        now = time.monotonic()
-        if now - at < self.settings.metrics_cache:
-            return value
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                self.settings.dsn, autocommit=True, connect_timeout=5,
-                application_name="pgcast-gateway-metrics",
-            ) as conn:
-                cur = await conn.execute("SELECT pg_notification_queue_usage()")
-                row = await cur.fetchone()
-                value = float(row[0]) if row is not None else None
-        except psycopg.Error as exc:
-            logger.warning("pgcast gateway: cannot read the NOTIFY queue usage: %s", exc)
-            value = None
-        self._queue_usage = (now, value)
-        return value
+        return await self._queue_usage.read()
 
     async def metrics(self) -> str:
         """The Prometheus text for ``/metrics``."""

@@ -1,0 +1,135 @@
+"""The gateway's connections to PostgreSQL, apart from what the hub decides.
+
+The :class:`~pgcast.gateway._hub.Hub` decides *when* to connect, LISTEN and
+reconnect; this module says *how*, with no state of the hub's:
+
+* :func:`connect_listener` opens the LISTEN connection (an
+  :class:`pgcast.AsyncPubSub` named ``pgcast-gateway``, with TCP keepalives so
+  a peer that vanished without closing the socket is noticed);
+* :func:`listen_all` LISTENs to channels, the durable ones durably;
+* :func:`reconnect_delay` is the backoff between the hub's own reconnect
+  attempts;
+* :class:`QueryConnection` is the second connection the durable replay
+  queries run on, never the LISTEN one, opened when first needed;
+* :class:`QueueUsage` reads ``pg_notification_queue_usage()`` for
+  ``/metrics`` from a short connection of its own, cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from .. import aio
+
+if TYPE_CHECKING:
+    from ._hub import Settings
+
+__all__ = ["QueryConnection", "QueueUsage", "connect_listener", "listen_all", "reconnect_delay"]
+
+logger = logging.getLogger("pgcast.gateway")
+
+
+async def connect_listener(settings: Settings) -> aio.AsyncPubSub:
+    """Open the gateway's LISTEN connection.
+
+    :raises pgcast.ConnectError: PostgreSQL cannot be reached.
+    """
+    options = dict(settings.connect_kwargs)
+    options.setdefault("application_name", "pgcast-gateway")
+    # TCP keepalives notice a peer that vanished without closing the socket.
+    for key, value in (("keepalives", 1), ("keepalives_idle", 10),
+                       ("keepalives_interval", 5), ("keepalives_count", 3)):
+        options.setdefault(key, value)
+    return await aio.connect(settings.dsn, **options)
+
+
+async def listen_all(
+    aps: aio.AsyncPubSub, channels: Iterable[str], is_durable: Callable[[str], bool]
+) -> None:
+    """LISTEN to *channels* on *aps*: the plain ones, then durably the durable ones.
+
+    :raises pgcast.PgcastError: as :meth:`pgcast.AsyncPubSub.listen`.
+    """
+    channels = list(channels)
+    plain = [c for c in channels if not is_durable(c)]
+    durable = [c for c in channels if is_durable(c)]
+    if plain:
+        await aps.listen(*plain)
+    if durable:
+        # The shared connection itself replays what it missed across its
+        # reconnects, so no client misses any.
+        await aps.listen(*durable, durable=True)
+
+
+def reconnect_delay(failed: int) -> float:
+    """Seconds to wait before the next reconnect attempt after *failed*
+    failed ones: none before the first, then exponential backoff with full
+    jitter, capped at 5 s."""
+    if failed <= 0:
+        return 0.0
+    return random.uniform(0, min(5.0, 0.1 * 2 ** (failed - 1)))
+
+
+class QueryConnection:
+    """The connection the replay queries run on (not the LISTEN one)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+
+    async def fetch(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
+        """Run a query and return its rows; the connection is opened when
+        first needed and again after it broke."""
+        async with self._lock:
+            conn = self._conn
+            if conn is None or conn.closed:
+                options = dict(self._settings.connect_kwargs)
+                options.update(autocommit=True, application_name="pgcast-gateway-replay")
+                options.setdefault("connect_timeout", 10)
+                conn = self._conn = await psycopg.AsyncConnection.connect(
+                    self._settings.dsn, **options
+                )
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall()
+
+    async def close(self) -> None:
+        """Close the connection, if it was opened."""
+        if self._conn is not None:
+            await self._conn.close()
+
+
+class QueueUsage:
+    """``pg_notification_queue_usage()``, read at most every ``metrics_cache`` s."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._last: tuple[float, float | None] = (-1e9, None)
+
+    async def read(self) -> float | None:
+        """The fraction of the NOTIFY queue in use (cached); None if it
+        cannot be read."""
+        at, value = self._last
+        now = time.monotonic()
+        if now - at < self._settings.metrics_cache:
+            return value
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self._settings.dsn, autocommit=True, connect_timeout=5,
+                application_name="pgcast-gateway-metrics",
+            ) as conn:
+                cur = await conn.execute("SELECT pg_notification_queue_usage()")
+                row = await cur.fetchone()
+                value = float(row[0]) if row is not None else None
+        except psycopg.Error as exc:
+            logger.warning("pgcast gateway: cannot read the NOTIFY queue usage: %s", exc)
+            value = None
+        self._last = (now, value)
+        return value
