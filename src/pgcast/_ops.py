@@ -30,6 +30,8 @@ The requests, and what the driver answers:
   answer its rows (:func:`check_pinned`);
 * :data:`NO_PREPARE`: stop psycopg preparing statements on this connection
   (:func:`identify`);
+* :data:`SETTLE`: read what is pending and wait for an outstanding probe's
+  answer (:func:`begin_command`);
 * :class:`~pgcast._reconnect.Sleep` and :class:`~pgcast._reconnect.Attempt`
   (from :func:`reconnect`), :data:`DISCARD`, :data:`CONNECT`, :class:`Direct`,
   :data:`AFTER_QUERY`, :data:`HOOKS` and :data:`CHECK_CLOSED`: the steps of a
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
@@ -53,10 +56,16 @@ from ._channels import unlisten_sql
 from ._core import Core
 from ._durable_core import BATCHES_BEFORE_MARKER, Unfetched, publish_many_query, publish_query
 from ._durable_schema import Query, Rows, Steps, install_steps
-from ._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
+from ._errors import (
+    ClosedError,
+    ConnectionLostError,
+    ListenNotEffectiveError,
+    NotSentError,
+    PgcastError,
+)
 from ._event import DurableEvent, Event
 from ._payload import Payload
-from ._reconnect import Attempt, Reconnected, Sleep
+from ._reconnect import Attempt, Reconnected, Resilience, Sleep
 from .durable import schema_error
 
 __all__ = [
@@ -67,6 +76,7 @@ __all__ = [
     "HOOKS",
     "NO_PREPARE",
     "READ",
+    "SETTLE",
     "WAKE",
     "Direct",
     "Elsewhere",
@@ -100,10 +110,12 @@ class Transaction:
 @dataclass(frozen=True, slots=True)
 class Recover:
     """Reconnect after *error*, seen on connection *generation*, unless another
-    thread or task did meanwhile; answer the marker (or ``None``)."""
+    thread or task did meanwhile, giving up at *deadline* (``time.monotonic()``;
+    ``None``: the backoff's own end); answer the marker (or ``None``)."""
 
     error: ConnectionLostError
     generation: int
+    deadline: float | None = None
 
 
 class Direct(NamedTuple):
@@ -149,6 +161,9 @@ HOOKS: Final = _Signal("HOOKS")
 CHECK_CLOSED: Final = _Signal("CHECK_CLOSED")
 #: Set the connection's ``prepare_threshold`` to ``None``.
 NO_PREPARE: Final = _Signal("NO_PREPARE")
+#: Read what is pending and wait for an outstanding probe's answer (the
+#: drivers' ``_settle``): raises ConnectionLostError if the connection is lost.
+SETTLE: Final = _Signal("SETTLE")
 
 Request: TypeAlias = (
     Query | Execute | Transaction | Recover | Direct | Elsewhere | Sleep | Attempt | _Signal
@@ -161,9 +176,18 @@ class Session(Protocol):
     """What the sequences read of a PubSub (never write: that is the core's)."""
 
     _core: Core
+    _res: Resilience
     _closed: bool
     _generation: int
     _kind: str  # the class's name, for messages
+
+    def _in_reconnect(self) -> bool:
+        """Whether the calling thread or task is the one reconnecting."""
+        ...
+
+    def _not_sent(self, gave_up: ConnectionLostError) -> NotSentError:
+        """The error of a command whose connection did not come back in time."""
+        ...
 
 
 # -- the connection ------------------------------------------------------------
@@ -203,6 +227,29 @@ def check_pinned(core: Core) -> Op[None]:
         raise diagnostics.unverified_pool(expected, exc) from exc
     diagnostics.check_pinned(expected, rows[0][0] if rows and rows[0][0] else ())
     core.pinned = True
+
+
+def begin_command(s: Session) -> Op[None]:
+    """Make the connection ready for a command: no probe outstanding, not
+    known to be lost. A connection known lost before anything is sent is
+    restored first, within ``notify_timeout`` (else NotSentError): the command
+    is then sent, never dropped. Not by the thread or task reconnecting (its
+    hooks' commands), nor with ``reconnect=False``: those see the loss."""
+    deadline: float | None = None
+    while True:
+        generation = s._generation
+        try:
+            yield SETTLE
+            return
+        except ConnectionLostError as exc:
+            if not s._res.reconnect or s._in_reconnect():
+                raise
+            if deadline is None:
+                deadline = time.monotonic() + s._res.notify_timeout
+            try:
+                yield Recover(exc, generation, deadline)
+            except ConnectionLostError as gave_up:
+                raise s._not_sent(gave_up) from gave_up
 
 
 # -- subscriptions -----------------------------------------------------------

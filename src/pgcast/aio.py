@@ -390,8 +390,10 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
 
     async def _serve(self, request: ops.Request) -> Any:
         """Execute the requests other than commands (see :meth:`_run`)."""
+        if request is ops.SETTLE:
+            return await self._settle()
         if type(request) is ops.Recover:
-            return await self._recover(request.error, request.generation)
+            return await self._recover(request.error, request.generation, request.deadline)
         if type(request) is ops.Transaction:
             async with self.transaction():
                 return await self._run(request.steps)
@@ -481,21 +483,7 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
     async def _begin_command(self) -> None:
         self._queries += 1
         try:
-            deadline: float | None = None
-            while True:
-                generation = self._generation
-                try:
-                    await self._settle()
-                    return
-                except ConnectionLostError as exc:
-                    if not self._res.reconnect or self._in_reconnect():
-                        raise
-                    if deadline is None:
-                        deadline = time.monotonic() + self._res.notify_timeout
-                    try:
-                        await self._recover(exc, generation, deadline)
-                    except ConnectionLostError as gave_up:
-                        raise self._not_sent(gave_up) from gave_up
+            await self._run(ops.begin_command(self))
         except BaseException:
             self._queries -= 1
             raise

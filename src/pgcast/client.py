@@ -517,8 +517,10 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
 
     def _serve(self, request: ops.Request) -> Any:
         """Execute the requests other than commands (see :meth:`_run`)."""
+        if request is ops.SETTLE:
+            return self._settle()
         if type(request) is ops.Recover:
-            return self._recover(request.error, request.generation)
+            return self._recover(request.error, request.generation, request.deadline)
         if type(request) is ops.Transaction:
             with self.transaction():
                 return self._run(request.steps)
@@ -606,24 +608,13 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
         with self._queries_lock:
             self._queries += 1
         try:
-            deadline: float | None = None
-            while True:
-                generation = self._generation
-                try:
-                    self._settle()
-                    return
-                except ConnectionLostError as exc:
-                    if not self._res.reconnect or self._reconnecting == threading.get_ident():
-                        raise
-                    if deadline is None:
-                        deadline = time.monotonic() + self._res.notify_timeout
-                    try:
-                        self._recover(exc, generation, deadline)
-                    except ConnectionLostError as gave_up:
-                        raise self._not_sent(gave_up) from gave_up
+            self._run(ops.begin_command(self))
         except BaseException:
             self._end_command()
             raise
+
+    def _in_reconnect(self) -> bool:
+        return self._reconnecting == threading.get_ident()
 
     def _end_command(self) -> None:
         with self._queries_lock:
