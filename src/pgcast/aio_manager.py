@@ -21,9 +21,9 @@ AsyncPubSub to at most one manager, not iterated by other means meanwhile.
 from __future__ import annotations
 
 import asyncio
-from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Self
 
+from ._closing import AsyncClosing
 from ._manager_core import Events, ManagerBase
 
 if TYPE_CHECKING:  # aio imports this module: no import at run time
@@ -37,7 +37,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class NotificationManager(ManagerBase["AsyncPubSub"]):
+class NotificationManager(ManagerBase["AsyncPubSub"], AsyncClosing):
     """Wait for notifications on many :class:`~pgcast.AsyncPubSub` at once.
 
     :param connections: the AsyncPubSubs to watch; more can be added later.
@@ -96,17 +96,6 @@ class NotificationManager(ManagerBase["AsyncPubSub"]):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- the driver ----------------------------------------------------------
 

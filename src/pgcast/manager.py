@@ -53,9 +53,9 @@ import os
 import selectors
 import threading
 import weakref
-from types import TracebackType
 from typing import ClassVar, Self
 
+from ._closing import Closing
 from ._manager_core import Events, ManagerBase
 from .client import PubSub
 
@@ -68,7 +68,7 @@ def _release(selector: selectors.BaseSelector, rfd: int, wfd: int) -> None:
     os.close(wfd)
 
 
-class NotificationManager(ManagerBase[PubSub]):
+class NotificationManager(ManagerBase[PubSub], Closing):
     """Wait for notifications on many :class:`~pgcast.PubSub` connections at once.
 
     :param connections: the PubSubs to watch; more can be added later.
@@ -129,17 +129,6 @@ class NotificationManager(ManagerBase[PubSub]):
         for conn in list(self._core.fds):
             self._unregister(conn)
         self._finalizer()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- the driver ----------------------------------------------------------
 

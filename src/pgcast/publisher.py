@@ -47,12 +47,12 @@ import contextlib
 import logging
 import threading
 import time
-from types import TracebackType
-from typing import Any, ClassVar, Final, Generic, Self, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import psycopg
 
 from ._batcher import Batch, Batcher, check_message
+from ._closing import AsyncClosing, Closing
 from ._core import check_timeout, connect_args, wrap_error
 from ._errors import ClosedError, ConnectError, PgcastError, PublisherFullError
 from ._notify_many import notify_many_params
@@ -143,7 +143,7 @@ class _PublisherBase(Generic[H]):
         return True
 
 
-class Publisher(_PublisherBase[concurrent.futures.Future[None]]):
+class Publisher(_PublisherBase[concurrent.futures.Future[None]], Closing):
     """Send notifications from many threads in few transactions (see the module).
 
     ``Publisher(conninfo, **kwargs)`` connects at once (raising
@@ -255,17 +255,6 @@ class Publisher(_PublisherBase[concurrent.futures.Future[None]]):
         if failure is not None:
             raise failure
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # -- under the lock --------------------------------------------------------
 
     def _wait_for_room(self, timeout: float | None) -> None:
@@ -358,7 +347,7 @@ def _resolve(batch: Batch[Any], error: BaseException | None) -> None:
             handle.exception()
 
 
-class AsyncPublisher(_PublisherBase[asyncio.Future[None]]):
+class AsyncPublisher(_PublisherBase[asyncio.Future[None]], AsyncClosing):
     """The asyncio twin of :class:`Publisher`, for many tasks of one event loop.
 
     Create it with ``await AsyncPublisher.connect(conninfo, **kwargs)`` (same
@@ -457,17 +446,6 @@ class AsyncPublisher(_PublisherBase[asyncio.Future[None]]):
         failure = self._batcher.take_failure()
         if failure is not None:
             raise failure
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _signal(self) -> None:
         self._progress.set()
