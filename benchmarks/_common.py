@@ -14,6 +14,7 @@ import contextlib
 import math
 import statistics
 import sys
+import threading
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -129,6 +130,43 @@ def listen_raw(dsn: str, channel: str) -> psycopg.Connection[Any]:
     conn = psycopg.connect(dsn, autocommit=True)
     conn.execute(f'LISTEN "{channel}"')
     return conn
+
+
+#: A publishing thread of :func:`threaded_rate`: ``worker(k, ready, stop)``
+#: prepares (connects, warms up), calls ``ready()``, sends until ``stop`` is
+#: set and returns how many notifications it sent.
+Worker = Callable[[int, Callable[[], None], threading.Event], int]
+
+
+def threaded_rate(count: int, seconds: float, worker: Worker) -> float:
+    """Run *count* workers, released together once all are ready, for
+    *seconds*; notifications per second over the time until all finished."""
+    stop = threading.Event()
+    barrier = threading.Barrier(count + 1)
+    totals: list[int] = []
+    lock = threading.Lock()
+
+    def ready() -> None:
+        barrier.wait(30)
+
+    def work(k: int) -> None:
+        sent = worker(k, ready, stop)
+        with lock:
+            totals.append(sent)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    barrier.wait(30)
+    start = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    elapsed = time.perf_counter() - start
+    if len(totals) != count:
+        raise RuntimeError("a publishing thread failed")
+    return sum(totals) / elapsed
 
 
 def redis_client() -> Any | None:

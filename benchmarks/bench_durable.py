@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 
 import psycopg
-from _common import Row, count_events, median, prefill, row, spread
+from _common import Row, count_events, median, prefill, row, spread, threaded_rate
 
 import pgcast
 from pgcast.durable import install_schema
@@ -57,32 +57,18 @@ def _timed(dsn: str, threads: int, seconds: float,
            send: Callable[[pgcast.PubSub, int, int], int]) -> float:
     """Messages per second of *threads* senders, each with its own PubSub;
     ``send(ps, thread_index, i)`` sends and returns how many it sent."""
-    stop = threading.Event()
-    barrier = threading.Barrier(threads + 1)
-    totals: list[int] = []
-    lock = threading.Lock()
 
-    def work(k: int) -> None:
+    def worker(k: int, ready: Callable[[], None], stop: threading.Event) -> int:
         with pgcast.connect(dsn) as ps:
             send(ps, k, -1)  # warm up: the schema check, prepared statements
-            barrier.wait(30)
+            ready()
             sent = i = 0
             while not stop.is_set():
                 sent += send(ps, k, i)
                 i += 1
-        with lock:
-            totals.append(sent)
+        return sent
 
-    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for w in workers:
-        w.start()
-    barrier.wait(30)
-    started = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    for w in workers:
-        w.join(60)
-    return sum(totals) / (time.perf_counter() - started)
+    return threaded_rate(threads, seconds, worker)
 
 
 def _publish_subjects(channel: str) -> dict[str, tuple[int, Callable[..., int]]]:

@@ -22,13 +22,13 @@ import re
 import subprocess
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import psycopg
-from _common import Row, median, row, spread
+from _common import Row, median, row, spread, threaded_rate
 
 import pgcast
 
@@ -45,41 +45,35 @@ def _channel() -> str:
     return f"bench_pub_{uuid.uuid4().hex[:8]}"
 
 
-def _threads(count: int, body: Callable[[threading.Event], int], seconds: float) -> float:
-    """Run *body* in *count* threads for *seconds*; notifications per second."""
-    stop = threading.Event()
-    totals: list[int] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(count + 1)
+class _Closable(Protocol):
+    def close(self) -> None: ...
 
-    def work() -> None:
-        barrier.wait(30)
-        sent = body(stop)
-        with lock:
-            totals.append(sent)
 
-    workers = [threading.Thread(target=work) for _ in range(count)]
-    for w in workers:
-        w.start()
-    barrier.wait(30)
-    start = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    for w in workers:
-        w.join(60)
-    elapsed = time.perf_counter() - start
-    if len(totals) != count:
-        raise RuntimeError("a publishing thread failed")
-    return sum(totals) / elapsed
+C = TypeVar("C", bound=_Closable)
+
+
+def _on_each(conns: list[C], seconds: float, send: Callable[[C, threading.Event], int]) -> float:
+    """``send(conn, stop)`` in a thread per connection, all released together,
+    for *seconds* (:func:`threaded_rate`); the connections are closed after."""
+
+    def worker(k: int, ready: Callable[[], None], stop: threading.Event) -> int:
+        ready()
+        return send(conns[k], stop)
+
+    try:
+        return threaded_rate(len(conns), seconds, worker)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+# Each subject's sending loop is its own, inline: it is what is timed.
 
 
 def pgcast_notify(dsn: str, threads: int, seconds: float) -> float:
     channel = _channel()
-    clients = [pgcast.connect(dsn) for _ in range(threads)]
-    it = iter(clients)
 
-    def body(stop: threading.Event) -> int:
-        ps = next(it)
+    def send(ps: pgcast.PubSub, stop: threading.Event) -> int:
         sent = 0
         notify = ps.notify
         while not stop.is_set():
@@ -87,52 +81,35 @@ def pgcast_notify(dsn: str, threads: int, seconds: float) -> float:
             sent += 1
         return sent
 
-    try:
-        return _threads(threads, body, seconds)
-    finally:
-        for ps in clients:
-            ps.close()
+    return _on_each([pgcast.connect(dsn) for _ in range(threads)], seconds, send)
 
 
 def pgcast_notify_many(dsn: str, threads: int, seconds: float) -> float:
     channel = _channel()
     messages = [(channel, str(i)) for i in range(PER_CALL)]
-    clients = [pgcast.connect(dsn) for _ in range(threads)]
-    it = iter(clients)
 
-    def body(stop: threading.Event) -> int:
-        ps = next(it)
+    def send(ps: pgcast.PubSub, stop: threading.Event) -> int:
         sent = 0
         while not stop.is_set():
             ps.notify_many(messages)
             sent += PER_CALL
         return sent
 
-    try:
-        return _threads(threads, body, seconds)
-    finally:
-        for ps in clients:
-            ps.close()
+    return _on_each([pgcast.connect(dsn) for _ in range(threads)], seconds, send)
 
 
 def raw_psycopg3_notify(dsn: str, threads: int, seconds: float) -> float:
     channel = _channel()
-    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(threads)]
-    it = iter(conns)
 
-    def body(stop: threading.Event) -> int:
-        conn = next(it)
+    def send(conn: psycopg.Connection[Any], stop: threading.Event) -> int:
         sent = 0
         while not stop.is_set():
             conn.execute("SELECT pg_notify(%s, %s)", (channel, str(sent)))
             sent += 1
         return sent
 
-    try:
-        return _threads(threads, body, seconds)
-    finally:
-        for conn in conns:
-            conn.close()
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(threads)]
+    return _on_each(conns, seconds, send)
 
 
 def pgbench(dsn: str, bin_dir: Path, per_tx: int, clients: int, seconds: float) -> float:
