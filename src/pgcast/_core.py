@@ -205,6 +205,7 @@ class Core:
         "health",
         "identified",
         "inbox",
+        "last_marker",
         "outage",
         "own_pids",
         "pinned",
@@ -219,6 +220,8 @@ class Core:
     ) -> None:
         #: Events read but not yet handed out, and :class:`Reconnected` markers.
         self.inbox: deque[Event | Reconnected] = deque()
+        #: The marker of the last reconnect (None before the first).
+        self.last_marker: Reconnected | None = None
         #: The exact names LISTENed to now.
         self.channels: set[str] = set()
         self.handlers: dict[str, list[Handler]] = {}
@@ -548,7 +551,8 @@ class Core:
         """The marker for the outage that just ended (not yet delivered)."""
         lost_at, error = self.outage or (utcnow(), "reconnect requested")
         self.outage = None
-        return Reconnected(lost_at, utcnow(), error, attempts)
+        self.last_marker = Reconnected(lost_at, utcnow(), error, attempts)
+        return self.last_marker
 
 
 # Builds an Event (a NamedTuple) without its Python-level __new__; see take().

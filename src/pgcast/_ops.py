@@ -25,7 +25,9 @@ The requests, and what the driver answers:
 * :class:`Transaction`: run the requests of its steps inside a transaction,
   answer their result;
 * :class:`Recover`: reconnect after a lost connection (see the drivers'
-  ``_recover``), answer the marker or ``None``;
+  ``_recover``, which take the reconnect lock and run :func:`restore`),
+  answer the marker or ``None``; :data:`RECONNECTING` and
+  :class:`CallOnReconnect` are :func:`restore`'s steps;
 * :class:`Elsewhere`: run a query on a second, short-lived connection,
   answer its rows (:func:`check_pinned`);
 * :data:`NO_PREPARE`: stop psycopg preparing statements on this connection
@@ -51,6 +53,8 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol, TypeAlias, TypeVar
 
+import psycopg
+
 from . import diagnostics
 from ._channels import unlisten_sql
 from ._core import Core
@@ -65,7 +69,7 @@ from ._errors import (
 )
 from ._event import DurableEvent, Event
 from ._payload import Payload
-from ._reconnect import Attempt, Reconnected, Resilience, Sleep
+from ._reconnect import Attempt, Reconnected, Resilience, Sleep, reconnect_plan
 from .durable import schema_error
 
 __all__ = [
@@ -76,8 +80,10 @@ __all__ = [
     "HOOKS",
     "NO_PREPARE",
     "READ",
+    "RECONNECTING",
     "SETTLE",
     "WAKE",
+    "CallOnReconnect",
     "Direct",
     "Elsewhere",
     "Execute",
@@ -116,6 +122,16 @@ class Recover:
     error: ConnectionLostError
     generation: int
     deadline: float | None = None
+    #: Reconnect even with ``reconnect=False`` (:meth:`pgcast.PubSub.reconnect`).
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CallOnReconnect:
+    """Call the user's ``on_reconnect`` with *marker* (a coroutine function is
+    run to completion); what it raises is logged, never raised."""
+
+    marker: Reconnected
 
 
 class Direct(NamedTuple):
@@ -164,9 +180,21 @@ NO_PREPARE: Final = _Signal("NO_PREPARE")
 #: Read what is pending and wait for an outstanding probe's answer (the
 #: drivers' ``_settle``): raises ConnectionLostError if the connection is lost.
 SETTLE: Final = _Signal("SETTLE")
+#: The calling thread or task is the one reconnecting now (until its
+#: ``_recover`` returns): its commands see a loss, and no probe is sent.
+RECONNECTING: Final = _Signal("RECONNECTING")
 
 Request: TypeAlias = (
-    Query | Execute | Transaction | Recover | Direct | Elsewhere | Sleep | Attempt | _Signal
+    Query
+    | Execute
+    | Transaction
+    | Recover
+    | CallOnReconnect
+    | Direct
+    | Elsewhere
+    | Sleep
+    | Attempt
+    | _Signal
 )
 #: A sequence: yields requests, receives their answers, returns the result.
 Op: TypeAlias = Generator[Request, Any, T]
@@ -180,6 +208,11 @@ class Session(Protocol):
     _closed: bool
     _generation: int
     _kind: str  # the class's name, for messages
+
+    @property
+    def _conn(self) -> psycopg.Connection[Any] | psycopg.AsyncConnection[Any]:
+        """The connection now (replaced by a reconnect)."""
+        ...
 
     def _in_reconnect(self) -> bool:
         """Whether the calling thread or task is the one reconnecting."""
@@ -461,6 +494,43 @@ def get_event(s: Session) -> Op[Event | Reconnected | None]:
 
 
 # -- reconnecting (the retry loop is pgcast._reconnect.reconnect_plan) ---------
+
+
+def force_reconnect(s: Session) -> Op[Reconnected]:
+    """:meth:`pgcast.PubSub.reconnect`: drop the connection and open a new
+    one now, even with ``reconnect=False``."""
+    if s._closed:
+        raise ClosedError(f"this {s._kind} is closed")
+    for _ in range(3):  # another reconnect may end just as this one starts
+        error = ConnectionLostError("reconnect() was called")
+        marker: Reconnected | None = yield Recover(error, s._generation, force=True)
+        if marker is not None:
+            return marker
+    raise ConnectionLostError("reconnect() could not restore the connection")
+
+
+def restore(
+    s: Session, error: ConnectionLostError, generation: int, deadline: float | None
+) -> Op[Reconnected | None]:
+    """With the driver's reconnect lock held: reconnect after *error*, seen on
+    connection *generation*, unless another thread or task did meanwhile (then
+    answer its marker); give up at *deadline*. Steps 4 and 5 of
+    :mod:`pgcast._reconnect`'s order: ``on_reconnect``, then the marker is
+    queued and the iterating thread or task woken."""
+    core = s._core
+    if s._generation != generation and not s._conn.closed:
+        # Restored by another thread or task meanwhile (a failed
+        # attempt leaves its connection closed: then go on here).
+        return core.last_marker
+    if s._closed:
+        raise ClosedError(f"this {s._kind} is closed")
+    yield RECONNECTING
+    plan = reconnect_plan(s._res.backoff, error, deadline=deadline)
+    marker = yield from reconnect(core, plan, error)
+    yield CallOnReconnect(marker)
+    core.inbox.append(marker)
+    yield WAKE
+    return marker
 
 
 def reconnect(

@@ -28,6 +28,8 @@ class PubSubBase(Generic[C]):
 
     #: The class's name, for messages ("this PubSub is closed").
     _kind = "PubSub"
+    #: Who reconnects, for messages: "thread" or "task".
+    _actor = "thread"
     _conn: C
     _core: Core
     _res: Resilience
@@ -108,6 +110,21 @@ class PubSubBase(Generic[C]):
                 "may not have run it)"
             )
         return error
+
+    def _check_reconnect(self, exc: ConnectionLostError, force: bool) -> None:
+        """Raise *exc* itself (the connection counted lost) when reconnecting
+        is off and this is not a forced :meth:`reconnect`."""
+        if not (self._res.reconnect or force):
+            self._core.lost(exc)
+            raise exc
+
+    def _reconnect_busy(self, exc: ConnectionLostError) -> ConnectionLostError:
+        """The error when another thread or task held the reconnect past the
+        caller's deadline."""
+        return ConnectionLostError(
+            f"another {self._actor} is restoring the connection and was not done in "
+            f"time; the connection was lost: {exc}"
+        )
 
     def _not_sent(self, gave_up: ConnectionLostError) -> NotSentError:
         """The error of a command whose connection did not come back in time."""

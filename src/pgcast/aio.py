@@ -59,7 +59,6 @@ from ._reconnect import (
     Reconnected,
     Resilience,
     Sleep,
-    reconnect_plan,
 )
 from .aio_manager import NotificationManager
 
@@ -137,6 +136,7 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
     """
 
     _kind = "AsyncPubSub"
+    _actor = "task"
 
     def __init__(
         self,
@@ -161,7 +161,6 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
         self._generation = 0
         self._reconnect_lock = asyncio.Lock()
         self._reconnecting: asyncio.Task[Any] | None = None
-        self._last_marker: Reconnected | None = None
         self._hooks: list[AsyncReconnectHook] = [AsyncPubSub._replay_after_reconnect]
         self._queries = 0
         self._in_flight = 0  # commands on the wire (not transactions held open)
@@ -393,11 +392,17 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
         if request is ops.SETTLE:
             return await self._settle()
         if type(request) is ops.Recover:
-            return await self._recover(request.error, request.generation, request.deadline)
+            return await self._recover(
+                request.error, request.generation, request.deadline, force=request.force
+            )
         if type(request) is ops.Transaction:
             async with self.transaction():
                 return await self._run(request.steps)
-        if type(request) is Sleep:
+        if type(request) is ops.CallOnReconnect:
+            await self._call_on_reconnect(request.marker)
+        elif request is ops.RECONNECTING:
+            self._reconnecting = asyncio.current_task()
+        elif type(request) is Sleep:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), request.seconds)
             if self._closed:
@@ -618,15 +623,7 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
     async def reconnect(self) -> Reconnected:
         """Drop the connection and open a new one now; see
         :meth:`pgcast.PubSub.reconnect`."""
-        if self._closed:
-            raise ClosedError("this AsyncPubSub is closed")
-        for _ in range(3):  # another reconnect may end just as this one starts
-            marker = await self._recover(
-                ConnectionLostError("reconnect() was called"), self._generation, force=True
-            )
-            if marker is not None:
-                return marker
-        raise ConnectionLostError("reconnect() could not restore the connection")
+        return await self._run(ops.force_reconnect(self))
 
     def _in_reconnect(self) -> bool:
         return self._reconnecting is not None and self._reconnecting is asyncio.current_task()
@@ -639,9 +636,7 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
         *,
         force: bool = False,
     ) -> Reconnected | None:
-        if not (self._res.reconnect or force):
-            self._core.lost(exc)
-            raise exc
+        self._check_reconnect(exc, force)
         try:
             if deadline is None:
                 await self._reconnect_lock.acquire()
@@ -649,33 +644,12 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
                 timeout = max(0.0, deadline - time.monotonic())
                 await asyncio.wait_for(self._reconnect_lock.acquire(), timeout)
         except TimeoutError:
-            raise ConnectionLostError(
-                f"another task is restoring the connection and was not done in time; "
-                f"the connection was lost: {exc}"
-            ) from exc
+            raise self._reconnect_busy(exc) from exc
         try:
-            if self._generation != generation and not self._conn.closed:
-                # Restored by another thread or task meanwhile (a failed
-                # attempt leaves its connection closed: then go on here).
-                return self._last_marker
-            if self._closed:
-                raise ClosedError("this AsyncPubSub is closed")
-            self._reconnecting = asyncio.current_task()
-            return await self._reconnect_now(exc, deadline)
+            return await self._run(ops.restore(self, exc, generation, deadline))
         finally:
             self._reconnecting = None
             self._reconnect_lock.release()
-
-    async def _reconnect_now(
-        self, exc: ConnectionLostError, deadline: float | None
-    ) -> Reconnected:
-        plan = reconnect_plan(self._res.backoff, exc, deadline=deadline)
-        marker = await self._run(ops.reconnect(self._core, plan, exc))
-        self._last_marker = marker
-        await self._call_on_reconnect(marker)
-        self._core.inbox.append(marker)
-        self._wake()
-        return marker
 
     def _install(self, conn: psycopg.AsyncConnection[Any]) -> None:
         conn.add_notify_handler(self._core.on_notify)

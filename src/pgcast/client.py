@@ -69,7 +69,6 @@ from ._reconnect import (
     Reconnected,
     Resilience,
     Sleep,
-    reconnect_plan,
 )
 from ._runner import Runner
 
@@ -188,7 +187,6 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
         self._generation = 0
         self._reconnect_lock = threading.Lock()
         self._reconnecting: int | None = None  # the thread reconnecting now
-        self._last_marker: Reconnected | None = None
         self._hooks: list[ReconnectHook] = [PubSub._replay_after_reconnect]
         # Commands running or about to run: the iterating thread sends no
         # probe meanwhile (libpq runs one command at a time).
@@ -520,11 +518,17 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
         if request is ops.SETTLE:
             return self._settle()
         if type(request) is ops.Recover:
-            return self._recover(request.error, request.generation, request.deadline)
-        if type(request) is ops.Transaction:
+            return self._recover(
+                request.error, request.generation, request.deadline, force=request.force
+            )
+        if type(request) is ops.CallOnReconnect:
+            self._call_on_reconnect(request.marker)
+        elif request is ops.RECONNECTING:
+            self._reconnecting = threading.get_ident()
+        elif type(request) is ops.Transaction:
             with self.transaction():
                 return self._run(request.steps)
-        if type(request) is Sleep:
+        elif type(request) is Sleep:
             if self._closing.wait(request.seconds):
                 raise ClosedError("this PubSub was closed while reconnecting")
         elif type(request) is Attempt:
@@ -791,15 +795,7 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
 
         :raises ConnectionLostError: the backoff gave up.
         """
-        if self._closed:
-            raise ClosedError("this PubSub is closed")
-        for _ in range(3):  # another reconnect may end just as this one starts
-            marker = self._recover(
-                ConnectionLostError("reconnect() was called"), self._generation, force=True
-            )
-            if marker is not None:
-                return marker
-        raise ConnectionLostError("reconnect() could not restore the connection")
+        return self._run(ops.force_reconnect(self))
 
     def _recover(
         self,
@@ -810,37 +806,17 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
         force: bool = False,
     ) -> Reconnected | None:
         """Reconnect after *exc*, seen on *generation*, unless another thread
-        did meanwhile; raise *exc* itself when reconnecting is off."""
-        if not (self._res.reconnect or force):
-            self._core.lost(exc)
-            raise exc
+        did meanwhile (:func:`pgcast._ops.restore`, under the reconnect lock);
+        raise *exc* itself when reconnecting is off."""
+        self._check_reconnect(exc, force)
         timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._reconnect_lock.acquire(timeout=timeout):
-            raise ConnectionLostError(
-                f"another thread is restoring the connection and was not done in time; "
-                f"the connection was lost: {exc}"
-            ) from exc
+            raise self._reconnect_busy(exc) from exc
         try:
-            if self._generation != generation and not self._conn.closed:
-                # Restored by another thread or task meanwhile (a failed
-                # attempt leaves its connection closed: then go on here).
-                return self._last_marker
-            if self._closed:
-                raise ClosedError("this PubSub is closed")
-            self._reconnecting = threading.get_ident()
-            return self._reconnect_now(exc, deadline)
+            return self._run(ops.restore(self, exc, generation, deadline))
         finally:
             self._reconnecting = None
             self._reconnect_lock.release()
-
-    def _reconnect_now(self, exc: ConnectionLostError, deadline: float | None) -> Reconnected:
-        plan = reconnect_plan(self._res.backoff, exc, deadline=deadline)
-        marker = self._run(ops.reconnect(self._core, plan, exc))
-        self._last_marker = marker
-        self._call_on_reconnect(marker)
-        self._core.inbox.append(marker)
-        self._wake()
-        return marker
 
     def _install(self, conn: psycopg.Connection[Any]) -> None:
         conn.add_notify_handler(self._core.on_notify)
