@@ -12,6 +12,8 @@ the sync and the asyncio drivers in :mod:`pgcast.publisher`:
   head batch must go: a batch goes ``interval`` seconds after its first
   message arrived, at once when it is full, when a flush covers it, or when the
   publisher is closing.
+* :meth:`Batcher.wait_time` tells the sender whether to send now, wait, or
+  end (closing, nothing left).
 * :meth:`Batcher.take` hands the head batch to the sender, which sends it in
   one transaction and reports it with :meth:`Batcher.outcome` and
   :meth:`Batcher.finish`; failures
@@ -165,6 +167,15 @@ class Batcher(Generic[H]):
         ):
             return 0.0
         return max(0.0, head.opened + self.interval - now)
+
+    def wait_time(self, now: float, idle: float) -> float | None:
+        """How long the sender waits before the next batch: 0 when one must go
+        now, *idle* when the queue is empty, None when it is empty and the
+        publisher is closing (the sender ends)."""
+        due = self.due_in(now)
+        if due is None:
+            return None if self.closing else idle
+        return due
 
     def take(self) -> Batch[H]:
         """Remove the head batch for sending; no message joins it any more."""

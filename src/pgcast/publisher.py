@@ -47,6 +47,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import psycopg
@@ -107,12 +108,17 @@ H = TypeVar("H", concurrent.futures.Future[None], asyncio.Future[None])
 
 
 class _PublisherBase(Generic[H]):
-    """What both publishers share to the letter: state, checks, the close flag."""
+    """What both publishers share to the letter: state, checks, the close flag,
+    the sender's reports. A driver sets ``_guard`` (its lock, or a null
+    context) and ``_progressed`` (wakes whoever waits for the sender; called
+    under the guard)."""
 
     _NAME: ClassVar[str]
     _batcher: Batcher[H]
     _closed: bool
     _crash: BaseException | None
+    _guard: contextlib.AbstractContextManager[Any]
+    _progressed: Callable[[], None]
 
     @property
     def closed(self) -> bool:
@@ -141,6 +147,29 @@ class _PublisherBase(Generic[H]):
         self._closed = True
         self._batcher.closing = True
         return True
+
+    def _complete(self, batch: Batch[H], cause: BaseException | None) -> None:
+        """The sender's report on *batch* (*cause*: why it failed): its handle
+        is resolved outside the guard (its callbacks run), then it is finished."""
+        with self._guard:
+            error = self._batcher.outcome(batch, cause)
+        _resolve(batch, error)
+        with self._guard:
+            self._batcher.finish(batch)
+            self._progressed()
+
+    def _crashed(self, exc: BaseException) -> None:
+        """The sender died of *exc*: fail what is queued, and make publish() say
+        why. A flush that sees the crash also sees the failures."""
+        with self._guard:
+            self._crash = exc
+            failed = self._batcher.fail_queued(exc)
+        for batch, error in failed:
+            _resolve(batch, error)
+        with self._guard:
+            for batch, _ in failed:
+                self._batcher.finish(batch)
+            self._progressed()
 
 
 class Publisher(_PublisherBase[concurrent.futures.Future[None]], Closing):
@@ -182,6 +211,8 @@ class Publisher(_PublisherBase[concurrent.futures.Future[None]], Closing):
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the sender waits on it
         self._progress = threading.Condition(self._lock)  # publishers and flushes do
+        self._guard = self._lock
+        self._progressed = self._progress.notify_all
         self._closed = False
         self._crash: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pgcast-publisher", daemon=True)
@@ -288,37 +319,17 @@ class Publisher(_PublisherBase[concurrent.futures.Future[None]], Closing):
         try:
             while True:
                 with self._lock:
-                    while True:
-                        due = batcher.due_in(time.monotonic())
-                        if due is None:
-                            if batcher.closing:
-                                return
-                            self._work.wait(_SLICE)
-                        elif due > 0:
-                            self._work.wait(due)
-                        else:
-                            break
+                    while wait := batcher.wait_time(time.monotonic(), _SLICE):
+                        self._work.wait(wait)
+                    if wait is None:
+                        return
                     batch = batcher.take()
                     self._progress.notify_all()  # room came free
-                cause = self._send(batch)
-                with self._lock:
-                    error = batcher.outcome(batch, cause)
-                _resolve(batch, error)
-                with self._lock:
-                    batcher.finish(batch)
-                    self._progress.notify_all()
+                self._complete(batch, self._send(batch))
         except BaseException as exc:
             # Never die silently: fail what is queued and make publish() say why.
             logger.exception("pgcast Publisher sender failed")
-            with self._lock:
-                self._crash = exc
-                failed = batcher.fail_queued(exc)
-            for batch, error in failed:
-                _resolve(batch, error)
-            with self._lock:
-                for batch, _ in failed:
-                    batcher.finish(batch)
-                self._progress.notify_all()
+            self._crashed(exc)
             raise
 
     def _send(self, batch: Batch[Any]) -> BaseException | None:
@@ -374,6 +385,8 @@ class AsyncPublisher(_PublisherBase[asyncio.Future[None]], AsyncClosing):
         self._crash: BaseException | None = None
         self._kick = asyncio.Event()  # the sender waits on it
         self._progress = asyncio.Event()  # replaced each time it is set
+        self._guard = contextlib.nullcontext()  # one event loop: nothing to lock
+        self._progressed = self._signal
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     @classmethod
@@ -474,28 +487,21 @@ class AsyncPublisher(_PublisherBase[asyncio.Future[None]], AsyncClosing):
         kick = self._kick
         try:
             while True:
-                due = batcher.due_in(time.monotonic())
-                if due is None and batcher.closing:
+                wait = batcher.wait_time(time.monotonic(), _SLICE)
+                if wait is None:
                     return
-                if due is None or due > 0:
+                if wait > 0:
                     kick.clear()
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_SLICE if due is None else due):
+                        async with asyncio.timeout(wait):
                             await kick.wait()
                     continue
                 batch = batcher.take()
                 self._signal()  # room came free
-                error = batcher.outcome(batch, await self._send(batch))
-                _resolve(batch, error)
-                batcher.finish(batch)
-                self._signal()
+                self._complete(batch, await self._send(batch))
         except Exception as exc:
             logger.exception("pgcast AsyncPublisher sender failed")
-            self._crash = exc
-            for batch, error in batcher.fail_queued(exc):
-                _resolve(batch, error)
-                batcher.finish(batch)
-            self._signal()
+            self._crashed(exc)
             raise
 
     async def _send(self, batch: Batch[Any]) -> BaseException | None:
