@@ -18,6 +18,10 @@ once, for both drivers (:mod:`pgcast.manager` and :mod:`pgcast.aio_manager`):
   probes its connection from its own wait, which a managed PubSub never
   runs, so the manager decides when each connection's check is due and asks
   the driver to run it.
+* :class:`ManagerBase` is the part of the two manager classes that needs no
+  waiting: py-postgresql's interface, the dispatch of each request to the
+  driver's method, and the bookkeeping when a connection is lost,
+  reconnected, watched or forgotten.
 
 The driver's side of the contract:
 
