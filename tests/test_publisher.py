@@ -360,3 +360,31 @@ def test_async_full_buffer_close_and_failure(
     asyncio.run(main())
     assert [e.payload for e in collect(listener, 3)] == ["0", "1", "2"]
     nothing_more(listener)
+
+
+def test_an_unexpected_error_in_the_sender_fails_the_batch_not_loses_it(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: the statement builder raises once, as a bug would.
+    import pgcast.publisher as publisher_module
+
+    real = publisher_module.notify_many_params
+    calls = [0]
+
+    def broken_once(channels: list[str], payloads: list[str]) -> tuple[str, object]:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("injected fault")
+        return real(channels, payloads)
+
+    monkeypatch.setattr(publisher_module, "notify_many_params", broken_once)
+    with pgcast.Publisher(dsn, interval=60) as pub:
+        handle = pub.publish(unique_channel, "hit by the fault")
+        with pytest.raises(pgcast.PublishError) as info:
+            pub.flush(WAIT)
+        assert info.value.messages == [(unique_channel, "hit by the fault")]
+        with pytest.raises(pgcast.PublishError):
+            handle.result(0)
+        pub.publish(unique_channel, "after")  # the sender lives on
+        pub.flush(WAIT)
+    assert [e.payload for e in collect(listener, 1)] == ["after"]

@@ -55,7 +55,7 @@ import psycopg
 from ._batcher import Batch, Batcher, check_message
 from ._closing import AsyncClosing, Closing
 from ._core import check_timeout, connect_args, wrap_error
-from ._errors import ClosedError, ConnectError, PgcastError, PublisherFullError
+from ._errors import ClosedError, ConnectError, PublisherFullError
 from ._notify_many import notify_many_params
 from ._payload import Payload
 
@@ -95,8 +95,10 @@ def _unsent(timeout: float | None) -> TimeoutError:
     return TimeoutError(f"the Publisher did not send its queue within {timeout} s")
 
 
-def _send_failure(exc: psycopg.Error | PgcastError) -> BaseException:
-    """What a batch whose send raised *exc* fails with: a pgcast error."""
+def _send_failure(exc: Exception) -> BaseException:
+    """What a batch whose send raised *exc* fails with: a pgcast error for a
+    database error; anything else (a bug) as it is, so the batch is still
+    reported through its handle and flush() instead of vanishing."""
     if isinstance(exc, psycopg.Error):
         error = wrap_error(exc)
         error.__cause__ = exc
@@ -341,7 +343,7 @@ class Publisher(_PublisherBase[concurrent.futures.Future[None]], Closing):
                 self._conn = self._connect()
             assert self._conn is not None
             self._conn.execute(*notify_many_params(batch.channels, batch.payloads))
-        except (psycopg.Error, PgcastError) as exc:
+        except Exception as exc:
             return _send_failure(exc)
         return None
 
@@ -513,7 +515,7 @@ class AsyncPublisher(_PublisherBase[asyncio.Future[None]], AsyncClosing):
                 self._conn = None
                 self._conn = conn = await _aconnect(self._conninfo, self._options)
             await conn.execute(*notify_many_params(batch.channels, batch.payloads))
-        except (psycopg.Error, PgcastError) as exc:
+        except Exception as exc:
             return _send_failure(exc)
         return None
 
