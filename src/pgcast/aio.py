@@ -26,13 +26,13 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 
 from . import _ops as ops
 from ._backoff import Backoff
+from ._closing import AsyncClosing
 from ._connect import connect_failed, connect_plan, reconnect_conninfo
 from ._core import (
     Core,
@@ -128,7 +128,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
+class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]], AsyncClosing):
     """Listen to and notify PostgreSQL channels over one async connection.
 
     Create it with ``await pgcast.aio.connect(...)``; use ``async with`` or
@@ -198,17 +198,6 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]]):
         self._unhook()
         await self._conn.close()
         os.close(self._fd)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- subscriptions -----------------------------------------------------
 

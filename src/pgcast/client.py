@@ -35,13 +35,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 
 from . import _ops as ops
 from ._backoff import Backoff
+from ._closing import Closing
 from ._connect import connect_failed, connect_plan, reconnect_conninfo
 from ._core import (
     Core,
@@ -149,7 +149,7 @@ def notify(conn: psycopg.Connection[Any], channel: str, payload: Payload = "") -
     conn.execute(sql, params)
 
 
-class PubSub(PubSubBase[psycopg.Connection[Any]]):
+class PubSub(PubSubBase[psycopg.Connection[Any]], Closing):
     """Listen to and notify PostgreSQL channels over one connection.
 
     Create it with :func:`pgcast.connect`. Use it as a context manager, or call
@@ -248,17 +248,6 @@ class PubSub(PubSubBase[psycopg.Connection[Any]]):
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- subscriptions -----------------------------------------------------
 
