@@ -8,10 +8,11 @@ and reconnecting are each driver's own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import psycopg
+from psycopg import pq
 
 from ._core import Core, ExceptionHandler, Wait, check_timeout, plan, wrap_error
 from ._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
@@ -31,10 +32,14 @@ class PubSubBase(Generic[C]):
     #: Who reconnects, for messages: "thread" or "task".
     _actor = "thread"
     _conn: C
+    _pgconn: pq.abc.PGconn
     _core: Core
     _res: Resilience
     _closed: bool
     _generation: int
+    _queries: int
+    _in_flight: int
+    _on_wake: Callable[[], object] | None
 
     @property
     def connection(self) -> C:
@@ -75,6 +80,39 @@ class PubSubBase(Generic[C]):
         self._core.exception_handler = handler
 
     # -- for the drivers -----------------------------------------------------
+
+    def _setup(self, conn: C, resilience: Resilience | None) -> None:
+        """The state both drivers start with, on *conn* (autocommit, used by
+        nothing else); then the driver adds its own waiting machinery."""
+        if not conn.autocommit:
+            article = "an" if self._kind[0] in "AEIOU" else "a"
+            raise ValueError(f"{article} {self._kind} needs a connection in autocommit mode")
+        self._res = res = resilience or Resilience()
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._core = Core(res.health_check_interval)
+        self._core.new_connection(conn.info.backend_pid)
+        self._closed = False
+        # Bumped by every reconnect: a thread or task that saw the connection
+        # fail under generation g reconnects only if nobody did since.
+        self._generation = 0
+        # Commands running or about to run: the iterating thread or task sends
+        # no probe meanwhile (libpq runs one command at a time).
+        self._queries = 0
+        self._in_flight = 0  # commands on the wire (not transactions held open)
+        # Set by a NotificationManager: called whenever this PubSub wakes its
+        # own waiter, i.e. on events taken in off the socket and on close
+        # (from any thread, for the sync one).
+        self._on_wake = None
+        conn.add_notify_handler(self._core.on_notify)
+
+    def _adopt(self, conn: C) -> None:
+        """Make *conn*, just opened by a reconnect, this PubSub's connection."""
+        conn.add_notify_handler(self._core.on_notify)
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._core.new_connection(conn.info.backend_pid)
+        self._generation += 1
 
     def _events_plan(
         self, select_timeout: float | None, yield_timeouts: bool, ignore_own: bool

@@ -35,7 +35,6 @@ from ._backoff import Backoff
 from ._closing import AsyncClosing
 from ._connect import connect_failed, connect_plan, reconnect_conninfo
 from ._core import (
-    Core,
     Handler,
     Wait,
     notify_query,
@@ -147,23 +146,12 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]], AsyncClosing):
     ) -> None:
         """Wrap *conn* (autocommit, used by nothing else); see
         :class:`pgcast.PubSub` for *resilience* and *connector*."""
-        if not conn.autocommit:
-            raise ValueError("an AsyncPubSub needs a connection in autocommit mode")
-        res = resilience or Resilience()
-        self._res = res
+        self._setup(conn, resilience)
         self._connector = connector or _opener(reconnect_conninfo(conn), {"autocommit": True})
-        self._conn = conn
-        self._pgconn = conn.pgconn
-        self._core = Core(res.health_check_interval)
-        self._core.new_connection(conn.info.backend_pid)
-        self._closed = False
         self._closing = asyncio.Event()
-        self._generation = 0
         self._reconnect_lock = asyncio.Lock()
         self._reconnecting: asyncio.Task[Any] | None = None
         self._hooks: list[AsyncReconnectHook] = [AsyncPubSub._replay_after_reconnect]
-        self._queries = 0
-        self._in_flight = 0  # commands on the wire (not transactions held open)
         self._stopping = False
         self._waiter: asyncio.Future[None] | None = None
         self._reader_loop: asyncio.AbstractEventLoop | None = None
@@ -171,10 +159,6 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]], AsyncClosing):
         # psycopg adds its reader to the original one while a query runs.
         self._fd = os.dup(self._pgconn.socket)
         self._reader_fd = self._fd
-        # Set by a NotificationManager: called whenever this AsyncPubSub wakes
-        # its own waiter, i.e. on events taken in off the socket and on close.
-        self._on_wake: Callable[[], object] | None = None
-        conn.add_notify_handler(self._core.on_notify)
 
     # -- connection --------------------------------------------------------
 
@@ -641,7 +625,6 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]], AsyncClosing):
             self._reconnect_lock.release()
 
     def _install(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        conn.add_notify_handler(self._core.on_notify)
         # The iterating task may wait on the old descriptor: unhook it there
         # and wake it, so it waits on the new one.
         self._wake()
@@ -649,10 +632,7 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]], AsyncClosing):
         old_fd = self._fd
         self._fd = os.dup(conn.pgconn.socket)
         os.close(old_fd)
-        self._conn = conn
-        self._pgconn = conn.pgconn
-        self._core.new_connection(conn.info.backend_pid)
-        self._generation += 1
+        self._adopt(conn)
 
     async def _discard(self) -> None:
         conn = self._conn

@@ -44,7 +44,6 @@ from ._backoff import Backoff
 from ._closing import Closing
 from ._connect import connect_failed, connect_plan, reconnect_conninfo
 from ._core import (
-    Core,
     Handler,
     Wait,
     notify_query,
@@ -170,29 +169,14 @@ class PubSub(PubSubBase[psycopg.Connection[Any]], Closing):
         :func:`pgcast.connect`); *connector* opens a new connection to
         reconnect with (default: *conn*'s own parameters).
         """
-        if not conn.autocommit:
-            raise ValueError("a PubSub needs a connection in autocommit mode")
-        res = resilience or Resilience()
-        self._res = res
+        self._setup(conn, resilience)
         self._connector = connector or _opener(reconnect_conninfo(conn), {"autocommit": True})
-        self._conn = conn
-        self._pgconn = conn.pgconn
         self._lock = conn.lock
-        self._core = Core(res.health_check_interval)
-        self._core.new_connection(conn.info.backend_pid)
-        self._closed = False
         self._closing = threading.Event()
-        # Bumped by every reconnect: a thread that saw the connection fail
-        # under generation g reconnects only if nobody did since.
-        self._generation = 0
         self._reconnect_lock = threading.Lock()
         self._reconnecting: int | None = None  # the thread reconnecting now
         self._hooks: list[ReconnectHook] = [PubSub._replay_after_reconnect]
-        # Commands running or about to run: the iterating thread sends no
-        # probe meanwhile (libpq runs one command at a time).
-        self._queries = 0
         self._queries_lock = threading.Lock()
-        self._in_flight = 0  # commands on the wire (not transactions held open)
         # Whether the iterating thread is inside select(); see close().
         self._selecting = False
         self._select_lock = threading.Lock()
@@ -203,11 +187,6 @@ class PubSub(PubSubBase[psycopg.Connection[Any]], Closing):
         self._selector.register(self._pgconn.socket, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._registered = (self._generation, self._pgconn.socket)
-        # Set by a NotificationManager: called (from any thread) whenever this
-        # PubSub wakes its own waiter, i.e. on events taken in off the socket
-        # and on close.
-        self._on_wake: Callable[[], object] | None = None
-        conn.add_notify_handler(self._core.on_notify)
         try:
             self._run(ops.identify(self._core))
         except BaseException:
@@ -808,12 +787,8 @@ class PubSub(PubSubBase[psycopg.Connection[Any]], Closing):
             self._reconnect_lock.release()
 
     def _install(self, conn: psycopg.Connection[Any]) -> None:
-        conn.add_notify_handler(self._core.on_notify)
-        self._conn = conn
-        self._pgconn = conn.pgconn
         self._lock = conn.lock
-        self._core.new_connection(conn.info.backend_pid)
-        self._generation += 1
+        self._adopt(conn)
         self._wake()  # the iterating thread waits on the old socket
 
     def _discard(self) -> None:
