@@ -124,6 +124,10 @@ class PubSubBase(Generic[C]):
         own = self._core.own_pids if ignore_own else None
         return plan(self._core.inbox, timeout=timeout, idle=yield_timeouts, skip_pids=own)
 
+    def _run_plan(self) -> Iterator[Wait | Event | Reconnected | None]:
+        """The steps of ``run()`` / ``run_forever()``: every event, no idling."""
+        return plan(self._core.inbox, timeout=None, idle=False)
+
     def _wait_plan(self, timeout: float | None) -> Iterator[Wait | Event | Reconnected | None]:
         """The steps of ``wait()``, its argument checked."""
         t = check_timeout("timeout", timeout)

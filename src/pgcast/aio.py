@@ -34,31 +34,14 @@ from . import _ops as ops
 from ._backoff import Backoff
 from ._closing import AsyncClosing
 from ._connect import connect_failed, connect_plan, reconnect_conninfo
-from ._core import (
-    Handler,
-    Wait,
-    notify_query,
-    plan,
-    wrap_error,
-)
+from ._core import Handler, Wait, notify_query, wrap_error
 from ._discard import DISCARD_TIMEOUT, shutdown
-from ._durable_core import (
-    Unfetched,
-)
-from ._errors import (
-    ClosedError,
-    ConnectionLostError,
-)
+from ._durable_core import Unfetched
+from ._errors import ClosedError, ConnectionLostError
 from ._event import DurableEvent, Event
 from ._payload import Payload
 from ._pubsub_base import PubSubBase
-from ._reconnect import (
-    Attempt,
-    OnReconnect,
-    Reconnected,
-    Resilience,
-    Sleep,
-)
+from ._reconnect import Attempt, OnReconnect, Reconnected, Resilience, Sleep
 from .aio_manager import NotificationManager
 
 __all__ = ["AsyncPubSub", "NotificationManager", "connect", "notify"]
@@ -307,7 +290,7 @@ class AsyncPubSub(PubSubBase[psycopg.AsyncConnection[Any]], AsyncClosing):
         """Deliver events to the subscribed handlers until :meth:`stop`,
         :meth:`close` or cancellation. A failing handler does not stop it."""
         core = self._core
-        steps = plan(core.inbox, timeout=None, idle=False)
+        steps = self._run_plan()
         try:
             async for event in self._drive(steps, stoppable=True):
                 for result in core.deliver(event):

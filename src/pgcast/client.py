@@ -43,32 +43,14 @@ from . import _ops as ops
 from ._backoff import Backoff
 from ._closing import Closing
 from ._connect import connect_failed, connect_plan, reconnect_conninfo
-from ._core import (
-    Handler,
-    Wait,
-    notify_query,
-    plan,
-    wrap_error,
-)
+from ._core import Handler, Wait, notify_query, wrap_error
 from ._discard import DISCARD_TIMEOUT, shutdown
-from ._durable_core import (
-    BATCHES_BEFORE_MARKER,
-    Unfetched,
-)
-from ._errors import (
-    ClosedError,
-    ConnectionLostError,
-)
+from ._durable_core import BATCHES_BEFORE_MARKER, Unfetched
+from ._errors import ClosedError, ConnectionLostError
 from ._event import DurableEvent, Event
 from ._payload import Payload
 from ._pubsub_base import PubSubBase
-from ._reconnect import (
-    Attempt,
-    OnReconnect,
-    Reconnected,
-    Resilience,
-    Sleep,
-)
+from ._reconnect import Attempt, OnReconnect, Reconnected, Resilience, Sleep
 from ._runner import Runner
 
 __all__ = ["PubSub", "Runner", "connect", "notify"]
@@ -426,7 +408,7 @@ class PubSub(PubSubBase[psycopg.Connection[Any]], Closing):
         """Deliver events to the subscribed handlers until *stop* is set or
         the PubSub is closed. :meth:`run_in_thread` runs this in a thread."""
         core = self._core
-        steps = plan(core.inbox, timeout=None, idle=False)
+        steps = self._run_plan()
         with contextlib.ExitStack() as stack:
             loop: asyncio.Runner | None = None
             for event in self._drive(steps, stop):
