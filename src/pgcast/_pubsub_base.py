@@ -1,6 +1,8 @@
 """What :class:`pgcast.PubSub` and :class:`pgcast.aio.AsyncPubSub` share to
 the letter: the members that wait for nothing (properties, the subscription
-set, the exception handler, the checks and messages of the command path).
+set, the exception handler, the state a PubSub starts with and what a
+reconnect's new connection sets, the plans of the iterators, the checks and
+messages of the command and reconnect paths).
 
 The sequences that run commands are in :mod:`pgcast._ops`; waiting, locking
 and reconnecting are each driver's own.
