@@ -320,7 +320,7 @@ class Core:
     def is_async(self, handler: Handler) -> bool:
         return handler in self._async_handlers
 
-    def deliver(self, event: Event | Reconnected | None) -> Iterator[Awaitable[object]]:
+    def deliver(self, event: Event | Reconnected | None) -> Iterable[Awaitable[object]]:
         """Call the handlers of *event*'s channel in order (what ``run()``
         does with each event; markers and idle ``None`` go to none).
 
@@ -330,9 +330,24 @@ class Core:
         handler that raises goes to :meth:`handler_failed`; delivery goes on.
         """
         if event is None or isinstance(event, Reconnected):
-            return  # markers went to on_reconnect already
+            return ()  # markers went to on_reconnect already
+        handlers = self.handlers.get(event.channel)
+        if not handlers:
+            return ()
+        if self._async_handlers:
+            return self._deliver_mixed(event, handlers)
+        # Only plain functions: no generator per event (the callbacks'
+        # receive rate, benchmarks/bench_receive.py).
+        for handler in handlers:
+            try:
+                handler(event)
+            except Exception as exc:
+                self.handler_failed(exc, event)
+        return ()
+
+    def _deliver_mixed(self, event: Event, handlers: list[Handler]) -> Iterator[Awaitable[object]]:
         async_handlers = self._async_handlers
-        for handler in self.handlers.get(event.channel, ()):
+        for handler in handlers:
             try:
                 result = handler(event)
                 if handler in async_handlers:
