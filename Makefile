@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PYTEST = $(BIN)/pytest $(PYTEST_ARGS) || test $$? -eq 5
 
 .DEFAULT_GOAL := test
-.PHONY: demo test lint typecheck bench clean browser pgbouncer
+.PHONY: demo test lint generated typecheck bench clean browser pgbouncer
 
 # Reinstalls whenever pyproject.toml changes; `touch` marks the venv up to date.
 $(VENV): pyproject.toml
@@ -21,7 +21,7 @@ demo: $(VENV)
 	$(BIN)/pgcast demo
 
 lint: $(VENV)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests tools
 
 typecheck: $(VENV)
 	$(BIN)/mypy
@@ -45,7 +45,12 @@ pgbouncer:
 		DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq pgbouncer) \
 		>/dev/null 2>&1; } || echo "pgbouncer not installed: the PgBouncer tests will skip"
 
-test: lint typecheck browser pgbouncer
+# The sync modules are generated from their asyncio sources: fail when one
+# differs from what tools/async_to_sync.py makes now (run it to regenerate).
+generated: $(VENV)
+	$(BIN)/python tools/async_to_sync.py --check
+
+test: lint typecheck generated browser pgbouncer
 	$(PYTEST)
 	@if $(BIN)/python -c "import psycopg; psycopg.connect('$(LOCAL_DSN)', connect_timeout=3).close()" \
 			>/dev/null 2>&1; then \

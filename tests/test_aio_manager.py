@@ -404,7 +404,7 @@ def test_close_stops_watching_and_leaves_the_pubsubs_usable(dsn: str) -> None:
             await nm.close()
             with pytest.raises(pgcast.ClosedError, match="NotificationManager is closed"):
                 await anext(nm)
-            assert aps._on_wake is None
+            assert aps.wake_callback is None
             loop = asyncio.get_running_loop()
             assert not loop.remove_reader(aps.fileno())  # no reader left behind
             await aps.notify(ch, "mine")

@@ -808,7 +808,7 @@ def test_a_long_gap_goes_on_after_the_marker(
 ) -> None:
     import pgcast.client
 
-    monkeypatch.setattr(pgcast.client, "BATCHES_BEFORE_MARKER", 1)
+    monkeypatch.setattr(pgcast._durable_core, "BATCHES_BEFORE_MARKER", 1)
     with pgcast.connect(dsn) as sub:
         sub.listen(unique_channel, durable=True)
         terminate(conn, sub.backend_pid)

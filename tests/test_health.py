@@ -331,7 +331,7 @@ def test_health_tick_lets_a_supervisor_run_the_check(
                 assert wait is not None and wait <= INTERVAL
                 ready, _, _ = select.select([ps.fileno()], [], [], wait)
                 if ready:
-                    ps._read()
+                    ps.read_ready()
         marker = ps.reconnect()
         assert "health check" in marker.error
         conn.execute("SELECT pg_notify(%s, 'after')", (unique_channel,))

@@ -381,7 +381,7 @@ def test_close_stops_watching_and_leaves_the_pubsubs_usable(open_pubsub: Any) ->
     nm.close()  # idempotent
     with pytest.raises(pgcast.ClosedError, match="NotificationManager is closed"):
         next(nm)
-    assert ps._on_wake is None
+    assert ps.wake_callback is None
     ps.notify(ch, "mine")
     assert [e.payload for e in ps.wait(0) if e] == ["mine"]
 
@@ -446,7 +446,7 @@ def test_replacing_the_set(open_pubsub: Any, conn: Conn) -> None:
         notify(conn, chans[1], "to b")
         got = events_of(take(nm, 1))
         assert got == [(b, chans[1], "to b")]
-        assert a._on_wake is None
+        assert a.wake_callback is None
 
 
 def test_a_connection_added_from_another_thread_wakes_the_manager(

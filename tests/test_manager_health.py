@@ -455,6 +455,28 @@ class Stand:
     def fileno(self) -> int:
         return -1
 
+    # The rest of the supervisor interface the policy uses.
+    @property
+    def health_check_interval(self) -> float:
+        return self._core.health.interval
+
+    def health_check_due(self) -> float | None:
+        return self._core.health.due()
+
+    def listening_channels(self) -> frozenset[str]:
+        return frozenset(self._core.channels)
+
+    def take_pending(self) -> list[object]:
+        inbox = self._core.inbox
+        return [inbox.popleft() for _ in range(len(inbox))]
+
+    @property
+    def wake_callback(self) -> None:
+        return None
+
+    def set_wake_callback(self, callback: object) -> None:
+        pass
+
 
 def drive(
     core: ManagerCore[Stand], now: list[float], until_t: float,

@@ -31,7 +31,7 @@ The driver's side of the contract:
 * ``Unregister(c)``: stop watching the descriptor recorded for ``c`` and call
   :meth:`ManagerCore.unregistered`.
 * ``Read(c)``: read without blocking what arrived on ``c`` into its inbox
-  (``PubSub._read()``); on any exception call :meth:`ManagerCore.lose`. When
+  (``PubSub.read_ready()``); on any exception call :meth:`ManagerCore.lose`. When
   that returns True (``reconnect`` is on and the connection was lost), stop
   watching ``c``, reconnect it in the background (``c.reconnect()``) and
   report the outcome with :meth:`ManagerCore.reconnected`, waking the
@@ -86,7 +86,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Generic, Protocol, Self, TypeAlias, TypeVar
 
-from ._core import Core, Wait, check_timeout
+from ._core import Wait, check_timeout
 from ._errors import ClosedError, ConnectionLostError
 from ._event import Event
 from ._reconnect import Reconnected
@@ -109,14 +109,25 @@ __all__ = [
 class Managed(Protocol):
     """What the manager needs of a connection: a PubSub or an AsyncPubSub."""
 
-    _core: Core
-    #: Called when something happens off the socket; the manager sets it.
-    _on_wake: Callable[[], object] | None
-
     @property
     def closed(self) -> bool: ...
 
+    @property
+    def wake_callback(self) -> Callable[[], object] | None: ...
+
+    def set_wake_callback(self, callback: Callable[[], object] | None) -> None:
+        """Called when something happens off the socket; the manager sets it."""
+
+    @property
+    def health_check_interval(self) -> float: ...
+
+    def health_check_due(self) -> float | None: ...
+
+    def listening_channels(self) -> frozenset[str]: ...
+
     def fileno(self) -> int: ...
+
+    def take_pending(self) -> list[Event | Reconnected]: ...
 
 
 C = TypeVar("C", bound=Managed)
@@ -252,7 +263,7 @@ class ConnectionSet(set[C]):
 def weak_callback(method: Callable[[C], object], conn: C) -> Callable[[], None]:
     """``method(conn)`` as a callback that does not keep *method*'s object alive.
 
-    A manager leaves one on each PubSub it watches (``_on_wake``), so a
+    A manager leaves one on each PubSub it watches (``set_wake_callback``), so a
     manager thrown away without ``close()`` can still be garbage collected.
     """
     ref = weakref.WeakMethod(method)
@@ -341,7 +352,7 @@ class ManagerCore(Generic[C]):
         self.fds[conn] = fd
         self._ready[conn] = None
         if conn not in self._checks:
-            self._schedule(conn, conn._core.health.due())
+            self._schedule(conn, conn.health_check_due())
 
     def unregistered(self, conn: C) -> None:
         """The driver no longer watches *conn*."""
@@ -450,7 +461,7 @@ class ManagerCore(Generic[C]):
             if checks.get(conn) != entry:
                 heapq.heappop(heap)  # stale: unwatched, or moved since
                 continue
-            actual = conn._core.health.due()
+            actual = conn.health_check_due()
             if actual is None:
                 heapq.heappop(heap)
                 del checks[conn]
@@ -470,13 +481,13 @@ class ManagerCore(Generic[C]):
         """*conn*'s health check ran at *now*: when to look again."""
         if conn not in self.fds or conn not in self._connections or conn in self._checks:
             return  # lost (garbage or reconnecting: registered afresh), or removed
-        health = conn._core.health
-        when = health.due()
+        when = conn.health_check_due()
         if when is not None and when <= now:
             # No probe went out: the connection listens to nothing (look
             # again an interval later: it may start to), or a command or a
             # reconnect had the connection (soon over: look again sooner).
-            when = now + (health.interval / 10 if conn._core.channels else health.interval)
+            interval = conn.health_check_interval
+            when = now + (interval / 10 if conn.listening_channels() else interval)
         self._schedule(conn, when)
 
     def _health_wait(self, now: float) -> float | None:
@@ -514,10 +525,8 @@ class ManagerCore(Generic[C]):
                 yield Read(conn)
                 # Even if the read failed (conn is now garbage), what it had
                 # received before is delivered: nothing is lost.
-                inbox = conn._core.inbox
-                if inbox:
-                    # popleft, not clear(): another thread may be appending.
-                    events: Events = [inbox.popleft() for _ in range(len(inbox))]
+                events: Events = conn.take_pending()
+                if events:
                     yield conn, events
                     last = clock()
                 self._take_pokes()
@@ -689,12 +698,12 @@ class ManagerBase(ABC, Generic[C]):
     def _watch(self, conn: C, fd: int) -> None:
         """The driver now watches *fd* for *conn*: hook it up and record it."""
         hook = self._hooks[conn] = weak_callback(self._poked, conn)
-        conn._on_wake = hook
+        conn.set_wake_callback(hook)
         self._core.registered(conn, fd)
 
     def _forget(self, conn: C) -> None:
         """The driver no longer watches *conn*: unhook it and record it."""
         hook = self._hooks.pop(conn, None)
-        if hook is not None and conn._on_wake is hook:
-            conn._on_wake = None
+        if hook is not None and conn.wake_callback is hook:
+            conn.set_wake_callback(None)
         self._core.unregistered(conn)

@@ -136,10 +136,7 @@ class NotificationManager(ManagerBase["AsyncPubSub"], AsyncClosing):
 
     async def _read(self, conn: AsyncPubSub) -> None:
         try:
-            await conn._read()
-            # Durable channels: a replay batch if one is due, and payloads
-            # kept in the log fetched, since the inbox is handed out as is.
-            await conn._ready_inbox()
+            await conn.read_ready()
         except Exception as exc:
             self._lose(conn, exc)
 

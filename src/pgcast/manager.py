@@ -155,10 +155,7 @@ class NotificationManager(ManagerBase[PubSub], Closing):
 
     def _read(self, conn: PubSub) -> None:
         try:
-            conn._read()
-            # Durable channels: a replay batch if one is due, and payloads
-            # kept in the log fetched, since the inbox is handed out as is.
-            conn._ready_inbox()
+            conn.read_ready()
         except Exception as exc:
             self._lose(conn, exc)
 

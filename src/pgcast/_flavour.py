@@ -1,0 +1,227 @@
+"""What the sync drivers do differently from the asyncio ones, and nothing else.
+
+The sync drivers are generated from the asyncio ones by
+``tools/async_to_sync.py``, which imports this module where the asyncio code
+imports :mod:`pgcast._flavour_async`: every name there has its namesake
+here, with the same meaning (read that module's docstring for the list). What
+differs in the sync flavour:
+
+* :class:`SocketWaiter` waits with a selector on the connection's socket and
+  a socket pair that other threads write a byte to in order to wake it. A
+  thread inside ``select()`` must find that byte even when the PubSub is
+  closed meanwhile (closing the pair would drop it from epoll's ready list
+  and leave the thread asleep), so the waiting thread releases them on its
+  way out when it was waiting at :meth:`SocketWaiter.close`.
+* :class:`StateLock` is a real lock: threads share the PubSub's counters.
+* :func:`resolve` and :class:`AwaitRunner` run a coroutine a callback returned
+  on an event loop of their own, since there is no running one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import select
+import selectors
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import psycopg
+from psycopg import pq
+
+from ._errors import ConnectionLostError
+
+__all__ = [
+    "ACTOR",
+    "AwaitRunner",
+    "Event",
+    "Lock",
+    "SocketWaiter",
+    "StateLock",
+    "acquire",
+    "check_connection",
+    "current",
+    "readable",
+    "resolve",
+    "sleep_unless",
+    "start_task",
+]
+
+#: Who runs things, for messages ("another thread is reconnecting").
+ACTOR = "thread"
+
+Lock = threading.Lock
+Event = threading.Event
+StateLock = threading.Lock
+
+
+class SocketWaiter:
+    """Waits for a connection's socket to be readable; :meth:`wake` (from any
+    thread) ends a wait."""
+
+    def __init__(self, pgconn: pq.abc.PGconn) -> None:
+        self._lock = threading.Lock()
+        self._selecting = False  # a thread is inside select(); see close()
+        self._closed = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        # Registered lazily by the waiting thread: a reconnect in another
+        # thread only bumps the count (a selector is not thread safe).
+        self._replaced = 0
+        self._registered: tuple[int, int] | None = None
+
+    def fileno(self, pgconn: pq.abc.PGconn) -> int:
+        """The descriptor to wait on from outside: *pgconn*'s socket."""
+        try:
+            return pgconn.socket
+        except psycopg.Error as exc:
+            raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+
+    def replace(self, pgconn: pq.abc.PGconn) -> None:
+        """Wait on *pgconn*'s socket from now on (a reconnect's new connection);
+        a thread waiting on the old one is woken, to wait on the new one."""
+        self._replaced += 1
+        self.wake()
+
+    def wait(self, pgconn: pq.abc.PGconn, timeout: float | None, pending: bool) -> bool:
+        """Wait until the socket is readable or :meth:`wake` is called (True),
+        or *timeout* seconds passed (False); no wait at all if *pending*."""
+        sock = self.fileno(pgconn)
+        if self._registered != (self._replaced, sock):
+            self._register(sock)
+        with self._lock:
+            if self._closed:
+                return False
+            self._selecting = True
+        try:
+            # Events that reached the inbox before _selecting was set woke
+            # nobody (see waiting()): hand them out, do not wait.
+            ready = self._selector.select(0 if pending else timeout)
+        finally:
+            with self._lock:
+                self._selecting = False
+                release = self._closed
+            if release:
+                self._release()
+        if release or not ready:
+            return False
+        for key, _ in ready:
+            if key.fileobj is self._wake_r:
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)
+        return True
+
+    def waiting(self) -> bool:
+        """Whether a thread is inside select() now. Only that thread needs the
+        wake byte: a byte nobody waits for costs the next wait a spurious
+        wake-up and read, which showed in the ping-pong round trip
+        (benchmarks/bench_latency.py)."""
+        with self._lock:
+            return self._selecting
+
+    def wake(self) -> None:
+        """End the current wait, if any (and the next one, if none)."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def close(self) -> None:
+        """Release the selector and the socket pair, now or, when a thread is
+        waiting, when it leaves select() (woken by :meth:`wake` first)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            selecting = self._selecting
+        if not selecting:
+            self._release()
+
+    def _register(self, sock: int) -> None:
+        if self._registered is not None:
+            with contextlib.suppress(KeyError, OSError, ValueError):
+                self._selector.unregister(self._registered[1])
+        self._selector.register(sock, selectors.EVENT_READ)
+        self._registered = (self._replaced, sock)
+
+    def _release(self) -> None:
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def acquire(lock: threading.Lock, timeout: float | None) -> bool:
+    """Acquire *lock*, waiting at most *timeout* seconds (None: no limit);
+    False if that passed first."""
+    return lock.acquire(timeout=-1 if timeout is None else timeout)
+
+
+def readable(fd: int, timeout: float | None) -> None:
+    """Wait until *fd* is readable, at most *timeout* seconds."""
+    select.select([fd], [], [], timeout)
+
+
+def sleep_unless(event: threading.Event, seconds: float) -> bool:
+    """Sleep *seconds*, or less if *event* is set meanwhile; whether it is."""
+    return event.wait(seconds)
+
+
+def current() -> object:
+    """The thread running now."""
+    return threading.get_ident()
+
+
+def resolve(result: object) -> None:
+    """Finish a callback's *result*: a coroutine is run on a loop of its own."""
+    if inspect.iscoroutine(result):
+        asyncio.run(result)
+
+
+class AwaitRunner:
+    """Runs the awaitables user handlers return, in order, on one event loop
+    started at the first and closed at the end of the ``with`` block."""
+
+    def __init__(self) -> None:
+        self._runner: asyncio.Runner | None = None
+
+    def __enter__(self) -> AwaitRunner:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._runner is not None:
+            self._runner.close()
+
+    def run(self, awaitable: Awaitable[object]) -> None:
+        """Run *awaitable* to completion."""
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        self._runner.run(awaitable)  # type: ignore[arg-type]
+
+
+def start_task(target: Callable[[], None], name: str) -> threading.Thread:
+    """Run ``target()`` in the background: a daemon thread."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def check_connection(conn: object, sync_name: str, async_name: str) -> None:
+    """Raise TypeError unless *conn* is a sync ``psycopg.Connection``; for an
+    asyncio one, name the asyncio API (*async_name*) to use instead of *sync_name*."""
+    if isinstance(conn, psycopg.Connection):
+        return
+    if isinstance(conn, psycopg.AsyncConnection):
+        raise TypeError(
+            f"{sync_name} takes a sync psycopg.Connection, and this is a "
+            f"psycopg.AsyncConnection: use {async_name} with it"
+        )
+    raise TypeError(f"{sync_name} takes a psycopg.Connection, not {type(conn).__name__}")

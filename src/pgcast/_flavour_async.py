@@ -1,0 +1,243 @@
+"""What the asyncio drivers do differently from the sync ones, and nothing else.
+
+The drivers are written once, as asyncio code (``*_async.py``), and their
+sync twins generated from them by ``tools/async_to_sync.py``, which drops
+``async``/``await`` and imports :mod:`pgcast._flavour` where this module is
+imported. So every name here has a sync namesake there, with the same
+meaning; only what cannot be written the same way in both lives here:
+
+* :class:`SocketWaiter`: waiting for a connection's socket while other tasks
+  (threads, in the sync flavour) may wake the waiter. Here the event loop's
+  reader on a duplicate of the socket, so that it never competes with
+  psycopg's own reader on the original descriptor while a query runs.
+* :func:`acquire`: a lock acquired with a timeout.
+* :func:`readable`: wait for a descriptor, without a waiter to wake.
+* :func:`sleep_unless`: sleep, ending early when an event is set.
+* :func:`current`: who is running (a task here, a thread there).
+* :class:`StateLock`: guards counters that threads share; an asyncio program
+  has one thread, so here it does nothing.
+* :func:`resolve` and :class:`AwaitRunner`: a callback's result that may be
+  awaitable (awaited here; run to completion on an event loop of its own there).
+* :func:`start_task`: start something in the background (a task here, a thread there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+__all__ = [
+    "ACTOR",
+    "AwaitRunner",
+    "Event",
+    "Lock",
+    "SocketWaiter",
+    "StateLock",
+    "acquire",
+    "check_connection",
+    "current",
+    "readable",
+    "resolve",
+    "sleep_unless",
+    "start_task",
+]
+
+#: Who runs things, for messages ("another task is reconnecting").
+ACTOR = "task"
+
+Lock = asyncio.Lock
+Event = asyncio.Event
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+class SocketWaiter:
+    """Waits for a connection's socket to be readable; :meth:`wake` ends a wait.
+
+    It waits on its own duplicate of the socket (the loop keys readers by
+    descriptor, and psycopg adds its reader to the original one while a query
+    runs), so it owns a descriptor until :meth:`close`.
+    """
+
+    def __init__(self, pgconn: pq.abc.PGconn) -> None:
+        self._fd = os.dup(pgconn.socket)
+        self._future: asyncio.Future[bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader_fd = -1
+        self._closed = False
+
+    def fileno(self, pgconn: pq.abc.PGconn) -> int:
+        """The descriptor to wait on from outside (a duplicate of *pgconn*'s)."""
+        return self._fd
+
+    def replace(self, pgconn: pq.abc.PGconn) -> None:
+        """Wait on *pgconn*'s socket from now on (a reconnect's new connection);
+        a task waiting on the old one is woken, to wait on the new one."""
+        self.wake()
+        self._unhook()
+        old = self._fd
+        self._fd = os.dup(pgconn.socket)
+        os.close(old)
+
+    async def wait(self, pgconn: pq.abc.PGconn, timeout: float | None, pending: bool) -> bool:
+        """Wait until the socket is readable or :meth:`wake` is called (True),
+        or *timeout* seconds passed (False); no wait at all if *pending*."""
+        if self._closed:
+            return False
+        loop = asyncio.get_running_loop()
+        fut = self._future = loop.create_future()
+        self._reader_fd = self._fd
+        loop.add_reader(self._reader_fd, _resolve, fut, True)
+        self._loop = loop
+        if pending:
+            timeout = 0
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, fut, False)
+        try:
+            ready: bool = await fut
+        finally:
+            self._future = None
+            if timer is not None:
+                timer.cancel()
+            self._unhook()
+        return ready
+
+    def waiting(self) -> bool:
+        """Whether a task waits now (only then does :meth:`wake` matter)."""
+        return self._future is not None
+
+    def wake(self) -> None:
+        """End the current wait, if any."""
+        if self._future is not None:
+            _resolve(self._future, True)
+
+    def close(self) -> None:
+        """Wake the waiter and release the descriptor."""
+        if self._closed:
+            return
+        self._closed = True
+        self.wake()
+        self._unhook()
+        os.close(self._fd)
+
+    def _unhook(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._reader_fd)
+            self._loop = None
+
+
+async def acquire(lock: asyncio.Lock, timeout: float | None) -> bool:
+    """Acquire *lock*, waiting at most *timeout* seconds (None: no limit);
+    False if that passed first."""
+    if timeout is None:
+        await lock.acquire()
+        return True
+    try:
+        # asyncio.timeout, not wait_for: wait_for makes a task per call,
+        # which cost the receive path about a fifth of its rate.
+        async with asyncio.timeout(timeout):
+            await lock.acquire()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def readable(fd: int, timeout: float | None) -> None:
+    """Wait until *fd* is readable, at most *timeout* seconds."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bool] = loop.create_future()
+    loop.add_reader(fd, _resolve, fut, True)
+    timer = None if timeout is None else loop.call_later(timeout, _resolve, fut, False)
+    try:
+        await fut
+    finally:
+        if timer is not None:
+            timer.cancel()
+        loop.remove_reader(fd)
+
+
+async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep *seconds*, or less if *event* is set meanwhile; whether it is."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        pass
+    return event.is_set()
+
+
+def current() -> object:
+    """The task running now."""
+    return asyncio.current_task()
+
+
+class StateLock:
+    """A lock for state that threads share; an asyncio program has one
+    thread, so this one holds nothing (see :class:`pgcast._flavour.StateLock`)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+async def resolve(result: object) -> None:
+    """Finish a callback's *result*: awaited when it is awaitable."""
+    if inspect.isawaitable(result):
+        await result
+
+
+class AwaitRunner:
+    """Runs the awaitables user handlers return, in order (here: awaits them)."""
+
+    async def __aenter__(self) -> AwaitRunner:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def run(self, awaitable: Awaitable[object]) -> None:
+        """Run *awaitable* to completion."""
+        await awaitable
+
+
+def start_task(
+    target: Callable[[], Coroutine[Any, Any, None]], name: str
+) -> asyncio.Task[None]:
+    """Run ``target()`` in the background: a task of the running loop."""
+    return asyncio.get_running_loop().create_task(target(), name=name)
+
+
+def check_connection(conn: object, sync_name: str, async_name: str) -> None:
+    """Raise TypeError unless *conn* is a ``psycopg.AsyncConnection``; for a
+    sync one, name the sync API (*sync_name*) to use instead of *async_name*."""
+    if isinstance(conn, psycopg.AsyncConnection):
+        return
+    if isinstance(conn, psycopg.Connection):
+        raise TypeError(
+            f"{async_name} takes a psycopg.AsyncConnection, and this is a sync "
+            f"psycopg.Connection: use {sync_name} with it"
+        )
+    raise TypeError(f"{async_name} takes a psycopg.AsyncConnection, not {type(conn).__name__}")

@@ -1,0 +1,573 @@
+"""A PubSub's connection: running commands, waiting for the socket, the health
+check and reconnecting. :class:`AsyncSession` is what
+:class:`pgcast.aio.AsyncPubSub` is built on; the sync twin
+(:mod:`pgcast._session`) is generated from this file by
+``tools/async_to_sync.py``.
+
+The decisions are the core's (:mod:`pgcast._core`: the inbox, the SQL, the
+health check; :mod:`pgcast._reconnect`: the retry loop); here they are driven.
+What the flavours do differently (waiting, locks, threads or tasks) is in
+:mod:`pgcast._flavour_async` and :mod:`pgcast._flavour`.
+
+Listening while others notify: the iterating thread or task waits on the
+socket through a :class:`~pgcast._flavour_async.SocketWaiter` and holds no
+lock while it waits; it takes the connection's lock only to read what
+arrived, which never blocks. Others may run commands meanwhile; notifications
+that arrive during their queries go to the same inbox, and the waiter is woken
+to hand them out. libpq runs one command at a time, so the health check's
+probe is sent by the iterating one only, without waiting for its answer, and
+a command first waits (briefly) for that answer.
+
+Reconnecting, in the order :mod:`pgcast._reconnect` gives: the thread or task
+that finds the connection lost reconnects, under a lock, so one does it and
+the others wait for it. The iterating one does it when a read fails or the
+health check expires, with no time limit but the backoff's own; one running a
+command does it when nobody else is, bounded by ``notify_timeout``, then
+sends. A connection lost while a command is on the wire cannot tell whether
+the server ran it: that is raised, never retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+
+from . import diagnostics
+from ._closing import AsyncClosing
+from ._connect import connect_failed, reconnect_conninfo
+from ._core import Core, wrap_error
+from ._discard import DISCARD_TIMEOUT, shutdown
+from ._durable_schema import Rows
+from ._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
+from ._flavour_async import (
+    ACTOR,
+    Event,
+    Lock,
+    SocketWaiter,
+    StateLock,
+    acquire,
+    check_connection,
+    current,
+    readable,
+    resolve,
+    sleep_unless,
+)
+from ._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
+
+__all__ = ["AsyncSession", "opener"]
+
+logger = logging.getLogger("pgcast")
+
+
+def opener(
+    conninfo: str, options: dict[str, Any]
+) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
+    """What opens a PubSub's connections: the first one and every reconnect."""
+
+    async def open_connection() -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(conninfo, **options)
+        except psycopg.Error as exc:
+            raise connect_failed(exc) from exc
+
+    return open_connection
+
+
+class AsyncSession(AsyncClosing):
+    """One connection, used for LISTEN and commands, kept alive and restored."""
+
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        resilience: Resilience | None = None,
+        connector: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+    ) -> None:
+        """Wrap *conn*, which must be in autocommit mode and used by nothing else.
+
+        *resilience* holds the reconnect and health-check settings (see
+        :func:`pgcast.connect`); *connector* opens a new connection to
+        reconnect with (default: *conn*'s own parameters).
+        """
+        check_connection(conn, "pgcast.PubSub", "pgcast.aio.AsyncPubSub")
+        if not conn.autocommit:
+            raise ValueError(f"{type(self).__name__} needs a connection in autocommit mode")
+        self._res = res = resilience or Resilience()
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._core = Core(res.health_check_interval)
+        self._core.new_connection(conn.info.backend_pid)
+        self._connector = connector or opener(reconnect_conninfo(conn), {"autocommit": True})
+        self._closed = False
+        self._closing = Event()
+        # Bumped by every reconnect: one that saw the connection fail under
+        # generation g reconnects only if nobody did since.
+        self._generation = 0
+        self._reconnect_lock = Lock()
+        self._reconnecting: object | None = None  # the thread or task doing it
+        self._hooks: list[Callable[[Any], Awaitable[None]]] = []
+        # Commands running or about to run: the iterating thread or task sends
+        # no probe meanwhile (libpq runs one command at a time).
+        self._queries = 0
+        self._in_flight = 0  # commands on the wire (not transactions held open)
+        self._state_lock = StateLock()
+        self._waiter = SocketWaiter(conn.pgconn)
+        # Called whenever this PubSub wakes its own waiter (see set_wake_callback).
+        self._wake_callback: Callable[[], object] | None = None
+        conn.add_notify_handler(self._core.on_notify)
+
+    # -- what a supervisor uses --------------------------------------------
+
+    @property
+    def connection(self) -> psycopg.AsyncConnection[Any]:
+        """The psycopg connection underneath. Run no queries on it yourself."""
+        return self._conn
+
+    @property
+    def backend_pid(self) -> int:
+        """The server process id of this connection, the one ``notify()`` uses
+        (``pg_backend_pid()``: through a pooler, the pid the login gave is not
+        PostgreSQL's)."""
+        return self._core.backend_pid
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called, or the connection broke and
+        ``reconnect=False`` (a reconnecting PubSub is not closed by a loss)."""
+        return self._closed or (self._conn.closed and not self._res.reconnect)
+
+    @property
+    def generation(self) -> int:
+        """How many times this PubSub reconnected (0 on its first connection)."""
+        return self._generation
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"pid={self.backend_pid}"
+        channels = sorted(self._core.channels)
+        return f"<pgcast.{type(self).__name__} {state} channels={channels!r}>"
+
+    def fileno(self) -> int:
+        """A descriptor of the connection's socket, to wait on with
+        ``select``/``selectors`` (sync) or ``loop.add_reader`` (asyncio, a
+        duplicate owned by the PubSub until :meth:`close`), as a
+        NotificationManager does; then :meth:`read_ready`.
+
+        A reconnect replaces it: ask again after a :class:`Reconnected` marker
+        (or when :attr:`generation` changed)."""
+        self._check_open()
+        return self._waiter.fileno(self._pgconn)
+
+    @property
+    def wake_callback(self) -> Callable[[], object] | None:
+        """What is called when this PubSub has events for its waiter that did
+        not come off the socket (a command's results, a reconnect, close)."""
+        return self._wake_callback
+
+    def set_wake_callback(self, callback: Callable[[], object] | None) -> None:
+        """Set :attr:`wake_callback` (a supervisor waiting on :meth:`fileno`
+        sets it; the sync one may be called from any thread)."""
+        self._wake_callback = callback
+
+    @property
+    def health_check_interval(self) -> float:
+        """Seconds of silence before the health check probes (0: it is off)."""
+        return self._core.health.interval
+
+    def health_check_due(self) -> float | None:
+        """When (on ``time.monotonic()``) :meth:`health_tick` is next due;
+        None: no health check to run."""
+        return self._core.health.due()
+
+    async def health_tick(self) -> float | None:
+        """One step of the health check, for a supervisor that waits on
+        :meth:`fileno` itself instead of iterating (a NotificationManager):
+        sends the probe if one is due, raises
+        :class:`~pgcast.ConnectionLostError` if the last one went unanswered
+        (then call :meth:`reconnect`), and returns how many seconds may pass
+        before the next call (``None``: no health check to run)."""
+        self._check_open()
+        await self._maybe_probe()
+        self._core.check_health()
+        return self._core.wait_time(None)
+
+    async def reconnect(self) -> Reconnected:
+        """Drop the connection and open a new one now (for example when a
+        supervisor decided it is dead); returns the marker, which is also
+        queued. Works with ``reconnect=False`` too.
+
+        :raises ConnectionLostError: the backoff gave up.
+        """
+        self._check_open(lost_ok=True)
+        for _ in range(3):  # another reconnect may end just as this one starts
+            error = ConnectionLostError("reconnect() was called")
+            marker = await self._recover(error, self._generation, force=True)
+            if marker is not None:
+                return marker
+        raise ConnectionLostError("reconnect() could not restore the connection")
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent; iterating threads or tasks stop."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        self._wake()
+        await self._conn.close()
+        self._waiter.close()
+
+    def _wake(self) -> None:
+        self._waiter.wake()
+        if self._wake_callback is not None:
+            self._wake_callback()
+
+    def _check_open(self, lost_ok: bool = False) -> None:
+        if self._closed:
+            raise ClosedError(f"this {type(self).__name__} is closed")
+        if self._conn.closed and not lost_ok:
+            raise ConnectionLostError("the connection to PostgreSQL is closed")
+
+    # -- commands ----------------------------------------------------------
+
+    async def _execute(self, sql: str | bytes, params: Any = None) -> None:
+        await self._command(sql, params, fetch=False)
+
+    async def _fetch(self, sql: str | bytes, params: Any = None) -> Rows:
+        return await self._command(sql, params, fetch=True)
+
+    async def _command(self, sql: str | bytes, params: Any, *, fetch: bool) -> Rows:
+        if self._closed:
+            raise ClosedError(f"this {type(self).__name__} is closed")
+        await self._begin_command()
+        try:
+            if not self._core.identified:  # built on a connection, not by connect()
+                await self._identify()
+            conn = self._conn
+            generation = self._generation
+            with self._state_lock:
+                self._in_flight += 1
+            try:
+                cur = await conn.execute(sql, params, prepare=None if params else False)
+                rows = await cur.fetchall() if fetch and cur.description is not None else []
+            except psycopg.Error as exc:
+                raise self._command_failed(exc, generation) from exc
+            finally:
+                with self._state_lock:
+                    self._in_flight -= 1
+            self._core.health.heard(self._core.clock())
+            return rows
+        finally:
+            self._end_command()
+            await self._after_query()
+
+    async def _begin_command(self) -> None:
+        """Make the connection ready for a command: no probe outstanding, not
+        known to be lost. A connection known lost before anything is sent is
+        restored first, within ``notify_timeout`` (else NotSentError): the
+        command is then sent, never dropped. Not by the one reconnecting (its
+        hooks' commands), nor with ``reconnect=False``: those see the loss."""
+        with self._state_lock:
+            self._queries += 1
+        try:
+            deadline: float | None = None
+            while True:  # ends: _recover gives up at the deadline
+                generation = self._generation
+                try:
+                    await self._settle()
+                    return
+                except ConnectionLostError as exc:
+                    if not self._res.reconnect or self._in_reconnect():
+                        raise
+                    if deadline is None:
+                        deadline = time.monotonic() + self._res.notify_timeout
+                    try:
+                        await self._recover(exc, generation, deadline)
+                    except ConnectionLostError as gave_up:
+                        raise self._not_sent(gave_up) from gave_up
+        except BaseException:
+            self._end_command()
+            raise
+
+    def _end_command(self) -> None:
+        with self._state_lock:
+            self._queries -= 1
+
+    async def _settle(self) -> None:
+        # Reads what is pending (which notices a connection closed by the
+        # server) and waits for an outstanding probe's answer.
+        self._check_open()
+        conn = self._conn
+        async with conn.lock:
+            for step in self._core.settle(conn.pgconn):
+                await readable(conn.pgconn.socket, step.timeout)
+
+    async def _after_query(self) -> None:
+        # Notifications that came in with the query's results are already in
+        # the inbox (psycopg's notify handler), and libpq may hold more parsed
+        # ones; the waiter waits on a socket that will not become readable
+        # for them: wake it, if it waits.
+        conn = self._conn
+        if self._closed or conn.closed:
+            return
+        async with conn.lock:
+            try:
+                self._core.take(conn.pgconn)
+            except ConnectionLostError:
+                return  # the next read or command notices it
+        if self._core.inbox and (self._wake_callback is not None or self._waiter.waiting()):
+            self._wake()
+
+    def _command_failed(self, exc: psycopg.Error, generation: int) -> PgcastError:
+        error = wrap_error(exc)
+        if isinstance(error, ConnectionLostError):
+            if generation == self._generation:
+                self._core.lost(error)
+            return ConnectionLostError(
+                f"{error} (while the command was on its way: the server may or "
+                "may not have run it)"
+            )
+        return error
+
+    def _not_sent(self, gave_up: ConnectionLostError) -> NotSentError:
+        return NotSentError(
+            f"not sent: the connection to PostgreSQL was lost and not "
+            f"restored within notify_timeout={self._res.notify_timeout:g} s "
+            f"({gave_up})"
+        )
+
+    async def _direct(self, sql: str | bytes, fetch: bool = False) -> Rows:
+        """Run *sql* on the connection itself, not as a command: no reconnect,
+        no probe to wait for (a new connection, before anything else runs)."""
+        try:
+            cur = await self._conn.execute(sql, prepare=False)
+            return await cur.fetchall() if fetch else []
+        except psycopg.Error as exc:
+            raise wrap_error(exc) from exc
+
+    async def _identify(self) -> None:
+        """Once per connection, before anything else runs on it: take the
+        server's own ``pg_backend_pid()`` (the pid given at login is made up
+        behind a pooler), and behind a pooler stop preparing statements."""
+        core = self._core
+        if core.identified:
+            return
+        rows = await self._direct(diagnostics.BACKEND_PID_SQL, fetch=True)
+        if core.identify(int(rows[0][0])):
+            # Under transaction pooling the next statement may run on another
+            # server session, which does not know psycopg's prepared
+            # statements (PgBouncer before 1.21 does not track them).
+            self._conn.prepare_threshold = None
+
+    async def _check_pinned(self) -> None:
+        """Behind a pooler, once per connection, after LISTEN: a second
+        connection must not see this one's channels
+        (:func:`pgcast.diagnostics.check_pinned`): notifications to a server
+        session no client holds are dropped."""
+        core = self._core
+        if not core.pooled or core.pinned:
+            return
+        expected = core.expected_listening()
+        try:
+            other = await self._connector()
+            try:
+                cur = await other.execute(diagnostics.SHARED_SQL, prepare=False)
+                rows = await cur.fetchall()
+            except psycopg.Error as exc:
+                raise wrap_error(exc) from exc
+            finally:
+                await other.close()
+        except PgcastError as exc:
+            raise diagnostics.unverified_pool(expected, exc) from exc
+        diagnostics.check_pinned(expected, rows[0][0] if rows and rows[0][0] else ())
+        core.pinned = True
+
+    # -- waiting -----------------------------------------------------------
+
+    async def _read(self) -> None:
+        """Take in what has arrived on the socket, without waiting."""
+        self._check_open()
+        conn = self._conn
+        async with conn.lock:
+            self._core.read(conn.pgconn)
+
+    async def _fill(self, timeout: float | None) -> None:
+        """Wait up to *timeout* seconds (0: not at all) for the socket, then
+        read what arrived into the inbox; raises ConnectionLostError."""
+        core = self._core
+        if timeout != 0:
+            self._check_open()
+            await self._maybe_probe()
+            ready = await self._waiter.wait(
+                self._pgconn, core.wait_time(timeout), bool(core.inbox)
+            )
+            if self._closed:
+                return
+            if not ready:
+                core.check_health()
+                return
+        self._check_open()
+        conn = self._conn
+        # A command running elsewhere holds the lock and reads the socket
+        # itself (its notifications reach the inbox); wait for it no longer
+        # than the health check allows, so a command stuck in a dead network
+        # cannot hold the listener too.
+        limit = core.wait_time(None)
+        if not await acquire(conn.lock, None if limit is None else max(0.01, limit)):
+            core.check_health()
+            return
+        try:
+            core.read(conn.pgconn)
+        finally:
+            conn.lock.release()
+        core.check_health()
+
+    async def _maybe_probe(self) -> None:
+        core = self._core
+        if not core.wants_probe() or self._reconnecting is not None:
+            return
+        with self._state_lock:
+            if self._queries:
+                # A command on the wire is a round trip too: it stands in for
+                # the probe, so one stuck in a dead network is noticed like an
+                # unanswered probe.
+                if self._in_flight:
+                    core.health.probe_sent(core.clock())
+                return
+            conn = self._conn
+            async with conn.lock:
+                core.send_probe(conn.pgconn)
+
+    # -- reconnecting ------------------------------------------------------
+
+    def _in_reconnect(self) -> bool:
+        return self._reconnecting is not None and self._reconnecting == current()
+
+    async def _recover(
+        self,
+        exc: ConnectionLostError,
+        generation: int,
+        deadline: float | None = None,
+        *,
+        force: bool = False,
+    ) -> Reconnected | None:
+        """Reconnect after *exc*, seen on connection *generation*, unless
+        another thread or task did meanwhile (then its marker); give up at
+        *deadline* (``time.monotonic()``; None: the backoff's own end). Raise
+        *exc* itself when reconnecting is off, unless *force*. Steps 4 and 5
+        of :mod:`pgcast._reconnect`'s order are here: ``on_reconnect``, then
+        the marker queued and the waiter woken."""
+        core = self._core
+        if not (self._res.reconnect or force):
+            core.lost(exc)
+            raise exc
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not await acquire(self._reconnect_lock, timeout):
+            raise ConnectionLostError(
+                f"another {ACTOR} is restoring the connection and was not done in "
+                f"time; the connection was lost: {exc}"
+            ) from exc
+        try:
+            if self._generation != generation and not self._conn.closed:
+                # Restored by another meanwhile (a failed attempt leaves its
+                # connection closed: then go on here).
+                return core.last_marker
+            self._check_open(lost_ok=True)
+            self._reconnecting = current()
+            marker = await self._reconnect_loop(exc, deadline)
+            callback = self._res.on_reconnect
+            if callback is not None:
+                try:
+                    await resolve(callback(marker))
+                except Exception:
+                    logger.exception("pgcast: on_reconnect failed on %r", marker)
+            core.inbox.append(marker)
+            self._wake()
+            return marker
+        finally:
+            self._reconnecting = None
+            self._reconnect_lock.release()
+
+    async def _reconnect_loop(
+        self, error: ConnectionLostError, deadline: float | None
+    ) -> Reconnected:
+        """Drop the lost connection, then attempt, sleep and attempt again as
+        :func:`~pgcast._reconnect.reconnect_plan` says until one succeeds."""
+        self._core.lost(error)
+        logger.warning("pgcast: connection lost (%s); reconnecting", error)
+        await self._discard()
+        plan = reconnect_plan(self._res.backoff, error, deadline=deadline)
+        failure: Exception | None = None
+        while True:  # ends: the plan gives up
+            try:
+                step = plan.send(None) if failure is None else plan.throw(failure)
+            except StopIteration as done:
+                attempts: int = done.value
+                break
+            failure = None
+            if type(step) is Sleep:
+                if await sleep_unless(self._closing, step.seconds):
+                    raise self._closed_meanwhile()
+                continue
+            try:
+                await self._attempt()
+            except BaseException as exc:
+                await self._discard()
+                if not isinstance(exc, Exception):  # cancelled, interrupted
+                    raise
+                failure = exc
+            if self._closed:
+                await self._discard()
+                raise self._closed_meanwhile()
+        marker = self._core.restored(attempts)
+        logger.warning("pgcast: reconnected after %.3f s", marker.downtime.total_seconds())
+        return marker
+
+    def _closed_meanwhile(self) -> ClosedError:
+        return ClosedError(f"this {type(self).__name__} was closed while reconnecting")
+
+    async def _attempt(self) -> None:
+        """One attempt: open a connection, LISTEN again, check it, run the
+        hooks; what fails is thrown back into the plan."""
+        conn = await self._connector()
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        conn.add_notify_handler(self._core.on_notify)
+        self._core.new_connection(conn.info.backend_pid)
+        self._generation += 1
+        self._waiter.replace(conn.pgconn)  # the waiter waits on the old socket
+        core = self._core
+        try:
+            await self._identify()
+            sql = core.relisten_sql()
+            if sql is not None:
+                await self._direct(sql)
+                core.did_listen(())
+                rows = await self._direct(diagnostics.VERIFY_SQL, fetch=True)
+                diagnostics.check_session(core.expected_listening(), rows[0] if rows else None)
+                await self._check_pinned()
+        finally:
+            await self._after_query()
+        for hook in self._hooks:
+            await hook(self)
+
+    async def _discard(self) -> None:
+        conn = self._conn
+        if conn.closed:
+            return
+        # A command stuck on a dead connection holds its lock: shutting the
+        # socket down makes it fail at once (and release the lock) rather
+        # than wait for the kernel's timeout; only then is it safe to close.
+        shutdown(conn.pgconn)
+        if not await acquire(conn.lock, DISCARD_TIMEOUT):
+            logger.warning("pgcast: a command on the lost connection did not end; leaving it")
+            return
+        try:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        finally:
+            conn.lock.release()
+
