@@ -42,7 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: (hand-written asyncio source, generated sync twin), relative to ROOT.
 FILES: list[tuple[str, str]] = [
     ("src/pgcast/_session_async.py", "src/pgcast/_session.py"),
+    ("src/pgcast/_durable_session_async.py", "src/pgcast/_durable_session.py"),
+    ("src/pgcast/_supervised_async.py", "src/pgcast/_supervised.py"),
     ("src/pgcast/_pubsub_async.py", "src/pgcast/_pubsub.py"),
+    ("src/pgcast/_open_async.py", "src/pgcast/_open.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -55,6 +58,8 @@ NAMES: dict[str, str] = {
     "AsyncPubSub": "PubSub",
     "AsyncReconnectHook": "ReconnectHook",
     "AsyncSession": "Session",
+    "AsyncDurableSession": "DurableSession",
+    "AsyncSupervised": "Supervised",
     "StopAsyncIteration": "StopIteration",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
@@ -66,6 +71,9 @@ NAMES: dict[str, str] = {
     "_flavour_async": "_flavour",
     "_pubsub_async": "_pubsub",
     "_session_async": "_session",
+    "_durable_session_async": "_durable_session",
+    "_supervised_async": "_supervised",
+    "_open_async": "_open",
 }
 
 #: Generic types whose last parameter is what a sync call returns.

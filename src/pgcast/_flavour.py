@@ -6,7 +6,7 @@ imports :mod:`pgcast._flavour_async`: every name there has its namesake
 here, with the same meaning (read that module's docstring for the list). What
 differs in the sync flavour:
 
-* :class:`SocketWaiter` waits with a selector on the connection's socket and
+* :class:`SocketWaiter` waits with ``poll()`` on the connection's socket and
   a socket pair that other threads write a byte to in order to wake it. A
   thread inside ``select()`` must find that byte even when the PubSub is
   closed meanwhile (closing the pair would drop it from epoll's ready list
@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import inspect
 import select
-import selectors
 import socket
 import threading
 from collections.abc import Awaitable, Callable
@@ -69,10 +68,13 @@ class SocketWaiter:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        # select.poll, not a selectors.Selector: it costs the round trip
+        # less (benchmarks/bench_latency.py); one fd pair is all it watches.
+        self._poll = select.poll()
+        self._poll.register(self._wake_r, select.POLLIN)
+        self._wake_fd = self._wake_r.fileno()
         # Registered lazily by the waiting thread: a reconnect in another
-        # thread only bumps the count (a selector is not thread safe).
+        # thread only bumps the count.
         self._replaced = 0
         self._registered: tuple[int, int] | None = None
 
@@ -102,7 +104,8 @@ class SocketWaiter:
         try:
             # Events that reached the inbox before _selecting was set woke
             # nobody (see waiting()): hand them out, do not wait.
-            ready = self._selector.select(0 if pending else timeout)
+            wait = 0 if pending else None if timeout is None else timeout * 1000.0
+            ready = self._poll.poll(wait)
         finally:
             with self._lock:
                 self._selecting = False
@@ -111,14 +114,14 @@ class SocketWaiter:
                 self._release()
         if release or not ready:
             return False
-        for key, _ in ready:
-            if key.fileobj is self._wake_r:
+        for fd, _ in ready:
+            if fd == self._wake_fd:
                 with contextlib.suppress(OSError):
                     self._wake_r.recv(4096)
         return True
 
     def waiting(self) -> bool:
-        """Whether a thread is inside select() now. Only that thread needs the
+        """Whether a thread is inside poll() now. Only that thread needs the
         wake byte: a byte nobody waits for costs the next wait a spurious
         wake-up and read, which showed in the ping-pong round trip
         (benchmarks/bench_latency.py)."""
@@ -144,12 +147,11 @@ class SocketWaiter:
     def _register(self, sock: int) -> None:
         if self._registered is not None:
             with contextlib.suppress(KeyError, OSError, ValueError):
-                self._selector.unregister(self._registered[1])
-        self._selector.register(sock, selectors.EVENT_READ)
+                self._poll.unregister(self._registered[1])
+        self._poll.register(sock, select.POLLIN)
         self._registered = (self._replaced, sock)
 
     def _release(self) -> None:
-        self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
 

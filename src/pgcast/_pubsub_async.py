@@ -16,27 +16,23 @@ transaction). An asyncio PubSub belongs to the event loop it was created in.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar, overload
 
 import psycopg
 
-from . import _durable_core, diagnostics
-from ._backoff import Backoff
+from . import diagnostics
 from ._channels import unlisten_sql
-from ._connect import connect_plan
-from ._core import ExceptionHandler, Handler, Wait, check_timeout, notify_query, plan, wrap_error
+from ._core import ExceptionHandler, Handler, Wait, check_timeout, plan
 from ._durable_core import Unfetched, publish_many_query, publish_query
-from ._durable_schema import Query, Rows, Steps, install_steps
+from ._durable_session_async import query_steps
 from ._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
-from ._event import DurableEvent, Event
-from ._flavour_async import AwaitRunner, check_connection
+from ._event import Event
+from ._flavour_async import AwaitRunner
 from ._payload import Payload
-from ._reconnect import OnReconnect, Reconnected, Resilience
-from ._session_async import AsyncSession, opener
-from .durable import schema_error
+from ._reconnect import Reconnected, Resilience
+from ._supervised_async import AsyncSupervised
 
 if True:  # ASYNC
     pass
@@ -45,7 +41,7 @@ else:
 
     from ._runner import Runner
 
-__all__ = ["AsyncPubSub", "connect", "notify"]
+__all__ = ["AsyncPubSub", "AsyncReconnectHook"]
 
 T = TypeVar("T")
 
@@ -55,73 +51,7 @@ logger = logging.getLogger("pgcast")
 AsyncReconnectHook = Callable[["AsyncPubSub"], Awaitable[None]]
 
 
-async def connect(
-    conninfo: str = "",
-    *,
-    reconnect: bool = True,
-    reconnect_backoff: Backoff | None = None,
-    health_check_interval: float | None = 30.0,
-    on_reconnect: OnReconnect | None = None,
-    notify_timeout: float = 30.0,
-    **kwargs: Any,
-) -> AsyncPubSub:
-    """Open a PubSub on a new connection.
-
-    Takes what ``psycopg.connect`` takes: a DSN or URL, keyword arguments, or
-    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables). The
-    connection arguments are kept to reconnect with.
-
-    :param reconnect: when the connection is lost, reconnect with
-        *reconnect_backoff* (default :class:`pgcast.Backoff`: 0.1 s growing
-        to 10 s, with jitter, without end), LISTEN every channel again and
-        deliver a :class:`pgcast.Reconnected` marker in the event stream.
-        ``False``: raise :class:`~pgcast.ConnectionLostError` instead.
-    :param health_check_interval: while listening, probe the connection after
-        this many seconds of silence, and reconnect when a probe is not
-        answered within as long again; also sets TCP keepalives. ``0`` turns
-        the probe off.
-    :param on_reconnect: called with each marker after every channel was
-        LISTENed again, before the marker reaches the event stream; a coroutine
-        function is run to completion.
-    :param notify_timeout: how long a command (a notify, a listen) waits for a
-        lost connection to come back before failing with
-        :class:`~pgcast.NotSentError`.
-    :raises ConnectError: the server could not be reached or refused the
-        login; the message is the server's.
-    """
-    conninfo, options, res = connect_plan(
-        conninfo, kwargs, reconnect=reconnect, reconnect_backoff=reconnect_backoff,
-        health_check_interval=health_check_interval, notify_timeout=notify_timeout,
-        on_reconnect=on_reconnect,
-    )
-    open_connection = opener(conninfo, options)
-    pubsub = AsyncPubSub(await open_connection(), resilience=res, connector=open_connection)
-    try:
-        await pubsub._identify()
-    except BaseException:
-        await pubsub.close()
-        raise
-    return pubsub
-
-
-async def notify(conn: psycopg.AsyncConnection[Any], channel: str, payload: Payload = "") -> None:
-    """Send a notification through an application's own psycopg connection.
-
-    It joins the connection's current transaction, if any, so it is delivered
-    when (and only if) that transaction commits: the NOTIFY goes out with the
-    data change it announces.
-    """
-    check_connection(conn, "pgcast.notify()", "pgcast.aio.notify()")
-    sql, params = notify_query(channel, payload)
-    await conn.execute(sql, params)
-
-
-def _query_steps(query: Query) -> Steps[Rows]:
-    rows = yield query
-    return rows
-
-
-class AsyncPubSub(AsyncSession):
+class AsyncPubSub(AsyncSupervised):
     """Listen to and notify PostgreSQL channels over one connection.
 
     Create it with ``connect()``. Use it as a context manager, or call
@@ -268,7 +198,7 @@ class AsyncPubSub(AsyncSession):
         if not logged:
             await self._command(query[0], query[1], fetch=False)
             return None
-        rows = await self._durable(_query_steps(query))
+        rows = await self._durable(query_steps(query))
         return int(rows[0][0])
 
     async def notify_many(
@@ -288,7 +218,7 @@ class AsyncPubSub(AsyncSession):
         if not logged:
             await self._execute(*query)
             return None
-        rows = await self._durable(_query_steps(query))
+        rows = await self._durable(query_steps(query))
         return None if rows[0][0] is None else int(rows[0][0])
 
     async def ack(self, event: Event) -> None:
@@ -300,23 +230,6 @@ class AsyncPubSub(AsyncSession):
         :raises ValueError: its channel is not listened to with a consumer.
         """
         await self._execute(*self._core.durable.ack_query(event))
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[None]:
-        """A transaction: notifications sent inside are delivered at commit,
-        and not at all if it rolls back (on an exception). A connection lost
-        inside raises :class:`~pgcast.ConnectionLostError`: nothing of the
-        transaction was committed."""
-        self._check_open()
-        await self._begin_command()
-        try:
-            async with self._conn.transaction():
-                yield
-        except psycopg.Error as exc:
-            raise wrap_error(exc) from exc
-        finally:
-            self._end_command()
-            await self._after_query()
 
     # -- receiving ---------------------------------------------------------
 
@@ -511,101 +424,6 @@ class AsyncPubSub(AsyncSession):
                         core.handler_failed(exc, event)  # type: ignore[arg-type]
                 if stop is not None and stop():
                     return  # the events not handled stay in the inbox
-
-    # -- a supervisor's reading (a NotificationManager) ----------------------
-
-    async def read_ready(self) -> None:
-        """Take in what has arrived, without waiting, and make the pending
-        events ready to hand out: a replay batch if one is due, payloads kept
-        in the log fetched. Then :meth:`take_pending`."""
-        await self._read()
-        core = self._core
-        if await self._replay() and core.durable.pending:
-            self._wake()  # more to replay: come back
-        inbox = core.inbox
-        i = 0
-        while i < len(inbox):  # only the consumer removes, so indexes hold
-            event = inbox[i]
-            if type(event) is Unfetched:
-                fetched = await self._fetch_payload(event)
-                if fetched is None:
-                    del inbox[i]
-                    continue
-                inbox[i] = fetched
-            i += 1
-
-    def take_pending(self) -> list[Event | Reconnected]:
-        """Every event and marker received and not yet handed out, in order
-        (none: an empty list); they are handed out now."""
-        inbox = self._core.inbox
-        # popleft, not clear(): another thread may be appending.
-        return [inbox.popleft() for _ in range(len(inbox))]
-
-    # -- durable channels (the logic is in pgcast._durable_core) ------------
-
-    async def _durable(self, steps: Steps[T]) -> T:
-        """Run *steps* (queries as a generator, see
-        :data:`pgcast._durable_schema.Steps`) as commands, the ``pgcast``
-        schema checked (and installed if missing) first."""
-        core = self._core
-        if not core.durable.schema_ready:
-            try:
-                async with self.transaction():
-                    await self._run_steps(install_steps())
-            except PgcastError as exc:
-                raise schema_error(exc) from exc
-            core.durable.schema_ready = True
-        before = len(core.inbox)
-        result = await self._run_steps(steps)
-        if len(core.inbox) > before:
-            self._wake()  # another thread or task may be iterating
-        return result
-
-    async def _run_steps(self, steps: Steps[T]) -> T:
-        try:
-            query = next(steps)
-            while True:  # ends: the steps return
-                try:
-                    rows = await self._fetch(*query)
-                except BaseException as exc:
-                    query = steps.throw(exc)
-                    continue
-                query = steps.send(rows)
-        except StopIteration as done:
-            result: T = done.value
-            return result
-
-    async def _replay(self) -> bool:
-        """Read one replay batch if a durable channel is catching up."""
-        durable = self._core.durable
-        if not durable.pending:
-            return False
-        await self._durable(durable.replay_steps())
-        return True
-
-    async def _replay_after_reconnect(self) -> None:
-        # A reconnect hook: every channel is LISTENed again; what was missed
-        # meanwhile is read now (a few batches at most), so that it comes
-        # before the marker (Core.new_connection set the replay going).
-        durable = self._core.durable
-        for _ in range(_durable_core.BATCHES_BEFORE_MARKER):
-            if not durable.pending:
-                break
-            await self._durable(durable.replay_steps())
-
-    async def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
-        """The event with its payload read from the log (None: pruned); a
-        lost connection is restored and the read tried again."""
-        while True:  # ends: _recover gives up or the read succeeds
-            generation = self._generation
-            try:
-                result: DurableEvent | None = await self._durable(
-                    self._core.durable.fetch_steps(event)
-                )
-                return result
-            except ConnectionLostError as exc:
-                self._check_open(lost_ok=True)
-                await self._recover(exc, generation)
 
     # -- reconnecting ------------------------------------------------------
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -78,6 +79,11 @@ def opener(
     return open_connection
 
 
+def _has_input(fd: int) -> bool:
+    """Whether *fd* is readable now (never waits: fit for both flavours)."""
+    return bool(select.select([fd], [], [], 0)[0])
+
+
 class AsyncSession(AsyncClosing):
     """One connection, used for LISTEN and commands, kept alive and restored."""
 
@@ -121,7 +127,7 @@ class AsyncSession(AsyncClosing):
         self._wake_callback: Callable[[], object] | None = None
         conn.add_notify_handler(self._core.on_notify)
 
-    # -- what a supervisor uses --------------------------------------------
+    # -- the connection ----------------------------------------------------
 
     @property
     def connection(self) -> psycopg.AsyncConnection[Any]:
@@ -150,65 +156,6 @@ class AsyncSession(AsyncClosing):
         state = "closed" if self.closed else f"pid={self.backend_pid}"
         channels = sorted(self._core.channels)
         return f"<pgcast.{type(self).__name__} {state} channels={channels!r}>"
-
-    def fileno(self) -> int:
-        """A descriptor of the connection's socket, to wait on with
-        ``select``/``selectors`` (sync) or ``loop.add_reader`` (asyncio, a
-        duplicate owned by the PubSub until :meth:`close`), as a
-        NotificationManager does; then :meth:`read_ready`.
-
-        A reconnect replaces it: ask again after a :class:`Reconnected` marker
-        (or when :attr:`generation` changed)."""
-        self._check_open()
-        return self._waiter.fileno(self._pgconn)
-
-    @property
-    def wake_callback(self) -> Callable[[], object] | None:
-        """What is called when this PubSub has events for its waiter that did
-        not come off the socket (a command's results, a reconnect, close)."""
-        return self._wake_callback
-
-    def set_wake_callback(self, callback: Callable[[], object] | None) -> None:
-        """Set :attr:`wake_callback` (a supervisor waiting on :meth:`fileno`
-        sets it; the sync one may be called from any thread)."""
-        self._wake_callback = callback
-
-    @property
-    def health_check_interval(self) -> float:
-        """Seconds of silence before the health check probes (0: it is off)."""
-        return self._core.health.interval
-
-    def health_check_due(self) -> float | None:
-        """When (on ``time.monotonic()``) :meth:`health_tick` is next due;
-        None: no health check to run."""
-        return self._core.health.due()
-
-    async def health_tick(self) -> float | None:
-        """One step of the health check, for a supervisor that waits on
-        :meth:`fileno` itself instead of iterating (a NotificationManager):
-        sends the probe if one is due, raises
-        :class:`~pgcast.ConnectionLostError` if the last one went unanswered
-        (then call :meth:`reconnect`), and returns how many seconds may pass
-        before the next call (``None``: no health check to run)."""
-        self._check_open()
-        await self._maybe_probe()
-        self._core.check_health()
-        return self._core.wait_time(None)
-
-    async def reconnect(self) -> Reconnected:
-        """Drop the connection and open a new one now (for example when a
-        supervisor decided it is dead); returns the marker, which is also
-        queued. Works with ``reconnect=False`` too.
-
-        :raises ConnectionLostError: the backoff gave up.
-        """
-        self._check_open(lost_ok=True)
-        for _ in range(3):  # another reconnect may end just as this one starts
-            error = ConnectionLostError("reconnect() was called")
-            marker = await self._recover(error, self._generation, force=True)
-            if marker is not None:
-                return marker
-        raise ConnectionLostError("reconnect() could not restore the connection")
 
     async def close(self) -> None:
         """Close the connection. Idempotent; iterating threads or tasks stop."""
@@ -264,6 +211,23 @@ class AsyncSession(AsyncClosing):
             self._end_command()
             await self._after_query()
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """A transaction: notifications sent inside are delivered at commit,
+        and not at all if it rolls back (on an exception). A connection lost
+        inside raises :class:`~pgcast.ConnectionLostError`: nothing of the
+        transaction was committed."""
+        self._check_open()
+        await self._begin_command()
+        try:
+            async with self._conn.transaction():
+                yield
+        except psycopg.Error as exc:
+            raise wrap_error(exc) from exc
+        finally:
+            self._end_command()
+            await self._after_query()
+
     async def _begin_command(self) -> None:
         """Make the connection ready for a command: no probe outstanding, not
         known to be lost. A connection known lost before anything is sent is
@@ -299,9 +263,13 @@ class AsyncSession(AsyncClosing):
     async def _settle(self) -> None:
         # Reads what is pending (which notices a connection closed by the
         # server) and waits for an outstanding probe's answer.
+        # Nothing to read and no probe out: nothing to settle (one poll costs
+        # the round trip less than the reads; see benchmarks/bench_latency.py).
         self._check_open()
         conn = self._conn
         async with conn.lock:
+            if not self._core.probe_in_flight and not _has_input(conn.pgconn.socket):
+                return
             for step in self._core.settle(conn.pgconn):
                 await readable(conn.pgconn.socket, step.timeout)
 
@@ -384,62 +352,6 @@ class AsyncSession(AsyncClosing):
             raise diagnostics.unverified_pool(expected, exc) from exc
         diagnostics.check_pinned(expected, rows[0][0] if rows and rows[0][0] else ())
         core.pinned = True
-
-    # -- waiting -----------------------------------------------------------
-
-    async def _read(self) -> None:
-        """Take in what has arrived on the socket, without waiting."""
-        self._check_open()
-        conn = self._conn
-        async with conn.lock:
-            self._core.read(conn.pgconn)
-
-    async def _fill(self, timeout: float | None) -> None:
-        """Wait up to *timeout* seconds (0: not at all) for the socket, then
-        read what arrived into the inbox; raises ConnectionLostError."""
-        core = self._core
-        if timeout != 0:
-            self._check_open()
-            await self._maybe_probe()
-            ready = await self._waiter.wait(
-                self._pgconn, core.wait_time(timeout), bool(core.inbox)
-            )
-            if self._closed:
-                return
-            if not ready:
-                core.check_health()
-                return
-        self._check_open()
-        conn = self._conn
-        # A command running elsewhere holds the lock and reads the socket
-        # itself (its notifications reach the inbox); wait for it no longer
-        # than the health check allows, so a command stuck in a dead network
-        # cannot hold the listener too.
-        limit = core.wait_time(None)
-        if not await acquire(conn.lock, None if limit is None else max(0.01, limit)):
-            core.check_health()
-            return
-        try:
-            core.read(conn.pgconn)
-        finally:
-            conn.lock.release()
-        core.check_health()
-
-    async def _maybe_probe(self) -> None:
-        core = self._core
-        if not core.wants_probe() or self._reconnecting is not None:
-            return
-        with self._state_lock:
-            if self._queries:
-                # A command on the wire is a round trip too: it stands in for
-                # the probe, so one stuck in a dead network is noticed like an
-                # unanswered probe.
-                if self._in_flight:
-                    core.health.probe_sent(core.clock())
-                return
-            conn = self._conn
-            async with conn.lock:
-                core.send_probe(conn.pgconn)
 
     # -- reconnecting ------------------------------------------------------
 

@@ -13,7 +13,8 @@ while one task iterates :meth:`AsyncPubSub.events`.
 
 from __future__ import annotations
 
-from ._pubsub_async import AsyncPubSub, AsyncReconnectHook, connect, notify
+from ._open_async import connect, notify
+from ._pubsub_async import AsyncPubSub, AsyncReconnectHook
 from .aio_manager import NotificationManager
 
 __all__ = ["AsyncPubSub", "AsyncReconnectHook", "NotificationManager", "connect", "notify"]

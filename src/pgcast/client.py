@@ -9,7 +9,8 @@ asyncio sources (``_pubsub_async.py``, ``_session_async.py``) by
 
 from __future__ import annotations
 
-from ._pubsub import PubSub, ReconnectHook, connect, notify
+from ._open import connect, notify
+from ._pubsub import PubSub, ReconnectHook
 from ._runner import Runner
 
 __all__ = ["PubSub", "ReconnectHook", "Runner", "connect", "notify"]

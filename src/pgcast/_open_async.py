@@ -1,0 +1,84 @@
+"""Opening a PubSub, and notifying through an application's own connection.
+
+Written for asyncio (``_open_async.py``: ``pgcast.aio.connect``,
+``pgcast.aio.notify``); the sync twin (``pgcast.connect``, ``pgcast.notify``)
+is generated from it by ``tools/async_to_sync.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from ._backoff import Backoff
+from ._connect import connect_plan
+from ._core import notify_query
+from ._flavour_async import check_connection
+from ._payload import Payload
+from ._pubsub_async import AsyncPubSub
+from ._reconnect import OnReconnect
+from ._session_async import opener
+
+__all__ = ["connect", "notify"]
+
+
+async def connect(
+    conninfo: str = "",
+    *,
+    reconnect: bool = True,
+    reconnect_backoff: Backoff | None = None,
+    health_check_interval: float | None = 30.0,
+    on_reconnect: OnReconnect | None = None,
+    notify_timeout: float = 30.0,
+    **kwargs: Any,
+) -> AsyncPubSub:
+    """Open a PubSub on a new connection.
+
+    Takes what ``psycopg.connect`` takes: a DSN or URL, keyword arguments, or
+    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables). The
+    connection arguments are kept to reconnect with.
+
+    :param reconnect: when the connection is lost, reconnect with
+        *reconnect_backoff* (default :class:`pgcast.Backoff`: 0.1 s growing
+        to 10 s, with jitter, without end), LISTEN every channel again and
+        deliver a :class:`pgcast.Reconnected` marker in the event stream.
+        ``False``: raise :class:`~pgcast.ConnectionLostError` instead.
+    :param health_check_interval: while listening, probe the connection after
+        this many seconds of silence, and reconnect when a probe is not
+        answered within as long again; also sets TCP keepalives. ``0`` turns
+        the probe off.
+    :param on_reconnect: called with each marker after every channel was
+        LISTENed again, before the marker reaches the event stream; a coroutine
+        function is run to completion.
+    :param notify_timeout: how long a command (a notify, a listen) waits for a
+        lost connection to come back before failing with
+        :class:`~pgcast.NotSentError`.
+    :raises ConnectError: the server could not be reached or refused the
+        login; the message is the server's.
+    """
+    conninfo, options, res = connect_plan(
+        conninfo, kwargs, reconnect=reconnect, reconnect_backoff=reconnect_backoff,
+        health_check_interval=health_check_interval, notify_timeout=notify_timeout,
+        on_reconnect=on_reconnect,
+    )
+    open_connection = opener(conninfo, options)
+    pubsub = AsyncPubSub(await open_connection(), resilience=res, connector=open_connection)
+    try:
+        await pubsub._identify()
+    except BaseException:
+        await pubsub.close()
+        raise
+    return pubsub
+
+
+async def notify(conn: psycopg.AsyncConnection[Any], channel: str, payload: Payload = "") -> None:
+    """Send a notification through an application's own psycopg connection.
+
+    It joins the connection's current transaction, if any, so it is delivered
+    when (and only if) that transaction commits: the NOTIFY goes out with the
+    data change it announces.
+    """
+    check_connection(conn, "pgcast.notify()", "pgcast.aio.notify()")
+    sql, params = notify_query(channel, payload)
+    await conn.execute(sql, params)
