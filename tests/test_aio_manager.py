@@ -1,4 +1,4 @@
-"""The asyncio NotificationManager (:mod:`pgcast.aio_manager`) against real PostgreSQL.
+"""The asyncio NotificationManager (:mod:`pgcast.manager._manager_async`) against real PostgreSQL.
 
 The same sentences as test_manager.py, for ``pgcast.aio.NotificationManager``
 and ``async for``, plus what only the event loop can get wrong: a reader that

@@ -1,8 +1,8 @@
-"""The sync NotificationManager (:mod:`pgcast.manager`) against real PostgreSQL.
+"""The sync NotificationManager (:mod:`pgcast.manager._manager`) against real PostgreSQL.
 
 Each test proves a sentence of issue 3 or of the py-postgresql seeds'
 "Notification Management" sections; the asyncio twin is test_aio_manager.py.
-The pure policy (:mod:`pgcast._manager_core`) is exercised through both.
+The pure policy (:mod:`pgcast.manager._policy`) is exercised through both.
 
 Waits are bounded: managers under test mostly run with a short timeout, so
 their idle events let a helper check its deadline; a manager that must run
@@ -29,8 +29,8 @@ from psycopg.conninfo import make_conninfo
 
 import pgcast
 from _capacity import spare_connections
-from pgcast._manager_core import ConnectionSet
 from pgcast.embedded import EmbeddedServer
+from pgcast.manager._policy import ConnectionSet
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Value = tuple[pgcast.PubSub, list[pgcast.Event]] | None
@@ -771,11 +771,11 @@ def test_waiting_on_idle_connections_burns_no_cpu(open_pubsub: Any) -> None:
 def test_no_sleep_in_the_manager() -> None:
     import inspect
 
-    import pgcast._manager_core
-    import pgcast.aio_manager
-    import pgcast.manager
+    import pgcast.manager._manager
+    import pgcast.manager._manager_async
+    import pgcast.manager._policy
 
-    for module in (pgcast.manager, pgcast.aio_manager, pgcast._manager_core):
+    for module in (pgcast.manager._manager, pgcast.manager._manager_async, pgcast.manager._policy):
         source = inspect.getsource(module)
         assert "sleep(" not in source, module.__name__
 

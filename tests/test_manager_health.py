@@ -1,7 +1,7 @@
 """Health checks of the connections a NotificationManager watches (issue 4).
 
 A managed PubSub never runs its own wait, where a PubSub probes its
-connection, so the manager runs the checks (:mod:`pgcast._manager_core`
+connection, so the manager runs the checks (:mod:`pgcast.manager._policy`
 decides when, the drivers call ``health_tick()``). Proven here, sync and
 asyncio, against real PostgreSQL through the loopback proxy of tcp_proxy.py,
 whose blackhole drops a connection without a FIN or RST:
@@ -38,8 +38,8 @@ import pgcast.aio
 from _eventwait import arun
 from pgcast._core import Core, Wait
 from pgcast._health import HealthCheck, probe_channel
-from pgcast._manager_core import HealthTick, ManagerCore, Read, Register, Unregister
 from pgcast.aio import AsyncPubSub
+from pgcast.manager._policy import HealthTick, ManagerCore, Read, Register, Unregister
 from tcp_proxy import TcpProxy
 
 Conn = psycopg.Connection[tuple[Any, ...]]

@@ -1,5 +1,5 @@
 """pgcast.Publisher and AsyncPublisher against a real PostgreSQL, and their
-pure core (pgcast._batcher) on its own."""
+pure core (pgcast.publisher._batcher) on its own."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import pgcast
-from pgcast._batcher import Batcher
+from pgcast.publisher._batcher import Batcher
 
 WAIT = 10.0  # seconds anything that should happen on loopback may take
 

@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: (hand-written asyncio source, generated sync twin), relative to ROOT.
 FILES: list[tuple[str, str]] = [
-    ("src/pgcast/_session_async.py", "src/pgcast/_session.py"),
-    ("src/pgcast/_durable_session_async.py", "src/pgcast/_durable_session.py"),
-    ("src/pgcast/_supervised_async.py", "src/pgcast/_supervised.py"),
-    ("src/pgcast/_pubsub_async.py", "src/pgcast/_pubsub.py"),
-    ("src/pgcast/_open_async.py", "src/pgcast/_open.py"),
+    ("src/pgcast/client/_session_async.py", "src/pgcast/client/_session.py"),
+    ("src/pgcast/client/_durable_session_async.py", "src/pgcast/client/_durable_session.py"),
+    ("src/pgcast/client/_supervised_async.py", "src/pgcast/client/_supervised.py"),
+    ("src/pgcast/client/_pubsub_async.py", "src/pgcast/client/_pubsub.py"),
+    ("src/pgcast/client/_open_async.py", "src/pgcast/client/_open.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.

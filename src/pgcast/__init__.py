@@ -45,7 +45,7 @@ from ._reconnect import Reconnected
 from .aio import AsyncPubSub
 from .client import PubSub, Runner, connect, notify
 from .durable import DEFAULT_RETENTION, install_schema, prune
-from .manager import NotificationManager
+from .manager._manager import NotificationManager
 from .publisher import AsyncPublisher, Publisher
 from .triggers import unwatch_table, watch_table
 from .worker import Retry, Worker

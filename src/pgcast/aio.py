@@ -1,7 +1,7 @@
 """The asyncio flavour of pgcast: the same names as the sync one, awaitable.
 
 ``await pgcast.aio.connect(...)`` opens an :class:`AsyncPubSub` (written in
-:mod:`pgcast._pubsub_async` and :mod:`pgcast._session_async`, the sources the
+:mod:`pgcast.client._pubsub_async` and :mod:`pgcast.client._session_async`, the sources the
 sync client is generated from); :func:`notify` sends through an application's
 own ``psycopg.AsyncConnection``; :class:`NotificationManager` waits on many
 AsyncPubSubs at once.
@@ -13,8 +13,8 @@ while one task iterates :meth:`AsyncPubSub.events`.
 
 from __future__ import annotations
 
-from ._open_async import connect, notify
-from ._pubsub_async import AsyncPubSub, AsyncReconnectHook
-from .aio_manager import NotificationManager
+from .client._open_async import connect, notify
+from .client._pubsub_async import AsyncPubSub, AsyncReconnectHook
+from .manager._manager_async import NotificationManager
 
 __all__ = ["AsyncPubSub", "AsyncReconnectHook", "NotificationManager", "connect", "notify"]

@@ -1,12 +1,12 @@
-# Generated from src/pgcast/_pubsub_async.py by tools/async_to_sync.py: do not edit.
+# Generated from src/pgcast/client/_pubsub_async.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
 """The PubSub: listen to and notify PostgreSQL channels over one connection.
 
 This is the asyncio one (:class:`PubSub`, :func:`connect`,
-:func:`notify`), written by hand; the sync one (:mod:`pgcast._pubsub`:
+:func:`notify`), written by hand; the sync one (:mod:`pgcast.client._pubsub`:
 :class:`pgcast.PubSub`) is generated from this file by
 ``tools/async_to_sync.py``. The connection underneath (commands, waiting,
-the health check, reconnecting) is :mod:`pgcast._session_async`; the
+the health check, reconnecting) is :mod:`pgcast.client._session_async`; the
 decisions are the core's (:mod:`pgcast._core`, :mod:`pgcast._durable_core`).
 
 Other threads or tasks may notify, listen and unlisten while one iterates
@@ -25,16 +25,16 @@ from typing import Any, Literal, TypeVar, overload
 
 import psycopg
 
-from . import diagnostics
-from ._channels import unlisten_sql
-from ._core import ExceptionHandler, Handler, Wait, check_timeout, plan
-from ._durable_core import Unfetched, publish_many_query, publish_query
+from .. import diagnostics
+from .._channels import unlisten_sql
+from .._core import ExceptionHandler, Handler, Wait, check_timeout, plan
+from .._durable_core import Unfetched, publish_many_query, publish_query
+from .._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
+from .._event import Event
+from .._flavour import AwaitRunner
+from .._payload import Payload
+from .._reconnect import Reconnected, Resilience
 from ._durable_session import query_steps
-from ._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
-from ._event import Event
-from ._flavour import AwaitRunner
-from ._payload import Payload
-from ._reconnect import Reconnected, Resilience
 from ._runner import Runner
 from ._supervised import Supervised
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ._errors import ClosedError
+from .._errors import ClosedError
 
 if TYPE_CHECKING:
-    from .client import PubSub
+    from ._pubsub import PubSub
 
 __all__ = ["Runner"]
 

@@ -3,7 +3,7 @@
 A manager watches a set of PubSubs and hands out, one connection at a time,
 ``(pubsub, [events...])``: the connection and every event picked up on it, or
 ``None`` as an idle event. Everything that needs no waiting is decided here,
-once, for both drivers (:mod:`pgcast.manager` and :mod:`pgcast.aio_manager`):
+once, for both drivers (:mod:`pgcast.manager._manager` and :mod:`pgcast.manager._manager_async`):
 
 * :class:`ConnectionSet` is the user's ``connections`` set; it counts its
   changes so the manager notices additions and removals without comparing
@@ -86,10 +86,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Generic, Protocol, Self, TypeAlias, TypeVar
 
-from ._core import Wait, check_timeout
-from ._errors import ClosedError, ConnectionLostError
-from ._event import Event
-from ._reconnect import Reconnected
+from .._core import Wait, check_timeout
+from .._errors import ClosedError, ConnectionLostError
+from .._event import Event
+from .._reconnect import Reconnected
 
 __all__ = [
     "ConnectionSet",

@@ -1,10 +1,10 @@
-# Generated from src/pgcast/_session_async.py by tools/async_to_sync.py: do not edit.
+# Generated from src/pgcast/client/_session_async.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
 # ruff: noqa: E501
 """A PubSub's connection: running commands, waiting for the socket, the health
 check and reconnecting. :class:`Session` is what
 :class:`pgcast.aio.PubSub` is built on; the sync twin
-(:mod:`pgcast._session`) is generated from this file by
+(:mod:`pgcast.client._session`) is generated from this file by
 ``tools/async_to_sync.py``.
 
 The decisions are the core's (:mod:`pgcast._core`: the inbox, the SQL, the
@@ -41,14 +41,14 @@ from typing import Any
 
 import psycopg
 
-from . import diagnostics
-from ._closing import Closing
-from ._connect import connect_failed, reconnect_conninfo
-from ._core import Core, wrap_error
-from ._discard import DISCARD_TIMEOUT, shutdown
-from ._durable_schema import Rows
-from ._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
-from ._flavour import (
+from .. import diagnostics
+from .._closing import Closing
+from .._connect import connect_failed, reconnect_conninfo
+from .._core import Core, wrap_error
+from .._discard import DISCARD_TIMEOUT, shutdown
+from .._durable_schema import Rows
+from .._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
+from .._flavour import (
     ACTOR,
     Event,
     Lock,
@@ -61,7 +61,7 @@ from ._flavour import (
     resolve,
     sleep_unless,
 )
-from ._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
+from .._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
 
 __all__ = ["Session", "opener"]
 

@@ -35,7 +35,7 @@ The contract:
   commit may have succeeded with the answer lost; a retry could send it twice);
   the next batch reconnects if the connection broke.
 
-The queue and its deadlines live in :mod:`pgcast._batcher`; this module only
+The queue and its deadlines live in :mod:`pgcast.publisher._batcher`; this module only
 waits, sends and resolves handles.
 """
 
@@ -52,12 +52,12 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import psycopg
 
+from .._closing import AsyncClosing, Closing
+from .._core import check_timeout, connect_args, wrap_error
+from .._errors import ClosedError, ConnectError, PublisherFullError
+from .._notify_many import notify_many_params
+from .._payload import Payload
 from ._batcher import Batch, Batcher, check_message
-from ._closing import AsyncClosing, Closing
-from ._core import check_timeout, connect_args, wrap_error
-from ._errors import ClosedError, ConnectError, PublisherFullError
-from ._notify_many import notify_many_params
-from ._payload import Payload
 
 __all__ = ["AsyncPublisher", "Publisher"]
 

@@ -11,7 +11,7 @@
         for channel, payload, pid in events:
             ...
 
-The contract (the policy itself lives in :mod:`pgcast._manager_core`, shared
+The contract (the policy itself lives in :mod:`pgcast.manager._policy`, shared
 with the asyncio twin :class:`pgcast.aio.NotificationManager`):
 
 * The manager is an iterator (``iter(nm) is nm``). It yields
@@ -55,9 +55,9 @@ import threading
 import weakref
 from typing import ClassVar, Self
 
-from ._closing import Closing
-from ._manager_core import Events, ManagerBase
-from .client import PubSub
+from .._closing import Closing
+from ..client import PubSub
+from ._policy import Events, ManagerBase
 
 __all__ = ["NotificationManager"]
 

@@ -1,3 +1,5 @@
+# Generated from src/pgcast/client/_durable_session_async.py by tools/async_to_sync.py: do not edit.
+# Edit the source, then run `python tools/async_to_sync.py`.
 """Durable channels on a PubSub's connection: the log's queries run as
 commands, the replay after a listen or a reconnect, payloads fetched from the
 log. The logic is :mod:`pgcast._durable_core`'s (steps that yield queries,
@@ -11,15 +13,15 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from . import _durable_core
-from ._durable_core import Unfetched
-from ._durable_schema import Query, Rows, Steps, install_steps
-from ._errors import ConnectionLostError, PgcastError
-from ._event import DurableEvent
-from ._session_async import AsyncSession
-from .durable import schema_error
+from .. import _durable_core
+from .._durable_core import Unfetched
+from .._durable_schema import Query, Rows, Steps, install_steps
+from .._errors import ConnectionLostError, PgcastError
+from .._event import DurableEvent
+from ..durable import schema_error
+from ._session import Session
 
-__all__ = ["AsyncDurableSession", "query_steps"]
+__all__ = ["DurableSession", "query_steps"]
 
 T = TypeVar("T")
 
@@ -29,33 +31,33 @@ def query_steps(query: Query) -> Steps[Rows]:
     return rows
 
 
-class AsyncDurableSession(AsyncSession):
+class DurableSession(Session):
     """A session that runs durable steps (see the module docstring)."""
 
-    async def _durable(self, steps: Steps[T]) -> T:
+    def _durable(self, steps: Steps[T]) -> T:
         """Run *steps* (queries as a generator, see
         :data:`pgcast._durable_schema.Steps`) as commands, the ``pgcast``
         schema checked (and installed if missing) first."""
         core = self._core
         if not core.durable.schema_ready:
             try:
-                async with self.transaction():
-                    await self._run_steps(install_steps())
+                with self.transaction():
+                    self._run_steps(install_steps())
             except PgcastError as exc:
                 raise schema_error(exc) from exc
             core.durable.schema_ready = True
         before = len(core.inbox)
-        result = await self._run_steps(steps)
+        result = self._run_steps(steps)
         if len(core.inbox) > before:
             self._wake()  # another thread or task may be iterating
         return result
 
-    async def _run_steps(self, steps: Steps[T]) -> T:
+    def _run_steps(self, steps: Steps[T]) -> T:
         try:
             query = next(steps)
             while True:  # ends: the steps return
                 try:
-                    rows = await self._fetch(*query)
+                    rows = self._fetch(*query)
                 except BaseException as exc:
                     query = steps.throw(exc)
                     continue
@@ -64,15 +66,15 @@ class AsyncDurableSession(AsyncSession):
             result: T = done.value
             return result
 
-    async def _replay(self) -> bool:
+    def _replay(self) -> bool:
         """Read one replay batch if a durable channel is catching up."""
         durable = self._core.durable
         if not durable.pending:
             return False
-        await self._durable(durable.replay_steps())
+        self._durable(durable.replay_steps())
         return True
 
-    async def _replay_after_reconnect(self) -> None:
+    def _replay_after_reconnect(self) -> None:
         # A reconnect hook: every channel is LISTENed again; what was missed
         # meanwhile is read now (a few batches at most), so that it comes
         # before the marker (Core.new_connection set the replay going).
@@ -80,18 +82,16 @@ class AsyncDurableSession(AsyncSession):
         for _ in range(_durable_core.BATCHES_BEFORE_MARKER):
             if not durable.pending:
                 break
-            await self._durable(durable.replay_steps())
+            self._durable(durable.replay_steps())
 
-    async def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
+    def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
         """The event with its payload read from the log (None: pruned); a
         lost connection is restored and the read tried again."""
         while True:  # ends: _recover gives up or the read succeeds
             generation = self._generation
             try:
-                result: DurableEvent | None = await self._durable(
-                    self._core.durable.fetch_steps(event)
-                )
+                result: DurableEvent | None = self._durable(self._core.durable.fetch_steps(event))
                 return result
             except ConnectionLostError as exc:
                 self._check_open(lost_ok=True)
-                await self._recover(exc, generation)
+                self._recover(exc, generation)

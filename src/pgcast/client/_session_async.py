@@ -1,7 +1,7 @@
 """A PubSub's connection: running commands, waiting for the socket, the health
 check and reconnecting. :class:`AsyncSession` is what
 :class:`pgcast.aio.AsyncPubSub` is built on; the sync twin
-(:mod:`pgcast._session`) is generated from this file by
+(:mod:`pgcast.client._session`) is generated from this file by
 ``tools/async_to_sync.py``.
 
 The decisions are the core's (:mod:`pgcast._core`: the inbox, the SQL, the
@@ -38,14 +38,14 @@ from typing import Any
 
 import psycopg
 
-from . import diagnostics
-from ._closing import AsyncClosing
-from ._connect import connect_failed, reconnect_conninfo
-from ._core import Core, wrap_error
-from ._discard import DISCARD_TIMEOUT, shutdown
-from ._durable_schema import Rows
-from ._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
-from ._flavour_async import (
+from .. import diagnostics
+from .._closing import AsyncClosing
+from .._connect import connect_failed, reconnect_conninfo
+from .._core import Core, wrap_error
+from .._discard import DISCARD_TIMEOUT, shutdown
+from .._durable_schema import Rows
+from .._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
+from .._flavour_async import (
     ACTOR,
     Event,
     Lock,
@@ -58,7 +58,7 @@ from ._flavour_async import (
     resolve,
     sleep_unless,
 )
-from ._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
+from .._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
 
 __all__ = ["AsyncSession", "opener"]
 

@@ -32,9 +32,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from ._channels import check_channel
-from ._errors import PublishError
-from ._payload import Payload, encode_payload
+from .._channels import check_channel
+from .._errors import PublishError
+from .._payload import Payload, encode_payload
 
 __all__ = ["Batch", "Batcher", "check_message"]
 

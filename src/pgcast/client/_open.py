@@ -1,4 +1,4 @@
-# Generated from src/pgcast/_open_async.py by tools/async_to_sync.py: do not edit.
+# Generated from src/pgcast/client/_open_async.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
 """Opening a PubSub, and notifying through an application's own connection.
 
@@ -13,13 +13,13 @@ from typing import Any
 
 import psycopg
 
-from ._backoff import Backoff
-from ._connect import connect_plan
-from ._core import notify_query
-from ._flavour import check_connection
-from ._payload import Payload
+from .._backoff import Backoff
+from .._connect import connect_plan
+from .._core import notify_query
+from .._flavour import check_connection
+from .._payload import Payload
+from .._reconnect import OnReconnect
 from ._pubsub import PubSub
-from ._reconnect import OnReconnect
 from ._session import opener
 
 __all__ = ["connect", "notify"]

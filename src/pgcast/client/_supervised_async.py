@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._durable_core import Unfetched
+from .._durable_core import Unfetched
+from .._errors import ConnectionLostError
+from .._event import Event
+from .._flavour_async import acquire
+from .._reconnect import Reconnected
 from ._durable_session_async import AsyncDurableSession
-from ._errors import ConnectionLostError
-from ._event import Event
-from ._flavour_async import acquire
-from ._reconnect import Reconnected
 
 __all__ = ["AsyncSupervised"]
 

@@ -1,6 +1,6 @@
 """The asyncio NotificationManager: :class:`pgcast.NotificationManager` for ``async for``.
 
-It drives the same policy (:mod:`pgcast._manager_core`) as the sync manager,
+It drives the same policy (:mod:`pgcast.manager._policy`) as the sync manager,
 so the semantics are the same: ``(aps, [events...])`` or ``None`` as an idle
 event, timeouts ``None`` / ``> 0`` / ``0``, ``connections`` and ``garbage``
 sets, nothing held during an idle event, the iteration ends when no
@@ -23,11 +23,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, ClassVar, Self
 
-from ._closing import AsyncClosing
-from ._manager_core import Events, ManagerBase
+from .._closing import AsyncClosing
+from ._policy import Events, ManagerBase
 
 if TYPE_CHECKING:  # aio imports this module: no import at run time
-    from .aio import AsyncPubSub
+    from ..aio import AsyncPubSub
 
 __all__ = ["NotificationManager"]
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import psycopg
 
-from ._backoff import Backoff
-from ._connect import connect_plan
-from ._core import notify_query
-from ._flavour_async import check_connection
-from ._payload import Payload
+from .._backoff import Backoff
+from .._connect import connect_plan
+from .._core import notify_query
+from .._flavour_async import check_connection
+from .._payload import Payload
+from .._reconnect import OnReconnect
 from ._pubsub_async import AsyncPubSub
-from ._reconnect import OnReconnect
 from ._session_async import opener
 
 __all__ = ["connect", "notify"]

@@ -1,10 +1,10 @@
 """The PubSub: listen to and notify PostgreSQL channels over one connection.
 
 This is the asyncio one (:class:`AsyncPubSub`, :func:`connect`,
-:func:`notify`), written by hand; the sync one (:mod:`pgcast._pubsub`:
+:func:`notify`), written by hand; the sync one (:mod:`pgcast.client._pubsub`:
 :class:`pgcast.PubSub`) is generated from this file by
 ``tools/async_to_sync.py``. The connection underneath (commands, waiting,
-the health check, reconnecting) is :mod:`pgcast._session_async`; the
+the health check, reconnecting) is :mod:`pgcast.client._session_async`; the
 decisions are the core's (:mod:`pgcast._core`, :mod:`pgcast._durable_core`).
 
 Other threads or tasks may notify, listen and unlisten while one iterates
@@ -22,16 +22,16 @@ from typing import Any, Literal, TypeVar, overload
 
 import psycopg
 
-from . import diagnostics
-from ._channels import unlisten_sql
-from ._core import ExceptionHandler, Handler, Wait, check_timeout, plan
-from ._durable_core import Unfetched, publish_many_query, publish_query
+from .. import diagnostics
+from .._channels import unlisten_sql
+from .._core import ExceptionHandler, Handler, Wait, check_timeout, plan
+from .._durable_core import Unfetched, publish_many_query, publish_query
+from .._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
+from .._event import Event
+from .._flavour_async import AwaitRunner
+from .._payload import Payload
+from .._reconnect import Reconnected, Resilience
 from ._durable_session_async import query_steps
-from ._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
-from ._event import Event
-from ._flavour_async import AwaitRunner
-from ._payload import Payload
-from ._reconnect import Reconnected, Resilience
 from ._supervised_async import AsyncSupervised
 
 if True:  # ASYNC

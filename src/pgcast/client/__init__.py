@@ -2,7 +2,7 @@
 
 :func:`connect` opens a :class:`PubSub`; :func:`notify` sends through an
 application's own psycopg connection, inside its transaction. The code is in
-:mod:`pgcast._pubsub` and :mod:`pgcast._session`, generated from their
+:mod:`pgcast.client._pubsub` and :mod:`pgcast.client._session`, generated from their
 asyncio sources (``_pubsub_async.py``, ``_session_async.py``) by
 ``tools/async_to_sync.py``; :mod:`pgcast.aio` is the asyncio flavour.
 """

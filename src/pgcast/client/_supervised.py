@@ -1,4 +1,4 @@
-# Generated from src/pgcast/_supervised_async.py by tools/async_to_sync.py: do not edit.
+# Generated from src/pgcast/client/_supervised_async.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
 """Waiting for the socket: a PubSub's own iteration (``_fill``, which reads
 what arrived into the inbox, sending the health check's probe when due), or a
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._durable_core import Unfetched
+from .._durable_core import Unfetched
+from .._errors import ConnectionLostError
+from .._event import Event
+from .._flavour import acquire
+from .._reconnect import Reconnected
 from ._durable_session import DurableSession
-from ._errors import ConnectionLostError
-from ._event import Event
-from ._flavour import acquire
-from ._reconnect import Reconnected
 
 __all__ = ["Supervised"]
 
