@@ -358,13 +358,13 @@ def test_a_reader_does_not_spin_while_the_loop_body_awaits(dsn: str, conn: Conn)
             a, b = [await open_(ch) for ch in chans]
             nm = NotificationManager(a, b, timeout=0.2)
             calls: list[AsyncPubSub] = []
-            readable = nm._readable
+            readable = nm._waiter._readable
 
             def counting(aps: AsyncPubSub) -> None:
                 calls.append(aps)
                 readable(aps)
 
-            nm._readable = counting  # type: ignore[method-assign]
+            nm._waiter._readable = counting  # type: ignore[method-assign]
             async with nm:
                 notify(conn, chans[0], "a0")
                 got = await take(nm, 1)

@@ -750,13 +750,13 @@ def test_a_hundred_idle_connections_and_one_active(open_pubsub: Any, conn: Conn)
             assert got == [(active, ch, str(i))]
         assert len(nm.connections) == n + 1 and not nm.garbage
         # Registered once each (plus the manager's own wake-up pipe)...
-        keys = dict(nm._selector.get_map())
+        keys = dict(nm._waiter._selector.get_map())
         assert len(keys) == n + 2
         for i in range(5):
             notify(conn, ch, f"again {i}")
             assert events_of(take(nm, 1)) == [(active, ch, f"again {i}")]
         # ... and not registered again on any wake-up since.
-        assert all(nm._selector.get_map()[fd] is key for fd, key in keys.items())
+        assert all(nm._waiter._selector.get_map()[fd] is key for fd, key in keys.items())
 
 
 def test_waiting_on_idle_connections_burns_no_cpu(open_pubsub: Any) -> None:

@@ -46,6 +46,7 @@ FILES: list[tuple[str, str]] = [
     ("src/pgcast/client/_supervised_async.py", "src/pgcast/client/_supervised.py"),
     ("src/pgcast/client/_pubsub_async.py", "src/pgcast/client/_pubsub.py"),
     ("src/pgcast/client/_open_async.py", "src/pgcast/client/_open.py"),
+    ("src/pgcast/manager/_manager_async.py", "src/pgcast/manager/_manager.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -60,6 +61,7 @@ NAMES: dict[str, str] = {
     "AsyncSession": "Session",
     "AsyncDurableSession": "DurableSession",
     "AsyncSupervised": "Supervised",
+    "AsyncNotificationManager": "NotificationManager",
     "StopAsyncIteration": "StopIteration",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
@@ -74,6 +76,7 @@ NAMES: dict[str, str] = {
     "_durable_session_async": "_durable_session",
     "_supervised_async": "_supervised",
     "_open_async": "_open",
+    "_manager_async": "_manager",
 }
 
 #: Generic types whose last parameter is what a sync call returns.

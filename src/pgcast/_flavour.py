@@ -22,11 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import select
+import selectors
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -39,15 +43,19 @@ __all__ = [
     "Event",
     "Lock",
     "SocketWaiter",
+    "SocketsWaiter",
     "StateLock",
     "acquire",
     "check_connection",
     "current",
+    "gather_cancelled",
     "readable",
     "resolve",
     "sleep_unless",
     "start_task",
 ]
+
+K = TypeVar("K")
 
 #: Who runs things, for messages ("another thread is reconnecting").
 ACTOR = "thread"
@@ -209,11 +217,10 @@ class AwaitRunner:
         self._runner.run(awaitable)  # type: ignore[arg-type]
 
 
-def start_task(target: Callable[[], None], name: str) -> threading.Thread:
-    """Run ``target()`` in the background: a daemon thread."""
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    return thread
+def start_task(target: Callable[[], None], name: str, tracked: set[Any]) -> None:
+    """Run ``target()`` in the background: a daemon thread, which ends by
+    itself (not kept in *tracked*: nothing cancels a thread)."""
+    threading.Thread(target=target, name=name, daemon=True).start()
 
 
 def check_connection(conn: object, sync_name: str, async_name: str) -> None:
@@ -227,3 +234,90 @@ def check_connection(conn: object, sync_name: str, async_name: str) -> None:
             f"psycopg.AsyncConnection: use {async_name} with it"
         )
     raise TypeError(f"{sync_name} takes a psycopg.Connection, not {type(conn).__name__}")
+
+
+def _release(selector: selectors.BaseSelector, rfd: int, wfd: int) -> None:
+    selector.close()
+    os.close(rfd)
+    os.close(wfd)
+
+
+class SocketsWaiter(Generic[K]):
+    """Waits for many sockets at once (a NotificationManager's): one
+    ``selectors.DefaultSelector`` (epoll on Linux), each socket registered
+    once, and a pipe that :meth:`wake` (any thread) writes to. A pipe rather
+    than a socketpair: plain descriptors, so a waiter dropped without
+    :meth:`close` is cleaned up by its finalizer silently."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # no write to the pipe once closed
+        self._closed = False
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        self._rfd, self._wfd = rfd, wfd
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(rfd, selectors.EVENT_READ, None)
+        self._finalizer = weakref.finalize(self, _release, self._selector, rfd, wfd)
+        self._fds: dict[K, int] = {}
+
+    def add(self, fd: int, key: K) -> list[K]:
+        """Watch *fd* for *key*; returns the keys whose registration it
+        displaced: a descriptor number still registered for a socket that was
+        closed, and that the system reused."""
+        stale: list[K] = []
+        try:
+            self._selector.register(fd, selectors.EVENT_READ, key)
+        except KeyError:
+            old: K = self._selector.get_key(fd).data
+            self.remove(old)
+            stale.append(old)
+            self._selector.register(fd, selectors.EVENT_READ, key)
+        self._fds[key] = fd
+        return stale
+
+    def remove(self, key: K) -> None:
+        """Stop watching *key*'s descriptor."""
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            found = self._selector.get_map().get(fd)
+            if found is not None and found.data is key:
+                # EpollSelector ignores the error of a descriptor already closed.
+                self._selector.unregister(fd)
+
+    def closing(self, key: K) -> None:
+        """*key*'s descriptor is about to be closed: nothing to do (epoll
+        forgets a closed descriptor by itself)."""
+
+    def wait(self, timeout: float | None) -> tuple[list[K], list[tuple[K, Exception]]]:
+        """Wait up to *timeout* seconds for a socket or :meth:`wake`; return
+        the keys ready (and, as the asyncio one, those that failed: none)."""
+        ready: list[K] = []
+        for found, _ in self._selector.select(timeout):
+            if found.data is None:
+                with contextlib.suppress(OSError):
+                    os.read(self._rfd, 4096)
+            else:
+                ready.append(found.data)
+        return ready, []
+
+    def wake(self) -> None:
+        """End the current wait, if any (and the next one, if none)."""
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                    os.write(self._wfd, b"\0")
+
+    def close(self) -> None:
+        """Stop watching every descriptor and release the selector."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for key in list(self._fds):
+            self.remove(key)
+        self._finalizer()
+
+
+def gather_cancelled(tasks: Iterable[threading.Thread]) -> None:
+    """Background threads end by themselves (a reconnect ends when it gives up)."""

@@ -6,6 +6,7 @@ sync twins generated from them by ``tools/async_to_sync.py``, which drops
 imported. So every name here has a sync namesake there, with the same
 meaning; only what cannot be written the same way in both lives here:
 
+* :class:`SocketsWaiter`: a NotificationManager's waiting on many sockets.
 * :class:`SocketWaiter`: waiting for a connection's socket while other tasks
   (threads, in the sync flavour) may wake the waiter. Here the event loop's
   reader on a duplicate of the socket, so that it never competes with
@@ -18,7 +19,8 @@ meaning; only what cannot be written the same way in both lives here:
   has one thread, so here it does nothing.
 * :func:`resolve` and :class:`AwaitRunner`: a callback's result that may be
   awaitable (awaited here; run to completion on an event loop of its own there).
-* :func:`start_task`: start something in the background (a task here, a thread there).
+* :func:`start_task` / :func:`gather_cancelled`: start background work (a
+  task here, a thread there) and, here, cancel it with its owner.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -39,15 +41,19 @@ __all__ = [
     "Event",
     "Lock",
     "SocketWaiter",
+    "SocketsWaiter",
     "StateLock",
     "acquire",
     "check_connection",
     "current",
+    "gather_cancelled",
     "readable",
     "resolve",
     "sleep_unless",
     "start_task",
 ]
+
+K = TypeVar("K")
 
 #: Who runs things, for messages ("another task is reconnecting").
 ACTOR = "task"
@@ -224,10 +230,13 @@ class AwaitRunner:
 
 
 def start_task(
-    target: Callable[[], Coroutine[Any, Any, None]], name: str
-) -> asyncio.Task[None]:
-    """Run ``target()`` in the background: a task of the running loop."""
-    return asyncio.get_running_loop().create_task(target(), name=name)
+    target: Callable[[], Coroutine[Any, Any, None]], name: str, tracked: set[Any]
+) -> None:
+    """Run ``target()`` in the background: a task of the running loop, kept
+    in *tracked* until it ends (to cancel with its owner: :func:`gather_cancelled`)."""
+    task = asyncio.get_running_loop().create_task(target(), name=name)
+    tracked.add(task)
+    task.add_done_callback(tracked.discard)
 
 
 def check_connection(conn: object, sync_name: str, async_name: str) -> None:
@@ -241,3 +250,106 @@ def check_connection(conn: object, sync_name: str, async_name: str) -> None:
             f"psycopg.Connection: use {sync_name} with it"
         )
     raise TypeError(f"{async_name} takes a psycopg.AsyncConnection, not {type(conn).__name__}")
+
+
+class SocketsWaiter(Generic[K]):
+    """Waits for many sockets at once (a NotificationManager's): each
+    descriptor gets one reader on the loop, added once. A reader that fires
+    marks its key ready and is paused until the next :meth:`wait`, so the
+    loop never spins on a socket nobody has got round to reading, and a
+    wake-up costs the same whatever the number of idle sockets.
+
+    It belongs to the event loop it first waits in.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fds: dict[K, int] = {}
+        self._paused: set[K] = set()
+        self._ready: list[K] = []
+        self._future: asyncio.Future[bool] | None = None
+
+    def add(self, fd: int, key: K) -> list[K]:
+        """Watch *fd* for *key*; returns the keys whose registration it
+        displaced (none here: the loop replaces a reader of the same fd)."""
+        self._get_loop().add_reader(fd, self._readable, key)
+        self._fds[key] = fd
+        return []
+
+    def remove(self, key: K) -> None:
+        """Stop watching *key*'s descriptor."""
+        fd = self._fds.pop(key, None)
+        if fd is not None and key not in self._paused and self._loop is not None:
+            self._loop.remove_reader(fd)
+        self._paused.discard(key)
+
+    def closing(self, key: K) -> None:
+        """*key*'s descriptor is about to be closed: its reader leaves the
+        loop now, not when the manager next waits."""
+        self._pause(key)
+
+    async def wait(self, timeout: float | None) -> tuple[list[K], list[tuple[K, Exception]]]:
+        """Wait up to *timeout* seconds for a socket or :meth:`wake`; return
+        the keys ready, and those whose descriptor failed (closed) with why."""
+        loop = self._get_loop()
+        failed: list[tuple[K, Exception]] = []
+        # Every paused key has been read since (or left): watch it again.
+        for key in list(self._paused):
+            self._paused.discard(key)
+            fd = self._fds.get(key)
+            if fd is None:
+                continue
+            try:
+                loop.add_reader(fd, self._readable, key)
+            except Exception as exc:  # its descriptor was closed
+                self._paused.add(key)
+                failed.append((key, exc))
+        if not failed and not self._ready:
+            fut = self._future = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, _resolve, fut, False)
+            try:
+                await fut
+            finally:
+                self._future = None
+                if timer is not None:
+                    timer.cancel()
+        ready, self._ready = self._ready, []
+        return ready, failed
+
+    def wake(self) -> None:
+        """End the current wait, if any."""
+        if self._future is not None:
+            _resolve(self._future, True)
+
+    def close(self) -> None:
+        """Stop watching every descriptor."""
+        for key in list(self._fds):
+            self.remove(key)
+        self.wake()
+
+    def _readable(self, key: K) -> None:
+        self._ready.append(key)
+        self._pause(key)
+        self.wake()
+
+    def _pause(self, key: K) -> None:
+        fd = self._fds.get(key)
+        if fd is not None and key not in self._paused and self._loop is not None:
+            self._loop.remove_reader(fd)
+            self._paused.add(key)
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this NotificationManager belongs to another event loop")
+        return loop
+
+
+async def gather_cancelled(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel *tasks* (background work that ends with its owner) and wait for them."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -15,6 +15,16 @@ from __future__ import annotations
 
 from .client._open_async import connect, notify
 from .client._pubsub_async import AsyncPubSub, AsyncReconnectHook
-from .manager._manager_async import NotificationManager
+from .manager._manager_async import AsyncNotificationManager
 
-__all__ = ["AsyncPubSub", "AsyncReconnectHook", "NotificationManager", "connect", "notify"]
+#: The asyncio NotificationManager, under the name the sync one has.
+NotificationManager = AsyncNotificationManager
+
+__all__ = [
+    "AsyncNotificationManager",
+    "AsyncPubSub",
+    "AsyncReconnectHook",
+    "NotificationManager",
+    "connect",
+    "notify",
+]

@@ -1,9 +1,12 @@
+# Generated from src/pgcast/manager/_manager_async.py by tools/async_to_sync.py: do not edit.
+# Edit the source, then run `python tools/async_to_sync.py`.
+# ruff: noqa: E501
 """The NotificationManager: one loop over many PubSubs, py-postgresql's semantics.
 
 ::
 
     nm = pgcast.NotificationManager(ps1, ps2, timeout=2)
-    for x in nm:
+    for x in nm:                         # async for, with pgcast.aio's
         if x is None:
             ...                          # idle: 2 s without events
             continue
@@ -11,147 +14,185 @@
         for channel, payload, pid in events:
             ...
 
-The contract (the policy itself lives in :mod:`pgcast.manager._policy`, shared
-with the asyncio twin :class:`pgcast.aio.NotificationManager`):
+Written for asyncio (``_manager_async.py``: ``pgcast.aio.NotificationManager``);
+the sync one (``pgcast.NotificationManager``) is generated from it by
+``tools/async_to_sync.py``. The policy (what to read, when to idle, the health
+checks' heap, lost connections) is :mod:`pgcast.manager._policy`, without
+I/O; here it is driven, and the PubSubs through their supervisor interface
+(:mod:`pgcast.client._supervised_async`). The contract:
 
-* The manager is an iterator (``iter(nm) is nm``). It yields
-  ``(pubsub, [events...])`` with every event picked up on that connection, or
-  ``None`` as an idle event: never with timeout ``None``, after each
-  ``timeout`` seconds without events otherwise. With timeout ``0`` it reads
-  every connection once, yields what is pending and stops; iterating again
-  starts over.
+* The manager is an iterator. It yields ``(pubsub, [events...])`` with every
+  event picked up on that connection, or ``None`` as an idle event: never
+  with timeout ``None``, after each ``timeout`` seconds without events
+  otherwise. With timeout ``0`` it reads every connection once, yields what is
+  pending and stops; iterating again starts over.
 * Nothing is held in the manager while the user holds a value: breaking out
   of the loop, at an idle event or while handling events, loses nothing; the
   connections not yet visited are visited by the next iteration.
 * :attr:`~NotificationManager.connections` is a set; add and remove
   connections at any time, from inside the loop or (the manager is woken)
   from another thread. A connection that dies or raises moves to
-  :attr:`~NotificationManager.garbage` and the others keep delivering; what
-  it had received is still yielded. The iteration ends when no connection is
-  left. With ``reconnect=True`` a lost connection is reconnected instead (in
-  a short-lived thread of its own, so the backoff holds up no other
-  connection) and its :class:`~pgcast.Reconnected` marker is yielded.
+  :attr:`~NotificationManager.garbage` and the others keep delivering;
+  what it had received is still yielded. The iteration ends when no
+  connection is left. With ``reconnect=True`` a lost connection is
+  reconnected instead (in a thread or task of its own, so the backoff holds
+  up no other connection) and its :class:`~pgcast.Reconnected` marker is
+  yielded.
 * The manager runs its connections' health checks (``health_check_interval``
-  of :func:`pgcast.connect`), which a managed PubSub cannot run itself: it
-  wakes when a connection's probe is due (:meth:`PubSub.health_tick`), so a
-  connection the network silently dropped is found dead within about two
-  intervals and goes to garbage, or is reconnected with ``reconnect=True``.
-* One thread waits on every socket with one ``selectors.DefaultSelector``
-  (epoll on Linux). Each socket is registered once, and the health checks'
-  times are kept in a heap, so a wake-up costs the same with 1 or 500 idle
-  connections.
+  of ``connect()``), which a managed PubSub cannot run itself: it wakes when
+  a connection's probe is due (``health_tick()``), so a connection the
+  network silently dropped is found dead within about two intervals and goes
+  to garbage, or is reconnected with ``reconnect=True``.
+* One waiter watches every socket (:class:`~pgcast._flavour_async.SocketsWaiter`:
+  a selector, or the event loop's readers), each registered once, and the
+  health checks' times are kept in a heap, so a wake-up costs the same with 1
+  or 500 idle connections.
 
 A PubSub belongs to at most one manager at a time, and is not iterated by
-other means (``events()``, ``wait()``, ``run_in_thread()``) while it is
-managed; other threads may still ``notify`` through it.
+other means (``events()``, ``wait()``, ``run()``) while it is managed; others
+may still ``notify`` through it. An asyncio manager belongs to the event loop
+it is first iterated in.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import selectors
-import threading
-import weakref
-from typing import ClassVar, Self
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Self
 
 from .._closing import Closing
-from ..client import PubSub
-from ._policy import Events, ManagerBase
+from .._core import Wait
+from .._errors import ClosedError
+from .._flavour import SocketsWaiter, start_task
+from ..client._pubsub import PubSub
+from ._policy import (
+    ConnectionSet,
+    Events,
+    HealthTick,
+    ManagerCore,
+    Read,
+    Register,
+    Step,
+    Unregister,
+    weak_callback,
+)
 
 __all__ = ["NotificationManager"]
 
-
-def _release(selector: selectors.BaseSelector, rfd: int, wfd: int) -> None:
-    selector.close()
-    os.close(rfd)
-    os.close(wfd)
+logger = logging.getLogger("pgcast")
 
 
-class NotificationManager(ManagerBase[PubSub], Closing):
-    """Wait for notifications on many :class:`~pgcast.PubSub` connections at once.
+class NotificationManager(Closing):
+    """Wait for notifications on many PubSubs at once.
 
     :param connections: the PubSubs to watch; more can be added later.
     :param timeout: seconds without events before an idle event (``None``);
         ``None`` never idles, ``0`` polls once and ends the iteration.
     :param reconnect: reconnect a lost connection (with the PubSub's own
-        backoff, :meth:`PubSub.reconnect`) instead of moving it to
+        backoff, its ``reconnect()``) instead of moving it to
         :attr:`garbage`; it stays in :attr:`connections` meanwhile and its
         :class:`~pgcast.Reconnected` marker comes in its events list. Only a
         reconnect that gives up, or a connection closed by its user, goes to
         garbage. A connection found dead by its health check counts as lost.
 
-    Use it as a context manager, or call :meth:`close`, to release the
-    selector; the PubSubs themselves stay open.
+    Use it as a context manager, or call ``close()``, to release what it
+    waits with; the PubSubs themselves stay open.
     """
-
-    _NAME: ClassVar[str] = "pgcast.NotificationManager"
 
     def __init__(
         self, *connections: PubSub, timeout: float | None = None, reconnect: bool = False
     ) -> None:
         self._closed = False
-        self._pipe_lock = threading.Lock()  # no write to the pipe once closed
-        # A pipe rather than a socketpair: plain descriptors, so a manager
-        # dropped without close() is cleaned up by its finalizer silently.
-        rfd, wfd = os.pipe()
-        os.set_blocking(rfd, False)
-        os.set_blocking(wfd, False)
-        self._rfd, self._wfd = rfd, wfd
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(rfd, selectors.EVENT_READ, None)
-        self._finalizer = weakref.finalize(self, _release, self._selector, rfd, wfd)
-        super().__init__(connections, timeout, reconnect)
+        self._waiter: SocketsWaiter[PubSub] = SocketsWaiter()
+        self._reconnects: set[Any] = set()
+        self._hooks: dict[PubSub, Callable[[], None]] = {}
+        self._steps: Iterator[Step[PubSub]] | None = None
+        # Last: the policy may call _wake.
+        self._core: ManagerCore[PubSub] = ManagerCore(
+            connections, timeout, self._wake, reconnect=reconnect
+        )
+
+    # -- py-postgresql's interface -------------------------------------------
+
+    @property
+    def connections(self) -> ConnectionSet[PubSub]:
+        """The connections watched: a set, to change at any time."""
+        return self._core.connections
+
+    @connections.setter
+    def connections(self, value: Iterable[PubSub]) -> None:
+        self._core.connections = value
+
+    @property
+    def garbage(self) -> set[PubSub]:
+        """Connections that died or raised, moved out of :attr:`connections`.
+
+        Empty them yourself (``nm.garbage.clear()``) once handled.
+        """
+        return self._core.garbage
+
+    @garbage.setter
+    def garbage(self, value: set[PubSub]) -> None:
+        self._core.garbage = value
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Set the seconds without events before an idle event.
+
+        ``None``: never idle. ``0``: the iteration reads every connection
+        once, yields what is pending, and ends.
+
+        :raises ValueError: a negative timeout.
+        :raises TypeError: not a number.
+        """
+        self._core.timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        """The timeout as last set: a number of seconds, or None."""
+        return self._core.timeout
+
+    def __repr__(self) -> str:
+        return f"<pgcast.{type(self).__name__} connections={len(self.connections)} garbage={len(self.garbage)} timeout={self.gettimeout()!r}>"
+
+    # -- the iteration -------------------------------------------------------
 
     def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> tuple[PubSub, Events] | None:
-        for step in self._pending():
-            request = self._request(step)
-            if request is None:
+        if self._closed:
+            raise ClosedError("this NotificationManager is closed")
+        steps = self._steps
+        if steps is None:
+            steps = self._steps = self._core.steps()
+        for step in steps:  # the policy's requests, carried out; or a value
+            kind = type(step)
+            if kind is Read:
+                self._read(step.conn)  # type: ignore[union-attr]
+            elif kind is Wait:
+                self._wait(step.timeout)  # type: ignore[union-attr]
+            elif kind is HealthTick:
+                self._health_tick(step.conn)  # type: ignore[union-attr]
+            elif kind is Register:
+                self._register(step.conn)  # type: ignore[union-attr]
+            elif kind is Unregister:
+                self._unregister(step.conn)  # type: ignore[union-attr]
+            else:
                 return step  # type: ignore[return-value]
-            request[0](request[1])
         self._steps = None  # the next iteration starts over
         raise StopIteration
 
-    # -- lifetime ------------------------------------------------------------
-
     def close(self) -> None:
-        """Stop watching every connection and release the selector.
-
-        The PubSubs stay open and keep their unread events. Idempotent.
-        """
-        with self._pipe_lock:
-            if self._closed:
-                return
-            self._closed = True
+        """Stop watching every connection. The PubSubs stay open and keep
+        their unread events. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         for conn in list(self._core.fds):
             self._unregister(conn)
-        self._finalizer()
+        self._waiter.close()
 
-    # -- the driver ----------------------------------------------------------
-
-    def _wake(self) -> None:
-        with self._pipe_lock:
-            if not self._closed:
-                with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
-                    os.write(self._wfd, b"\0")
-
-    def _reconnect_soon(self, conn: PubSub) -> None:
-        # In a thread of its own, so that the backoff between attempts does
-        # not hold up the other connections; the thread ends with the reconnect.
-        threading.Thread(
-            target=self._reconnect, args=(conn,), name="pgcast-manager-reconnect", daemon=True
-        ).start()
-
-    def _reconnect(self, conn: PubSub) -> None:
-        try:
-            conn.reconnect()
-        except Exception as exc:
-            self._reconnect_done(conn, exc)
-        else:
-            self._reconnect_done(conn)
+    # -- carrying out the policy's requests ----------------------------------
 
     def _read(self, conn: PubSub) -> None:
         try:
@@ -166,38 +207,63 @@ class NotificationManager(ManagerBase[PubSub], Closing):
             self._lose(conn, exc)
 
     def _wait(self, timeout: float | None) -> None:
-        core = self._core
-        for key, _ in self._selector.select(timeout):
-            conn = key.data
-            if conn is None:
-                with contextlib.suppress(OSError):
-                    os.read(self._rfd, 4096)
-            else:
-                core.ready(conn)
+        ready, failed = self._waiter.wait(timeout)
+        for conn, exc in failed:
+            self._lose(conn, exc)
+        for conn in ready:
+            self._core.ready(conn)
 
     def _register(self, conn: PubSub) -> None:
-        selector = self._selector
         try:
             fd = conn.fileno()
-            try:
-                selector.register(fd, selectors.EVENT_READ, conn)
-            except KeyError:
-                # The descriptor number is still registered for a connection
-                # whose socket was closed, and the system reused the number.
-                stale = selector.get_key(fd).data
-                self._unregister(stale)
+            for stale in self._waiter.add(fd, conn):
+                self._forget(stale)
                 self._lose(stale, OSError(f"its socket (fd {fd}) was closed"))
-                selector.register(fd, selectors.EVENT_READ, conn)
         except Exception as exc:
             self._lose(conn, exc)
             return
-        self._watch(conn, fd)
+        # The PubSub wakes the manager when events reach it another way.
+        hook = self._hooks[conn] = weak_callback(self._poked, conn)
+        conn.set_wake_callback(hook)
+        self._core.registered(conn, fd)
 
     def _unregister(self, conn: PubSub) -> None:
-        fd = self._core.fds.get(conn)
-        if fd is not None:
-            key = self._selector.get_map().get(fd)
-            if key is not None and key.data is conn:
-                # EpollSelector ignores the error of a descriptor already closed.
-                self._selector.unregister(fd)
+        self._waiter.remove(conn)
         self._forget(conn)
+
+    def _forget(self, conn: PubSub) -> None:
+        hook = self._hooks.pop(conn, None)
+        if hook is not None and conn.wake_callback is hook:
+            conn.set_wake_callback(None)
+        self._core.unregistered(conn)
+
+    # -- what happens to a connection ----------------------------------------
+
+    def _wake(self) -> None:
+        self._waiter.wake()
+
+    def _poked(self, conn: PubSub) -> None:
+        if conn.closed:
+            self._waiter.closing(conn)  # its descriptor goes right after this call
+        self._core.poke(conn)
+        self._wake()
+
+    def _lose(self, conn: PubSub, exc: BaseException) -> None:
+        if not self._core.lose(conn, exc):
+            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+            return
+        self._unregister(conn)
+        # In a thread or task of its own, so that the backoff between
+        # attempts does not hold up the other connections.
+        reconnect = functools.partial(self._reconnect, conn)
+        start_task(reconnect, "pgcast-manager-reconnect", self._reconnects)
+
+    def _reconnect(self, conn: PubSub) -> None:
+        try:
+            conn.reconnect()
+        except Exception as exc:
+            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+            self._core.reconnected(conn, exc)
+        else:
+            self._core.reconnected(conn, None)
+        self._wake()

@@ -1,138 +1,201 @@
-"""The asyncio NotificationManager: :class:`pgcast.NotificationManager` for ``async for``.
+"""The NotificationManager: one loop over many PubSubs, py-postgresql's semantics.
 
-It drives the same policy (:mod:`pgcast.manager._policy`) as the sync manager,
-so the semantics are the same: ``(aps, [events...])`` or ``None`` as an idle
-event, timeouts ``None`` / ``> 0`` / ``0``, ``connections`` and ``garbage``
-sets, nothing held during an idle event, the iteration ends when no
-connection is left, ``reconnect=True`` (a task per reconnect), the health
-checks of the connections (:meth:`AsyncPubSub.health_tick`, when due). Import
-it as ``pgcast.aio.NotificationManager``.
+::
 
-Waiting is done by the event loop: each connection's descriptor
-(:meth:`AsyncPubSub.fileno`) gets one reader, added once. A reader that
-fires marks its connection ready and is paused until the connection has been
-read, so the loop never spins on a socket the user has not got round to, and
-a wake-up costs the same whatever the number of idle connections.
+    nm = pgcast.NotificationManager(ps1, ps2, timeout=2)
+    for x in nm:                         # async for, with pgcast.aio's
+        if x is None:
+            ...                          # idle: 2 s without events
+            continue
+        ps, events = x                   # one connection, every event picked up on it
+        for channel, payload, pid in events:
+            ...
 
-A manager belongs to the event loop it is first iterated in, and an
-AsyncPubSub to at most one manager, not iterated by other means meanwhile.
+Written for asyncio (``_manager_async.py``: ``pgcast.aio.NotificationManager``);
+the sync one (``pgcast.NotificationManager``) is generated from it by
+``tools/async_to_sync.py``. The policy (what to read, when to idle, the health
+checks' heap, lost connections) is :mod:`pgcast.manager._policy`, without
+I/O; here it is driven, and the PubSubs through their supervisor interface
+(:mod:`pgcast.client._supervised_async`). The contract:
+
+* The manager is an iterator. It yields ``(pubsub, [events...])`` with every
+  event picked up on that connection, or ``None`` as an idle event: never
+  with timeout ``None``, after each ``timeout`` seconds without events
+  otherwise. With timeout ``0`` it reads every connection once, yields what is
+  pending and stops; iterating again starts over.
+* Nothing is held in the manager while the user holds a value: breaking out
+  of the loop, at an idle event or while handling events, loses nothing; the
+  connections not yet visited are visited by the next iteration.
+* :attr:`~AsyncNotificationManager.connections` is a set; add and remove
+  connections at any time, from inside the loop or (the manager is woken)
+  from another thread. A connection that dies or raises moves to
+  :attr:`~AsyncNotificationManager.garbage` and the others keep delivering;
+  what it had received is still yielded. The iteration ends when no
+  connection is left. With ``reconnect=True`` a lost connection is
+  reconnected instead (in a thread or task of its own, so the backoff holds
+  up no other connection) and its :class:`~pgcast.Reconnected` marker is
+  yielded.
+* The manager runs its connections' health checks (``health_check_interval``
+  of ``connect()``), which a managed PubSub cannot run itself: it wakes when
+  a connection's probe is due (``health_tick()``), so a connection the
+  network silently dropped is found dead within about two intervals and goes
+  to garbage, or is reconnected with ``reconnect=True``.
+* One waiter watches every socket (:class:`~pgcast._flavour_async.SocketsWaiter`:
+  a selector, or the event loop's readers), each registered once, and the
+  health checks' times are kept in a heap, so a wake-up costs the same with 1
+  or 500 idle connections.
+
+A PubSub belongs to at most one manager at a time, and is not iterated by
+other means (``events()``, ``wait()``, ``run()``) while it is managed; others
+may still ``notify`` through it. An asyncio manager belongs to the event loop
+it is first iterated in.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING, ClassVar, Self
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Self
 
 from .._closing import AsyncClosing
-from ._policy import Events, ManagerBase
+from .._core import Wait
+from .._errors import ClosedError
+from .._flavour_async import SocketsWaiter, gather_cancelled, start_task
+from ..client._pubsub_async import AsyncPubSub
+from ._policy import (
+    ConnectionSet,
+    Events,
+    HealthTick,
+    ManagerCore,
+    Read,
+    Register,
+    Step,
+    Unregister,
+    weak_callback,
+)
 
-if TYPE_CHECKING:  # aio imports this module: no import at run time
-    from ..aio import AsyncPubSub
+__all__ = ["AsyncNotificationManager"]
 
-__all__ = ["NotificationManager"]
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+logger = logging.getLogger("pgcast")
 
 
-class NotificationManager(ManagerBase["AsyncPubSub"], AsyncClosing):
-    """Wait for notifications on many :class:`~pgcast.AsyncPubSub` at once.
+class AsyncNotificationManager(AsyncClosing):
+    """Wait for notifications on many PubSubs at once.
 
-    :param connections: the AsyncPubSubs to watch; more can be added later.
+    :param connections: the PubSubs to watch; more can be added later.
     :param timeout: seconds without events before an idle event (``None``);
         ``None`` never idles, ``0`` polls once and ends the iteration.
-    :param reconnect: reconnect a lost connection (in a task of its own, with
-        :meth:`AsyncPubSub.reconnect`) instead of moving it to garbage; see
-        :class:`pgcast.NotificationManager`.
+    :param reconnect: reconnect a lost connection (with the PubSub's own
+        backoff, its ``reconnect()``) instead of moving it to
+        :attr:`garbage`; it stays in :attr:`connections` meanwhile and its
+        :class:`~pgcast.Reconnected` marker comes in its events list. Only a
+        reconnect that gives up, or a connection closed by its user, goes to
+        garbage. A connection found dead by its health check counts as lost.
 
-    ``async for x in nm`` yields ``(aps, [events...])`` or ``None``. Use
-    ``async with`` or ``await close()`` to remove its readers from the loop.
+    Use it as a context manager, or call ``close()``, to release what it
+    waits with; the PubSubs themselves stay open.
     """
-
-    _NAME: ClassVar[str] = "pgcast.aio.NotificationManager"
 
     def __init__(
         self, *connections: AsyncPubSub, timeout: float | None = None, reconnect: bool = False
     ) -> None:
         self._closed = False
-        self._reconnects: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        # Connections whose reader fired and was removed until they are read.
-        self._paused: set[AsyncPubSub] = set()
-        super().__init__(connections, timeout, reconnect)
+        self._waiter: SocketsWaiter[AsyncPubSub] = SocketsWaiter()
+        self._reconnects: set[Any] = set()
+        self._hooks: dict[AsyncPubSub, Callable[[], None]] = {}
+        self._steps: Iterator[Step[AsyncPubSub]] | None = None
+        # Last: the policy may call _wake.
+        self._core: ManagerCore[AsyncPubSub] = ManagerCore(
+            connections, timeout, self._wake, reconnect=reconnect
+        )
+
+    # -- py-postgresql's interface -------------------------------------------
+
+    @property
+    def connections(self) -> ConnectionSet[AsyncPubSub]:
+        """The connections watched: a set, to change at any time."""
+        return self._core.connections
+
+    @connections.setter
+    def connections(self, value: Iterable[AsyncPubSub]) -> None:
+        self._core.connections = value
+
+    @property
+    def garbage(self) -> set[AsyncPubSub]:
+        """Connections that died or raised, moved out of :attr:`connections`.
+
+        Empty them yourself (``nm.garbage.clear()``) once handled.
+        """
+        return self._core.garbage
+
+    @garbage.setter
+    def garbage(self, value: set[AsyncPubSub]) -> None:
+        self._core.garbage = value
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Set the seconds without events before an idle event.
+
+        ``None``: never idle. ``0``: the iteration reads every connection
+        once, yields what is pending, and ends.
+
+        :raises ValueError: a negative timeout.
+        :raises TypeError: not a number.
+        """
+        self._core.timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        """The timeout as last set: a number of seconds, or None."""
+        return self._core.timeout
+
+    def __repr__(self) -> str:
+        return (
+            f"<pgcast.{type(self).__name__} connections={len(self.connections)} "
+            f"garbage={len(self.garbage)} timeout={self.gettimeout()!r}>"
+        )
+
+    # -- the iteration -------------------------------------------------------
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> tuple[AsyncPubSub, Events] | None:
-        for step in self._pending():
-            request = self._request(step)
-            if request is None:
+        if self._closed:
+            raise ClosedError("this NotificationManager is closed")
+        steps = self._steps
+        if steps is None:
+            steps = self._steps = self._core.steps()
+        for step in steps:  # the policy's requests, carried out; or a value
+            kind = type(step)
+            if kind is Read:
+                await self._read(step.conn)  # type: ignore[union-attr]
+            elif kind is Wait:
+                await self._wait(step.timeout)  # type: ignore[union-attr]
+            elif kind is HealthTick:
+                await self._health_tick(step.conn)  # type: ignore[union-attr]
+            elif kind is Register:
+                self._register(step.conn)  # type: ignore[union-attr]
+            elif kind is Unregister:
+                self._unregister(step.conn)  # type: ignore[union-attr]
+            else:
                 return step  # type: ignore[return-value]
-            awaitable = request[0](request[1])
-            if awaitable is not None:  # the methods that wait are coroutines
-                await awaitable
         self._steps = None  # the next iteration starts over
         raise StopAsyncIteration
 
-    # -- lifetime ------------------------------------------------------------
-
     async def close(self) -> None:
-        """Stop watching every connection (their readers leave the loop).
-
-        The AsyncPubSubs stay open and keep their unread events. Idempotent.
-        """
+        """Stop watching every connection. The PubSubs stay open and keep
+        their unread events. Idempotent."""
         if self._closed:
             return
         self._closed = True
         for conn in list(self._core.fds):
             self._unregister(conn)
-        if self._waiter is not None:
-            _resolve(self._waiter)
-        tasks = list(self._reconnects)  # the manager's work: it ends with the manager
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._waiter.close()
+        if True:  # ASYNC
+            # The reconnect tasks are the manager's work: they end with it.
+            await gather_cancelled(self._reconnects)
 
-    # -- the driver ----------------------------------------------------------
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            _resolve(self._waiter)
-
-    def _poked(self, conn: AsyncPubSub) -> None:
-        if conn.closed:
-            # close() closes the descriptor right after this call: the reader
-            # must leave the loop now, not when this manager next runs.
-            self._pause(conn)
-        super()._poked(conn)
-
-    def _readable(self, conn: AsyncPubSub) -> None:
-        self._core.ready(conn)
-        self._pause(conn)
-        self._wake()
-
-    def _pause(self, conn: AsyncPubSub) -> None:
-        fd = self._core.fds.get(conn)
-        if fd is not None and conn not in self._paused and self._loop is not None:
-            self._loop.remove_reader(fd)
-            self._paused.add(conn)
-
-    def _reconnect_soon(self, conn: AsyncPubSub) -> None:
-        task = self._get_loop().create_task(self._reconnect(conn))
-        self._reconnects.add(task)
-        task.add_done_callback(self._reconnects.discard)
-
-    async def _reconnect(self, conn: AsyncPubSub) -> None:
-        try:
-            await conn.reconnect()
-        except Exception as exc:
-            self._reconnect_done(conn, exc)
-        else:
-            self._reconnect_done(conn)
+    # -- carrying out the policy's requests ----------------------------------
 
     async def _read(self, conn: AsyncPubSub) -> None:
         try:
@@ -146,56 +209,64 @@ class NotificationManager(ManagerBase["AsyncPubSub"], AsyncClosing):
         except Exception as exc:
             self._lose(conn, exc)
 
-    def _get_loop(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("this NotificationManager belongs to another event loop")
-        return loop
-
     async def _wait(self, timeout: float | None) -> None:
-        loop = self._get_loop()
-        if self._paused:
-            # Every paused connection has been read since (or left the set):
-            # its reader can watch again.
-            fds = self._core.fds
-            lost = False
-            for conn in list(self._paused):
-                self._paused.discard(conn)
-                fd = fds.get(conn)
-                if fd is None:
-                    continue
-                try:
-                    loop.add_reader(fd, self._readable, conn)
-                except Exception as exc:  # its descriptor was closed
-                    self._paused.add(conn)
-                    self._lose(conn, exc)
-                    lost = True
-            if lost:
-                return  # the set changed: back to the policy before waiting
-        fut = self._waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _resolve, fut)
-        try:
-            await fut
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+        ready, failed = await self._waiter.wait(timeout)
+        for conn, exc in failed:
+            self._lose(conn, exc)
+        for conn in ready:
+            self._core.ready(conn)
 
     def _register(self, conn: AsyncPubSub) -> None:
-        loop = self._get_loop()
         try:
             fd = conn.fileno()
-            loop.add_reader(fd, self._readable, conn)
+            for stale in self._waiter.add(fd, conn):
+                self._forget(stale)
+                self._lose(stale, OSError(f"its socket (fd {fd}) was closed"))
         except Exception as exc:
             self._lose(conn, exc)
             return
-        self._watch(conn, fd)
+        # The PubSub wakes the manager when events reach it another way.
+        hook = self._hooks[conn] = weak_callback(self._poked, conn)
+        conn.set_wake_callback(hook)
+        self._core.registered(conn, fd)
 
     def _unregister(self, conn: AsyncPubSub) -> None:
-        fd = self._core.fds.get(conn)
-        if fd is not None and conn not in self._paused and self._loop is not None:
-            self._loop.remove_reader(fd)
-        self._paused.discard(conn)
+        self._waiter.remove(conn)
         self._forget(conn)
+
+    def _forget(self, conn: AsyncPubSub) -> None:
+        hook = self._hooks.pop(conn, None)
+        if hook is not None and conn.wake_callback is hook:
+            conn.set_wake_callback(None)
+        self._core.unregistered(conn)
+
+    # -- what happens to a connection ----------------------------------------
+
+    def _wake(self) -> None:
+        self._waiter.wake()
+
+    def _poked(self, conn: AsyncPubSub) -> None:
+        if conn.closed:
+            self._waiter.closing(conn)  # its descriptor goes right after this call
+        self._core.poke(conn)
+        self._wake()
+
+    def _lose(self, conn: AsyncPubSub, exc: BaseException) -> None:
+        if not self._core.lose(conn, exc):
+            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+            return
+        self._unregister(conn)
+        # In a thread or task of its own, so that the backoff between
+        # attempts does not hold up the other connections.
+        reconnect = functools.partial(self._reconnect, conn)
+        start_task(reconnect, "pgcast-manager-reconnect", self._reconnects)
+
+    async def _reconnect(self, conn: AsyncPubSub) -> None:
+        try:
+            await conn.reconnect()
+        except Exception as exc:
+            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
+            self._core.reconnected(conn, exc)
+        else:
+            self._core.reconnected(conn, None)
+        self._wake()

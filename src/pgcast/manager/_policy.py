@@ -76,18 +76,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import time
 import weakref
-from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Generic, Protocol, Self, TypeAlias, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
 
 from .._core import Wait, check_timeout
-from .._errors import ClosedError, ConnectionLostError
+from .._errors import ConnectionLostError
 from .._event import Event
 from .._reconnect import Reconnected
 
@@ -96,7 +94,6 @@ __all__ = [
     "Events",
     "HealthTick",
     "Managed",
-    "ManagerBase",
     "ManagerCore",
     "Read",
     "Register",
@@ -562,148 +559,3 @@ class ManagerCore(Generic[C]):
                 else:
                     yield None
                     last = clock()
-
-
-logger = logging.getLogger("pgcast")
-
-# The driver method that carries out each request of ManagerCore.steps().
-_ACTIONS: Final[dict[type, str]] = {
-    Read: "_read",
-    Wait: "_wait",
-    Register: "_register",
-    Unregister: "_unregister",
-    HealthTick: "_health_tick",
-}
-
-
-class ManagerBase(ABC, Generic[C]):
-    """What the sync and asyncio NotificationManagers share to the letter.
-
-    py-postgresql's interface (``connections``, ``garbage``, ``settimeout``,
-    ``gettimeout``), the repr, the dispatch of :meth:`ManagerCore.steps`'
-    requests to the driver's methods, and the bookkeeping around losing,
-    reconnecting, watching and forgetting a connection. A driver sets
-    ``_closed`` and calls ``super().__init__`` last (the core may call its
-    :meth:`_wake`), implements the request methods (``_read``, ``_wait``,
-    ``_register``, ``_unregister``, ``_health_tick``; sync or awaitable),
-    and starts a reconnect its own way (:meth:`_reconnect_soon`).
-    """
-
-    _NAME: ClassVar[str]
-    _closed: bool
-
-    def __init__(self, connections: Iterable[C], timeout: float | None, reconnect: bool) -> None:
-        self._core: ManagerCore[C] = ManagerCore(
-            connections, timeout, self._wake, reconnect=reconnect
-        )
-        self._hooks: dict[C, Callable[[], None]] = {}
-        self._steps: Iterator[Step[C]] | None = None
-
-    # -- py-postgresql's interface -------------------------------------------
-
-    @property
-    def connections(self) -> ConnectionSet[C]:
-        """The connections watched: a set, to change at any time."""
-        return self._core.connections
-
-    @connections.setter
-    def connections(self, value: Iterable[C]) -> None:
-        self._core.connections = value
-
-    @property
-    def garbage(self) -> set[C]:
-        """Connections that died or raised, moved out of :attr:`connections`.
-
-        Empty them yourself (``nm.garbage.clear()``) once handled.
-        """
-        return self._core.garbage
-
-    @garbage.setter
-    def garbage(self, value: set[C]) -> None:
-        self._core.garbage = value
-
-    def settimeout(self, timeout: float | None) -> None:
-        """Set the seconds without events before an idle event.
-
-        ``None``: never idle. ``0``: the iteration reads every connection
-        once, yields what is pending, and ends.
-
-        :raises ValueError: a negative timeout.
-        :raises TypeError: not a number.
-        """
-        self._core.timeout = timeout
-
-    def gettimeout(self) -> float | None:
-        """The timeout as last set: a number of seconds, or None."""
-        return self._core.timeout
-
-    def __repr__(self) -> str:
-        return (
-            f"<{self._NAME} connections={len(self.connections)} "
-            f"garbage={len(self.garbage)} timeout={self.gettimeout()!r}>"
-        )
-
-    # -- the iteration -------------------------------------------------------
-
-    def _pending(self) -> Iterator[Step[C]]:
-        """The steps of the iteration under way (or of a new one)."""
-        if self._closed:
-            raise ClosedError("this NotificationManager is closed")
-        steps = self._steps
-        if steps is None:
-            steps = self._steps = self._core.steps()
-        return steps
-
-    def _request(self, step: Step[C]) -> tuple[Callable[[Any], Any], Any] | None:
-        """The driver method carrying out *step* and its argument; None when
-        *step* is a value for the user. The method returns None, or an
-        awaitable (asyncio driver) to await."""
-        name = _ACTIONS.get(type(step))
-        if name is None:
-            return None
-        arg = step.timeout if type(step) is Wait else step.conn  # type: ignore[union-attr]
-        return getattr(self, name), arg
-
-    # -- bookkeeping of the driver -------------------------------------------
-
-    @abstractmethod
-    def _wake(self) -> None:
-        """Wake the manager if it waits (any thread)."""
-
-    @abstractmethod
-    def _unregister(self, conn: C) -> None:
-        """Stop watching *conn*'s socket (then call :meth:`_forget`)."""
-
-    @abstractmethod
-    def _reconnect_soon(self, conn: C) -> None:
-        """Reconnect *conn* in the background, then call :meth:`_reconnect_done`."""
-
-    def _poked(self, conn: C) -> None:
-        self._core.poke(conn)
-        self._wake()
-
-    def _lose(self, conn: C, exc: BaseException) -> None:
-        if not self._core.lose(conn, exc):
-            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
-            return
-        self._unregister(conn)
-        self._reconnect_soon(conn)
-
-    def _reconnect_done(self, conn: C, exc: Exception | None = None) -> None:
-        if exc is not None:
-            logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
-        self._core.reconnected(conn, exc)
-        self._wake()
-
-    def _watch(self, conn: C, fd: int) -> None:
-        """The driver now watches *fd* for *conn*: hook it up and record it."""
-        hook = self._hooks[conn] = weak_callback(self._poked, conn)
-        conn.set_wake_callback(hook)
-        self._core.registered(conn, fd)
-
-    def _forget(self, conn: C) -> None:
-        """The driver no longer watches *conn*: unhook it and record it."""
-        hook = self._hooks.pop(conn, None)
-        if hook is not None and conn.wake_callback is hook:
-            conn.set_wake_callback(None)
-        self._core.unregistered(conn)
