@@ -295,7 +295,7 @@ def test_async_many_tasks_nothing_lost(
             async def work(t: int) -> list[asyncio.Future[None]]:
                 out = []
                 for i in range(per_task):
-                    out.append(await pub.publish(unique_channel, f"{t}:{i}"))
+                    out.append(pub.publish_nowait(unique_channel, f"{t}:{i}"))
                     if i % 10 == 0:
                         await asyncio.sleep(0)
                 return out
@@ -332,22 +332,26 @@ def test_async_full_buffer_close_and_failure(
             dsn, interval=60, max_pending=2, application_name=app
         )
         async with asyncio.timeout(WAIT):
-            await pub.publish(unique_channel, "0")
-            await pub.publish(unique_channel, "1")
+            pub.publish_nowait(unique_channel, "0")
+            pub.publish_nowait(unique_channel, "1")
             with pytest.raises(pgcast.PublisherFullError, match="2 unsent"):
                 await pub.publish(unique_channel, "2", timeout=0.1)
+            with pytest.raises(pgcast.PublisherFullError, match="2 unsent"):
+                pub.publish_nowait(unique_channel, "2")
             blocked = asyncio.create_task(pub.publish(unique_channel, "2", timeout=WAIT))
             await asyncio.sleep(0.05)
             assert not blocked.done()
             await pub.flush()
-            await blocked
+            await asyncio.sleep(0.05)  # room came free: "2" is queued
+            assert not blocked.done()  # one await: it returns at the commit
             await pub.flush()
+            assert await blocked is None
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE application_name = %s",
                 (app,),
             )
-            lost = await pub.publish(unique_channel, "lost")
+            lost = pub.publish_nowait(unique_channel, "lost")
             with pytest.raises(pgcast.PublishError) as info:
                 await pub.close()
             assert info.value.messages == [(unique_channel, "lost")]
@@ -362,11 +366,53 @@ def test_async_full_buffer_close_and_failure(
     nothing_more(listener)
 
 
+def test_async_publish_is_one_await_that_ends_at_commit(
+    dsn: str, conn: psycopg.Connection[tuple[object, ...]], listener: pgcast.PubSub,
+    unique_channel: str,
+) -> None:
+    app = f"pgcast_apub_{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(
+            dsn, interval=0.005, application_name=app
+        ) as pub:
+            async with asyncio.timeout(WAIT):
+                assert await pub.publish(unique_channel, "committed") is None
+                # Sent already: the listener gets it with no flush.
+                assert [e.payload for e in collect(listener, 1)] == ["committed"]
+                # A failed transaction raises at that same await.
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s",
+                    (app,),
+                )
+                with pytest.raises(pgcast.PublishError):
+                    await pub.publish(unique_channel, "lost")
+                with pytest.raises(pgcast.PublishError):
+                    await pub.flush()  # reported there too, once
+                # A caller cancelled while waiting does not cancel the batch
+                # the other callers wait on.
+                waiting = [
+                    asyncio.create_task(pub.publish(unique_channel, f"shared {i}"))
+                    for i in range(3)
+                ]
+                await asyncio.sleep(0)
+                waiting[0].cancel()
+                results = await asyncio.gather(*waiting, return_exceptions=True)
+                assert isinstance(results[0], asyncio.CancelledError)
+                assert results[1:] == [None, None]
+
+    asyncio.run(main())
+    got = sorted(e.payload for e in collect(listener, 3))
+    assert got == ["shared 0", "shared 1", "shared 2"]
+    nothing_more(listener)
+
+
 def test_an_unexpected_error_in_the_sender_fails_the_batch_not_loses_it(
     dsn: str, listener: pgcast.PubSub, unique_channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fault injection: the statement builder raises once, as a bug would.
-    import pgcast.publisher as publisher_module
+    import pgcast.publisher._publisher as publisher_module
 
     real = publisher_module.notify_many_params
     calls = [0]

@@ -47,6 +47,7 @@ FILES: list[tuple[str, str]] = [
     ("src/pgcast/client/_pubsub_async.py", "src/pgcast/client/_pubsub.py"),
     ("src/pgcast/client/_open_async.py", "src/pgcast/client/_open.py"),
     ("src/pgcast/manager/_manager_async.py", "src/pgcast/manager/_manager.py"),
+    ("src/pgcast/publisher/_publisher_async.py", "src/pgcast/publisher/_publisher.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -62,6 +63,7 @@ NAMES: dict[str, str] = {
     "AsyncDurableSession": "DurableSession",
     "AsyncSupervised": "Supervised",
     "AsyncNotificationManager": "NotificationManager",
+    "AsyncPublisher": "Publisher",
     "StopAsyncIteration": "StopIteration",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
@@ -77,6 +79,7 @@ NAMES: dict[str, str] = {
     "_supervised_async": "_supervised",
     "_open_async": "_open",
     "_manager_async": "_manager",
+    "_publisher_async": "_publisher",
 }
 
 #: Generic types whose last parameter is what a sync call returns.

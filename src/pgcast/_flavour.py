@@ -20,6 +20,7 @@ differs in the sync flavour:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import os
@@ -27,6 +28,7 @@ import select
 import selectors
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
@@ -42,17 +44,21 @@ __all__ = [
     "AwaitRunner",
     "Event",
     "Lock",
+    "Signal",
     "SocketWaiter",
     "SocketsWaiter",
     "StateLock",
     "acquire",
     "check_connection",
     "current",
+    "future_factory",
     "gather_cancelled",
+    "join",
     "readable",
     "resolve",
     "sleep_unless",
     "start_task",
+    "start_worker",
 ]
 
 K = TypeVar("K")
@@ -321,3 +327,43 @@ class SocketsWaiter(Generic[K]):
 
 def gather_cancelled(tasks: Iterable[threading.Thread]) -> None:
     """Background threads end by themselves (a reconnect ends when it gives up)."""
+
+
+class Signal:
+    """Wakes every thread waiting for a change of shared state: a
+    :class:`threading.Condition` on *lock*, waited on with it held."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._condition = threading.Condition(lock)
+
+    def set(self) -> None:
+        """Wake whoever waits now (call with the lock held)."""
+        self._condition.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for :meth:`set`, at most *timeout* seconds (lock held)."""
+        self._condition.wait(timeout)
+
+
+def start_worker(target: Callable[[], None], name: str) -> threading.Thread:
+    """Run ``target()`` in the background until it returns: a daemon thread."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def join(worker: threading.Thread, timeout: float | None) -> bool:
+    """Wait up to *timeout* seconds for *worker* to end; False if it has not."""
+    if threading.current_thread() is not worker:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while worker.is_alive():  # in slices, so Ctrl-C works
+            remaining = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if remaining <= 0:
+                break
+            worker.join(remaining)
+    return not worker.is_alive()
+
+
+def future_factory() -> Callable[[], concurrent.futures.Future[None]]:
+    """What makes the handles a publisher returns: concurrent futures."""
+    return concurrent.futures.Future

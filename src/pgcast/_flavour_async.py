@@ -19,13 +19,17 @@ meaning; only what cannot be written the same way in both lives here:
   has one thread, so here it does nothing.
 * :func:`resolve` and :class:`AwaitRunner`: a callback's result that may be
   awaitable (awaited here; run to completion on an event loop of its own there).
-* :func:`start_task` / :func:`gather_cancelled`: start background work (a
-  task here, a thread there) and, here, cancel it with its owner.
+* :func:`start_task` / :func:`gather_cancelled`, :func:`start_worker` /
+  :func:`join`: background work (a task here, a thread there), cancelled
+  with its owner or waited for.
+* :class:`Signal` and :func:`future_factory`: a publisher's wake-ups and the
+  handles it returns (asyncio or concurrent futures).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -40,17 +44,21 @@ __all__ = [
     "AwaitRunner",
     "Event",
     "Lock",
+    "Signal",
     "SocketWaiter",
     "SocketsWaiter",
     "StateLock",
     "acquire",
     "check_connection",
     "current",
+    "future_factory",
     "gather_cancelled",
+    "join",
     "readable",
     "resolve",
     "sleep_unless",
     "start_task",
+    "start_worker",
 ]
 
 K = TypeVar("K")
@@ -353,3 +361,46 @@ async def gather_cancelled(tasks: Iterable[asyncio.Task[None]]) -> None:
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
+
+
+class Signal:
+    """Wakes every task waiting for a change of shared state (a
+    :class:`threading.Condition` in the sync flavour, used under *lock*;
+    here *lock* is the null :class:`StateLock`, as one loop needs none)."""
+
+    def __init__(self, lock: object) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        """Wake whoever waits now."""
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait for :meth:`set`, at most *timeout* seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
+
+
+def start_worker(target: Callable[[], Coroutine[Any, Any, None]], name: str) -> asyncio.Task[None]:
+    """Run ``target()`` in the background until it returns: a task."""
+    return asyncio.get_running_loop().create_task(target(), name=name)
+
+
+async def join(worker: asyncio.Task[None], timeout: float | None) -> bool:
+    """Wait up to *timeout* seconds for *worker* to end (whatever it raised,
+    which it reported itself); False if it has not."""
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(worker)
+    except TimeoutError:
+        return False
+    except Exception:
+        pass
+    return True
+
+
+def future_factory() -> Callable[[], asyncio.Future[None]]:
+    """What makes the handles a publisher returns: futures of the running loop."""
+    return asyncio.get_running_loop().create_future
