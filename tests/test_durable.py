@@ -11,6 +11,7 @@ commit order against id order, reconnects, retention and the CLI.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 import pgcast
+import pgcast.aio
 from pgcast._durable_core import (
     INLINE_LIMIT,
     REF_PREFIX,
@@ -495,14 +497,50 @@ def test_a_newer_schema_is_refused(fresh_dsn: str) -> None:
         ps.notify("c", "x", durable=True)
 
 
-def test_pubsub_installs_the_schema_when_it_needs_it(fresh_dsn: str) -> None:
+def test_pubsub_runs_no_ddl_unless_asked(fresh_dsn: str) -> None:
+    def schema_exists() -> bool:
+        with psycopg.connect(fresh_dsn, autocommit=True) as c:
+            return c.execute("SELECT to_regnamespace('pgcast')").fetchone() != (None,)
+
     with pgcast.connect(fresh_dsn) as ps:
         ps.notify("c", "plain")  # no schema needed
-        with psycopg.connect(fresh_dsn, autocommit=True) as c:
-            assert c.execute("SELECT to_regnamespace('pgcast')").fetchone() == (None,)
+        # Each door that needs the log: refused with the command to run,
+        # nothing created, the PubSub still usable.
+        with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+            ps.notify("c", "kept", durable=True)
+        with pytest.raises(pgcast.SchemaError, match="install_schema=True"):
+            ps.notify("c", "x" * 9000)
+        with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+            ps.notify_many([("c", "a"), ("c", "y" * 9000)])
+        with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+            ps.listen("c", durable=True)
+        assert not schema_exists()
+        ps.listen("c")
+        ps.notify("c", "after")
+        assert [e.payload for e in take(ps, 1)] == ["after"]
+    # Asked for: the PubSub installs it when it first needs it.
+    with pgcast.connect(fresh_dsn, install_schema=True) as ps:
+        ps.notify("c", "plain")
+        assert not schema_exists()  # not before it is needed
         assert ps.notify("c", "kept", durable=True) == 1
         with psycopg.connect(fresh_dsn, autocommit=True) as c:
             assert log_rows(c, "c") == [(1, "kept")]
+    # Installed once (by pgcast init, here install_schema()): no opt-in needed.
+    with pgcast.connect(fresh_dsn) as ps:
+        assert ps.notify("c", "again", durable=True) == 2
+
+
+def test_async_pubsub_runs_no_ddl_unless_asked(fresh_dsn: str) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(fresh_dsn) as aps:
+            with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+                await aps.notify("c", "x" * 9000)
+            with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+                await aps.listen("c", durable=True)
+        async with await pgcast.aio.connect(fresh_dsn, install_schema=True) as aps:
+            assert await aps.notify("c", "kept", durable=True) == 1
+
+    asyncio.run(main())
 
 
 def test_a_role_that_may_not_install_is_told_to_run_init(fresh_dsn: str, conn: Conn) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "Query",
     "Rows",
     "Steps",
+    "check_steps",
     "install_steps",
     "parse_duration",
     "prune_query",
@@ -227,6 +228,30 @@ def install_steps() -> Steps[int]:
                 (migration.version, migration.description),
             )
     return before
+
+
+def check_steps() -> Steps[None]:
+    """Check, without writing anything, that the ``pgcast`` schema is at
+    :data:`LATEST_VERSION`: what a PubSub does before it first uses the log,
+    unless it was told it may install the schema itself.
+
+    :raises SchemaError: missing or older (naming ``pgcast init``), or newer.
+    """
+    exists = yield (_EXISTS_SQL, None)
+    version = 0
+    if exists[0][0]:
+        found = yield (_VERSION_SQL, None)
+        version = _check_not_newer(found[0][0])
+    if version < LATEST_VERSION:
+        state = (
+            "not installed in this database" if version == 0
+            else f"at version {version}, older than this pgcast's {LATEST_VERSION}"
+        )
+        raise SchemaError(
+            "the pgcast schema (needed for durable channels and payloads of 8000 bytes "
+            f"or more) is {state}: run `pgcast init` (or pgcast.install_schema(conn)) "
+            "once, or connect with install_schema=True to let pgcast install it"
+        )
 
 
 # -- retention --------------------------------------------------------------

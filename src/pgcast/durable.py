@@ -32,9 +32,11 @@ the log, so it is durable too. Events that went through the log are
 ``pgcast.schema_version``: :func:`install_schema` (or ``pgcast init``)
 applies the migrations this release knows, in one transaction, serialised by
 an advisory lock, and does nothing when the schema is up to date. A PubSub
-that needs the schema and finds it missing installs it itself; a role that may
-not create it gets a :class:`~pgcast.SchemaError` saying to run
-``pgcast init`` as one that may.
+runs no DDL unless asked: one that needs the schema and finds it missing (or
+older) raises a :class:`~pgcast.SchemaError` saying to run ``pgcast init``,
+unless opened with ``connect(..., install_schema=True)``; then it installs it
+itself, and a role that may not create it gets a :class:`~pgcast.SchemaError`
+saying to run ``pgcast init`` as one that may.
 
 **Retention**: nothing is deleted by itself. :func:`prune` (``pgcast prune``)
 deletes messages older than :data:`DEFAULT_RETENTION` (7 days) unless told

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from .. import _durable_core
 from .._durable_core import Unfetched
-from .._durable_schema import Query, Rows, Steps, install_steps
+from .._durable_schema import Query, Rows, Steps, check_steps, install_steps
 from .._errors import ConnectionLostError, PgcastError
 from .._event import DurableEvent
 from ..durable import schema_error
@@ -37,12 +37,16 @@ class DurableSession(Session):
     def _durable(self, steps: Steps[T]) -> T:
         """Run *steps* (queries as a generator, see
         :data:`pgcast._durable_schema.Steps`) as commands, the ``pgcast``
-        schema checked (and installed if missing) first."""
+        schema checked first (installed if missing only when the PubSub was
+        opened with ``install_schema=True``)."""
         core = self._core
         if not core.durable.schema_ready:
             try:
-                with self.transaction():
-                    self._run_steps(install_steps())
+                if self._install_schema:  # asked for: connect(install_schema=True)
+                    with self.transaction():
+                        self._run_steps(install_steps())
+                else:  # no DDL unless asked: check only
+                    self._run_steps(check_steps())
             except PgcastError as exc:
                 raise schema_error(exc) from exc
             core.durable.schema_ready = True

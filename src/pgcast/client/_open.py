@@ -33,6 +33,7 @@ def connect(
     health_check_interval: float | None = 30.0,
     on_reconnect: OnReconnect | None = None,
     notify_timeout: float = 30.0,
+    install_schema: bool = False,
     **kwargs: Any,
 ) -> PubSub:
     """Open a PubSub on a new connection.
@@ -56,6 +57,10 @@ def connect(
     :param notify_timeout: how long a command (a notify, a listen) waits for a
         lost connection to come back before failing with
         :class:`~pgcast.NotSentError`.
+    :param install_schema: let the PubSub install (or migrate) the ``pgcast``
+        schema when it first needs it (a durable channel, a payload of 8000
+        bytes or more). Default: no DDL; a missing schema is a
+        :class:`~pgcast.SchemaError` naming ``pgcast init``.
     :raises ConnectError: the server could not be reached or refused the
         login; the message is the server's.
     """
@@ -69,7 +74,9 @@ def connect(
         on_reconnect=on_reconnect,
     )
     open_connection = opener(conninfo, options)
-    pubsub = PubSub(open_connection(), resilience=res, connector=open_connection)
+    pubsub = PubSub(
+        open_connection(), resilience=res, connector=open_connection, install_schema=install_schema
+    )
     try:
         pubsub._identify()
     except BaseException:

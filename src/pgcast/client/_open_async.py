@@ -31,6 +31,7 @@ async def connect(
     health_check_interval: float | None = 30.0,
     on_reconnect: OnReconnect | None = None,
     notify_timeout: float = 30.0,
+    install_schema: bool = False,
     **kwargs: Any,
 ) -> AsyncPubSub:
     """Open a PubSub on a new connection.
@@ -54,6 +55,10 @@ async def connect(
     :param notify_timeout: how long a command (a notify, a listen) waits for a
         lost connection to come back before failing with
         :class:`~pgcast.NotSentError`.
+    :param install_schema: let the PubSub install (or migrate) the ``pgcast``
+        schema when it first needs it (a durable channel, a payload of 8000
+        bytes or more). Default: no DDL; a missing schema is a
+        :class:`~pgcast.SchemaError` naming ``pgcast init``.
     :raises ConnectError: the server could not be reached or refused the
         login; the message is the server's.
     """
@@ -63,7 +68,10 @@ async def connect(
         on_reconnect=on_reconnect,
     )
     open_connection = opener(conninfo, options)
-    pubsub = AsyncPubSub(await open_connection(), resilience=res, connector=open_connection)
+    pubsub = AsyncPubSub(
+        await open_connection(), resilience=res, connector=open_connection,
+        install_schema=install_schema,
+    )
     try:
         await pubsub._identify()
     except BaseException:

@@ -64,14 +64,18 @@ class AsyncPubSub(AsyncSupervised):
         *,
         resilience: Resilience | None = None,
         connector: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+        install_schema: bool = False,
     ) -> None:
         """Wrap *conn*, which must be in autocommit mode and used by nothing else.
 
         *resilience* holds the reconnect and health-check settings (see
         :func:`connect`); *connector* opens a new connection to reconnect
-        with (default: *conn*'s own parameters).
+        with (default: *conn*'s own parameters); *install_schema*: see
+        :func:`connect`.
         """
-        super().__init__(conn, resilience=resilience, connector=connector)
+        super().__init__(
+            conn, resilience=resilience, connector=connector, install_schema=install_schema
+        )
         self._hooks.append(AsyncPubSub._replay_after_reconnect)
         self._stopping = False
 

@@ -93,12 +93,14 @@ class AsyncSession(AsyncClosing):
         *,
         resilience: Resilience | None = None,
         connector: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+        install_schema: bool = False,
     ) -> None:
         """Wrap *conn*, which must be in autocommit mode and used by nothing else.
 
         *resilience* holds the reconnect and health-check settings (see
         :func:`pgcast.connect`); *connector* opens a new connection to
-        reconnect with (default: *conn*'s own parameters).
+        reconnect with (default: *conn*'s own parameters); *install_schema*:
+        see :func:`pgcast.connect`.
         """
         check_connection(conn, "pgcast.PubSub", "pgcast.aio.AsyncPubSub")
         if not conn.autocommit:
@@ -109,6 +111,7 @@ class AsyncSession(AsyncClosing):
         self._core = Core(res.health_check_interval)
         self._core.new_connection(conn.info.backend_pid)
         self._connector = connector or opener(reconnect_conninfo(conn), {"autocommit": True})
+        self._install_schema = install_schema
         self._closed = False
         self._closing = Event()
         # Bumped by every reconnect: one that saw the connection fail under
