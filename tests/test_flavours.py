@@ -1,0 +1,68 @@
+"""The two flavours kept apart: an API of one flavour handed the other
+flavour's connection refuses it at once, naming the function to use (before,
+``pgcast.notify(async_conn, ...)`` lost the notification with only a
+"coroutine never awaited" warning); and the generated sync modules are what
+``tools/async_to_sync.py`` makes from their asyncio sources."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import pgcast
+import pgcast.aio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sync_apis_refuse_an_async_connection(dsn: str, unique_channel: str) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            with pytest.raises(TypeError, match=r"pgcast\.aio\.notify\(\)"):
+                pgcast.notify(aconn, unique_channel, "lost?")  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=r"pgcast\.aio\.AsyncPubSub"):
+                pgcast.PubSub(aconn)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def test_async_apis_refuse_a_sync_connection(conn: psycopg.Connection[tuple[object, ...]],
+                                             unique_channel: str) -> None:
+    async def main() -> None:
+        with pytest.raises(TypeError, match=r"pgcast\.notify\(\)"):
+            await pgcast.aio.notify(conn, unique_channel, "x")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"use pgcast\.PubSub"):
+            pgcast.aio.AsyncPubSub(conn)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def test_anything_else_is_refused_by_its_type(unique_channel: str) -> None:
+    with pytest.raises(TypeError, match="not str"):
+        pgcast.notify("postgresql://", unique_channel)  # type: ignore[arg-type]
+
+
+def test_generated_modules_are_up_to_date() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "async_to_sync.py"), "--check"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_generated_modules_say_so_and_name_their_source() -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import async_to_sync
+    finally:
+        sys.path.pop(0)
+    assert async_to_sync.FILES
+    for source, target in async_to_sync.FILES:
+        head = (ROOT / target).read_text().splitlines()[0]
+        assert head.startswith(f"# Generated from {source} by tools/async_to_sync.py")
+        assert (ROOT / source).exists()
