@@ -66,3 +66,16 @@ def test_generated_modules_say_so_and_name_their_source() -> None:
         head = (ROOT / target).read_text().splitlines()[0]
         assert head.startswith(f"# Generated from {source} by tools/async_to_sync.py")
         assert (ROOT / source).exists()
+
+
+def test_both_flavour_modules_offer_the_same_names() -> None:
+    from pgcast import _flavour, _flavour_async
+
+    for name in _flavour_async.__all__:
+        assert hasattr(_flavour, name), f"pgcast._flavour lacks {name}"
+    public = {n for n in vars(_flavour) if not n.startswith("_") and n.isidentifier()}
+    imported = {"Any", "Awaitable", "Callable", "ConnectionLostError", "Generic", "Iterable",
+                "K", "TypeVar", "annotations", "check_flavour", "asyncio", "concurrent", "contextlib",
+                "inspect", "os", "pq", "psycopg", "select", "selectors", "socket",
+                "threading", "time", "weakref"}
+    assert public - imported <= set(_flavour_async.__all__)

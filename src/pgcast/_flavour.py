@@ -31,35 +31,15 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import pq
 
 from ._errors import ConnectionLostError
+from ._flavour_async import check_flavour
 
-__all__ = [
-    "ACTOR",
-    "AwaitRunner",
-    "Event",
-    "Lock",
-    "Signal",
-    "SocketWaiter",
-    "SocketsWaiter",
-    "StateLock",
-    "acquire",
-    "check_connection",
-    "current",
-    "future_factory",
-    "gather_cancelled",
-    "join",
-    "readable",
-    "resolve",
-    "sleep_unless",
-    "start_task",
-    "start_worker",
-]
+# The names are those of pgcast._flavour_async.__all__ (tests/test_flavours.py).
 
 K = TypeVar("K")
 
@@ -199,28 +179,21 @@ def resolve(result: object) -> None:
 
 class AwaitRunner:
     """Runs the awaitables user handlers return, in order, on one event loop
-    started at the first and closed at the end of the ``with`` block."""
+    started at the first; :meth:`close` closes it."""
 
     def __init__(self) -> None:
         self._runner: asyncio.Runner | None = None
-
-    def __enter__(self) -> AwaitRunner:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._runner is not None:
-            self._runner.close()
 
     def run(self, awaitable: Awaitable[object]) -> None:
         """Run *awaitable* to completion."""
         if self._runner is None:
             self._runner = asyncio.Runner()
         self._runner.run(awaitable)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Close the event loop, if one was started."""
+        if self._runner is not None:
+            self._runner.close()
 
 
 def start_task(target: Callable[[], None], name: str, tracked: set[Any]) -> None:
@@ -232,14 +205,7 @@ def start_task(target: Callable[[], None], name: str, tracked: set[Any]) -> None
 def check_connection(conn: object, sync_name: str, async_name: str) -> None:
     """Raise TypeError unless *conn* is a sync ``psycopg.Connection``; for an
     asyncio one, name the asyncio API (*async_name*) to use instead of *sync_name*."""
-    if isinstance(conn, psycopg.Connection):
-        return
-    if isinstance(conn, psycopg.AsyncConnection):
-        raise TypeError(
-            f"{sync_name} takes a sync psycopg.Connection, and this is a "
-            f"psycopg.AsyncConnection: use {async_name} with it"
-        )
-    raise TypeError(f"{sync_name} takes a psycopg.Connection, not {type(conn).__name__}")
+    check_flavour(conn, psycopg.Connection, (sync_name, async_name))
 
 
 def _release(selector: selectors.BaseSelector, rfd: int, wfd: int) -> None:

@@ -33,7 +33,6 @@ import contextlib
 import inspect
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import psycopg
@@ -50,6 +49,7 @@ __all__ = [
     "StateLock",
     "acquire",
     "check_connection",
+    "check_flavour",
     "current",
     "future_factory",
     "gather_cancelled",
@@ -194,22 +194,9 @@ def current() -> object:
     return asyncio.current_task()
 
 
-class StateLock:
-    """A lock for state that threads share; an asyncio program has one
-    thread, so this one holds nothing (see :class:`pgcast._flavour.StateLock`)."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
+#: A lock for state that threads share; an asyncio program has one thread,
+#: so this one holds nothing (the sync flavour's is a threading.Lock).
+StateLock = contextlib.nullcontext
 
 
 async def resolve(result: object) -> None:
@@ -219,22 +206,15 @@ async def resolve(result: object) -> None:
 
 
 class AwaitRunner:
-    """Runs the awaitables user handlers return, in order (here: awaits them)."""
-
-    async def __aenter__(self) -> AwaitRunner:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
+    """Runs the awaitables user handlers return, in order (here: awaits
+    them); :meth:`close` when done."""
 
     async def run(self, awaitable: Awaitable[object]) -> None:
         """Run *awaitable* to completion."""
         await awaitable
+
+    def close(self) -> None:
+        """Release what it holds (nothing here)."""
 
 
 def start_task(
@@ -250,16 +230,22 @@ def start_task(
 def check_connection(conn: object, sync_name: str, async_name: str) -> None:
     """Raise TypeError unless *conn* is a ``psycopg.AsyncConnection``; for a
     sync one, name the sync API (*sync_name*) to use instead of *async_name*."""
-    if isinstance(conn, psycopg.AsyncConnection):
+    check_flavour(conn, psycopg.AsyncConnection, (async_name, sync_name))
+
+
+def check_flavour(conn: object, want: type, names: tuple[str, str]) -> None:
+    """Both flavours' :func:`check_connection`: *conn* must be a *want*;
+    *names* are the API called and the one that takes the other flavour."""
+    if isinstance(conn, want):
         return
-    if isinstance(conn, psycopg.Connection):
+    called, other = names
+    kind = "psycopg.AsyncConnection" if want is psycopg.AsyncConnection else "psycopg.Connection"
+    if isinstance(conn, psycopg.Connection | psycopg.AsyncConnection):
         raise TypeError(
-            f"{async_name} takes a psycopg.AsyncConnection, and this is a sync "
-            f"psycopg.Connection: use {sync_name} with it"
+            f"{called} takes a {kind}, and this is a {type(conn).__name__} of the other "
+            f"flavour (sync or asyncio): use {other} with it"
         )
-    raise TypeError(f"{async_name} takes a psycopg.AsyncConnection, not {type(conn).__name__}")
-
-
+    raise TypeError(f"{called} takes a {kind}, not {type(conn).__name__}")
 class SocketsWaiter(Generic[K]):
     """Waits for many sockets at once (a NotificationManager's): each
     descriptor gets one reader on the loop, added once. A reader that fires

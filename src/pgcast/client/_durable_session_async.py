@@ -76,7 +76,7 @@ class AsyncDurableSession(AsyncSession):
         await self._durable(durable.replay_steps())
         return True
 
-    async def _replay_after_reconnect(self) -> None:
+    async def _after_reconnect(self) -> None:
         # A reconnect hook: every channel is LISTENed again; what was missed
         # meanwhile is read now (a few batches at most), so that it comes
         # before the marker (Core.new_connection set the replay going).

@@ -21,9 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal, TypeVar, overload
-
-import psycopg
+from typing import Literal, TypeVar, overload
 
 from .. import diagnostics
 from .._channels import unlisten_sql
@@ -33,7 +31,7 @@ from .._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError,
 from .._event import Event
 from .._flavour import AwaitRunner
 from .._payload import Payload
-from .._reconnect import Reconnected, Resilience
+from .._reconnect import Reconnected
 from ._durable_session import query_steps
 from ._runner import Runner
 from ._supervised import Supervised
@@ -55,26 +53,8 @@ class PubSub(Supervised):
     ``close()``.
     """
 
-    def __init__(
-        self,
-        conn: psycopg.Connection[Any],
-        *,
-        resilience: Resilience | None = None,
-        connector: Callable[[], psycopg.Connection[Any]] | None = None,
-        install_schema: bool = False,
-    ) -> None:
-        """Wrap *conn*, which must be in autocommit mode and used by nothing else.
-
-        *resilience* holds the reconnect and health-check settings (see
-        :func:`connect`); *connector* opens a new connection to reconnect
-        with (default: *conn*'s own parameters); *install_schema*: see
-        :func:`connect`.
-        """
-        super().__init__(
-            conn, resilience=resilience, connector=connector, install_schema=install_schema
-        )
-        self._hooks.append(PubSub._replay_after_reconnect)
-        self._stopping = False
+    #: Set by stop(), read by run() (asyncio flavour).
+    _stopping = False
 
     def listening_channels(self) -> frozenset[str]:
         """The exact names of the channels listened to now."""
@@ -392,7 +372,8 @@ class PubSub(Supervised):
 
     def _deliver(self, stop: Callable[[], bool] | None) -> None:
         core = self._core
-        with AwaitRunner() as runner:
+        runner = AwaitRunner()
+        try:
             for event in self._drive(plan(core.inbox, timeout=None, idle=False), stop):
                 for result in core.deliver(event):
                     try:
@@ -401,6 +382,8 @@ class PubSub(Supervised):
                         core.handler_failed(exc, event)  # type: ignore[arg-type]
                 if stop is not None and stop():
                     return  # the events not handled stay in the inbox
+        finally:
+            runner.close()
 
     # -- reconnecting ------------------------------------------------------
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any, Literal, TypeVar, overload
-
-import psycopg
+from typing import Literal, TypeVar, overload
 
 from .. import diagnostics
 from .._channels import unlisten_sql
@@ -30,7 +28,7 @@ from .._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError,
 from .._event import Event
 from .._flavour_async import AwaitRunner
 from .._payload import Payload
-from .._reconnect import Reconnected, Resilience
+from .._reconnect import Reconnected
 from ._durable_session_async import query_steps
 from ._supervised_async import AsyncSupervised
 
@@ -58,26 +56,8 @@ class AsyncPubSub(AsyncSupervised):
     ``close()``.
     """
 
-    def __init__(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        *,
-        resilience: Resilience | None = None,
-        connector: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
-        install_schema: bool = False,
-    ) -> None:
-        """Wrap *conn*, which must be in autocommit mode and used by nothing else.
-
-        *resilience* holds the reconnect and health-check settings (see
-        :func:`connect`); *connector* opens a new connection to reconnect
-        with (default: *conn*'s own parameters); *install_schema*: see
-        :func:`connect`.
-        """
-        super().__init__(
-            conn, resilience=resilience, connector=connector, install_schema=install_schema
-        )
-        self._hooks.append(AsyncPubSub._replay_after_reconnect)
-        self._stopping = False
+    #: Set by stop(), read by run() (asyncio flavour).
+    _stopping = False
 
     def listening_channels(self) -> frozenset[str]:
         """The exact names of the channels listened to now."""
@@ -419,7 +399,8 @@ class AsyncPubSub(AsyncSupervised):
 
     async def _deliver(self, stop: Callable[[], bool] | None) -> None:
         core = self._core
-        async with AwaitRunner() as runner:
+        runner = AwaitRunner()
+        try:
             async for event in self._drive(plan(core.inbox, timeout=None, idle=False), stop):
                 for result in core.deliver(event):
                     try:
@@ -428,6 +409,8 @@ class AsyncPubSub(AsyncSupervised):
                         core.handler_failed(exc, event)  # type: ignore[arg-type]
                 if stop is not None and stop():
                     return  # the events not handled stay in the inbox
+        finally:
+            runner.close()
 
     # -- reconnecting ------------------------------------------------------
 

@@ -461,8 +461,13 @@ class Session(Closing):
                 self._check_pinned()
         finally:
             self._after_query()
+        self._after_reconnect()
         for hook in self._hooks:
             hook(self)
+
+    def _after_reconnect(self) -> None:
+        """What the layers above do on a new connection, before the user's
+        reconnect hooks (the durable channels' replay)."""
 
     def _discard(self) -> None:
         conn = self._conn

@@ -466,8 +466,13 @@ class AsyncSession(AsyncClosing):
                 await self._check_pinned()
         finally:
             await self._after_query()
+        await self._after_reconnect()
         for hook in self._hooks:
             await hook(self)
+
+    async def _after_reconnect(self) -> None:
+        """What the layers above do on a new connection, before the user's
+        reconnect hooks (the durable channels' replay)."""
 
     async def _discard(self) -> None:
         conn = self._conn

@@ -1,11 +1,6 @@
-"""Coalescing publishers: many threads' (or tasks') notifications, few transactions.
-
-Every notifying transaction takes PostgreSQL's global notify lock while it
-commits, so many writers that each NOTIFY inside their own transaction commit
-one at a time. A :class:`Publisher` (threads) or :class:`AsyncPublisher`
-(asyncio tasks) takes that off the writers: they commit their data without
-NOTIFY and hand the notification over; a background sender sends whatever has
-gathered in one transaction (``notify_many``) every ``interval`` seconds.
+"""Coalescing publishers: :class:`Publisher` for threads, :class:`AsyncPublisher`
+for asyncio tasks, both sending many writers' notifications in few
+transactions, off the writers' own.
 
 The contract is in :mod:`pgcast.publisher._publisher_async`, the hand-written
 asyncio source; the sync :class:`Publisher` (:mod:`pgcast.publisher._publisher`)

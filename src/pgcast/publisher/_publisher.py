@@ -125,6 +125,25 @@ def _connect(conninfo: str, options: dict[str, Any]) -> psycopg.Connection[Any]:
         raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
 
 
+def _prepare(
+    conninfo: str,
+    kwargs: dict[str, Any],
+    *,
+    interval: float,
+    max_batch: int,
+    max_pending: int,
+    timeout: float | None,
+) -> tuple[str, dict[str, Any], Batcher[Any], float | None]:
+    """The constructor's arguments checked: what to connect with, the queue,
+    the default timeout of publish()."""
+    batcher: Batcher[Any] = Batcher(
+        future_factory(), interval=interval, max_batch=max_batch, max_pending=max_pending
+    )
+    timeout = check_timeout("timeout", timeout)
+    conninfo, options = connect_args(conninfo, kwargs)
+    return (conninfo, options, batcher, timeout)
+
+
 class Publisher(Closing):
     """Send notifications from many tasks (threads, for the sync one) in few
     transactions (see the module).
@@ -152,11 +171,14 @@ class Publisher(Closing):
         timeout: float | None = TIMEOUT,
         **kwargs: Any,
     ) -> None:
-        batcher: Batcher[concurrent.futures.Future[None]] = Batcher(
-            future_factory(), interval=interval, max_batch=max_batch, max_pending=max_pending
+        conninfo, options, batcher, timeout = _prepare(
+            conninfo,
+            kwargs,
+            interval=interval,
+            max_batch=max_batch,
+            max_pending=max_pending,
+            timeout=timeout,
         )
-        timeout = check_timeout("timeout", timeout)
-        conninfo, options = connect_args(conninfo, kwargs)
         self._setup(_connect(conninfo, options), conninfo, options, batcher, timeout)
 
     def publish(

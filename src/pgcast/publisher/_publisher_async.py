@@ -123,6 +123,20 @@ async def _connect(conninfo: str, options: dict[str, Any]) -> psycopg.AsyncConne
         raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
 
 
+def _prepare(
+    conninfo: str, kwargs: dict[str, Any], *, interval: float, max_batch: int,
+    max_pending: int, timeout: float | None,
+) -> tuple[str, dict[str, Any], Batcher[Any], float | None]:
+    """The constructor's arguments checked: what to connect with, the queue,
+    the default timeout of publish()."""
+    batcher: Batcher[Any] = Batcher(
+        future_factory(), interval=interval, max_batch=max_batch, max_pending=max_pending
+    )
+    timeout = check_timeout("timeout", timeout)
+    conninfo, options = connect_args(conninfo, kwargs)
+    return conninfo, options, batcher, timeout
+
+
 class AsyncPublisher(AsyncClosing):
     """Send notifications from many tasks (threads, for the sync one) in few
     transactions (see the module).
@@ -155,27 +169,19 @@ class AsyncPublisher(AsyncClosing):
 
         @classmethod
         async def connect(
-            cls,
-            conninfo: str = "",
-            *,
-            interval: float = INTERVAL,
-            max_batch: int = MAX_BATCH,
-            max_pending: int = MAX_PENDING,
-            timeout: float | None = TIMEOUT,
-            **kwargs: Any,
+            cls, conninfo: str = "", *, interval: float = INTERVAL, max_batch: int = MAX_BATCH,
+            max_pending: int = MAX_PENDING, timeout: float | None = TIMEOUT, **kwargs: Any,
         ) -> AsyncPublisher:
             """Connect and start the sender task; the options are the
             sync ``Publisher``'s.
 
             :raises ConnectError: the server could not be reached or refused.
             """
-            batcher: Batcher[asyncio.Future[None]] = Batcher(
-                future_factory(), interval=interval, max_batch=max_batch, max_pending=max_pending
+            conninfo, options, batcher, timeout = _prepare(
+                conninfo, kwargs, interval=interval, max_batch=max_batch,
+                max_pending=max_pending, timeout=timeout,
             )
-            timeout = check_timeout("timeout", timeout)
-            conninfo, options = connect_args(conninfo, kwargs)
-            conn = await _connect(conninfo, options)
-            return cls(conn, conninfo, options, batcher, timeout)
+            return cls(await _connect(conninfo, options), conninfo, options, batcher, timeout)
 
         async def publish(
             self, channel: str, payload: Payload = "", *, timeout: float | None = _DEFAULT
@@ -212,20 +218,13 @@ class AsyncPublisher(AsyncClosing):
     else:
 
         def __init__(
-            self,
-            conninfo: str = "",
-            *,
-            interval: float = INTERVAL,
-            max_batch: int = MAX_BATCH,
-            max_pending: int = MAX_PENDING,
-            timeout: float | None = TIMEOUT,
-            **kwargs: Any,
+            self, conninfo: str = "", *, interval: float = INTERVAL, max_batch: int = MAX_BATCH,
+            max_pending: int = MAX_PENDING, timeout: float | None = TIMEOUT, **kwargs: Any,
         ) -> None:
-            batcher: Batcher[concurrent.futures.Future[None]] = Batcher(
-                future_factory(), interval=interval, max_batch=max_batch, max_pending=max_pending
+            conninfo, options, batcher, timeout = _prepare(
+                conninfo, kwargs, interval=interval, max_batch=max_batch,
+                max_pending=max_pending, timeout=timeout,
             )
-            timeout = check_timeout("timeout", timeout)
-            conninfo, options = connect_args(conninfo, kwargs)
             self._setup(_connect(conninfo, options), conninfo, options, batcher, timeout)
 
         def publish(
