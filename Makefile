@@ -46,9 +46,11 @@ pgbouncer:
 		>/dev/null 2>&1; } || echo "pgbouncer not installed: the PgBouncer tests will skip"
 
 # The sync modules are generated from their asyncio sources: fail when one
-# differs from what tools/async_to_sync.py makes now (run it to regenerate).
+# differs from what tools/async_to_sync.py makes now (run it to regenerate),
+# or when a test has no twin in the other flavour (tools/test_twins.py).
 generated: $(VENV)
 	$(BIN)/python tools/async_to_sync.py --check
+	$(BIN)/python tools/test_twins.py
 
 test: lint typecheck generated browser pgbouncer
 	$(PYTEST)

@@ -74,8 +74,18 @@ def test_both_flavour_modules_offer_the_same_names() -> None:
     for name in _flavour_async.__all__:
         assert hasattr(_flavour, name), f"pgcast._flavour lacks {name}"
     public = {n for n in vars(_flavour) if not n.startswith("_") and n.isidentifier()}
-    imported = {"Any", "Awaitable", "Callable", "ConnectionLostError", "Generic", "Iterable",
-                "K", "TypeVar", "annotations", "check_flavour", "asyncio", "concurrent", "contextlib",
-                "inspect", "os", "pq", "psycopg", "select", "selectors", "socket",
-                "threading", "time", "weakref"}
+    imported = {
+        "Any", "Awaitable", "Callable", "ConnectionLostError", "Generic", "Iterable", "K",
+        "TypeVar", "annotations", "check_flavour", "asyncio", "concurrent", "contextlib",
+        "inspect", "os", "pq", "psycopg", "select", "selectors", "socket", "threading", "time",
+        "weakref",
+    }
     assert public - imported <= set(_flavour_async.__all__)
+
+
+def test_every_new_test_has_its_twin_in_the_other_flavour() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "test_twins.py")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr

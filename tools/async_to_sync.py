@@ -48,6 +48,8 @@ FILES: list[tuple[str, str]] = [
     ("src/pgcast/client/_open_async.py", "src/pgcast/client/_open.py"),
     ("src/pgcast/manager/_manager_async.py", "src/pgcast/manager/_manager.py"),
     ("src/pgcast/publisher/_publisher_async.py", "src/pgcast/publisher/_publisher.py"),
+    # tests written once
+    ("tests/test_aio_supervisor.py", "tests/test_supervisor.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -71,6 +73,10 @@ NAMES: dict[str, str] = {
     "__anext__": "__next__",
     "aclose": "close",
     "asynccontextmanager": "contextmanager",
+    # test helpers (tests/_eventwait.py)
+    "acollect": "collect",
+    "acollect_until": "collect_until",
+    "arun": "run_sync",
     # modules
     "_flavour_async": "_flavour",
     "_pubsub_async": "_pubsub",
@@ -193,6 +199,14 @@ class Rename(ast.NodeTransformer):
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         node.attr = NAMES.get(node.attr, node.attr)
+        inner = node.value
+        if (
+            isinstance(inner, ast.Attribute)
+            and inner.attr == "aio"
+            and isinstance(inner.value, ast.Name)
+            and inner.value.id == "pgcast"
+        ):
+            node.value = inner.value  # pgcast.aio.connect -> pgcast.connect
         return self.generic_visit(node)
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:

@@ -1,0 +1,143 @@
+# Generated from tests/test_aio_supervisor.py by tools/async_to_sync.py: do not edit.
+# Edit the source, then run `python tools/async_to_sync.py`.
+"""The supervisor interface of a PubSub: what a NotificationManager (or any
+program that waits on many sockets itself) uses instead of iterating it.
+
+Written for asyncio; tests/test_supervisor.py, the same tests for the sync
+flavour, is generated from this file by tools/async_to_sync.py.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import Any
+
+import psycopg
+
+import pgcast
+import pgcast.aio
+from _eventwait import run_sync
+
+TIMEOUT = 10.0
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], TIMEOUT)[0])
+
+
+def test_read_ready_takes_in_what_arrived_and_take_pending_hands_it_out(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            assert ps.take_pending() == []
+            conn.execute(
+                "SELECT pg_notify(%s, 'one'), pg_notify(%s, 'two')",
+                (unique_channel, unique_channel),
+            )
+            assert readable(ps.fileno()), "the socket did not become readable"
+            deadline = time.monotonic() + TIMEOUT
+            got: list[Any] = []
+            while len(got) < 2 and time.monotonic() < deadline:
+                ps.read_ready()
+                got += ps.take_pending()
+            assert [e.payload for e in got] == ["one", "two"]
+            assert ps.take_pending() == []  # handed out once
+
+    run_sync(body())
+
+
+def test_the_wake_callback_tells_of_events_that_came_another_way(
+    dsn: str, unique_channel: str
+) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            woken: list[int] = []
+            ps.set_wake_callback(lambda: woken.append(1))
+            assert ps.wake_callback is not None
+            # Its own notify comes back with the command's results: the
+            # socket has nothing more to say, so only the callback tells.
+            ps.notify(unique_channel, "mine")
+            assert woken, "the wake callback was not called"
+            assert [e.payload for e in ps.take_pending()] == ["mine"]
+            ps.set_wake_callback(None)
+            assert ps.wake_callback is None
+            count = len(woken)
+            ps.notify(unique_channel, "again")
+            assert len(woken) == count
+            assert [e.payload for e in ps.take_pending()] == ["again"]
+
+    run_sync(body())
+
+
+def test_health_check_schedule_and_tick(dsn: str, unique_channel: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn, health_check_interval=0.5) as ps:
+            assert ps.health_check_interval == 0.5
+            ps.listen(unique_channel)
+            due = ps.health_check_due()
+            assert due is not None and due <= time.monotonic() + 0.5 + 0.01
+            wait = ps.health_tick()
+            assert wait is not None and 0 <= wait <= 0.5
+        with pgcast.connect(dsn, health_check_interval=0) as ps:
+            ps.listen(unique_channel)
+            assert ps.health_check_interval == 0
+            assert ps.health_check_due() is None
+            assert ps.health_tick() is None
+
+    run_sync(body())
+
+
+def test_reconnect_queues_its_marker_and_a_new_socket(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            pid = ps.backend_pid
+            marker = ps.reconnect()
+            assert isinstance(marker, pgcast.Reconnected)
+            assert ps.generation == 1 and ps.backend_pid != pid
+            assert ps.take_pending() == [marker]
+            # Still listening, on the new socket.
+            conn.execute("SELECT pg_notify(%s, 'after')", (unique_channel,))
+            assert readable(ps.fileno())
+            deadline = time.monotonic() + TIMEOUT
+            got: list[Any] = []
+            while not got and time.monotonic() < deadline:
+                ps.read_ready()
+                got = ps.take_pending()
+            assert [e.payload for e in got] == ["after"]
+
+    run_sync(body())
+
+
+def test_a_closed_pubsub_refuses_the_supervisor(dsn: str) -> None:
+
+    def body() -> None:
+        ps = pgcast.connect(dsn)
+        ps.close()
+        for call in (ps.fileno,):
+            try:
+                call()
+            except pgcast.ClosedError:
+                pass
+            else:
+                raise AssertionError(f"{call.__name__} worked on a closed PubSub")
+        try:
+            ps.read_ready()
+        except pgcast.ClosedError:
+            pass
+        else:
+            raise AssertionError("read_ready worked on a closed PubSub")
+
+    run_sync(body())
