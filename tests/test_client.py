@@ -547,15 +547,6 @@ def test_channel_names_are_exact(
     assert {e.channel for e in got} == {"Prices"}
 
 
-def test_unquoted_notify_is_folded_to_lower_case(
-    ps: pgcast.PubSub, psql: Callable[..., str]
-) -> None:
-    ps.listen("prices")
-    psql("NOTIFY Prices, 'folded'")
-    [event] = collect(ps, 1)
-    assert (event.channel, event.payload) == ("prices", "folded")
-
-
 INJECTION = 'x"; DROP TABLE users; --'
 
 
@@ -648,66 +639,7 @@ def test_payload_limits_and_the_connection_stays_usable(
     assert [e.payload for e in collect_until(ps, "end")] == ["after", "end"]
 
 
-@pytest.mark.parametrize("payload", ["nul\x00inside", b"bytes", 42])
-def test_pubsub_refuses_what_no_channel_can_carry(
-    ps: pgcast.PubSub, unique_channel: str, payload: Any
-) -> None:
-    ps.listen(unique_channel)
-    with pytest.raises(pgcast.PayloadError):
-        ps.notify(unique_channel, payload)
-    with pytest.raises(pgcast.PayloadError):
-        ps.notify_many([(unique_channel, "fine"), (unique_channel, payload)])
-    ps.notify(unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
-
-
-def test_payload_limit_inside_the_application_transaction(
-    ps: pgcast.PubSub, conn: Conn, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    with conn.transaction():
-        pgcast.notify(conn, unique_channel, "kept")
-        with pytest.raises(pgcast.PayloadTooLargeError):
-            pgcast.notify(conn, unique_channel, "é" * 4000)
-        # Refused before sending, so the transaction is not aborted.
-        pgcast.notify(conn, unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["kept", "end"]
-
-
-def test_largest_payload_is_delivered(ps: pgcast.PubSub, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    text = "é" * 3999 + "a"
-    ps.notify(unique_channel, text)
-    assert collect(ps, 1)[0].payload == text
-
-
 # -- transactions ------------------------------------------------------------------------
-
-
-def test_transaction_delivers_at_commit_only(
-    ps: pgcast.PubSub, dsn: str, conn: Conn, unique_channel: str
-) -> None:
-    with pgcast.connect(dsn) as listener:
-        listener.listen(unique_channel)
-        with ps.transaction():
-            ps.notify(unique_channel, "in transaction")
-            ps.notify_many([(unique_channel, "batched")])
-            pgcast.notify(conn, unique_channel, "outside")
-            got = collect_until(listener, "outside")
-            assert [e.payload for e in got] == ["outside"]
-        got = collect(listener, 2)
-        assert [e.payload for e in got] == ["in transaction", "batched"]
-
-
-def test_transaction_rolled_back_delivers_nothing(
-    ps: pgcast.PubSub, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    with pytest.raises(ZeroDivisionError), ps.transaction():
-        ps.notify(unique_channel, "rolled back")
-        1 / 0  # noqa: B018
-    ps.notify(unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
 
 
 def test_application_transaction_freshports_pattern(
@@ -741,38 +673,7 @@ def test_application_transaction_freshports_pattern(
             app.commit()
 
 
-def test_identical_notifications_in_one_transaction_arrive_once(
-    ps: pgcast.PubSub, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    with ps.transaction():
-        for _ in range(3):
-            ps.notify(unique_channel, "same")
-        ps.notify(unique_channel, "other")
-        ps.notify(unique_channel, "same")
-    ps.notify_many([(unique_channel, "dup")] * 3)
-    ps.notify(unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["same", "other", "dup", "end"]
-
-
 # -- the seeds' semantics ----------------------------------------------------------------
-
-
-def test_order_is_preserved(ps: pgcast.PubSub, conn: Conn, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    for i in range(1000):
-        pgcast.notify(conn, unique_channel, str(i))
-    got = collect(ps, 1000, timeout=30)
-    assert [int(e.payload) for e in got] == list(range(1000))
-
-
-def test_notification_before_listen_is_not_received(
-    ps: pgcast.PubSub, conn: Conn, unique_channel: str
-) -> None:
-    pgcast.notify(conn, unique_channel, "too early")
-    ps.listen(unique_channel)
-    pgcast.notify(conn, unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
 
 
 def test_after_unlisten_nothing_more_arrives(
@@ -812,47 +713,12 @@ def test_psql_notify_arrives_with_psql_s_pid(
 # -- notify_many --------------------------------------------------------------------------
 
 
-def test_notify_many_in_order(ps: pgcast.PubSub, unique_channel: str) -> None:
-    other = unique_channel + "_b"
-    ps.listen(unique_channel, other)
-    messages: list[tuple[str, pgcast.Payload]] = [
-        (unique_channel if i % 3 else other, str(i)) for i in range(500)
-    ]
-    messages.append((other, {"json": True}))
-    ps.notify_many(messages)
-    got = collect(ps, 501)
-    assert [(e.channel, e.payload) for e in got[:500]] == messages[:500]
-    assert got[500].json() == {"json": True}
-    ps.notify_many([])  # nothing to send
-
-
 def test_notify_many_is_one_round_trip(ps: pgcast.PubSub, unique_channel: str) -> None:
     ps.listen(unique_channel)
     messages = trace(ps, lambda: ps.notify_many((unique_channel, str(i)) for i in range(200)))
     assert messages.count("Sync") + messages.count("Query") == 1
     assert messages.count("ReadyForQuery") == 1
     assert len(collect(ps, 200)) == 200
-
-
-def test_notify_many_is_one_transaction(
-    ps: pgcast.PubSub, dsn: str, unique_channel: str
-) -> None:
-    # Identical notifications are folded only within one transaction.
-    ps.listen(unique_channel)
-    ps.notify_many([(unique_channel, "x"), (unique_channel, "x"), (unique_channel, "end")])
-    assert [e.payload for e in collect_until(ps, "end")] == ["x", "end"]
-
-
-def test_notify_many_bad_message_sends_none(ps: pgcast.PubSub, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    with pytest.raises(pgcast.InvalidChannelError):
-        ps.notify_many([(unique_channel, "1"), ("", "2")])
-    with pytest.raises(pgcast.PayloadError):
-        ps.notify_many([(unique_channel, "1"), (unique_channel, "nul\x00")])
-    with pytest.raises(pgcast.PayloadError):
-        ps.notify_many([(unique_channel, "1"), (unique_channel, 42)])  # type: ignore[list-item]
-    ps.notify(unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
 
 
 # -- helpers ---------------------------------------------------------------------------------

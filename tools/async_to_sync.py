@@ -50,6 +50,7 @@ FILES: list[tuple[str, str]] = [
     ("src/pgcast/publisher/_publisher_async.py", "src/pgcast/publisher/_publisher.py"),
     # tests written once
     ("tests/test_aio_supervisor.py", "tests/test_supervisor.py"),
+    ("tests/test_aio_pubsub.py", "tests/test_pubsub.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.

@@ -36,6 +36,7 @@ PAIRS: list[tuple[str, str]] = [
     ("test_durable.py", "test_aio_durable.py"),
     ("test_manager.py", "test_aio_manager.py"),
     ("test_supervisor.py", "test_aio_supervisor.py"),
+    ("test_pubsub.py", "test_aio_pubsub.py"),
 ]
 
 _FLAVOUR_WORDS = re.compile(r"(?:^|_)(?:async|aio|sync|asyncio)(?=_|$)")
