@@ -114,10 +114,9 @@ def test_transaction_rolled_back_delivers_nothing(dsn: str, unique_channel: str)
     def body() -> None:
         with pgcast.connect(dsn) as ps:
             ps.listen(unique_channel)
-            with pytest.raises(ZeroDivisionError):
-                with ps.transaction():
-                    ps.notify(unique_channel, "rolled back")
-                    1 / 0  # noqa: B018
+            with pytest.raises(ZeroDivisionError), ps.transaction():
+                ps.notify(unique_channel, "rolled back")
+                1 / 0  # noqa: B018
             ps.notify(unique_channel, "end")
             assert [e.payload for e in collect_until(ps, "end")] == ["end"]
 

@@ -262,9 +262,10 @@ def convert(source: str, target: str) -> str:
     tree = Rename().visit(tree)
     ast.fix_missing_locations(tree)
     text = header(source) + ast_comments.unparse(tree) + "\n"
-    # Tidy: imports sorted and those left unused dropped, then formatted.
+    # Tidy: imports sorted and those left unused dropped, nested withs that
+    # were an async with inside a sync one merged, then formatted.
     ruff = _ruff()
-    fix = [ruff, "check", "--quiet", "--fix-only", "--select", "I001,F401", "--exit-zero"]
+    fix = [ruff, "check", "--quiet", "--fix-only", "--select", "I001,F401,SIM117", "--exit-zero"]
     for command in (
         [*fix, "--stdin-filename", str(ROOT / target), "-"],
         [ruff, "format", "--quiet", "--stdin-filename", str(ROOT / target), "-"],
