@@ -158,7 +158,7 @@ def pgcast_async_callbacks(dsn: str, channel: str, n: int) -> tuple[Drain, Calla
 
 
 def pgcast_manager(dsn: str, channel: str, n: int) -> tuple[Drain, Callable[[], None]]:
-    from pgcast.manager._manager import NotificationManager
+    from pgcast.manager import NotificationManager
 
     ps = pgcast.connect(dsn)
     ps.listen(channel)
