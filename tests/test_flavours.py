@@ -89,3 +89,26 @@ def test_every_new_test_has_its_twin_in_the_other_flavour() -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_install_schema_refuses_the_other_flavour(dsn: str) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            with pytest.raises(TypeError, match=r"pgcast\.aio\.install_schema\(\)"):
+                pgcast.install_schema(aconn)  # type: ignore[arg-type]
+        with (
+            psycopg.connect(dsn, autocommit=True) as conn,
+            pytest.raises(TypeError, match=r"use pgcast\.install_schema\(\)"),
+        ):
+            await pgcast.aio.install_schema(conn)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def test_the_asyncio_names_are_under_pgcast_aio() -> None:
+    import pgcast.durable
+
+    assert pgcast.aio.install_schema is pgcast.durable.install_schema_async
+    assert pgcast.aio.prune is pgcast.durable.prune_async
+    assert pgcast.aio.NotificationManager is pgcast.aio.AsyncNotificationManager
+    assert pgcast.aio.AsyncPubSub is pgcast.AsyncPubSub

@@ -4,7 +4,10 @@
 :mod:`pgcast.client._pubsub_async` and :mod:`pgcast.client._session_async`, the sources the
 sync client is generated from); :func:`notify` sends through an application's
 own ``psycopg.AsyncConnection``; :class:`NotificationManager` waits on many
-AsyncPubSubs at once.
+AsyncPubSubs at once; :func:`install_schema` and :func:`prune` take an
+``AsyncConnection``. The asyncio names: classes ``AsyncX``, functions the
+sync names under ``pgcast.aio`` (``install_schema_async`` and
+``prune_async`` in :mod:`pgcast.durable` are the same functions).
 
 An AsyncPubSub belongs to the event loop it was created in and is not thread
 safe, like every asyncio object; other tasks may notify, listen and unlisten
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 from .client._open_async import connect, notify
 from .client._pubsub_async import AsyncPubSub, AsyncReconnectHook
+from .durable import install_schema_async as install_schema
+from .durable import prune_async as prune
 from .manager._manager_async import AsyncNotificationManager
 
 #: The asyncio NotificationManager, under the name the sync one has.
@@ -26,5 +31,7 @@ __all__ = [
     "AsyncReconnectHook",
     "NotificationManager",
     "connect",
+    "install_schema",
     "notify",
+    "prune",
 ]

@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from . import _flavour, _flavour_async
 from ._core import wrap_error
 from ._durable_schema import (
     DEFAULT_RETENTION,
@@ -162,6 +163,7 @@ def install_schema(conn: psycopg.Connection[Any]) -> int:
     :raises SchemaError: the role may not create the schema, or the
         installed schema is newer than this pgcast.
     """
+    _flavour.check_connection(conn, "pgcast.install_schema()", "pgcast.aio.install_schema()")
     try:
         with conn.transaction():
             return drive(install_steps(), _sync_fetch(conn))
@@ -171,6 +173,9 @@ def install_schema(conn: psycopg.Connection[Any]) -> int:
 
 async def install_schema_async(conn: psycopg.AsyncConnection[Any]) -> int:
     """:func:`install_schema` on an asyncio connection."""
+    _flavour_async.check_connection(
+        conn, "pgcast.install_schema()", "pgcast.aio.install_schema()"
+    )
     try:
         async with conn.transaction():
             return await adrive(install_steps(), _async_fetch(conn))
