@@ -30,7 +30,7 @@ from psycopg.conninfo import make_conninfo
 import pgcast
 from _capacity import spare_connections
 from pgcast.embedded import EmbeddedServer
-from pgcast.manager._policy import ConnectionSet
+from pgcast.manager._connection_set import ConnectionSet
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Value = tuple[pgcast.PubSub, list[pgcast.Event]] | None

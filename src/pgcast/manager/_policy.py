@@ -5,9 +5,9 @@ A manager watches a set of PubSubs and hands out, one connection at a time,
 ``None`` as an idle event. Everything that needs no waiting is decided here,
 once, for both drivers (:mod:`pgcast.manager._manager` and :mod:`pgcast.manager._manager_async`):
 
-* :class:`ConnectionSet` is the user's ``connections`` set; it counts its
-  changes so the manager notices additions and removals without comparing
-  sets at every wake-up.
+* :class:`~pgcast.manager._connection_set.ConnectionSet` is the user's
+  ``connections`` set; it counts its changes so the manager notices
+  additions and removals without comparing sets at every wake-up.
 * :class:`ManagerCore` keeps the *ready* connections (those to read before
   waiting again), the ``garbage`` set, and the registrations the driver made.
 * :meth:`ManagerCore.steps` is the iteration policy, a generator yielding
@@ -18,10 +18,6 @@ once, for both drivers (:mod:`pgcast.manager._manager` and :mod:`pgcast.manager.
   probes its connection from its own wait, which a managed PubSub never
   runs, so the manager decides when each connection's check is due and asks
   the driver to run it.
-* :class:`ManagerBase` is the part of the two manager classes that needs no
-  waiting: py-postgresql's interface, the dispatch of each request to the
-  driver's method, and the bookkeeping when a connection is lost,
-  reconnected, watched or forgotten.
 
 The driver's side of the contract:
 
@@ -80,14 +76,14 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
+from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from .._core import Wait, check_timeout
 from .._errors import ConnectionLostError
 from .._event import Event
 from .._reconnect import Reconnected
+from ._connection_set import ConnectionSet
 
 __all__ = [
     "ConnectionSet",
@@ -165,96 +161,6 @@ Events: TypeAlias = list[Event | Reconnected]
 Step: TypeAlias = (
     "Register[C] | Unregister[C] | Read[C] | HealthTick[C] | Wait | tuple[C, Events] | None"
 )
-
-
-class ConnectionSet(set[C]):
-    """A ``set`` that counts its changes and reports them.
-
-    It is the manager's ``connections`` attribute: users add and remove
-    connections with the ordinary set methods, at any time, and the manager
-    compares it with its registrations only when :attr:`version` moved.
-    *on_change* is called after every change (to wake a waiting manager).
-    """
-
-    __slots__ = ("on_change", "version")
-
-    def __init__(self, items: Iterable[C] = (), on_change: Callable[[], object] | None = None):
-        super().__init__(items)
-        self.version = 0
-        self.on_change = on_change
-
-    def _changed(self) -> None:
-        self.version += 1
-        if self.on_change is not None:
-            self.on_change()
-
-    def add(self, item: C) -> None:
-        """Add a connection to watch."""
-        super().add(item)
-        self._changed()
-
-    def discard(self, item: object) -> None:
-        """Stop watching a connection, if it is watched."""
-        super().discard(item)
-        self._changed()
-
-    def remove(self, item: C) -> None:
-        """Stop watching a connection; KeyError if it is not watched."""
-        super().remove(item)
-        self._changed()
-
-    def pop(self) -> C:
-        """Stop watching and return an arbitrary connection."""
-        item = super().pop()
-        self._changed()
-        return item
-
-    def clear(self) -> None:
-        """Stop watching every connection: the iteration then ends."""
-        super().clear()
-        self._changed()
-
-    def update(self, *others: Iterable[C]) -> None:
-        """Add the connections of every iterable."""
-        super().update(*others)
-        self._changed()
-
-    def difference_update(self, *others: Iterable[Any]) -> None:
-        """Remove the connections found in any of *others*."""
-        super().difference_update(*others)
-        self._changed()
-
-    def intersection_update(self, *others: Iterable[Any]) -> None:
-        """Keep only the connections found in all of *others*."""
-        super().intersection_update(*others)
-        self._changed()
-
-    def symmetric_difference_update(self, other: Iterable[C]) -> None:
-        """Add what is only in *other*, remove what is in both."""
-        super().symmetric_difference_update(other)
-        self._changed()
-
-    # typeshed types set.__ior__ as narrower than set.__or__; mypy then
-    # rejects any override of __ior__ and __ixor__ in a subclass.
-    def __ior__(self, other: AbstractSet[C], /) -> Self:  # type: ignore[override, misc]
-        super().__ior__(other)
-        self._changed()
-        return self
-
-    def __iand__(self, other: AbstractSet[object], /) -> Self:
-        super().__iand__(other)
-        self._changed()
-        return self
-
-    def __isub__(self, other: AbstractSet[object], /) -> Self:
-        super().__isub__(other)
-        self._changed()
-        return self
-
-    def __ixor__(self, other: AbstractSet[C], /) -> Self:  # type: ignore[override, misc]
-        super().__ixor__(other)
-        self._changed()
-        return self
 
 
 def weak_callback(method: Callable[[C], object], conn: C) -> Callable[[], None]:
