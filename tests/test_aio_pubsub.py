@@ -9,17 +9,236 @@ a plugin); *conn* is a plain sync psycopg connection in both flavours: the
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 import pgcast
 import pgcast.aio
 from _eventwait import acollect, acollect_until, arun
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+async def server_channels(ps: pgcast.AsyncPubSub) -> set[str]:
+    """The PubSub's session's LISTENs, less the health check's own probe channel."""
+    cur = await ps.connection.execute("SELECT pg_listening_channels()")
+    rows = await cur.fetchall()
+    return {r[0] for r in rows if not r[0].startswith("pgcast.probe.")}
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def send_later(dsn: str, channel: str, *payloads: str, delay: float = 0.3) -> threading.Timer:
+    """Send *payloads* from another session and thread, *delay* seconds from now."""
+
+    def send() -> None:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+            for payload in payloads:
+                pgcast.notify(c, channel, payload)
+
+    timer = threading.Timer(delay, send)
+    timer.start()
+    return timer
+
+
+# -- connect -------------------------------------------------------------------------------
+
+
+def test_pubsub_needs_autocommit(dsn: str) -> None:
+    async def body() -> None:
+        c = await psycopg.AsyncConnection.connect(dsn)
+        try:
+            with pytest.raises(ValueError, match="autocommit"):
+                pgcast.aio.AsyncPubSub(c)
+        finally:
+            await c.close()
+
+    arun(body())
+
+
+def test_bad_dsn_raises_connect_error() -> None:
+    async def body() -> None:
+        with pytest.raises(pgcast.ConnectError, match='missing "=" after "nonsense"') as info:
+            await pgcast.aio.connect("nonsense dsn")
+        assert isinstance(info.value.__cause__, psycopg.Error)
+
+    arun(body())
+
+
+def test_server_gone_raises_connect_error() -> None:
+    async def body() -> None:
+        port = closed_port()
+        start = time.monotonic()
+        with pytest.raises(pgcast.ConnectError, match="Connection refused") as info:
+            await pgcast.aio.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+        assert time.monotonic() - start < 10
+        assert f"port {port} failed" in str(info.value)
+
+    arun(body())
+
+
+def test_unknown_database_raises_connect_error_with_server_message(dsn: str) -> None:
+    async def body() -> None:
+        kwargs: dict[str, Any] = dict(conninfo_to_dict(dsn))
+        kwargs["dbname"] = "pgcast_no_such_db"
+        with pytest.raises(pgcast.ConnectError, match='"pgcast_no_such_db" does not exist'):
+            await pgcast.aio.connect(**kwargs)
+
+    arun(body())
+
+
+def test_close_is_idempotent_and_context_manager_closes(dsn: str) -> None:
+    async def body() -> None:
+        ps = await pgcast.aio.connect(dsn)
+        await ps.close()
+        await ps.close()
+        assert ps.closed
+        async with await pgcast.aio.connect(dsn) as ps2:
+            assert not ps2.closed
+        assert ps2.closed and ps2.connection.closed
+        assert "closed" in repr(ps2)
+
+    arun(body())
+
+
+# -- listen / unlisten / listening_channels ------------------------------------------------
+
+
+def test_listen_many_channels_in_one_and_several_calls(dsn: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            assert ps.listening_channels() == frozenset()
+            await ps.listen("orders", "Prices")
+            await ps.listen("third")
+            await ps.listen("orders", "fourth")  # again: no error, no duplicate
+            expected = frozenset({"orders", "Prices", "third", "fourth"})
+            assert ps.listening_channels() == expected
+            assert isinstance(ps.listening_channels(), frozenset)
+            assert await server_channels(ps) == expected
+            await ps.listen()  # nothing: nothing to do
+
+    arun(body())
+
+
+def test_unlisten_one_and_all(dsn: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen("a", "b", "c")
+            await ps.unlisten("b")
+            assert ps.listening_channels() == {"a", "c"}
+            assert await server_channels(ps) == {"a", "c"}
+            await ps.unlisten("not-listened")  # no error
+            await ps.unlisten()
+            assert ps.listening_channels() == frozenset()
+            assert await server_channels(ps) == set()
+
+    arun(body())
+
+
+def test_listening_channels_is_a_snapshot(dsn: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen("a")
+            snapshot = ps.listening_channels()
+            await ps.listen("b")
+            assert snapshot == {"a"}
+
+    arun(body())
+
+
+def test_notify_through_an_application_connection(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen(unique_channel)
+            pgcast.notify(conn, unique_channel, {"k": 1})
+            pgcast.notify(conn, unique_channel)
+            events = await acollect(ps, 2)
+            assert [e.payload for e in events] == ['{"k":1}', ""]
+            assert events[0].pid == conn.info.backend_pid
+
+    arun(body())
+
+
+# -- receiving -----------------------------------------------------------------------------
+
+
+def test_events_yield_timeouts(dsn: str, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen(unique_channel)
+            start = time.monotonic()
+            values: list[object] = []
+            async for value in ps.events(select_timeout=0.1, yield_timeouts=True):
+                values.append(value)
+                if len(values) == 3:
+                    break
+            elapsed = time.monotonic() - start
+            assert values == [None, None, None]
+            assert 0.25 < elapsed < 5
+
+    arun(body())
+
+
+@pytest.mark.parametrize("bad", [0, -1, "5"])
+def test_events_refuses_bad_select_timeout(dsn: str, bad: Any) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            with pytest.raises((ValueError, TypeError)):
+                ps.events(select_timeout=bad)
+
+    arun(body())
+
+
+def test_wait_none_yields_events_only(dsn: str, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen(unique_channel)
+            sender = send_later(dsn, unique_channel, "a", "b")
+            try:
+                got: list[str] = []
+                async for value in ps.wait(timeout=None):
+                    assert isinstance(value, pgcast.Event)
+                    got.append(value.payload)
+                    if len(got) == 2:
+                        break
+            finally:
+                sender.join(10)
+            assert got == ["a", "b"]
+
+    arun(body())
+
+
+def test_wait_positive_yields_idle_events(dsn: str, conn: Conn, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen(unique_channel)
+            pgcast.notify(conn, unique_channel, "x")
+            values: list[object] = []
+            start = time.monotonic()
+            async for value in ps.wait(timeout=0.1):
+                values.append(value)
+                if len(values) == 3:
+                    break
+            assert time.monotonic() - start < 5
+            assert isinstance(values[0], pgcast.Event) and values[0].payload == "x"
+            assert values[1:] == [None, None]
+
+    arun(body())
 
 
 # -- names ---------------------------------------------------------------------------------

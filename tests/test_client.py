@@ -130,34 +130,7 @@ def test_settings_in_the_dsn_are_not_overridden(dsn: str) -> None:
         assert (params["connect_timeout"], params["application_name"]) == ("4", "kw")
 
 
-def test_pubsub_needs_autocommit(dsn: str) -> None:
-    with psycopg.connect(dsn) as conn, pytest.raises(ValueError, match="autocommit"):
-        pgcast.PubSub(conn)
-
-
 # -- connect errors: a pgcast error with the server's message, never a hang ----
-
-
-def test_bad_dsn_raises_connect_error() -> None:
-    with pytest.raises(pgcast.ConnectError, match='missing "=" after "nonsense"') as info:
-        pgcast.connect("nonsense dsn")
-    assert isinstance(info.value.__cause__, psycopg.Error)
-
-
-def test_server_gone_raises_connect_error() -> None:
-    port = closed_port()
-    start = time.monotonic()
-    with pytest.raises(pgcast.ConnectError, match="Connection refused") as info:
-        pgcast.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
-    assert time.monotonic() - start < 10
-    assert f"port {port} failed" in str(info.value)
-
-
-def test_unknown_database_raises_connect_error_with_server_message(dsn: str) -> None:
-    kwargs = connect_kwargs(dsn)
-    kwargs["dbname"] = "pgcast_no_such_db"
-    with pytest.raises(pgcast.ConnectError, match='database "pgcast_no_such_db" does not exist'):
-        pgcast.connect(**kwargs)
 
 
 def test_server_that_never_answers_times_out() -> None:
@@ -189,41 +162,11 @@ def test_wrong_password_raises_connect_error(
 # -- listen / unlisten / listening_channels ------------------------------------
 
 
-def test_listen_many_channels_in_one_and_several_calls(ps: pgcast.PubSub) -> None:
-    assert ps.listening_channels() == frozenset()
-    ps.listen("orders", "Prices")
-    ps.listen("third")
-    ps.listen("orders", "fourth")  # again: no error, no duplicate
-    expected = frozenset({"orders", "Prices", "third", "fourth"})
-    assert ps.listening_channels() == expected
-    assert isinstance(ps.listening_channels(), frozenset)
-    assert server_channels(ps.connection) == expected
-    ps.listen()  # nothing: nothing to do
-
-
 def test_listen_many_channels_costs_no_more_round_trips_than_one(ps: pgcast.PubSub) -> None:
     one = trace(ps, lambda: ps.listen("c"))
     many = trace(ps, lambda: ps.listen(*(f"c{i}" for i in range(50))))
     assert many.count("ReadyForQuery") == one.count("ReadyForQuery") <= 2
     assert len(ps.listening_channels()) == 51
-
-
-def test_unlisten_one_and_all(ps: pgcast.PubSub) -> None:
-    ps.listen("a", "b", "c")
-    ps.unlisten("b")
-    assert ps.listening_channels() == {"a", "c"}
-    assert server_channels(ps.connection) == {"a", "c"}
-    ps.unlisten("not-listened")  # no error
-    ps.unlisten()
-    assert ps.listening_channels() == frozenset()
-    assert server_channels(ps.connection) == set()
-
-
-def test_listening_channels_is_a_snapshot(ps: pgcast.PubSub) -> None:
-    ps.listen("a")
-    snapshot = ps.listening_channels()
-    ps.listen("b")
-    assert snapshot == {"a"}
 
 
 # -- notify ----------------------------------------------------------------------
@@ -245,17 +188,6 @@ def test_notify_payloads(ps: pgcast.PubSub, unique_channel: str) -> None:
     assert all(e.channel == unique_channel and e.pid == ps.backend_pid for e in events)
     channel, payload, pid = events[1]
     assert (channel, payload, pid) == (unique_channel, "shipped 42", ps.backend_pid)
-
-
-def test_notify_through_an_application_connection(
-    ps: pgcast.PubSub, conn: Conn, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    pgcast.notify(conn, unique_channel, {"k": 1})
-    pgcast.notify(conn, unique_channel)
-    events = collect(ps, 2)
-    assert [e.payload for e in events] == ['{"k":1}', ""]
-    assert events[0].pid == conn.info.backend_pid
 
 
 # -- receiving ---------------------------------------------------------------------
@@ -288,19 +220,6 @@ def wait_readable(ps: pgcast.PubSub, timeout: float) -> None:
         sel.select(timeout)
 
 
-def test_events_yield_timeouts(ps: pgcast.PubSub, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    start = time.monotonic()
-    values: list[object] = []
-    for value in ps.events(select_timeout=0.1, yield_timeouts=True):
-        values.append(value)
-        if len(values) == 3:
-            break
-    elapsed = time.monotonic() - start
-    assert values == [None, None, None]
-    assert 0.25 < elapsed < 5
-
-
 def test_events_without_yield_timeouts_only_yields_events(
     ps: pgcast.PubSub, dsn: str, unique_channel: str
 ) -> None:
@@ -318,44 +237,6 @@ def send(dsn: str, channel: str, *payloads: str) -> None:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
         for payload in payloads:
             pgcast.notify(c, channel, payload)
-
-
-@pytest.mark.parametrize("bad", [0, -1, "5"])
-def test_events_refuses_bad_select_timeout(ps: pgcast.PubSub, bad: Any) -> None:
-    with pytest.raises((ValueError, TypeError)):
-        ps.events(select_timeout=bad)
-
-
-def test_wait_none_yields_events_only(ps: pgcast.PubSub, dsn: str, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    sender = threading.Timer(0.3, lambda: send(dsn, unique_channel, "a", "b"))
-    sender.start()
-    try:
-        got: list[str] = []
-        for value in ps.wait(timeout=None):
-            assert isinstance(value, pgcast.Event)
-            got.append(value.payload)
-            if len(got) == 2:
-                break
-    finally:
-        sender.join(10)
-    assert got == ["a", "b"]
-
-
-def test_wait_positive_yields_idle_events(
-    ps: pgcast.PubSub, conn: Conn, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    pgcast.notify(conn, unique_channel, "x")
-    values: list[object] = []
-    start = time.monotonic()
-    for value in ps.wait(timeout=0.1):
-        values.append(value)
-        if len(values) == 3:
-            break
-    assert time.monotonic() - start < 5
-    assert isinstance(values[0], pgcast.Event) and values[0].payload == "x"
-    assert values[1:] == [None, None]
 
 
 def test_wait_zero_yields_what_is_pending_and_ends(
@@ -407,17 +288,6 @@ def test_backend_pid_and_ignore_own(ps: pgcast.PubSub, conn: Conn, unique_channe
 
 
 # -- close ---------------------------------------------------------------------
-
-
-def test_close_is_idempotent_and_context_manager_closes(dsn: str) -> None:
-    ps = pgcast.connect(dsn)
-    ps.close()
-    ps.close()
-    assert ps.closed
-    with pgcast.connect(dsn) as ps2:
-        assert not ps2.closed
-    assert ps2.closed and ps2.connection.closed
-    assert "closed" in repr(ps2)
 
 
 @pytest.mark.parametrize(

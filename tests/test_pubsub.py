@@ -11,17 +11,249 @@ a plugin); *conn* is a plain sync psycopg connection in both flavours: the
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 import pgcast
 import pgcast.aio
 from _eventwait import collect, collect_until, run_sync
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def server_channels(ps: pgcast.PubSub) -> set[str]:
+    """The PubSub's session's LISTENs, less the health check's own probe channel."""
+    cur = ps.connection.execute("SELECT pg_listening_channels()")
+    rows = cur.fetchall()
+    return {r[0] for r in rows if not r[0].startswith("pgcast.probe.")}
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def send_later(dsn: str, channel: str, *payloads: str, delay: float = 0.3) -> threading.Timer:
+    """Send *payloads* from another session and thread, *delay* seconds from now."""
+
+    def send() -> None:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+            for payload in payloads:
+                pgcast.notify(c, channel, payload)
+
+    timer = threading.Timer(delay, send)
+    timer.start()
+    return timer
+
+
+# -- connect -------------------------------------------------------------------------------
+
+
+def test_pubsub_needs_autocommit(dsn: str) -> None:
+
+    def body() -> None:
+        c = psycopg.Connection.connect(dsn)
+        try:
+            with pytest.raises(ValueError, match="autocommit"):
+                pgcast.PubSub(c)
+        finally:
+            c.close()
+
+    run_sync(body())
+
+
+def test_bad_dsn_raises_connect_error() -> None:
+
+    def body() -> None:
+        with pytest.raises(pgcast.ConnectError, match='missing "=" after "nonsense"') as info:
+            pgcast.connect("nonsense dsn")
+        assert isinstance(info.value.__cause__, psycopg.Error)
+
+    run_sync(body())
+
+
+def test_server_gone_raises_connect_error() -> None:
+
+    def body() -> None:
+        port = closed_port()
+        start = time.monotonic()
+        with pytest.raises(pgcast.ConnectError, match="Connection refused") as info:
+            pgcast.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+        assert time.monotonic() - start < 10
+        assert f"port {port} failed" in str(info.value)
+
+    run_sync(body())
+
+
+def test_unknown_database_raises_connect_error_with_server_message(dsn: str) -> None:
+
+    def body() -> None:
+        kwargs: dict[str, Any] = dict(conninfo_to_dict(dsn))
+        kwargs["dbname"] = "pgcast_no_such_db"
+        with pytest.raises(pgcast.ConnectError, match='"pgcast_no_such_db" does not exist'):
+            pgcast.connect(**kwargs)
+
+    run_sync(body())
+
+
+def test_close_is_idempotent_and_context_manager_closes(dsn: str) -> None:
+
+    def body() -> None:
+        ps = pgcast.connect(dsn)
+        ps.close()
+        ps.close()
+        assert ps.closed
+        with pgcast.connect(dsn) as ps2:
+            assert not ps2.closed
+        assert ps2.closed and ps2.connection.closed
+        assert "closed" in repr(ps2)
+
+    run_sync(body())
+
+
+# -- listen / unlisten / listening_channels ------------------------------------------------
+
+
+def test_listen_many_channels_in_one_and_several_calls(dsn: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            assert ps.listening_channels() == frozenset()
+            ps.listen("orders", "Prices")
+            ps.listen("third")
+            ps.listen("orders", "fourth")  # again: no error, no duplicate
+            expected = frozenset({"orders", "Prices", "third", "fourth"})
+            assert ps.listening_channels() == expected
+            assert isinstance(ps.listening_channels(), frozenset)
+            assert server_channels(ps) == expected
+            ps.listen()  # nothing: nothing to do
+
+    run_sync(body())
+
+
+def test_unlisten_one_and_all(dsn: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen("a", "b", "c")
+            ps.unlisten("b")
+            assert ps.listening_channels() == {"a", "c"}
+            assert server_channels(ps) == {"a", "c"}
+            ps.unlisten("not-listened")  # no error
+            ps.unlisten()
+            assert ps.listening_channels() == frozenset()
+            assert server_channels(ps) == set()
+
+    run_sync(body())
+
+
+def test_listening_channels_is_a_snapshot(dsn: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen("a")
+            snapshot = ps.listening_channels()
+            ps.listen("b")
+            assert snapshot == {"a"}
+
+    run_sync(body())
+
+
+def test_notify_through_an_application_connection(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            pgcast.notify(conn, unique_channel, {"k": 1})
+            pgcast.notify(conn, unique_channel)
+            events = collect(ps, 2)
+            assert [e.payload for e in events] == ['{"k":1}', ""]
+            assert events[0].pid == conn.info.backend_pid
+
+    run_sync(body())
+
+
+# -- receiving -----------------------------------------------------------------------------
+
+
+def test_events_yield_timeouts(dsn: str, unique_channel: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            start = time.monotonic()
+            values: list[object] = []
+            for value in ps.events(select_timeout=0.1, yield_timeouts=True):
+                values.append(value)
+                if len(values) == 3:
+                    break
+            elapsed = time.monotonic() - start
+            assert values == [None, None, None]
+            assert 0.25 < elapsed < 5
+
+    run_sync(body())
+
+
+@pytest.mark.parametrize("bad", [0, -1, "5"])
+def test_events_refuses_bad_select_timeout(dsn: str, bad: Any) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps, pytest.raises((ValueError, TypeError)):
+            ps.events(select_timeout=bad)
+
+    run_sync(body())
+
+
+def test_wait_none_yields_events_only(dsn: str, unique_channel: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            sender = send_later(dsn, unique_channel, "a", "b")
+            try:
+                got: list[str] = []
+                for value in ps.wait(timeout=None):
+                    assert isinstance(value, pgcast.Event)
+                    got.append(value.payload)
+                    if len(got) == 2:
+                        break
+            finally:
+                sender.join(10)
+            assert got == ["a", "b"]
+
+    run_sync(body())
+
+
+def test_wait_positive_yields_idle_events(dsn: str, conn: Conn, unique_channel: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            pgcast.notify(conn, unique_channel, "x")
+            values: list[object] = []
+            start = time.monotonic()
+            for value in ps.wait(timeout=0.1):
+                values.append(value)
+                if len(values) == 3:
+                    break
+            assert time.monotonic() - start < 5
+            assert isinstance(values[0], pgcast.Event) and values[0].payload == "x"
+            assert values[1:] == [None, None]
+
+    run_sync(body())
+
 
 # -- names ---------------------------------------------------------------------------------
 
