@@ -8,8 +8,9 @@ exercise what they wait with.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
@@ -116,3 +117,51 @@ def run_sync(result: T, timeout: float = 60.0) -> T:
     """What :func:`arun` becomes in a test generated for the sync flavour
     (tools/async_to_sync.py): the body has already run; its result."""
     return result
+
+
+# -- running something alongside the test body ------------------------------
+# In the asyncio tests a task, in the generated sync tests a thread: the same
+# test then races the other flavour's concurrency (tools/async_to_sync.py
+# renames astart/ajoin/apause to start_thread/join_thread/pause).
+
+
+def astart(target: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+    """Run *target* as a task alongside the test body."""
+
+    async def run() -> None:
+        await target()
+
+    return asyncio.get_running_loop().create_task(run())
+
+
+async def ajoin(task: asyncio.Task[None], timeout: float = ARRIVAL_TIMEOUT) -> None:
+    """Wait for *task* to end; fail (not hang) after *timeout* s."""
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        pytest.fail(f"the task did not end within {timeout} s")
+    task.result()
+
+
+async def apause(seconds: float) -> None:
+    """Let the other tasks run for *seconds*."""
+    await asyncio.sleep(seconds)
+
+
+def start_thread(target: Callable[[], None]) -> threading.Thread:
+    """Run *target* in a daemon thread alongside the test body."""
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def join_thread(thread: threading.Thread, timeout: float = ARRIVAL_TIMEOUT) -> None:
+    """Wait for *thread* to end; fail (not hang) after *timeout* s."""
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"the thread did not end within {timeout} s")
+
+
+def pause(seconds: float) -> None:
+    """Let the other threads run for *seconds*."""
+    time.sleep(seconds)

@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import pgcast
 import pgcast.aio
-from _eventwait import acollect, acollect_until, arun
+from _eventwait import acollect, acollect_until, ajoin, apause, arun, astart
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -431,5 +431,50 @@ def test_notify_many_bad_message_sends_none(dsn: str, unique_channel: str) -> No
                 )
             await ps.notify(unique_channel, "end")
             assert [e.payload for e in await acollect_until(ps, "end")] == ["end"]
+
+    arun(body())
+
+
+#: Rounds of the close-while-notifying race: each closes after a different
+#: delay, from before the first notify to well inside the loop.
+CLOSE_RACE_ROUNDS = 40
+
+
+async def close_while_notifying(dsn: str, channel: str, delay: float) -> Exception | None:
+    """Notify in a loop in another task (thread, in the sync twin), close the
+    PubSub after *delay* s; what the notify loop raised (None: it finished)."""
+    ps = await pgcast.aio.connect(dsn)
+    outcomes: list[Exception | None] = []
+
+    async def publish() -> None:
+        try:
+            for i in range(10_000):
+                await ps.notify(channel, str(i))
+            outcomes.append(None)
+        except Exception as exc:
+            outcomes.append(exc)
+
+    publisher = astart(publish)
+    try:
+        await apause(delay)
+    finally:
+        await ps.close()
+    await ajoin(publisher)
+    assert ps.closed
+    assert len(outcomes) == 1
+    return outcomes[0]
+
+
+def test_close_racing_notify_raises_closed_error(dsn: str, unique_channel: str) -> None:
+    """A PubSub closed by another task (thread, in the sync twin) while
+    notify() runs: the notify raises ClosedError, never a psycopg exception
+    (a CI run on PostgreSQL 15 once saw a bare DatabaseError, "got no result
+    from the query"), nor an OSError of a wait on the closed socket."""
+
+    async def body() -> None:
+        for attempt in range(CLOSE_RACE_ROUNDS):
+            delay = 0.0005 * (attempt % 20)
+            outcome = await close_while_notifying(dsn, unique_channel, delay)
+            assert outcome is None or type(outcome) is pgcast.ClosedError, repr(outcome)
 
     arun(body())

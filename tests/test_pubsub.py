@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import pgcast
 import pgcast.aio
-from _eventwait import collect, collect_until, run_sync
+from _eventwait import collect, collect_until, join_thread, pause, run_sync, start_thread
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -452,5 +452,50 @@ def test_notify_many_bad_message_sends_none(dsn: str, unique_channel: str) -> No
                 ps.notify_many([(unique_channel, "1"), (unique_channel, 42)])
             ps.notify(unique_channel, "end")
             assert [e.payload for e in collect_until(ps, "end")] == ["end"]
+
+    run_sync(body())
+
+
+#: Rounds of the close-while-notifying race: each closes after a different
+#: delay, from before the first notify to well inside the loop.
+CLOSE_RACE_ROUNDS = 40
+
+
+def close_while_notifying(dsn: str, channel: str, delay: float) -> Exception | None:
+    """Notify in a loop in another task (thread, in the sync twin), close the
+    PubSub after *delay* s; what the notify loop raised (None: it finished)."""
+    ps = pgcast.connect(dsn)
+    outcomes: list[Exception | None] = []
+
+    def publish() -> None:
+        try:
+            for i in range(10000):
+                ps.notify(channel, str(i))
+            outcomes.append(None)
+        except Exception as exc:
+            outcomes.append(exc)
+
+    publisher = start_thread(publish)
+    try:
+        pause(delay)
+    finally:
+        ps.close()
+    join_thread(publisher)
+    assert ps.closed
+    assert len(outcomes) == 1
+    return outcomes[0]
+
+
+def test_close_racing_notify_raises_closed_error(dsn: str, unique_channel: str) -> None:
+    """A PubSub closed by another task (thread, in the sync twin) while
+    notify() runs: the notify raises ClosedError, never a psycopg exception
+    (a CI run on PostgreSQL 15 once saw a bare DatabaseError, "got no result
+    from the query"), nor an OSError of a wait on the closed socket."""
+
+    def body() -> None:
+        for attempt in range(CLOSE_RACE_ROUNDS):
+            delay = 0.0005 * (attempt % 20)
+            outcome = close_while_notifying(dsn, unique_channel, delay)
+            assert outcome is None or type(outcome) is pgcast.ClosedError, repr(outcome)
 
     run_sync(body())

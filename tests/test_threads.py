@@ -232,8 +232,8 @@ def test_close_from_another_thread_while_notifying(dsn: str, unique_channel: str
             for i in range(10_000):
                 ps.notify(unique_channel, str(i))
             outcomes.append("finished")
-        except pgcast.PgcastError as exc:
-            outcomes.append(type(exc).__name__)
+        except Exception as exc:  # psycopg's or any other: recorded, then checked
+            outcomes.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
 
     thread = threading.Thread(target=publish, daemon=True)
     try:
@@ -243,5 +243,9 @@ def test_close_from_another_thread_while_notifying(dsn: str, unique_channel: str
         ps.close()
     thread.join(10)
     assert not thread.is_alive()
-    # A clean pgcast error (or it had finished), never a hang or a crash.
-    assert outcomes and outcomes[0] in {"finished", "ClosedError", "ConnectionLostError"}
+    # ClosedError (or it had finished), never a hang, a crash or psycopg's
+    # own exception (once, on PostgreSQL 15: a bare DatabaseError).
+    assert len(outcomes) == 1
+    assert outcomes[0] == "finished" or outcomes[0].startswith("pgcast._errors.ClosedError:"), (
+        outcomes[0]
+    )

@@ -78,6 +78,9 @@ NAMES: dict[str, str] = {
     "acollect": "collect",
     "acollect_until": "collect_until",
     "arun": "run_sync",
+    "astart": "start_thread",
+    "ajoin": "join_thread",
+    "apause": "pause",
     # modules
     "_flavour_async": "_flavour",
     "_pubsub_async": "_pubsub",

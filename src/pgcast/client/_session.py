@@ -193,27 +193,33 @@ class Session(Closing):
     def _command(self, sql: str | bytes, params: Any, *, fetch: bool) -> Rows:
         if self._closed:
             raise ClosedError(f"this {type(self).__name__} is closed")
-        self._begin_command()
         try:
-            if not self._core.identified:  # built on a connection, not by connect()
-                self._identify()
-            conn = self._conn
-            generation = self._generation
-            with self._state_lock:
-                self._in_flight += 1
+            self._begin_command()
             try:
-                cur = conn.execute(sql, params, prepare=None if params else False)
-                rows = cur.fetchall() if fetch and cur.description is not None else []
-            except psycopg.Error as exc:
-                raise self._command_failed(exc, generation) from exc
-            finally:
+                if not self._core.identified:  # built on a connection, not by connect()
+                    self._identify()
+                conn = self._conn
+                generation = self._generation
                 with self._state_lock:
-                    self._in_flight -= 1
-            self._core.health.heard(self._core.clock())
-            return rows
-        finally:
-            self._end_command()
-            self._after_query()
+                    self._in_flight += 1
+                try:
+                    cur = conn.execute(sql, params, prepare=None if params else False)
+                    rows = cur.fetchall() if fetch and cur.description is not None else []
+                except psycopg.Error as exc:
+                    raise self._command_failed(exc, generation) from exc
+                finally:
+                    with self._state_lock:
+                        self._in_flight -= 1
+                self._core.health.heard(self._core.clock())
+                return rows
+            finally:
+                self._end_command()
+                self._after_query()
+        except (PgcastError, psycopg.Error, OSError) as exc:
+            error = self._public_error(exc)
+            if error is not exc:
+                raise error from exc
+            raise
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -222,12 +228,18 @@ class Session(Closing):
         inside raises :class:`~pgcast.ConnectionLostError`: nothing of the
         transaction was committed."""
         self._check_open()
-        self._begin_command()
+        try:
+            self._begin_command()
+        except (PgcastError, psycopg.Error, OSError) as exc:
+            error = self._public_error(exc)
+            if error is not exc:
+                raise error from exc
+            raise
         try:
             with self._conn.transaction():
                 yield
         except psycopg.Error as exc:
-            raise wrap_error(exc) from exc
+            raise self._public_error(exc) from exc
         finally:
             self._end_command()
             self._after_query()
@@ -292,6 +304,21 @@ class Session(Closing):
                 return  # the next read or command notices it
         if self._core.inbox and (self._wake_callback is not None or self._waiter.waiting()):
             self._wake()
+
+    def _public_error(self, exc: PgcastError | psycopg.Error | OSError) -> PgcastError:
+        """What a public call raises for *exc*: :class:`ClosedError` when the
+        PubSub was closed meanwhile (by another thread or task: whatever the
+        closed connection made psycopg raise, a bare ``DatabaseError`` such as
+        "got no result from the query" included, or the ``OSError`` of a
+        wait on its socket), else *exc* in pgcast's tree. No psycopg
+        exception leaves a public call."""
+        if self._closed and (not isinstance(exc, ClosedError)):
+            return ClosedError(f"this {type(self).__name__} was closed during the command")
+        if isinstance(exc, psycopg.Error):
+            return wrap_error(exc)
+        if isinstance(exc, OSError):
+            return ConnectionLostError(f"connection to PostgreSQL lost: {exc}")
+        return exc
 
     def _command_failed(self, exc: psycopg.Error, generation: int) -> PgcastError:
         error = wrap_error(exc)
