@@ -37,8 +37,10 @@ async def connect(
     """Open a PubSub on a new connection.
 
     Takes what ``psycopg.connect`` takes: a DSN or URL, keyword arguments, or
-    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables). The
-    connection arguments are kept to reconnect with.
+    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables); and
+    ``psycopg2.connect()``'s spellings (``database=``, ``dsn=``: see
+    :func:`pgcast._connect.psycopg2_args`). The connection arguments are kept
+    to reconnect with.
 
     :param reconnect: when the connection is lost, reconnect with
         *reconnect_backoff* (default :class:`pgcast.Backoff`: 0.1 s growing
