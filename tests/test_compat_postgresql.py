@@ -373,3 +373,25 @@ def test_characteristic_7_connections_added_and_removed_at_any_time(
     with Watchdog(db1, db2):
         assert list(nm) == []  # ends once the set is emptied from the other thread
     assert nm.garbage == set() and not db1.closed and not db2.closed
+
+
+def test_listen_and_notify_agree_on_exact_names(
+    opener: Callable[..., postgresql.Connection], conn: Conn
+) -> None:
+    # py-postgresql quoted NOTIFY but not LISTEN: listen("Prices") heard
+    # `prices`, never notify("Prices"); and a name with `;` ran as SQL.
+    db = opener()
+    evil = "x; DROP TABLE users"
+    db.listen("Prices", evil)
+    assert db.listening_channels() == {"Prices", evil}
+    conn.execute("NOTIFY prices, 'folded'")  # another client, raw SQL: not this channel
+    db.notify(("Prices", "exact"), (evil, "evil"))
+    conn.execute("""NOTIFY "Prices", 'raw'""")
+    got: list[Any] = []
+    with Watchdog(db):
+        for x in db.iternotifies(0.05):
+            if x is None and len(got) >= 3:
+                break
+            if x is not None:
+                got.append(x[:2])
+    assert got == [("Prices", "exact"), (evil, "evil"), ("Prices", "raw")]
