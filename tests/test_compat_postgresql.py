@@ -395,3 +395,48 @@ def test_listen_and_notify_agree_on_exact_names(
             if x is not None:
                 got.append(x[:2])
     assert got == [("Prices", "exact"), (evil, "evil"), ("Prices", "raw")]
+
+
+def test_closed_in_the_manager_loop_what_it_received_still_comes(
+    opener: Callable[..., postgresql.Connection],
+) -> None:
+    # The same rule for the NotificationManager: a connection closed while the
+    # loop handles another one's notifications still has its own handed out.
+    db1, db2 = opener(), opener()
+    for db in (db1, db2):
+        db.listen(f"cm{db.backend_id}")
+        db.notify((f"cm{db.backend_id}", f"from {db.backend_id}"))  # in its own inbox already
+    nm = NotificationManager(db1, db2, timeout=0.05)
+    pairs: list[Any] = []
+    with Watchdog(db1, db2):
+        for x in nm:
+            if x is None:
+                break
+            pairs.append(x)
+            if len(pairs) == 1:
+                (db2 if x[0] is db1 else db1).close()
+    first, other = pairs[0][0], ({db1, db2} - {pairs[0][0]}).pop()
+    assert [(db, [p for _, p, _ in events]) for db, events in pairs] == [
+        (first, [f"from {first.backend_id}"]), (other, [f"from {other.backend_id}"])]
+    assert other.closed and nm.garbage == {other} and nm.connections == {first}
+
+
+def test_open_with_reconnect_notify_comes_back(
+    opener: Callable[..., postgresql.Connection], conn: Conn
+) -> None:
+    db = opener(reconnect=True, reconnect_backoff=pgcast.Backoff(initial=0.01))
+    db.listen("rc")
+    old = db.backend_id
+    kill(conn, db)
+    # pgcast's rule: a command sent on a connection that turns out dead says
+    # it may or may not have run; the next one reconnects (LISTENing again).
+    with pytest.raises(pgcast.ConnectionLostError, match="may or may not have run"):
+        db.notify(("rc", "lost"))
+    db.notify(("rc", "after"))
+    assert db.backend_id != old and not db.closed
+    with Watchdog(db):
+        got = list(db.iternotifies(0))
+        deadline = time.monotonic() + ARRIVAL_TIMEOUT
+        while not any(isinstance(x, pgcast.Event) for x in got) and time.monotonic() < deadline:
+            got += list(db.iternotifies(0))
+    assert ("rc", "after", db.backend_id) in got

@@ -21,10 +21,12 @@ the rest of py-postgresql's driver are not here.
 
 As py-postgresql, a connection is not reconnected by default: when it dies,
 an ``iternotifies()`` loop ends (after the notifications already received)
-and ``closed`` is True. ``open(..., reconnect=True)`` makes
-:meth:`Connection.notify` and ``listen`` reconnect instead, and a
-``pgcast.NotificationManager(db, reconnect=True)`` yields a
-:class:`pgcast.Reconnected` marker after a gap.
+and ``closed`` is True. With ``open(..., reconnect=True)`` it comes back
+instead: the command that finds it dead raises
+:class:`pgcast.ConnectionLostError` (it may or may not have run) and the next
+one reconnects and LISTENs again; a
+``pgcast.NotificationManager(db, reconnect=True)`` reconnects it and yields a
+:class:`pgcast.Reconnected` marker after the gap.
 """
 
 from __future__ import annotations
