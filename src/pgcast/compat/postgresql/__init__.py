@@ -87,7 +87,7 @@ class Connection(PubSub):
                 else:
                     yield from x[1]
 
-    # py-postgresql's earlier name for iternotifies() (its 1.0 documentation).
+    # The name an earlier revision of py-postgresql's documentation gives iternotifies().
     wait = iternotifies  # type: ignore[assignment]
 
 
