@@ -154,3 +154,25 @@ def test_unlisten_stops_and_close_ends_events(dsn: str, unique_channel: str) -> 
     threading.Timer(0.2, pubsub.close).start()
     assert list(pubsub.events(select_timeout=0.05)) == []
     assert pubsub.conn.closed
+
+
+def test_other_threads_notify_while_one_iterates(dsn: str, unique_channel: str) -> None:
+    # The README's question "Is it safe to pass pubsub objects between
+    # threads?": with pgcast underneath, other threads may notify, listen and
+    # unlisten while one iterates, without waiting for its select_timeout.
+    with pgpubsub.connect(dsn) as pubsub:
+        pubsub.listen(unique_channel)
+        senders = [threading.Thread(target=pubsub.notify, args=(unique_channel, str(i)))
+                   for i in range(4)]
+        got: list[str] = []
+        for t in senders:
+            t.start()
+        deadline = time.monotonic() + ARRIVAL_TIMEOUT
+        for e in pubsub.events(select_timeout=5):  # 5 s slices: no sender waits for one
+            assert isinstance(e, Notify)
+            got.append(e.payload)
+            if len(got) == 4 or time.monotonic() > deadline:
+                break
+        for t in senders:
+            t.join(ARRIVAL_TIMEOUT)
+        assert sorted(got) == ["0", "1", "2", "3"]
