@@ -244,4 +244,4 @@ def test_close_from_another_thread_while_notifying(dsn: str, unique_channel: str
     thread.join(10)
     assert not thread.is_alive()
     # A clean pgcast error (or it had finished), never a hang or a crash.
-    assert outcomes and outcomes[0] in {"finished", "ClosedError", "ConnectionLostError"}
+    assert outcomes in (["finished"], ["ClosedError"])
