@@ -659,3 +659,32 @@ def test_wrong_password_raises_connect_error(
             assert aps.backend_pid > 0
 
     arun(main())
+
+
+@pytest.mark.parametrize("delay_ms", [0, 1, 2, 5, 10, 20, 50])
+def test_close_while_notifying_raises_closed_error(
+    dsn: str, unique_channel: str, delay_ms: int
+) -> None:
+    """close() from another task while notify() runs: every notify after the
+    close started raises ClosedError, never a psycopg or a database error
+    made up from the torn connection (the race hammered at several delays)."""
+
+    async def body() -> list[str]:
+        ps = await pgcast.aio.connect(dsn)
+        outcomes: list[str] = []
+
+        async def publish() -> None:
+            try:
+                for i in range(5_000):
+                    await ps.notify(unique_channel, str(i))
+                outcomes.append("finished")
+            except pgcast.PgcastError as exc:
+                outcomes.append(type(exc).__name__)
+
+        task = asyncio.create_task(publish())
+        await asyncio.sleep(delay_ms / 1000)
+        await ps.close()
+        await asyncio.wait_for(task, 10)
+        return outcomes
+
+    assert arun(body()) in (["finished"], ["ClosedError"])

@@ -611,3 +611,30 @@ def trace(ps: pgcast.PubSub, action: Callable[[], object]) -> list[str]:
 def test_trace_helper_sees_messages(ps: pgcast.PubSub) -> None:
     assert trace(ps, lambda: ps.unlisten("nothing")) == []
     assert trace(ps, lambda: ps.notify("traced"))[-1] == "ReadyForQuery"
+
+
+@pytest.mark.parametrize("delay_ms", [0, 1, 2, 5, 10, 20, 50])
+def test_close_while_notifying_raises_closed_error(
+    dsn: str, unique_channel: str, delay_ms: int
+) -> None:
+    """close() from another thread while notify() runs: every notify after the
+    close started raises ClosedError, never a psycopg or a database error
+    made up from the torn connection (the race hammered at several delays)."""
+    ps = pgcast.connect(dsn)
+    outcomes: list[str] = []
+
+    def publish() -> None:
+        try:
+            for i in range(5_000):
+                ps.notify(unique_channel, str(i))
+            outcomes.append("finished")
+        except pgcast.PgcastError as exc:
+            outcomes.append(type(exc).__name__)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    time.sleep(delay_ms / 1000)
+    ps.close()
+    thread.join(10)
+    assert not thread.is_alive(), "notify() did not end within 10 s of close()"
+    assert outcomes in (["finished"], ["ClosedError"])

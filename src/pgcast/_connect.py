@@ -4,7 +4,10 @@
 arguments: :func:`connect_plan` validates the reconnect and health-check ones
 (:func:`pgcast._reconnect.resilience`) and turns the rest into the arguments
 of ``psycopg.connect`` (:func:`pgcast._core.connect_args`, plus TCP
-keepalives for the health check). The drivers only open the connection, and
+keepalives for the health check). :func:`psycopg2_args` first maps the
+keywords ``psycopg2.connect()`` takes where psycopg 3 differs, so code
+written for psycopg2 (and pgpubsub, which passes its arguments on) connects
+unchanged. The drivers only open the connection, and
 report a failure with :func:`connect_failed`. A PubSub built on a connection
 directly reconnects with :func:`reconnect_conninfo`.
 """
@@ -21,7 +24,65 @@ from ._core import connect_args
 from ._errors import ConnectError
 from ._reconnect import OnReconnect, Resilience, add_keepalives, resilience
 
-__all__ = ["connect_failed", "connect_plan", "reconnect_conninfo"]
+__all__ = ["connect_failed", "connect_plan", "psycopg2_args", "reconnect_conninfo"]
+
+#: psycopg2 keywords that name a Python object rather than a connection
+#: setting: pgcast makes its own connections and cursors, so none applies.
+_PSYCOPG2_OBJECTS = ("connection_factory", "cursor_factory")
+
+
+def psycopg2_args(conninfo: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``psycopg2.connect()``'s arguments as psycopg 3 takes them.
+
+    The differences psycopg2's documentation lists for ``connect(dsn=None,
+    connection_factory=None, cursor_factory=None, async=False, **kwargs)``:
+
+    * ``database`` is psycopg2's (deprecated) alias of ``dbname``;
+    * ``dsn`` may be given as a keyword (psycopg 3: the first argument);
+    * ``async``/``async_`` asks psycopg2 for an asynchronous connection:
+      false is accepted, true names :func:`pgcast.aio.connect`;
+    * ``connection_factory`` and ``cursor_factory`` are refused with the
+      reason: pgcast opens its own connections.
+
+    Every other keyword is a libpq parameter, as in both drivers.
+
+    :raises TypeError: a name given twice (``database`` and ``dbname``,
+        ``dsn`` and a connection string), or a keyword that cannot apply.
+    """
+    if not any(k in kwargs for k in ("database", "dsn", "async", "async_", *_PSYCOPG2_OBJECTS)):
+        return conninfo, kwargs
+    options = dict(kwargs)
+    if "database" in options:
+        if "dbname" in options:
+            raise TypeError(
+                "connect() got both 'database' and 'dbname': 'database' is psycopg2's "
+                "alias of 'dbname', give one of them"
+            )
+        options["dbname"] = options.pop("database")
+    if "dsn" in options:
+        dsn = options.pop("dsn")
+        if conninfo:
+            raise TypeError(
+                "connect() got both a connection string and 'dsn=': 'dsn' is psycopg2's "
+                "name for the connection string, give one of them"
+            )
+        if dsn is not None and not isinstance(dsn, str):
+            raise TypeError(f"dsn must be a connection string, not {type(dsn).__name__}")
+        conninfo = dsn or ""
+    for name in ("async", "async_"):
+        if options.pop(name, False):
+            raise TypeError(
+                f"connect({name}=True) asks psycopg2 for an asynchronous connection: "
+                "use pgcast.aio.connect() (asyncio) instead"
+            )
+    for name in _PSYCOPG2_OBJECTS:
+        if options.pop(name, None) is not None:
+            raise TypeError(
+                f"connect() does not take psycopg2's {name}=: pgcast opens and manages "
+                "its own connections and cursors"
+            )
+    return conninfo, options
+
 
 
 def connect_plan(
@@ -38,7 +99,7 @@ def connect_plan(
     every connection of the PubSub with, and its :class:`Resilience`."""
     res = resilience(reconnect, reconnect_backoff, health_check_interval, notify_timeout,
                      on_reconnect)
-    conninfo, options = connect_args(conninfo, kwargs)
+    conninfo, options = connect_args(*psycopg2_args(conninfo, kwargs))
     return conninfo, add_keepalives(conninfo, options, res.health_check_interval), res
 
 

@@ -9,7 +9,7 @@ is generated from it by ``tools/async_to_sync.py``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -22,7 +22,9 @@ from .._reconnect import OnReconnect
 from ._pubsub import PubSub
 from ._session import opener
 
-__all__ = ["connect", "notify"]
+__all__ = ["connect", "connect_as", "notify"]
+
+P = TypeVar("P", bound=PubSub)
 
 
 def connect(
@@ -39,8 +41,10 @@ def connect(
     """Open a PubSub on a new connection.
 
     Takes what ``psycopg.connect`` takes: a DSN or URL, keyword arguments, or
-    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables). The
-    connection arguments are kept to reconnect with.
+    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables); and
+    ``psycopg2.connect()``'s spellings (``database=``, ``dsn=``: see
+    :func:`pgcast._connect.psycopg2_args`). The connection arguments are kept
+    to reconnect with.
 
     :param reconnect: when the connection is lost, reconnect with
         *reconnect_backoff* (default :class:`pgcast.Backoff`: 0.1 s growing
@@ -64,6 +68,35 @@ def connect(
     :raises ConnectError: the server could not be reached or refused the
         login; the message is the server's.
     """
+    return connect_as(
+        PubSub,
+        conninfo,
+        reconnect=reconnect,
+        reconnect_backoff=reconnect_backoff,
+        health_check_interval=health_check_interval,
+        on_reconnect=on_reconnect,
+        notify_timeout=notify_timeout,
+        install_schema=install_schema,
+        **kwargs,
+    )
+
+
+def connect_as(
+    cls: type[P],
+    conninfo: str = "",
+    *,
+    reconnect: bool = True,
+    reconnect_backoff: Backoff | None = None,
+    health_check_interval: float | None = 30.0,
+    on_reconnect: OnReconnect | None = None,
+    notify_timeout: float = 30.0,
+    install_schema: bool = False,
+    **kwargs: Any,
+) -> P:
+    """:func:`connect`, opening an instance of *cls*, a subclass of the
+    PubSub that adds names and no state (:mod:`pgcast.compat`'s connections),
+    so that it is a PubSub in every way: a NotificationManager watches it and
+    yields it."""
     conninfo, options, res = connect_plan(
         conninfo,
         kwargs,
@@ -74,7 +107,7 @@ def connect(
         on_reconnect=on_reconnect,
     )
     open_connection = opener(conninfo, options)
-    pubsub = PubSub(
+    pubsub = cls(
         open_connection(), resilience=res, connector=open_connection, install_schema=install_schema
     )
     try:

@@ -7,7 +7,7 @@ is generated from it by ``tools/async_to_sync.py``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -20,7 +20,9 @@ from .._reconnect import OnReconnect
 from ._pubsub_async import AsyncPubSub
 from ._session_async import opener
 
-__all__ = ["connect", "notify"]
+__all__ = ["connect", "connect_as", "notify"]
+
+P = TypeVar("P", bound=AsyncPubSub)
 
 
 async def connect(
@@ -37,8 +39,10 @@ async def connect(
     """Open a PubSub on a new connection.
 
     Takes what ``psycopg.connect`` takes: a DSN or URL, keyword arguments, or
-    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables). The
-    connection arguments are kept to reconnect with.
+    nothing (then ``DATABASE_URL``, then libpq's ``PG*`` variables); and
+    ``psycopg2.connect()``'s spellings (``database=``, ``dsn=``: see
+    :func:`pgcast._connect.psycopg2_args`). The connection arguments are kept
+    to reconnect with.
 
     :param reconnect: when the connection is lost, reconnect with
         *reconnect_backoff* (default :class:`pgcast.Backoff`: 0.1 s growing
@@ -62,13 +66,36 @@ async def connect(
     :raises ConnectError: the server could not be reached or refused the
         login; the message is the server's.
     """
+    return await connect_as(
+        AsyncPubSub, conninfo, reconnect=reconnect, reconnect_backoff=reconnect_backoff,
+        health_check_interval=health_check_interval, on_reconnect=on_reconnect,
+        notify_timeout=notify_timeout, install_schema=install_schema, **kwargs,
+    )
+
+
+async def connect_as(
+    cls: type[P],
+    conninfo: str = "",
+    *,
+    reconnect: bool = True,
+    reconnect_backoff: Backoff | None = None,
+    health_check_interval: float | None = 30.0,
+    on_reconnect: OnReconnect | None = None,
+    notify_timeout: float = 30.0,
+    install_schema: bool = False,
+    **kwargs: Any,
+) -> P:
+    """:func:`connect`, opening an instance of *cls*, a subclass of the
+    PubSub that adds names and no state (:mod:`pgcast.compat`'s connections),
+    so that it is a PubSub in every way: a NotificationManager watches it and
+    yields it."""
     conninfo, options, res = connect_plan(
         conninfo, kwargs, reconnect=reconnect, reconnect_backoff=reconnect_backoff,
         health_check_interval=health_check_interval, notify_timeout=notify_timeout,
         on_reconnect=on_reconnect,
     )
     open_connection = opener(conninfo, options)
-    pubsub = AsyncPubSub(
+    pubsub = cls(
         await open_connection(), resilience=res, connector=open_connection,
         install_schema=install_schema,
     )

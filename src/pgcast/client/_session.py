@@ -284,10 +284,18 @@ class Session(Closing):
         self._check_open()
         conn = self._conn
         with conn.lock:
-            if not self._core.probe_in_flight and (not _has_input(conn.pgconn.socket)):
-                return
-            for step in self._core.settle(conn.pgconn):
-                readable(conn.pgconn.socket, step.timeout)
+            try:
+                if not self._core.probe_in_flight and (not _has_input(conn.pgconn.socket)):
+                    return
+                for step in self._core.settle(conn.pgconn):
+                    readable(conn.pgconn.socket, step.timeout)
+            except (psycopg.Error, OSError, ValueError) as exc:
+                # The socket went away under us: closed by close() (say so)
+                # or lost (the caller reconnects or reports it).
+                self._check_open(lost_ok=True)
+                if isinstance(exc, psycopg.Error):
+                    raise wrap_error(exc) from exc
+                raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
 
     def _after_query(self) -> None:
         # Notifications that came in with the query's results are already in
@@ -300,8 +308,8 @@ class Session(Closing):
         with conn.lock:
             try:
                 self._core.take(conn.pgconn)
-            except ConnectionLostError:
-                return  # the next read or command notices it
+            except (ConnectionLostError, psycopg.Error):
+                return  # closed or lost meanwhile: the next read or command notices it
         if self._core.inbox and (self._wake_callback is not None or self._waiter.waiting()):
             self._wake()
 
@@ -321,6 +329,12 @@ class Session(Closing):
         return exc
 
     def _command_failed(self, exc: psycopg.Error, generation: int) -> PgcastError:
+        if self._closed:
+            # close() from another thread or task while the command was on
+            # the wire: psycopg reports whatever the torn connection gave.
+            return ClosedError(
+                f"this {type(self).__name__} was closed while the command was on its way: the server may or may not have run it ({exc})"
+            )
         error = wrap_error(exc)
         if isinstance(error, ConnectionLostError):
             if generation == self._generation:

@@ -283,10 +283,18 @@ class AsyncSession(AsyncClosing):
         self._check_open()
         conn = self._conn
         async with conn.lock:
-            if not self._core.probe_in_flight and not _has_input(conn.pgconn.socket):
-                return
-            for step in self._core.settle(conn.pgconn):
-                await readable(conn.pgconn.socket, step.timeout)
+            try:
+                if not self._core.probe_in_flight and not _has_input(conn.pgconn.socket):
+                    return
+                for step in self._core.settle(conn.pgconn):
+                    await readable(conn.pgconn.socket, step.timeout)
+            except (psycopg.Error, OSError, ValueError) as exc:
+                # The socket went away under us: closed by close() (say so)
+                # or lost (the caller reconnects or reports it).
+                self._check_open(lost_ok=True)
+                if isinstance(exc, psycopg.Error):
+                    raise wrap_error(exc) from exc
+                raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
 
     async def _after_query(self) -> None:
         # Notifications that came in with the query's results are already in
@@ -299,8 +307,8 @@ class AsyncSession(AsyncClosing):
         async with conn.lock:
             try:
                 self._core.take(conn.pgconn)
-            except ConnectionLostError:
-                return  # the next read or command notices it
+            except (ConnectionLostError, psycopg.Error):
+                return  # closed or lost meanwhile: the next read or command notices it
         if self._core.inbox and (self._wake_callback is not None or self._waiter.waiting()):
             self._wake()
 
@@ -320,6 +328,13 @@ class AsyncSession(AsyncClosing):
         return exc
 
     def _command_failed(self, exc: psycopg.Error, generation: int) -> PgcastError:
+        if self._closed:
+            # close() from another thread or task while the command was on
+            # the wire: psycopg reports whatever the torn connection gave.
+            return ClosedError(
+                f"this {type(self).__name__} was closed while the command was on "
+                f"its way: the server may or may not have run it ({exc})"
+            )
         error = wrap_error(exc)
         if isinstance(error, ConnectionLostError):
             if generation == self._generation:
