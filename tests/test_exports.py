@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pgcast
 import pgcast._errors
@@ -27,3 +29,26 @@ def test_every_public_error_is_exported_and_in_the_tree() -> None:
 def test_public_names_are_not_private_modules() -> None:
     assert all(not name.startswith("_") or name == "__version__" for name in pgcast.__all__)
     assert "connect" in pgcast.aio.__all__ and "NotificationManager" in pgcast.aio.__all__
+
+
+def test_feeds_keep_their_short_import_paths() -> None:
+    """``pgcast.triggers``, ``pgcast.queue`` and ``pgcast.worker`` (the README's
+    paths) are the feeds/ modules themselves, imported first thing in a fresh
+    interpreter, each way the README and the examples import them."""
+    code = (
+        "import pgcast.worker, pgcast.queue, pgcast.triggers\n"
+        "from pgcast.triggers import Change, watch_table\n"
+        "from pgcast.queue import Job, Queue\n"
+        "from pgcast.worker import Coalescer, Retry, Worker, WorkerThread\n"
+        "import pgcast.feeds.triggers, pgcast.feeds.queue, pgcast.feeds.worker\n"
+        "assert pgcast.triggers is pgcast.feeds.triggers\n"
+        "assert pgcast.queue is pgcast.feeds.queue\n"
+        "assert pgcast.worker is pgcast.feeds.worker\n"
+        "assert pgcast.Worker is Worker and pgcast.watch_table is watch_table\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ok\n"

@@ -15,6 +15,8 @@ The asyncio twin is :mod:`pgcast.aio`; the embedded server is
 
 from __future__ import annotations
 
+import sys
+
 from . import aio
 from ._backoff import Backoff
 from ._channels import MAX_CHANNEL_BYTES
@@ -45,12 +47,22 @@ from ._reconnect import Reconnected
 from .aio import AsyncPubSub
 from .client import PubSub, Runner, connect, notify
 from .durable import DEFAULT_RETENTION, install_schema, prune
+from .feeds import queue, triggers, worker
+from .feeds.triggers import unwatch_table, watch_table
+from .feeds.worker import Retry, Worker
 from .manager._manager import NotificationManager
 from .publisher import AsyncPublisher, Publisher
-from .triggers import unwatch_table, watch_table
-from .worker import Retry, Worker
 
 __version__ = "0.1.0"
+
+# The feeds' public paths from before feeds/ existed: ``pgcast.triggers``,
+# ``pgcast.queue`` and ``pgcast.worker`` are the feeds/ modules themselves
+# (the same module objects: every name, isinstance check and monkeypatch
+# agrees). No module file sits at those paths, so that git follows the move
+# for branches that edit them; type checkers read the stubs beside this file.
+for _short, _module in (("triggers", triggers), ("queue", queue), ("worker", worker)):
+    sys.modules[f"{__name__}.{_short}"] = _module
+del _short, _module
 
 __all__ = [
     "DEFAULT_RETENTION",

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from .. import triggers
+from ..feeds import triggers
 from ._common import add_dsn_argument, resolve_dsn
 
 __all__ = ["load_worker", "register"]

@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg import sql
 
-from ._errors import QueueError
+from .._errors import QueueError
 
 __all__ = ["Job", "Queue"]
 

@@ -66,11 +66,11 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from . import client
-from ._channels import check_channel
-from ._core import check_timeout, connect_args, is_async_callable
-from ._errors import ConnectError, ConnectionLostError
-from ._event import Event
+from .. import client
+from .._channels import check_channel
+from .._core import check_timeout, connect_args, is_async_callable
+from .._errors import ConnectError, ConnectionLostError
+from .._event import Event
 from .queue import Job, Queue
 
 __all__ = ["Coalescer", "ErrorHook", "Retry", "Worker", "WorkerThread"]

@@ -69,9 +69,9 @@ from typing import Any, Literal, NamedTuple
 import psycopg
 from psycopg import sql
 
-from ._channels import MAX_CHANNEL_BYTES, check_channel
-from ._errors import WatchError
-from ._event import Event
+from .._channels import MAX_CHANNEL_BYTES, check_channel
+from .._errors import WatchError
+from .._event import Event
 
 __all__ = [
     "FUNCTIONS_VERSION",
