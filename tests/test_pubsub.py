@@ -124,6 +124,28 @@ def test_close_is_idempotent_and_context_manager_closes(dsn: str) -> None:
 # -- listen / unlisten / listening_channels ------------------------------------------------
 
 
+def test_listen_after_the_backend_was_terminated_listens_on_the_new_session(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    """The loss is noticed before the LISTEN is sent: the connection is
+    restored and the LISTEN (planned again for the new session and its probe
+    channel) takes effect; never a pooler diagnosis on a direct connection."""
+
+    def body() -> None:
+        for _ in range(10):
+            ps = pgcast.connect(dsn)
+            try:
+                conn.execute("SELECT pg_terminate_backend(%s)", (ps.backend_pid,))
+                time.sleep(0.05)  # the server has closed the session
+                ps.listen(unique_channel)
+                assert ps.generation == 1
+                assert unique_channel in server_channels(ps)
+            finally:
+                ps.close()
+
+    run_sync(body())
+
+
 def test_listen_many_channels_in_one_and_several_calls(dsn: str) -> None:
 
     def body() -> None:

@@ -102,7 +102,16 @@ class PubSub(Supervised):
         try:
             if sql is not None:
                 probe_was_listening = core.probe_listening
-                self._execute(sql)
+                for _ in range(3):  # a reconnect per attempt at most
+                    generation = self._generation
+                    self._execute(sql)
+                    if self._generation == generation:
+                        break
+                    # Restored before the LISTEN was sent: it was planned for
+                    # the old session (its probe channel); plan it again.
+                    new, sql = core.plan_listen(channels)
+                    if sql is None:
+                        break
                 core.did_listen(new)
                 try:
                     # A separate statement: behind a transaction-mode pooler it

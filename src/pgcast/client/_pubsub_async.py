@@ -105,7 +105,16 @@ class AsyncPubSub(AsyncSupervised):
         try:
             if sql is not None:
                 probe_was_listening = core.probe_listening
-                await self._execute(sql)
+                for _ in range(3):  # a reconnect per attempt at most
+                    generation = self._generation
+                    await self._execute(sql)
+                    if self._generation == generation:
+                        break
+                    # Restored before the LISTEN was sent: it was planned for
+                    # the old session (its probe channel); plan it again.
+                    new, sql = core.plan_listen(channels)
+                    if sql is None:
+                        break
                 core.did_listen(new)
                 try:
                     # A separate statement: behind a transaction-mode pooler it
