@@ -228,13 +228,7 @@ class Session(Closing):
         inside raises :class:`~pgcast.ConnectionLostError`: nothing of the
         transaction was committed."""
         self._check_open()
-        try:
-            self._begin_command()
-        except (PgcastError, psycopg.Error, OSError) as exc:
-            error = self._public_error(exc)
-            if error is not exc:
-                raise error from exc
-            raise
+        self._begin_command()
         try:
             with self._conn.transaction():
                 yield
@@ -268,8 +262,12 @@ class Session(Closing):
                         self._recover(exc, generation, deadline)
                     except ConnectionLostError as gave_up:
                         raise self._not_sent(gave_up) from gave_up
-        except BaseException:
+        except BaseException as exc:
             self._end_command()
+            if isinstance(exc, PgcastError | psycopg.Error | OSError):
+                error = self._public_error(exc)
+                if error is not exc:
+                    raise error from exc
             raise
 
     def _end_command(self) -> None:

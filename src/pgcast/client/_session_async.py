@@ -227,13 +227,7 @@ class AsyncSession(AsyncClosing):
         inside raises :class:`~pgcast.ConnectionLostError`: nothing of the
         transaction was committed."""
         self._check_open()
-        try:
-            await self._begin_command()
-        except (PgcastError, psycopg.Error, OSError) as exc:
-            error = self._public_error(exc)
-            if error is not exc:
-                raise error from exc
-            raise
+        await self._begin_command()
         try:
             async with self._conn.transaction():
                 yield
@@ -267,8 +261,12 @@ class AsyncSession(AsyncClosing):
                         await self._recover(exc, generation, deadline)
                     except ConnectionLostError as gave_up:
                         raise self._not_sent(gave_up) from gave_up
-        except BaseException:
+        except BaseException as exc:
             self._end_command()
+            if isinstance(exc, PgcastError | psycopg.Error | OSError):
+                error = self._public_error(exc)
+                if error is not exc:
+                    raise error from exc
             raise
 
     def _end_command(self) -> None:

@@ -80,8 +80,16 @@ class Retry:
         return float(min(self.max_backoff, self.backoff * self.factor ** (failures - 1)))
 
 
+class _Named:
+    handler: Callable[..., Any]
+
+    @property
+    def name(self) -> str:
+        return getattr(self.handler, "__qualname__", repr(self.handler))
+
+
 @dataclass(eq=False)
-class _Route:
+class _Route(_Named):
     channel: str
     handler: Callable[..., Any]
     debounce: float
@@ -89,23 +97,15 @@ class _Route:
     retry: Retry
     is_async: bool
 
-    @property
-    def name(self) -> str:
-        return getattr(self.handler, "__qualname__", repr(self.handler))
-
 
 @dataclass(eq=False)
-class _QueueRoute:
+class _QueueRoute(_Named):
     queue: Queue
     handler: Callable[..., Any]
     batch_size: int
     retry: Retry
     is_async: bool
     dirty: bool = True
-
-    @property
-    def name(self) -> str:
-        return getattr(self.handler, "__qualname__", repr(self.handler))
 
 
 @dataclass
