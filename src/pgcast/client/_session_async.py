@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
+from psycopg import pq
 
 from .. import diagnostics
 from .._closing import AsyncClosing
@@ -77,6 +80,22 @@ def opener(
             raise connect_failed(exc) from exc
 
     return open_connection
+
+
+#: How long close() waits for a command running elsewhere to let go of the
+#: connection once its socket is shut down (it fails at once: a safety net).
+CLOSE_WAIT = 5.0
+
+
+def _shut_down(pgconn: pq.abc.PGconn) -> None:
+    """Shut the connection's socket down (both ways), without closing the
+    descriptor libpq owns: a call blocked on it fails at once."""
+    try:
+        fd = pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (psycopg.Error, OSError):
+        pass  # already lost or closed: nothing is using it
 
 
 def _has_input(fd: int) -> bool:
@@ -167,7 +186,21 @@ class AsyncSession(AsyncClosing):
         self._closed = True
         self._closing.set()
         self._wake()
-        await self._conn.close()
+        conn = self._conn
+        # A command running in another thread (or task) is inside libpq on
+        # this connection: finishing the connection under that call frees
+        # what it uses (a crash, not an error). So the socket is shut down,
+        # which makes that call fail at once (it raises ClosedError), and
+        # the connection is closed once the command has let go of it.
+        locked = await acquire(conn.lock, 0)
+        if not locked:
+            _shut_down(conn.pgconn)
+            locked = await acquire(conn.lock, CLOSE_WAIT)
+        try:
+            await conn.close()
+        finally:
+            if locked:
+                conn.lock.release()
         self._waiter.close()
 
     def _wake(self) -> None:
