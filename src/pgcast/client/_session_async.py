@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
-from psycopg import pq
 
 from .. import diagnostics
 from .._closing import AsyncClosing
@@ -80,22 +77,6 @@ def opener(
             raise connect_failed(exc) from exc
 
     return open_connection
-
-
-#: How long close() waits for a command running elsewhere to let go of the
-#: connection once its socket is shut down (it fails at once: a safety net).
-CLOSE_WAIT = 5.0
-
-
-def _shut_down(pgconn: pq.abc.PGconn) -> None:
-    """Shut the connection's socket down (both ways), without closing the
-    descriptor libpq owns: a call blocked on it fails at once."""
-    try:
-        fd = pgconn.socket
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except (psycopg.Error, OSError):
-        pass  # already lost or closed: nothing is using it
 
 
 def _has_input(fd: int) -> bool:
@@ -186,21 +167,7 @@ class AsyncSession(AsyncClosing):
         self._closed = True
         self._closing.set()
         self._wake()
-        conn = self._conn
-        # A command running in another thread (or task) is inside libpq on
-        # this connection: finishing the connection under that call frees
-        # what it uses (a crash, not an error). So the socket is shut down,
-        # which makes that call fail at once (it raises ClosedError), and
-        # the connection is closed once the command has let go of it.
-        locked = await acquire(conn.lock, 0)
-        if not locked:
-            _shut_down(conn.pgconn)
-            locked = await acquire(conn.lock, CLOSE_WAIT)
-        try:
-            await conn.close()
-        finally:
-            if locked:
-                conn.lock.release()
+        await self._release(self._conn, graceful=True)
         self._waiter.close()
 
     def _wake(self) -> None:
@@ -548,19 +515,24 @@ class AsyncSession(AsyncClosing):
         reconnect hooks (the durable channels' replay)."""
 
     async def _discard(self) -> None:
-        conn = self._conn
-        if conn.closed:
-            return
-        # A command stuck on a dead connection holds its lock: shutting the
-        # socket down makes it fail at once (and release the lock) rather
-        # than wait for the kernel's timeout; only then is it safe to close.
-        shutdown(conn.pgconn)
-        if not await acquire(conn.lock, DISCARD_TIMEOUT):
-            logger.warning("pgcast: a command on the lost connection did not end; leaving it")
-            return
+        if not self._conn.closed:
+            await self._release(self._conn, graceful=False)
+
+    async def _release(self, conn: psycopg.AsyncConnection[Any], *, graceful: bool) -> None:
+        """Close *conn*, which a command in another thread (or task) may be
+        using: closing it under that command's libpq call would free what the
+        call uses (a crash, not an error). Shutting the socket down makes
+        such a command fail at once (and release the lock); only then is it
+        safe to close. *graceful*: an idle connection is closed as usual
+        (it tells the server), without the shutdown."""
+        locked = graceful and await acquire(conn.lock, 0)
+        if not locked:
+            shutdown(conn.pgconn)
+            if not await acquire(conn.lock, DISCARD_TIMEOUT):
+                logger.warning("pgcast: a command on the connection did not end; leaving it")
+                return
         try:
             with contextlib.suppress(Exception):
                 await conn.close()
         finally:
             conn.lock.release()
-
