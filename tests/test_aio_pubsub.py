@@ -500,3 +500,96 @@ def test_close_racing_notify_raises_closed_error(dsn: str, unique_channel: str) 
             assert outcome is None or type(outcome) is pgcast.ClosedError, repr(outcome)
 
     arun(body())
+
+
+# -- connecting: the arguments psycopg takes, and pgcast's defaults -------------
+
+
+def test_connect_with_a_dsn(dsn: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            assert isinstance(ps, pgcast.AsyncPubSub)
+            assert not ps.closed
+            cur = await ps.connection.execute("SELECT pg_backend_pid()")
+            row = await cur.fetchone()
+            assert row is not None and row[0] == ps.backend_pid
+            assert ps.connection.autocommit
+
+    arun(body())
+
+
+def test_connect_with_psycopg_keyword_args(dsn: str, unique_channel: str) -> None:
+    async def body() -> None:
+        kwargs = dict(conninfo_to_dict(dsn))
+        async with await pgcast.aio.connect(**kwargs) as ps:
+            await ps.listen(unique_channel)
+            await ps.notify(unique_channel, "by keywords")
+            got = await acollect(ps, 1)
+            assert got[0].payload == "by keywords"
+
+    arun(body())
+
+
+def test_connect_with_no_args_uses_database_url(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    # DATABASE_URL comes first: PG* variables pointing nowhere are not used.
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(closed_port()))
+
+    async def body() -> None:
+        async with await pgcast.aio.connect() as ps:
+            assert ps.backend_pid > 0
+
+    arun(body())
+
+
+def test_connect_with_no_args_uses_pg_variables(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER",
+             "dbname": "PGDATABASE", "password": "PGPASSWORD"}
+    for key, value in conninfo_to_dict(dsn).items():
+        if key in names:
+            monkeypatch.setenv(names[key], str(value))
+
+    async def body() -> None:
+        async with await pgcast.aio.connect() as ps:
+            assert ps.backend_pid > 0
+            assert ps.connection.info.port == int(conninfo_to_dict(dsn).get("port") or 5432)
+
+    arun(body())
+
+
+def test_connection_settings(dsn: str) -> None:
+    """connect_timeout 10, application_name pgcast, UTF-8, unless told otherwise."""
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            params = ps.connection.info.get_parameters()
+            assert params["connect_timeout"] == "10"
+            assert params["application_name"] == "pgcast"
+            assert ps.connection.info.encoding == "utf-8"
+
+    arun(body())
+
+
+def test_settings_in_the_dsn_are_not_overridden(dsn: str) -> None:
+    sep = "&" if "?" in dsn else "?"
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(
+            f"{dsn}{sep}connect_timeout=3&application_name=mine"
+        ) as ps:
+            params = ps.connection.info.get_parameters()
+            assert params["connect_timeout"] == "3"
+            assert params["application_name"] == "mine"
+        async with await pgcast.aio.connect(
+            dsn, connect_timeout=4, application_name="kw"
+        ) as ps:
+            params = ps.connection.info.get_parameters()
+            assert (params["connect_timeout"], params["application_name"]) == ("4", "kw")
+
+    arun(body())

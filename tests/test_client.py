@@ -69,65 +69,16 @@ def connect_kwargs(dsn: str) -> dict[str, Any]:
 # -- connect -------------------------------------------------------------------
 
 
-def test_connect_with_a_dsn(dsn: str) -> None:
-    with pgcast.connect(dsn) as ps:
-        assert isinstance(ps, pgcast.PubSub)
-        assert not ps.closed
-        row = ps.connection.execute("SELECT pg_backend_pid()").fetchone()
-        assert row is not None and row[0] == ps.backend_pid
-        assert ps.connection.autocommit
 
 
-def test_connect_with_psycopg_keyword_args(dsn: str) -> None:
-    kwargs = connect_kwargs(dsn)
-    with pgcast.connect(**kwargs) as ps:
-        ps.listen("kw")
-        ps.notify("kw", "by keywords")
-        assert collect(ps, 1)[0].payload == "by keywords"
 
 
-def test_connect_with_no_args_uses_database_url(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    # DATABASE_URL comes first: PG* variables pointing nowhere are not used.
-    monkeypatch.setenv("PGHOST", "127.0.0.1")
-    monkeypatch.setenv("PGPORT", str(closed_port()))
-    with pgcast.connect() as ps:
-        assert ps.backend_pid > 0
 
 
-def test_connect_with_no_args_uses_pg_variables(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER",
-             "dbname": "PGDATABASE", "password": "PGPASSWORD"}
-    for key, value in conninfo_to_dict(dsn).items():
-        if key in names:
-            monkeypatch.setenv(names[key], str(value))
-    with pgcast.connect() as ps:
-        assert ps.backend_pid > 0
-        assert ps.connection.info.port == int(conninfo_to_dict(dsn).get("port") or 5432)
 
 
-def test_connection_settings(dsn: str) -> None:
-    with pgcast.connect(dsn) as ps:
-        params = ps.connection.info.get_parameters()
-        assert params["connect_timeout"] == "10"
-        assert params["application_name"] == "pgcast"
-        assert ps.connection.info.encoding == "utf-8"
 
 
-def test_settings_in_the_dsn_are_not_overridden(dsn: str) -> None:
-    sep = "&" if "?" in dsn else "?"
-    with pgcast.connect(f"{dsn}{sep}connect_timeout=3&application_name=mine") as ps:
-        params = ps.connection.info.get_parameters()
-        assert params["connect_timeout"] == "3"
-        assert params["application_name"] == "mine"
-    with pgcast.connect(dsn, connect_timeout=4, application_name="kw") as ps:
-        params = ps.connection.info.get_parameters()
-        assert (params["connect_timeout"], params["application_name"]) == ("4", "kw")
 
 
 # -- connect errors: a pgcast error with the server's message, never a hang ----

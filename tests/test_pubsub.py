@@ -521,3 +521,95 @@ def test_close_racing_notify_raises_closed_error(dsn: str, unique_channel: str) 
             assert outcome is None or type(outcome) is pgcast.ClosedError, repr(outcome)
 
     run_sync(body())
+
+
+# -- connecting: the arguments psycopg takes, and pgcast's defaults -------------
+
+
+def test_connect_with_a_dsn(dsn: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            assert isinstance(ps, pgcast.PubSub)
+            assert not ps.closed
+            cur = ps.connection.execute("SELECT pg_backend_pid()")
+            row = cur.fetchone()
+            assert row is not None and row[0] == ps.backend_pid
+            assert ps.connection.autocommit
+
+    run_sync(body())
+
+
+def test_connect_with_psycopg_keyword_args(dsn: str, unique_channel: str) -> None:
+
+    def body() -> None:
+        kwargs = dict(conninfo_to_dict(dsn))
+        with pgcast.connect(**kwargs) as ps:
+            ps.listen(unique_channel)
+            ps.notify(unique_channel, "by keywords")
+            got = collect(ps, 1)
+            assert got[0].payload == "by keywords"
+
+    run_sync(body())
+
+
+def test_connect_with_no_args_uses_database_url(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    # DATABASE_URL comes first: PG* variables pointing nowhere are not used.
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(closed_port()))
+
+    def body() -> None:
+        with pgcast.connect() as ps:
+            assert ps.backend_pid > 0
+
+    run_sync(body())
+
+
+def test_connect_with_no_args_uses_pg_variables(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    names = {
+        "host": "PGHOST",
+        "port": "PGPORT",
+        "user": "PGUSER",
+        "dbname": "PGDATABASE",
+        "password": "PGPASSWORD",
+    }
+    for key, value in conninfo_to_dict(dsn).items():
+        if key in names:
+            monkeypatch.setenv(names[key], str(value))
+
+    def body() -> None:
+        with pgcast.connect() as ps:
+            assert ps.backend_pid > 0
+            assert ps.connection.info.port == int(conninfo_to_dict(dsn).get("port") or 5432)
+
+    run_sync(body())
+
+
+def test_connection_settings(dsn: str) -> None:
+    """connect_timeout 10, application_name pgcast, UTF-8, unless told otherwise."""
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            params = ps.connection.info.get_parameters()
+            assert params["connect_timeout"] == "10"
+            assert params["application_name"] == "pgcast"
+            assert ps.connection.info.encoding == "utf-8"
+
+    run_sync(body())
+
+
+def test_settings_in_the_dsn_are_not_overridden(dsn: str) -> None:
+    sep = "&" if "?" in dsn else "?"
+
+    def body() -> None:
+        with pgcast.connect(f"{dsn}{sep}connect_timeout=3&application_name=mine") as ps:
+            params = ps.connection.info.get_parameters()
+            assert params["connect_timeout"] == "3"
+            assert params["application_name"] == "mine"
+        with pgcast.connect(dsn, connect_timeout=4, application_name="kw") as ps:
+            params = ps.connection.info.get_parameters()
+            assert (params["connect_timeout"], params["application_name"]) == ("4", "kw")
+
+    run_sync(body())

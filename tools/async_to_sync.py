@@ -48,9 +48,11 @@ FILES: list[tuple[str, str]] = [
     ("src/pgcast/client/_open_async.py", "src/pgcast/client/_open.py"),
     ("src/pgcast/manager/_manager_async.py", "src/pgcast/manager/_manager.py"),
     ("src/pgcast/publisher/_publisher_async.py", "src/pgcast/publisher/_publisher.py"),
+    ("src/pgcast/feeds/_worker_async.py", "src/pgcast/feeds/_worker.py"),
     # tests written once
     ("tests/test_aio_supervisor.py", "tests/test_supervisor.py"),
     ("tests/test_aio_pubsub.py", "tests/test_pubsub.py"),
+    ("tests/test_aio_worker_loop.py", "tests/test_worker_loop.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -67,6 +69,9 @@ NAMES: dict[str, str] = {
     "AsyncSupervised": "Supervised",
     "AsyncNotificationManager": "NotificationManager",
     "AsyncPublisher": "Publisher",
+    "AsyncWorker": "Worker",
+    "AsyncExitStack": "ExitStack",
+    "enter_async_context": "enter_context",
     "StopAsyncIteration": "StopIteration",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
@@ -90,6 +95,7 @@ NAMES: dict[str, str] = {
     "_open_async": "_open",
     "_manager_async": "_manager",
     "_publisher_async": "_publisher",
+    "_worker_async": "_worker",
 }
 
 #: Generic types whose last parameter is what a sync call returns.

@@ -37,6 +37,7 @@ PAIRS: list[tuple[str, str]] = [
     ("test_manager.py", "test_aio_manager.py"),
     ("test_supervisor.py", "test_aio_supervisor.py"),
     ("test_pubsub.py", "test_aio_pubsub.py"),
+    ("test_worker_loop.py", "test_aio_worker_loop.py"),
 ]
 
 _FLAVOUR_WORDS = re.compile(r"(?:^|_)(?:async|aio|sync|asyncio)(?=_|$)")

@@ -11,10 +11,11 @@ decision that needs no waiting lives here, once:
 * :func:`notify_query` / :func:`notify_many_query` check payloads and build the
   statements that publish;
 * :meth:`Core.read` takes what has arrived on the socket (never blocking);
-* :func:`plan` is the iteration policy of ``events()``, ``wait()`` and the idle
-  events: a generator that yields :class:`Wait` requests, which the driver
-  answers by waiting on the socket and calling :meth:`Core.read`, and the
-  values the user should see (:class:`Event`, :class:`Reconnected` or ``None``);
+* :func:`plan` (:mod:`pgcast._plan`) is the iteration policy of
+  ``events()``, ``wait()`` and the idle events: a generator that yields
+  :class:`Wait` requests, which the driver answers by waiting on the socket
+  and calling :meth:`Core.read`, and the values the user should see
+  (:class:`Event`, :class:`Reconnected` or ``None``);
 * the health check (:mod:`pgcast._health`): :meth:`Core.send_probe` sends the
   round-trip probe without waiting, :meth:`Core.read` drains its answer, and
   :meth:`Core.settle` is what a query must wait for while a probe is out
@@ -28,27 +29,28 @@ decision that needs no waiting lives here, once:
 
 from __future__ import annotations
 
-import inspect
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import psycopg
 from psycopg import pq
 
 from ._channels import check_channel, check_channels, listen_sql, unlisten_sql
+
+# check_timeout, connect_args, is_async_callable, wrap_error, Wait and plan
+# are re-exported: the drivers import them from here.
+from ._checks import check_timeout, connect_args, is_async_callable, wrap_error
 from ._durable_core import DurableState
-from ._errors import ConnectionLostError, DatabaseError, HotStandbyError, PgcastError
+from ._errors import ConnectionLostError
 from ._event import Event
 from ._health import HealthCheck, probe_channel, probe_sql
 from ._notify_many import message_pairs
 from ._payload import Payload, encode_payload
+from ._plan import Wait, plan
 from ._reconnect import Reconnected, utcnow
 
 __all__ = [
@@ -58,7 +60,9 @@ __all__ = [
     "ExceptionHandler",
     "Handler",
     "Wait",
+    "check_timeout",
     "connect_args",
+    "is_async_callable",
     "notify_many_query",
     "notify_query",
     "plan",
@@ -98,94 +102,6 @@ def notify_many_query(
     if not channels:
         return None
     return NOTIFY_MANY_SQL, (channels, payloads)
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """A request from :func:`plan` to its driver: wait until the socket is
-    readable (or until woken), at most *timeout* seconds (``None``: no limit,
-    ``0``: do not wait), then :meth:`Core.read` what arrived."""
-
-    timeout: float | None
-
-
-_NOW = Wait(0)
-
-
-def plan(
-    inbox: deque[Event | Reconnected],
-    *,
-    timeout: float | None,
-    idle: bool,
-    once: bool = False,
-    skip_pid: int | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    skip_pids: AbstractSet[int] | None = None,
-) -> Iterator[Wait | Event | Reconnected | None]:
-    """The iteration policy shared by ``events()`` and ``wait()``.
-
-    Yields the events of *inbox* in order, and :class:`Wait` whenever it is
-    empty. With *idle*, ``None`` is yielded after each *timeout* seconds that
-    passed without an event. With *once* (py-postgresql's zero timeout), the
-    socket is read once without waiting, what is pending is yielded, and the
-    iteration ends. Events from *skip_pid*, or from any pid in the live set
-    *skip_pids* (every backend a reconnecting PubSub had), are dropped
-    (``ignore_own``). :class:`Reconnected` markers are yielded like events.
-
-    Nothing is held back: events stay in *inbox* until yielded, so a consumer
-    that stops iterating loses none of them.
-    """
-    own: AbstractSet[int] = frozenset() if skip_pid is None else frozenset((skip_pid,))
-    if skip_pids is not None:
-        own = skip_pids if skip_pid is None else own | skip_pids
-    if once:
-        yield _NOW
-        while inbox:
-            event = inbox.popleft()
-            if not own or isinstance(event, Reconnected) or event.pid not in own:
-                yield event
-        return
-    if timeout is None:
-        forever = Wait(None)
-        while True:
-            while inbox:
-                event = inbox.popleft()
-                if not own or isinstance(event, Reconnected) or event.pid not in own:
-                    yield event
-            yield forever
-    deadline = clock() + timeout
-    while True:
-        if inbox:
-            while inbox:
-                event = inbox.popleft()
-                if not own or isinstance(event, Reconnected) or event.pid not in own:
-                    yield event
-            deadline = clock() + timeout
-        remaining = deadline - clock()
-        if remaining > 0:
-            yield Wait(remaining)
-        else:
-            if idle:
-                yield None
-            deadline = clock() + timeout
-
-
-def is_async_callable(handler: object) -> bool:
-    """True for a coroutine function, or an object whose ``__call__`` is one."""
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        type(handler).__call__ if callable(handler) else None
-    )
-
-
-def check_timeout(name: str, value: float | None) -> float | None:
-    """Validate a timeout argument: ``None`` or a number >= 0."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, not {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 seconds, got {value}")
-    return float(value)
 
 
 def _event_from_notify(n: psycopg.Notify) -> Event:
@@ -578,44 +494,3 @@ _new_tuple = tuple.__new__
 def _error_text(pgconn: pq.abc.PGconn) -> str:
     msg = pgconn.error_message
     return msg.decode(errors="replace").strip() if msg else "server closed the connection"
-
-
-def wrap_error(exc: psycopg.Error) -> PgcastError:
-    """Map a psycopg error to the pgcast tree, keeping the server's message."""
-    if isinstance(exc, psycopg.OperationalError):
-        return ConnectionLostError(f"connection to PostgreSQL lost: {exc}")
-    # LISTEN and NOTIFY on a standby fail with read_only_sql_transaction and
-    # "cannot execute ... during recovery": say what to do about it.
-    if exc.sqlstate == "25006" and "recovery" in str(exc):
-        return HotStandbyError(
-            f"the server is a hot standby: {exc}; connect to the primary, for "
-            "example with target_session_attrs=read-write in the DSN"
-        )
-    return DatabaseError(str(exc))
-
-
-def connect_args(conninfo: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The arguments for ``psycopg.connect`` that every pgcast connection uses.
-
-    No arguments at all means ``DATABASE_URL``, then libpq's ``PG*`` variables.
-    The connection is in autocommit (a NOTIFY outside :meth:`transaction` is
-    sent at once), speaks UTF-8 (the unit of the payload limit), and gives up
-    connecting after ``connect_timeout`` seconds (10 unless given) instead of
-    hanging.
-    """
-    if not conninfo and not kwargs:
-        conninfo = os.environ.get("DATABASE_URL", "")
-    options = dict(kwargs)
-    # psycopg lets keyword arguments override the DSN, so a default is only
-    # added where neither the DSN nor libpq's environment sets the value.
-    try:
-        given = psycopg.conninfo.conninfo_to_dict(conninfo) if conninfo else {}
-    except psycopg.Error:
-        given = {}  # a bad DSN: psycopg.connect reports it
-    if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ:
-        options.setdefault("connect_timeout", 10)
-    if "application_name" not in given and "PGAPPNAME" not in os.environ:
-        options.setdefault("application_name", "pgcast")
-    options["client_encoding"] = "UTF8"
-    options["autocommit"] = True
-    return conninfo, options

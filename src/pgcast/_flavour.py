@@ -166,6 +166,12 @@ def sleep_unless(event: threading.Event, seconds: float) -> bool:
     return event.wait(seconds)
 
 
+def wait_flag(flag: threading.Event, timeout: float | None) -> bool:
+    """Wait up to *timeout* seconds for *flag*, which any thread may set;
+    whether it is set."""
+    return flag.wait(timeout)
+
+
 def current() -> object:
     """The thread running now."""
     return threading.get_ident()

@@ -14,6 +14,7 @@ meaning; only what cannot be written the same way in both lives here:
 * :func:`acquire`: a lock acquired with a timeout.
 * :func:`readable`: wait for a descriptor, without a waiter to wake.
 * :func:`sleep_unless`: sleep, ending early when an event is set.
+* :func:`wait_flag`: wait for a flag any thread may set (a Worker's stop).
 * :func:`current`: who is running (a task here, a thread there).
 * :class:`StateLock`: guards counters that threads share; an asyncio program
   has one thread, so here it does nothing.
@@ -32,6 +33,8 @@ import asyncio
 import contextlib
 import inspect
 import os
+import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -59,6 +62,7 @@ __all__ = [
     "sleep_unless",
     "start_task",
     "start_worker",
+    "wait_flag",
 ]
 
 K = TypeVar("K")
@@ -187,6 +191,23 @@ async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         pass
     return event.is_set()
+
+
+#: How often :func:`wait_flag` looks at its flag.
+FLAG_POLL = 0.02
+
+
+async def wait_flag(flag: threading.Event, timeout: float | None) -> bool:
+    """Wait up to *timeout* seconds (None: forever) for *flag*, which any
+    thread may set (so not an asyncio.Event, which only its loop's tasks
+    may); whether it is set. It is looked at every ``FLAG_POLL`` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not flag.is_set():  # ends: the flag, or the deadline
+        left = FLAG_POLL if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, FLAG_POLL))
+    return True
 
 
 def current() -> object:

@@ -20,16 +20,21 @@ from .client._open_async import connect, notify
 from .client._pubsub_async import AsyncPubSub, AsyncReconnectHook
 from .durable import install_schema_async as install_schema
 from .durable import prune_async as prune
+from .feeds._worker_async import AsyncWorker
 from .manager._manager_async import AsyncNotificationManager
 
 #: The asyncio NotificationManager, under the name the sync one has.
 NotificationManager = AsyncNotificationManager
+#: The asyncio Worker (:mod:`pgcast.feeds.worker`), under the name the sync one has.
+Worker = AsyncWorker
 
 __all__ = [
     "AsyncNotificationManager",
     "AsyncPubSub",
     "AsyncReconnectHook",
+    "AsyncWorker",
     "NotificationManager",
+    "Worker",
     "connect",
     "install_schema",
     "notify",

@@ -168,7 +168,7 @@ class Session(Closing):
         self._closed = True
         self._closing.set()
         self._wake()
-        self._conn.close()
+        self._release(self._conn, graceful=True)
         self._waiter.close()
 
     def _wake(self) -> None:
@@ -228,13 +228,7 @@ class Session(Closing):
         inside raises :class:`~pgcast.ConnectionLostError`: nothing of the
         transaction was committed."""
         self._check_open()
-        try:
-            self._begin_command()
-        except (PgcastError, psycopg.Error, OSError) as exc:
-            error = self._public_error(exc)
-            if error is not exc:
-                raise error from exc
-            raise
+        self._begin_command()
         try:
             with self._conn.transaction():
                 yield
@@ -268,8 +262,12 @@ class Session(Closing):
                         self._recover(exc, generation, deadline)
                     except ConnectionLostError as gave_up:
                         raise self._not_sent(gave_up) from gave_up
-        except BaseException:
+        except BaseException as exc:
             self._end_command()
+            if isinstance(exc, PgcastError | psycopg.Error | OSError):
+                error = self._public_error(exc)
+                if error is not exc:
+                    raise error from exc
             raise
 
     def _end_command(self) -> None:
@@ -511,16 +509,22 @@ class Session(Closing):
         reconnect hooks (the durable channels' replay)."""
 
     def _discard(self) -> None:
-        conn = self._conn
-        if conn.closed:
-            return
-        # A command stuck on a dead connection holds its lock: shutting the
-        # socket down makes it fail at once (and release the lock) rather
-        # than wait for the kernel's timeout; only then is it safe to close.
-        shutdown(conn.pgconn)
-        if not acquire(conn.lock, DISCARD_TIMEOUT):
-            logger.warning("pgcast: a command on the lost connection did not end; leaving it")
-            return
+        if not self._conn.closed:
+            self._release(self._conn, graceful=False)
+
+    def _release(self, conn: psycopg.Connection[Any], *, graceful: bool) -> None:
+        """Close *conn*, which a command in another thread (or task) may be
+        using: closing it under that command's libpq call would free what the
+        call uses (a crash, not an error). Shutting the socket down makes
+        such a command fail at once (and release the lock); only then is it
+        safe to close. *graceful*: an idle connection is closed as usual
+        (it tells the server), without the shutdown."""
+        locked = graceful and acquire(conn.lock, 0)
+        if not locked:
+            shutdown(conn.pgconn)
+            if not acquire(conn.lock, DISCARD_TIMEOUT):
+                logger.warning("pgcast: a command on the connection did not end; leaving it")
+                return
         try:
             with contextlib.suppress(Exception):
                 conn.close()

@@ -167,7 +167,7 @@ class AsyncSession(AsyncClosing):
         self._closed = True
         self._closing.set()
         self._wake()
-        await self._conn.close()
+        await self._release(self._conn, graceful=True)
         self._waiter.close()
 
     def _wake(self) -> None:
@@ -227,13 +227,7 @@ class AsyncSession(AsyncClosing):
         inside raises :class:`~pgcast.ConnectionLostError`: nothing of the
         transaction was committed."""
         self._check_open()
-        try:
-            await self._begin_command()
-        except (PgcastError, psycopg.Error, OSError) as exc:
-            error = self._public_error(exc)
-            if error is not exc:
-                raise error from exc
-            raise
+        await self._begin_command()
         try:
             async with self._conn.transaction():
                 yield
@@ -267,8 +261,12 @@ class AsyncSession(AsyncClosing):
                         await self._recover(exc, generation, deadline)
                     except ConnectionLostError as gave_up:
                         raise self._not_sent(gave_up) from gave_up
-        except BaseException:
+        except BaseException as exc:
             self._end_command()
+            if isinstance(exc, PgcastError | psycopg.Error | OSError):
+                error = self._public_error(exc)
+                if error is not exc:
+                    raise error from exc
             raise
 
     def _end_command(self) -> None:
@@ -517,19 +515,24 @@ class AsyncSession(AsyncClosing):
         reconnect hooks (the durable channels' replay)."""
 
     async def _discard(self) -> None:
-        conn = self._conn
-        if conn.closed:
-            return
-        # A command stuck on a dead connection holds its lock: shutting the
-        # socket down makes it fail at once (and release the lock) rather
-        # than wait for the kernel's timeout; only then is it safe to close.
-        shutdown(conn.pgconn)
-        if not await acquire(conn.lock, DISCARD_TIMEOUT):
-            logger.warning("pgcast: a command on the lost connection did not end; leaving it")
-            return
+        if not self._conn.closed:
+            await self._release(self._conn, graceful=False)
+
+    async def _release(self, conn: psycopg.AsyncConnection[Any], *, graceful: bool) -> None:
+        """Close *conn*, which a command in another thread (or task) may be
+        using: closing it under that command's libpq call would free what the
+        call uses (a crash, not an error). Shutting the socket down makes
+        such a command fail at once (and release the lock); only then is it
+        safe to close. *graceful*: an idle connection is closed as usual
+        (it tells the server), without the shutdown."""
+        locked = graceful and await acquire(conn.lock, 0)
+        if not locked:
+            shutdown(conn.pgconn)
+            if not await acquire(conn.lock, DISCARD_TIMEOUT):
+                logger.warning("pgcast: a command on the connection did not end; leaving it")
+                return
         try:
             with contextlib.suppress(Exception):
                 await conn.close()
         finally:
             conn.lock.release()
-

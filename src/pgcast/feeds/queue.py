@@ -54,7 +54,10 @@ from psycopg import sql
 
 from .._errors import QueueError
 
-__all__ = ["Job", "Queue"]
+__all__ = ["Job", "Queue", "Statement"]
+
+#: A statement and its parameters, ready for ``execute`` on either flavour.
+Statement = tuple["sql.SQL | sql.Composed | bytes", "tuple[Any, ...] | None"]
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")
 # Serialises concurrent installers, as for the trigger functions.
@@ -133,39 +136,79 @@ class Queue:
         if self.installed(conn):
             return
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOCK_KEY,))
-            conn.execute("CREATE SCHEMA IF NOT EXISTS pgcast")
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                sql.Identifier(self.schema)))
-            conn.execute(_WAKE_FUNCTION.encode(), prepare=False)
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} ("
-                    " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-                    " payload jsonb NOT NULL DEFAULT 'null',"
-                    " enqueued_at timestamptz NOT NULL DEFAULT now(),"
-                    " attempts int NOT NULL DEFAULT 0,"
-                    " failed_at timestamptz,"
-                    " last_error text)"
-                ).format(self._ident)
-            )
-            conn.execute(
-                sql.SQL(
-                    "CREATE OR REPLACE TRIGGER pgcast_wake AFTER INSERT ON {}"
-                    " FOR EACH STATEMENT EXECUTE FUNCTION pgcast.queue_wake({})"
-                ).format(self._ident, sql.Literal(self.channel))
-            )
+            for statement, params in self.install_statements():
+                conn.execute(statement, params, prepare=False)
 
     def installed(self, conn: psycopg.Connection[Any]) -> bool:
         """True if the table, its wake-up trigger and the function exist."""
-        name = self._ident.as_string(conn)
-        row = conn.execute(
-            "SELECT to_regprocedure('pgcast.queue_wake()') IS NOT NULL AND EXISTS ("
-            " SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s)"
-            " AND tgname = 'pgcast_wake')",
-            (name,),
-        ).fetchone()
+        row = conn.execute(*self.installed_query()).fetchone()
         return bool(row and row[0])
+
+    # The statements, for drivers of either flavour (the asyncio Worker runs
+    # them on an AsyncConnection); the methods above and below run them on a
+    # sync connection.
+
+    def installed_query(self) -> Statement:
+        """The query whose one value is :meth:`installed`'s answer."""
+        return (
+            sql.SQL(
+                "SELECT to_regprocedure('pgcast.queue_wake()') IS NOT NULL AND EXISTS ("
+                " SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s)"
+                " AND tgname = 'pgcast_wake')"
+            ),
+            (self._ident.as_string(),),
+        )
+
+    def install_statements(self) -> list[Statement]:
+        """What :meth:`install` runs, in one transaction, when not installed."""
+        return [
+            (sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(
+                sql.Literal(_LOCK_KEY)), None),
+            (sql.SQL("CREATE SCHEMA IF NOT EXISTS pgcast"), None),
+            (sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
+             None),
+            (_WAKE_FUNCTION.encode(), None),
+            (sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+                " payload jsonb NOT NULL DEFAULT 'null',"
+                " enqueued_at timestamptz NOT NULL DEFAULT now(),"
+                " attempts int NOT NULL DEFAULT 0,"
+                " failed_at timestamptz,"
+                " last_error text)"
+            ).format(self._ident), None),
+            (sql.SQL(
+                "CREATE OR REPLACE TRIGGER pgcast_wake AFTER INSERT ON {}"
+                " FOR EACH STATEMENT EXECUTE FUNCTION pgcast.queue_wake({})"
+            ).format(self._ident, sql.Literal(self.channel)), None),
+        ]
+
+    def claim_query(self, limit: int) -> Statement:
+        """What :meth:`claim` runs: rows of ``Job`` fields."""
+        return (
+            sql.SQL(
+                "SELECT id, payload, enqueued_at, attempts FROM {}"
+                " WHERE failed_at IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+            ).format(self._ident),
+            (limit,),
+        )
+
+    def complete_query(self, jobs: Sequence[Job]) -> Statement:
+        """What :meth:`complete` runs."""
+        return (
+            sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(self._ident),
+            ([j.id for j in jobs],),
+        )
+
+    def fail_query(self, jobs: Sequence[Job], error: str, tries: int) -> Statement:
+        """What :meth:`fail` runs."""
+        return (
+            sql.SQL(
+                "UPDATE {} SET failed_at = now(), last_error = %s, attempts = attempts + %s"
+                " WHERE id = ANY(%s)"
+            ).format(self._ident),
+            (error, tries, [j.id for j in jobs]),
+        )
 
     def uninstall(self, conn: psycopg.Connection[Any]) -> None:
         """Drop the table, and every job in it."""
@@ -230,33 +273,18 @@ class Queue:
     def claim(self, conn: psycopg.Connection[Any], limit: int) -> list[Job]:
         """Lock and return up to *limit* waiting jobs, oldest first, skipping
         those other transactions hold. Call inside a transaction."""
-        rows = conn.execute(
-            sql.SQL(
-                "SELECT id, payload, enqueued_at, attempts FROM {}"
-                " WHERE failed_at IS NULL ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
-            ).format(self._ident),
-            (limit,),
-        ).fetchall()
+        rows = conn.execute(*self.claim_query(limit)).fetchall()
         return [Job(*r) for r in rows]
 
     def complete(self, conn: psycopg.Connection[Any], jobs: Sequence[Job]) -> None:
         """Delete *jobs*: done. Call in the transaction that claimed them."""
-        conn.execute(
-            sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(self._ident),
-            ([j.id for j in jobs],),
-        )
+        conn.execute(*self.complete_query(jobs))
 
     def fail(
         self, conn: psycopg.Connection[Any], jobs: Sequence[Job], error: str, tries: int
     ) -> None:
         """Keep *jobs* as dead letters with *error*; *tries* is added to ``attempts``."""
-        conn.execute(
-            sql.SQL(
-                "UPDATE {} SET failed_at = now(), last_error = %s, attempts = attempts + %s"
-                " WHERE id = ANY(%s)"
-            ).format(self._ident),
-            (error, tries, [j.id for j in jobs]),
-        )
+        conn.execute(*self.fail_query(jobs, error, tries))
 
 
 def _json(payload: Any) -> str:

@@ -1,0 +1,289 @@
+"""The Worker's loop, written once as asyncio code (``pgcast.aio.Worker``,
+this file); the sync ``pgcast.Worker`` (:mod:`pgcast.feeds._worker`) is
+generated from it by ``tools/async_to_sync.py``.
+
+The contract (batches, retries, queues, stopping, connection loss) is in
+:mod:`pgcast.feeds.worker`; the policies without I/O are in
+:mod:`pgcast.feeds._worker_core`. What differs between the flavours:
+
+- the asyncio Worker awaits coroutine handlers on the running loop and calls
+  plain functions there too (a blocking handler blocks the loop: make it a
+  coroutine, or hand the work to a thread); the sync Worker runs coroutine
+  handlers on an event loop of its own (:class:`~pgcast._flavour.AwaitRunner`);
+- the sync :meth:`run` installs SIGTERM/SIGINT handlers when it runs in the
+  main thread; an asyncio program owns its loop's signals, so the asyncio
+  Worker leaves them alone (call :meth:`stop` from your own handler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+
+from .._core import connect_args
+from .._errors import ConnectError, ConnectionLostError
+from .._flavour_async import AwaitRunner, wait_flag
+from ..client._open_async import connect
+from ..client._pubsub_async import AsyncPubSub
+from ._worker_core import (
+    READ_BURST,
+    STOP_SLICE,
+    Abandoned,
+    Retry,
+    WorkerBase,
+    WorkerThread,
+    _QueueRoute,
+    log_retry,
+    logger,
+    reconnect_delay,
+    signal_handlers,
+)
+from .queue import Job
+
+__all__ = ["AsyncWorker"]
+
+
+class AsyncWorker(WorkerBase):
+    """Run handlers for notifications and queue tables; see
+    :mod:`pgcast.feeds.worker` for the contract.
+
+    :param dsn: the database; ``None`` or ``""``: ``DATABASE_URL``, then the
+        ``PG*`` variables (the ``pgcast worker`` command fills it in from
+        ``--dsn``).
+    :param debounce: the default batching window of :meth:`on`, seconds.
+    :param max_batch: the default largest notification batch.
+    :param retry: the default :class:`~pgcast.worker.Retry` policy.
+    :param on_error: called with ``(exception, batch)`` for a batch that failed
+        its last attempt; default: log it.
+    :param poll_interval: drain the queues at least this often, seconds.
+    :param name: the ``application_name`` of the worker's connections, to
+        tell workers apart in ``pg_stat_activity``.
+    """
+
+    _pubsub: AsyncPubSub | None = None
+    _runner: AwaitRunner | None = None
+
+    async def run(self) -> None:
+        """Work until :meth:`stop` (or SIGTERM/SIGINT, sync Worker in the
+        main thread); see the module docs.
+
+        :raises ValueError: no handler was registered.
+        :raises RuntimeError: the worker is already running.
+        :raises ConnectError: the first connection failed (later losses are
+            retried).
+        """
+        self._check_runnable()
+        try:
+            with self._signals():
+                self._runner = runner = AwaitRunner()
+                try:
+                    await self._supervise()
+                    # Graceful: what was received is handled before returning.
+                    await self._deliver(time.monotonic(), everything=True)
+                finally:
+                    self._runner = None
+                    runner.close()
+        finally:
+            self._ready.clear()
+            self._stop.clear()
+            self._running.release()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish its batch and return. Any thread; idempotent."""
+        self._stop.set()
+        ps = self._pubsub
+        if ps is not None:
+            ps._wake()
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the worker listens and has drained its queues once."""
+        return await wait_flag(self._ready, timeout)
+
+    # -- the loop ----------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                await self._session()
+                return
+            except (ConnectionLostError, ConnectError, psycopg.OperationalError) as exc:
+                if failures == 0 and not self._ready.is_set() and isinstance(exc, ConnectError):
+                    raise  # a worker that never connected has a bad DSN, not bad luck
+                failures += 1
+                delay = reconnect_delay(failures)
+                logger.warning("pgcast worker lost its connection (%s); reconnecting in %.1f s",
+                               exc, delay)
+                self._ready.clear()
+                await wait_flag(self._stop, delay)
+
+    async def _session(self) -> None:
+        conninfo, options = connect_args(self.dsn or "", {"application_name": self.name})
+        async with contextlib.AsyncExitStack() as stack:
+            ps = await stack.enter_async_context(await connect(conninfo, **options))
+            work: psycopg.AsyncConnection[Any] | None = None
+            if self._queues:
+                try:
+                    work = await stack.enter_async_context(
+                        await psycopg.AsyncConnection.connect(conninfo, **options))
+                except psycopg.OperationalError as exc:
+                    raise ConnectError(f"cannot connect to PostgreSQL: {exc}") from exc
+                for route in self._queues.values():
+                    await self._install(work, route)
+            self._pubsub = ps
+            stack.callback(setattr, self, "_pubsub", None)
+            # LISTEN before draining: a job queued after the drain looked is
+            # announced by a notification this connection will receive.
+            await ps.listen(*self._routes, *self._queues)
+            self._mark_dirty()
+            next_poll = time.monotonic() + self._poll_interval
+            first = True
+            while not self._stop.is_set():
+                if work is not None:
+                    await self._drain(work)
+                    if self._stop.is_set():
+                        break
+                if first:
+                    self._ready.set()
+                    first = False
+                now = time.monotonic()
+                due = self._coalescer.due_in(now)
+                timeout = next_poll - now if due is None else min(due, next_poll - now)
+                # One wait per turn, then whatever else has arrived, unwaited.
+                # The wait is sliced so that a stop() is seen within a slice.
+                slice_ = min(max(timeout, 0.001), STOP_SLICE)
+                async for item in ps.events(select_timeout=slice_, yield_timeouts=True):
+                    self._take(item, time.monotonic())
+                    break
+                for _ in range(READ_BURST):
+                    event = await ps.get_event()
+                    if event is None:
+                        break
+                    self._take(event, time.monotonic())
+                now = time.monotonic()
+                if now >= next_poll:
+                    self._mark_dirty()
+                    next_poll = now + self._poll_interval
+                await self._deliver(now)
+
+    async def _deliver(self, now: float, everything: bool = False) -> None:
+        for route, batch in self._coalescer.take_due(now, everything):
+            try:
+                await self._call(route.handler, route.is_async, batch, route.retry, route.name)
+            except Abandoned as stopped:
+                self._give_up(stopped.__cause__ or stopped, batch, route.name)
+            except Exception as exc:
+                self._give_up(exc, batch, route.name)
+
+    # -- queues ------------------------------------------------------------
+
+    async def _install(self, work: psycopg.AsyncConnection[Any], route: _QueueRoute) -> None:
+        queue = route.queue
+        cur = await work.execute(*queue.installed_query())
+        row = await cur.fetchone()
+        if row and row[0]:
+            return
+        async with work.transaction():
+            for statement, params in queue.install_statements():
+                await work.execute(statement, params, prepare=False)
+
+    async def _drain(self, work: psycopg.AsyncConnection[Any]) -> None:
+        for route in self._queues.values():
+            while route.dirty and not self._stop.is_set():
+                if not await self._drain_batch(work, route):
+                    route.dirty = False
+
+    async def _drain_batch(self, work: psycopg.AsyncConnection[Any], route: _QueueRoute) -> bool:
+        """Claim, handle and delete one batch; False when the queue was empty."""
+        queue = route.queue
+        jobs: list[Job] = []
+        try:
+            async with work.transaction():
+                cur = await work.execute(*queue.claim_query(route.batch_size))
+                jobs = [Job(*r) for r in await cur.fetchall()]
+                if not jobs:
+                    return False
+                try:
+                    await self._call(route.handler, route.is_async, jobs, route.retry, route.name)
+                except Abandoned:
+                    raise
+                except Exception as exc:
+                    await self._dead_letters(work, route, jobs, exc)
+                else:
+                    await work.execute(*queue.complete_query(jobs))
+        except Abandoned:
+            logger.warning("pgcast worker stopping: %d jobs of %r left in the queue",
+                           len(jobs), queue)
+            return False
+        except psycopg.OperationalError as exc:
+            raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+        return True
+
+    async def _dead_letters(
+        self, work: psycopg.AsyncConnection[Any], route: _QueueRoute, jobs: list[Job],
+        exc: Exception,
+    ) -> None:
+        # One bad job should not condemn its batch: try each alone, once.
+        queue = route.queue
+        failed: list[tuple[Job, Exception]] = []
+        if len(jobs) == 1:
+            failed.append((jobs[0], exc))
+        else:
+            one = Retry(attempts=1)
+            for job in jobs:
+                try:
+                    await self._call(route.handler, route.is_async, [job], one, route.name)
+                except Exception as error:
+                    failed.append((job, error))
+                else:
+                    await work.execute(*queue.complete_query([job]))
+        for job, job_exc in failed:
+            await work.execute(*queue.fail_query(
+                [job], f"{type(job_exc).__name__}: {job_exc}", route.retry.attempts))
+        if failed:
+            self._give_up(failed[0][1], [job for job, _ in failed], route.name)
+
+    # -- handlers ----------------------------------------------------------
+
+    async def _call(
+        self, handler: Callable[..., Any], is_async: bool, batch: Sequence[Any],
+        retry: Retry, name: str,
+    ) -> None:
+        """Call *handler* with *batch*, retrying per *retry*; raises the last
+        error, or :class:`Abandoned` if a stop came during a backoff."""
+        for attempt in range(1, retry.attempts + 1):
+            try:
+                result = handler(list(batch))
+                if is_async:
+                    assert self._runner is not None
+                    await self._runner.run(result)
+                return
+            except Exception as exc:
+                if attempt == retry.attempts:
+                    raise
+                delay = retry.delay(attempt)
+                log_retry(exc, name, batch, attempt=attempt, retry=retry, delay=delay)
+                if await wait_flag(self._stop, delay):
+                    raise Abandoned(f"{name}: retry abandoned, the worker is stopping") \
+                        from exc
+
+    if True:  # ASYNC
+
+        def _signals(self) -> contextlib.AbstractContextManager[None]:
+            # The program owns its event loop's signal handling.
+            return contextlib.nullcontext()
+
+    else:
+
+        def _signals(self) -> contextlib.AbstractContextManager[None]:
+            return signal_handlers(self.stop)
+
+        def run_in_thread(self) -> WorkerThread:
+            """Run the worker in a new (non-daemon) thread; returns it started."""
+            thread = WorkerThread(self)
+            thread.start()
+            return thread

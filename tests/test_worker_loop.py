@@ -1,0 +1,195 @@
+# Generated from tests/test_aio_worker_loop.py by tools/async_to_sync.py: do not edit.
+# Edit the source, then run `python tools/async_to_sync.py`.
+"""The Worker's behaviour, the same in both flavours: written once for
+``pgcast.aio.Worker``; tests/test_worker_loop.py, the same tests for the sync
+``pgcast.Worker``, is generated from this file by tools/async_to_sync.py
+(edit this one, then run the script).
+
+In the asyncio tests the worker runs as a task next to the test body, in the
+sync ones in a thread. *conn* is a plain sync psycopg connection in both
+flavours: the application that sends and enqueues.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgcast
+import pgcast.aio
+from _eventwait import join_thread, pause, run_sync, start_thread
+from pgcast.queue import Job, Queue
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+#: How long anything here may take before the test fails.
+WAIT = 15.0
+
+
+def eventually(what: str, check: Callable[[], object]) -> None:
+    """Wait until *check()* is true; fail loudly after WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {WAIT} s")
+        pause(0.02)
+
+
+def send(conn: Conn, channel: str, payloads: list[str]) -> None:
+    """Notify *payloads* on *channel* in one transaction."""
+    with conn.transaction():
+        for p in payloads:
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, p))
+
+
+def run_until(worker: pgcast.Worker, body: Callable[[], Any]) -> None:
+    """Run *worker* next to ``await body()``; stop it after, and check that
+    ``run()`` returned (what it raised is raised here)."""
+    runner = start_thread(worker.run)
+    try:
+        assert worker.wait_ready(WAIT), "the worker did not start listening"
+        body()
+    finally:
+        worker.stop()
+        join_thread(runner, WAIT)
+
+
+def test_worker_repr_and_registration(dsn: str, unique_channel: str) -> None:
+
+    def main() -> None:
+        worker = pgcast.Worker(dsn)
+        with pytest.raises(ValueError, match="no handler"):
+            worker.run()
+
+        @worker.on(unique_channel)
+        def handle(events: list[pgcast.Event]) -> None:
+            pass
+
+        assert unique_channel in repr(worker)
+        assert not worker.stopping
+
+    run_sync(main())
+
+
+def test_worker_batches_events_in_order_and_awaits_async_handlers(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    """Events sent together come as one batch, in order; a coroutine handler
+    is awaited (on the program's loop for the asyncio Worker)."""
+
+    def main() -> None:
+        batches: list[list[str]] = []
+        worker = pgcast.Worker(dsn, debounce=0.3)
+
+        @worker.on(unique_channel)
+        def handle(events: list[pgcast.Event]) -> None:
+            pause(0)
+            batches.append([e.payload for e in events])
+
+        def body() -> None:
+            send(conn, unique_channel, [str(i) for i in range(50)])
+            eventually("a batch", lambda: batches)
+
+        run_until(worker, body)
+        assert batches == [[str(i) for i in range(50)]]
+
+    run_sync(main())
+
+
+def test_worker_retries_then_hands_the_batch_to_on_error(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+
+    def main() -> None:
+        calls: list[list[str]] = []
+        failed: list[tuple[str, list[Any]]] = []
+        worker = pgcast.Worker(
+            dsn,
+            debounce=0,
+            retry=pgcast.Retry(attempts=3, backoff=0.01),
+            on_error=lambda exc, batch: failed.append((str(exc), list(batch))),
+        )
+
+        @worker.on(unique_channel)
+        def handle(events: list[pgcast.Event]) -> None:
+            calls.append([e.payload for e in events])
+            raise RuntimeError("handler broke")
+
+        def body() -> None:
+            send(conn, unique_channel, ["x"])
+            eventually("on_error", lambda: failed)
+
+        run_until(worker, body)
+        assert calls == [["x"], ["x"], ["x"]]
+        assert failed[0][0] == "handler broke"
+        assert [e.payload for e in failed[0][1]] == ["x"]
+
+    run_sync(main())
+
+
+def test_worker_drains_a_queue_and_keeps_failing_jobs_as_dead_letters(dsn: str, conn: Conn) -> None:
+    """Jobs enqueued before the start and while running are handled and
+    deleted; the one that fails alone is kept as a dead letter."""
+    queue = Queue("w" + uuid.uuid4().hex[:12])
+    queue.install(conn)
+    try:
+        queue.enqueue_many(conn, [{"n": i} for i in range(5)])
+
+        def main() -> None:
+            seen: list[Any] = []
+            worker = pgcast.Worker(dsn, retry=pgcast.Retry(attempts=1))
+
+            @worker.on_queue(queue, batch_size=3)
+            def handle(jobs: list[Job]) -> None:
+                numbers = [j.payload["n"] for j in jobs]
+                if 6 in numbers:
+                    raise ValueError("bad job")
+                seen.extend(numbers)
+
+            def body() -> None:
+                eventually("the backlog", lambda: len(seen) == 5)
+                queue.enqueue_many(conn, [{"n": 5}, {"n": 6}, {"n": 7}])
+                eventually("the new jobs", lambda: len(seen) == 7)
+                eventually("the dead letter", lambda: len(queue.failed(conn)) == 1)
+
+            run_until(worker, body)
+            assert sorted(seen) == [0, 1, 2, 3, 4, 5, 7]
+
+        run_sync(main())
+        assert queue.pending(conn) == 0
+        [(job, error)] = queue.failed(conn)
+        assert job.payload == {"n": 6}
+        assert error == "ValueError: bad job"
+    finally:
+        queue.uninstall(conn)
+
+
+def test_worker_stop_delivers_batches_still_in_their_window(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    """A stop while a batch waits for its (long) window delivers it at once,
+    then run() returns."""
+
+    def main() -> None:
+        batches: list[list[str]] = []
+        worker = pgcast.Worker(dsn, debounce=60)
+
+        @worker.on(unique_channel)
+        def handle(events: list[pgcast.Event]) -> None:
+            batches.append([e.payload for e in events])
+
+        def body() -> None:
+            send(conn, unique_channel, ["a", "b"])
+            # Received (the PubSub's side) but not delivered: the window is long.
+            pause(0.5)
+            assert batches == []
+
+        run_until(worker, body)
+        assert batches == [["a", "b"]]
+        assert not worker.stopping
+
+    run_sync(main())
