@@ -52,3 +52,21 @@ def test_feeds_keep_their_short_import_paths() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "ok\n"
+
+
+def test_the_version_is_written_once() -> None:
+    """pyproject.toml reads the version from pgcast.__version__ (hatch's
+    dynamic version); the installed metadata agrees, and it is in the changelog
+    or still unreleased."""
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["hatch"]["version"]["path"] == "src/pgcast/__init__.py"
+    assert importlib.metadata.version("pgcast") == pgcast.__version__
+    assert f"## {pgcast.__version__}" in (root / "CHANGELOG.md").read_text()
+    assert "MIT License" in (root / "LICENSE").read_text()
