@@ -15,10 +15,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 import pgcast
 import pgcast.aio
 from _eventwait import arun
+from pgcast._durable_core import INLINE_LIMIT, ref_payload
 from pgcast.durable import install_schema, install_schema_async, prune_async
 
 TIMEOUT = 20.0
@@ -156,5 +158,42 @@ def test_async_schema_and_prune(dsn: str, unique_channel: str) -> None:
                 await pub.notify(unique_channel, "x", durable=True)
             assert await prune_async(c, older_than=timedelta(0), channel=unique_channel) == {
                 unique_channel: 1}
+
+    arun(main())
+
+
+def test_a_forged_reference_reads_no_other_channels_message(
+    dsn: str, conn: psycopg.Connection[Any], unique_channel: str
+) -> None:
+    """The asyncio twin: a forged reference payload (raw SQL NOTIFY,
+    pg_notify) makes the listener fetch on its own channel only."""
+    private, public = unique_channel + ".private", unique_channel + ".public"
+    secret = "secret:" + "x" * INLINE_LIMIT
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            secret_id = await pub.notify(private, secret, durable=True)
+            assert secret_id is not None
+            forged = ref_payload(secret_id)
+            await sub.listen(public)
+            conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(public), forged))
+            conn.execute("SELECT pg_notify(%s, %s)", (public, forged))
+            await pub.notify(public, forged)
+            await pub.notify(public, "after")
+            got = await take(sub, 2)
+            assert [e.payload for e in got] == [forged, "after"]
+            assert all("secret" not in e.payload for e in got)
+
+    arun(main())
+
+
+def test_notify_many_refuses_what_is_not_a_pair(dsn: str, unique_channel: str) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            bad: list[Any] = [[(unique_channel, "a", "b")], [(unique_channel,)], ["ab"], 5, "ab"]
+            for messages in bad:
+                with pytest.raises(TypeError, match=r"\(channel, payload\) pair"):
+                    await ps.notify_many(messages)
+            await ps.notify(unique_channel, "still usable")
 
     arun(main())

@@ -910,7 +910,7 @@ def test_a_referenced_payload_pruned_before_it_is_read_is_skipped(
     prune(conn, older_than=timedelta(0), channel=unique_channel)
     with caplog.at_level(logging.WARNING, logger="pgcast"):
         assert [e.payload for e in take(sub, 1)] == ["end"]
-    assert "pruned from the log before it could be read" in caplog.text
+    assert "is not in the log (pruned before it could be read" in caplog.text
 
 
 # -- the CLI -----------------------------------------------------------------------------------
@@ -964,3 +964,35 @@ def test_cli_prune_without_the_schema_is_one_line(fresh_dsn: str) -> None:
     done = pgcast_cli("prune", "--dsn", fresh_dsn)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "pgcast init" in done.stderr
+
+
+def test_a_forged_reference_reads_no_other_channels_message(
+    dsn: str, conn: Conn, unique_channel: str, schema: None
+) -> None:
+    """A plain NOTIFY whose payload imitates a log reference (raw SQL, the
+    SQL function pg_notify) names a message of another channel: the listener
+    fetches on its own channel only, so the private payload never reaches it.
+    Sent through pgcast, the same text is an ordinary payload, delivered as is."""
+    private, public = unique_channel + ".private", unique_channel + ".public"
+    secret = "secret:" + "x" * INLINE_LIMIT  # too large to ride inline: fetched by id
+    with pgcast.connect(dsn) as pub, pgcast.connect(dsn) as sub:
+        secret_id = pub.notify(private, secret, durable=True)
+        assert secret_id is not None
+        forged = ref_payload(secret_id)
+        sub.listen(public)
+        conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(public), forged))
+        conn.execute("SELECT pg_notify(%s, %s)", (public, forged))
+        pub.notify(public, forged)  # pgcast sends it through the log, as text
+        pub.notify(public, "after")
+        got = take(sub, 2)
+        assert [e.payload for e in got] == [forged, "after"]
+        assert all("secret" not in e.payload for e in got)
+
+
+def test_notify_many_refuses_what_is_not_a_pair(dsn: str, unique_channel: str) -> None:
+    with pgcast.connect(dsn) as ps:
+        bad: list[Any] = [[(unique_channel, "a", "b")], [(unique_channel,)], ["ab"], 5, "ab"]
+        for messages in bad:
+            with pytest.raises(TypeError, match=r"\(channel, payload\) pair"):
+                ps.notify_many(messages)
+        ps.notify(unique_channel, "still usable")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -211,3 +213,13 @@ def test_json_round_trip_through_the_server(
     [event] = collect(listener, 1)
     assert event.json() == value
     assert json.loads(event.payload) == value
+
+
+@pytest.mark.parametrize("kind", [list, dict])
+def test_a_payload_nested_too_deeply_is_a_payload_error(kind: type) -> None:
+    """Not a RecursionError from deep inside json: the error says what and the limit."""
+    payload: Any = []
+    for _ in range(sys.getrecursionlimit() + 100):
+        payload = [payload] if kind is list else {"a": payload}
+    with pytest.raises(pgcast.PayloadError, match="recursion limit"):
+        encode_payload(payload)

@@ -48,6 +48,7 @@ from ._durable_core import DurableState
 from ._errors import ConnectionLostError
 from ._event import Event
 from ._health import HealthCheck, probe_channel, probe_sql
+from ._notify_many import message_pairs
 from ._payload import Payload, encode_payload
 from ._plan import Wait, plan
 from ._reconnect import Reconnected, utcnow
@@ -95,7 +96,7 @@ def notify_many_query(
     """
     channels: list[str] = []
     payloads: list[str] = []
-    for channel, payload in messages:
+    for channel, payload in message_pairs(messages):
         channels.append(check_channel(channel))
         payloads.append(encode_payload(payload))
     if not channels:

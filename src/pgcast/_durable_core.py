@@ -65,7 +65,7 @@ from ._durable_schema import (
 )
 from ._errors import PayloadError
 from ._event import DurableEvent, Event
-from ._notify_many import notify_many_params, plain_messages
+from ._notify_many import message_pairs, notify_many_params, plain_messages
 from ._payload import MAX_PAYLOAD_BYTES, Payload, to_text
 from ._reconnect import Reconnected
 
@@ -169,7 +169,7 @@ def publish_many_query(
 ) -> tuple[Query, bool] | None:
     """The statement sending every message in one round trip (``None``: no
     messages), and whether it uses the log. All are checked first."""
-    pairs = list(messages)
+    pairs = message_pairs(messages)
     if not pairs:
         return None
     # The usual batch (short ASCII text, not durable) is checked all at once.
@@ -435,11 +435,17 @@ class DurableState:
     @staticmethod
     def fetch_steps(event: Unfetched) -> Steps[DurableEvent | None]:
         """Fetch the payload of *event*; ``None`` if it was pruned meanwhile."""
-        rows = yield ("SELECT payload FROM pgcast.log WHERE id = %s", (event.id,))
+        # On the notification's own channel only: a reference payload forged
+        # by a plain NOTIFY must not read another channel's messages.
+        rows = yield (
+            "SELECT payload FROM pgcast.log WHERE id = %s AND channel = %s",
+            (event.id, event.channel),
+        )
         if not rows:
             logger.warning(
-                "pgcast: message %d on %r was pruned from the log before it could be "
-                "read; skipped", event.id, event.channel,
+                "pgcast: message %d on %r is not in the log (pruned before it could "
+                "be read, or a reference payload not sent by pgcast); skipped",
+                event.id, event.channel,
             )
             return None
         return DurableEvent(event.channel, rows[0][0], event.pid, event.id)

@@ -20,7 +20,7 @@ Everything here is pure: no connection, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._channels import check_channel
@@ -29,6 +29,7 @@ from ._payload import MAX_PAYLOAD_BYTES, Payload
 __all__ = [
     "NOTIFY_MANY_ONE_CHANNEL_SQL",
     "NOTIFY_MANY_SQL",
+    "message_pairs",
     "notify_many_params",
     "plain_messages",
     "text_array",
@@ -60,6 +61,33 @@ def notify_many_params(channels: list[str], payloads: list[str]) -> tuple[str, t
     if channels.count(first) == len(channels):
         return NOTIFY_MANY_ONE_CHANNEL_SQL, (first, text_array(payloads))
     return NOTIFY_MANY_SQL, (text_array(channels), text_array(payloads))
+
+
+def message_pairs(messages: Iterable[object]) -> list[tuple[str, Payload]]:
+    """*messages* as a list of ``(channel, payload)`` pairs, checked for shape.
+
+    :raises TypeError: *messages* is not iterable, or one of them is not a
+        pair (a tuple or list of two); the error names its index.
+    """
+    if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
+        raise TypeError(
+            "messages must be an iterable of (channel, payload) pairs, "
+            f"not {type(messages).__name__}"
+        )
+    pairs: list[tuple[str, Payload]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, tuple | list) or len(message) != 2:
+            shape = (
+                f"a {type(message).__name__} of {len(message)}"
+                if isinstance(message, tuple | list)
+                else f"a {type(message).__name__}"
+            )
+            raise TypeError(
+                f"message {index} must be a (channel, payload) pair, not {shape}: "
+                f"{message!r:.100}"
+            )
+        pairs.append((message[0], message[1]))
+    return pairs
 
 
 def plain_messages(

@@ -12,6 +12,7 @@ Everything here is pure: no connection, no I/O.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from typing import TypeAlias
 
@@ -44,6 +45,11 @@ def to_text(payload: Payload) -> str:
             return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise PayloadError(
+                "payload cannot be encoded as JSON: it nests deeper than Python's "
+                f"recursion limit ({sys.getrecursionlimit()}) allows"
+            ) from exc
     raise PayloadError(
         f"payload must be a str, or a dict or list to send as JSON, not {type(payload).__name__}"
     )
