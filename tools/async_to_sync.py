@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: (hand-written asyncio source, generated sync twin), relative to ROOT.
 FILES: list[tuple[str, str]] = [
+    ("src/pgcast/client/_identify_async.py", "src/pgcast/client/_identify.py"),
     ("src/pgcast/client/_session_async.py", "src/pgcast/client/_session.py"),
     ("src/pgcast/client/_durable_session_async.py", "src/pgcast/client/_durable_session.py"),
     ("src/pgcast/client/_supervised_async.py", "src/pgcast/client/_supervised.py"),
@@ -65,6 +66,7 @@ NAMES: dict[str, str] = {
     "AsyncPubSub": "PubSub",
     "AsyncReconnectHook": "ReconnectHook",
     "AsyncSession": "Session",
+    "AsyncIdentified": "Identified",
     "AsyncDurableSession": "DurableSession",
     "AsyncSupervised": "Supervised",
     "AsyncNotificationManager": "NotificationManager",
@@ -90,6 +92,7 @@ NAMES: dict[str, str] = {
     "_flavour_async": "_flavour",
     "_pubsub_async": "_pubsub",
     "_session_async": "_session",
+    "_identify_async": "_identify",
     "_durable_session_async": "_durable_session",
     "_supervised_async": "_supervised",
     "_open_async": "_open",

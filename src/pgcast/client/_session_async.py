@@ -59,6 +59,7 @@ from .._flavour_async import (
     sleep_unless,
 )
 from .._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
+from ._identify_async import AsyncIdentified
 
 __all__ = ["AsyncSession", "opener"]
 
@@ -84,7 +85,7 @@ def _has_input(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-class AsyncSession(AsyncClosing):
+class AsyncSession(AsyncIdentified, AsyncClosing):
     """One connection, used for LISTEN and commands, kept alive and restored."""
 
     def __init__(
@@ -349,52 +350,6 @@ class AsyncSession(AsyncClosing):
             f"restored within notify_timeout={self._res.notify_timeout:g} s "
             f"({gave_up})"
         )
-
-    async def _direct(self, sql: str | bytes, fetch: bool = False) -> Rows:
-        """Run *sql* on the connection itself, not as a command: no reconnect,
-        no probe to wait for (a new connection, before anything else runs)."""
-        try:
-            cur = await self._conn.execute(sql, prepare=False)
-            return await cur.fetchall() if fetch else []
-        except psycopg.Error as exc:
-            raise wrap_error(exc) from exc
-
-    async def _identify(self) -> None:
-        """Once per connection, before anything else runs on it: take the
-        server's own ``pg_backend_pid()`` (the pid given at login is made up
-        behind a pooler), and behind a pooler stop preparing statements."""
-        core = self._core
-        if core.identified:
-            return
-        rows = await self._direct(diagnostics.BACKEND_PID_SQL, fetch=True)
-        if core.identify(int(rows[0][0])):
-            # Under transaction pooling the next statement may run on another
-            # server session, which does not know psycopg's prepared
-            # statements (PgBouncer before 1.21 does not track them).
-            self._conn.prepare_threshold = None
-
-    async def _check_pinned(self) -> None:
-        """Behind a pooler, once per connection, after LISTEN: a second
-        connection must not see this one's channels
-        (:func:`pgcast.diagnostics.check_pinned`): notifications to a server
-        session no client holds are dropped."""
-        core = self._core
-        if not core.pooled or core.pinned:
-            return
-        expected = core.expected_listening()
-        try:
-            other = await self._connector()
-            try:
-                cur = await other.execute(diagnostics.SHARED_SQL, prepare=False)
-                rows = await cur.fetchall()
-            except psycopg.Error as exc:
-                raise wrap_error(exc) from exc
-            finally:
-                await other.close()
-        except PgcastError as exc:
-            raise diagnostics.unverified_pool(expected, exc) from exc
-        diagnostics.check_pinned(expected, rows[0][0] if rows and rows[0][0] else ())
-        core.pinned = True
 
     # -- reconnecting ------------------------------------------------------
 
