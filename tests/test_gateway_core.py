@@ -68,6 +68,20 @@ def test_singular_channel_is_accepted_for_subscribe() -> None:
         ('{"type":"ping","ref":"' + "r" * 65 + '"}', "the limit is 64"),
         (b"\xff\xfe", "not UTF-8"),
         ("[" * 100_000, "frame is 100000 bytes"),
+        # A lone surrogate escape would fail when echoed (issue 12 item 10),
+        # wherever it stands: ref, channel, payload, a key, a nested value.
+        ('{"type":"ping","ref":"\\ud800"}', "lone surrogate"),
+        ('{"type":"ping","ref":"a\\uDFFFb"}', "lone surrogate"),
+        ('{"type":"subscribe","channels":["\\udc00"]}', "lone surrogate"),
+        ('{"type":"publish","channel":"a","payload":"x\\ud83d"}', "lone surrogate"),
+        ('{"type":"publish","channel":"a","payload":{"\\ud800":1}}', "lone surrogate"),
+        ('{"type":"publish","channel":"a","payload":[[["\\udbff"]]]}', "lone surrogate"),
+        # NaN and the infinities: JSON.parse rejects them in the browser.
+        ('{"type":"publish","channel":"a","payload":NaN}', "NaN is not JSON"),
+        ('{"type":"publish","channel":"a","payload":[-Infinity]}', "-Infinity is not JSON"),
+        ('{"type":"publish","channel":"a","payload":{"x":Infinity}}', "Infinity is not JSON"),
+        ('{"type":"publish","channel":"a","payload":1e400}', "out of range"),
+        ('{"type":"ping","ref":1,"extra":-1e999}', "out of range"),
     ],
 )
 def test_bad_frames_are_protocol_errors_that_say_why(
@@ -86,6 +100,19 @@ def test_frame_size_limit_counts_utf8_bytes() -> None:
     with pytest.raises(ProtocolError, match=r"frame is \d+ bytes; the limit is 1000 bytes"):
         parse_frame(frame, max_bytes=1000)
     parse_frame(frame, max_bytes=2000)
+
+
+def test_surrogate_pairs_and_big_finite_numbers_are_fine() -> None:
+    cmd = parse_frame('{"type":"publish","channel":"a","payload":["\\ud83d\\ude00", 1e300]}')
+    assert isinstance(cmd, Publish)
+    assert json.loads(cmd.payload) == ["\U0001F600", 1e300]
+    assert parse_frame('{"type":"ping","ref":"\\ud83d\\ude00"}') == Ping("\U0001F600")
+
+
+def test_errors_never_echo_an_unsendable_string() -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_frame('{"type":"shout\\ud800"}')
+    str(info.value).encode("utf-8")  # the error frame itself must be sendable
 
 
 def test_deeply_nested_json_is_an_error_not_a_crash() -> None:
@@ -372,7 +399,8 @@ def test_since_positions() -> None:
     assert parse_since(None) is None
     assert parse_since("7") == 7
     assert parse_since('{"a": 1, "b": 0}') == {"a": 1, "b": 0}
-    for bad in ("-1", "x", "1.5", '{"a": "1"}', "true", "[1]"):
+    for bad in ("-1", "x", "1.5", '{"a": "1"}', "true", "[1]", "NaN", "Infinity",
+                '{"a": NaN}', '{"a": -Infinity}', "1e999", '{"\\ud800": 1}'):
         with pytest.raises(ProtocolError, match="since"):
             parse_since(bad)
     with pytest.raises(ProtocolError, match="not being subscribed to"):

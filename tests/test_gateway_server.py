@@ -413,6 +413,11 @@ def test_malformed_frames_get_error_replies_and_the_connection_survives(
         '{"type": "subscribe", "channels": ["' + "x" * 100 + '"]}',
         '{"type": "publish", "channel": null}', b"\xff\x00binary", '{"type": "ping", "ref": {}}',
         "x" * 20_000,
+        # issue 12 item 10: a lone surrogate that would be echoed, NaN/Infinity
+        '{"type": "ping", "ref": "\\ud800"}', '{"type": "ping", "ref": "\\udfff"}',
+        '{"type": "publish", "channel": "c", "payload": {"v": NaN}}',
+        '{"type": "publish", "channel": "c", "payload": [Infinity]}',
+        '{"type": "publish", "channel": "c", "payload": 1e400}',
     ]
 
     async def main() -> None:
@@ -928,6 +933,67 @@ def test_sse_resumes_with_last_event_id(
         async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
             r = await client.get(url, headers={"Last-Event-ID": "not an id"})
             assert r.status_code == 400 and "since must be a log id" in r.text
+
+    run(main())
+
+
+def test_a_resume_position_never_replays_a_channel_the_client_may_not_read(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
+    durable_schema: None,
+) -> None:
+    """Issue 12 item 2: the README's per-user authorizer, durable user.*;
+    alice resumes with positions naming bob's channel (Last-Event-ID,
+    ?since=, a bare id, WebSocket since) and gets nothing of bob's."""
+    alice, bob = f"{unique_channel}.alice", f"{unique_channel}.bob"
+
+    async def authorizer(connection: Any, token: str | None) -> Access:
+        if token in ("alice", "bob"):
+            return Access.globs(read=[f"{unique_channel}.{token}"])
+        raise AccessDenied("unknown token")
+
+    gw = gateway(authorizer=authorizer, allow=(), durable=[f"{unique_channel}.*"])
+    publish_durably(conn, bob, "bob-secret-1", "bob-secret-2")
+
+    async def sse_events(url: str, headers: dict[str, str], marker: str) -> list[dict[str, Any]]:
+        """The stream's events up to alice's *marker* message, published once
+        the stream is subscribed: a replay of bob's would come before it."""
+        events: list[dict[str, Any]] = []
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                client.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200, await response.aread()
+            lines = response.aiter_lines()
+            for _ in range(1000):
+                line = await asyncio.wait_for(anext(lines), TIMEOUT)
+                if not line.startswith("data: "):
+                    continue
+                events.append(json.loads(line[6:]))
+                if events[-1]["type"] == "subscribed":
+                    publish_durably(conn, bob, "bob-live")
+                    publish_durably(conn, alice, marker)
+                if events[-1].get("payload") == marker:
+                    return events
+        raise AssertionError(f"no {marker!r} in {events}")
+
+    async def main() -> None:
+        base = f"{gw.http}/sse?channel={alice}&token=alice"
+        both = json.dumps({alice: 0, bob: 0})
+        for n, (url, headers) in enumerate([
+            (base, {"Last-Event-ID": both}),
+            (f"{base}&since={both}", {}),
+            (base, {"Last-Event-ID": json.dumps({bob: 0})}),
+            (f"{base}&since=0", {}),
+        ]):
+            events = await sse_events(url, headers, f"alice-{n}")
+            assert not [e for e in events if e.get("channel") == bob], events
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            r = await client.get(f"{gw.http}/sse?channel={bob}&token=alice",
+                                 headers={"Last-Event-ID": both})
+            assert r.status_code == 403
+        async with ws_connect(f"{gw.ws}?token=alice") as ws:
+            await ws.send(json.dumps({"type": "subscribe", "channels": [alice],
+                                      "since": {bob: 0}}))
+            reply = await recv(ws)
+            assert reply["type"] == "error" and "not being subscribed to" in reply["message"]
 
     run(main())
 

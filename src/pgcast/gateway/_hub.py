@@ -358,6 +358,16 @@ class Hub:
         positions = since if isinstance(since, dict) else dict.fromkeys(channels, since)
         out = {}
         for channel, position in positions.items():
+            # A position only ever resumes a channel being subscribed to now,
+            # which the access check above covered: an SSE Last-Event-ID (or
+            # ?since=) naming other channels must not replay them (issue 12
+            # item 2). Checked again here so no other caller can skip it.
+            if channel not in channels or not client.access.can_read(channel):
+                if strict:
+                    raise ProtocolError(
+                        f"since names {channel!r}, which is not being subscribed to"
+                    )
+                continue
             if not self.is_durable(channel):
                 if strict:
                     raise ProtocolError(
