@@ -937,6 +937,42 @@ def test_sse_resumes_with_last_event_id(
     run(main())
 
 
+@pytest.mark.parametrize("backlog", [600, 3000])
+def test_sse_resume_over_a_backlog_larger_than_half_the_queue(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
+    durable_schema: None, backlog: int,
+) -> None:
+    """Issue 12 item 5: with the default queue of 1,000, a resume over 500 or
+    more messages sent the opening comment and then nothing, forever."""
+    gw = gateway(durable=[f"{unique_channel}*"])
+    rows = conn.execute(
+        "SELECT pgcast.notify(%s, 'm' || i) FROM generate_series(1, %s) AS i",
+        (unique_channel, backlog),
+    ).fetchall()
+    ids = [int(r[0]) for r in rows]
+
+    async def main() -> None:
+        url = f"{gw.http}/sse?channel={unique_channel}"
+        headers = {"Last-Event-ID": json.dumps({unique_channel: ids[0] - 1})}
+        got: list[str] = []
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                client.stream("GET", url, headers=headers) as response:
+            lines = response.aiter_lines()
+            for _ in range(10 * backlog + 100):
+                line = await asyncio.wait_for(anext(lines), TIMEOUT)
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if event["type"] == "message":
+                        got.append(event["payload"])
+                        if len(got) == backlog:
+                            publish_durably(conn, unique_channel, "live")
+                        if event["payload"] == "live":
+                            break
+        assert got == [f"m{i}" for i in range(1, backlog + 1)] + ["live"]
+
+    run(main())
+
+
 def test_a_resume_position_never_replays_a_channel_the_client_may_not_read(
     gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
     durable_schema: None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -170,10 +171,7 @@ class SSEEndpoint:
         self, client: Client, channels: tuple[str, ...], since: Since, send: Send
     ) -> None:
         hub = self.hub
-        stats = hub.stats
-        outbox = client.outbox
         wake = client.wake
-        sse_event = _protocol.sse_event
 
         async def write(text: str) -> None:
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
@@ -184,20 +182,49 @@ class SSEEndpoint:
         if since is not None:
             start = since if isinstance(since, dict) else dict.fromkeys(channels, since)
             positions = {c: p for c, p in start.items() if c in channels and hub.is_durable(c)}
+        # Subscribing (and replaying the log from Last-Event-ID) runs beside
+        # this loop, not before it: the replay waits for the queue to drain,
+        # and this loop is what drains it (a resume over half the queue or
+        # more never started when both were one task).
+        subscribing = asyncio.create_task(
+            hub.subscribe(client, channels, since=since, strict=False)
+        )
+        subscribing.add_done_callback(lambda _: wake.set())
         try:
-            await hub.subscribe(client, channels, since=since, strict=False)
-        except ProtocolError as exc:
-            # Only the database being unavailable gets here (the rest was
-            # checked before the stream began): say so and end the stream;
-            # EventSource retries after RETRY_MS.
-            stats.errors += 1
-            await write(sse_event(_protocol.error(str(exc)).text))
-            return
+            await self._drain(client, subscribing, positions, write)
+        finally:
+            if not subscribing.done():
+                subscribing.cancel()
+                with contextlib.suppress(BaseException):
+                    await subscribing
+
+    async def _drain(
+        self,
+        client: Client,
+        subscribing: asyncio.Task[None],
+        positions: dict[str, int],
+        write: Callable[[str], Awaitable[None]],
+    ) -> None:
+        hub = self.hub
+        stats = hub.stats
+        outbox = client.outbox
+        wake = client.wake
+        sse_event = _protocol.sse_event
         heartbeat = hub.settings.heartbeat
         while True:
             wake.clear()
             frames = outbox.take()
             if not frames:
+                if subscribing.done() and not subscribing.cancelled() \
+                        and (exc := subscribing.exception()) is not None:
+                    if not isinstance(exc, ProtocolError):
+                        raise exc
+                    # Only the database being unavailable gets here (the rest
+                    # was checked before the stream began): say so and end the
+                    # stream; EventSource retries after RETRY_MS.
+                    stats.errors += 1
+                    await write(sse_event(_protocol.error(str(exc)).text))
+                    return
                 if client.closing.done():
                     return
                 try:
