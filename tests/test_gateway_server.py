@@ -937,6 +937,77 @@ def test_sse_resumes_with_last_event_id(
     run(main())
 
 
+def test_the_replay_connection_is_reopened_and_a_failed_replay_changes_nothing(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], dsn: str,
+    unique_channel: str, durable_schema: None,
+) -> None:
+    """Issue 12 item 6: after PostgreSQL dropped the replay connection the
+    next resume got ``subscribed``, then an error, and the channel stuck."""
+    role = f"pgcast_gw_{unique_channel[-8:]}"
+    conn.execute(f"CREATE ROLE {role} SUPERUSER LOGIN")
+    gw = gateway(dsn=psycopg.conninfo.make_conninfo(dsn, user=role),
+                 durable=[f"{unique_channel}*"])
+    ids = publish_durably(conn, unique_channel, "m1", "m2")
+
+    def drop_replay_connection() -> None:
+        sql = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+               "WHERE application_name = 'pgcast-gateway-replay' AND usename = %s")
+        assert conn.execute(sql, (role,)).fetchall(), "no replay connection to drop"
+        for _ in range(200):
+            if not conn.execute(sql.replace("pg_terminate_backend(pid)", "pid"),
+                                (role,)).fetchall():
+                return
+            time.sleep(0.05)
+        raise AssertionError("the replay connection's backend did not go away")
+
+    async def resume(ws: ClientConnection, since: int) -> dict[str, Any]:
+        return await request(ws, {"type": "subscribe", "channels": [unique_channel],
+                                  "since": since, "ref": "r"})
+
+    async def payloads(ws: ClientConnection, n: int) -> list[str]:
+        return [(await recv(ws))["payload"] for _ in range(n)]
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            assert (await resume(ws, 0))["type"] == "subscribed"
+            assert await payloads(ws, 2) == ["m1", "m2"]
+        await asyncio.to_thread(drop_replay_connection)
+        ids.extend(publish_durably(conn, unique_channel, "m3"))
+        async with ws_connect(gw.ws) as ws:  # reopened, unseen by the client
+            assert (await resume(ws, ids[0]))["type"] == "subscribed"
+            assert await payloads(ws, 2) == ["m2", "m3"]
+        # Now the replay cannot reconnect: the error undoes the subscription.
+        await asyncio.to_thread(conn.execute, f"ALTER ROLE {role} NOLOGIN")
+        await asyncio.to_thread(drop_replay_connection)
+        async with ws_connect(gw.ws) as ws:
+            assert (await resume(ws, 0))["type"] == "subscribed"
+            error = await recv(ws)
+            assert error["type"] == "error" and error["ref"] == "r", error
+            assert "replaying the log failed" in error["message"]
+            assert "was undone: subscribe again" in error["message"]
+            await asyncio.to_thread(conn.execute, f"ALTER ROLE {role} LOGIN")
+            # Not "already subscribed": nothing was left half-done.
+            assert (await resume(ws, 0))["type"] == "subscribed"
+            assert await payloads(ws, 3) == ["m1", "m2", "m3"]
+            ids.extend(publish_durably(conn, unique_channel, "m4"))
+            assert await payloads(ws, 1) == ["m4"]
+
+    try:
+        run(main())
+    finally:
+        gw.server.should_exit = True
+        gw.thread.join(30)
+        conn.execute(f"ALTER ROLE {role} LOGIN")
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE usename = %s", (role,))
+        for _ in range(200):
+            if not conn.execute("SELECT 1 FROM pg_stat_activity WHERE usename = %s",
+                                (role,)).fetchall():
+                break
+            time.sleep(0.05)
+        conn.execute(f"DROP ROLE {role}")
+
+
 @pytest.mark.parametrize("backlog", [600, 3000])
 def test_sse_resume_over_a_backlog_larger_than_half_the_queue(
     gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,

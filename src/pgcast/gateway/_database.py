@@ -87,18 +87,34 @@ class QueryConnection:
 
     async def fetch(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
         """Run a query and return its rows; the connection is opened when
-        first needed and again after it broke."""
+        first needed and again after it broke.
+
+        The replay's queries only read, so one that fails because the
+        connection broke (its backend terminated, the server restarted) is
+        run once more on a fresh connection: a connection that died while
+        idle is noticed only by the next query.
+        """
         async with self._lock:
-            conn = self._conn
-            if conn is None or conn.closed:
-                options = dict(self._settings.connect_kwargs)
-                options.update(autocommit=True, application_name="pgcast-gateway-replay")
-                options.setdefault("connect_timeout", 10)
-                conn = self._conn = await psycopg.AsyncConnection.connect(
-                    self._settings.dsn, **options
-                )
-            cur = await conn.execute(sql, params)
-            return await cur.fetchall()
+            for attempt in range(2):
+                conn = self._conn
+                if conn is None or conn.closed or conn.broken:
+                    conn = self._conn = await self._connect()
+                try:
+                    cur = await conn.execute(sql, params)
+                    return await cur.fetchall()
+                except psycopg.OperationalError:
+                    if not (conn.closed or conn.broken) or attempt:
+                        raise
+                    logger.info("pgcast gateway: the replay connection broke; reopening it")
+                    self._conn = None
+                    await conn.close()
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        options = dict(self._settings.connect_kwargs)
+        options.update(autocommit=True, application_name="pgcast-gateway-replay")
+        options.setdefault("connect_timeout", 10)
+        return await psycopg.AsyncConnection.connect(self._settings.dsn, **options)
 
     async def close(self) -> None:
         """Close the connection, if it was opened."""

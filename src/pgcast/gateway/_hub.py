@@ -348,7 +348,17 @@ class Hub:
                     resume.replay(resume_from, self._query.fetch, lambda: client.gone)
                 )
             except (PgcastError, psycopg.Error) as exc:
-                raise ProtocolError(f"replaying the log failed: {exc}") from None
+                # An error frame means nothing changed: undo the whole
+                # subscription (all or nothing, as its checks), so the client
+                # can subscribe again (the query connection is reopened).
+                gone = self.router.unsubscribe(client.sub, channels)
+                resume.forget(gone)
+                if gone:
+                    self._reap_wanted.set()
+                raise ProtocolError(
+                    f"replaying the log failed: {exc}; the subscription to "
+                    f"{', '.join(map(repr, channels))} was undone: subscribe again"
+                ) from None
 
     def _resume_positions(
         self, client: Client, channels: tuple[str, ...], since: Since, strict: bool
