@@ -403,6 +403,46 @@ def test_limits_on_subscriptions_clients_and_frame_size(
     assert gw.metrics()['pgcast_gateway_rejected_total{reason="capacity"}'] == 2
 
 
+def test_a_flood_of_metrics_requests_opens_one_connection_at_a_time(
+    gateway: Callable[..., Gateway], dsn: str
+) -> None:
+    """Issue 12 item 8: each /metrics request past the cache opened its own
+    connection (1,000 unauthenticated requests opened 295)."""
+    gw = gateway(metrics_cache=0.001)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def watch() -> None:
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            for _ in range(20_000):
+                if stop.is_set():
+                    return
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'pgcast-gateway-metrics'"
+                ).fetchone()
+                seen.append(int(row[0]) if row else 0)
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=300)
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT, limits=limits) as client:
+            for _ in range(3):
+                replies = await asyncio.gather(
+                    *(client.get(f"{gw.http}/metrics") for _ in range(300))
+                )
+                assert {r.status_code for r in replies} == {200}
+                assert all("pgcast_gateway_notify_queue_usage " in r.text for r in replies)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        run(main())
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+    assert seen and max(seen) <= 1, f"up to {max(seen)} metrics connections at once"
+
+
 def test_malformed_frames_get_error_replies_and_the_connection_survives(
     gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
 ) -> None:

@@ -123,29 +123,46 @@ class QueryConnection:
 
 
 class QueueUsage:
-    """``pg_notification_queue_usage()``, read at most every ``metrics_cache`` s."""
+    """``pg_notification_queue_usage()``, read at most every ``metrics_cache`` s.
+
+    At most one read is in flight: concurrent ``/metrics`` requests (which
+    need no authentication) share it, so a flood of them can never open more
+    than one connection and starve other applications of connections.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._last: tuple[float, float | None] = (-1e9, None)
+        self._reading: asyncio.Future[float | None] | None = None
 
     async def read(self) -> float | None:
         """The fraction of the NOTIFY queue in use (cached); None if it
         cannot be read."""
         at, value = self._last
-        now = time.monotonic()
-        if now - at < self._settings.metrics_cache:
+        if time.monotonic() - at < self._settings.metrics_cache:
             return value
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._done)
+        # Shielded: a client that leaves does not cancel the others' read.
+        return await asyncio.shield(self._reading)
+
+    def _done(self, future: asyncio.Future[float | None]) -> None:
+        self._reading = None
+        if not future.cancelled():
+            self._last = (time.monotonic(), future.result())
+
+    async def _read(self) -> float | None:
         try:
+            options = dict(self._settings.connect_kwargs)
+            options.update(autocommit=True, application_name="pgcast-gateway-metrics")
+            options.setdefault("connect_timeout", 5)
             async with await psycopg.AsyncConnection.connect(
-                self._settings.dsn, autocommit=True, connect_timeout=5,
-                application_name="pgcast-gateway-metrics",
+                self._settings.dsn, **options
             ) as conn:
                 cur = await conn.execute("SELECT pg_notification_queue_usage()")
                 row = await cur.fetchone()
-                value = float(row[0]) if row is not None else None
+                return float(row[0]) if row is not None else None
         except psycopg.Error as exc:
             logger.warning("pgcast gateway: cannot read the NOTIFY queue usage: %s", exc)
-            value = None
-        self._last = (now, value)
-        return value
+            return None
