@@ -372,6 +372,84 @@ def test_origin_check(gateway: Callable[..., Gateway], unique_channel: str) -> N
     assert same.metrics()['pgcast_gateway_rejected_total{reason="origin"}'] == 2
 
 
+def _raw_status(port: int, request: str) -> str:
+    """The status line the gateway answers *request* (raw HTTP) with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request.encode("latin-1"))
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0].decode("latin-1")
+
+
+def _upgrade(host: str, origin: str) -> str:
+    return ("GET /ws HTTP/1.1\r\n"
+            f"Host: {host}\r\nOrigin: {origin}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def _get(path: str, host: str, origin: str) -> str:
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n"
+            "Connection: close\r\n\r\n")
+
+
+def test_dns_rebinding_is_refused_by_the_host_allow_list(
+    gateway: Callable[..., Gateway], unique_channel: str
+) -> None:
+    """Issue 12 item 4: ``Host: evil.example:PORT`` with ``Origin:
+    http://evil.example:PORT`` passes the same-origin check (the page's name
+    was made to resolve to the gateway); ``allowed_hosts`` refuses it on
+    every route and transport."""
+    open_gw = gateway()
+    gw = gateway(allowed_hosts=["127.0.0.1", "localhost", "*.app.example"])
+    sse = f"/sse?channel={unique_channel}"
+    for port in (open_gw.port, gw.port):
+        evil = f"evil.example:{port}"
+        attacks = [
+            _upgrade(evil, f"http://{evil}"),
+            _upgrade(f"EVIL.example:{port}", f"http://EVIL.example:{port}"),
+            _upgrade(f"127.0.0.1.evil.example:{port}", f"http://127.0.0.1.evil.example:{port}"),
+            _upgrade(f"app.example.evil.example:{port}",
+                     f"http://app.example.evil.example:{port}"),
+            _get(sse, evil, f"http://{evil}"),
+            _get("/metrics", evil, f"http://{evil}"),
+            _get("/healthz", f"localhost@evil.example:{port}", "http://x"),
+        ]
+        statuses = [_raw_status(port, a) for a in attacks]
+        if port == open_gw.port:
+            # Without the list the same-origin check alone lets the first in.
+            assert statuses[0].startswith("HTTP/1.1 101"), statuses
+        else:
+            assert all(st.startswith("HTTP/1.1 400") for st in statuses), statuses
+    for host in (f"127.0.0.1:{gw.port}", f"localhost:{gw.port}", f"ws.app.example:{gw.port}"):
+        assert _raw_status(gw.port, _upgrade(host, f"http://{host}")).startswith(
+            "HTTP/1.1 101"), host
+        assert _raw_status(gw.port, _get(sse, host, f"http://{host}")).startswith(
+            "HTTP/1.1 200"), host
+
+
+def test_allowed_hosts_arguments() -> None:
+    from pgcast.cli.gateway import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", None) == ["localhost", "127.0.0.1", "[::1]"]
+    assert allowed_hosts("::1", None) == ["localhost", "127.0.0.1", "[::1]"]
+    assert allowed_hosts("localhost", None) == ["localhost", "127.0.0.1", "[::1]"]
+    assert allowed_hosts("0.0.0.0", None) is None
+    assert allowed_hosts("0.0.0.0", ["app.example"]) == ["app.example"]
+    assert allowed_hosts("127.0.0.1", ["*"]) is None
+    for bad, message in [(["app.example:80"], "without the port"), ([""], "non-empty"),
+                         (["a.*.example"], "wildcards"), ([], "is empty")]:
+        with pytest.raises(ValueError, match=message):
+            create_app("", allowed_hosts=bad)
+    with pytest.raises(TypeError, match="not one string"):
+        create_app("", allowed_hosts="app.example")
+    create_app("", allowed_hosts=["::1", "*.app.example", "*"])
+
+
 def test_limits_on_subscriptions_clients_and_frame_size(
     gateway: Callable[..., Gateway], unique_channel: str
 ) -> None:

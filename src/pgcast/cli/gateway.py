@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import shlex
 import socket
 import sys
@@ -42,6 +43,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
                    help="a browser origin allowed to connect, e.g. https://app.example.com, "
                    "or * for any (repeatable; default: the gateway's own origin only)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host header value requests may carry (no port; *.example.com "
+                   "for subdomains; * for any; repeatable). Stops DNS rebinding. Default: "
+                   "the loopback names when --host is a loopback address, else any")
     p.add_argument("--max-clients", type=int, default=10_000, metavar="N",
                    help="clients connected at once (default 10000)")
     p.add_argument("--queue-size", type=int, default=1000, metavar="N",
@@ -119,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow=args.allow,
         allow_publish=args.allow_publish,
         allowed_origins=args.allowed_origin,
+        allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         max_clients=args.max_clients,
         queue_size=args.queue_size,
         overflow=args.overflow,
@@ -128,6 +134,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"pgcast gateway on http://{_url_host(args.host)}:{args.port}/ "
           f"(WebSocket /ws, SSE /sse, /healthz, /metrics)", file=sys.stderr, flush=True)
     return _run(app, sock)
+
+
+#: The names a browser on this machine uses for a loopback address.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def allowed_hosts(host: str, given: list[str] | None) -> list[str] | None:
+    """The ``allowed_hosts`` of ``pgcast serve``: those given, else the
+    loopback names when listening on loopback (a page whose name rebinds to
+    127.0.0.1 must not reach a local gateway), else any."""
+    if given:
+        return None if "*" in given else given
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return list(LOOPBACK_HOSTS) if loopback else None
 
 
 def _url_host(host: str) -> str:
@@ -170,6 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             allow_publish=[DEMO_CHANNEL],
             demo_page=True,
             demo_command=command,
+            allowed_hosts=allowed_hosts(args.host, None),
         )
         url = f"http://{_url_host(args.host)}:{args.port}/"
         print(f"\npgcast demo: open {url}\n\nMove the green bar from a terminal with:\n\n"

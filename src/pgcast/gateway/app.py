@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -46,6 +48,7 @@ def create_app(
     allow_publish: Iterable[str] = (),
     authorizer: Authorizer | None = None,
     allowed_origins: Iterable[str] | None = None,
+    allowed_hosts: Iterable[str] | None = None,
     max_clients: int = 10_000,
     max_subscriptions: int = 100,
     max_frame_bytes: int = 16 * 1024,
@@ -72,6 +75,14 @@ def create_app(
     :param allowed_origins: the ``Origin`` values browsers may connect from,
         as ``scheme://host[:port]``, or ``["*"]`` for any; ``None`` (default)
         allows the gateway's own origin only.
+    :param allowed_hosts: the ``Host`` header values (names, without the
+        port; ``"*.example.com"`` for subdomains) requests may carry; any
+        other gets 400 ``Invalid host header``, on every route. ``None``
+        (default) allows any. Set it whenever browsers reach the gateway:
+        the same-origin check alone does not stop DNS rebinding (a page of
+        ``evil.example`` whose name is made to point at the gateway has the
+        same origin as the ``Host`` it sends). ``pgcast serve`` sets it to
+        the loopback names when it listens on a loopback address.
     :param max_clients: connected clients at once; more are refused (503).
     :param max_subscriptions: channels per client.
     :param max_frame_bytes: the largest client frame accepted, in bytes.
@@ -99,6 +110,7 @@ def create_app(
             f"overflow must be one of {', '.join(repr(str(o)) for o in Overflow)}, "
             f"not {overflow!r}"
         )
+    hosts = _check_hosts(allowed_hosts)
     origins = None if allowed_origins is None else frozenset(
         o.rstrip("/") for o in allowed_origins
     )
@@ -153,9 +165,40 @@ def create_app(
 
         routes.append(Route("/", index))
         routes.append(Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = []
+    if hosts is not None:
+        # Starlette's own check, before routing: every route, HTTP and WebSocket.
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=hosts,
+                                     www_redirect=False))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.pgcast_gateway = hub
     return app
+
+
+def _check_hosts(allowed_hosts: Iterable[str] | None) -> list[str] | None:
+    """The ``allowed_hosts`` patterns, checked, as Starlette compares them."""
+    if allowed_hosts is None:
+        return None
+    if isinstance(allowed_hosts, str):
+        raise TypeError("allowed_hosts must be a list of host names, not one string")
+    hosts = []
+    for entry in allowed_hosts:
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(f"allowed_hosts entries must be non-empty strings, got {entry!r}")
+        host = entry
+        if host.count(":") > 1 and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address: the Host header brackets it
+        elif host.count(":") == 1:
+            raise ValueError(f"allowed_hosts entry {host!r}: give the name without the port")
+        if "*" in host[1:] or (host.startswith("*") and host != "*"
+                               and not host.startswith("*.")):
+            raise ValueError(f"allowed_hosts entry {host!r}: wildcards must look like "
+                             "'*.example.com' (or '*' for any)")
+        hosts.append(host.lower())
+    if not hosts:
+        raise ValueError("allowed_hosts is empty: no request could reach the gateway "
+                         "(pass None to allow any Host)")
+    return hosts
 
 
 def _demo_page(command: str | None) -> str:
