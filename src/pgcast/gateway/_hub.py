@@ -50,7 +50,7 @@ from .._event import Event
 from .._reconnect import Reconnected
 from . import _metrics, _protocol
 from ._database import QueryConnection, QueueUsage, connect_listener, listen_all, reconnect_delay
-from ._protocol import Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
+from ._protocol import Auth, Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
 from ._resume import Resume
 from ._router import Outbox, Overflow, Router, Subscriber
 from .auth import Access, Authorizer, globs_matcher
@@ -65,6 +65,10 @@ T = TypeVar("T")
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_SLOW_CONSUMER = 4000
+#: The client's access expired (its token) and no fresh token came in time.
+CLOSE_ACCESS_EXPIRED = 4001
+#: The client did not authenticate (no ``auth`` frame first, or a refused token).
+CLOSE_NOT_AUTHENTICATED = 4003
 
 _RETRY_DELAY = 0.1
 
@@ -87,13 +91,16 @@ class Settings:
     metrics_cache: float = 5.0
     durable: tuple[str, ...] = ()
     connect_kwargs: dict[str, Any] = field(default_factory=dict)
+    token_cookie: str | None = "pgcast_token"
+    auth_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("max_clients", "max_subscriptions", "max_frame_bytes", "queue_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("heartbeat", "database_timeout", "close_timeout", "metrics_cache"):
+        for name in ("heartbeat", "database_timeout", "close_timeout", "metrics_cache",
+                     "auth_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -103,11 +110,17 @@ class Settings:
 class Client:
     """One connected client, as the transports drive it."""
 
-    __slots__ = ("access", "closing", "detached", "resume", "sub", "wake")
+    __slots__ = ("access", "closing", "connection", "detached", "expiry", "resume", "sub", "wake")
 
-    def __init__(self, sub: Subscriber, access: Access, wake: asyncio.Event) -> None:
+    def __init__(
+        self, sub: Subscriber, access: Access, wake: asyncio.Event, connection: Any = None
+    ) -> None:
         self.sub = sub
         self.access = access
+        #: The Starlette request or websocket, for the authorizer.
+        self.connection = connection
+        #: Closes the client when its access expires (see :meth:`Hub.grant`).
+        self.expiry: asyncio.TimerHandle | None = None
         #: Set when the outbox has frames (or the client must go).
         self.wake = wake
         #: Resolved with ``(close code, reason)`` when the gateway drops the client.
@@ -237,6 +250,8 @@ class Hub:
                 f"the gateway's authorizer must return a pgcast.gateway.Access, "
                 f"not {type(result).__name__}"
             )
+        if result.expires is not None and result.expires <= time.time():
+            raise AccessDenied("the token has expired")
         return result
 
     def check_room(self) -> None:
@@ -250,23 +265,69 @@ class Hub:
                 f"the limit is {self.settings.max_clients}"
             )
 
-    def attach(self, transport: str, access: Access) -> Client:
-        """Register a new client. :raises AccessDenied: see :meth:`check_room`."""
+    def attach(self, transport: str, access: Access, connection: Any = None) -> Client:
+        """Register a new client. :raises AccessDenied: see :meth:`check_room`,
+        or *access* has already expired."""
         self.check_room()
         wake = asyncio.Event()
         outbox = Outbox(self.settings.queue_size, self.settings.overflow, wake.set)
         sub = Subscriber(outbox, transport)
-        client = Client(sub, access, wake)
+        client = Client(sub, Access(), wake, connection)
+        self.grant(client, access)
         self._clients[sub] = client
         self.router.attach(sub)
         self.stats.connections[transport] += 1
         return client
+
+    def grant(self, client: Client, access: Access) -> None:
+        """Give *client* *access*, and close it when that access expires.
+
+        :raises AccessDenied: *access* has already expired.
+        """
+        delay = None if access.expires is None else access.expires - time.time()
+        if delay is not None and delay <= 0:
+            raise AccessDenied("the token has expired")
+        if client.expiry is not None:
+            client.expiry.cancel()
+            client.expiry = None
+        client.access = access
+        if delay is not None:
+            client.expiry = asyncio.get_running_loop().call_later(
+                delay, self._expired, client
+            )
+
+    def _expired(self, client: Client) -> None:
+        client.expiry = None
+        self.stats.disconnects["expired"] += 1
+        client.kick(CLOSE_ACCESS_EXPIRED,
+                    "access expired: send a fresh token in an auth frame before it expires")
+
+    async def authenticate(self, client: Client, token: str, ref: Ref = None) -> None:
+        """A fresh token for *client*: its access is replaced; subscriptions
+        the new access does not allow are ended (``unsubscribed``).
+
+        :raises ProtocolError: the authorizer refused the token; the
+            client's access is unchanged.
+        """
+        try:
+            access = await self.authorize(client.connection, token)
+        except AccessDenied as exc:
+            self.stats.rejected["auth"] += 1
+            raise ProtocolError(f"token refused: {exc or 'access denied'}") from None
+        self.grant(client, access)
+        lost = tuple(c for c in client.sub.channels if not access.can_read(c))
+        if lost:
+            await self.unsubscribe(client, lost)
+        self.reply(client, _protocol.authenticated(ref, access.expires))
 
     def detach(self, client: Client) -> None:
         """Forget a client that went away; its channels may be UNLISTENed."""
         if client.detached:
             return
         client.detached = True
+        if client.expiry is not None:
+            client.expiry.cancel()
+            client.expiry = None
         self._clients.pop(client.sub, None)
         had = bool(client.sub.channels)
         self.router.detach(client.sub)
@@ -293,6 +354,8 @@ class Hub:
             await self.publish(client, command)
         elif isinstance(command, Ping):
             self.reply(client, _protocol.pong(command.ref))
+        elif isinstance(command, Auth):
+            await self.authenticate(client, command.token, command.ref)
 
     def reply(self, client: Client, frame: Frame) -> None:
         """Queue a reply or notice; a client that floods requests without

@@ -41,6 +41,8 @@ from .._payload import encode_payload
 
 __all__ = [
     "MAX_FRAME_BYTES",
+    "MAX_TOKEN_CHARS",
+    "Auth",
     "Command",
     "Frame",
     "Ping",
@@ -49,6 +51,7 @@ __all__ = [
     "Since",
     "Subscribe",
     "Unsubscribe",
+    "authenticated",
     "error",
     "message",
     "notice",
@@ -106,8 +109,20 @@ class Ping(NamedTuple):
     ref: Ref = None
 
 
+class Auth(NamedTuple):
+    """Authenticate with :attr:`token`: the first frame of a client that
+    gave no token in the handshake, or later a fresh token (one that is
+    about to expire, say), which replaces the client's access."""
+
+    token: str
+    ref: Ref = None
+
+
 #: Every request a client can make.
-Command: TypeAlias = "Subscribe | Unsubscribe | Publish | Ping"
+Command: TypeAlias = "Subscribe | Unsubscribe | Publish | Ping | Auth"
+
+#: The longest token an ``auth`` frame may carry, in characters.
+MAX_TOKEN_CHARS = 8192
 
 
 class Frame(NamedTuple):
@@ -171,10 +186,13 @@ def parse_frame(data: str | bytes | None, max_bytes: int = MAX_FRAME_BYTES) -> C
         return _publish(obj, ref)
     if kind == "ping":
         return Ping(ref)
+    if kind == "auth":
+        return Auth(_token(obj), ref)
     if "type" not in obj:
         raise ProtocolError("frame has no \"type\" field")
     raise ProtocolError(
-        f"unknown frame type {_short(kind)}; expected subscribe, unsubscribe, publish or ping"
+        f"unknown frame type {_short(kind)}; expected subscribe, unsubscribe, publish, ping "
+        "or auth"
     )
 
 
@@ -271,6 +289,17 @@ def _ref(obj: dict[str, Any]) -> Ref:
     if isinstance(ref, int) and not -(2**53) <= ref <= 2**53:
         raise ProtocolError("\"ref\" must be an integer JavaScript can represent exactly")
     return ref
+
+
+def _token(obj: dict[str, Any]) -> str:
+    token = obj.get("token")
+    if not isinstance(token, str) or not token:
+        raise ProtocolError(f"auth needs \"token\": a non-empty string, not {_json_kind(token)}")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ProtocolError(
+            f"\"token\" is {len(token)} characters; the limit is {MAX_TOKEN_CHARS}"
+        )
+    return token
 
 
 def _channels(obj: dict[str, Any], kind: str) -> tuple[str, ...]:
@@ -392,6 +421,15 @@ def notice(event: str, text: str, **fields: Any) -> Frame:
     """Something the client should know that is not a reply: ``reconnected``,
     ``dropped`` (with ``count``), ``shutdown``."""
     return Frame(_dump({"type": "notice", "event": event, "message": text, **fields}))
+
+
+def authenticated(ref: Ref = None, expires: float | None = None) -> Frame:
+    """The reply to an ``auth`` frame: the token was accepted (and, if the
+    authorizer said so, is valid until *expires*, Unix time in seconds)."""
+    obj: dict[str, Any] = {"type": "authenticated"}
+    if expires is not None:
+        obj["expires"] = expires
+    return Frame(_dump(_with_ref(obj, ref)))
 
 
 def pong(ref: Ref = None) -> Frame:

@@ -19,6 +19,8 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from ._logging import log_config
+
 __all__ = ["GatewayServer", "config", "serve"]
 
 
@@ -70,6 +72,8 @@ def config(
     options.setdefault("ws_per_message_deflate", False)
     options.setdefault("timeout_graceful_shutdown", 10)
     options.setdefault("log_level", "info")
+    # Tokens in URLs (?token= for EventSource) never reach a log line.
+    options.setdefault("log_config", log_config())
     options.setdefault("lifespan", "on")
     return uvicorn.Config(app, host=host, port=port, **options)
 

@@ -62,6 +62,8 @@ def create_app(
     demo_page: bool = False,
     demo_command: str | None = None,
     connect_kwargs: Mapping[str, Any] | None = None,
+    token_cookie: str | None = "pgcast_token",
+    auth_timeout: float = 10.0,
 ) -> Starlette:
     """An ASGI app pushing PostgreSQL notifications to WebSocket and SSE clients.
 
@@ -102,6 +104,11 @@ def create_app(
     :param demo_page: serve the three-bar demo page at ``/``.
     :param demo_command: the command the demo page shows for moving a bar.
     :param connect_kwargs: extra arguments for the database connection.
+    :param token_cookie: the cookie a client's token is read from (None: no
+        cookie is read); see :func:`pgcast.gateway.auth.client_token` for
+        every way a token may come, and the order.
+    :param auth_timeout: seconds a WebSocket client that gave no token in the
+        handshake has to send ``{"type": "auth", "token": ...}`` first.
     """
     if authorizer is not None and (list(allow) or list(allow_publish)):
         raise ValueError("pass either an authorizer or allow/allow_publish globs, not both")
@@ -129,6 +136,8 @@ def create_app(
         metrics_cache=metrics_cache,
         durable=tuple(durable),
         connect_kwargs=dict(connect_kwargs or {}),
+        token_cookie=token_cookie,
+        auth_timeout=auth_timeout,
     )
     hub = Hub(settings)
     starter = _Starter(hub)

@@ -5,11 +5,17 @@ The gateway asks an *authorizer* once per connection (WebSocket or SSE)::
     def authorizer(connection: HTTPConnection, token: str | None) -> Access: ...
 
 (or an ``async def``). *connection* is the Starlette request or websocket, for
-headers, cookies and the client address; *token* comes from the ``token``
-query parameter (browsers cannot set headers on a WebSocket or an
-EventSource) or an ``Authorization: Bearer`` header. It returns an
-:class:`Access`: two predicates on channel names. To refuse the client it
-raises :class:`pgcast.AccessDenied`, whose message the client sees (HTTP 403).
+headers, cookies and the client address; *token* is found by
+:func:`client_token`, in this order: an ``Authorization: Bearer`` header, the
+WebSocket subprotocol ``pgcast.token.<token>`` (offered beside ``pgcast``), a
+cookie (``pgcast_token`` unless configured otherwise), the ``token`` query
+parameter (for ``EventSource``, which can set neither headers nor
+subprotocols; the gateway's log lines redact it). A WebSocket client may also
+send no token in the handshake and authenticate with its first frame,
+``{"type": "auth", "token": "..."}``. The authorizer returns an
+:class:`Access`: two predicates on channel names, and optionally when the
+access ends. To refuse the client it raises :class:`pgcast.AccessDenied`,
+whose message the client sees (HTTP 403, or a close with code 4003).
 
 Without an authorizer the gateway uses :func:`allow_list`: the same access for
 everyone, subscribing to channels that match the ``allow`` globs and
@@ -37,6 +43,7 @@ __all__ = [
     "Authorizer",
     "allow_list",
     "bearer_token",
+    "client_token",
     "globs_matcher",
     "origin_allowed",
 ]
@@ -56,11 +63,18 @@ class Access:
     can_write: Callable[[str], bool] = _never
     """Whether the client may publish on the channel."""
 
+    expires: float | None = None
+    """When this access ends (Unix time, seconds), or None for never: the
+    gateway closes the client then (code 4001) unless it sent a fresh token
+    in an ``auth`` frame first."""
+
     @classmethod
-    def globs(cls, read: Iterable[str] = (), write: Iterable[str] = ()) -> Access:
+    def globs(
+        cls, read: Iterable[str] = (), write: Iterable[str] = (), expires: float | None = None
+    ) -> Access:
         """Access by :mod:`fnmatch` globs, matched case-sensitively (channel
         names are exact): ``"orders.*"``, ``"user-[0-9]*"``, ``"*"``."""
-        return cls(globs_matcher(read), globs_matcher(write))
+        return cls(globs_matcher(read), globs_matcher(write), expires)
 
 
 def globs_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -110,6 +124,31 @@ def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | 
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return None
+
+
+#: The WebSocket subprotocol of the gateway's protocol; a client sending its
+#: token as a subprotocol offers it too, and the gateway selects it.
+SUBPROTOCOL = "pgcast"
+#: The prefix of the subprotocol that carries a token: ``pgcast.token.<token>``.
+TOKEN_SUBPROTOCOL = "pgcast.token."
+#: The cookie read for a token unless configured otherwise.
+TOKEN_COOKIE = "pgcast_token"
+
+
+def client_token(connection: HTTPConnection, cookie: str | None = TOKEN_COOKIE) -> str | None:
+    """The client's token, from (in this order) ``Authorization: Bearer``,
+    a ``pgcast.token.<token>`` WebSocket subprotocol, the cookie named
+    *cookie* (None: no cookie is read), or the ``token`` query parameter."""
+    auth = connection.headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    for offered in connection.scope.get("subprotocols") or ():
+        if offered.startswith(TOKEN_SUBPROTOCOL) and len(offered) > len(TOKEN_SUBPROTOCOL):
+            return str(offered[len(TOKEN_SUBPROTOCOL):])
+    if cookie and connection.cookies.get(cookie):
+        return connection.cookies[cookie]
+    return connection.query_params.get("token") or None
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str] | None) -> bool:

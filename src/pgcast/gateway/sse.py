@@ -38,7 +38,7 @@ from .._errors import AccessDenied, InvalidChannelError, ProtocolError
 from . import _protocol
 from ._hub import Client, Hub
 from ._protocol import Since
-from .auth import bearer_token, origin_allowed
+from .auth import client_token, origin_allowed
 
 __all__ = ["SSEEndpoint"]
 
@@ -103,7 +103,7 @@ class SSEEndpoint:
             hub.check_room()
         except AccessDenied as exc:
             raise _Refusal(503, str(exc)) from None
-        token = bearer_token(request.headers, request.query_params)
+        token = client_token(request, hub.settings.token_cookie)
         try:
             access = await hub.authorize(request, token)
         except AccessDenied as exc:
@@ -116,7 +116,7 @@ class SSEEndpoint:
             raise _Refusal(403, f"not allowed to subscribe to {names_}: "
                                 "not in this gateway's allow-list")
         try:
-            return hub.attach("sse", access), channels, since
+            return hub.attach("sse", access, request), channels, since
         except AccessDenied as exc:
             raise _Refusal(503, str(exc)) from None
 

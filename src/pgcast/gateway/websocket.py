@@ -12,6 +12,9 @@ is blocked and the socket is closed with a code and a reason:
 1008 refused before the handshake: bad origin, token, or full (HTTP 403/503
      where the server supports denial responses, as uvicorn does)
 4000 slow consumer: the client's queue was full
+4001 its access expired and no fresh token came in an ``auth`` frame
+4003 it did not authenticate: no token in the handshake and its first
+     frame was not an accepted ``auth`` (or none came within ``auth_timeout``)
 ==== ===============================================================
 
 A close that cannot be sent within ``close_timeout`` (the client stopped
@@ -31,8 +34,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._errors import AccessDenied, ProtocolError
 from . import _protocol
-from ._hub import Client, Hub
-from .auth import bearer_token, origin_allowed
+from ._hub import CLOSE_NOT_AUTHENTICATED, Client, Hub
+from ._protocol import Auth
+from .auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL, Access, client_token, origin_allowed
 
 __all__ = ["WebSocketEndpoint"]
 
@@ -62,38 +66,57 @@ async def _deny(websocket: WebSocket, status: int, message: str) -> None:
         await websocket.close(code=1008, reason=reason)
 
 
-async def _admit(hub: Hub, websocket: WebSocket) -> Client | None:
+async def _admit(hub: Hub, websocket: WebSocket) -> tuple[Client, bool] | None:
+    """Check the handshake and register the client; None if it was refused.
+
+    Returns the client and whether it must still authenticate with its first
+    frame (no token came with the handshake and the authorizer refused it
+    without one).
+    """
     origin = websocket.headers.get("origin")
     if not origin_allowed(origin, websocket.headers.get("host"), hub.settings.allowed_origins):
         hub.stats.rejected["origin"] += 1
         await _deny(websocket, 403, f"origin {origin!r} is not allowed by this gateway")
+        return None
+    offered = websocket.scope.get("subprotocols") or []
+    if any(p.startswith(TOKEN_SUBPROTOCOL) for p in offered) and SUBPROTOCOL not in offered:
+        await _deny(websocket, 400, f"a token subprotocol must be offered beside "
+                                    f"{SUBPROTOCOL!r}, which the gateway selects")
         return None
     try:
         hub.check_room()
     except AccessDenied as exc:
         await _deny(websocket, 503, str(exc))
         return None
-    token = bearer_token(websocket.headers, websocket.query_params)
+    token = client_token(websocket, hub.settings.token_cookie)
+    pending = False
     try:
         access = await hub.authorize(websocket, token)
     except AccessDenied as exc:
-        hub.stats.rejected["auth"] += 1
-        await _deny(websocket, 403, str(exc) or "access denied")
-        return None
+        if token is not None:
+            hub.stats.rejected["auth"] += 1
+            await _deny(websocket, 403, str(exc) or "access denied")
+            return None
+        # No token yet: it may come in the first frame (no access until then).
+        access, pending = Access(), True
     try:
-        client = hub.attach("websocket", access)
+        client = hub.attach("websocket", access, websocket)
     except AccessDenied as exc:
         await _deny(websocket, 503, str(exc))
         return None
-    return client
+    return client, pending
 
 
 async def _session(hub: Hub, websocket: WebSocket, send: Send) -> None:
-    client = await _admit(hub, websocket)
-    if client is None:
+    admitted = await _admit(hub, websocket)
+    if admitted is None:
         return
+    client, pending = admitted
+    offered = websocket.scope.get("subprotocols") or []
     try:
-        await websocket.accept()
+        await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        if pending and not await _authenticate_first(hub, websocket, client):
+            return
     except BaseException:
         hub.detach(client)
         raise
@@ -114,6 +137,45 @@ async def _session(hub: Hub, websocket: WebSocket, send: Send) -> None:
         await _cancel(sender, receiver)
         # Detached last: shutdown waits for this, so the close frame is out first.
         hub.detach(client)
+
+
+async def _authenticate_first(hub: Hub, websocket: WebSocket, client: Client) -> bool:
+    """A client that gave no token must send ``auth`` first, within
+    ``auth_timeout``; anything else closes it with 4003. True if it did."""
+    timeout = hub.settings.auth_timeout
+    reason = f"authenticate first: send {{\"type\": \"auth\", \"token\": ...}} within {timeout:g} s"
+    try:
+        async with asyncio.timeout(timeout):
+            message = await websocket.receive()
+    except TimeoutError:
+        message = None
+    if message is not None and message["type"] == "websocket.disconnect":
+        hub.detach(client)
+        return False
+    command = None
+    if message is not None:
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes")
+        with contextlib.suppress(ProtocolError):
+            command = _protocol.parse_frame(data, hub.settings.max_frame_bytes)
+    if isinstance(command, Auth):
+        try:
+            await hub.authenticate(client, command.token, command.ref)
+            return True
+        except ProtocolError as exc:
+            reason = str(exc)
+    else:
+        hub.stats.rejected["auth"] += 1
+    hub.detach(client)
+    with contextlib.suppress(Exception):
+        # A close reason is at most 123 bytes of UTF-8.
+        await asyncio.wait_for(
+            websocket.close(code=CLOSE_NOT_AUTHENTICATED,
+                            reason=reason.encode()[:123].decode(errors="ignore")),
+            hub.settings.close_timeout,
+        )
+    return False
 
 
 async def _cancel(*tasks: asyncio.Task[None]) -> None:
