@@ -123,6 +123,8 @@ def test_every_way_of_sending_a_token(
 ) -> None:
     alice = f"{unique_channel}.alice"
     gw = gateway(authorizer=_authorizer(unique_channel), allow=(), auth_timeout=1.0)
+    any_origin = gateway(authorizer=_authorizer(unique_channel), allow=(),
+                         allowed_origins=["*"])
 
     async def main() -> None:
         # A cookie, over both transports.
@@ -166,6 +168,14 @@ def test_every_way_of_sending_a_token(
                     await recv(ws, timeout=TIMEOUT)
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
                 assert reason in closed.value.rcvd.reason, closed.value.rcvd.reason
+        # With every origin allowed, a cookie is no token (any site's page
+        # would send the user's cookie).
+        async with ws_connect(any_origin.ws, origin="http://evil.example",
+                              additional_headers={"Cookie": "pgcast_token=alice"}) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "channels": [alice]}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv(ws, timeout=TIMEOUT)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
         # Bob's token cannot read alice's channel, however it came.
         async with ws_connect(gw.ws, additional_headers={"Cookie": "pgcast_token=bob"}) as ws:
             reply = await request(ws, {"type": "subscribe", "channels": [alice]})

@@ -105,8 +105,10 @@ def create_app(
     :param demo_command: the command the demo page shows for moving a bar.
     :param connect_kwargs: extra arguments for the database connection.
     :param token_cookie: the cookie a client's token is read from (None: no
-        cookie is read); see :func:`pgcast.gateway.auth.client_token` for
-        every way a token may come, and the order.
+        cookie is read; never read when *allowed_origins* allows ``"*"``, as
+        any site's page could then use the user's cookie); see
+        :func:`pgcast.gateway.auth.client_token` for every way a token may
+        come, and the order.
     :param auth_timeout: seconds a WebSocket client that gave no token in the
         handshake has to send ``{"type": "auth", "token": ...}`` first.
     """
@@ -121,6 +123,11 @@ def create_app(
     origins = None if allowed_origins is None else frozenset(
         o.rstrip("/") for o in allowed_origins
     )
+    if origins is not None and "*" in origins:
+        # Any site may connect: a cookie would be sent by the user's browser
+        # to a page of any site (cross-site WebSocket hijacking), so no
+        # cookie is read as a token.
+        token_cookie = None
     settings = Settings(
         dsn=dsn,
         authorizer=authorizer or allow_list(allow, allow_publish),
