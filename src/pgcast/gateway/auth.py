@@ -7,10 +7,10 @@ The gateway asks an *authorizer* once per connection (WebSocket or SSE)::
 (or an ``async def``). *connection* is the Starlette request or websocket, for
 headers, cookies and the client address; *token* is found by
 :func:`client_token`, in this order: an ``Authorization: Bearer`` header, the
-WebSocket subprotocol ``pgcast.token.<token>`` (offered beside ``pgcast``), a
-cookie (``pgcast_token`` unless configured otherwise), the ``token`` query
-parameter (for ``EventSource``, which can set neither headers nor
-subprotocols; the gateway's log lines redact it). A WebSocket client may also
+WebSocket subprotocol ``pgcast.token.<token>`` (offered beside ``pgcast``), the
+``token`` query parameter (for ``EventSource``, which can set neither headers
+nor subprotocols; the gateway's log lines redact it), a cookie
+(``pgcast_token`` unless configured otherwise). A WebSocket client may also
 send no token in the handshake and authenticate with its first frame,
 ``{"type": "auth", "token": "..."}``. The authorizer returns an
 :class:`Access`: two predicates on channel names, and optionally when the
@@ -29,6 +29,7 @@ is not the gateway's own unless it is configured; clients that send no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -67,6 +68,20 @@ class Access:
     """When this access ends (Unix time, seconds), or None for never: the
     gateway closes the client then (code 4001) unless it sent a fresh token
     in an ``auth`` frame first."""
+
+    def __post_init__(self) -> None:
+        expires = self.expires
+        if expires is None:
+            return
+        # A NaN expiry would fire at once and be sent as NaN, which JSON.parse
+        # rejects; a string or a bool is a mistake made elsewhere.
+        if isinstance(expires, bool) or not isinstance(expires, int | float):
+            raise TypeError(
+                f"Access.expires must be a Unix time in seconds (a number) or None, "
+                f"not {type(expires).__name__}"
+            )
+        if not math.isfinite(expires):
+            raise ValueError(f"Access.expires must be a finite Unix time, not {expires}")
 
     @classmethod
     def globs(
@@ -137,8 +152,8 @@ TOKEN_COOKIE = "pgcast_token"
 
 def client_token(connection: HTTPConnection, cookie: str | None = TOKEN_COOKIE) -> str | None:
     """The client's token, from (in this order) ``Authorization: Bearer``,
-    a ``pgcast.token.<token>`` WebSocket subprotocol, the cookie named
-    *cookie* (None: no cookie is read), or the ``token`` query parameter."""
+    a ``pgcast.token.<token>`` WebSocket subprotocol, the ``token`` query
+    parameter, or the cookie named *cookie* (None: no cookie is read)."""
     auth = connection.headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
@@ -146,9 +161,15 @@ def client_token(connection: HTTPConnection, cookie: str | None = TOKEN_COOKIE) 
     for offered in connection.scope.get("subprotocols") or ():
         if offered.startswith(TOKEN_SUBPROTOCOL) and len(offered) > len(TOKEN_SUBPROTOCOL):
             return str(offered[len(TOKEN_SUBPROTOCOL):])
+    # A token the client put in the URL beats the cookie the browser adds by
+    # itself: an ambient cookie (perhaps stale, perhaps set by a sibling
+    # subdomain) must never override the one the page chose.
+    token = connection.query_params.get("token")
+    if token:
+        return token
     if cookie and connection.cookies.get(cookie):
         return connection.cookies[cookie]
-    return connection.query_params.get("token") or None
+    return None
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str] | None) -> bool:

@@ -144,11 +144,20 @@ async def _authenticate_first(hub: Hub, websocket: WebSocket, client: Client) ->
     ``auth_timeout``; anything else closes it with 4003. True if it did."""
     timeout = hub.settings.auth_timeout
     reason = f"authenticate first: send {{\"type\": \"auth\", \"token\": ...}} within {timeout:g} s"
+    # Watching closing too: shutdown must not wait for the auth deadline.
+    receiving = asyncio.ensure_future(websocket.receive())
+    waiting: list[asyncio.Future[Any]] = [receiving, client.closing]
     try:
-        async with asyncio.timeout(timeout):
-            message = await websocket.receive()
-    except TimeoutError:
-        message = None
+        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not receiving.done():
+            receiving.cancel()
+            with contextlib.suppress(BaseException):
+                await receiving
+    message = None if receiving.cancelled() else receiving.result()
+    code = CLOSE_NOT_AUTHENTICATED
+    if message is None and client.closing.done():  # shutdown: close like every client
+        code, reason = client.closing.result()
     if message is not None and message["type"] == "websocket.disconnect":
         hub.detach(client)
         return False
@@ -165,16 +174,16 @@ async def _authenticate_first(hub: Hub, websocket: WebSocket, client: Client) ->
             return True
         except ProtocolError as exc:
             reason = str(exc)
-    else:
+    elif code == CLOSE_NOT_AUTHENTICATED:
         hub.stats.rejected["auth"] += 1
-    hub.detach(client)
     with contextlib.suppress(Exception):
         # A close reason is at most 123 bytes of UTF-8.
         await asyncio.wait_for(
-            websocket.close(code=CLOSE_NOT_AUTHENTICATED,
+            websocket.close(code=code,
                             reason=reason.encode()[:123].decode(errors="ignore")),
             hub.settings.close_timeout,
         )
+    hub.detach(client)  # after the close frame: shutdown waits for this
     return False
 
 
