@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -47,6 +48,8 @@ class FreezingProxy:
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.writers: list[asyncio.StreamWriter] = []
+        #: Client data containing these bytes is held back while set.
+        self.hold: bytes | None = None
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -78,18 +81,20 @@ class FreezingProxy:
                 self.frozen.add(pipe)
         up_writer.write(first)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(pipe, src, dst))
+            task = asyncio.create_task(self._pump(pipe, src, dst, src is reader))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _pump(self, pipe: int, src: asyncio.StreamReader,
-                    dst: asyncio.StreamWriter) -> None:
+                    dst: asyncio.StreamWriter, from_client: bool) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             for _ in range(10**9):
                 data = await src.read(65536)
                 if not data:
                     break
-                while pipe in self.frozen:  # swallow nothing: hold it back
+                # Swallow nothing: hold it back until thawed.
+                while pipe in self.frozen or (
+                        from_client and self.hold is not None and self.hold in data):
                     await asyncio.sleep(0.05)
                 dst.write(data)
                 await dst.drain()
@@ -152,6 +157,39 @@ def test_a_replay_connection_that_stops_answering_is_replaced(
                 assert reply == {"type": "subscribed", "channels": [unique_channel]}
                 assert (await recv(ws))["payload"] == "three"
         finally:
+            proxy.thaw()
+            await proxy.close()
+
+    run(main())
+
+
+def test_metrics_answer_while_the_database_stops_answering(
+    gateway: Callable[..., Gateway], dsn: str,
+) -> None:
+    """Every /metrics request waits for the one read of the NOTIFY queue
+    usage in flight: a peer that stops answering it (the query held back by
+    the proxy) must not hang them all. They answer without the gauge."""
+
+    async def main() -> None:
+        proxy = FreezingProxy(dsn)
+        port = await proxy.start()
+        try:
+            via = make_conninfo(dsn, host="127.0.0.1", port=port, sslmode="disable")
+            gw = await asyncio.to_thread(
+                gateway, dsn=via, database_timeout=1.0, metrics_cache=0.001)
+            proxy.hold = b"pg_notification_queue_usage"
+            async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+                replies = await asyncio.gather(
+                    *(client.get(f"{gw.http}/metrics") for _ in range(20)))
+                assert {r.status_code for r in replies} == {200}
+                assert all("pgcast_gateway_notify_queue_usage " not in r.text
+                           for r in replies)
+                assert "pgcast_gateway_clients" in replies[0].text
+                proxy.hold = None
+                r = await client.get(f"{gw.http}/metrics")
+                assert "pgcast_gateway_notify_queue_usage " in r.text, r.text
+        finally:
+            proxy.hold = None
             proxy.thaw()
             await proxy.close()
 

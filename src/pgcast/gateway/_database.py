@@ -209,16 +209,35 @@ class QueueUsage:
             self._last = (time.monotonic(), future.result())
 
     async def _read(self) -> float | None:
+        conn = None
         try:
             options = dict(self._settings.connect_kwargs)
             options.update(autocommit=True, application_name="pgcast-gateway-metrics")
             options.setdefault("connect_timeout", 5)
-            async with await psycopg.AsyncConnection.connect(
-                self._settings.dsn, **options
-            ) as conn:
-                cur = await conn.execute("SELECT pg_notification_queue_usage()")
-                row = await cur.fetchone()
-                return float(row[0]) if row is not None else None
+            conn = await psycopg.AsyncConnection.connect(self._settings.dsn, **options)
+            # Bounded: every /metrics request waits for this one read, so a
+            # peer that stops answering must not hang them all.
+            task = asyncio.ensure_future(_usage(conn))
+            done, _ = await asyncio.wait([task], timeout=self._settings.database_timeout)
+            if not done:
+                conn.pgconn.finish()  # no cancel request to a silent peer
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                logger.warning("pgcast gateway: reading the NOTIFY queue usage got no answer "
+                               "within %g s", self._settings.database_timeout)
+                return None
+            return task.result()
         except psycopg.Error as exc:
             logger.warning("pgcast gateway: cannot read the NOTIFY queue usage: %s", exc)
             return None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+
+async def _usage(conn: psycopg.AsyncConnection[Any]) -> float | None:
+    cur = await conn.execute("SELECT pg_notification_queue_usage()")
+    row = await cur.fetchone()
+    return float(row[0]) if row is not None else None
