@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -112,6 +113,23 @@ class FreezingProxy:
                 await task
 
 
+async def sse_events(url: str, headers: dict[str, str],
+                     until: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The stream's data events up to the first for which *until* holds."""
+    events: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+            client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        lines = response.aiter_lines()
+        for _ in range(1000):
+            line = await asyncio.wait_for(anext(lines), TIMEOUT)
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if until(events[-1]):
+                    return events
+    raise AssertionError(f"the stream ended or ran on: {events}")
+
+
 def test_a_replay_connection_that_stops_answering_is_replaced(
     gateway: Callable[..., Gateway], dsn: str, conn: psycopg.Connection[Any],
     unique_channel: str, durable_schema: None,
@@ -156,6 +174,16 @@ def test_a_replay_connection_that_stops_answering_is_replaced(
                                            "since": ids[1]})
                 assert reply == {"type": "subscribed", "channels": [unique_channel]}
                 assert (await recv(ws))["payload"] == "three"
+            # SSE: the error event ends the stream; EventSource's retry resumes.
+            proxy.freeze(new=True)
+            url = f"{gw.http}/sse?channel={unique_channel}"
+            head = {"Last-Event-ID": json.dumps({unique_channel: 0})}
+            events = await sse_events(url, head, until=lambda e: e["type"] == "error")
+            assert [e["type"] for e in events] == ["subscribed", "error"], events
+            assert "no answer within 1 s" in events[-1]["message"], events
+            proxy.thaw()
+            events = await sse_events(url, head, until=lambda e: e.get("payload") == "three")
+            assert [e.get("payload") for e in events[1:]] == ["one", "two", "three"], events
         finally:
             proxy.thaw()
             await proxy.close()
