@@ -497,7 +497,8 @@ def test_a_flood_of_metrics_requests_opens_one_connection_at_a_time(
                     return
                 row = watcher.execute(
                     "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE application_name = 'pgcast-gateway-metrics'"
+                    "WHERE application_name = 'pgcast-gateway-metrics' "
+                    "AND datname = current_database()"
                 ).fetchone()
                 seen.append(int(row[0]) if row else 0)
 
@@ -599,7 +600,8 @@ def test_one_listen_connection_and_one_listen_per_channel(
             assert m["pgcast_gateway_channels"] == 3
             assert gw.hub.listening() == set(channels)
             rows = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgcast-gateway'"
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgcast-gateway' "
+                "AND datname = current_database()"
             ).fetchall()
             assert [r[0] for r in rows] == [gw.hub.backend_pid]
             await asyncio.to_thread(conn.execute, "SELECT pg_notify(%s, 'all')", (channels[0],))
