@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 import test_gateway_server
 from pgcast import AccessDenied
-from pgcast.gateway import Access
+from pgcast.gateway import Access, create_app
 from test_gateway_server import TIMEOUT, Gateway, apsql, recv, request, run, subscribe, ws_connect
 
 #: The fixture that starts a gateway, shared with test_gateway_server.
@@ -160,3 +160,17 @@ def test_an_authorizer_with_a_bad_expiry_lets_no_one_in(
             await subscribe(ws, unique_channel)
 
     run(main())
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a;b", "tok=en", "é", 5])
+def test_token_cookie_must_be_a_cookie_name(name: Any) -> None:
+    # An empty or malformed name was accepted and silently never read.
+    with pytest.raises(ValueError, match="token_cookie must be a cookie name"):
+        create_app("", allow=["*"], token_cookie=name)
+
+
+def test_token_cookie_none_reads_no_cookie_and_auth_timeout_is_checked() -> None:
+    create_app("", allow=["*"], token_cookie=None)
+    create_app("", allow=["*"], token_cookie="__Host-session")
+    with pytest.raises(ValueError, match="auth_timeout must be a number of seconds > 0"):
+        create_app("", allow=["*"], auth_timeout=0)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
 
 import test_gateway_server
 from test_gateway_server import TIMEOUT, Gateway, apsql, recv, request, run, subscribe, ws_connect
@@ -66,3 +68,39 @@ def test_sse_since_refuses_what_json_parse_or_utf8_would(
 
     run(main())
     assert gw.metrics()["pgcast_gateway_errors_total"] == len(BAD_SINCE)
+
+
+def test_sse_query_bytes_that_are_not_utf8_are_refused(
+    gateway: Callable[..., Gateway], unique_channel: str,
+) -> None:
+    """Decoded leniently, ``%FF`` and an encoded surrogate became U+FFFD: the
+    client was subscribed to a channel it never named. Refused instead, in
+    the channel, the position and the token; proper UTF-8 still works."""
+    gw = gateway()
+    base = f"{gw.http}/sse?channel={unique_channel}"
+
+    async def main() -> None:
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            for url in (f"{gw.http}/sse?channel=%FF", f"{gw.http}/sse?channel=%ED%A0%80",
+                        f"{gw.http}/sse?channel=a%C3", f"{base}&since=%ED%A0%80",
+                        f"{base}&token=%FF%FE", f"{base}&x=%80"):
+                r = await client.get(url)
+                assert r.status_code == 400, (url, r.status_code, r.text)
+                assert "not UTF-8 once percent-decoded" in r.text, r.text
+            # The WebSocket upgrade too (the token or any parameter).
+            for query in ("token=%FF%FE", "x=%ED%A0%80"):
+                with pytest.raises(InvalidStatus) as info:
+                    async with ws_connect(f"{gw.ws}?{query}"):
+                        pass
+                assert info.value.response.status_code == 400
+                assert b"not UTF-8 once percent-decoded" in info.value.response.body
+            async with ws_connect(f"{gw.ws}?token=%C3%A9") as ws:
+                await subscribe(ws, unique_channel)
+            async with client.stream("GET", f"{base}_%C3%A9") as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        assert json.loads(line[6:])["channels"] == [f"{unique_channel}_é"]
+                        break
+
+    run(main())

@@ -18,6 +18,7 @@ reconnect; this module says *how*, with no state of the hub's:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -44,10 +45,18 @@ async def connect_listener(settings: Settings) -> aio.AsyncPubSub:
     options = dict(settings.connect_kwargs)
     options.setdefault("application_name", "pgcast-gateway")
     # TCP keepalives notice a peer that vanished without closing the socket.
-    for key, value in (("keepalives", 1), ("keepalives_idle", 10),
-                       ("keepalives_interval", 5), ("keepalives_count", 3)):
+    for key, value in _KEEPALIVES:
         options.setdefault(key, value)
     return await aio.connect(settings.dsn, **options)
+
+
+#: libpq's TCP keepalive settings for the gateway's long-lived connections.
+_KEEPALIVES = (("keepalives", 1), ("keepalives_idle", 10),
+               ("keepalives_interval", 5), ("keepalives_count", 3))
+
+
+class _NoAnswer(Exception):
+    """A replay query (or its connect) took longer than ``database_timeout``."""
 
 
 async def listen_all(
@@ -92,28 +101,75 @@ class QueryConnection:
         The replay's queries only read, so one that fails because the
         connection broke (its backend terminated, the server restarted) is
         run once more on a fresh connection: a connection that died while
-        idle is noticed only by the next query.
+        idle is noticed only by the next query. So is one that got no answer
+        within ``database_timeout`` (a peer gone without closing the socket:
+        without a bound it held this lock, and so every client's resume,
+        forever); its connection is closed.
+
+        :raises psycopg.OperationalError: it failed on a fresh connection too.
         """
+        timeout = self._settings.database_timeout
         async with self._lock:
             for attempt in range(2):
-                conn = self._conn
-                if conn is None or conn.closed or conn.broken:
-                    conn = self._conn = await self._connect()
                 try:
-                    cur = await conn.execute(sql, params)
-                    return await cur.fetchall()
+                    return await self._bounded(sql, params, timeout)
+                except _NoAnswer:
+                    if attempt:
+                        raise psycopg.OperationalError(
+                            f"a replay query got no answer within {timeout:g} s "
+                            "(database_timeout), twice"
+                        ) from None
+                    logger.warning("pgcast gateway: a replay query got no answer within "
+                                   "%g s; reopening its connection", timeout)
                 except psycopg.OperationalError:
-                    if not (conn.closed or conn.broken) or attempt:
+                    conn = self._conn
+                    if attempt or not (conn is None or conn.closed or conn.broken):
                         raise
                     logger.info("pgcast gateway: the replay connection broke; reopening it")
                     self._conn = None
-                    await conn.close()
+                    if conn is not None:
+                        await conn.close()
             raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _bounded(self, sql: str, params: Any, timeout: float) -> list[tuple[Any, ...]]:
+        """Connect if needed and run the query, in at most *timeout* seconds.
+
+        :raises _NoAnswer: it took longer; the connection is closed. Its
+            socket is shut first: a query cancelled the usual way makes
+            psycopg send a cancel request and wait seconds for the answer
+            that the silent peer will never give.
+        """
+        task = asyncio.ensure_future(self._query(sql, params))
+        try:
+            done, _ = await asyncio.wait([task], timeout=timeout)
+        finally:
+            if not task.done():
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.pgconn.finish()
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+        if not done:
+            raise _NoAnswer
+        return task.result()
+
+    async def _query(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            conn = self._conn = await self._connect()
+        cur = await conn.execute(sql, params)
+        return await cur.fetchall()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         options = dict(self._settings.connect_kwargs)
         options.update(autocommit=True, application_name="pgcast-gateway-replay")
         options.setdefault("connect_timeout", 10)
+        for key, value in _KEEPALIVES:
+            options.setdefault(key, value)
         return await psycopg.AsyncConnection.connect(self._settings.dsn, **options)
 
     async def close(self) -> None:
@@ -153,16 +209,35 @@ class QueueUsage:
             self._last = (time.monotonic(), future.result())
 
     async def _read(self) -> float | None:
+        conn = None
         try:
             options = dict(self._settings.connect_kwargs)
             options.update(autocommit=True, application_name="pgcast-gateway-metrics")
             options.setdefault("connect_timeout", 5)
-            async with await psycopg.AsyncConnection.connect(
-                self._settings.dsn, **options
-            ) as conn:
-                cur = await conn.execute("SELECT pg_notification_queue_usage()")
-                row = await cur.fetchone()
-                return float(row[0]) if row is not None else None
+            conn = await psycopg.AsyncConnection.connect(self._settings.dsn, **options)
+            # Bounded: every /metrics request waits for this one read, so a
+            # peer that stops answering must not hang them all.
+            task = asyncio.ensure_future(_usage(conn))
+            done, _ = await asyncio.wait([task], timeout=self._settings.database_timeout)
+            if not done:
+                conn.pgconn.finish()  # no cancel request to a silent peer
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                logger.warning("pgcast gateway: reading the NOTIFY queue usage got no answer "
+                               "within %g s", self._settings.database_timeout)
+                return None
+            return task.result()
         except psycopg.Error as exc:
             logger.warning("pgcast gateway: cannot read the NOTIFY queue usage: %s", exc)
             return None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+
+async def _usage(conn: psycopg.AsyncConnection[Any]) -> float | None:
+    cur = await conn.execute("SELECT pg_notification_queue_usage()")
+    row = await cur.fetchone()
+    return float(row[0]) if row is not None else None

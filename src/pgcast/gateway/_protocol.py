@@ -34,6 +34,7 @@ import math
 import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple, TypeAlias
+from urllib.parse import parse_qsl
 
 from .._channels import check_channels
 from .._errors import InvalidChannelError, PayloadError, ProtocolError
@@ -59,6 +60,7 @@ __all__ = [
     "parse_since",
     "pong",
     "published",
+    "query_utf8_error",
     "sse_comment",
     "sse_event",
     "sse_position",
@@ -139,6 +141,20 @@ class Frame(NamedTuple):
 
     channel: str | None = None
     """The channel of a ``message`` frame."""
+
+
+def query_utf8_error(query: bytes) -> str | None:
+    """Why a raw query string is refused, or None: percent-encoded bytes
+    that are not UTF-8 (``%FF``, an encoded surrogate ``%ED%A0%80``), which
+    a lenient decoding turns into U+FFFD, a channel or token the client
+    never sent."""
+    try:
+        parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="utf-8",
+                  errors="strict")
+    except UnicodeDecodeError as exc:
+        return (f"the query string is not UTF-8 once percent-decoded "
+                f"({exc.reason} at byte {exc.start})")
+    return None
 
 
 # -- client frames -----------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ def create_app(
             f"not {overflow!r}"
         )
     hosts = _check_hosts(allowed_hosts)
+    _check_cookie_name(token_cookie)
     origins = None if allowed_origins is None else frozenset(
         o.rstrip("/") for o in allowed_origins
     )
@@ -215,6 +217,17 @@ def _check_hosts(allowed_hosts: Iterable[str] | None) -> list[str] | None:
         raise ValueError("allowed_hosts is empty: no request could reach the gateway "
                          "(pass None to allow any Host)")
     return hosts
+
+
+#: A cookie name is an HTTP token (RFC 6265 section 4.1.1).
+_COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _check_cookie_name(name: object) -> None:
+    # An empty or malformed name was silently never read.
+    if name is not None and (not isinstance(name, str) or not _COOKIE_NAME.fullmatch(name)):
+        raise ValueError(f"token_cookie must be a cookie name (letters, digits and "
+                         f"!#$%&'*+-.^_`|~) or None for no cookie, not {name!r}")
 
 
 def _demo_page(command: str | None) -> str:

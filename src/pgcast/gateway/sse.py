@@ -80,6 +80,9 @@ class SSEEndpoint:
         if not origin_allowed(origin, request.headers.get("host"), hub.settings.allowed_origins):
             hub.stats.rejected["origin"] += 1
             raise _Refusal(403, f"origin {origin!r} is not allowed by this gateway")
+        bad_query = _protocol.query_utf8_error(request.scope.get("query_string", b""))
+        if bad_query is not None:
+            raise _Refusal(400, bad_query)
         names = request.query_params.getlist("channel")
         if not names:
             raise _Refusal(400, "name at least one channel: /sse?channel=NAME&channel=...")

@@ -78,10 +78,13 @@ async def _admit(hub: Hub, websocket: WebSocket) -> tuple[Client, bool] | None:
         hub.stats.rejected["origin"] += 1
         await _deny(websocket, 403, f"origin {origin!r} is not allowed by this gateway")
         return None
+    bad = _protocol.query_utf8_error(websocket.scope.get("query_string", b""))
     offered = websocket.scope.get("subprotocols") or []
     if any(p.startswith(TOKEN_SUBPROTOCOL) for p in offered) and SUBPROTOCOL not in offered:
-        await _deny(websocket, 400, f"a token subprotocol must be offered beside "
-                                    f"{SUBPROTOCOL!r}, which the gateway selects")
+        bad = (f"a token subprotocol must be offered beside {SUBPROTOCOL!r}, "
+               "which the gateway selects")
+    if bad is not None:
+        await _deny(websocket, 400, bad)
         return None
     try:
         hub.check_room()
