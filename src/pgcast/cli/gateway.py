@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import math
 import os
 import shlex
 import socket
@@ -57,6 +58,18 @@ def register(subparsers: Any) -> None:
                    help="what happens to a client whose queue is full (default disconnect)")
     p.add_argument("--demo-page", action="store_true",
                    help="also serve the three-bar demo page at /")
+    limits = p.add_argument_group(
+        "rate limits", "per client; over a limit a request gets an error frame, and a client "
+        "refused 50 times within 10 s is closed with 4029")
+    limits.add_argument("--publish-rate", type=float, default=100.0, metavar="N",
+                        help="publishes a second per client (bursts of 2N; default 100)")
+    limits.add_argument("--request-rate", type=float, default=50.0, metavar="N",
+                        help="other requests (subscribe, unsubscribe, ping, auth) a second "
+                        "per client (bursts of 2N; default 50)")
+    limits.add_argument("--no-rate-limits", action="store_true",
+                        help="no per-client rate limits at all")
+    limits.add_argument("--max-clients-per-address", type=int, default=None, metavar="N",
+                        help="connections at once from one client address (default: no cap)")
     jwt = p.add_argument_group(
         "JWT", "verify JSON Web Tokens instead of --allow/--allow-publish: a token's "
         "channels.read / channels.publish claims are the globs it may subscribe to / "
@@ -142,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow=args.allow,
         allow_publish=args.allow_publish,
         authorizer=authorizer,
+        rate_limits=rate_limits(args),
+        max_clients_per_address=args.max_clients_per_address,
         allowed_origins=args.allowed_origin,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         max_clients=args.max_clients,
@@ -153,6 +168,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"pgcast gateway on http://{_url_host(args.host)}:{args.port}/ "
           f"(WebSocket /ws, SSE /sse, /healthz, /metrics)", file=sys.stderr, flush=True)
     return _run(app, sock)
+
+
+def rate_limits(args: argparse.Namespace) -> Any:
+    """The :class:`~pgcast.gateway.RateLimits` the options describe, or None.
+
+    :raises UsageError: a rate that is not a positive number.
+    """
+    if args.no_rate_limits:
+        return None
+    from ..gateway import RateLimits
+
+    def burst(rate: float) -> int:
+        return max(1, round(2 * rate)) if math.isfinite(rate) and rate > 0 else 1
+
+    try:
+        return RateLimits(
+            publishes_per_second=args.publish_rate,
+            publish_burst=burst(args.publish_rate),
+            requests_per_second=args.request_rate,
+            request_burst=burst(args.request_rate),
+        )
+    except ValueError as exc:
+        raise UsageError(f"--publish-rate/--request-rate: {exc}") from None
 
 
 def jwt_authorizer(args: argparse.Namespace) -> Any:

@@ -25,9 +25,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "pgcast.gateway needs Starlette and uvicorn: pip install 'pgcast[gateway]'"
     ) from exc
 
+from ._ratelimit import RateLimits
 from ._router import Overflow
 from ._serve import serve
 from .app import create_app
 from .auth import Access, Authorizer, allow_list
 
-__all__ = ["Access", "Authorizer", "Overflow", "allow_list", "create_app", "serve"]
+__all__ = [
+    "Access", "Authorizer", "Overflow", "RateLimits", "allow_list", "create_app", "serve",
+]

@@ -51,6 +51,7 @@ from .._reconnect import Reconnected
 from . import _metrics, _protocol
 from ._database import QueryConnection, QueueUsage, connect_listener, listen_all, reconnect_delay
 from ._protocol import Auth, Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
+from ._ratelimit import CLOSE_RATE_LIMITED, ClientLimiter, RateLimits
 from ._resume import Resume
 from ._router import Outbox, Overflow, Router, Subscriber
 from .auth import Access, Authorizer, globs_matcher
@@ -93,8 +94,15 @@ class Settings:
     connect_kwargs: dict[str, Any] = field(default_factory=dict)
     token_cookie: str | None = "pgcast_token"
     auth_timeout: float = 10.0
+    rate_limits: RateLimits | None = field(default_factory=RateLimits)
+    max_clients_per_address: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_clients_per_address is not None:
+            value = self.max_clients_per_address
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"max_clients_per_address must be an integer >= 1 or None, "
+                                 f"got {value!r}")
         for name in ("max_clients", "max_subscriptions", "max_frame_bytes", "queue_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -107,10 +115,20 @@ class Settings:
         object.__setattr__(self, "overflow", Overflow(self.overflow))
 
 
+class TooManyFromAddress(AccessDenied):
+    """A connection refused for ``max_clients_per_address`` (HTTP 429)."""
+
+
+def _address(connection: Any) -> str | None:
+    client = getattr(connection, "client", None)
+    return getattr(client, "host", None) if client is not None else None
+
+
 class Client:
     """One connected client, as the transports drive it."""
 
-    __slots__ = ("access", "closing", "connection", "detached", "expiry", "resume", "sub", "wake")
+    __slots__ = ("access", "address", "closing", "connection", "detached", "expiry", "limiter",
+                 "resume", "sub", "wake")
 
     def __init__(
         self, sub: Subscriber, access: Access, wake: asyncio.Event, connection: Any = None
@@ -121,6 +139,10 @@ class Client:
         self.connection = connection
         #: Closes the client when its access expires (see :meth:`Hub.grant`).
         self.expiry: asyncio.TimerHandle | None = None
+        #: Its rate limits, made at its first request (idle clients have none).
+        self.limiter: ClientLimiter | None = None
+        #: The client's address, counted against ``max_clients_per_address``.
+        self.address = _address(connection)
         #: Set when the outbox has frames (or the client must go).
         self.wake = wake
         #: Resolved with ``(close code, reason)`` when the gateway drops the client.
@@ -159,6 +181,7 @@ class Hub:
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
         self._clients: dict[Subscriber, Client] = {}
+        self._per_address: Counter[str] = Counter()
         self._closing = False
         self._pump_task: asyncio.Task[None] | None = None
         self._reap_task: asyncio.Task[None] | None = None
@@ -254,8 +277,10 @@ class Hub:
             raise AccessDenied("the token has expired")
         return result
 
-    def check_room(self) -> None:
-        """:raises AccessDenied: shutting down, or at ``max_clients``."""
+    def check_room(self, connection: Any = None) -> None:
+        """:raises AccessDenied: shutting down, or at ``max_clients``;
+        :class:`TooManyFromAddress`: at ``max_clients_per_address`` for the
+        address *connection* comes from."""
         if self._closing:
             raise AccessDenied("the gateway is shutting down")
         if len(self._clients) >= self.settings.max_clients:
@@ -264,17 +289,27 @@ class Hub:
                 f"the gateway is full: {len(self._clients)} clients connected, "
                 f"the limit is {self.settings.max_clients}"
             )
+        cap = self.settings.max_clients_per_address
+        address = _address(connection)
+        if cap is not None and address is not None and self._per_address[address] >= cap:
+            self.stats.rejected["per_address"] += 1
+            raise TooManyFromAddress(
+                f"too many connections from {address}: {self._per_address[address]} open, "
+                f"the limit per address is {cap}"
+            )
 
     def attach(self, transport: str, access: Access, connection: Any = None) -> Client:
         """Register a new client. :raises AccessDenied: see :meth:`check_room`,
         or *access* has already expired."""
-        self.check_room()
+        self.check_room(connection)
         wake = asyncio.Event()
         outbox = Outbox(self.settings.queue_size, self.settings.overflow, wake.set)
         sub = Subscriber(outbox, transport)
         client = Client(sub, Access(), wake, connection)
         self.grant(client, access)
         self._clients[sub] = client
+        if client.address is not None:
+            self._per_address[client.address] += 1
         self.router.attach(sub)
         self.stats.connections[transport] += 1
         return client
@@ -328,7 +363,10 @@ class Hub:
         if client.expiry is not None:
             client.expiry.cancel()
             client.expiry = None
-        self._clients.pop(client.sub, None)
+        if self._clients.pop(client.sub, None) is not None and client.address is not None:
+            self._per_address[client.address] -= 1
+            if self._per_address[client.address] <= 0:
+                del self._per_address[client.address]
         had = bool(client.sub.channels)
         self.router.detach(client.sub)
         if had:
@@ -346,6 +384,9 @@ class Hub:
         :raises ProtocolError: the request is refused (not allowed, over a
             limit, database unavailable); nothing changed.
         """
+        if client.gone:
+            return  # being closed (over its limits, say): nothing more is done for it
+        self.limit(client, command)
         if isinstance(command, Subscribe):
             await self.subscribe(client, command.channels, command.ref, command.since)
         elif isinstance(command, Unsubscribe):
@@ -356,6 +397,35 @@ class Hub:
             self.reply(client, _protocol.pong(command.ref))
         elif isinstance(command, Auth):
             await self.authenticate(client, command.token, command.ref)
+
+    def limit(self, client: Client, command: Command | None) -> None:
+        """Count *command* (None: a frame that did not parse) against the
+        client's rate limits.
+
+        :raises ProtocolError: over a limit (the message says which and when
+            to retry); a client refused too often is also closed (4029).
+        """
+        limits = self.settings.rate_limits
+        if limits is None:
+            return
+        limiter = client.limiter
+        if limiter is None:
+            limiter = client.limiter = ClientLimiter(limits)
+        if isinstance(command, Publish):
+            kind = "publish"
+            why = limiter.check_publish(len(command.payload.encode()))
+        else:
+            kind = "request"
+            why = limiter.check_request()
+        if why is None:
+            return
+        self.stats.rate_limited[kind] += 1
+        if limiter.refused() and not client.closing.done():
+            self.stats.disconnects["rate_limited"] += 1
+            client.kick(CLOSE_RATE_LIMITED,
+                        f"rate limited: {limits.max_refusals} requests over the limit "
+                        f"within {limits.refusal_window:g} s")
+        raise ProtocolError(why)
 
     def reply(self, client: Client, frame: Frame) -> None:
         """Queue a reply or notice; a client that floods requests without

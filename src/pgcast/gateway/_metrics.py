@@ -40,7 +40,9 @@ class Stats:
     disconnects: Counter[str] = field(default_factory=Counter)
     """Clients the gateway disconnected, by reason (slow_consumer, shutdown)."""
     rejected: Counter[str] = field(default_factory=Counter)
-    """Connections refused, by reason (origin, auth, capacity, bad_request)."""
+    """Connections refused, by reason (origin, auth, capacity, per_address, bad_request)."""
+    rate_limited: Counter[str] = field(default_factory=Counter)
+    """Requests refused for a client's rate limits, by kind (publish, request)."""
 
 
 def _value(v: float) -> str:
@@ -101,10 +103,15 @@ def render(
     lines += _family("connections_total", "counter", "Clients accepted, by transport.",
                      _by("transport", stats.connections, ("websocket", "sse")))
     lines += _family("rejected_total", "counter", "Connections refused, by reason.",
-                     _by("reason", stats.rejected, ("origin", "auth", "capacity")))
+                     _by("reason", stats.rejected,
+                         ("origin", "auth", "capacity", "per_address")))
+    lines += _family("rate_limited_total", "counter",
+                     "Requests refused for a client's rate limits, by kind.",
+                     _by("kind", stats.rate_limited, ("publish", "request")))
     lines += _family("disconnects_total", "counter",
                      "Clients disconnected by the gateway, by reason.",
-                     _by("reason", stats.disconnects, ("slow_consumer", "shutdown")))
+                     _by("reason", stats.disconnects,
+                         ("slow_consumer", "shutdown", "rate_limited", "expired")))
     lines += _family("messages_in_total", "counter", "Notifications received from PostgreSQL.",
                      [({}, stats.messages_in)])
     lines += _family("messages_out_total", "counter", "Message frames sent to clients.",

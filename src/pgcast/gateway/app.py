@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _metrics
 from ._hub import Hub, Settings
+from ._ratelimit import RateLimits
 from ._router import Overflow
 from .auth import Authorizer, allow_list
 from .sse import SSEEndpoint
@@ -40,6 +41,9 @@ from .websocket import WebSocketEndpoint
 __all__ = ["create_app"]
 
 STATIC_DIR = Path(__file__).parent / "static"
+
+
+_DEFAULT_LIMITS = RateLimits()
 
 
 def create_app(
@@ -65,6 +69,8 @@ def create_app(
     connect_kwargs: Mapping[str, Any] | None = None,
     token_cookie: str | None = "pgcast_token",
     auth_timeout: float = 10.0,
+    rate_limits: RateLimits | None = _DEFAULT_LIMITS,
+    max_clients_per_address: int | None = None,
 ) -> Starlette:
     """An ASGI app pushing PostgreSQL notifications to WebSocket and SSE clients.
 
@@ -110,6 +116,13 @@ def create_app(
         any site's page could then use the user's cookie); see
         :func:`pgcast.gateway.auth.client_token` for every way a token may
         come, and the order.
+    :param rate_limits: each client's rate limits (:class:`RateLimits`:
+        publishes, payload bytes and other requests per second, and when a
+        client over them is closed with 4029); None for none.
+    :param max_clients_per_address: connections at once from one client
+        address (WebSocket and SSE together; more get HTTP 429); None (the
+        default) for no cap. Behind a proxy, every client has the proxy's
+        address unless the server trusts its forwarded headers.
     :param auth_timeout: seconds a WebSocket client that gave no token in the
         handshake has to send ``{"type": "auth", "token": ...}`` first.
     """
@@ -147,6 +160,8 @@ def create_app(
         connect_kwargs=dict(connect_kwargs or {}),
         token_cookie=token_cookie,
         auth_timeout=auth_timeout,
+        rate_limits=rate_limits,
+        max_clients_per_address=max_clients_per_address,
     )
     hub = Hub(settings)
     starter = _Starter(hub)

@@ -36,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 from .._channels import check_channels
 from .._errors import AccessDenied, InvalidChannelError, ProtocolError
 from . import _protocol
-from ._hub import Client, Hub
+from ._hub import Client, Hub, TooManyFromAddress
 from ._protocol import Since
 from .auth import client_token, origin_allowed
 
@@ -103,9 +103,9 @@ class SSEEndpoint:
                 f"{hub.settings.max_subscriptions}",
             )
         try:
-            hub.check_room()
+            hub.check_room(request)
         except AccessDenied as exc:
-            raise _Refusal(503, str(exc)) from None
+            raise _Refusal(_status(exc), str(exc)) from None
         token = client_token(request, hub.settings.token_cookie)
         try:
             access = await hub.authorize(request, token)
@@ -121,7 +121,7 @@ class SSEEndpoint:
         try:
             return hub.attach("sse", access, request), channels, since
         except AccessDenied as exc:
-            raise _Refusal(503, str(exc)) from None
+            raise _Refusal(_status(exc), str(exc)) from None
 
     async def _stream(
         self,
@@ -258,6 +258,10 @@ class SSEEndpoint:
                 sent += frame.is_message
             await write("".join(parts))
             stats.messages_out += sent
+
+
+def _status(exc: AccessDenied) -> int:
+    return 429 if isinstance(exc, TooManyFromAddress) else 503
 
 
 async def _until_disconnect(receive: Receive) -> None:

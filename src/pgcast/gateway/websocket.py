@@ -13,6 +13,7 @@ is blocked and the socket is closed with a code and a reason:
      where the server supports denial responses, as uvicorn does)
 4000 slow consumer: the client's queue was full
 4001 its access expired and no fresh token came in an ``auth`` frame
+4029 it kept exceeding its rate limits (see :mod:`._ratelimit`)
 4003 it did not authenticate: no token in the handshake and its first
      frame was not an accepted ``auth`` (or none came within ``auth_timeout``)
 ==== ===============================================================
@@ -34,7 +35,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._errors import AccessDenied, ProtocolError
 from . import _protocol
-from ._hub import CLOSE_NOT_AUTHENTICATED, Client, Hub
+from ._hub import CLOSE_NOT_AUTHENTICATED, Client, Hub, TooManyFromAddress
 from ._protocol import Auth
 from .auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL, Access, client_token, origin_allowed
 
@@ -87,9 +88,9 @@ async def _admit(hub: Hub, websocket: WebSocket) -> tuple[Client, bool] | None:
         await _deny(websocket, 400, bad)
         return None
     try:
-        hub.check_room()
+        hub.check_room(websocket)
     except AccessDenied as exc:
-        await _deny(websocket, 503, str(exc))
+        await _deny(websocket, _status(exc), str(exc))
         return None
     token = client_token(websocket, hub.settings.token_cookie)
     pending = False
@@ -105,7 +106,7 @@ async def _admit(hub: Hub, websocket: WebSocket) -> tuple[Client, bool] | None:
     try:
         client = hub.attach("websocket", access, websocket)
     except AccessDenied as exc:
-        await _deny(websocket, 503, str(exc))
+        await _deny(websocket, _status(exc), str(exc))
         return None
     return client, pending
 
@@ -198,6 +199,10 @@ async def _cancel(*tasks: asyncio.Task[None]) -> None:
             await task
 
 
+def _status(exc: AccessDenied) -> int:
+    return 429 if isinstance(exc, TooManyFromAddress) else 503
+
+
 async def _receive(hub: Hub, websocket: WebSocket, client: Client) -> None:
     max_bytes = hub.settings.max_frame_bytes
     while True:
@@ -210,7 +215,12 @@ async def _receive(hub: Hub, websocket: WebSocket, client: Client) -> None:
         try:
             command = _protocol.parse_frame(data, max_bytes)
         except ProtocolError as exc:
-            hub.refuse(client, str(exc))
+            refusal = str(exc)
+            try:
+                hub.limit(client, None)  # a flood of bad frames is a flood too
+            except ProtocolError as limited:
+                refusal = str(limited)
+            hub.refuse(client, refusal)
             continue
         try:
             await hub.handle(client, command)
