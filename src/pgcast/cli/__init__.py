@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import PgcastError
+from ._common import UsageError
 
 __all__ = ["COMMAND_MODULES", "main"]
 
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except UsageError as exc:
+        print(f"pgcast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except (PgcastError, OSError, ValueError) as exc:
         # One line whatever the message: libpq's often span several
         # ("... Connection refused\n\tIs the server running on that host ...").

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["add_dsn_argument", "resolve_dsn"]
+__all__ = ["UsageError", "add_dsn_argument", "resolve_dsn"]
+
+
+class UsageError(ValueError):
+    """Options that contradict each other or are missing: one line, exit 2."""
 
 
 def add_dsn_argument(parser: argparse.ArgumentParser) -> None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import os
 import shlex
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from ._common import add_dsn_argument, resolve_dsn
+from ._common import UsageError, add_dsn_argument, resolve_dsn
 
 __all__ = ["register"]
 
@@ -55,6 +57,21 @@ def register(subparsers: Any) -> None:
                    help="what happens to a client whose queue is full (default disconnect)")
     p.add_argument("--demo-page", action="store_true",
                    help="also serve the three-bar demo page at /")
+    jwt = p.add_argument_group(
+        "JWT", "verify JSON Web Tokens instead of --allow/--allow-publish: a token's "
+        "channels.read / channels.publish claims are the globs it may subscribe to / "
+        "publish on, until its exp (needs pgcast[jwt])")
+    jwt.add_argument("--jwt-key", metavar="SECRET",
+                     help="HMAC secret (visible in ps: prefer --jwt-key-file or PGCAST_JWT_KEY)")
+    jwt.add_argument("--jwt-key-file", metavar="PATH",
+                     help="file holding the HMAC secret or a PEM public key")
+    jwt.add_argument("--jwt-jwks", metavar="PATH_OR_URL",
+                     help="a JWKS document (file, or https:// URL fetched and cached)")
+    jwt.add_argument("--jwt-audience", metavar="AUD", help="the required aud claim")
+    jwt.add_argument("--jwt-issuer", metavar="ISS", help="the required iss claim")
+    jwt.add_argument("--jwt-algorithm", action="append", default=None, metavar="ALG",
+                     help="an accepted alg (repeatable; default HS256 for a secret, "
+                     "RS256 and ES256 for a public key or JWKS)")
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser(
@@ -113,7 +130,8 @@ def _run(app: Any, sock: socket.socket, log_level: str = "info") -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..gateway import create_app
 
-    if not args.allow:
+    authorizer = jwt_authorizer(args)
+    if authorizer is None and not args.allow:
         print("pgcast serve: warning: no --allow given, so clients can subscribe to no "
               "channel", file=sys.stderr)
     dsn = resolve_dsn(args)
@@ -123,6 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dsn,
         allow=args.allow,
         allow_publish=args.allow_publish,
+        authorizer=authorizer,
         allowed_origins=args.allowed_origin,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         max_clients=args.max_clients,
@@ -134,6 +153,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"pgcast gateway on http://{_url_host(args.host)}:{args.port}/ "
           f"(WebSocket /ws, SSE /sse, /healthz, /metrics)", file=sys.stderr, flush=True)
     return _run(app, sock)
+
+
+def jwt_authorizer(args: argparse.Namespace) -> Any:
+    """The JWT authorizer the ``--jwt-*`` options describe, or None.
+
+    :raises UsageError: contradictory options.
+    """
+    key = args.jwt_key or os.environ.get("PGCAST_JWT_KEY") or None
+    if args.jwt_key_file:
+        try:
+            key = Path(args.jwt_key_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --jwt-key-file {args.jwt_key_file}: "
+                             f"{exc.strerror or exc}") from None
+    options = (key, args.jwt_jwks, args.jwt_audience, args.jwt_issuer, args.jwt_algorithm)
+    if not any(options):
+        return None
+    if args.allow or args.allow_publish:
+        raise UsageError("--jwt-* and --allow/--allow-publish exclude each other: with JWT "
+                         "the token's claims say which channels a client may use")
+    if not key and not args.jwt_jwks:
+        raise UsageError("JWT needs a key: --jwt-key-file, --jwt-key (or PGCAST_JWT_KEY) "
+                         "or --jwt-jwks")
+    if key and args.jwt_jwks:
+        raise UsageError("give either a JWT key or --jwt-jwks, not both")
+    try:
+        from ..gateway.jwt import JWTAuthorizer
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return JWTAuthorizer(key=key if not args.jwt_jwks else None, jwks=args.jwt_jwks,
+                             algorithms=args.jwt_algorithm, audience=args.jwt_audience,
+                             issuer=args.jwt_issuer)
+    except ValueError as exc:
+        raise UsageError(f"JWT: {exc}") from None
 
 
 #: The names a browser on this machine uses for a loopback address.

@@ -1,0 +1,313 @@
+"""The built-in JWT authorizer (issue 12 item 13): what it accepts, the
+attacks it refuses, and the gateway closing a client when its token expires
+unless a fresh one comes. Loopback only (the JWKS URL is served here)."""
+
+# ruff: noqa: F811  (the gateway fixture is imported, then requested by name)
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from pgcast import AccessDenied
+from pgcast.gateway.jwt import JWTAuthorizer
+from test_gateway_server import (
+    TIMEOUT,
+    Gateway,
+    free_port,
+    gateway,  # noqa: F401  (the fixture)
+    recv,
+    request,
+    run,
+    subscribe,
+    ws_connect,
+)
+
+SECRET = "a-test-secret-of-at-least-32-bytes!!"
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem(key: Any) -> str:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def token(key: Any = SECRET, alg: str = "HS256", ttl: float = 60, **claims: Any) -> str:
+    body: dict[str, Any] = {"sub": "alice",
+                            "channels": {"read": ["news", "user.alice.*"], "publish": ["chat"]}}
+    if ttl is not None:
+        body["exp"] = int(time.time() + ttl)
+    body.update(claims)
+    headers = {"kid": claims.pop("_kid")} if "_kid" in claims else None
+    body.pop("_kid", None)
+    return jwt.encode(body, key, algorithm=alg, headers=headers)
+
+
+def check(authorizer: JWTAuthorizer, tok: str | None) -> Any:
+    return asyncio.run(authorizer(None, tok))
+
+
+def test_a_valid_token_gives_its_claims_as_access_until_exp() -> None:
+    access = check(JWTAuthorizer(key=SECRET), token())
+    assert access.can_read("news") and access.can_read("user.alice.inbox")
+    assert not access.can_read("user.bob.inbox") and not access.can_read("chat")
+    assert access.can_write("chat") and not access.can_write("news")
+    assert time.time() + 50 < access.expires <= time.time() + 61
+    rs = check(JWTAuthorizer(key=_pem(RSA_KEY)), token(RSA_KEY, "RS256"))
+    assert rs.can_read("news")
+    es = check(JWTAuthorizer(key=_pem(EC_KEY)), token(EC_KEY, "ES256"))
+    assert es.can_write("chat")
+    other = JWTAuthorizer(key=SECRET, read_claim="scope.sub", publish_claim="pub")
+    access = check(other, token(scope={"sub": "only"}, pub="one"))
+    assert access.can_read("only") and not access.can_read("news") and access.can_write("one")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: None, "a token is required"),
+        (lambda: token(ttl=-5), "the token has expired"),
+        (lambda: token(key="another-secret-of-at-least-32-bytes!"), "Signature verification"),
+        (lambda: token(ttl=None), 'missing the "exp" claim'),
+        (lambda: token(aud="someone-else"), "Invalid audience"),
+        # alg=none: an unsigned token with any claims.
+        (lambda: jwt.encode({"exp": int(time.time() + 60), "channels": {"read": ["*"]}},
+                            None, algorithm="none"), "alg"),
+        (lambda: "not.a.jwt", "invalid token"),
+        (lambda: token() + "x", "invalid token"),
+        (lambda: token(channels={"read": "*x", "publish": [3]}), "must be a list of channel"),
+    ],
+)
+def test_bad_tokens_are_refused_saying_why(make: Callable[[], str | None], message: str) -> None:
+    with pytest.raises(AccessDenied, match=message):
+        check(JWTAuthorizer(key=SECRET), make())
+
+
+def test_audience_and_issuer() -> None:
+    authorizer = JWTAuthorizer(key=SECRET, audience="pgcast", issuer="https://id.example")
+    check(authorizer, token(aud="pgcast", iss="https://id.example"))
+    with pytest.raises(AccessDenied, match='missing the "aud" claim'):
+        check(authorizer, token(iss="https://id.example"))
+    with pytest.raises(AccessDenied, match="Audience doesn't match"):
+        check(authorizer, token(aud="other", iss="https://id.example"))
+    with pytest.raises(AccessDenied, match=r"issuer|iss"):
+        check(authorizer, token(aud="pgcast", iss="https://evil.example"))
+
+
+def test_a_public_key_can_never_be_used_as_an_hmac_secret() -> None:
+    """The HS/RS confusion attack: sign HS256 with the server's *public* key."""
+    pem = _pem(RSA_KEY)
+    authorizer = JWTAuthorizer(key=pem)
+    forged = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode()
+    payload = base64.urlsafe_b64encode(json.dumps(
+        {"exp": int(time.time() + 60), "channels": {"read": ["*"]}}).encode()).rstrip(b"=")
+    import hashlib
+    import hmac
+    signing_input = f"{forged}.{payload.decode()}".encode()
+    sig = base64.urlsafe_b64encode(
+        hmac.new(pem.encode(), signing_input, hashlib.sha256).digest()).rstrip(b"=")
+    with pytest.raises(AccessDenied, match="alg"):
+        check(authorizer, f"{signing_input.decode()}.{sig.decode()}")
+    with pytest.raises(ValueError, match="shared secret"):
+        JWTAuthorizer(key=pem, algorithms=["RS256", "HS256"])
+    with pytest.raises(ValueError, match="needs a public key"):
+        JWTAuthorizer(key=SECRET, algorithms=["RS256"])
+    with pytest.raises(ValueError, match="not accepted"):
+        JWTAuthorizer(key=SECRET, algorithms=["none"])
+    with pytest.raises(ValueError, match="at least 32"):
+        JWTAuthorizer(key="short")
+    with pytest.raises(ValueError, match="exactly one"):
+        JWTAuthorizer()
+
+
+def _jwks(*keys: tuple[str, Any]) -> str:
+    out = []
+    for kid, key in keys:
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())
+                         if isinstance(key, rsa.RSAPrivateKey)
+                         else jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        jwk["kid"] = kid
+        out.append(jwk)
+    return json.dumps({"keys": out})
+
+
+@pytest.fixture
+def jwks_url() -> Iterator[str]:
+    document = _jwks(("r1", RSA_KEY), ("e1", EC_KEY)).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT)
+
+
+def test_jwks_from_a_file_and_from_a_url(tmp_path: Path, jwks_url: str) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(_jwks(("r1", RSA_KEY), ("e1", EC_KEY)))
+    for source in (str(path), jwks_url):
+        authorizer = JWTAuthorizer(jwks=source)
+        assert check(authorizer, token(RSA_KEY, "RS256", _kid="r1")).can_read("news")
+        assert check(authorizer, token(EC_KEY, "ES256", _kid="e1")).can_write("chat")
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        with pytest.raises(AccessDenied):
+            check(authorizer, token(other, "RS256", _kid="r1"))
+        with pytest.raises(AccessDenied):
+            check(authorizer, token(other, "RS256", _kid="unknown"))
+    with pytest.raises(ValueError, match="cannot read the JWKS"):
+        JWTAuthorizer(jwks=str(tmp_path / "missing.json"))
+
+
+def test_the_gateway_with_jwt_over_websocket_and_sse(
+    gateway: Callable[..., Gateway], unique_channel: str
+) -> None:
+    mine, theirs = f"user.alice.{unique_channel}", f"user.bob.{unique_channel}"
+    gw = gateway(authorizer=JWTAuthorizer(key=SECRET), allow=())
+
+    async def main() -> None:
+        async with ws_connect(gw.ws, subprotocols=["pgcast", f"pgcast.token.{token()}"]) as ws:
+            await subscribe(ws, mine)
+            assert (await request(ws, {"type": "subscribe", "channels": [theirs]}))[
+                "type"] == "error"
+            assert (await request(ws, {"type": "publish", "channel": "chat"}))["type"] in (
+                "published", "message")
+            assert (await request(ws, {"type": "publish", "channel": mine}))["type"] == "error"
+        for bad in (token(ttl=-1), token(key="another-secret-of-at-least-32-bytes!")):
+            with pytest.raises(InvalidStatus) as info:
+                async with ws_connect(f"{gw.ws}?token={bad}"):
+                    pass
+            assert info.value.response.status_code == 403
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            headers = {"Authorization": f"Bearer {token()}"}
+            async with client.stream("GET", f"{gw.http}/sse?channel={mine}",
+                                     headers=headers) as r:
+                assert r.status_code == 200
+            r2 = await client.get(f"{gw.http}/sse?channel={theirs}", headers=headers)
+            assert r2.status_code == 403
+        # Expiry closes the client with 4001 unless a fresh token comes first.
+        async with ws_connect(gw.ws) as ws:
+            assert (await request(ws, {"type": "auth", "token": token(ttl=2)}))[
+                "type"] == "authenticated"
+            await subscribe(ws, mine)
+            with pytest.raises(ConnectionClosed) as closed:
+                for _ in range(100):
+                    await recv(ws, timeout=TIMEOUT)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+        async with ws_connect(gw.ws) as ws:
+            await request(ws, {"type": "auth", "token": token(ttl=2)})
+            reply = await request(ws, {"type": "auth", "token": token(ttl=120)})
+            assert reply["type"] == "authenticated" and reply["expires"] > time.time() + 100
+            await asyncio.sleep(3)
+            assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+
+    run(main())
+
+
+def test_pgcast_serve_with_jwt(dsn: str, tmp_path: Path) -> None:
+    port = free_port()
+    key_file = tmp_path / "public.pem"
+    key_file.write_text(_pem(EC_KEY))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, "--port", str(port),
+         "--jwt-key-file", str(key_file), "--jwt-audience", "pgcast"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", trust_env=False,
+                             timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "pgcast serve did not start"
+            time.sleep(0.1)
+
+        async def main() -> None:
+            good = token(EC_KEY, "ES256", aud="pgcast")
+            async with ws_connect(f"ws://127.0.0.1:{port}/ws?token={good}") as ws:
+                await subscribe(ws, "news")
+            with pytest.raises(InvalidStatus):
+                async with ws_connect(f"ws://127.0.0.1:{port}/ws?token="
+                                      f"{token(EC_KEY, 'ES256')}"):
+                    pass
+
+        run(main())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert good_not_logged(out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    for args, message in [
+        (["--jwt-key", SECRET, "--allow", "x"], "exclude each other"),
+        (["--jwt-audience", "a"], "needs a key"),
+        (["--jwt-key", "short"], "at least 32"),
+        (["--jwt-key-file", str(tmp_path / "nope.pem")], "cannot read --jwt-key-file"),
+        (["--jwt-key-file", str(key_file), "--jwt-algorithm", "HS256"], "shared secret"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def good_not_logged(out: str) -> bool:
+    return "token=[redacted]" in out and "eyJ" not in out
+
+
+def test_the_example_issues_a_token_the_gateway_accepts() -> None:
+    example = Path(__file__).parent.parent / "examples" / "jwt" / "issue_token.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "alice", "--read", "user.alice.*", "--publish", "chat"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PGCAST_JWT_KEY": SECRET},
+    )
+    assert done.returncode == 0, done.stderr
+    access = check(JWTAuthorizer(key=SECRET, audience="pgcast"), done.stdout.strip())
+    assert access.can_read("user.alice.inbox") and access.can_write("chat")
+    assert not access.can_read("user.bob.inbox")
+    missing = subprocess.run([sys.executable, str(example), "alice"], capture_output=True,
+                             text=True, timeout=60, check=False,
+                             env={k: v for k, v in os.environ.items() if k != "PGCAST_JWT_KEY"})
+    assert missing.returncode == 2 and "PGCAST_JWT_KEY" in missing.stderr
