@@ -15,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import test_gateway_server
+from pgcast.embedded import EmbeddedServer
 from test_gateway_server import TIMEOUT, Gateway, recv, request, run, ws_connect
 
 #: The fixtures that start a gateway and install the durable schema.
@@ -222,3 +225,46 @@ def test_metrics_answer_while_the_database_stops_answering(
             await proxy.close()
 
     run(main())
+
+
+@pytest.mark.usefixtures("durable_schema")
+def test_the_replay_connection_comes_back_after_a_server_restart(
+    gateway: Callable[..., Gateway], server: EmbeddedServer, conn: psycopg.Connection[Any],
+    unique_channel: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The other loud door: PostgreSQL restarts between two resumes. The
+    replay connection from before is dead; the next resume replays on a
+    fresh one (no error frame), and the channel is live afterwards."""
+    ids = publish_durably(conn, unique_channel, "one", "two", "three")
+    gw = gateway(durable=[unique_channel], database_timeout=30)
+
+    async def frame(ws: Any) -> dict[str, Any]:
+        for _ in range(10):  # past the "reconnected" notice, whenever it comes
+            got = await recv(ws, timeout=30)
+            if got["type"] != "notice":
+                return got
+        raise AssertionError("only notices")
+
+    async def resume(ws: Any, since: int, count: int) -> list[str]:
+        await ws.send(json.dumps({"type": "subscribe", "channels": [unique_channel],
+                                  "since": since}))
+        reply = await frame(ws)
+        assert reply == {"type": "subscribed", "channels": [unique_channel]}, reply
+        return [(await frame(ws))["payload"] for _ in range(count)]
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            assert await resume(ws, 0, 3) == ["one", "two", "three"]
+        await asyncio.to_thread(server.restart)
+        async with ws_connect(gw.ws) as ws:
+            # Whether or not the LISTEN connection is back yet, the subscribe
+            # waits for it (database_timeout); the replay reopens its own.
+            assert await resume(ws, ids[0], 2) == ["two", "three"]
+            with psycopg.connect(server.dsn, autocommit=True) as c:
+                (four,) = publish_durably(c, unique_channel, "four")
+            live = await frame(ws)
+            assert (live["payload"], live["id"]) == ("four", four)
+
+    caplog.set_level(logging.INFO, logger="pgcast.gateway")
+    run(main())
+    assert "the replay connection broke; reopening it" in caplog.text
