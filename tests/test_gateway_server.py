@@ -687,6 +687,60 @@ def test_stalled_client_is_dropped_while_another_keeps_receiving(
     run(main())
 
 
+def test_a_closed_client_that_does_not_read_is_aborted(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 12 item 7: after a 4000 close the TCP connection stayed open as
+    long as the peer did not read (the close waited for the buffer to drain).
+    Over WebSocket and SSE: the socket is reset within ABORT_AFTER."""
+    from pgcast.gateway import _linger
+
+    if not hasattr(socket, "TCP_INFO"):
+        pytest.skip("reads the TCP state with TCP_INFO (Linux)")
+    monkeypatch.setattr(_linger, "ABORT_AFTER", 1.0)
+    gw = gateway(queue_size=8, sndbuf=8192, close_timeout=0.5)
+
+    def raw(request: str) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.port))
+        sock.sendall(request.encode())
+        return sock
+
+    ws = raw(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nUpgrade: websocket\r\n"
+             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+             "Sec-WebSocket-Version: 13\r\n\r\n")
+    ws.settimeout(TIMEOUT)
+    assert ws.recv(4096).startswith(b"HTTP/1.1 101")
+    frame = json.dumps({"type": "subscribe", "channels": [unique_channel]}).encode()
+    mask = b"\x01\x02\x03\x04"
+    ws.sendall(bytes([0x81, 0x80 | len(frame)]) + mask
+               + bytes(b ^ mask[i % 4] for i, b in enumerate(frame)))
+    sse = raw(f"GET /sse?channel={unique_channel} HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n\r\n")
+    try:
+        gw.wait_metric("pgcast_gateway_subscriptions", lambda v: v == 2)
+        for b in range(200):  # until both were closed as slow consumers
+            conn.execute(burst_sql(unique_channel, 4, b))
+            if gw.metrics()['pgcast_gateway_disconnects_total{reason="slow_consumer"}'] == 2:
+                break
+        gw.wait_metric('pgcast_gateway_disconnects_total{reason="slow_consumer"}',
+                       lambda v: v == 2)
+        for sock in (ws, sse):
+            # Not reading: the server's close can only end in a reset (the
+            # WebSocket's after uvicorn's 10 s wait for the close reply).
+            deadline = time.monotonic() + 3 * TIMEOUT
+            # TCP_INFO's first byte is the state: ESTABLISHED (1) while the
+            # server holds the connection, CLOSE (7) once it was reset.
+            while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == 1:
+                assert time.monotonic() < deadline, "the closed connection was never aborted"
+                time.sleep(0.1)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == 7
+    finally:
+        ws.close()
+        sse.close()
+
+
 def test_drop_oldest_policy_keeps_the_slow_client_and_counts_drops(
     gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
 ) -> None:

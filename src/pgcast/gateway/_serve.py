@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from ._linger import http_protocol
 from ._logging import log_config
 
 __all__ = ["GatewayServer", "config", "serve"]
@@ -71,6 +72,9 @@ def config(
     # the encode-once fan-out; notifications are small (< 8000 bytes) anyway.
     options.setdefault("ws_per_message_deflate", False)
     options.setdefault("timeout_graceful_shutdown", 10)
+    # Connections the gateway closed are aborted if their peer does not read
+    # the rest within a few seconds (see ._linger).
+    options.setdefault("http", http_protocol())
     options.setdefault("log_level", "info")
     # Tokens in URLs (?token= for EventSource) never reach a log line.
     options.setdefault("log_config", log_config())

@@ -1,0 +1,128 @@
+"""Connections the gateway closed are gone within a bound, read or not.
+
+asyncio's ``transport.close()`` sends what is buffered first, and only then
+closes the socket. A client that stopped reading (the slow consumer the
+gateway just closed with 4000, a stalled SSE stream) never lets that buffer
+drain, so the socket, its buffers and its file descriptor stayed, for as long
+as the peer kept the TCP connection open: 250 sockets held with
+``--max-clients 50``, still there after 100 s. uvicorn closes with
+``close()`` everywhere, so :class:`Linger` wraps each connection's transport:
+a ``close()`` that leaves bytes unsent is followed, :data:`ABORT_AFTER`
+seconds later, by a reset (``SO_LINGER`` 0, then ``abort()``: the socket is
+freed and the peer gets RST) if bytes are still unsent.
+
+:func:`http_protocol` is the uvicorn HTTP protocol class with the wrapper;
+WebSocket connections start as HTTP, so their protocol gets the same
+transport when the connection is upgraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import socket
+import struct
+import termios
+from typing import Any
+
+__all__ = ["ABORT_AFTER", "Linger", "http_protocol"]
+
+#: Seconds a closed connection may take to send what it still buffers.
+ABORT_AFTER = 5.0
+
+
+class Linger:
+    """A transport whose ``close()`` turns into ``abort()`` after
+    :data:`ABORT_AFTER` seconds if bytes are still unsent; everything else is
+    the transport's own."""
+
+    __slots__ = ("_aborted", "_timer", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+        self._timer: asyncio.TimerHandle | None = None
+        self._aborted = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def close(self) -> None:
+        transport = self.transport
+        transport.close()
+        if self._aborted:
+            return
+        if self._timer is None and transport.get_write_buffer_size() > 0:
+            self._timer = asyncio.get_running_loop().call_later(ABORT_AFTER, self._abort)
+
+    def abort(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._aborted = True
+        self.transport.abort()
+
+    def _abort(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport.get_write_buffer_size() == 0 and _unsent(transport) == 0:
+            return  # it all went out: the close is completing by itself
+        # Linger 0: the kernel resets the connection and drops what it still
+        # holds, instead of keeping an orphan socket that waits on the peer.
+        self._aborted = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):  # ValueError: already closed
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()  # a no-op on a transport that is already gone
+
+
+def _unsent(transport: asyncio.WriteTransport) -> int:
+    """Bytes the kernel still holds for the peer (Linux SIOCOUTQ), or -1."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(termios, "TIOCOUTQ"):
+        return -1
+    try:
+        out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):  # ValueError: uvloop's socket of a closed transport
+        return -1
+    return int(struct.unpack("i", out)[0])
+
+
+def http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) whose
+    connections close within :data:`ABORT_AFTER` seconds."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is part of uvicorn[standard]
+        return _H11Linger
+    return _httptools_linger(HttpToolsProtocol)
+
+
+def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
+    class HttpToolsLinger(base):  # type: ignore[misc]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(_wrap(transport))
+
+    return HttpToolsLinger
+
+
+def _wrap(transport: asyncio.BaseTransport) -> Any:
+    # Not isinstance(transport, asyncio.Transport): uvloop's transports are not.
+    if isinstance(transport, Linger) or not hasattr(transport, "get_write_buffer_size"):
+        return transport
+    return Linger(transport)  # type: ignore[arg-type]
+
+
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
+
+
+class _H11Linger(H11Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(_wrap(transport))
