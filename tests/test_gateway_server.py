@@ -741,6 +741,57 @@ def test_a_closed_client_that_does_not_read_is_aborted(
         sse.close()
 
 
+def test_requests_whose_headers_never_end_are_closed_and_bounded(
+    gateway: Callable[..., Gateway], unique_channel: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 12 item 9 (slowloris): incomplete upgrade requests were held
+    forever, outside max_clients (3,000 for 70 s)."""
+    from pgcast.gateway import _linger
+
+    monkeypatch.setattr(_linger, "HEADER_TIMEOUT", 1.0)
+    monkeypatch.setattr(_linger, "MAX_UNFINISHED", 5)
+    gw = gateway(max_clients=3)
+    partial = f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nUpgrade: websocket\r\n"
+
+    def ended(sock: socket.socket, within: float) -> bool:
+        """Whether the server ends the connection within *within* s."""
+        sock.settimeout(within)
+        try:
+            return sock.recv(1024) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    socks = []
+    try:
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", gw.port), timeout=TIMEOUT)
+            sock.sendall(partial.encode())
+            socks.append(sock)
+        # Past the bound of unfinished handshakes: closed at once.
+        assert sum(ended(s, 0.5) for s in socks[5:]) == 3
+        # The others within the header timeout, whatever they dribble.
+        socks[0].sendall(b"X-Slow: 1\r\n")
+        assert all(ended(s, TIMEOUT) for s in socks[:5])
+        # A kept-alive connection that dribbles its second request too.
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=TIMEOUT) as keep:
+            keep.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n\r\n"
+                         .encode())
+            assert keep.recv(4096).startswith(b"HTTP/1.1 200")
+            keep.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            assert ended(keep, TIMEOUT)
+    finally:
+        for sock in socks:
+            sock.close()
+
+    async def main() -> None:  # and the gateway serves everyone else as before
+        async with ws_connect(gw.ws) as ws:
+            await subscribe(ws, unique_channel)
+
+    run(main())
+
+
 def test_drop_oldest_policy_keeps_the_slow_client_and_counts_drops(
     gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
 ) -> None:

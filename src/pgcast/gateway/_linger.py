@@ -13,7 +13,11 @@ freed and the peer gets RST) if bytes are still unsent.
 
 :func:`http_protocol` is the uvicorn HTTP protocol class with the wrapper;
 WebSocket connections start as HTTP, so their protocol gets the same
-transport when the connection is upgraded.
+transport when the connection is upgraded. It also bounds the time a client
+may take to send a request's headers (:data:`HEADER_TIMEOUT`) and how many
+connections may be doing so at once (:data:`MAX_UNFINISHED`): incomplete
+upgrade requests (slowloris) held connections forever, outside
+``max_clients``, which counts only clients past their handshake.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import socket
 import struct
 import termios
 from typing import Any
 
-__all__ = ["ABORT_AFTER", "Linger", "http_protocol"]
+__all__ = ["ABORT_AFTER", "HEADER_TIMEOUT", "MAX_UNFINISHED", "Linger", "http_protocol"]
+
+logger = logging.getLogger("pgcast.gateway")
 
 #: Seconds a closed connection may take to send what it still buffers.
 ABORT_AFTER = 5.0
@@ -95,9 +102,19 @@ def _unsent(transport: asyncio.WriteTransport) -> int:
     return int(struct.unpack("i", out)[0])
 
 
+#: Seconds a client has to send a request's headers (slowloris: requests
+#: whose headers never end held connections outside every limit).
+HEADER_TIMEOUT = 10.0
+#: Connections at once that have not finished sending their request's
+#: headers; more are closed as they come.
+MAX_UNFINISHED = 1000
+
+
 def http_protocol() -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools when installed, else h11) whose
-    connections close within :data:`ABORT_AFTER` seconds."""
+    connections close within :data:`ABORT_AFTER` seconds, and (httptools)
+    whose requests must send their headers within :data:`HEADER_TIMEOUT`,
+    with at most :data:`MAX_UNFINISHED` connections doing so at once."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # pragma: no cover - httptools is part of uvicorn[standard]
@@ -105,10 +122,53 @@ def http_protocol() -> type[asyncio.Protocol]:
     return _httptools_linger(HttpToolsProtocol)
 
 
+#: The connections still sending headers, across the process's servers.
+_unfinished: set[Any] = set()
+
+
 def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
     class HttpToolsLinger(base):  # type: ignore[misc]
+        _header_timer: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(_wrap(transport))
+            if len(_unfinished) >= MAX_UNFINISHED:
+                logger.warning("pgcast gateway: %d connections are still sending their "
+                               "headers (the limit): closing a new one", len(_unfinished))
+                self.transport.abort()
+                return
+            self._await_headers()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._await_headers()  # the next request on a kept-alive connection
+
+        def on_headers_complete(self) -> None:
+            self._headers_done()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_done()
+            super().connection_lost(exc)
+
+        def _await_headers(self) -> None:
+            if self._header_timer is None:
+                _unfinished.add(self)
+                self._header_timer = asyncio.get_running_loop().call_later(
+                    HEADER_TIMEOUT, self._too_slow)
+
+        def _headers_done(self) -> None:
+            _unfinished.discard(self)
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            _unfinished.discard(self)
+            logger.info("pgcast gateway: closing a connection that sent no complete "
+                        "request headers within %g s", HEADER_TIMEOUT)
+            self.transport.abort()
 
     return HttpToolsLinger
 
