@@ -187,6 +187,47 @@ def test_a_forged_reference_reads_no_other_channels_message(
     arun(main())
 
 
+def test_a_forged_reference_never_moves_a_durable_position(
+    dsn: str, conn: psycopg.Connection[Any], unique_channel: str
+) -> None:
+    """The asyncio twin: forged references (raw NOTIFY, pg_notify,
+    pgcast.aio.notify, the AsyncPublisher) never move the position or ack()."""
+    huge, texts = 2**62, ["forged-a", "forged-b"]
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await sub.listen(unique_channel, durable=True, consumer="forge-test")
+            first = await pub.notify(unique_channel, "one", durable=True)
+            assert first is not None
+            refs = [ref_payload(huge, texts[0]), ref_payload(first + 1, texts[1]),
+                    ref_payload(huge + 1)]
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as app:
+                for ref in refs:
+                    conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(unique_channel),
+                                                                 ref))
+                    conn.execute("SELECT pg_notify(%s, %s)", (unique_channel, ref))
+                    await pgcast.aio.notify(app, unique_channel, ref)
+            async with await pgcast.AsyncPublisher.connect(dsn) as publisher:
+                for ref in refs:
+                    await publisher.publish(unique_channel, ref)
+                await publisher.flush()
+            second = await pub.notify(unique_channel, "two", durable=True)
+            got: list[Any] = []
+            for _ in range(100):
+                got += [e for e in await take(sub, 1) if isinstance(e, pgcast.Event)]
+                if got[-1].payload == "two":
+                    break
+            payloads = [e.payload for e in got]
+            assert payloads[0] == "one" and payloads[-1] == "two"
+            assert not set(texts) & set(payloads), payloads
+            await sub.ack(got[-1])
+        row = conn.execute("SELECT position FROM pgcast.consumers WHERE name = 'forge-test' "
+                           "AND channel = %s", (unique_channel,)).fetchone()
+        assert row is not None and row[0] == second
+
+    arun(main())
+
+
 def test_notify_many_refuses_what_is_not_a_pair(dsn: str, unique_channel: str) -> None:
     async def main() -> None:
         async with await pgcast.aio.connect(dsn) as ps:

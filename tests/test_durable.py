@@ -404,9 +404,16 @@ def test_replay_that_finds_a_seen_id_pruned_still_goes_live() -> None:
         steps.send([(3, 1, "three")])  # 5 was pruned before the query ran
     assert ids(list(inbox)) == [3]
     assert not state.pending
-    state.admit("c", ref_payload(5, "five"), 1)  # a late duplicate
+    state.admit("c", ref_payload(5, "five"), 1)  # a late duplicate: a hint to read
     state.admit("c", ref_payload(6, "six"), 1)
+    assert ids(list(inbox)) == [3]  # references are read from the log, never taken
+    assert state.pending
+    steps = state.replay_steps(batch=10)
+    assert next(steps)[1][1:3] == ("c", 3)
+    with pytest.raises(StopIteration):
+        steps.send([(6, 1, "six")])
     assert ids(list(inbox)) == [3, 6]
+    assert not state.pending
 
 
 def test_large_replayed_payloads_are_fetched_later() -> None:
@@ -987,6 +994,57 @@ def test_a_forged_reference_reads_no_other_channels_message(
         got = take(sub, 2)
         assert [e.payload for e in got] == [forged, "after"]
         assert all("secret" not in e.payload for e in got)
+
+
+def forge_everywhere(conn: Conn, dsn: str, channel: str, near: int) -> list[str]:
+    """Send reference payloads naming a huge id and the next few ids by every
+    door a plain sender has; returns the inline texts used."""
+    texts = [f"forged-{i}" for i in range(4)]
+    refs = [ref_payload(2**62, texts[0]), ref_payload(near + 1, texts[1]),
+            ref_payload(near + 2, texts[2]), ref_payload(2**62 + 5), ref_payload(near + 3)]
+    for ref in refs:
+        conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(channel), ref))
+        conn.execute("SELECT pg_notify(%s, %s)", (channel, ref))
+        pgcast.notify(conn, channel, ref)
+    with pgcast.Publisher(dsn) as publisher:
+        for ref in refs:
+            publisher.publish(channel, ref)
+        publisher.flush()
+    return texts
+
+
+def test_a_forged_reference_never_moves_a_durable_position(
+    dsn: str, conn: Conn, unique_channel: str, schema: None
+) -> None:
+    """Issue 12 item 1(b): a forged reference with a huge (or a guessed next)
+    id moved the durable position, so real messages were dropped as
+    duplicates, and ack() stored the forged position. Now a reference is only
+    a hint to read the log: only rows read move the position."""
+    with pgcast.connect(dsn) as pub, pgcast.connect(dsn) as sub:
+        sub.listen(unique_channel, durable=True, consumer="forge-test")
+        first = pub.notify(unique_channel, "one", durable=True)
+        assert first is not None
+        texts = forge_everywhere(conn, dsn, unique_channel, first)
+        pub.notify_many([(unique_channel, ref_payload(2**62, "many"))])
+        second = pub.notify(unique_channel, "two", durable=True)
+        got = []
+        for _ in range(100):
+            got += [e for e in take(sub, 1) if isinstance(e, pgcast.Event)]
+            if got[-1].payload == "two":
+                break
+        payloads = [e.payload for e in got]
+        assert payloads[0] == "one" and payloads[-1] == "two"
+        assert not set(texts) & set(payloads), payloads  # no forged text as a message
+        logged = {i for i, _ in log_rows(conn, unique_channel)}
+        assert all(getattr(e, "id", None) in logged for e in got), "an id not in the log"
+        sub.ack(got[-1])
+    row = conn.execute("SELECT position FROM pgcast.consumers WHERE name = 'forge-test' "
+                       "AND channel = %s", (unique_channel,)).fetchone()
+    assert row is not None and row[0] == second
+    with pgcast.connect(dsn) as pub, pgcast.connect(dsn) as again:
+        again.listen(unique_channel, durable=True, consumer="forge-test")
+        pub.notify(unique_channel, "three", durable=True)
+        assert [e.payload for e in drain(again)] == ["three"]
 
 
 def test_notify_many_refuses_what_is_not_a_pair(dsn: str, unique_channel: str) -> None:

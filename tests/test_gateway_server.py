@@ -1162,6 +1162,43 @@ def test_sse_resumes_with_last_event_id(
     run(main())
 
 
+def test_a_forged_reference_does_not_stop_a_durable_channel_of_the_gateway(
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
+    durable_schema: None,
+) -> None:
+    """Issue 12 item 1(b) through the gateway: a raw NOTIFY and a client's
+    publish carrying a reference with a huge id moved the gateway's durable
+    position, and every later durable message was dropped for every client."""
+    gw = gateway(durable=[f"{unique_channel}*"], allow_publish=[unique_channel])
+    forged = "\x1epgcast:4611686018427387904:forged"
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws, ws_connect(gw.ws) as resumed:
+            await subscribe(ws, unique_channel)
+            (first,) = publish_durably(conn, unique_channel, "one")
+            assert (await recv(ws))["payload"] == "one"
+            await asyncio.to_thread(conn.execute, "SELECT pg_notify(%s, %s)",
+                                    (unique_channel, forged))
+            reply = await request(ws, {"type": "publish", "channel": unique_channel,
+                                       "payload": forged})
+            assert reply["type"] in ("published", "error", "message")
+            publish_durably(conn, unique_channel, "two")
+            got: list[dict[str, Any]] = []
+            while not got or got[-1].get("payload") != "two":
+                assert len(got) < 10, got
+                got.append(await recv(ws))
+            messages = [m for m in got if m["type"] == "message"]
+            # Only what the log holds: "forged" never stands alone as a message.
+            assert all(m["payload"] != "forged" for m in messages), got
+            reply = await request(resumed, {"type": "subscribe", "channels": [unique_channel],
+                                            "since": first})
+            assert reply["type"] == "subscribed"
+            rest = [(await recv(resumed))["payload"] for _ in range(len(messages))]
+            assert rest[-1] == "two"
+
+    run(main())
+
+
 def test_the_replay_connection_is_reopened_and_a_failed_replay_changes_nothing(
     gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], dsn: str,
     unique_channel: str, durable_schema: None,

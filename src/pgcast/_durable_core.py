@@ -266,21 +266,30 @@ class DurableState:
 
     # -- live ------------------------------------------------------------
 
-    def admit(self, channel: str, text: str, pid: int) -> None:
+    def admit(self, channel: str, text: str, pid: int, trusted: bool = False) -> None:
         """Take one notification whose payload starts with the reference
         prefix into the inbox: decoded, and on durable channels deduplicated
-        (or dropped while the channel replays: the replay brings it)."""
+        (or dropped while the channel replays: the replay brings it).
+
+        On a durable channel a reference is only a hint that the log has
+        more: the channel reads the log from the position it reached (one
+        query for all that arrived meanwhile, run by the driver as a replay),
+        and only rows read from the log move the position or are handed out.
+        A reference forged by a plain NOTIFY (any payload starting
+        ``"\x1epgcast:"``) can therefore neither skip real messages (a huge
+        id), nor be stored by ``ack()``, nor pass its own text off as a
+        durable message. *trusted*: *text* comes from a durable PubSub that
+        already read it from the log (the gateway's fan-out): taken as it is.
+        """
         ref = parse_ref(text)
         if ref is None:
             self.inbox.append(Event(channel, text, pid))
             return
         id, payload = ref
-        event = Unfetched(channel, "", pid, id) if payload is None else DurableEvent(
-            channel, payload, pid, id
-        )
         stream = self.streams.get(channel)
         if stream is None:
-            self.inbox.append(event)
+            self.inbox.append(Unfetched(channel, "", pid, id) if payload is None
+                              else DurableEvent(channel, payload, pid, id))
             return
         with self._lock:
             if stream.replaying:
@@ -289,8 +298,12 @@ class DurableState:
             assert stream.last is not None
             if id <= stream.last:
                 return
+            if not trusted or payload is None:
+                stream.replaying = True  # read the log: see the docstring
+                stream.seen = id
+                return
             stream.last = id
-            self.inbox.append(event)
+            self.inbox.append(DurableEvent(channel, payload, pid, id))
 
     # -- subscriptions ---------------------------------------------------
 
@@ -421,12 +434,13 @@ class DurableState:
                 else:
                     append(DurableEvent(channel, payload, pid, id))
             last: int = rows[-1][0] if rows else start
-            if len(rows) < batch:
-                # The log is read up to the query: every id seen before it was
-                # issued is covered (or was pruned meanwhile).
-                last = max(last, seen_before)
-                if stream.seen <= last:
-                    stream.replaying = False
+            # Only rows read move the position, never an id a notification
+            # named: a reference seen before this query was sent is in its
+            # result, pruned, or not pgcast's (forged), so a short batch
+            # catches the channel up, unless a reference beyond what it read
+            # arrived while it ran (then one more query).
+            if len(rows) < batch and (stream.seen == seen_before or stream.seen <= last):
+                stream.replaying = False
             stream.last = last
             return len(rows)
 

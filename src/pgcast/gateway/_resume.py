@@ -65,7 +65,9 @@ class Resume:
             if not self._outbox.put(_protocol.message(event.channel, event.payload, event.pid)):
                 self._overflow()
             return
-        self._state.admit(event.channel, ref_payload(event_id, event.payload), event.pid)
+        # The gateway's own durable PubSub read it from the log: trusted.
+        self._state.admit(event.channel, ref_payload(event_id, event.payload), event.pid,
+                          trusted=True)
         self._flush_ready()
 
     def _flush_ready(self) -> None:
