@@ -6,8 +6,9 @@ callable taking the parsed arguments and returning the exit code. To add a
 command, write the module and name it in :data:`COMMAND_MODULES`.
 
 Errors a user can cause (:class:`pgcast.PgcastError`, bad arguments, a
-missing file) are printed as one line on stderr with exit code 1 (2 for usage
-errors, 130 for Ctrl-C); never a traceback.
+missing file, a missing extra) are printed as one line on stderr; never a
+traceback. Exit codes: 0 done, 1 a runtime error, 2 a usage error, 3
+``listen --timeout`` ended with nothing received, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import PgcastError
-from ._common import UsageError
+from ._common import DSN_HELP, UsageError
 
 __all__ = ["COMMAND_MODULES", "main"]
 
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"pgcast {__version__}")
+    parser.add_argument("--dsn", dest="global_dsn", metavar="DSN", help=DSN_HELP)
+    parser.epilog = ("exit codes: 0 done, 1 runtime error, 2 usage error, 3 listen --timeout "
+                     "with nothing received, 130 Ctrl-C")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"{__name__}.{name}")
@@ -54,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pgcast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        # A command whose extra is not installed (the gateway, JWT, ...).
+        print(f"pgcast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (PgcastError, OSError, ValueError) as exc:
         # One line whatever the message: libpq's often span several
         # ("... Connection refused\n\tIs the server running on that host ...").

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -10,7 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import client
-from ._common import add_dsn_argument, resolve_dsn
+from .._event import Event
+from .._reconnect import Reconnected
+from ._common import EXIT_NOTHING, EXIT_OK, add_dsn_argument, resolve_dsn
 
 __all__ = ["register"]
 
@@ -23,7 +26,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("channels", nargs="+", metavar="CHANNEL")
     p.add_argument("--count", type=int, help="stop after N events")
-    p.add_argument("--timeout", type=float, help="stop after S seconds")
+    p.add_argument("--timeout", type=float,
+                   help=f"stop after S seconds (exit code {EXIT_NOTHING} if nothing came)")
+    p.add_argument("--decode", action="store_true",
+                   help="print a payload that is JSON as that JSON value, not as a string")
     add_dsn_argument(p)
     p.set_defaults(func=cmd_listen)
 
@@ -37,11 +43,16 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_notify)
 
 
-def event_line(event: Any) -> str:
-    """The JSON line ``pgcast listen`` prints for *event*."""
+def event_line(event: Any, decode: bool = False) -> str:
+    """The JSON line ``pgcast listen`` prints for *event*; with *decode*, a
+    payload that is valid JSON is printed as that value (else as a string)."""
+    payload: Any = event.payload
+    if decode:
+        with contextlib.suppress(ValueError):
+            payload = json.loads(payload)
     record = {
         "channel": event.channel,
-        "payload": event.payload,
+        "payload": payload,
         "pid": event.pid,
         "received": datetime.now(UTC).isoformat(timespec="microseconds"),
     }
@@ -61,14 +72,18 @@ def cmd_listen(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         slice_ = 0.5 if deadline is None else min(0.5, args.timeout)
         for event in ps.events(select_timeout=slice_, yield_timeouts=True):
-            if event is not None:
-                print(event_line(event), flush=True)
+            if isinstance(event, Reconnected):
+                print(f"pgcast listen: reconnected after the connection was lost "
+                      f"({event.error}); notifications sent meanwhile may be missed",
+                      file=sys.stderr, flush=True)
+            elif isinstance(event, Event):
+                print(event_line(event, args.decode), flush=True)
                 seen += 1
                 if args.count is not None and seen >= args.count:
-                    return 0
+                    return EXIT_OK
             if deadline is not None and time.monotonic() >= deadline:
-                return 0
-    return 0
+                return EXIT_OK if seen else EXIT_NOTHING
+    return EXIT_OK
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
@@ -76,6 +91,10 @@ def cmd_notify(args: argparse.Namespace) -> int:
         if args.payload is not None:
             ps.notify(args.channel, args.payload)
             return 0
+        if sys.stdin.isatty():
+            print(f"pgcast notify: reading payloads for {args.channel} from the terminal, one "
+                  "per line; Ctrl-D to end (or give the payload as an argument)",
+                  file=sys.stderr, flush=True)
         for line in sys.stdin:
             # The line without its end, "\n" or "\r\n" (text from Windows).
             ps.notify(args.channel, line.removesuffix("\n").removesuffix("\r"))
