@@ -406,6 +406,28 @@ def test_without_dsn_uses_the_embedded_server(
         EmbeddedServer(datadir, persistent=True).stop()
 
 
+def test_big_notify_without_schema_fails_naming_init_and_creates_nothing(
+    dsn: str, unique_channel: str
+) -> None:
+    """A payload of 8000+ bytes needs the pgcast schema: without it the CLI
+    says to run `pgcast init` and runs no DDL (a fresh database stays empty)."""
+    name = f"pgcast_noschema_{os.getpid()}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.execute(f"CREATE DATABASE {name}")
+        try:
+            target = psycopg.conninfo.make_conninfo(dsn, dbname=name)
+            done = run("notify", "--dsn", target, unique_channel, "x" * 9000)
+            assert_one_line_error(done, "pgcast init", "install_schema")
+            with psycopg.connect(target) as conn:
+                found = conn.execute(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgcast'"
+                ).fetchone()
+            assert found == (0,)
+        finally:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def test_missing_embedded_extra_is_one_line_naming_the_extra(unique_channel: str) -> None:
     """Without a DSN and without pgcast[embedded] installed (simulated: the
     module is blocked in sys.modules), one line says what to install."""
