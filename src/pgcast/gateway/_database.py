@@ -30,7 +30,7 @@ import psycopg
 from .. import aio
 
 if TYPE_CHECKING:
-    from ._hub import Settings
+    from ._client import Settings
 
 __all__ = ["QueryConnection", "QueueUsage", "connect_listener", "listen_all", "reconnect_delay"]
 

@@ -28,7 +28,8 @@ Durable channels (``durable`` globs) are LISTENed durably; a client resuming
 from a position is served by :mod:`._resume`, whose replay queries run on a
 second connection (the *query* connection), opened when first needed, never on the
 LISTEN one. How each connection is opened (and the NOTIFY queue usage read
-for ``/metrics``) is in :mod:`._database`.
+for ``/metrics``) is in :mod:`._database`; admitting, authorizing and
+rate-limiting clients in :mod:`._client`.
 """
 
 from __future__ import annotations
@@ -38,139 +39,38 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import psycopg
 
 from .. import aio
-from .._errors import AccessDenied, ConnectError, ConnectionLostError, PgcastError, ProtocolError
+from .._errors import ConnectError, ConnectionLostError, PgcastError, ProtocolError
 from .._event import Event
 from .._reconnect import Reconnected
 from . import _metrics, _protocol
+from ._client import (
+    CLOSE_GOING_AWAY,
+    CLOSE_SLOW_CONSUMER,
+    Client,
+    Clients,
+    Settings,
+)
 from ._database import QueryConnection, QueueUsage, connect_listener, listen_all, reconnect_delay
 from ._protocol import Auth, Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
-from ._ratelimit import CLOSE_RATE_LIMITED, ClientLimiter, RateLimits
 from ._resume import Resume
-from ._router import Outbox, Overflow, Router, Subscriber
+from ._router import Router, Subscriber
 from .auth import Access, Authorizer, globs_matcher
 
-__all__ = ["Client", "Hub", "Settings"]
+__all__ = ["Hub"]
 
 logger = logging.getLogger("pgcast.gateway")
 
 T = TypeVar("T")
 
-#: WebSocket close codes the gateway uses.
-CLOSE_GOING_AWAY = 1001
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_SLOW_CONSUMER = 4000
-#: The client's access expired (its token) and no fresh token came in time.
-CLOSE_ACCESS_EXPIRED = 4001
-#: The client did not authenticate (no ``auth`` frame first, or a refused token).
-CLOSE_NOT_AUTHENTICATED = 4003
-
 _RETRY_DELAY = 0.1
 
-
-@dataclass(frozen=True)
-class Settings:
-    """The gateway's configuration; see :func:`pgcast.gateway.create_app`."""
-
-    dsn: str = ""
-    authorizer: Authorizer | None = None
-    allowed_origins: frozenset[str] | None = None
-    max_clients: int = 10_000
-    max_subscriptions: int = 100
-    max_frame_bytes: int = _protocol.MAX_FRAME_BYTES
-    queue_size: int = 1000
-    overflow: Overflow = Overflow.DISCONNECT
-    heartbeat: float = 15.0
-    database_timeout: float = 10.0
-    close_timeout: float = 2.0
-    metrics_cache: float = 5.0
-    durable: tuple[str, ...] = ()
-    connect_kwargs: dict[str, Any] = field(default_factory=dict)
-    token_cookie: str | None = "pgcast_token"
-    auth_timeout: float = 10.0
-    rate_limits: RateLimits | None = field(default_factory=RateLimits)
-    max_clients_per_address: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_clients_per_address is not None:
-            value = self.max_clients_per_address
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"max_clients_per_address must be an integer >= 1 or None, "
-                                 f"got {value!r}")
-        for name in ("max_clients", "max_subscriptions", "max_frame_bytes", "queue_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("heartbeat", "database_timeout", "close_timeout", "metrics_cache",
-                     "auth_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
-        object.__setattr__(self, "overflow", Overflow(self.overflow))
-
-
-class TooManyFromAddress(AccessDenied):
-    """A connection refused for ``max_clients_per_address`` (HTTP 429)."""
-
-
-def _address(connection: Any) -> str | None:
-    client = getattr(connection, "client", None)
-    return getattr(client, "host", None) if client is not None else None
-
-
-class Client:
-    """One connected client, as the transports drive it."""
-
-    __slots__ = ("access", "address", "closing", "connection", "detached", "expiry", "limiter",
-                 "resume", "sub", "wake")
-
-    def __init__(
-        self, sub: Subscriber, access: Access, wake: asyncio.Event, connection: Any = None
-    ) -> None:
-        self.sub = sub
-        self.access = access
-        #: The Starlette request or websocket, for the authorizer.
-        self.connection = connection
-        #: Closes the client when its access expires (see :meth:`Hub.grant`).
-        self.expiry: asyncio.TimerHandle | None = None
-        #: Its rate limits, made at its first request (idle clients have none).
-        self.limiter: ClientLimiter | None = None
-        #: The client's address, counted against ``max_clients_per_address``.
-        self.address = _address(connection)
-        #: Set when the outbox has frames (or the client must go).
-        self.wake = wake
-        #: Resolved with ``(close code, reason)`` when the gateway drops the client.
-        self.closing: asyncio.Future[tuple[int, str]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self.detached = False
-        #: The durable channels it resumed from a position, if any.
-        self.resume: Resume | None = None
-
-    @property
-    def gone(self) -> bool:
-        """Whether the client left or is being closed."""
-        return self.detached or self.closing.done()
-
-    @property
-    def outbox(self) -> Outbox:
-        """The client's bounded queue of frames."""
-        return self.sub.outbox
-
-    def kick(self, code: int, reason: str) -> None:
-        """Ask the client's transport to close with *code* and *reason*."""
-        if not self.closing.done():
-            self.closing.set_result((code, reason))
-        self.wake.set()
-
-
-class Hub:
+class Hub(Clients):
     """One LISTEN connection and the clients it serves; see the module docstring."""
 
     def __init__(self, settings: Settings) -> None:
@@ -263,121 +163,6 @@ class Hub:
 
     # -- admission ---------------------------------------------------------
 
-    async def authorize(self, connection: Any, token: str | None) -> Access:
-        """Run the authorizer. :raises AccessDenied: it refused the client."""
-        result = self._authorize(connection, token)
-        if isinstance(result, Awaitable):
-            result = await result
-        if not isinstance(result, Access):
-            raise TypeError(
-                f"the gateway's authorizer must return a pgcast.gateway.Access, "
-                f"not {type(result).__name__}"
-            )
-        if result.expires is not None and result.expires <= time.time():
-            raise AccessDenied("the token has expired")
-        return result
-
-    def check_room(self, connection: Any = None) -> None:
-        """:raises AccessDenied: shutting down, or at ``max_clients``;
-        :class:`TooManyFromAddress`: at ``max_clients_per_address`` for the
-        address *connection* comes from."""
-        if self._closing:
-            raise AccessDenied("the gateway is shutting down")
-        if len(self._clients) >= self.settings.max_clients:
-            self.stats.rejected["capacity"] += 1
-            raise AccessDenied(
-                f"the gateway is full: {len(self._clients)} clients connected, "
-                f"the limit is {self.settings.max_clients}"
-            )
-        cap = self.settings.max_clients_per_address
-        address = _address(connection)
-        if cap is not None and address is not None and self._per_address[address] >= cap:
-            self.stats.rejected["per_address"] += 1
-            raise TooManyFromAddress(
-                f"too many connections from {address}: {self._per_address[address]} open, "
-                f"the limit per address is {cap}"
-            )
-
-    def attach(self, transport: str, access: Access, connection: Any = None) -> Client:
-        """Register a new client. :raises AccessDenied: see :meth:`check_room`,
-        or *access* has already expired."""
-        self.check_room(connection)
-        wake = asyncio.Event()
-        outbox = Outbox(self.settings.queue_size, self.settings.overflow, wake.set)
-        sub = Subscriber(outbox, transport)
-        client = Client(sub, Access(), wake, connection)
-        self.grant(client, access)
-        self._clients[sub] = client
-        if client.address is not None:
-            self._per_address[client.address] += 1
-        self.router.attach(sub)
-        self.stats.connections[transport] += 1
-        return client
-
-    def grant(self, client: Client, access: Access) -> None:
-        """Give *client* *access*, and close it when that access expires.
-
-        :raises AccessDenied: *access* has already expired.
-        """
-        delay = None if access.expires is None else access.expires - time.time()
-        if delay is not None and delay <= 0:
-            raise AccessDenied("the token has expired")
-        if client.expiry is not None:
-            client.expiry.cancel()
-            client.expiry = None
-        client.access = access
-        if delay is not None:
-            client.expiry = asyncio.get_running_loop().call_later(
-                delay, self._expired, client
-            )
-
-    def _expired(self, client: Client) -> None:
-        client.expiry = None
-        self.stats.disconnects["expired"] += 1
-        client.kick(CLOSE_ACCESS_EXPIRED,
-                    "access expired: send a fresh token in an auth frame before it expires")
-
-    async def authenticate(self, client: Client, token: str, ref: Ref = None) -> None:
-        """A fresh token for *client*: its access is replaced; subscriptions
-        the new access does not allow are ended (``unsubscribed``).
-
-        :raises ProtocolError: the authorizer refused the token; the
-            client's access is unchanged.
-        """
-        try:
-            access = await self.authorize(client.connection, token)
-        except AccessDenied as exc:
-            self.stats.rejected["auth"] += 1
-            raise ProtocolError(f"token refused: {exc or 'access denied'}") from None
-        self.grant(client, access)
-        lost = tuple(c for c in client.sub.channels if not access.can_read(c))
-        if lost:
-            await self.unsubscribe(client, lost)
-        self.reply(client, _protocol.authenticated(ref, access.expires))
-
-    def detach(self, client: Client) -> None:
-        """Forget a client that went away; its channels may be UNLISTENed."""
-        if client.detached:
-            return
-        client.detached = True
-        if client.expiry is not None:
-            client.expiry.cancel()
-            client.expiry = None
-        if self._clients.pop(client.sub, None) is not None and client.address is not None:
-            self._per_address[client.address] -= 1
-            if self._per_address[client.address] <= 0:
-                del self._per_address[client.address]
-        had = bool(client.sub.channels)
-        self.router.detach(client.sub)
-        if had:
-            self._reap_wanted.set()
-
-    def clients_by_transport(self) -> Counter[str]:
-        """How many clients are connected, per transport."""
-        return Counter(sub.transport for sub in self._clients)
-
-    # -- requests ----------------------------------------------------------
-
     async def handle(self, client: Client, command: Command) -> None:
         """Carry out one client request; the reply goes to its queue.
 
@@ -397,35 +182,6 @@ class Hub:
             self.reply(client, _protocol.pong(command.ref))
         elif isinstance(command, Auth):
             await self.authenticate(client, command.token, command.ref)
-
-    def limit(self, client: Client, command: Command | None) -> None:
-        """Count *command* (None: a frame that did not parse) against the
-        client's rate limits.
-
-        :raises ProtocolError: over a limit (the message says which and when
-            to retry); a client refused too often is also closed (4029).
-        """
-        limits = self.settings.rate_limits
-        if limits is None:
-            return
-        limiter = client.limiter
-        if limiter is None:
-            limiter = client.limiter = ClientLimiter(limits)
-        if isinstance(command, Publish):
-            kind = "publish"
-            why = limiter.check_publish(len(command.payload.encode()))
-        else:
-            kind = "request"
-            why = limiter.check_request()
-        if why is None:
-            return
-        self.stats.rate_limited[kind] += 1
-        if limiter.refused() and not client.closing.done():
-            self.stats.disconnects["rate_limited"] += 1
-            client.kick(CLOSE_RATE_LIMITED,
-                        f"rate limited: {limits.max_refusals} requests over the limit "
-                        f"within {limits.refusal_window:g} s")
-        raise ProtocolError(why)
 
     def reply(self, client: Client, frame: Frame) -> None:
         """Queue a reply or notice; a client that floods requests without

@@ -31,7 +31,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _metrics
-from ._hub import Hub, Settings
+from ._client import Settings
+from ._hub import Hub
 from ._ratelimit import RateLimits
 from ._router import Overflow
 from .auth import Authorizer, allow_list

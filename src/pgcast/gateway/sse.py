@@ -36,7 +36,8 @@ from starlette.types import Receive, Scope, Send
 from .._channels import check_channels
 from .._errors import AccessDenied, InvalidChannelError, ProtocolError
 from . import _protocol
-from ._hub import Client, Hub, TooManyFromAddress
+from ._client import Client, TooManyFromAddress
+from ._hub import Hub
 from ._protocol import Since
 from .auth import client_token, origin_allowed
 

@@ -35,7 +35,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._errors import AccessDenied, ProtocolError
 from . import _protocol
-from ._hub import CLOSE_NOT_AUTHENTICATED, Client, Hub, TooManyFromAddress
+from ._client import CLOSE_NOT_AUTHENTICATED, Client, TooManyFromAddress
+from ._hub import Hub
 from ._protocol import Auth
 from .auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL, Access, client_token, origin_allowed
 
