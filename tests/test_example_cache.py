@@ -7,6 +7,7 @@ would: once on its own embedded server, once with ``--dsn``.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -22,13 +23,14 @@ EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "cache_invalidation" 
 TIMEOUT = 90.0
 
 
-def run_example(*args: str) -> subprocess.CompletedProcess[str]:
+def run_example(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PGCAST_DSN"}
     try:
         done = subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True,
-                              text=True, timeout=TIMEOUT, check=False)
+                              text=True, timeout=TIMEOUT, check=False, env=env)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"the example did not finish in {TIMEOUT} s") from exc
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == expect, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return done
 
 
@@ -58,3 +60,19 @@ def test_the_example_runs_on_a_given_database(own_database: str, tmp_path: pathl
                   for p in (tmp_path / "cache").glob("*/*.html"))
     assert kept == ["databases/postgresql18-server.html", "databases/redis.html",
                     "sysutils/tmux.html", "www/caddy.html"]
+
+
+def test_the_example_refuses_to_touch_an_existing_ports_table(
+    own_database: str, tmp_path: pathlib.Path
+) -> None:
+    """A user's own ``ports`` table is never dropped without --reset: the
+    example stops with exit 2 and one line, and the rows are still there."""
+    with psycopg.connect(own_database, autocommit=True) as user:
+        user.execute("CREATE TABLE ports (id int PRIMARY KEY, precious text)")
+        user.execute("INSERT INTO ports VALUES (1, 'my data')")
+        done = run_example("--dsn", own_database, "--cache-dir", str(tmp_path / "c1"), expect=2)
+        assert "--reset" in done.stderr and "Traceback" not in done.stderr
+        assert user.execute("SELECT * FROM ports").fetchall() == [(1, "my data")]
+        done = run_example("--dsn", own_database, "--cache-dir", str(tmp_path / "c2"),
+                           "--reset")
+        assert "all checks passed" in done.stdout

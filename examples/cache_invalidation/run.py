@@ -14,13 +14,16 @@ It creates a ``ports`` table and a cache of one HTML file per port, then:
    worker starts, drains the backlog, and the files disappear.
 
 It prints what happens and exits 0 when every check held, 1 otherwise.
-On a database you pass, it replaces a table named ``ports``.
+On a database you pass (``--dsn`` or ``PGCAST_DSN``) it creates a table named
+``ports``; if one exists it stops and changes nothing, unless ``--reset`` says
+it may drop and replace it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -32,7 +35,6 @@ import app
 import psycopg
 
 import pgcast
-from pgcast.embedded import server
 
 PORTS = [
     ("www", "nginx", "1.26"),
@@ -46,9 +48,20 @@ PORTS = [
 WAIT = 30.0
 
 
-def setup(conn: psycopg.Connection[Any]) -> None:
+class ExistingTable(Exception):
+    """A ``ports`` table exists and --reset was not given."""
+
+
+def setup(conn: psycopg.Connection[Any], *, reset: bool = False) -> None:
     """The ports table, its change feed, and the trigger feeding the queue."""
-    conn.execute("DROP TABLE IF EXISTS ports")
+    row = conn.execute("SELECT to_regclass('ports')::text").fetchone()
+    if row is not None and row[0] is not None:
+        if not reset:
+            raise ExistingTable(
+                f"this database already has a table {row[0]!r}: the example would drop "
+                "it. Use another database, or pass --reset to let it replace that table"
+            )
+        conn.execute("DROP TABLE ports")
     conn.execute(
         "CREATE TABLE ports (category text, name text, version text NOT NULL,"
         " PRIMARY KEY (category, name))"
@@ -148,15 +161,26 @@ def queue_table(dsn: str, conn: psycopg.Connection[Any]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dsn", help="PostgreSQL to use (default: a throwaway embedded one)")
+    parser.add_argument("--dsn", help="PostgreSQL to use (default: PGCAST_DSN, else a "
+                        "throwaway embedded one)")
     parser.add_argument("--cache-dir", type=Path, help="default: a temporary directory")
+    parser.add_argument("--reset", action="store_true",
+                        help="drop and replace an existing table named ports")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
-        dsn = args.dsn or stack.enter_context(server())
+        dsn = args.dsn or os.environ.get("PGCAST_DSN")
+        if not dsn:
+            from pgcast.embedded import server  # needs pgcast[embedded]
+
+            dsn = stack.enter_context(server())
         app.CACHE_DIR = args.cache_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         print(f"database: {dsn}\ncache:    {app.CACHE_DIR}")
         conn = stack.enter_context(psycopg.connect(dsn, autocommit=True))
-        setup(conn)
+        try:
+            setup(conn, reset=args.reset)
+        except ExistingTable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         ok = change_feed(dsn, conn)
         ok = queue_table(dsn, conn) and ok
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")

@@ -557,3 +557,24 @@ def _read_from(path: Path, offset: int) -> str:
 def _log_tail(path: Path) -> str:
     lines = _read_from(path, max(0, _file_size(path) - 64 * 1024)).splitlines()
     return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+def persistent_dsn(datadir: Path | None = None) -> str | None:
+    """The DSN of the CLI's persistent server if it is running, else None (starts nothing)."""
+    datadir = (datadir if datadir is not None else default_datadir()).expanduser().resolve()
+    if _live_postmaster(datadir) is None:
+        return None
+    srv = EmbeddedServer(datadir, persistent=True)
+    srv.start()  # attaches to the running server: nothing is started
+    return srv.dsn
+
+
+def stop_persistent(datadir: Path | None = None) -> bool:
+    """Stop the CLI's persistent server (its data is kept); False if it was not running."""
+    datadir = (datadir if datadir is not None else default_datadir()).expanduser().resolve()
+    if _live_postmaster(datadir) is None:
+        return False
+    srv = EmbeddedServer(datadir, persistent=True)
+    srv.start()
+    srv.stop()
+    return True

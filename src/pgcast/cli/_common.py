@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 __all__ = [
     "EXIT_ERROR",
@@ -38,7 +39,7 @@ def resolve_dsn(args: argparse.Namespace) -> str:
     """``--dsn`` (after the subcommand, or before it: ``pgcast --dsn X
     notify``), else ``PGCAST_DSN``, else ``DATABASE_URL``, else libpq's
     ``PG*`` variables (an empty DSN), else the persistent embedded server,
-    started if needed."""
+    started (and announced on stderr) if needed."""
     dsn: str | None = getattr(args, "dsn", None) or getattr(args, "global_dsn", None)
     if dsn:
         return dsn
@@ -47,6 +48,12 @@ def resolve_dsn(args: argparse.Namespace) -> str:
             return os.environ[name]
     if any(k in os.environ for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")):
         return ""
-    from ..embedded import ensure_running
+    from ..embedded import default_datadir, ensure_running, persistent_dsn
 
-    return ensure_running()
+    if (running := persistent_dsn()) is not None:
+        return running
+    dsn = ensure_running()
+    print(f"pgcast: no DSN given: using the embedded PostgreSQL at {dsn} (data in "
+          f"{default_datadir()}); it keeps running: `pgcast embedded stop` stops it",
+          file=sys.stderr, flush=True)
+    return dsn

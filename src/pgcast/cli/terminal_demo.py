@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -54,7 +55,26 @@ def _show(out: TextIO, event: Event, sent: dict[str, float], own_pids: dict[int,
 
 
 def run(dsn: str | None = None, *, seconds: float | None = None, out: TextIO = sys.stdout) -> int:
-    """Run the demo; returns the exit code. *seconds* bounds the final listening."""
+    """Run the demo; returns the exit code. *seconds* bounds the final listening.
+
+    SIGTERM (in the main thread) unwinds like Ctrl-C: the connections are
+    closed, the temporary server stopped and its directory deleted, and the
+    process exits 143.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return _run(dsn, seconds, out)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _run(dsn, seconds, out)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run(dsn: str | None, seconds: float | None, out: TextIO) -> int:
     print("pgcast terminal demo", file=out)
     with _database(dsn) as (url, psql), client.connect(url) as listener, \
             client.connect(url) as sender:

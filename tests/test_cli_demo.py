@@ -1,0 +1,68 @@
+"""``pgcast demo --terminal`` cleans up on SIGTERM: its temporary embedded
+server (found by the postmaster's pid) is stopped and its directory deleted."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+PG_VARIABLES = (
+    "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE", "DATABASE_URL",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PG_VARIABLES}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_demo_terminal_cleans_up_on_sigterm(tmp_path: Path) -> None:
+    env = clean_env(TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgcast", "demo", "--terminal"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    out = proc.stdout
+    threading.Thread(target=lambda: [lines.put(x) for x in out], daemon=True).start()
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=60)
+            except queue.Empty:
+                pytest.fail("the demo did not start listening within 60 s")
+            if line.startswith("listening:"):
+                break
+        datadirs = [p for p in tmp_path.glob("pgcast-*") if (p / "postmaster.pid").exists()]
+        assert len(datadirs) == 1, list(tmp_path.iterdir())
+        postmaster = int((datadirs[0] / "postmaster.pid").read_text().split()[0])
+        assert _alive(postmaster)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert not datadirs[0].exists(), "the temporary data directory was left behind"
+    assert not _alive(postmaster), f"the demo's server (pid {postmaster}) is still running"
+    assert proc.stderr is not None
+    assert "Traceback" not in proc.stderr.read()
+    proc.stderr.close()
+    out.close()
