@@ -26,6 +26,12 @@ from cryptography.x509.oid import NameOID
 from test_gateway_server import free_port, run, subscribe, ws_connect
 
 START_TIMEOUT = 30.0
+_PIDS: dict[int, int] = {}
+
+
+def proc_pid(port: int) -> int:
+    """The pid of the ``pgcast serve`` process serving *port*."""
+    return _PIDS[port]
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -61,6 +67,7 @@ def serve(dsn: str, *args: str, scheme: str = "http",
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     output: list[str] = []
+    _PIDS[port] = proc.pid
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -125,3 +132,51 @@ def test_operations_usage_errors(dsn: str, args: list[str], message: str) -> Non
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_workers_share_the_port_and_each_listens(dsn: str) -> None:
+    from pgcast.cli._workers import worker_argv
+
+    assert worker_argv(["serve", "--workers", "3", "--port", "1"]) == [
+        "serve", "--port", "1", "--reuse-port"]
+    assert worker_argv(["serve", "--workers=3"]) == ["serve", "--reuse-port"]
+    with serve(dsn, "--workers", "2") as (port, output):
+        pids = set()
+        for _ in range(60):  # a new connection each: the kernel spreads them
+            r = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False, timeout=5,
+                          headers={"Connection": "close"})
+            for line in r.text.splitlines():
+                if line.startswith("pgcast_gateway_worker_pid "):
+                    pids.add(int(float(line.split()[1])))
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids
+
+        async def main() -> None:
+            import asyncio
+            import json
+
+            import psycopg
+            from websockets.exceptions import ConnectionClosed
+
+            clients = [await ws_connect(f"ws://127.0.0.1:{port}/ws").__aenter__()
+                       for _ in range(12)]
+            try:
+                for ws in clients:
+                    await subscribe(ws, "ops_workers")
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+                    await c.execute("NOTIFY ops_workers, 'to all'")
+                for ws in clients:
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert frame["payload"] == "to all"
+                os.kill(proc_pid(port), signal.SIGTERM)
+                for ws in clients:
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await asyncio.wait_for(ws.recv(), 20)
+                    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            finally:
+                for ws in clients:
+                    await ws.close()
+
+        run(main())
+    assert "2 workers" in output[0]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import UsageError, add_dsn_argument, resolve_dsn
+from ._workers import REUSE_PORT_FLAG, run_workers
 
 __all__ = ["register"]
 
@@ -59,6 +60,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--demo-page", action="store_true",
                    help="also serve the three-bar demo page at /")
     ops = p.add_argument_group("operations", "behind a load balancer or proxy")
+    ops.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="N processes sharing the port (SO_REUSEPORT), each with its own "
+                     "LISTEN connection (default 1)")
+    ops.add_argument(REUSE_PORT_FLAG, action="store_true", help=argparse.SUPPRESS)
     ops.add_argument("--log-level", default="info",
                      choices=("critical", "error", "warning", "info", "debug", "trace"),
                      help="uvicorn's log level (default info; tokens are always redacted)")
@@ -121,11 +126,13 @@ def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """Bind before starting, so a busy port is a one-line error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # one of several workers on the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -162,9 +169,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if authorizer is None and not args.allow:
         print("pgcast serve: warning: no --allow given, so clients can subscribe to no "
               "channel", file=sys.stderr)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     dsn = resolve_dsn(args)
     _check_database(dsn)
-    sock = _bind(args.host, args.port)
+    if args.workers > 1:
+        _bind(args.host, args.port).close()  # a busy port: one line, before any worker
+        return run_workers(args.argv, args.workers, dsn)
+    sock = _bind(args.host, args.port, reuse_port=args.reuse_port)
     app = create_app(
         dsn,
         allow=args.allow,
