@@ -6,14 +6,20 @@ callable taking the parsed arguments and returning the exit code. To add a
 command, write the module and name it in :data:`COMMAND_MODULES`.
 
 Errors a user can cause (:class:`pgcast.PgcastError`, bad arguments, a
-missing file) are printed as one line on stderr with exit code 1 (2 for usage
-errors, 130 for Ctrl-C); never a traceback.
+missing file, a missing optional extra) are printed as one line on stderr;
+never a traceback. Exit codes: 0 ok, 1 runtime error, 2 usage error, 3
+``listen --timeout`` ended with nothing received, 130 Ctrl-C (143 SIGTERM
+where a command handles it).
+
+The DSN: ``--dsn`` before or after the subcommand, else ``PGCAST_DSN``, else
+``DATABASE_URL``, else the ``PG*`` variables, else the embedded server.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"pgcast {__version__}")
+    parser.add_argument("--dsn", dest="global_dsn", metavar="DSN",
+                        help="PostgreSQL DSN or URL for any subcommand (also: PGCAST_DSN)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"{__name__}.{name}")
@@ -52,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pgcast`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "dsn", None) is None:  # --dsn after the subcommand wins
+        args.dsn = args.global_dsn or os.environ.get("PGCAST_DSN") or None
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

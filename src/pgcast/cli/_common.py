@@ -16,7 +16,7 @@ class UsageError(ValueError):
 def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dsn",
-        help="PostgreSQL DSN or URL (default: DATABASE_URL, then PG* variables, "
+        help="PostgreSQL DSN or URL (default: PGCAST_DSN, DATABASE_URL, then PG* variables, "
         "else the embedded server, started if needed)",
     )
 
