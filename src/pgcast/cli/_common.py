@@ -6,30 +6,46 @@ import argparse
 import os
 import sys
 
-__all__ = ["UsageError", "add_dsn_argument", "resolve_dsn"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_NOTHING",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UsageError",
+    "add_dsn_argument",
+    "resolve_dsn",
+]
 
 
 class UsageError(ValueError):
     """Options that contradict each other or are missing: one line, exit 2."""
 
 
+#: Exit codes of every ``pgcast`` command.
+EXIT_OK = 0
+EXIT_ERROR = 1  # a runtime error: the database, a file, a refused request
+EXIT_USAGE = 2  # bad or contradictory options (argparse's own code)
+EXIT_NOTHING = 3  # ``listen --timeout``: the time ran out with nothing received
+
+DSN_HELP = ("PostgreSQL DSN or URL (default: PGCAST_DSN, then DATABASE_URL, then PG* "
+            "variables, else the embedded server, started if needed)")
+
+
 def add_dsn_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dsn",
-        help="PostgreSQL DSN or URL (default: PGCAST_DSN, DATABASE_URL, then PG* variables, "
-        "else the embedded server, started if needed)",
-    )
+    parser.add_argument("--dsn", help=DSN_HELP)
 
 
 def resolve_dsn(args: argparse.Namespace) -> str:
-    """``--dsn``, else ``DATABASE_URL``, else libpq's ``PG*`` variables (an
-    empty DSN), else the persistent embedded server, started (and announced on
-    stderr) if needed."""
-    dsn: str | None = getattr(args, "dsn", None)
+    """``--dsn`` (after the subcommand, or before it: ``pgcast --dsn X
+    notify``), else ``PGCAST_DSN``, else ``DATABASE_URL``, else libpq's
+    ``PG*`` variables (an empty DSN), else the persistent embedded server,
+    started (and announced on stderr) if needed."""
+    dsn: str | None = getattr(args, "dsn", None) or getattr(args, "global_dsn", None)
     if dsn:
         return dsn
-    if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
+    for name in ("PGCAST_DSN", "DATABASE_URL"):
+        if os.environ.get(name):
+            return os.environ[name]
     if any(k in os.environ for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")):
         return ""
     from ..embedded import default_datadir, ensure_running, persistent_dsn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -10,7 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import client
-from ._common import UsageError, add_dsn_argument, resolve_dsn
+from .._event import Event
+from .._reconnect import Reconnected
+from ._common import EXIT_NOTHING, EXIT_OK, UsageError, add_dsn_argument, resolve_dsn
 
 __all__ = ["register"]
 
@@ -24,9 +27,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("channels", nargs="+", metavar="CHANNEL")
     p.add_argument("--count", type=int, help="stop after N events")
     p.add_argument("--timeout", type=float,
-                   help="stop after S seconds (exit 3 if nothing was received)")
+                   help=f"stop after S seconds (exit code {EXIT_NOTHING} if nothing came)")
     p.add_argument("--decode", action="store_true",
-                   help="print a payload that is valid JSON as JSON, not as a string")
+                   help="print a payload that is JSON as that JSON value, not as a string")
     add_dsn_argument(p)
     p.set_defaults(func=cmd_listen)
 
@@ -40,23 +43,16 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_notify)
 
 
-#: ``pgcast listen --timeout`` ended without receiving anything.
-EXIT_NOTHING_RECEIVED = 3
-
-
-def _decoded(payload: str) -> Any:
-    try:
-        return json.loads(payload)
-    except ValueError:
-        return payload
-
-
-def event_line(event: Any, *, decode: bool = False) -> str:
-    """The JSON line ``pgcast listen`` prints for *event* (with *decode*, a
-    payload that is valid JSON appears as that JSON value)."""
+def event_line(event: Any, decode: bool = False) -> str:
+    """The JSON line ``pgcast listen`` prints for *event*; with *decode*, a
+    payload that is valid JSON is printed as that value (else as a string)."""
+    payload: Any = event.payload
+    if decode:
+        with contextlib.suppress(ValueError):
+            payload = json.loads(payload)
     record = {
         "channel": event.channel,
-        "payload": _decoded(event.payload) if decode else event.payload,
+        "payload": payload,
         "pid": event.pid,
         "received": datetime.now(UTC).isoformat(timespec="microseconds"),
     }
@@ -76,14 +72,18 @@ def cmd_listen(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         slice_ = 0.5 if deadline is None else min(0.5, args.timeout)
         for event in ps.events(select_timeout=slice_, yield_timeouts=True):
-            if event is not None:
-                print(event_line(event, decode=args.decode), flush=True)
+            if isinstance(event, Reconnected):
+                print(f"pgcast listen: reconnected after the connection was lost "
+                      f"({event.error}); notifications sent meanwhile may be missed",
+                      file=sys.stderr, flush=True)
+            elif isinstance(event, Event):
+                print(event_line(event, args.decode), flush=True)
                 seen += 1
                 if args.count is not None and seen >= args.count:
-                    return 0
+                    return EXIT_OK
             if deadline is not None and time.monotonic() >= deadline:
-                return 0 if seen else EXIT_NOTHING_RECEIVED
-    return 0
+                return EXIT_OK if seen else EXIT_NOTHING
+    return EXIT_OK
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
@@ -92,8 +92,9 @@ def cmd_notify(args: argparse.Namespace) -> int:
             ps.notify(args.channel, args.payload)
             return 0
         if sys.stdin.isatty():
-            print(f"pgcast notify: reading payloads for {args.channel!r} from the terminal, "
-                  "one per line; Ctrl-D ends", file=sys.stderr, flush=True)
+            print(f"pgcast notify: reading payloads for {args.channel} from the terminal, one "
+                  "per line; Ctrl-D to end (or give the payload as an argument)",
+                  file=sys.stderr, flush=True)
         for line in sys.stdin:
             # The line without its end, "\n" or "\r\n" (text from Windows).
             ps.notify(args.channel, line.removesuffix("\n").removesuffix("\r"))
