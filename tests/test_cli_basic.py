@@ -264,7 +264,9 @@ def test_listen_with_database_url(
     ],
 )
 def test_listen_bad_options(dsn: str, args: list[str], fragment: str) -> None:
-    assert_one_line_error(run("listen", "c", *args, "--dsn", dsn), fragment)
+    done = run("listen", "c", *args, "--dsn", dsn)
+    assert done.returncode == 2, done.stderr  # a usage error, like argparse's own
+    assert done.stderr.count("\n") == 1 and fragment in done.stderr, done.stderr
 
 
 # -- notify ------------------------------------------------------------------------
@@ -365,6 +367,67 @@ def test_usage_error_exits_2() -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "usage:" in done.stderr
+
+
+def test_dsn_after_the_subcommand_wins_over_pgcast_dsn(dsn: str, unique_channel: str) -> None:
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        assert run("--dsn", dsn, "notify", unique_channel, "before").returncode == 0
+        done = run("notify", unique_channel, "from env", env=clean_env(PGCAST_DSN=dsn))
+        assert done.returncode == 0, done.stderr
+        # --dsn after the subcommand wins over the variable
+        done = run("notify", unique_channel, "after", "--dsn", dsn,
+                   env=clean_env(PGCAST_DSN="postgresql://127.0.0.1:1/none"))
+        assert done.returncode == 0, done.stderr
+        assert collect_payloads(ps, 3) == ["before", "from env", "after"]
+
+
+def test_listen_decode_text_and_json_strings(dsn: str, unique_channel: str) -> None:
+    with pgcast.connect(dsn) as sender:
+        proc = subprocess.Popen(
+            argv("listen", unique_channel, "--decode", "--count", "3", "--dsn", dsn),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+        )
+        try:
+            assert proc.stderr is not None
+            assert proc.stderr.readline().startswith("listening on")
+            sender.notify(unique_channel, {"id": 42, "tags": ["a"]})
+            sender.notify(unique_channel, "plain {text")
+            sender.notify(unique_channel, '"quoted"')
+            out, _ = proc.communicate(timeout=COMMAND_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            if proc.stderr is not None:
+                proc.stderr.close()
+    assert proc.returncode == 0
+    payloads = [json.loads(line)["payload"] for line in out.splitlines()]
+    assert payloads == [{"id": 42, "tags": ["a"]}, "plain {text", "quoted"]
+
+
+def test_notify_says_when_it_reads_a_terminal(dsn: str, unique_channel: str) -> None:
+    """On a terminal (a pty), notify says on stderr that it reads stdin."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            argv("notify", unique_channel, "--dsn", dsn), stdin=follower,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+        )
+        os.close(follower)
+        follower = -1
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "from the terminal" in line and "Ctrl-D" in line, line
+        os.write(leader, b"\x04")  # Ctrl-D: end of input
+        proc.communicate(timeout=COMMAND_TIMEOUT)
+        assert proc.returncode == 0
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
 
 
 # -- the embedded server as the last fallback --------------------------------------

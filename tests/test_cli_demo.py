@@ -63,6 +63,7 @@ def test_demo_terminal_cleans_up_on_sigterm(tmp_path: Path) -> None:
     assert not datadirs[0].exists(), "the temporary data directory was left behind"
     assert not _alive(postmaster), f"the demo's server (pid {postmaster}) is still running"
     assert proc.stderr is not None
-    assert "Traceback" not in proc.stderr.read()
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
     proc.stderr.close()
     out.close()

@@ -13,7 +13,7 @@ from typing import Any
 from .. import client
 from .._event import Event
 from .._reconnect import Reconnected
-from ._common import EXIT_NOTHING, EXIT_OK, add_dsn_argument, resolve_dsn
+from ._common import EXIT_NOTHING, EXIT_OK, UsageError, add_dsn_argument, resolve_dsn
 
 __all__ = ["register"]
 
@@ -61,9 +61,9 @@ def event_line(event: Any, decode: bool = False) -> str:
 
 def cmd_listen(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
-        raise ValueError("--count must be at least 1")
+        raise UsageError("--count must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
-        raise ValueError("--timeout must be > 0 seconds")
+        raise UsageError("--timeout must be > 0 seconds")
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     seen = 0
     with client.connect(resolve_dsn(args)) as ps:

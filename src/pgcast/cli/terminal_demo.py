@@ -61,20 +61,24 @@ def run(dsn: str | None = None, *, seconds: float | None = None, out: TextIO = s
     closed, the temporary server stopped and its directory deleted, and the
     process exits 143.
     """
+    terminated = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        return _run(dsn, seconds, out)
-    previous = signal.signal(signal.SIGTERM, _terminated)
+        return _run(dsn, seconds, out, terminated)
+    # The handler only sets a flag: the demo stops at its next pause, never in
+    # the middle of a notify or of a connection's close.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     try:
-        return _run(dsn, seconds, out)
+        return _run(dsn, seconds, out, terminated)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _pause(terminated: threading.Event, seconds: float) -> None:
+    if terminated.wait(seconds):
+        raise SystemExit(128 + signal.SIGTERM)
 
 
-def _run(dsn: str | None, seconds: float | None, out: TextIO) -> int:
+def _run(dsn: str | None, seconds: float | None, out: TextIO, terminated: threading.Event) -> int:
     print("pgcast terminal demo", file=out)
     with _database(dsn) as (url, psql), client.connect(url) as listener, \
             client.connect(url) as sender:
@@ -102,13 +106,13 @@ def _run(dsn: str | None, seconds: float | None, out: TextIO) -> int:
                       file=out, flush=True)
                 sent[colour] = time.perf_counter()
                 sender.notify(CHANNEL, colour)
-                time.sleep(0.3)
+                _pause(terminated, 0.3)
             if psql is not None:
                 command = [*psql, "-X", "-q", "-c", f"NOTIFY {CHANNEL}, 'green'"]
                 print(f"  -> {shlex.join(command)}", file=out, flush=True)
                 sent["green"] = time.perf_counter()
                 subprocess.run(command, check=True, timeout=30, capture_output=True)
-                time.sleep(0.3)
+                _pause(terminated, 0.3)
                 print(f"\nTry it yourself from another terminal:\n  "
                       f"{shlex.join([*psql, '-c', f'NOTIFY {CHANNEL}, {chr(39)}hello{chr(39)}'])}",
                       file=out)
@@ -116,7 +120,8 @@ def _run(dsn: str | None, seconds: float | None, out: TextIO) -> int:
             print(f"\nListening{limit}; Ctrl-C to stop.", file=out, flush=True)
             deadline = None if seconds is None else time.monotonic() + seconds
             while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
-                thread.join(0.2)
+                thread.join(0.1)
+                _pause(terminated, 0.1)
         except KeyboardInterrupt:
             print("\nbye", file=out)
         finally:
