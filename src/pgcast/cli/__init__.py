@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pgcast`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for pgcast serve --workers
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

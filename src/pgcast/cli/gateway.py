@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import UsageError, add_dsn_argument, resolve_dsn
+from ._workers import REUSE_PORT_FLAG, run_workers
 
 __all__ = ["register"]
 
@@ -58,6 +59,24 @@ def register(subparsers: Any) -> None:
                    help="what happens to a client whose queue is full (default disconnect)")
     p.add_argument("--demo-page", action="store_true",
                    help="also serve the three-bar demo page at /")
+    ops = p.add_argument_group("operations", "behind a load balancer or proxy")
+    ops.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="N processes sharing the port (SO_REUSEPORT), each with its own "
+                     "LISTEN connection (default 1)")
+    ops.add_argument(REUSE_PORT_FLAG, action="store_true", help=argparse.SUPPRESS)
+    ops.add_argument("--log-level", default="info",
+                     choices=("critical", "error", "warning", "info", "debug", "trace"),
+                     help="uvicorn's log level (default info; tokens are always redacted)")
+    ops.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                     help="log each request and WebSocket (default on)")
+    ops.add_argument("--ssl-certfile", metavar="PATH", help="serve HTTPS/WSS with this certificate")
+    ops.add_argument("--ssl-keyfile", metavar="PATH", help="the certificate's private key")
+    ops.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True,
+                     help="take the client address and scheme from X-Forwarded-* headers "
+                     "sent by --forwarded-allow-ips (default on)")
+    ops.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="IPS",
+                     help="comma-separated proxy addresses whose X-Forwarded-* headers are "
+                     "trusted (default 127.0.0.1; * for any: only behind a proxy)")
     limits = p.add_argument_group(
         "rate limits", "per client; over a limit a request gets an error frame, and a client "
         "refused 50 times within 10 s is closed with 4029")
@@ -107,11 +126,13 @@ def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """Bind before starting, so a busy port is a one-line error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # one of several workers on the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -130,11 +151,11 @@ def _check_database(dsn: str) -> None:
     client.connect(dsn).close()
 
 
-def _run(app: Any, sock: socket.socket, log_level: str = "info") -> int:
+def _run(app: Any, sock: socket.socket, log_level: str = "info", **options: Any) -> int:
     from ..gateway._serve import GatewayServer, config
 
     host, port = sock.getsockname()[:2]
-    server = GatewayServer(config(app, host, port, log_level=log_level))
+    server = GatewayServer(config(app, host, port, log_level=log_level, **options))
     server.run(sockets=[sock])
     # uvicorn returns without starting when the app's start-up failed (it logged why).
     return 0 if server.started else 1
@@ -144,12 +165,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..gateway import create_app
 
     authorizer = jwt_authorizer(args)
+    options = serve_options(args)
     if authorizer is None and not args.allow:
         print("pgcast serve: warning: no --allow given, so clients can subscribe to no "
               "channel", file=sys.stderr)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     dsn = resolve_dsn(args)
     _check_database(dsn)
-    sock = _bind(args.host, args.port)
+    if args.workers > 1:
+        _bind(args.host, args.port).close()  # a busy port: one line, before any worker
+        return run_workers(args.argv, args.workers, dsn)
+    sock = _bind(args.host, args.port, reuse_port=args.reuse_port)
     app = create_app(
         dsn,
         allow=args.allow,
@@ -165,9 +192,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         durable=args.durable,
         demo_page=args.demo_page,
     )
-    print(f"pgcast gateway on http://{_url_host(args.host)}:{args.port}/ "
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"pgcast gateway on {scheme}://{_url_host(args.host)}:{args.port}/ "
           f"(WebSocket /ws, SSE /sse, /healthz, /metrics)", file=sys.stderr, flush=True)
-    return _run(app, sock)
+    return _run(app, sock, **options)
+
+
+def serve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """uvicorn's options from ``pgcast serve``'s operations flags.
+
+    :raises UsageError: half a TLS pair, or a file that cannot be read.
+    """
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise UsageError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    for path in (args.ssl_certfile, args.ssl_keyfile):
+        if path and not os.access(path, os.R_OK):
+            raise UsageError(f"cannot read {path}")
+    options: dict[str, Any] = {
+        "log_level": args.log_level,
+        "access_log": args.access_log,
+        "proxy_headers": args.proxy_headers,
+        "forwarded_allow_ips": args.forwarded_allow_ips,
+    }
+    if args.ssl_certfile:
+        options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    return options
 
 
 def rate_limits(args: argparse.Namespace) -> Any:

@@ -7,6 +7,7 @@ snapshot into the text ``/metrics`` serves.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -126,6 +127,9 @@ def render(
     lines += _family("reconnects_total", "counter",
                      "Times the LISTEN connection was lost and reopened.",
                      [({}, stats.reconnects)])
+    lines += _family("worker_pid", "gauge",
+                     "The process id of the gateway process (worker) that answered.",
+                     [({}, os.getpid())])
     lines += _family("database_up", "gauge", "1 when the LISTEN connection is open.",
                      [({}, 1 if database_up else 0)])
     if backend_pid is not None:
