@@ -44,6 +44,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-parts", type=int, default=triggers.DEFAULT_MAX_PARTS,
                    help="statement mode: most notifications per statement before the "
                    "keys are left out (default: %(default)s)")
+    p.add_argument("--sql", action="store_true",
+                   help="print the SQL instead of running it (for a migration); changes nothing")
     add_dsn_argument(p)
     p.set_defaults(func=cmd_watch)
 
@@ -92,6 +94,15 @@ def _connection(args: argparse.Namespace) -> Iterator[Any]:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    if args.sql:
+        with _connection(args) as conn:
+            text = triggers.sql_text(
+                conn, args.table, channel=args.channel,
+                operations=_split(args.operations) or (), columns=_split(args.columns),
+                per=args.per, max_parts=args.max_parts,
+            )
+        print(text, end="", flush=True)
+        return 0
     with _connection(args) as conn:
         feed = triggers.watch_table(
             conn,

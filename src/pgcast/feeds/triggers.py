@@ -80,6 +80,7 @@ __all__ = [
     "Feed",
     "default_channel",
     "install",
+    "sql_text",
     "unwatch_table",
     "watch_table",
     "watched_tables",
@@ -510,38 +511,98 @@ def watch_table(
         key = _key_columns(conn, oid)
         _install(conn)
         _drop_triggers(conn, oid, schema, name, channel)
-        target = sql.Identifier(schema, name)
-        key_arg = "null" if key is None else json.dumps(list(key))
-        for op in ops:
-            if per == "row" and op != "TRUNCATE":
-                level, referencing = "ROW", sql.SQL("")
-                args = [channel, key_arg, "null" if cols is None else json.dumps(list(cols))]
-                function = "table_change_row"
-            else:
-                level = "STATEMENT"
-                referencing = sql.SQL({
-                    "INSERT": "REFERENCING NEW TABLE AS pgcast_new",
-                    "UPDATE": "REFERENCING NEW TABLE AS pgcast_new OLD TABLE AS pgcast_old",
-                    "DELETE": "REFERENCING OLD TABLE AS pgcast_old",
-                    "TRUNCATE": "",
-                }[op])
-                args = [channel, key_arg, str(max_parts)]
-                function = "table_change_statement"
-            conn.execute(
-                sql.SQL(
-                    "CREATE TRIGGER {name} AFTER {op} ON {table} {referencing}"
-                    " FOR EACH {level} EXECUTE FUNCTION pgcast.{function}({args})"
-                ).format(
-                    name=sql.Identifier(_trigger_name(channel, op)),
-                    op=sql.SQL(op),
-                    table=target,
-                    referencing=referencing,
-                    level=sql.SQL(level),
-                    function=sql.Identifier(function),
-                    args=sql.SQL(", ").join(sql.Literal(a) for a in args),
-                )
-            )
+        for statement in _create_triggers(schema, name, channel, ops, per=per, key=key, cols=cols,
+                                      max_parts=max_parts):
+            conn.execute(statement)
     return Feed(schema, name, channel, per, ops, key, cols)
+
+
+
+def _create_triggers(
+    schema: str, name: str, channel: str, ops: tuple[str, ...], *, per: str,
+    key: tuple[str, ...] | None, cols: tuple[str, ...] | None, max_parts: int,
+) -> list[sql.Composed]:
+    """The CREATE TRIGGER statements of one feed."""
+    statements: list[sql.Composed] = []
+    target = sql.Identifier(schema, name)
+    key_arg = "null" if key is None else json.dumps(list(key))
+    for op in ops:
+        if per == "row" and op != "TRUNCATE":
+            level, referencing = "ROW", sql.SQL("")
+            args = [channel, key_arg, "null" if cols is None else json.dumps(list(cols))]
+            function = "table_change_row"
+        else:
+            level = "STATEMENT"
+            referencing = sql.SQL({
+                "INSERT": "REFERENCING NEW TABLE AS pgcast_new",
+                "UPDATE": "REFERENCING NEW TABLE AS pgcast_new OLD TABLE AS pgcast_old",
+                "DELETE": "REFERENCING OLD TABLE AS pgcast_old",
+                "TRUNCATE": "",
+            }[op])
+            args = [channel, key_arg, str(max_parts)]
+            function = "table_change_statement"
+        statements.append(
+            sql.SQL(
+                "CREATE TRIGGER {name} AFTER {op} ON {table} {referencing}"
+                " FOR EACH {level} EXECUTE FUNCTION pgcast.{function}({args})"
+            ).format(
+                name=sql.Identifier(_trigger_name(channel, op)),
+                op=sql.SQL(op),
+                table=target,
+                referencing=referencing,
+                level=sql.SQL(level),
+                function=sql.Identifier(function),
+                args=sql.SQL(", ").join(sql.Literal(a) for a in args),
+            )
+        )
+    return statements
+
+
+def sql_text(
+    conn: psycopg.Connection[Any],
+    table: str | tuple[str, str],
+    channel: str | None = None,
+    operations: Iterable[str] = ("INSERT", "UPDATE", "DELETE"),
+    columns: Sequence[str] | None = None,
+    *,
+    per: Literal["row", "statement"] = "row",
+    max_parts: int = DEFAULT_MAX_PARTS,
+) -> str:
+    """The SQL :func:`watch_table` would run, as text for a migration (Django's
+    ``RunSQL``, Alembic's ``op.execute``): the pgcast schema and trigger
+    functions (idempotent), then this channel's triggers (dropped first if
+    present). Reads *conn* (the table, its key and columns) and changes nothing.
+    Also ``pgcast watch TABLE --sql``.
+    """
+    if per not in _FUNCTIONS:
+        raise WatchError(f"per must be 'row' or 'statement', not {per!r}")
+    ops = _check_operations(operations)
+    if channel is not None:
+        check_channel(channel)
+    oid, schema, name = _resolve(conn, table)
+    cols = None if columns is None else _check_columns(conn, oid, f"{schema}.{name}", columns)
+    if channel is None:
+        channel = default_channel(schema, name)
+    key = _key_columns(conn, oid)
+    parts = ["CREATE SCHEMA IF NOT EXISTS pgcast;"]
+    parts += [source.strip().rstrip(";") + ";" for source in (_ROW_FUNCTION, _STATEMENT_FUNCTION)]
+    parts += [
+        sql.SQL("COMMENT ON FUNCTION pgcast.{}() IS {};").format(
+            sql.Identifier(f), sql.Literal(_COMMENT)).as_string(conn)
+        for f in _FUNCTIONS.values()
+    ]
+    target = sql.Identifier(schema, name)
+    parts += [
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {};").format(
+            sql.Identifier(_trigger_name(channel, op)), target).as_string(conn)
+        for op in OPERATIONS
+    ]
+    parts += [
+        statement.as_string(conn) + ";"
+        for statement in _create_triggers(schema, name, channel, ops, per=per, key=key, cols=cols,
+                                      max_parts=max_parts)
+    ]
+    return "\n".join(parts) + "\n"
 
 
 def _feed_triggers(
