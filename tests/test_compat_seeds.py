@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -289,6 +290,10 @@ def test_zero_timeout_db(seed: int, opener: Callable[..., postgresql.Connection]
 def test_zero_timeout_nm(seed: int, opener: Callable[..., postgresql.Connection]) -> None:
     db1, db2 = listening(opener, 2)
     db1.notify(("rabbits", "a"))
+    # A zero timeout polls what is pending *now*: wait (bounded) until the
+    # server's signal reached db2's socket, or the test races the delivery.
+    readable, _, _ = select.select([db2.fileno()], [], [], 10)
+    assert readable, "db2 never received the notification"
     ns: dict[str, Any] = {"nm": NotificationManager(db1, db2, timeout=2)}
     with Watchdog(db1, db2):
         run(PY_POSTGRESQL["zero_timeout_nm"][seed], ns)
