@@ -10,7 +10,6 @@ import base64
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -28,10 +27,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pgcast import AccessDenied
 from pgcast.gateway.jwt import JWTAuthorizer
+from test_gateway_serve_ops import _CODES, serve
 from test_gateway_server import (
     TIMEOUT,
     Gateway,
-    free_port,
     gateway,  # noqa: F401  (the fixture)
     recv,
     request,
@@ -237,28 +236,10 @@ def test_the_gateway_with_jwt_over_websocket_and_sse(
 
 
 def test_pgcast_serve_with_jwt(dsn: str, tmp_path: Path) -> None:
-    port = free_port()
     key_file = tmp_path / "public.pem"
     key_file.write_text(_pem(EC_KEY))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, "--port", str(port),
-         "--jwt-key-file", str(key_file), "--jwt-audience", "pgcast"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", trust_env=False,
-                             timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "pgcast serve did not start"
-            time.sleep(0.1)
-
+    with serve(dsn, "--jwt-key-file", str(key_file), "--jwt-audience", "pgcast",
+               allow=None) as (port, output):
         async def main() -> None:
             good = token(EC_KEY, "ES256", aud="pgcast")
             async with ws_connect(f"ws://127.0.0.1:{port}/ws?token={good}") as ws:
@@ -269,14 +250,8 @@ def test_pgcast_serve_with_jwt(dsn: str, tmp_path: Path) -> None:
                     pass
 
         run(main())
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, out
-        assert good_not_logged(out)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+    assert _CODES[port] == 0, output[0]
+    assert good_not_logged(output[0])
     for args, message in [
         (["--jwt-key", SECRET, "--allow", "x"], "exclude each other"),
         (["--jwt-audience", "a"], "needs a key"),

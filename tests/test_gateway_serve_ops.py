@@ -26,7 +26,9 @@ from cryptography.x509.oid import NameOID
 from test_gateway_server import free_port, run, subscribe, ws_connect
 
 START_TIMEOUT = 30.0
+#: The pid and, once it ended, the exit code of the ``pgcast serve`` on a port.
 _PIDS: dict[int, int] = {}
+_CODES: dict[int, int] = {}
 
 
 def proc_pid(port: int) -> int:
@@ -56,13 +58,15 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def serve(dsn: str, *args: str, scheme: str = "http",
+def serve(dsn: str, *args: str, scheme: str = "http", allow: str | None = "ops_*",
           verify: ssl.SSLContext | bool = True) -> Iterator[tuple[int, list[str]]]:
-    """A ``pgcast serve`` process; yields its port and, once it stopped, its output."""
+    """A ``pgcast serve`` process; yields its port and, once it stopped
+    (SIGTERM, then SIGKILL after 30 s), its output (its exit code: ``_CODES``)."""
     port = free_port()
+    allowed = ["--allow", allow] if allow else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, "--port", str(port),
-         "--allow", "ops_*", *args],
+         *allowed, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -90,6 +94,7 @@ def serve(dsn: str, *args: str, scheme: str = "http",
             proc.kill()
             out, _ = proc.communicate(timeout=10)
         output.append(out)
+        _CODES[port] = proc.returncode
 
 
 def test_tls_serves_https_and_wss(dsn: str, tmp_path: Path) -> None:

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +22,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from pgcast import AccessDenied
 from pgcast.gateway import Access
 from pgcast.gateway._logging import RedactTokens, log_config, redact
+from test_gateway_serve_ops import serve
 from test_gateway_server import (
     TIMEOUT,
     Gateway,
-    free_port,
     gateway,  # noqa: F401  (the fixture)
     recv,
     request,
@@ -64,26 +60,7 @@ def test_redact_every_spelling_of_a_token_parameter() -> None:
 
 
 def test_pgcast_serve_never_logs_a_token(dsn: str) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, "--port", str(port),
-         "--allow", "tokens_test"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", trust_env=False,
-                             timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "pgcast serve did not start"
-            time.sleep(0.1)
-
+    with serve(dsn, allow="tokens_test") as (port, output):
         async def main() -> None:
             for query in (f"token={SECRET}", f"tok%65n={SECRET}", f"access_token={SECRET}"):
                 async with ws_connect(f"ws://127.0.0.1:{port}/ws?{query}") as ws:
@@ -95,12 +72,7 @@ def test_pgcast_serve_never_logs_a_token(dsn: str) -> None:
                     await client.get(f"http://127.0.0.1:{port}/nowhere?{query}")
 
         run(main())
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+    out = output[0]
     assert "/ws?token=[redacted]" in out and "/sse?channel=tokens_test&token=[redacted]" in out
     assert "tok%65n=[redacted]" in out
     assert SECRET not in out
