@@ -1,6 +1,6 @@
 """Durable channels on the asyncio client (:class:`pgcast.AsyncPubSub`).
 
-The logic is the sync client's (:mod:`pgcast._durable_core`); these tests
+The logic is the sync client's (:mod:`pgcast.durable._core`); these tests
 check that the asyncio driver runs it: durable notify, replay with ``since``,
 named consumers and ``ack``, many replay batches, the switch-over under a
 concurrent publisher, and replay across a reconnect, before the marker.
@@ -20,8 +20,8 @@ from psycopg import sql
 import pgcast
 import pgcast.aio
 from _eventwait import arun
-from pgcast._durable_core import INLINE_LIMIT, ref_payload
 from pgcast.durable import install_schema, install_schema_async, prune_async
+from pgcast.durable._core import INLINE_LIMIT, ref_payload
 
 TIMEOUT = 20.0
 

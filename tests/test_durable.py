@@ -1,4 +1,4 @@
-"""Durable channels (:mod:`pgcast.durable`, :mod:`pgcast._durable_core`).
+"""Durable channels (:mod:`pgcast.durable`, :mod:`pgcast.durable._core`).
 
 The pure parts first: reference payloads, what needs the log, durations,
 prune arguments, and the replay/live switch-over as a model checked by
@@ -31,7 +31,8 @@ from psycopg import sql
 
 import pgcast
 import pgcast.aio
-from pgcast._durable_core import (
+from pgcast.durable import install_schema, prune
+from pgcast.durable._core import (
     INLINE_LIMIT,
     REF_PREFIX,
     REPLAY_SQL,
@@ -43,13 +44,12 @@ from pgcast._durable_core import (
     publish_query,
     ref_payload,
 )
-from pgcast._durable_schema import (
+from pgcast.durable._schema import (
     LATEST_VERSION,
     MIGRATIONS,
     parse_duration,
     prune_query,
 )
-from pgcast.durable import install_schema, prune
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 TIMEOUT = 20.0
@@ -853,7 +853,7 @@ def test_a_long_gap_goes_on_after_the_marker(
 ) -> None:
     import pgcast.client
 
-    monkeypatch.setattr(pgcast._durable_core, "BATCHES_BEFORE_MARKER", 1)
+    monkeypatch.setattr(pgcast.durable._core, "BATCHES_BEFORE_MARKER", 1)
     with pgcast.connect(dsn) as sub:
         sub.listen(unique_channel, durable=True)
         terminate(conn, sub.backend_pid)

@@ -26,9 +26,9 @@ import psycopg
 import pytest
 
 import pgcast
-from pgcast._durable_core import REPLAY_BATCH, DurableState
-from pgcast._durable_schema import Steps
 from pgcast.durable import install_schema
+from pgcast.durable._core import REPLAY_BATCH, DurableState
+from pgcast.durable._schema import Steps
 from pgcast.embedded import EmbeddedServer
 
 pytestmark = pytest.mark.slow

@@ -44,7 +44,6 @@ from ._channels import check_channel, check_channels, listen_sql, unlisten_sql
 # check_timeout, connect_args, is_async_callable, wrap_error, Wait and plan
 # are re-exported: the drivers import them from here.
 from ._checks import check_timeout, connect_args, is_async_callable, wrap_error
-from ._durable_core import DurableState
 from ._errors import ConnectionLostError
 from ._event import Event
 from ._health import HealthCheck, probe_channel, probe_sql
@@ -52,6 +51,7 @@ from ._notify_many import message_pairs
 from ._payload import Payload, encode_payload
 from ._plan import Wait, plan
 from ._reconnect import Reconnected, utcnow
+from .durable._core import DurableState
 
 __all__ = [
     "NOTIFY_MANY_SQL",
@@ -157,7 +157,7 @@ class Core:
         self.own_pids: set[int] = set()
         #: When and why the connection was lost, until it is restored.
         self.outage: tuple[datetime, str] | None = None
-        #: Durable channels and log references (:mod:`pgcast._durable_core`).
+        #: Durable channels and log references (:mod:`pgcast.durable._core`).
         self.durable = DurableState(self.inbox)
         #: The server process of the current connection: the one given at
         #: login until :meth:`identify`, then ``pg_backend_pid()``'s.

@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 
 from .._core import connect_args
-from .._durable_schema import DEFAULT_RETENTION, LATEST_VERSION, parse_duration
 from .._errors import ConnectError
 from ..durable import install_schema, prune
+from ..durable._schema import DEFAULT_RETENTION, LATEST_VERSION, parse_duration
 from ._common import add_dsn_argument, resolve_dsn
 
 __all__ = ["register"]

@@ -1,7 +1,7 @@
 """Durable channels on a PubSub's connection: the log's queries run as
 commands, the replay after a listen or a reconnect, payloads fetched from the
-log. The logic is :mod:`pgcast._durable_core`'s (steps that yield queries,
-see :data:`pgcast._durable_schema.Steps`); here they are run.
+log. The logic is :mod:`pgcast.durable._core`'s (steps that yield queries,
+see :data:`pgcast.durable._schema.Steps`); here they are run.
 
 Written for asyncio (``_durable_session_async.py``); the sync twin is
 generated from it by ``tools/async_to_sync.py``.
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from .. import _durable_core
-from .._durable_core import Unfetched
-from .._durable_schema import Query, Rows, Steps, check_steps, install_steps
 from .._errors import ConnectionLostError, PgcastError
 from .._event import DurableEvent
+from ..durable import _core as _durable_core
 from ..durable import schema_error
+from ..durable._core import Unfetched
+from ..durable._schema import Query, Rows, Steps, check_steps, install_steps
 from ._session_async import AsyncSession
 
 __all__ = ["AsyncDurableSession", "query_steps"]
@@ -34,7 +34,7 @@ class AsyncDurableSession(AsyncSession):
 
     async def _durable(self, steps: Steps[T]) -> T:
         """Run *steps* (queries as a generator, see
-        :data:`pgcast._durable_schema.Steps`) as commands, the ``pgcast``
+        :data:`pgcast.durable._schema.Steps`) as commands, the ``pgcast``
         schema checked first (installed if missing only when the PubSub was
         opened with ``install_schema=True``)."""
         core = self._core

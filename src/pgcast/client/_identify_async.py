@@ -14,8 +14,8 @@ import psycopg
 
 from .. import diagnostics
 from .._core import Core, wrap_error
-from .._durable_schema import Rows
 from .._errors import PgcastError
+from ..durable._schema import Rows
 
 __all__ = ["AsyncIdentified"]
 

@@ -7,7 +7,7 @@ This is the asyncio one (:class:`PubSub`, :func:`connect`,
 :class:`pgcast.PubSub`) is generated from this file by
 ``tools/async_to_sync.py``. The connection underneath (commands, waiting,
 the health check, reconnecting) is :mod:`pgcast.client._session_async`; the
-decisions are the core's (:mod:`pgcast._core`, :mod:`pgcast._durable_core`).
+decisions are the core's (:mod:`pgcast._core`, :mod:`pgcast.durable._core`).
 
 Other threads or tasks may notify, listen and unlisten while one iterates
 :meth:`PubSub.events`: they do not wait for its timeout. What is not
@@ -26,12 +26,12 @@ from typing import Literal, TypeVar, overload
 from .. import diagnostics
 from .._channels import unlisten_sql
 from .._core import ExceptionHandler, Handler, Wait, check_timeout, plan
-from .._durable_core import Unfetched, publish_many_query, publish_query
 from .._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
 from .._event import Event
 from .._flavour import AwaitRunner
 from .._payload import Payload
 from .._reconnect import Reconnected
+from ..durable._core import Unfetched, publish_many_query, publish_query
 from ._durable_session import query_steps
 from ._runner import Runner
 from ._supervised import Supervised

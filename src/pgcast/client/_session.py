@@ -46,7 +46,6 @@ from .._closing import Closing
 from .._connect import connect_failed, reconnect_conninfo
 from .._core import Core, wrap_error
 from .._discard import DISCARD_TIMEOUT, shutdown
-from .._durable_schema import Rows
 from .._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
 from .._flavour import (
     ACTOR,
@@ -62,6 +61,7 @@ from .._flavour import (
     sleep_unless,
 )
 from .._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
+from ..durable._schema import Rows
 from ._identify import Identified
 
 __all__ = ["Session", "opener"]

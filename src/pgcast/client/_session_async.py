@@ -43,7 +43,6 @@ from .._closing import AsyncClosing
 from .._connect import connect_failed, reconnect_conninfo
 from .._core import Core, wrap_error
 from .._discard import DISCARD_TIMEOUT, shutdown
-from .._durable_schema import Rows
 from .._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
 from .._flavour_async import (
     ACTOR,
@@ -59,6 +58,7 @@ from .._flavour_async import (
     sleep_unless,
 )
 from .._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
+from ..durable._schema import Rows
 from ._identify_async import AsyncIdentified
 
 __all__ = ["AsyncSession", "opener"]

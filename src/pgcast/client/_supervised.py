@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .._durable_core import Unfetched
 from .._errors import ConnectionLostError
 from .._event import Event
 from .._flavour import acquire
 from .._reconnect import Reconnected
+from ..durable._core import Unfetched
 from ._durable_session import DurableSession
 
 __all__ = ["Supervised"]

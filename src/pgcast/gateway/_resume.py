@@ -3,7 +3,7 @@
 A client that subscribes to a durable channel with ``since`` (a WebSocket
 ``subscribe`` frame, or an SSE ``Last-Event-ID``) must get every message after
 that position once, in order, then the live ones. The merging is
-:class:`pgcast._durable_core.DurableState`'s, the same a durable PubSub uses,
+:class:`pgcast.durable._core.DurableState`'s, the same a durable PubSub uses,
 here one per client: the client's events on those channels are *diverted* to
 it (see :attr:`Subscriber.diverted`) instead of going straight to its queue;
 while a channel replays, live events are dropped and only their highest id
@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from .._durable_core import DurableState, Unfetched, ref_payload
 from .._event import Event
 from .._reconnect import Reconnected
 from ..durable import adrive
+from ..durable._core import DurableState, Unfetched, ref_payload
 from . import _protocol
 from ._router import Outbox
 

@@ -3,9 +3,9 @@
 The SQL of every schema version (:data:`MIGRATIONS`, append-only), the steps
 that apply them (:func:`install_steps`, run by a driver inside one
 transaction), the statement that prunes the log (:func:`prune_query`), and the
-constants the SQL and :mod:`pgcast._durable_core` share: the reference
+constants the SQL and :mod:`pgcast.durable._core` share: the reference
 payload prefix and the inline limit. Why the log is written under a
-per-channel advisory lock is explained in :mod:`pgcast._durable_core`.
+per-channel advisory lock is explained in :mod:`pgcast.durable._core`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeAlias, TypeVar
 
-from ._channels import check_channel
-from ._errors import SchemaError
-from ._payload import MAX_PAYLOAD_BYTES
+from .._channels import check_channel
+from .._errors import SchemaError
+from .._payload import MAX_PAYLOAD_BYTES
 
 __all__ = [
     "DEFAULT_RETENTION",

@@ -4,7 +4,7 @@ Everything a durable PubSub decides without a socket lives here, once, for the
 sync and the asyncio drivers (:mod:`pgcast.client`, :mod:`pgcast.aio`) and for
 :mod:`pgcast.durable`:
 
-* (the schema's SQL and retention are in :mod:`pgcast._durable_schema`);
+* (the schema's SQL and retention are in :mod:`pgcast.durable._schema`);
 * the *reference payload*, what NOTIFY carries for a message kept in the log
   (:func:`ref_payload`, :func:`parse_ref`);
 * :func:`publish_query`: whether a message can go out as a plain NOTIFY or
@@ -56,18 +56,18 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ._channels import check_channel
-from ._durable_schema import (
+from .._channels import check_channel
+from .._errors import PayloadError
+from .._event import DurableEvent, Event
+from .._notify_many import message_pairs, notify_many_params, plain_messages
+from .._payload import MAX_PAYLOAD_BYTES, Payload, to_text
+from .._reconnect import Reconnected
+from ._schema import (
     INLINE_LIMIT,
     REF_PREFIX,
     Query,
     Steps,
 )
-from ._errors import PayloadError
-from ._event import DurableEvent, Event
-from ._notify_many import message_pairs, notify_many_params, plain_messages
-from ._payload import MAX_PAYLOAD_BYTES, Payload, to_text
-from ._reconnect import Reconnected
 
 __all__ = [
     "BATCHES_BEFORE_MARKER",

@@ -9,7 +9,7 @@ triggers). A listener of a durable channel
 advanced by ``ps.ack(event)``) replays from the log what it missed, offline
 or across reconnects, then continues live: per channel in commit order, with
 no gap and no duplicate. How that is guaranteed is explained in
-:mod:`pgcast._durable_core`, which holds all the logic; this module only
+:mod:`pgcast.durable._core`, which holds all the logic; this module only
 runs it against a connection.
 
 What "exactly once" covers: within the life of a PubSub, every durable
@@ -54,9 +54,10 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from . import _flavour, _flavour_async
-from ._core import wrap_error
-from ._durable_schema import (
+from .. import _flavour, _flavour_async
+from .._checks import wrap_error
+from .._errors import PgcastError, SchemaError
+from ._schema import (
     DEFAULT_RETENTION,
     LATEST_VERSION,
     Query,
@@ -66,7 +67,6 @@ from ._durable_schema import (
     parse_duration,
     prune_query,
 )
-from ._errors import PgcastError, SchemaError
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -86,7 +86,7 @@ Params = Sequence[Any] | Mapping[str, Any] | None
 
 
 def drive(steps: Steps[T], fetch: Callable[[str, Params], Rows]) -> T:
-    """Run *steps* (see :mod:`pgcast._durable_core`) with a sync *fetch*."""
+    """Run *steps* (see :mod:`pgcast.durable._core`) with a sync *fetch*."""
     try:
         query: Query = next(steps)
         while True:
