@@ -177,8 +177,9 @@ class SSEEndpoint:
         hub = self.hub
         wake = client.wake
 
-        async def write(text: str) -> None:
-            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+        async def write(text: str | bytes) -> None:
+            body = text if isinstance(text, bytes) else text.encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
 
         await write(f"retry: {RETRY_MS}\n" + _protocol.sse_comment("pgcast gateway"))
         # The durable position reached on each channel, for the id: lines.
@@ -207,7 +208,7 @@ class SSEEndpoint:
         client: Client,
         subscribing: asyncio.Task[None],
         positions: dict[str, int],
-        write: Callable[[str], Awaitable[None]],
+        write: Callable[[str | bytes], Awaitable[None]],
     ) -> None:
         hub = self.hub
         stats = hub.stats
@@ -250,14 +251,16 @@ class SSEEndpoint:
                     count=dropped,
                 ).text))
             sent = 0
+            chunks = [part.encode() for part in parts]
             for frame in frames:
-                event_id = None
                 if frame.id is not None and frame.channel is not None:
+                    # The id: line is this client's (its position on each of
+                    # its channels); the data: lines are shared by every client.
                     positions[frame.channel] = int(frame.id)
-                    event_id = _protocol.sse_position(positions)
-                parts.append(sse_event(frame.text, event_id))
+                    chunks.append(f"id: {_protocol.sse_position(positions)}\n".encode())
+                chunks.append(frame.sse_data)
                 sent += frame.is_message
-            await write("".join(parts))
+            await write(b"".join(chunks))
             stats.messages_out += sent
 
 

@@ -38,6 +38,7 @@ from . import _protocol
 from ._client import CLOSE_NOT_AUTHENTICATED, Client, TooManyFromAddress
 from ._hub import Hub
 from ._protocol import Auth
+from ._wsdirect import EXTENSION, DirectProtocol
 from .auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL, Access, client_token, origin_allowed
 
 __all__ = ["WebSocketEndpoint"]
@@ -125,6 +126,10 @@ async def _session(hub: Hub, websocket: WebSocket, send: Send) -> None:
     except BaseException:
         hub.detach(client)
         raise
+    direct = websocket.scope.get("extensions", {}).get(EXTENSION)
+    if direct is not None:
+        await _direct_session(hub, websocket, client, direct["protocol"])
+        return
     sender = asyncio.create_task(_send(hub, send, client))
     receiver = asyncio.create_task(_receive(hub, websocket, client))
     try:
@@ -140,6 +145,29 @@ async def _session(hub: Hub, websocket: WebSocket, send: Send) -> None:
                 )
     finally:
         await _cancel(sender, receiver)
+        # Detached last: shutdown waits for this, so the close frame is out first.
+        hub.detach(client)
+
+
+async def _direct_session(
+    hub: Hub, websocket: WebSocket, client: Client, protocol: DirectProtocol
+) -> None:
+    """The session under ``pgcast serve`` (see :mod:`._wsdirect`): frames are
+    written to the socket by whoever queues them, so no sender task; a close
+    is written by the callback that decides it, and ends the receiving."""
+    timeout = hub.settings.close_timeout
+
+    def close(closing: asyncio.Future[tuple[int, str]]) -> None:
+        code, reason = closing.result()
+        protocol.close_now(code, reason, timeout)
+
+    try:
+        protocol.attach(client.outbox, hub.stats, _dropped_notice)
+        client.closing.add_done_callback(close)
+        await _receive(hub, websocket, client)
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        pass  # the client went away; the session ends
+    finally:
         # Detached last: shutdown waits for this, so the close frame is out first.
         hub.detach(client)
 
