@@ -101,12 +101,10 @@ def _address(connection: Any) -> str | None:
 class Client:
     """One connected client, as the transports drive it."""
 
-    __slots__ = ("access", "address", "closing", "connection", "detached", "expiry", "limiter",
-                 "resume", "sub", "wake")
+    __slots__ = ("_wake", "access", "address", "closing", "connection", "detached", "expiry",
+                 "limiter", "resume", "sub")
 
-    def __init__(
-        self, sub: Subscriber, access: Access, wake: asyncio.Event, connection: Any = None
-    ) -> None:
+    def __init__(self, sub: Subscriber, access: Access, connection: Any = None) -> None:
         self.sub = sub
         self.access = access
         #: The Starlette request or websocket, for the authorizer.
@@ -117,8 +115,7 @@ class Client:
         self.limiter: ClientLimiter | None = None
         #: The client's address, counted against ``max_clients_per_address``.
         self.address = _address(connection)
-        #: Set when the outbox has frames (or the client must go).
-        self.wake = wake
+        self._wake: asyncio.Event | None = None
         #: Resolved with ``(close code, reason)`` when the gateway drops the client.
         self.closing: asyncio.Future[tuple[int, str]] = (
             asyncio.get_running_loop().create_future()
@@ -133,6 +130,21 @@ class Client:
         return self.detached or self.closing.done()
 
     @property
+    def wake(self) -> asyncio.Event:
+        """Set when the outbox has frames (or the client must go): what a
+        transport's sender task waits on. Made when first asked for: a
+        client whose frames go straight to its socket has no such task."""
+        wake = self._wake
+        if wake is None:
+            wake = self._wake = asyncio.Event()
+        return wake
+
+    def poke(self) -> None:
+        """Wake the sender task, if there is one (the outbox calls this)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
     def outbox(self) -> Outbox:
         """The client's bounded queue of frames."""
         return self.sub.outbox
@@ -141,7 +153,7 @@ class Client:
         """Ask the client's transport to close with *code* and *reason*."""
         if not self.closing.done():
             self.closing.set_result((code, reason))
-        self.wake.set()
+        self.poke()
 
 
 class Clients:
@@ -207,10 +219,10 @@ class Clients:
         """Register a new client. :raises AccessDenied: see :meth:`check_room`,
         or *access* has already expired."""
         self.check_room(connection)
-        wake = asyncio.Event()
-        outbox = Outbox(self.settings.queue_size, self.settings.overflow, wake.set)
+        outbox = Outbox(self.settings.queue_size, self.settings.overflow)
         sub = Subscriber(outbox, transport)
-        client = Client(sub, Access(), wake, connection)
+        client = Client(sub, Access(), connection)
+        outbox.wake = client.poke
         self.grant(client, access)
         self._clients[sub] = client
         if client.address is not None:

@@ -84,7 +84,9 @@ class Outbox:
     ) -> None:
         if maxsize < 1:
             raise ValueError(f"queue size must be at least 1, got {maxsize}")
-        self._items: deque[Frame] = deque()
+        #: The queued frames; made when the first one must wait (a client
+        #: whose socket keeps up never has one, see :class:`Wire`).
+        self._items: deque[Frame] | None = None
         self.maxsize = maxsize
         self.policy = Overflow(policy)
         self.wake = wake
@@ -98,7 +100,14 @@ class Outbox:
         self.wire: Wire | None = None
 
     def __len__(self) -> int:
-        return len(self._items)
+        items = self._items
+        return len(items) if items is not None else 0
+
+    def _queue(self) -> deque[Frame]:
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        return items
 
     def put(self, frame: Frame) -> bool:
         """Queue *frame*; False when the queue was full and the policy is to
@@ -108,6 +117,8 @@ class Outbox:
         if wire is not None and not items and wire.ready():
             wire.write(frame)
             return True
+        if items is None:
+            items = self._queue()
         if len(items) >= self.maxsize:
             if self.policy is Overflow.DISCONNECT:
                 if not self.overflowed:
@@ -133,6 +144,8 @@ class Outbox:
         if wire is not None and not items and wire.ready():
             wire.write(frame)
             return True
+        if items is None:
+            items = self._queue()
         if len(items) >= self.maxsize + CONTROL_SLACK:
             if not self.overflowed:
                 self.overflowed = True
@@ -145,9 +158,12 @@ class Outbox:
 
     def take(self) -> list[Frame]:
         """Every queued frame, oldest first, leaving the queue empty."""
-        items = list(self._items)
-        self._items.clear()
-        return items
+        items = self._items
+        if not items:
+            return []
+        taken = list(items)
+        items.clear()
+        return taken
 
     def attach(self, wire: Wire) -> None:
         """Write to *wire* from now on, starting with what is queued."""
@@ -166,6 +182,8 @@ class Outbox:
         items = self._items
         while items and wire.ready():
             wire.write(items.popleft())
+        if items is not None and not items:
+            self._items = None  # drained: the memory goes back
 
     def take_unreported(self) -> int:
         """The number of frames dropped since the last call."""

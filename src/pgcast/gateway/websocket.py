@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from typing import Any
 
 from starlette.responses import PlainTextResponse
@@ -154,22 +155,60 @@ async def _direct_session(
 ) -> None:
     """The session under ``pgcast serve`` (see :mod:`._wsdirect`): frames are
     written to the socket by whoever queues them, so no sender task; a close
-    is written by the callback that decides it, and ends the receiving."""
+    is written by the callback that decides it; and the connection is handed
+    over to the protocol, so this ASGI call returns and no task waits for the
+    client's messages (:class:`_Requests` starts one while a request runs)."""
     timeout = hub.settings.close_timeout
 
     def close(closing: asyncio.Future[tuple[int, str]]) -> None:
         code, reason = closing.result()
         protocol.close_now(code, reason, timeout)
 
-    try:
-        protocol.attach(client.outbox, hub.stats, _dropped_notice)
-        client.closing.add_done_callback(close)
-        await _receive(hub, websocket, client)
-    except (WebSocketDisconnect, OSError, RuntimeError):
-        pass  # the client went away; the session ends
-    finally:
-        # Detached last: shutdown waits for this, so the close frame is out first.
-        hub.detach(client)
+    protocol.attach(client.outbox, hub.stats, _dropped_notice)
+    client.closing.add_done_callback(close)
+    requests = _Requests(hub, client, protocol)
+    protocol.hand_over(requests.received, requests.lost)
+
+
+class _Requests:
+    """A handed-over client's requests, carried out one at a time and in
+    order by a task that exists only while there are some; the socket is not
+    read meanwhile, so a client cannot pile requests up in memory."""
+
+    __slots__ = ("client", "hub", "pending", "protocol", "task")
+
+    def __init__(self, hub: Hub, client: Client, protocol: DirectProtocol) -> None:
+        self.hub = hub
+        self.client = client
+        self.protocol = protocol
+        self.pending: deque[str | bytes] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def received(self, data: str | bytes) -> None:
+        if self.task is not None:
+            if self.pending is None:
+                self.pending = deque()
+            self.pending.append(data)
+            self.protocol.pause_reading()
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run(data))
+
+    async def _run(self, data: str | bytes) -> None:
+        try:
+            await _carry_out(self.hub, self.client, data)
+            while self.pending:
+                await _carry_out(self.hub, self.client, self.pending.popleft())
+        finally:
+            self.task = None
+            self.pending = None
+            self.protocol.resume_reading()
+
+    def lost(self) -> None:
+        """The connection is gone: forget the client (its channels may be
+        UNLISTENed) and stop what it asked for."""
+        self.hub.detach(self.client)
+        if self.task is not None:
+            self.task.cancel()
 
 
 async def _authenticate_first(hub: Hub, websocket: WebSocket, client: Client) -> bool:
@@ -233,7 +272,6 @@ def _status(exc: AccessDenied) -> int:
 
 
 async def _receive(hub: Hub, websocket: WebSocket, client: Client) -> None:
-    max_bytes = hub.settings.max_frame_bytes
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -241,20 +279,25 @@ async def _receive(hub: Hub, websocket: WebSocket, client: Client) -> None:
         data = message.get("text")
         if data is None:
             data = message.get("bytes")
+        await _carry_out(hub, client, data)
+
+
+async def _carry_out(hub: Hub, client: Client, data: str | bytes | None) -> None:
+    """Parse one client frame and carry it out; a refusal is an error frame."""
+    try:
+        command = _protocol.parse_frame(data, hub.settings.max_frame_bytes)
+    except ProtocolError as exc:
+        refusal = str(exc)
         try:
-            command = _protocol.parse_frame(data, max_bytes)
-        except ProtocolError as exc:
-            refusal = str(exc)
-            try:
-                hub.limit(client, None)  # a flood of bad frames is a flood too
-            except ProtocolError as limited:
-                refusal = str(limited)
-            hub.refuse(client, refusal)
-            continue
-        try:
-            await hub.handle(client, command)
-        except ProtocolError as exc:
-            hub.refuse(client, str(exc), command.ref)
+            hub.limit(client, None)  # a flood of bad frames is a flood too
+        except ProtocolError as limited:
+            refusal = str(limited)
+        hub.refuse(client, refusal)
+        return
+    try:
+        await hub.handle(client, command)
+    except ProtocolError as exc:
+        hub.refuse(client, str(exc), command.ref)
 
 
 async def _send(hub: Hub, send: Send, client: Client) -> None:
