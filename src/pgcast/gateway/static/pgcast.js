@@ -545,6 +545,9 @@ export class Client {
       this._emit("gap", { channel, since, oldest, reason, epoch: f.epoch });
     }
     this._emit("subscribed", f);
-    if (req && req.group) this._settle(req.group, null, f);
+    if (req) {
+      req.resolve(f);
+      if (req.group) this._settle(req.group, null, f);
+    }
   }
 }
