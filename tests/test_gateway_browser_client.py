@@ -162,9 +162,20 @@ def publish(conn: psycopg.Connection[Any], channel: str, payloads: list[str]) ->
     return ids
 
 
-def wait_count(page: Any, n: int, what: str = "t.messages.length") -> None:
-    page.wait_for_function(f"window.t.{what.removeprefix('t.')} >= {n}",
-                           timeout=PAGE_TIMEOUT_MS)
+def wait_for(page: Any, condition: str, timeout_ms: int = PAGE_TIMEOUT_MS) -> None:
+    """Wait until *condition* (JavaScript on ``t``, the page's record) holds;
+    else fail saying what the page saw."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"(() => {{ const t = window.t; return {condition}; }})()",
+                               timeout=timeout_ms)
+    except PlaywrightTimeout:
+        events = page.evaluate("window.t.events")
+        raise AssertionError(
+            f"the page never had {condition} within {timeout_ms} ms; it saw "
+            f"{len(events)} events, the last: {events[-12:]}"
+        ) from None
 
 
 @pytest.mark.slow
@@ -179,7 +190,7 @@ def test_page_gets_every_message_once_in_order_across_a_killed_gateway(
     ids: list[int] = []
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         ids += publish(conn, channel, payloads[:100])
-        wait_count(page, 100)  # the page has a position on the channel
+        wait_for(page, "t.messages.length >= 100")  # the page has a position on the channel
 
         # Messages keep flowing from another thread while the gateway dies.
         half = threading.Event()
@@ -204,12 +215,12 @@ def test_page_gets_every_message_once_in_order_across_a_killed_gateway(
         thread.join(60)
         assert not thread.is_alive(), "the publishing thread did not finish in 60 s"
         assert failure == []
-        page.wait_for_function("window.t.down >= 1", timeout=PAGE_TIMEOUT_MS)
+        wait_for(page, "t.down >= 1")
         gateway.start()
         ids += publish(conn, channel, payloads[200:])
 
-    wait_count(page, total)
-    wait_count(page, 1, "reconnected")
+    wait_for(page, f"t.messages.length >= {total}")
+    wait_for(page, "t.reconnected >= 1")
     got = page.evaluate("window.t.messages")
     assert [m["payload"] for m in got] == payloads, "not every message exactly once, in order"
     assert [m["id"] for m in got] == ids
@@ -235,22 +246,22 @@ def test_page_gets_a_gap_when_the_log_was_pruned_past_its_position(
     page.evaluate(SETUP_JS, [channel, None])
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         ids = publish(conn, channel, [f"m{i}" for i in range(1, 11)])
-        wait_count(page, 10)
+        wait_for(page, "t.messages.length >= 10")
         gateway.kill()
-        page.wait_for_function("window.t.down >= 1", timeout=PAGE_TIMEOUT_MS)
+        wait_for(page, "t.down >= 1")
         ids += publish(conn, channel, [f"m{i}" for i in range(11, 21)])
         # Keep the newest 5: the page's position (m10) is pruned past.
         deleted = prune(conn, older_than=timedelta(0), keep_last=5, channel=channel)
         assert deleted == {channel: 15}
         gateway.start()
     # Bounded and loud: a gateway without the recovered flag never sends it.
-    page.wait_for_function("window.t.gaps.length >= 1", timeout=20_000)
+    wait_for(page, "t.gaps.length >= 1", 20_000)
     (gap,) = page.evaluate("window.t.gaps")
     assert gap["channel"] == channel
     assert gap["since"] == ids[9]
     assert gap["reason"] == "pruned"
     assert ids[9] < gap["oldest"] <= ids[15]
-    wait_count(page, 15)
+    wait_for(page, "t.messages.length >= 15")
     got = page.evaluate("window.t.messages")
     assert [m["payload"] for m in got] == [f"m{i}" for i in [*range(1, 11), *range(16, 21)]]
     events = page.evaluate("window.t.events")

@@ -173,6 +173,8 @@ export declare class Client {
     channels: string | string[],
   ): Promise<{ type: "unsubscribed"; channels: string[] }>;
   publish(channel: string, payload?: unknown): Promise<{ type: "published"; channel: string }>;
+  /** Send a fresh token on the open connection (before the old one expires). */
+  authenticate(token: string): Promise<{ type: "authenticated"; expires?: number }>;
   close(): void;
 }
 

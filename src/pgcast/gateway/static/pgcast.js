@@ -6,32 +6,25 @@
 //   client.on("gap", (g) => console.warn("history lost on", g.channel, g.reason));
 //   await client.subscribe(["orders"]);
 //
-// It speaks the gateway's WebSocket protocol (see pgcast.gateway._protocol)
-// and survives disconnects: on any close it reconnects with exponential
-// backoff and full jitter, subscribes again to every channel, and resumes the
-// durable ones from the last log id it saw on each ("since"), dropping any
-// message it already delivered (ids at or below that position), so a page
-// gets every durable message once and in order. The gateway's answer says
-// whether a resume was complete; when history the page needed is gone (the
-// log was pruned past its position, or the log is another incarnation, a new
-// "epoch"), the client emits "gap" before the replay, never silently.
-// Types: pgcast.d.ts beside this file.
+// It speaks the gateway's WebSocket protocol (pgcast.gateway._protocol). On any
+// close it reconnects with exponential backoff and full jitter, subscribes again,
+// and resumes durable channels from the last log id it saw on each ("since"),
+// dropping what it already delivered (ids at or below that position): every
+// durable message once, in order. When history the page needed is gone (pruned,
+// or another incarnation of the log: a new "epoch") it emits "gap" before the
+// replay, as the gateway said. Types: pgcast.d.ts beside this file.
 
 const SUBPROTOCOL = "pgcast";
 const TOKEN_SUBPROTOCOL = "pgcast.token.";
-// A subprotocol is an HTTP token (RFC 9110 section 5.6.2); anything else goes
-// in an auth frame.
+// A subprotocol is an HTTP token (RFC 9110 5.6.2); another token goes in an auth frame.
 const HTTP_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 // Closes that will repeat on every attempt: refused (policy), not authenticated.
 const FINAL_CLOSE_CODES = new Set([1008, 4003]);
 
 export const DEFAULT_BACKOFF = Object.freeze({ initial: 500, max: 30000, multiplier: 2 });
 
-/**
- * The delay before reconnect attempt `attempt` (0 for the first), in ms:
- * "full jitter", a uniform draw in [0, min(max, initial * multiplier^attempt)).
- * `random` is Math.random unless given (tests pass their own).
- */
+/** The delay before reconnect attempt `attempt` (0 for the first), in ms: "full
+ * jitter", a uniform draw in [0, min(max, initial * multiplier^attempt)). */
 export function backoffDelay(attempt, backoff = DEFAULT_BACKOFF, random = Math.random) {
   const { initial, max, multiplier } = { ...DEFAULT_BACKOFF, ...backoff };
   const ceiling = Math.min(max, initial * Math.pow(multiplier, Math.max(0, attempt)));
@@ -41,9 +34,8 @@ export function backoffDelay(attempt, backoff = DEFAULT_BACKOFF, random = Math.r
 function checkBackoff(backoff) {
   const b = { ...DEFAULT_BACKOFF, ...(backoff || {}) };
   for (const key of ["initial", "max", "multiplier"]) {
-    if (typeof b[key] !== "number" || !Number.isFinite(b[key]) || b[key] <= 0) {
-      throw new RangeError(`backoff.${key} must be a positive number, not ${b[key]}`);
-    }
+    const v = b[key];
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) throw new RangeError(`backoff.${key} must be a positive number, not ${v}`);
   }
   if (b.multiplier < 1) throw new RangeError(`backoff.multiplier must be >= 1, not ${b.multiplier}`);
   if (b.max < b.initial) throw new RangeError(`backoff.max (${b.max}) is below backoff.initial (${b.initial})`);
@@ -52,9 +44,7 @@ function checkBackoff(backoff) {
 
 function checkChannels(channels, what) {
   if (typeof channels === "string") channels = [channels];
-  if (!Array.isArray(channels) || channels.length === 0) {
-    throw new TypeError(`${what} needs a non-empty list of channel names`);
-  }
+  if (!Array.isArray(channels) || channels.length === 0) throw new TypeError(`${what} needs a non-empty list of channel names`);
   for (const c of channels) {
     if (typeof c !== "string" || c === "") throw new TypeError(`channel names are non-empty strings, not ${JSON.stringify(c)}`);
   }
@@ -62,20 +52,13 @@ function checkChannels(channels, what) {
 }
 
 function checkPosition(id, what) {
-  if (!Number.isSafeInteger(id) || id < 0) {
-    throw new RangeError(`${what} must be a log id (an integer >= 0), not ${JSON.stringify(id)}`);
-  }
+  if (!Number.isSafeInteger(id) || id < 0) throw new RangeError(`${what} must be a log id (an integer >= 0), not ${JSON.stringify(id)}`);
   return id;
 }
 
-/**
- * Per-channel positions of durable channels: the last log id delivered, and
- * the duplicate check. Pure; exported for tests.
- */
+/** Durable channels' positions (the last log id delivered) and the duplicate check. */
 export class Positions {
-  constructor() {
-    this.last = new Map();
-  }
+  constructor() { this.last = new Map(); }
   /** Whether a message with `id` on `channel` is new; if so it becomes the position. */
   admit(channel, id) {
     if (typeof id !== "number") return true; // not durable: no position, no duplicates
@@ -86,15 +69,8 @@ export class Positions {
   }
   /** The `since` of a subscribe for `channels`: {channel: id} for those with a position. */
   since(channels) {
-    const out = {};
-    let any = false;
-    for (const c of channels) {
-      if (this.last.has(c)) {
-        out[c] = this.last.get(c);
-        any = true;
-      }
-    }
-    return any ? out : null;
+    const known = channels.filter((c) => this.last.has(c));
+    return known.length ? Object.fromEntries(known.map((c) => [c, this.last.get(c)])) : null;
   }
   set(channel, id) { this.last.set(channel, id); }
   forget(channel) { this.last.delete(channel); }
@@ -136,22 +112,21 @@ export class Client {
     this.random = options.random ?? Math.random;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.positions = new Positions();
-    this.epoch = null; // the log's epoch our positions come from
-    this.groups = []; // [{channels, pending: [{resolve, reject}]}], in subscribe order
+    this.epoch = null; // the log's epoch the positions come from
+    this.groups = []; // {channels, pending: [{resolve, reject}]}, in subscribe order
     this.listeners = new Map();
-    this.requests = new Map(); // ref -> {kind, resolve, reject, group?, since?}
+    this.requests = new Map(); // ref -> {kind, resolve, reject, timer, group?, since?}
     this.nextRef = 1;
-    this.attempt = 0;
-    this.socket = null;
     this.state = "connecting";
-    this.everOpen = false;
-    this.reconnects = 0;
-    this.disconnectedAt = null;
-    this.timer = null;
-    this.pingTimer = null;
-    this.pongTimer = null;
-    this.closed = false;
-    if (options.channels) this.subscribe(options.channels, { since: options.since }).catch(() => {});
+    this.socket = this.timer = this.pingTimer = this.pongTimer = this.disconnectedAt = null;
+    this.attempt = this.reconnects = 0;
+    this.everOpen = this.closed = false;
+    if (options.channels) {
+      checkChannels(options.channels, "channels");
+      // A refusal by the gateway is an "error" event already; only the rest is reported here.
+      this.subscribe(options.channels, { since: options.since })
+        .catch((err) => err instanceof PgcastError || this._emit("error", err));
+    }
     this._open();
   }
 
@@ -163,9 +138,7 @@ export class Client {
     return () => this.off(type, listener);
   }
 
-  off(type, listener) {
-    this.listeners.get(type)?.delete(listener);
-  }
+  off(type, listener) { this.listeners.get(type)?.delete(listener); }
 
   _emit(type, detail) {
     const listeners = [...(this.listeners.get(type) || [])];
@@ -188,35 +161,31 @@ export class Client {
     return [...new Set(this.groups.flatMap((g) => g.channels))];
   }
 
-  /**
-   * Subscribe to `channels`; resolves with the gateway's `subscribed` reply
-   * once they are live (after a reconnect too, if it happens meanwhile).
-   * `since`: a log id, or {channel: id}, to start durable channels from.
-   */
+  /** Subscribe to `channels`; resolves with the gateway's `subscribed` reply once they
+   * are live. `since`: a log id, or {channel: id}, where durable channels start. */
   subscribe(channels, options = {}) {
     if (this.closed) return Promise.reject(new PgcastError("the client is closed"));
     let list;
+    const start = new Map();
     try {
       list = checkChannels(channels, "subscribe");
       const since = options.since;
-      if (since !== undefined && since !== null) {
-        if (typeof since === "number") {
-          checkPosition(since, "since");
-          for (const c of list) this.positions.set(c, since);
-        } else if (typeof since === "object") {
-          for (const [c, id] of Object.entries(since)) {
-            if (!list.includes(c)) throw new RangeError(`since names ${JSON.stringify(c)}, which is not being subscribed to`);
-            this.positions.set(c, checkPosition(id, `since[${JSON.stringify(c)}]`));
-          }
-        } else {
-          throw new TypeError("since must be a log id or {channel: id}");
+      if (typeof since === "number") {
+        for (const c of list) start.set(c, checkPosition(since, "since"));
+      } else if (since !== undefined && since !== null && typeof since === "object") {
+        for (const [c, id] of Object.entries(since)) {
+          if (!list.includes(c)) throw new RangeError(`since names ${JSON.stringify(c)}, which is not being subscribed to`);
+          start.set(c, checkPosition(id, `since[${JSON.stringify(c)}]`));
         }
+      } else if (since !== undefined && since !== null) {
+        throw new TypeError(`since must be a log id or {channel: id}, not ${JSON.stringify(since)}`);
       }
     } catch (err) {
       return Promise.reject(err);
     }
-    const taken = new Set(this.channels);
-    const fresh = list.filter((c) => !taken.has(c));
+    // A channel already subscribed to keeps its subscription and position.
+    const fresh = list.filter((c) => !this._has(c));
+    for (const c of fresh) if (start.has(c)) this.positions.set(c, start.get(c));
     if (fresh.length === 0) return Promise.resolve({ type: "subscribed", channels: list });
     return new Promise((resolve, reject) => {
       const group = { channels: fresh, pending: [{ resolve, reject }] };
@@ -225,32 +194,34 @@ export class Client {
     });
   }
 
+  _has(channel) { return this.groups.some((g) => g.channels.includes(channel)); }
+
   /** Stop receiving `channels`; their positions are forgotten. */
   unsubscribe(channels) {
     let list;
-    try {
-      list = checkChannels(channels, "unsubscribe");
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    try { list = checkChannels(channels, "unsubscribe"); } catch (err) { return Promise.reject(err); }
     const gone = new Set(list);
-    for (const g of this.groups) g.channels = g.channels.filter((c) => !gone.has(c));
+    for (const g of this.groups) {
+      g.channels = g.channels.filter((c) => !gone.has(c));
+      if (g.channels.length === 0) this._settle(g, new PgcastError("unsubscribed before the gateway confirmed the subscribe"));
+    }
     this.groups = this.groups.filter((g) => g.channels.length > 0);
     for (const c of list) this.positions.forget(c);
     if (this.state !== "open") return Promise.resolve({ type: "unsubscribed", channels: list });
     return this._request({ type: "unsubscribe", channels: list }, "unsubscribe");
   }
 
-  /**
-   * Publish `payload` (a string, or any JSON value, sent as its JSON text)
-   * on `channel`; resolves once the gateway sent the NOTIFY. Rejects at once
-   * while disconnected (nothing is queued to be sent later).
-   */
+  /** Publish `payload` (text, or any JSON value) on `channel`; resolves once the
+   * gateway sent the NOTIFY. Rejects at once while disconnected (nothing is queued). */
   publish(channel, payload) {
-    if (this.state !== "open") {
-      return Promise.reject(new PgcastError(`not connected (${this.state}): the message was not sent`));
-    }
+    if (this.state !== "open") return Promise.reject(new PgcastError(`not connected (${this.state}): the message was not sent`));
     return this._request({ type: "publish", channel, payload: payload === undefined ? "" : payload }, "publish");
+  }
+
+  /** Send a fresh token (before the old one expires); resolves on `authenticated`. */
+  authenticate(token) {
+    if (typeof token !== "string" || token === "") return Promise.reject(new TypeError("authenticate() needs the token, a non-empty string"));
+    return this._request({ type: "auth", token }, "auth");
   }
 
   /** Close for good: no reconnect; pending requests are rejected. */
@@ -262,10 +233,7 @@ export class Client {
     this._stopPings();
     const socket = this.socket;
     this.socket = null;
-    if (socket) {
-      socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
-      try { socket.close(1000, "closed by the page"); } catch { /* already closing */ }
-    }
+    if (socket) { socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null; socket.close(1000, "closed by the page"); }
     this._failRequests("the client was closed");
     for (const g of this.groups) this._settle(g, new PgcastError("the client was closed"));
     this.groups = [];
@@ -275,9 +243,7 @@ export class Client {
   // -- the connection --------------------------------------------------------
 
   _setState(state) {
-    if (this.state === state) return;
-    this.state = state;
-    this._emit("state", state);
+    if (this.state !== state) this._emit("state", (this.state = state));
   }
 
   async _token() {
@@ -293,9 +259,7 @@ export class Client {
   async _open() {
     this._setState(this.everOpen ? "reconnecting" : "connecting");
     let token;
-    try {
-      token = await this._token();
-    } catch (err) {
+    try { token = await this._token(); } catch (err) {
       this._emit("error", new PgcastError(`getting the token failed: ${err && err.message}`, { cause: err }));
       this._retry();
       return;
@@ -309,16 +273,10 @@ export class Client {
       if (via === "auto") via = HTTP_TOKEN.test(token) ? "subprotocol" : "frame";
       if (via === "subprotocol") protocols.push(TOKEN_SUBPROTOCOL + token);
       else if (via === "frame") authFrame = token;
-      else {
-        const u = new URL(url);
-        u.searchParams.set("token", token);
-        url = u.toString();
-      }
+      else { const u = new URL(url); u.searchParams.set("token", token); url = u.href; }
     }
     let socket;
-    try {
-      socket = new this.WebSocket(url, protocols);
-    } catch (err) {
+    try { socket = new this.WebSocket(url, protocols); } catch (err) {
       this._emit("error", new PgcastError(`cannot open ${this.url}: ${err && err.message}`, { cause: err }));
       this._retry();
       return;
@@ -409,10 +367,8 @@ export class Client {
   }
 
   _stopPings() {
-    clearInterval(this.pingTimer);
-    clearTimeout(this.pongTimer);
-    this.pingTimer = null;
-    this.pongTimer = null;
+    clearInterval(this.pingTimer); clearTimeout(this.pongTimer);
+    this.pingTimer = this.pongTimer = null;
   }
 
   _send(frame) {
@@ -451,9 +407,7 @@ export class Client {
   }
 
   _settle(group, error, reply) {
-    const pending = group.pending;
-    group.pending = [];
-    for (const p of pending) error ? p.reject(error) : p.resolve(reply);
+    for (const p of group.pending.splice(0)) error ? p.reject(error) : p.resolve(reply);
   }
 
   _sendSubscribe(group) {
@@ -472,26 +426,18 @@ export class Client {
     clearTimeout(this.pongTimer); // any frame shows the connection is alive
     this.pongTimer = null;
     let f;
-    try {
-      f = JSON.parse(data);
-    } catch {
+    try { f = JSON.parse(data); } catch {
       this._emit("error", new PgcastError(`the gateway sent a frame that is not JSON: ${String(data).slice(0, 80)}`));
       return;
     }
     const req = f.ref !== undefined ? this.requests.get(f.ref) : undefined;
-    if (req) {
-      this.requests.delete(f.ref);
-      clearTimeout(req.timer);
-    }
+    if (req) { this.requests.delete(f.ref); clearTimeout(req.timer); }
     switch (f.type) {
       case "message":
-        if (this.positions.admit(f.channel, f.id)) {
-          const m = { channel: f.channel, payload: f.payload, pid: f.pid };
-          if (f.id !== undefined) m.id = f.id;
-          this._emit("message", m);
-        } else {
-          this._emit("duplicate", { channel: f.channel, id: f.id });
-        }
+        // One sent before the gateway saw an unsubscribe: not wanted any more.
+        if (!this._has(f.channel)) break;
+        if (!this.positions.admit(f.channel, f.id)) this._emit("duplicate", { channel: f.channel, id: f.id });
+        else this._emit("message", { channel: f.channel, payload: f.payload, pid: f.pid, ...(f.id !== undefined && { id: f.id }) });
         break;
       case "subscribed":
         this._subscribed(f, req);
@@ -514,14 +460,8 @@ export class Client {
       case "notice":
         this._emit("notice", f);
         break;
-      case "unsubscribed":
-      case "published":
-      case "pong":
-      case "authenticated":
+      default: // unsubscribed, published, pong, authenticated (and a newer gateway's frames)
         if (req) req.resolve(f);
-        break;
-      default:
-        break; // a newer gateway's frame: ignored
     }
   }
 
