@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -340,3 +342,44 @@ def test_gateway_serves_the_client_and_its_types(dsn: str) -> None:
             assert (await http.post("/pgcast.js")).status_code == 405
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_the_declarations_name_every_export_of_the_module() -> None:
+    js = (STATIC / "pgcast.js").read_text(encoding="utf-8")
+    dts = (STATIC / "pgcast.d.ts").read_text(encoding="utf-8")
+    exported = set(re.findall(r"^export (?:async )?(?:function|class|const) (\w+)", js, re.M))
+    declared = set(re.findall(r"^export declare (?:function|class|const) (\w+)", dts, re.M))
+    assert exported == {"DEFAULT_BACKOFF", "backoffDelay", "Positions", "PgcastError",
+                        "connect", "Client"}
+    assert declared == exported
+
+
+def _tsc() -> list[str]:
+    """A TypeScript compiler already on this machine, or skip: ``tsc`` on
+    PATH, else npx's cached ``typescript`` (offline: nothing is downloaded)."""
+    if shutil.which("tsc"):
+        return ["tsc"]
+    if shutil.which("npx"):
+        argv = ["npx", "--offline", "-y", "-p", "typescript@5", "tsc"]
+        try:
+            done = subprocess.run([*argv, "--version"], capture_output=True, text=True,
+                                  timeout=60, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.skip("npx did not answer within 60 s")
+        if done.returncode == 0:
+            return argv
+    pytest.skip("no TypeScript compiler here (tsc on PATH, or run "
+                "`npx -y -p typescript@5 tsc --version` once to cache it)")
+
+
+def test_the_declarations_type_check_with_tsc(tmp_path: Path) -> None:
+    tsc = _tsc()
+    shutil.copy(STATIC / "pgcast.d.ts", tmp_path / "pgcast.d.ts")
+    shutil.copy(Path(__file__).resolve().parent / "data" / "pgcast_usage.ts",
+                tmp_path / "usage.ts")
+    done = subprocess.run(
+        [*tsc, "--strict", "--noEmit", "--target", "es2022", "--module", "es2022",
+         "--moduleResolution", "bundler", "--lib", "es2022,dom", "usage.ts"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
