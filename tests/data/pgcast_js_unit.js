@@ -137,6 +137,19 @@ async () => {
       same(seen.filter(([t]) => t === "gap")[0][1].reason, "epoch", "gap reason");
       c.close();
     },
+    async a_gap_notice_during_the_replay_is_a_gap() {
+      const { c, seen } = client();
+      c.subscribe(["a"], { since: 7 });
+      const s1 = await socketNumber(1);
+      s1.open();
+      s1.recv({ type: "subscribed", channels: ["a"], epoch: "E1", ref: s1.sent[0].ref, recovered: { a: true } });
+      s1.recv({ type: "notice", event: "gap", channel: "a", since: 9, oldest: null, reason: "pruned",
+                epoch: "E1", message: "messages of 'a' after 9 are no longer in the log" });
+      s1.recv({ type: "notice", event: "gap", channel: "other", since: 1, oldest: 5, reason: "pruned" });
+      const gaps = seen.filter(([t]) => t === "gap").map(([, g]) => g);
+      same(gaps, [{ channel: "a", since: 9, oldest: null, reason: "pruned", epoch: "E1" }], "gap");
+      c.close();
+    },
     async tokens_by_subprotocol_frame_or_query() {
       let { c } = client({ token: "abc.DEF-ghi_1" });
       let s = await socketNumber(1);

@@ -19,7 +19,8 @@ async function main(): Promise<void> {
   off();
   client.on("gap", (g: Gap) => {
     const why: "pruned" | "epoch" | "unknown" = g.reason;
-    console.warn(g.channel, g.since, g.oldest, why);
+    const oldest: number | null = g.oldest;
+    console.warn(g.channel, g.since, oldest, why);
   });
   client.on("reconnected", (r) => console.log(r.downtime, r.channels, r.replies.length));
   client.on("error", (e) => { if (e instanceof PgcastError) console.log(e.channels); });

@@ -75,19 +75,20 @@ export interface Subscribed {
   epoch?: string;
   /** Whether each resumed durable channel's history was complete. */
   recovered?: Record<string, boolean>;
-  /** The oldest log id still held, for each channel not recovered. */
-  oldest?: Record<string, number>;
+  /** The oldest log id still held (null: none), for each channel not recovered. */
+  oldest?: Record<string, number | null>;
   reason?: Record<string, "pruned" | "epoch">;
 }
 
 /** History the page needed is gone: messages after `since` and before
- * `oldest` on `channel` will never arrive. Emitted before the replay. */
+ * `oldest` on `channel` will never arrive. Emitted before the replay (from
+ * the `subscribed` reply), or during it (a `gap` notice: a prune raced it). */
 export interface Gap {
   channel: string;
   /** The position the client resumed from. */
   since: number | undefined;
-  /** The oldest log id the gateway still holds (undefined if it did not say). */
-  oldest: number | undefined;
+  /** The oldest log id the log still holds for the channel (null: none, or unknown). */
+  oldest: number | null;
   /** "pruned": retention deleted them; "epoch": the log is another incarnation. */
   reason: "pruned" | "epoch" | "unknown";
   epoch: string | undefined;

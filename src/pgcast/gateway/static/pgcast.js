@@ -458,11 +458,19 @@ export class Client {
         break;
       }
       case "notice":
+        // A gap found during a replay (a prune racing it) comes as a notice.
+        if (f.event === "gap" && this._has(f.channel)) this._gap(f.channel, f.since, f.oldest, f.reason, f.epoch);
         this._emit("notice", f);
         break;
       default: // unsubscribed, published, pong, authenticated (and a newer gateway's frames)
         if (req) req.resolve(f);
     }
+  }
+
+  _gap(channel, since, oldest, reason, epoch) {
+    // After a new epoch the replay's ids start over: forget the old position.
+    if (reason === "epoch") this.positions.forget(channel);
+    this._emit("gap", { channel, since, oldest: oldest ?? null, reason: reason || "unknown", epoch });
   }
 
   _subscribed(f, req) {
@@ -476,13 +484,7 @@ export class Client {
       this.epoch = f.epoch;
     }
     for (const [channel, ok] of Object.entries(f.recovered || {})) {
-      if (ok) continue;
-      const reason = (f.reason && f.reason[channel]) || "unknown";
-      const since = req && req.since ? req.since[channel] : undefined;
-      const oldest = f.oldest ? f.oldest[channel] : undefined;
-      // After a new epoch the replay's ids start over: forget the old position.
-      if (reason === "epoch") this.positions.forget(channel);
-      this._emit("gap", { channel, since, oldest, reason, epoch: f.epoch });
+      if (!ok) this._gap(channel, req?.since?.[channel], f.oldest?.[channel], f.reason?.[channel], f.epoch);
     }
     this._emit("subscribed", f);
     if (req) {
