@@ -20,6 +20,9 @@ const TOKEN_SUBPROTOCOL = "pgcast.token.";
 const HTTP_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 // Closes that will repeat on every attempt: refused (policy), not authenticated.
 const FINAL_CLOSE_CODES = new Set([1008, 4003]);
+// A connection lost sooner than this after opening does not reset the backoff,
+// so a gateway that accepts and then closes at once is not hammered.
+const STABLE_MS = 5000;
 
 export const DEFAULT_BACKOFF = Object.freeze({ initial: 500, max: 30000, multiplier: 2 });
 
@@ -106,9 +109,11 @@ export class Client {
     if (!["auto", "subprotocol", "frame", "query"].includes(this.tokenVia)) {
       throw new TypeError(`tokenVia must be "auto", "subprotocol", "frame" or "query", not ${JSON.stringify(this.tokenVia)}`);
     }
-    this.pingInterval = options.pingInterval ?? 25000;
-    this.pingTimeout = options.pingTimeout ?? 10000;
-    this.requestTimeout = options.requestTimeout ?? 30000;
+    for (const [key, fallback] of [["pingInterval", 25000], ["pingTimeout", 10000], ["requestTimeout", 30000]]) {
+      const v = options[key] ?? fallback;
+      if (typeof v !== "number" || !(v >= 0)) throw new RangeError(`${key} must be milliseconds (a number >= 0), not ${v}`);
+      this[key] = v;
+    }
     this.random = options.random ?? Math.random;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.positions = new Positions();
@@ -133,8 +138,7 @@ export class Client {
   /** Call `listener` for each event of `type`; returns a function removing it. */
   on(type, listener) {
     if (typeof listener !== "function") throw new TypeError("a listener must be a function");
-    if (!this.listeners.has(type)) this.listeners.set(type, new Set());
-    this.listeners.get(type).add(listener);
+    (this.listeners.get(type) ?? this.listeners.set(type, new Set()).get(type)).add(listener);
     return () => this.off(type, listener);
   }
 
@@ -147,19 +151,14 @@ export class Client {
       console.warn(`pgcast: ${type}`, detail);
     }
     for (const listener of listeners) {
-      try {
-        listener(detail);
-      } catch (err) {
-        // A listener's exception must not stop the others nor the client.
-        setTimeout(() => { throw err; });
+      try { listener(detail); } catch (err) {
+        setTimeout(() => { throw err; }); // reported, but stops neither the others nor the client
       }
     }
   }
 
   /** The channels subscribed to (confirmed or still to be). */
-  get channels() {
-    return [...new Set(this.groups.flatMap((g) => g.channels))];
-  }
+  get channels() { return [...new Set(this.groups.flatMap((g) => g.channels))]; }
 
   /** Subscribe to `channels`; resolves with the gateway's `subscribed` reply once they
    * are live. `since`: a log id, or {channel: id}, where durable channels start. */
@@ -296,7 +295,7 @@ export class Client {
   _opened() {
     const again = this.everOpen;
     this.everOpen = true;
-    this.attempt = 0;
+    this.openedAt = Date.now();
     this._setState("open");
     this._startPings();
     const socket = this.socket;
@@ -324,7 +323,10 @@ export class Client {
     this._stopPings();
     this._failRequests(`the connection closed (${code}${reason ? ": " + reason : ""}) before the gateway answered`);
     if (this.closed) return;
-    if (this.disconnectedAt === null || this.state === "open") this.disconnectedAt = Date.now();
+    if (this.state === "open") {
+      this.disconnectedAt = Date.now();
+      if (this.disconnectedAt - this.openedAt >= STABLE_MS) this.attempt = 0;
+    }
     const final = FINAL_CLOSE_CODES.has(code);
     this._emit("disconnected", { code, reason, final });
     if (final) {
