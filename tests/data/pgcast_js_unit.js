@@ -150,6 +150,21 @@ async () => {
       same(gaps, [{ channel: "a", since: 9, oldest: null, reason: "pruned", epoch: "E1" }], "gap");
       c.close();
     },
+    async backoff_grows_and_a_short_connection_does_not_reset_it() {
+      const { c } = client({ backoff: { initial: 1, max: 8, multiplier: 2 }, random: () => 0.999 });
+      const delays = [];
+      c.on("retrying", (r) => delays.push(r.delay));
+      (await socketNumber(1)).drop(); // refused before opening
+      (await socketNumber(2)).drop();
+      const s3 = await socketNumber(3);
+      s3.open();
+      s3.drop(); // accepted, then closed at once
+      (await socketNumber(4)).drop();
+      (await socketNumber(5)).drop();
+      await socketNumber(6);
+      same(delays, [0, 1, 3, 7, 7], "full-jitter ceilings 1, 2, 4, 8, 8 (max)");
+      c.close();
+    },
     async tokens_by_subprotocol_frame_or_query() {
       let { c } = client({ token: "abc.DEF-ghi_1" });
       let s = await socketNumber(1);
