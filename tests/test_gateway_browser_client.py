@@ -394,3 +394,85 @@ def test_the_declarations_type_check_with_tsc(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- tokens, against a gateway that requires one ---------------------------------
+
+TOKENS_JS = """async ([channel, token, tokenVia]) => {
+  const { connect } = await import("/pgcast.js");
+  const seen = [];
+  const client = connect("/ws", { token, tokenVia, backoff: { initial: 50, max: 200 } });
+  for (const type of ["closed", "disconnected", "error"]) {
+    client.on(type, (ev) => seen.push([type, ev.code ?? ev.message]));
+  }
+  const outcome = await Promise.race([
+    client.subscribe([channel]).then((r) => r.type, (e) => "rejected: " + e.message),
+    new Promise((resolve) => setTimeout(() => resolve("no answer in 3 s"), 3000)),
+  ]);
+  client.close();
+  return [outcome, seen];
+}"""
+
+
+@pytest.fixture
+def token_gateway(dsn: str, unique_channel: str) -> Iterator[str]:
+    """An in-process gateway admitting two tokens to *unique_channel*."""
+    from pgcast import AccessDenied
+    from pgcast.gateway import Access, create_app
+    from pgcast.gateway._serve import GatewayServer, config
+
+    good = {"good.token-1", "not a/subprotocol="}
+
+    def authorizer(connection: Any, token: str | None) -> Access:
+        if token not in good:
+            raise AccessDenied("unknown token")
+        return Access.globs(read=[unique_channel])
+
+    app = create_app(dsn, authorizer=authorizer)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = GatewayServer(config(app, "127.0.0.1", port, log_level="warning",
+                                  timeout_graceful_shutdown=3))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.slow
+def test_page_authenticates_by_subprotocol_and_by_auth_frame(
+    chromium: Path, token_gateway: str, unique_channel: str
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS,
+                                     timeout=60_000)
+        try:
+            page = browser.new_page()
+            page.goto(f"{token_gateway}/healthz", timeout=30_000)
+            run = lambda token, via: page.evaluate(TOKENS_JS, [unique_channel, token, via])  # noqa: E731
+            # An HTTP token goes as the pgcast.token.<token> subprotocol.
+            assert run("good.token-1", "auto") == ["subscribed", [["closed", 1000]]]
+            # Any other goes in an auth first frame.
+            assert run("not a/subprotocol=", "auto") == ["subscribed", [["closed", 1000]]]
+            assert run("good.token-1", "query") == ["subscribed", [["closed", 1000]]]
+            # A refused auth frame: closed with 4003, and the client gives up.
+            outcome, seen = run("bad", "frame")
+            assert outcome.startswith("rejected: the gateway refused the client (4003")
+            assert ["closed", 4003] in seen
+            # A refused handshake (HTTP 403) is retried, never subscribed.
+            outcome, seen = run("bad", "subprotocol")
+            assert outcome == "no answer in 3 s"
+            assert seen.count(["disconnected", 1006]) >= 2
+        finally:
+            browser.close()
