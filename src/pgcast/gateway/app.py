@@ -1,7 +1,9 @@
 """The gateway as a Starlette application: :func:`create_app`.
 
 Routes: ``/ws`` (:mod:`.websocket`), ``/sse`` (:mod:`.sse`), ``/healthz``,
-``/metrics``, and with ``demo_page=True`` the three-bar demo page at ``/``.
+``/metrics``, the browser client ``/pgcast.js`` and its types ``/pgcast.d.ts``
+(files of ``static/``), and with ``demo_page=True`` the three-bar demo page at
+``/``.
 
 The database connection is opened by the app's lifespan when it runs
 standalone (``pgcast serve``, ``uvicorn module:app``). Mounted inside another
@@ -190,6 +192,7 @@ def create_app(
         Route("/sse", starter.wrap_asgi(SSEEndpoint(hub))),
         Route("/healthz", healthz),
         Route("/metrics", metrics),
+        *_client_routes(),
     ]
     if demo_page:
         page = _demo_page(demo_command)
@@ -207,6 +210,35 @@ def create_app(
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.pgcast_gateway = hub
     return app
+
+
+#: The browser client's files, served at ``/<name>``, and their content types.
+CLIENT_FILES = {
+    "pgcast.js": "text/javascript; charset=utf-8",
+    "pgcast.d.ts": "application/typescript; charset=utf-8",
+}
+
+
+def _client_routes() -> list[Route]:
+    """``/pgcast.js`` and ``/pgcast.d.ts``: read once, served as they are.
+
+    Public files, so any origin may load them (a page of an allowed origin
+    imports the module from the gateway: a module script needs CORS);
+    ``no-cache`` makes browsers revalidate, so an upgraded gateway serves its
+    own client.
+    """
+    routes = []
+    for name, media_type in CLIENT_FILES.items():
+        body = (STATIC_DIR / name).read_bytes()
+        headers = {"Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*",
+                   "X-Content-Type-Options": "nosniff"}
+
+        async def serve(request: Request, body: bytes = body, media_type: str = media_type,
+                        headers: dict[str, str] = headers) -> Response:
+            return Response(body, media_type=media_type, headers=headers)
+
+        routes.append(Route(f"/{name}", serve, methods=["GET", "HEAD"]))
+    return routes
 
 
 def _check_hosts(allowed_hosts: Iterable[str] | None) -> list[str] | None:
