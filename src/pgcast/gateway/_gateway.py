@@ -1,0 +1,175 @@
+"""The gateway as an application that hosts it sees it: :class:`Gateway`.
+
+:func:`~pgcast.gateway.create_app` returns a :class:`GatewayApp`, a Starlette
+application whose :attr:`~GatewayApp.gateway` is the public handle on the
+running gateway: publish from the host's own routes on the gateway's
+connection, start it from the host's lifespan, read its state. Nothing of the
+driver (:class:`~pgcast.gateway._hub.Hub`) leaks through it.
+
+::
+
+    realtime = create_app(dsn, allow=["orders.*"])
+    app = FastAPI(lifespan=lambda app: realtime.gateway.running())
+    app.mount("/realtime", realtime)
+
+    @app.post("/orders")
+    async def new_order(order: Order) -> None:
+        await realtime.gateway.publish("orders.new", order.model_dump())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .._channels import check_channel
+from .._errors import NotSentError, ProtocolError
+from .._payload import Payload
+
+if TYPE_CHECKING:
+    from ._hub import Hub
+
+__all__ = ["Gateway", "GatewayApp"]
+
+
+class Gateway:
+    """The public handle on one gateway: ``create_app(...).gateway``."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._started = False
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the LISTEN connection (once; later calls return at once).
+
+        The gateway's own lifespan calls it when it runs standalone; mounted
+        in another application, call it (or use :meth:`running`) from the
+        host's lifespan, or it starts at its first request.
+
+        :raises pgcast.ConnectError: PostgreSQL cannot be reached.
+        """
+        if self._started:
+            return
+        async with self._lock:
+            if not self._started:
+                await self._hub.start()
+                self._started = True
+
+    async def start_quietly(self) -> None:
+        """:meth:`start`, with a failure left for ``/healthz`` to report (503)."""
+        with contextlib.suppress(Exception):
+            await self.start()
+
+    async def close(self) -> None:
+        """Close every client (WebSocket 1001, SSE ``shutdown``) and the connections."""
+        await self._hub.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Start the gateway, and close it on the way out: a host's lifespan.
+
+        ``FastAPI(lifespan=lambda app: gateway.running())``, or
+        ``async with gateway.running(): yield`` inside a lifespan of your own.
+        """
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
+
+    # -- publishing --------------------------------------------------------
+
+    async def publish(self, channel: str, payload: Payload = "") -> None:
+        """NOTIFY *payload* on *channel* from the gateway's own connection.
+
+        For the host application's code (a route, a background task): no
+        allow-list applies, as to any code of the server. Dicts and lists are
+        sent as JSON. Every subscriber of *channel*, on this gateway or any
+        other process LISTENing, receives it. Starts the gateway if needed.
+
+        To publish what a transaction changed, NOTIFY from that transaction
+        instead (:func:`pgcast.notify` on its connection): delivered at
+        commit, never on rollback.
+
+        :raises pgcast.InvalidChannelError: *channel* is not a valid channel name.
+        :raises pgcast.PayloadError: *payload* is not str, dict or list, or
+            contains NUL.
+        :raises pgcast.SchemaError: a payload of 8000 bytes or more needs
+            the ``pgcast`` schema (``pgcast init``), and it is missing.
+        :raises pgcast.NotSentError: the gateway's database connection was
+            down for ``database_timeout`` seconds: nothing was sent.
+        :raises pgcast.ConnectionLostError: the connection was lost while
+            the NOTIFY was on the wire: it may or may not have been sent.
+        """
+        check_channel(channel)
+        await self.start()
+        hub = self._hub
+        await hub._shielded(self._notify(channel, payload))
+
+    async def _notify(self, channel: str, payload: Payload) -> None:
+        hub = self._hub
+        try:
+            await hub._wait_ready(time.monotonic() + hub.settings.database_timeout)
+        except ProtocolError as exc:
+            raise NotSentError(str(exc)) from None
+        aps = hub._aps
+        assert aps is not None
+        await aps.notify(channel, payload)
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def database_up(self) -> bool:
+        """Whether the LISTEN connection is open and in use."""
+        return self._hub.database_up
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process id of the LISTEN connection, while it is up."""
+        return self._hub.backend_pid
+
+    @property
+    def clients(self) -> int:
+        """The number of connected clients (WebSocket and SSE)."""
+        return sum(self._hub.clients_by_transport().values())
+
+    def listening(self) -> frozenset[str]:
+        """The channels the gateway LISTENs to now (those with a subscriber)."""
+        return self._hub.listening()
+
+    async def metrics(self) -> str:
+        """The Prometheus text ``/metrics`` serves."""
+        return await self._hub.metrics()
+
+    def wrap_asgi(self, app: ASGIApp) -> ASGIApp:
+        """*app*, preceded by :meth:`start_quietly` on each call."""
+        return _StartFirst(self, app)
+
+
+class GatewayApp(Starlette):
+    """The ASGI application :func:`~pgcast.gateway.create_app` returns: a
+    Starlette app, with the :class:`Gateway` it serves."""
+
+    gateway: Gateway
+    """Publish, start, close, and read the state of this gateway."""
+
+
+class _StartFirst:
+    # A class, not a function: Starlette routes a function as a
+    # request/response endpoint and an object as a raw ASGI app.
+    def __init__(self, gateway: Gateway, app: ASGIApp) -> None:
+        self.gateway = gateway
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.gateway.start_quietly()
+        await self.app(scope, receive, send)
