@@ -191,6 +191,11 @@ class QueueUsage:
         self._last: tuple[float, float | None] = (-1e9, None)
         self._reading: asyncio.Future[float | None] | None = None
 
+    @property
+    def cached(self) -> float | None:
+        """The value last read (None before the first read, or if it failed)."""
+        return self._last[1]
+
     async def read(self) -> float | None:
         """The fraction of the NOTIFY queue in use (cached); None if it
         cannot be read."""

@@ -20,6 +20,7 @@ driver (:class:`~pgcast.gateway._hub.Hub`) leaks through it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._channels import check_channel
 from .._errors import NotSentError, ProtocolError
 from .._payload import Payload
+from . import _metrics
+from ._metrics import Family
 
 if TYPE_CHECKING:
     from ._hub import Hub
@@ -45,6 +48,7 @@ class Gateway:
         self._hub = hub
         self._started = False
         self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -62,6 +66,7 @@ class Gateway:
         async with self._lock:
             if not self._started:
                 await self._hub.start()
+                self._loop = asyncio.get_running_loop()
                 self._started = True
 
     async def start_quietly(self) -> None:
@@ -149,6 +154,49 @@ class Gateway:
     async def metrics(self) -> str:
         """The Prometheus text ``/metrics`` serves."""
         return await self._hub.metrics()
+
+    def metric_families(self) -> list[Family]:
+        """The metrics of ``/metrics`` as families, for a collector
+        (:class:`pgcast.gateway.metrics.PrometheusCollector`); callable from
+        any thread.
+
+        The NOTIFY queue usage is read from the database (at most every
+        ``metrics_cache`` seconds) when called from another thread than the
+        gateway's event loop; from the loop itself, which must not block, it
+        is the last value read, and a fresh read is started for next time.
+        """
+        hub = self._hub
+        return _metrics.families(
+            hub.stats,
+            clients=hub.clients_by_transport(),
+            subscriptions=hub.router.subscriptions,
+            channels=len(hub.listening()),
+            database_up=hub.database_up,
+            backend_pid=hub.backend_pid,
+            queue_usage=self._queue_usage(),
+        )
+
+    def _queue_usage(self) -> float | None:
+        hub = self._hub
+        usage = hub._queue_usage
+        loop = self._loop
+        if loop is None or loop.is_closed() or hub.closing:
+            return usage.cached
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            task = loop.create_task(usage.read())
+            hub._jobs.add(task)
+            task.add_done_callback(hub._jobs.discard)
+            return usage.cached
+        future = asyncio.run_coroutine_threadsafe(usage.read(), loop)
+        try:
+            return future.result(timeout=hub.settings.database_timeout + 1.0)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            future.cancel()
+            return usage.cached
 
     def wrap_asgi(self, app: ASGIApp) -> ASGIApp:
         """*app*, preceded by :meth:`start_quietly` on each call."""

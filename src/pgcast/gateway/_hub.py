@@ -405,7 +405,7 @@ class Hub(Clients):
                         continue
                     stats.messages_in += 1
                     frame = message(event.channel, event.payload, event.pid,
-                                    getattr(event, "id", None))
+                                    getattr(event, "id", None), time.monotonic())
                     _, overflowed = router.publish(event.channel, frame, event)
                     for sub in overflowed:
                         self._slow(self._clients.get(sub))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -249,16 +250,14 @@ class SSEEndpoint:
                     f"its queue holds {outbox.maxsize} (the oldest go first)",
                     count=dropped,
                 ).text))
-            sent = 0
             for frame in frames:
                 event_id = None
                 if frame.id is not None and frame.channel is not None:
                     positions[frame.channel] = int(frame.id)
                     event_id = _protocol.sse_position(positions)
                 parts.append(sse_event(frame.text, event_id))
-                sent += frame.is_message
             await write("".join(parts))
-            stats.messages_out += sent
+            stats.delivered(frames, time.monotonic())
 
 
 def _status(exc: AccessDenied) -> int:
