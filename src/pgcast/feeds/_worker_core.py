@@ -293,10 +293,11 @@ class WorkerBase:
                 hook(exc, batch)
             except Exception:
                 logger.exception("pgcast worker: the on_error hook failed on %s",
-                                 _describe(batch))
+                                 _describe(batch), extra={"handler": name})
             return
         logger.error("pgcast worker: %s failed for good on a batch of %d, dropped: %s",
-                     name, len(batch), _describe(batch), exc_info=exc)
+                     name, len(batch), _describe(batch), exc_info=exc,
+                     extra={"handler": name, "batch_size": len(batch)})
 
 
 @contextlib.contextmanager
@@ -337,7 +338,8 @@ def log_retry(exc: Exception, name: str, batch: Sequence[Any], *, attempt: int, 
     logger.error(
         "pgcast worker: %s failed on a batch of %d (attempt %d of %d, retrying "
         "in %.2f s): %s", name, len(batch), attempt, retry.attempts, delay,
-        _describe(batch), exc_info=exc)
+        _describe(batch), exc_info=exc,
+        extra={"handler": name, "batch_size": len(batch), "attempt": attempt})
 
 
 def _describe(batch: Sequence[Any], limit: int = 5) -> str:

@@ -10,6 +10,7 @@ LISTEN connection, the fan-out).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable
@@ -38,6 +39,8 @@ __all__ = [
     "TooManyFromAddress",
 ]
 
+
+logger = logging.getLogger("pgcast.gateway")
 
 #: WebSocket close codes the gateway uses.
 CLOSE_GOING_AWAY = 1001
@@ -141,7 +144,25 @@ class Client:
         """Ask the client's transport to close with *code* and *reason*."""
         if not self.closing.done():
             self.closing.set_result((code, reason))
+            # Every client at shutdown: not worth a line each.
+            level = logging.DEBUG if code == CLOSE_GOING_AWAY else logging.INFO
+            if logger.isEnabledFor(level):
+                logger.log(level, "pgcast gateway: closing client %s (%d): %s",
+                           self.label, code, reason,
+                           extra={"client": self.label, "close_code": code,
+                                  "transport": self.sub.transport,
+                                  "channels": sorted(self.sub.channels)})
         self.wake.set()
+
+    @property
+    def label(self) -> str:
+        """``host:port`` of the client as the server sees it (``?`` unknown)."""
+        peer = getattr(self.connection, "client", None)
+        host = getattr(peer, "host", None)
+        port = getattr(peer, "port", None)
+        if host is None:
+            return "?"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Clients:

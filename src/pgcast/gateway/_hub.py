@@ -385,7 +385,8 @@ class Hub(Clients):
                     self._reap_wanted.set()
                     await asyncio.sleep(_RETRY_DELAY)
                 except PgcastError:
-                    logger.exception("pgcast gateway: UNLISTEN %s failed", orphans)
+                    logger.exception("pgcast gateway: UNLISTEN %s failed", orphans,
+                                     extra={"pid": aps.backend_pid, "channels": orphans})
 
     async def _pump(self) -> None:
         router = self.router
@@ -413,10 +414,12 @@ class Hub(Clients):
                     # is streamed out rather than piled up in every queue.
                     await asyncio.sleep(0)
             except (ConnectionLostError, psycopg.Error) as exc:
-                logger.warning("pgcast gateway: LISTEN connection lost: %s", exc)
+                logger.warning("pgcast gateway: LISTEN connection lost: %s", exc,
+                               extra={"pid": aps.backend_pid})
             except Exception:
                 # Never die silently: log, then start over on a new connection.
-                logger.exception("pgcast gateway: the LISTEN loop failed; reconnecting")
+                logger.exception("pgcast gateway: the LISTEN loop failed; reconnecting",
+                                 extra={"pid": aps.backend_pid})
             if self._closing:
                 return
             await self._reconnect(aps)
@@ -433,13 +436,15 @@ class Hub(Clients):
             try:
                 aps = await connect_listener(self.settings)
             except ConnectError as exc:
-                logger.warning("pgcast gateway: reconnect attempt %d failed: %s", attempt, exc)
+                logger.warning("pgcast gateway: reconnect attempt %d failed: %s", attempt, exc,
+                               extra={"attempt": attempt})
                 continue
             async with self._lock:
                 try:
                     await listen_all(aps, sorted(self.router.channels()), self.is_durable)
                 except PgcastError as exc:
-                    logger.warning("pgcast gateway: re-LISTEN failed: %s", exc)
+                    logger.warning("pgcast gateway: re-LISTEN failed: %s", exc,
+                                   extra={"pid": aps.backend_pid})
                     with contextlib.suppress(Exception):
                         await aps.close()
                     continue
@@ -447,7 +452,9 @@ class Hub(Clients):
                 self._ready.set()
             self._reap_wanted.set()
             self._announce_reconnect()
-            logger.info("pgcast gateway: LISTEN connection restored (pid %d)", aps.backend_pid)
+            logger.info("pgcast gateway: LISTEN connection restored (pid %d)", aps.backend_pid,
+                        extra={"pid": aps.backend_pid,
+                               "channels": sorted(aps.listening_channels())})
             return
 
     def _announce_reconnect(self) -> None:
