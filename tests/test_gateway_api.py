@@ -77,3 +77,23 @@ def test_publish_without_a_database_raises_connect_error() -> None:
             await gateway.publish("orders", "x")
 
     run(main())
+
+
+def test_the_gateway_retries_its_database_by_the_backoff_it_was_given(dsn: str) -> None:
+    """One policy: the Backoff given to create_app is the one its LISTEN
+    connection reconnects with (and the gateway's own fallback loop)."""
+    from pgcast.gateway._client import GATEWAY_BACKOFF
+
+    policy = pgcast.Backoff(initial=0.05, maximum=1.0)
+    app = create_app(dsn, reconnect_backoff=policy)
+    hub = app.state.pgcast_gateway
+    assert hub.settings.reconnect_backoff is policy
+    assert create_app(dsn).state.pgcast_gateway.settings.reconnect_backoff is GATEWAY_BACKOFF
+
+    async def main() -> None:
+        async with app.gateway.running():
+            assert hub._aps._res.backoff is policy
+
+    run(main())
+    with pytest.raises(TypeError, match=r"reconnect_backoff must be a pgcast\.Backoff"):
+        create_app(dsn, reconnect_backoff=0.5)  # type: ignore[arg-type]

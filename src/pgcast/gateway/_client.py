@@ -17,6 +17,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._backoff import Backoff
 from .._errors import AccessDenied, ProtocolError
 from . import _metrics, _protocol
 from ._protocol import Command, Frame, Publish, Ref
@@ -51,6 +52,11 @@ CLOSE_ACCESS_EXPIRED = 4001
 #: The client did not authenticate (no ``auth`` frame first, or a refused token).
 CLOSE_NOT_AUTHENTICATED = 4003
 
+#: How the gateway's database connection is retried by default: at once,
+#: then 0.1 s growing to 5 s, with full jitter, without end.
+GATEWAY_BACKOFF = Backoff(initial=0.1, maximum=5.0)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The gateway's configuration; see :func:`pgcast.gateway.create_app`."""
@@ -73,8 +79,12 @@ class Settings:
     auth_timeout: float = 10.0
     rate_limits: RateLimits | None = field(default_factory=RateLimits)
     max_clients_per_address: int | None = None
+    reconnect_backoff: Backoff = GATEWAY_BACKOFF
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reconnect_backoff, Backoff):
+            raise TypeError(f"reconnect_backoff must be a pgcast.Backoff, not "
+                            f"{type(self.reconnect_backoff).__name__}")
         if self.max_clients_per_address is not None:
             value = self.max_clients_per_address
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -56,7 +56,7 @@ from ._client import (
     Clients,
     Settings,
 )
-from ._database import QueryConnection, QueueUsage, connect_listener, listen_all, reconnect_delay
+from ._database import QueryConnection, QueueUsage, connect_listener, listen_all
 from ._protocol import Auth, Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
 from ._resume import Resume
 from ._router import Router, Subscriber
@@ -428,10 +428,17 @@ class Hub(Clients):
         self._ready.clear()
         with contextlib.suppress(Exception):
             await old.close()
+        policy = self.settings.reconnect_backoff
+        attempts = policy.attempts(time.monotonic())
         attempt = 0
         while not self._closing:
-            if attempt:
-                await asyncio.sleep(reconnect_delay(attempt))
+            delay = attempts.next_delay(time.monotonic())
+            if delay is None:
+                # The series ended (max_attempts, max_time); the gateway does
+                # not give up its database: a new series, after the longest delay.
+                attempts = policy.attempts(time.monotonic())
+                delay = policy.maximum
+            await asyncio.sleep(delay)
             attempt += 1
             try:
                 aps = await connect_listener(self.settings)

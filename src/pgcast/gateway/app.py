@@ -31,8 +31,9 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from .._backoff import Backoff
 from . import _metrics
-from ._client import Settings
+from ._client import GATEWAY_BACKOFF, Settings
 from ._gateway import Gateway, GatewayApp
 from ._hub import Hub
 from ._ratelimit import RateLimits
@@ -74,6 +75,7 @@ def create_app(
     auth_timeout: float = 10.0,
     rate_limits: RateLimits | None = _DEFAULT_LIMITS,
     max_clients_per_address: int | None = None,
+    reconnect_backoff: Backoff | None = None,
 ) -> GatewayApp:
     """An ASGI app pushing PostgreSQL notifications to WebSocket and SSE clients.
 
@@ -128,6 +130,11 @@ def create_app(
         address unless the server trusts its forwarded headers.
     :param auth_timeout: seconds a WebSocket client that gave no token in the
         handshake has to send ``{"type": "auth", "token": ...}`` first.
+    :param reconnect_backoff: how the lost database connection is retried (a
+        :class:`pgcast.Backoff`; default: at once, then 0.1 s growing to 5 s
+        with full jitter). The gateway never gives up its database: when a
+        series with ``max_attempts`` or ``max_time`` ends, another starts
+        after ``maximum`` seconds.
     """
     if authorizer is not None and (list(allow) or list(allow_publish)):
         raise ValueError("pass either an authorizer or allow/allow_publish globs, not both")
@@ -165,6 +172,7 @@ def create_app(
         auth_timeout=auth_timeout,
         rate_limits=rate_limits,
         max_clients_per_address=max_clients_per_address,
+        reconnect_backoff=GATEWAY_BACKOFF if reconnect_backoff is None else reconnect_backoff,
     )
     hub = Hub(settings)
     gateway = Gateway(hub)
