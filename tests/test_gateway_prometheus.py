@@ -121,3 +121,22 @@ def test_histogram_counts_in_cumulative_buckets() -> None:
     assert h.count == 4 and h.sum == pytest.approx(3.65)
     with pytest.raises(ValueError, match="at least one bucket"):
         Histogram(())
+
+
+def test_the_readme_and_the_docs_list_every_metric() -> None:
+    """No metric goes undocumented: every family /metrics serves is named
+    in the README (without its prefix) and in docs/operations.md."""
+    from pathlib import Path
+
+    from pgcast.gateway import _metrics
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    operations = (root / "docs" / "operations.md").read_text()
+    names = [f.name for f in _metrics.families(
+        _metrics.Stats(), clients={}, subscriptions=0, channels=0, database_up=True,
+        backend_pid=1, queue_usage=0.5)]
+    assert len(names) == 18
+    for name in names:
+        assert f"`{name.removeprefix('pgcast_gateway_')}" in readme, name
+        assert f"`{name}`" in operations, name
