@@ -27,7 +27,7 @@ __all__ = ["Frame", "sse_event", "ws_text_frame"]
 class Frame:
     """One frame queued for a client: JSON text, shared by every recipient."""
 
-    __slots__ = ("_sse", "_ws", "channel", "id", "is_message", "text")
+    __slots__ = ("_sse", "_ws", "channel", "id", "is_message", "received", "text")
 
     def __init__(
         self,
@@ -35,6 +35,7 @@ class Frame:
         id: str | None = None,
         is_message: bool = False,
         channel: str | None = None,
+        received: float | None = None,
     ) -> None:
         #: The JSON object, as sent in a WebSocket text frame or an SSE ``data:`` line.
         self.text = text
@@ -44,6 +45,10 @@ class Frame:
         self.is_message = is_message
         #: The channel of a ``message`` frame.
         self.channel = channel
+        #: When the notification of a ``message`` frame arrived from
+        #: PostgreSQL (``time.monotonic()``), for the delivery latency
+        #: metric; None for a replayed one.
+        self.received = received
         self._ws: bytes | None = None
         self._sse: bytes | None = None
 

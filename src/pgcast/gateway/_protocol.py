@@ -403,14 +403,17 @@ def published(channel: str, ref: Ref = None) -> Frame:
     return Frame(_dump(_with_ref({"type": "published", "channel": channel}, ref)))
 
 
-def message(channel: str, payload: str, pid: int, event_id: object = None) -> Frame:
-    """One notification, encoded once and shared by every subscriber."""
+def message(
+    channel: str, payload: str, pid: int, event_id: object = None, received: float | None = None
+) -> Frame:
+    """One notification, encoded once and shared by every subscriber;
+    *received*: when it arrived (see :attr:`Frame.received`)."""
     obj: dict[str, Any] = {"type": "message", "channel": channel, "payload": payload, "pid": pid}
     sid = None
     if event_id is not None:
         obj["id"] = event_id
         sid = str(event_id)
-    return Frame(_dump(obj), sid, True, channel)
+    return Frame(_dump(obj), sid, True, channel, received)
 
 
 def error(text: str, ref: Ref = None) -> Frame:

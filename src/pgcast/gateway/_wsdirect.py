@@ -180,7 +180,7 @@ class DirectProtocol(WebSocketsSansIOProtocol):
             return
         self._raw.write(frame.ws)
         if frame.is_message:
-            self._stats.messages_out += 1
+            self._stats.delivered_one(frame)
 
     def dropped(self, count: int) -> None:
         """Write a ``dropped`` notice for *count* frames."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -250,7 +251,6 @@ class SSEEndpoint:
                     f"its queue holds {outbox.maxsize} (the oldest go first)",
                     count=dropped,
                 ).text))
-            sent = 0
             chunks = [part.encode() for part in parts]
             for frame in frames:
                 if frame.id is not None and frame.channel is not None:
@@ -259,9 +259,8 @@ class SSEEndpoint:
                     positions[frame.channel] = int(frame.id)
                     chunks.append(f"id: {_protocol.sse_position(positions)}\n".encode())
                 chunks.append(frame.sse_data)
-                sent += frame.is_message
             await write(b"".join(chunks))
-            stats.messages_out += sent
+            stats.delivered(frames, time.monotonic())
 
 
 def _status(exc: AccessDenied) -> int:

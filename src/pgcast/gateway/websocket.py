@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from typing import Any
 
@@ -319,11 +320,9 @@ async def _send(hub: Hub, send: Send, client: Client) -> None:
             if dropped:
                 stats.dropped += dropped
                 await send({"type": "websocket.send", "text": _dropped_notice(dropped, limit)})
-            sent = 0
             for frame in frames:
                 await send({"type": "websocket.send", "text": frame.text})
-                sent += frame.is_message
-            stats.messages_out += sent
+            stats.delivered(frames, time.monotonic())
     except (WebSocketDisconnect, OSError, RuntimeError):
         return  # the client went away; the session ends
 
