@@ -89,13 +89,14 @@ class Stats:
     """Seconds from a notification's arrival from PostgreSQL to its frame
     handed to a client's transport, once per client it was sent to."""
 
-    def delivered_one(self, frame: Frame) -> None:
-        """Count *frame*, just written to one client's socket (the direct
-        path, see :mod:`._wsdirect`), and its latency."""
+    def written(self, frame: Frame, count: int = 1) -> None:
+        """Count *frame*, just written to *count* clients' sockets (the
+        direct path, see :mod:`._wsdirect`), and its latency (one clock
+        reading for all of them, taken after the last)."""
         if frame.is_message:
-            self.messages_out += 1
+            self.messages_out += count
             if frame.received is not None:
-                self.latency.observe(max(0.0, time.monotonic() - frame.received))
+                self.latency.observe(max(0.0, time.monotonic() - frame.received), count)
 
     def delivered(self, frames: Iterable[Frame], now: float) -> None:
         """Count the message frames among *frames*, just handed to one

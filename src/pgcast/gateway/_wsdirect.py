@@ -77,6 +77,9 @@ class DirectProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, plus :data:`EXTENSION`."""
 
     _outbox: Outbox | None = None
+    #: The Wire's flag: the socket takes more (under its high-water mark, no
+    #: close sent, not lost); kept up to date by every method that changes it.
+    open = False
     #: Set by hand_over(): each client message, and the end of the connection.
     _on_message: Callable[[str | bytes], None] | None = None
     _on_lost: Callable[[], None] | None = None
@@ -101,6 +104,8 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         self._stats = stats
         self._notice = dropped_notice
         self._raw = getattr(self.transport, "transport", self.transport)
+        self.write_bytes = self._raw.write  # type: ignore[method-assign]  # one call less
+        self.open = self.ready()
         outbox.attach(self)
 
     def hand_over(
@@ -151,7 +156,20 @@ class DirectProtocol(WebSocketsSansIOProtocol):
             return
         on_message(text)
 
+    def handle_close(self, event: Any) -> None:
+        self.open = False  # the peer closes: what follows is the close reply
+        super().handle_close(event)
+
+    def keepalive_timeout(self) -> None:
+        self.open = False
+        super().keepalive_timeout()
+
+    def handle_parser_exception(self) -> None:
+        self.open = False
+        super().handle_parser_exception()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
         super().connection_lost(exc)
         on_lost = self._on_lost
         if on_lost is not None:
@@ -172,15 +190,19 @@ class DirectProtocol(WebSocketsSansIOProtocol):
 
     def ready(self) -> bool:
         """Whether the socket takes more: under its high-water mark and open."""
-        return self.writable.is_set() and not self.close_sent
+        return self.writable.is_set() and not self.close_sent and not self.disconnected
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write *data* to the socket (replaced by the transport's own
+        ``write`` in :meth:`attach`)."""
+        self._raw.write(data)
 
     def write(self, frame: Frame) -> None:
         """Write *frame*'s shared bytes (nothing once the close is sent)."""
         if self.close_sent or self.disconnected:
             return
         self._raw.write(frame.ws)
-        if frame.is_message:
-            self._stats.delivered_one(frame)
+        self._stats.written(frame)
 
     def dropped(self, count: int) -> None:
         """Write a ``dropped`` notice for *count* frames."""
@@ -189,8 +211,13 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         if self._notice is not None and outbox is not None:
             self.write(Frame(self._notice(count, outbox.maxsize)))
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.open = False
+
     def resume_writing(self) -> None:
         super().resume_writing()
+        self.open = self.ready()
         outbox = self._outbox
         if outbox is not None and len(outbox):
             outbox.drain()
@@ -202,6 +229,7 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         ``receive()`` then returns ``websocket.disconnect``."""
         if self.close_sent or self.disconnected or self.transport.is_closing():
             return
+        self.open = False
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
         # A close reason is at most 123 bytes of UTF-8.
         reason = reason.encode()[:123].decode(errors="ignore")
