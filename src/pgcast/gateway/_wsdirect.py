@@ -73,6 +73,26 @@ class _NoQueue:
 _NO_QUEUE = _NoQueue()
 
 
+class _Flag:
+    """Stands for uvicorn's ``writable`` event once the connection is handed
+    over: only ``set``/``clear``/``is_set`` are used then (nothing awaits
+    it), and an :class:`asyncio.Event` costs a queue of waiters per client."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self, value: bool) -> None:
+        self._set = value
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class DirectProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, plus :data:`EXTENSION`."""
 
@@ -117,6 +137,13 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         self._on_message = on_message
         self._on_lost = on_lost
         self.queue = _NO_QUEUE  # type: ignore[assignment]
+        self.writable = _Flag(self.writable.is_set())  # type: ignore[assignment]
+        # The handshake's request stays referenced by websockets' parser for
+        # the life of the connection; its headers (a copy is in the scope)
+        # are not needed any more.
+        request = getattr(self, "request", None)
+        if request is not None:
+            request.headers.clear()
         self.request = self.response = None  # type: ignore[assignment]
         if self.disconnected:  # it went while the app was admitting it
             on_lost()
