@@ -159,6 +159,9 @@ class Target:
     goal: bool = False  # a goal, not a target
 
 
+#: The gateway benchmark's floor (benchmarks/_fanout_servers.py).
+_FLOOR = "raw floor (one frame, transport.write to all)"
+
 TARGETS = [
     Target("receive sync >= 1.0x psycopg 3", "receive", "pgcast sync events()", "rate",
            "raw psycopg 3 notifies()", ">=", 1.0),
@@ -194,6 +197,25 @@ TARGETS = [
            "RSS growth", None, "<", 5.0),
     Target("listener RSS growth < 5 MiB (callbacks)", "memory",
            "pgcast sync callbacks (run_in_thread)", "RSS growth", None, "<", 5.0),
+    # Issue 10: the gateway's fan-out, against the floor and broadcaster of the same run.
+    Target("gateway 5,000 clients: p50 <= 1.3x the raw floor", "gateway",
+           "pgcast serve (5,000 clients)", "p50 NOTIFY to last client",
+           f"{_FLOOR} (5,000 clients)", "<=", 1.3),
+    Target("gateway 5,000 clients: p99 <= 1.5x the raw floor", "gateway",
+           "pgcast serve (5,000 clients)", "p99 NOTIFY to last client",
+           f"{_FLOOR} (5,000 clients)", "<=", 1.5),
+    Target("gateway 5,000 clients: p99 <= 0.25x broadcaster", "gateway",
+           "pgcast serve (5,000 clients)", "p99 NOTIFY to last client",
+           "encode/broadcaster (postgres) (5,000 clients)", "<=", 0.25),
+    Target("gateway saturation >= 0.7x the raw floor (5,000 clients)", "gateway",
+           "pgcast serve (5,000 clients)", "saturation throughput",
+           f"{_FLOOR} (5,000 clients)", ">=", 0.7),
+    Target("gateway memory per idle client <= 12 KiB (19,000 clients, one process)",
+           "gateway", "pgcast serve (19,000 clients)", "memory per idle client", None, "<=",
+           12.0),
+    Target("gateway --workers 2 saturation gain >= 1.5x (goal)", "gateway",
+           "pgcast serve --workers 2 (5,000 clients)", "saturation throughput",
+           "pgcast serve (5,000 clients)", ">=", 1.5, goal=True),
 ]  # fmt: skip
 
 def _ratio_of(rows: Sequence[Row], benchmark: str, a: str, b: str, metric: str) -> str:
@@ -465,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dsn", help="benchmark this server instead of an embedded one")
     parser.add_argument("--write", action="store_true",
                         help="write RESULTS.md, results.json and chart.png even for a "
-                        "smoke or partial run")  # fmt: skip
+                        "smoke or partial run (a partial run keeps the other benchmarks' "
+                        "rows of results.json)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="write no files")
     parser.add_argument("--report", action="store_true",
                         help="rebuild RESULTS.md and chart.png from results.json")  # fmt: skip
@@ -485,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = environment(dsn, how)
         for name in names:
             rows.extend(run_module(name, dsn, args.smoke))
+    if args.only and args.write and not args.smoke and RESULTS_JSON.exists():
+        # A partial run replaces its benchmarks' rows and keeps the others.
+        ran = {r["benchmark"] for r in rows}
+        saved = json.loads(RESULTS_JSON.read_text())
+        rows = [r for r in saved["rows"] if r["benchmark"] not in ran] + rows
     text = report(rows, env, args.smoke)
     print(text)
     write = (args.write or not (args.smoke or args.only)) and not args.no_write
