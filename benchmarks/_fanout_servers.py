@@ -14,6 +14,9 @@ design can use it (uvicorn picks it by itself).
   per client, and its ``broadcast()``.
 * ``pgcast``: :func:`pgcast.gateway.create_app` under ``pgcast serve``'s
   server (:mod:`pgcast.gateway._serve`), one worker.
+* ``pgcast-asgi``: the same app on uvicorn's own WebSocket protocol: the
+  generic ASGI path an application that mounts the gateway in another server
+  gets (a sender task per client, an ASGI ``send`` per frame).
 * ``broadcaster``: encode/broadcaster with its asyncpg Postgres backend, one
   ``subscribe()`` per WebSocket, as its README shows.
 * ``perconn``: a database connection per client (the seed's design).
@@ -160,7 +163,7 @@ async def websockets_server(port: int, dsn: str) -> None:
 
 
 def asgi_app(design: str, dsn: str) -> Any:
-    if design == "pgcast":
+    if design in ("pgcast", "pgcast-asgi"):
         from pgcast.gateway import create_app
 
         return create_app(dsn, allow=[CHANNEL], max_clients=100_000, queue_size=1000)
@@ -253,8 +256,9 @@ def serve(design: str, port: int, dsn: str) -> None:
         return
     from pgcast.gateway._serve import GatewayServer, config
 
+    extra = {"ws": "websockets-sansio"} if design == "pgcast-asgi" else {}
     server = GatewayServer(config(asgi_app(design, dsn), "127.0.0.1", port, log_level="error",
-                                  backlog=4096, timeout_graceful_shutdown=5))
+                                  backlog=4096, timeout_graceful_shutdown=5, **extra))
     server.run()
 
 

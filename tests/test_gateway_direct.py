@@ -127,3 +127,45 @@ def test_the_bytes_on_the_wire_are_built_once_per_notification() -> None:
     assert frame.sse_data is frame.sse_data
     assert frame.sse_data == _protocol.sse_event(frame.text).encode()
     assert _protocol.sse_event("a\nb", "3") == "id: 3\ndata: a\ndata: b\n\n"
+
+
+def test_requests_sent_at_once_are_answered_in_order_and_a_leaving_client_is_forgotten(
+    gateway: Callable[..., Gateway],  # noqa: F811
+    conn: psycopg.Connection[Any],
+    unique_channel: str,
+) -> None:
+    """A handed-over client has no task of its own: requests sent without
+    waiting are carried out one at a time, in order (a subscribe that waits
+    for LISTEN delays the pings behind it); when it leaves, it is detached
+    and its channel UNLISTENed."""
+    gw = gateway()
+    other = unique_channel + "_b"
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            frames = [
+                {"type": "subscribe", "channels": [unique_channel], "ref": 1},
+                {"type": "ping", "ref": 2},
+                {"type": "subscribe", "channels": [other], "ref": 3},
+                {"type": "not a type", "ref": 4},
+                {"type": "unsubscribe", "channels": [other], "ref": 5},
+                {"type": "ping", "ref": 6},
+            ]
+            for f in frames:
+                await ws.send(json.dumps(f))
+            replies = [await recv(ws) for _ in frames]
+            assert [r.get("ref") for r in replies] == [1, 2, 3, 4, 5, 6]
+            assert [r["type"] for r in replies] == [
+                "subscribed", "pong", "subscribed", "error", "unsubscribed", "pong"]
+            [client] = gw.hub._clients.values()
+            assert client.outbox.wire is not None  # handed over, no sender task
+            await asyncio.to_thread(conn.execute, f"NOTIFY {unique_channel}, 'x'")
+            assert (await recv(ws))["payload"] == "x"
+        await asyncio.to_thread(
+            gw.wait_metric, 'pgcast_gateway_clients{transport="websocket"}', lambda v: v == 0)
+        deadline = time.monotonic() + TIMEOUT
+        while unique_channel in gw.hub.listening():
+            assert time.monotonic() < deadline, "the channel was never UNLISTENed"
+            await asyncio.sleep(0.02)
+
+    run(main())
