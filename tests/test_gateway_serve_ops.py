@@ -59,15 +59,21 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 @contextmanager
 def serve(dsn: str, *args: str, scheme: str = "http", allow: str | None = "ops_*",
-          verify: ssl.SSLContext | bool = True) -> Iterator[tuple[int, list[str]]]:
+          verify: ssl.SSLContext | bool = True,
+          nofile: tuple[int, int] | None = None) -> Iterator[tuple[int, list[str]]]:
     """A ``pgcast serve`` process; yields its port and, once it stopped
-    (SIGTERM, then SIGKILL after 30 s), its output (its exit code: ``_CODES``)."""
+    (SIGTERM, then SIGKILL after 30 s), its output (its exit code: ``_CODES``).
+    *nofile*: the (soft, hard) open-file limit it starts with."""
     port = free_port()
     allowed = ["--allow", allow] if allow else []
+    command = [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, "--port", str(port),
+               *allowed, *args]
+    if nofile is not None:  # set in a first interpreter that then becomes pgcast serve
+        command = [sys.executable, "-c",
+                   "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                   f"{nofile!r}); os.execv(sys.executable, sys.argv[1:])", *command]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pgcast.cli", "serve", "--dsn", dsn, "--port", str(port),
-         *allowed, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     output: list[str] = []
@@ -185,3 +191,24 @@ def test_workers_share_the_port_and_each_listens(dsn: str) -> None:
 
         run(main())
     assert "2 workers" in output[0]
+
+
+def test_serve_raises_the_descriptor_limit_and_says_when_it_allows_fewer_clients(
+    dsn: str,
+) -> None:
+    """Issue 10: each client is a socket. pgcast serve raises the soft
+    open-file limit to the hard one, and names the limit when it allows fewer
+    clients than --max-clients (default 50,000)."""
+    low_soft, low_hard = (256, 4096), (256, 256)
+    with serve(dsn, nofile=low_soft) as (_port, output):
+        pass
+    text = "".join(output)
+    # Raised from 256 to 4096, which is still under 50,000: said, with the limit.
+    assert "the open-file limit is 4096" in text and "--max-clients 50000" in text, text
+    with serve(dsn, "--max-clients", "1000", nofile=low_hard) as (_port, output):
+        pass
+    text = "".join(output)
+    assert "the open-file limit is 256" in text and "--max-clients 1000" in text, text
+    with serve(dsn, "--max-clients", "100", nofile=low_soft) as (_port, output):
+        pass
+    assert "open-file limit" not in "".join(output)  # 4096 is enough for 100

@@ -51,8 +51,10 @@ def register(subparsers: Any) -> None:
                    help="a Host header value requests may carry (no port; *.example.com "
                    "for subdomains; * for any; repeatable). Stops DNS rebinding. Default: "
                    "the loopback names when --host is a loopback address, else any")
-    p.add_argument("--max-clients", type=int, default=10_000, metavar="N",
-                   help="clients connected at once (default 10000)")
+    p.add_argument("--max-clients", type=int, default=50_000, metavar="N",
+                   help="clients connected at once, per worker (default 50000; the "
+                   "process's descriptor limit is raised to its hard limit, and a note "
+                   "says when that allows fewer)")
     p.add_argument("--queue-size", type=int, default=1000, metavar="N",
                    help="messages queued per client before --overflow applies (default 1000)")
     p.add_argument("--overflow", choices=("disconnect", "drop-oldest"), default="disconnect",
@@ -173,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     dsn = resolve_dsn(args)
     _check_database(dsn)
+    _raise_descriptor_limit(args.max_clients)
     if args.workers > 1:
         _bind(args.host, args.port).close()  # a busy port: one line, before any worker
         return run_workers(args.argv, args.workers, dsn)
@@ -197,6 +200,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"(WebSocket /ws, SSE /sse, /healthz, /metrics, the browser client /pgcast.js)",
           file=sys.stderr, flush=True)
     return _run(app, sock, **options)
+
+
+#: Descriptors a gateway process needs besides one per client (its
+#: listening socket, database connections, log files, the interpreter's own).
+_SPARE_DESCRIPTORS = 64
+
+
+def _raise_descriptor_limit(max_clients: int) -> None:
+    """Raise the soft limit on open files to the hard one (each client is a
+    socket); say so when even that allows fewer clients than *max_clients*."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft - _SPARE_DESCRIPTORS < max_clients:
+        print(f"pgcast serve: note: the open-file limit is {soft}, so each process holds "
+              f"at most about {max(0, soft - _SPARE_DESCRIPTORS)} clients, fewer than "
+              f"--max-clients {max_clients}; raise it (ulimit -n, systemd LimitNOFILE=) or "
+              "run several --workers", file=sys.stderr)
 
 
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:
