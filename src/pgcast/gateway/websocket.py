@@ -1,6 +1,13 @@
 """The WebSocket transport: ``/ws``, JSON text frames both ways.
 
-One connection runs two tasks: the *receiver* parses each client frame
+Under ``pgcast serve`` (uvicorn with :class:`._wsdirect.DirectProtocol`) an
+admitted client is handed over to its protocol: frames are written straight
+to its socket, its requests are carried out one at a time by a task that
+exists only while there are some (:class:`_Requests`), and a close is written
+by the callback that decides it. Anywhere else (the app mounted in another
+ASGI server) it takes the generic path below.
+
+On the generic path one connection runs two tasks: the *receiver* parses each client frame
 (:func:`pgcast.gateway._protocol.parse_frame`) and carries it out through the
 hub, one at a time and in order; the *sender* drains the client's bounded
 queue into the socket. When the gateway drops the client (a full queue under
@@ -16,6 +23,7 @@ is blocked and the socket is closed with a code and a reason:
 4029 it kept exceeding its rate limits (see :mod:`._ratelimit`)
 4003 it did not authenticate: no token in the handshake and its first
      frame was not an accepted ``auth`` (or none came within ``auth_timeout``)
+1011 a request failed in the gateway itself (logged with its traceback)
 ==== ===============================================================
 
 A close that cannot be sent within ``close_timeout`` (the client stopped
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -44,6 +53,11 @@ from ._wsdirect import EXTENSION, DirectProtocol
 from .auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL, Access, client_token, origin_allowed
 
 __all__ = ["WebSocketEndpoint"]
+
+logger = logging.getLogger("pgcast.gateway")
+
+#: The close code of a request that failed in the gateway itself.
+CLOSE_INTERNAL_ERROR = 1011
 
 
 class WebSocketEndpoint:
@@ -199,6 +213,10 @@ class _Requests:
             await _carry_out(self.hub, self.client, data)
             while self.pending:
                 await _carry_out(self.hub, self.client, self.pending.popleft())
+        except Exception:
+            # As the ASGI path, where it would end the session: never silently.
+            logger.exception("pgcast gateway: a client's request failed; closing it")
+            self.client.kick(CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             self.task = None
             self.pending = None
