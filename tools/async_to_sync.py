@@ -55,6 +55,7 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_aio_pubsub.py", "tests/test_pubsub.py"),
     ("tests/test_aio_worker_loop.py", "tests/test_worker_loop.py"),
     ("tests/test_aio_durable.py", "tests/test_durable.py"),
+    ("tests/test_aio_reconnect.py", "tests/test_reconnect.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -89,6 +90,7 @@ NAMES: dict[str, str] = {
     "astart": "start_thread",
     "ajoin": "join_thread",
     "apause": "pause",
+    "auntil": "until",  # tests/_faults.py
     # modules
     "_flavour_async": "_flavour",
     "_pubsub_async": "_pubsub",
