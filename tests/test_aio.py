@@ -20,7 +20,6 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
 
 import _hba
 import pgcast
@@ -31,13 +30,6 @@ from pgcast.embedded import EmbeddedServer
 Conn = psycopg.Connection[tuple[Any, ...]]
 password_role = _hba.password_role  # a fixture, shared by test_client/test_aio
 IMMEDIATE = 0.05
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def server_channels(aps: pgcast.AsyncPubSub) -> set[str]:
@@ -63,78 +55,7 @@ async def payloads_until(aps: pgcast.AsyncPubSub, sentinel: str = "end") -> list
     return [e.payload for e in await acollect_until(aps, sentinel)]
 
 
-def connect_kwargs(dsn: str) -> dict[str, Any]:
-    """*dsn* as the keyword arguments of psycopg.connect."""
-    return dict(conninfo_to_dict(dsn))
-
-
 # -- connect ---------------------------------------------------------------------
-
-
-def test_connect_with_a_dsn_and_async_with(dsn: str) -> None:
-    async def main() -> None:
-        aps = await pgcast.aio.connect(dsn)
-        assert isinstance(aps, pgcast.AsyncPubSub)
-        async with aps:
-            cur = await aps.connection.execute("SELECT pg_backend_pid()")
-            assert await cur.fetchone() == (aps.backend_pid,)
-            assert aps.connection.autocommit and not aps.closed
-        assert aps.closed and aps.connection.closed
-        await aps.close()  # idempotent
-        assert "closed" in repr(aps)
-
-    arun(main())
-
-
-def test_connect_with_keyword_args(dsn: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(**connect_kwargs(dsn)) as aps:
-            await aps.listen("kw")
-            await aps.notify("kw", "by keywords")
-            assert (await acollect(aps, 1))[0].payload == "by keywords"
-
-    arun(main())
-
-
-def test_connect_with_no_args_uses_database_url_then_pg_variables(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect() as aps:
-            assert aps.backend_pid > 0
-
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    monkeypatch.setenv("PGPORT", str(closed_port()))
-    arun(main())
-    monkeypatch.delenv("DATABASE_URL")
-    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER",
-             "dbname": "PGDATABASE", "password": "PGPASSWORD"}
-    for key, value in conninfo_to_dict(dsn).items():
-        if key in names:
-            monkeypatch.setenv(names[key], str(value))
-    arun(main())
-
-
-@pytest.mark.parametrize(
-    ("make_kwargs", "message"),
-    [
-        (lambda dsn: {"conninfo": "nonsense dsn"}, 'missing "=" after "nonsense"'),
-        (lambda dsn: {"conninfo": f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres"},
-         "Connection refused"),
-        (lambda dsn: {**connect_kwargs(dsn), "dbname": "pgcast_no_such_db"},
-         'database "pgcast_no_such_db" does not exist'),
-    ],
-    ids=["malformed", "server-gone", "no-such-database"],
-)
-def test_connect_errors(
-    dsn: str, make_kwargs: Callable[[str], dict[str, Any]], message: str
-) -> None:
-    async def main() -> None:
-        with pytest.raises(pgcast.ConnectError, match=message) as info:
-            await pgcast.aio.connect(**make_kwargs(dsn))
-        assert isinstance(info.value.__cause__, psycopg.Error)
-
-    arun(main(), timeout=20)
 
 
 def test_server_that_never_answers_times_out() -> None:
@@ -151,24 +72,6 @@ def test_server_that_never_answers_times_out() -> None:
 
 
 # -- subscriptions and notify ---------------------------------------------------------
-
-
-def test_listen_unlisten_listening_channels(dsn: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen("orders", "Prices")
-            await aps.listen("third", "orders")
-            expected = {"orders", "Prices", "third"}
-            assert aps.listening_channels() == frozenset(expected)
-            assert await server_channels(aps) == expected
-            await aps.unlisten("orders")
-            assert aps.listening_channels() == {"Prices", "third"}
-            assert await server_channels(aps) == {"Prices", "third"}
-            await aps.unlisten()
-            assert aps.listening_channels() == frozenset()
-            assert await server_channels(aps) == set()
-
-    arun(main())
 
 
 def test_notify_payloads(dsn: str, unique_channel: str) -> None:
@@ -209,40 +112,6 @@ def test_get_event_never_blocks(dsn: str, conn: Conn, unique_channel: str) -> No
                     await asyncio.sleep(0.01)
             assert isinstance(got, pgcast.Event) and got.payload == "1"
             assert await aps.get_event() is None
-
-    arun(main())
-
-
-def test_events_yield_timeouts_and_wait(dsn: str, conn: Conn, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            values: list[object] = []
-            start = time.monotonic()
-            async for value in aps.events(select_timeout=0.1, yield_timeouts=True):
-                values.append(value)
-                if len(values) == 3:
-                    break
-            assert values == [None, None, None]
-            assert 0.25 < time.monotonic() - start < 5
-
-            start = time.monotonic()
-            assert [x async for x in aps.wait(0)] == []
-            assert time.monotonic() - start < IMMEDIATE
-
-            pgcast.notify(conn, unique_channel, "x")
-            values = []
-            async for value in aps.wait(timeout=0.1):
-                values.append(value)
-                if len(values) == 3:
-                    break
-            assert isinstance(values[0], pgcast.Event) and values[0].payload == "x"
-            assert values[1:] == [None, None]
-
-            with pytest.raises(ValueError):
-                aps.events(select_timeout=0)
-            with pytest.raises(ValueError):
-                aps.wait(timeout=-1)
 
     arun(main())
 
@@ -352,22 +221,6 @@ def test_using_a_closed_async_pubsub_raises_closed_error(dsn: str) -> None:
     arun(main())
 
 
-def test_closing_ends_iteration_in_another_task(dsn: str) -> None:
-    async def main() -> None:
-        aps = await pgcast.aio.connect(dsn)
-        await aps.listen("x")
-
-        async def iterate() -> list[object]:
-            return [x async for x in aps.events(select_timeout=30)]
-
-        task = asyncio.create_task(iterate())
-        await asyncio.sleep(0.1)
-        await aps.close()
-        assert await asyncio.wait_for(task, 5) == []
-
-    arun(main())
-
-
 def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
     # select_timeout=30: only a wake-up on the socket can deliver promptly.
     rounds = 50
@@ -402,33 +255,6 @@ def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
 
     latencies = arun(main())
     assert statistics.median(latencies) < 0.020, sorted(latencies)
-
-
-def test_other_tasks_notify_while_one_iterates(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            got: list[pgcast.Event] = []
-
-            async def iterate() -> None:
-                async for event in aps.events(select_timeout=30, yield_timeouts=True):
-                    assert isinstance(event, pgcast.Event), "no event within 30 s"
-                    got.append(event)
-                    if len(got) == 50:
-                        return
-
-            task = asyncio.create_task(iterate())
-            await asyncio.sleep(0.05)  # the iterating task is waiting now
-            start = time.monotonic()
-            for i in range(50):
-                await aps.notify(unique_channel, str(i))
-            elapsed = time.monotonic() - start
-            await asyncio.wait_for(task, 10)
-            assert elapsed < 1.0  # not one select_timeout per notify
-            assert [e.payload for e in got] == [str(i) for i in range(50)]
-            assert {e.pid for e in got} == {aps.backend_pid}
-
-    arun(main())
 
 
 # -- names and payloads -------------------------------------------------------------------
@@ -500,52 +326,7 @@ def test_invalid_names_raise_before_anything_is_sent(
     arun(main())
 
 
-def test_payload_limits(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps, await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True
-        ) as app:
-            await aps.listen(unique_channel)
-            with pytest.raises(pgcast.PayloadTooLargeError, match="8000 bytes") as info:
-                await pgcast.aio.notify(app, unique_channel, "é" * 4000)
-            assert (info.value.size, info.value.limit) == (8000, 8000)
-            with pytest.raises(pgcast.PayloadTooLargeError, match="100000 bytes"):
-                await pgcast.aio.notify(app, unique_channel, "a" * 100_000)
-            with pytest.raises(pgcast.PayloadError, match="NUL"):
-                await pgcast.aio.notify(app, unique_channel, "a\x00")
-            with pytest.raises(pgcast.PayloadError, match="NUL"):
-                await aps.notify(unique_channel, "a\x00")
-            with pytest.raises(pgcast.PayloadError, match="NUL"):
-                await aps.notify_many([(unique_channel, "ok"), (unique_channel, "a\x00")])
-            await pgcast.aio.notify(app, unique_channel, "é" * 3999 + "a")  # 7999 bytes
-            await aps.notify(unique_channel, "end")
-            assert await payloads_until(aps) == ["é" * 3999 + "a", "end"]
-
-    arun(main())
-
-
 # -- transactions and the seeds' semantics ---------------------------------------------------
-
-
-def test_transaction_commit_and_rollback(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps, await pgcast.aio.connect(
-            dsn
-        ) as listener:
-            await listener.listen(unique_channel)
-            async with aps.transaction():
-                await aps.notify(unique_channel, "at commit")
-                await aps.notify(unique_channel, "at commit")  # identical: once
-                await asyncio.sleep(0.05)
-                assert await listener.get_event() is None
-            with pytest.raises(ZeroDivisionError):
-                async with aps.transaction():
-                    await aps.notify(unique_channel, "rolled back")
-                    1 / 0  # noqa: B018
-            await aps.notify(unique_channel, "end")
-            assert await payloads_until(listener) == ["at commit", "end"]
-
-    arun(main())
 
 
 def test_application_transaction_freshports_pattern(dsn: str, unique_channel: str) -> None:
@@ -578,39 +359,6 @@ def test_application_transaction_freshports_pattern(dsn: str, unique_channel: st
     arun(main())
 
 
-def test_order_dedup_before_listen_and_after_unlisten(
-    dsn: str, conn: Conn, unique_channel: str
-) -> None:
-    other = unique_channel + "_other"
-
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            pgcast.notify(conn, unique_channel, "before listen")
-            await aps.listen(unique_channel, other)
-            for i in range(1000):
-                pgcast.notify(conn, unique_channel, str(i))
-            got = await acollect(aps, 1000, timeout=30)
-            assert [int(e.payload) for e in got] == list(range(1000))
-
-            await aps.notify_many([(unique_channel, "dup")] * 3 + [(unique_channel, "end")])
-            assert await payloads_until(aps) == ["dup", "end"]
-
-            for i in range(3):
-                pgcast.notify(conn, unique_channel, f"queued {i}")
-            await asyncio.sleep(0.1)
-            first = await aps.get_event()  # reads all three, hands out one
-            assert isinstance(first, pgcast.Event) and first.payload == "queued 0"
-            pgcast.notify(conn, unique_channel, "unread")
-            await aps.unlisten(unique_channel)
-            assert await aps.get_event() is None
-            pgcast.notify(conn, unique_channel, "after")
-            pgcast.notify(conn, other, "end")
-            got = await acollect_until(aps, "end")
-            assert [(e.channel, e.payload) for e in got] == [(other, "end")]
-
-    arun(main())
-
-
 def test_psql_notify_arrives_with_psql_s_pid(dsn: str, psql: Callable[..., str]) -> None:
     async def main() -> None:
         async with await pgcast.aio.connect(dsn) as aps:
@@ -620,26 +368,6 @@ def test_psql_notify_arrives_with_psql_s_pid(dsn: str, psql: Callable[..., str])
             )
             [event] = await acollect(aps, 1)
             assert event == ("data", "green", int(out.strip()))
-
-    arun(main())
-
-
-def test_notify_many(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            messages: list[tuple[str, pgcast.Payload]] = [
-                (unique_channel, str(i)) for i in range(300)
-            ]
-            sent = await trace(aps, lambda: aps.notify_many(messages))
-            assert sent.count("ReadyForQuery") == 1
-            got = await acollect(aps, 300)
-            assert [e.payload for e in got] == [str(i) for i in range(300)]
-            with pytest.raises(pgcast.InvalidChannelError):
-                await aps.notify_many([(unique_channel, "1"), ("", "2")])
-            await aps.notify_many([])
-            await aps.notify(unique_channel, "end")
-            assert await payloads_until(aps) == ["end"]
 
     arun(main())
 

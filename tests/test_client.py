@@ -13,7 +13,6 @@ sentinel: PostgreSQL delivers one session's notifications in order.
 
 from __future__ import annotations
 
-import inspect
 import selectors
 import socket
 import statistics
@@ -27,7 +26,6 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
 
 import _hba
 import pgcast
@@ -51,19 +49,6 @@ def server_channels(conn: Conn) -> set[str]:
     """The session's LISTENs, less the health check's own probe channel."""
     rows = conn.execute("SELECT pg_listening_channels()")
     return {r[0] for r in rows if not r[0].startswith("pgcast.probe.")}
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-def connect_kwargs(dsn: str) -> dict[str, Any]:
-    """*dsn* as the keyword arguments of psycopg.connect."""
-    return dict(conninfo_to_dict(dsn))
 
 
 # -- connect -------------------------------------------------------------------
@@ -111,13 +96,6 @@ def test_wrong_password_raises_connect_error(
 
 
 # -- listen / unlisten / listening_channels ------------------------------------
-
-
-def test_listen_many_channels_costs_no_more_round_trips_than_one(ps: pgcast.PubSub) -> None:
-    one = trace(ps, lambda: ps.listen("c"))
-    many = trace(ps, lambda: ps.listen(*(f"c{i}" for i in range(50))))
-    assert many.count("ReadyForQuery") == one.count("ReadyForQuery") <= 2
-    assert len(ps.listening_channels()) == 51
 
 
 # -- notify ----------------------------------------------------------------------
@@ -266,31 +244,6 @@ def test_using_a_closed_pubsub_raises_closed_error(
         use(ps)
 
 
-def test_closing_ends_iteration_in_another_thread(dsn: str) -> None:
-    ps = pgcast.connect(dsn)
-    ps.listen("x")
-    ended = threading.Event()
-    errors: list[BaseException] = []
-
-    def iterate() -> None:
-        try:
-            for _ in ps.events(select_timeout=30):
-                pass
-        except BaseException as exc:
-            errors.append(exc)
-        ended.set()
-
-    thread = threading.Thread(target=iterate, daemon=True)
-    try:
-        thread.start()
-        time.sleep(0.1)
-    finally:
-        ps.close()
-    assert ended.wait(5), "iteration did not end when the PubSub was closed"
-    thread.join(5)
-    assert errors == []
-
-
 # -- waking on the socket ----------------------------------------------------------
 
 
@@ -325,31 +278,6 @@ def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
             ready.set()
         thread.join(10)
     assert statistics.median(latencies) < 0.020, sorted(latencies)
-
-
-def test_waiting_idle_burns_no_cpu(ps: pgcast.PubSub, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    cpu = time.process_time()
-    values = []
-    for value in ps.events(select_timeout=0.5, yield_timeouts=True):
-        values.append(value)
-        break
-    assert values == [None]
-    # A sleep-and-poll loop would spin; waiting on the socket uses no CPU.
-    assert time.process_time() - cpu < 0.1
-
-
-RECEIVING_PATH = ("get_event", "events", "wait", "_drive", "_fill", "_read")
-
-
-@pytest.mark.parametrize("cls", [pgcast.PubSub, pgcast.AsyncPubSub])
-def test_no_sleep_in_the_receiving_code(cls: type) -> None:
-    import pgcast._core
-
-    functions: list[Any] = [getattr(cls, name) for name in RECEIVING_PATH]
-    functions += [pgcast._core.plan, pgcast._core.Core.read, pgcast._core.Core.take]
-    for function in functions:
-        assert "sleep(" not in inspect.getsource(function), function.__qualname__
 
 
 # -- channel names are exact ---------------------------------------------------------
@@ -426,40 +354,6 @@ def test_invalid_names_raise_before_anything_is_sent(
 # -- payload limits ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [
-        ("a" * 8000, (pgcast.PayloadTooLargeError,
-                      "8000 bytes in UTF-8; NOTIFY payloads must be under 8000")),
-        ("é" * 4000, (pgcast.PayloadTooLargeError, "8000 bytes")),
-        ({"k": "x" * 9000}, (pgcast.PayloadTooLargeError, "9008 bytes")),
-        ("a" * 100_000, (pgcast.PayloadTooLargeError, "100000 bytes")),
-        ("nul\x00inside", (pgcast.PayloadError, "NUL")),
-    ],
-    ids=["8000-ascii", "8000-bytes-4000-chars", "json", "100k", "nul"],
-)
-def test_payload_limits_and_the_connection_stays_usable(
-    ps: pgcast.PubSub,
-    conn: Conn,
-    unique_channel: str,
-    payload: pgcast.Payload,
-    expected: tuple[type[Exception], str],
-) -> None:
-    error, message = expected
-    # pgcast.notify(conn, ...) is plain NOTIFY: the limit is NOTIFY's.
-    # (PubSub.notify accepts any size: what NOTIFY cannot carry goes through
-    # the durable log; see test_durable*. NUL it refuses, below.)
-    ps.listen(unique_channel)
-    with pytest.raises(error, match=message) as info:
-        pgcast.notify(conn, unique_channel, payload)
-    if isinstance(info.value, pgcast.PayloadTooLargeError):
-        assert info.value.limit == 8000
-    # The connection is still usable, and nothing was sent.
-    pgcast.notify(conn, unique_channel, "after")
-    pgcast.notify(conn, unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["after", "end"]
-
-
 # -- transactions ------------------------------------------------------------------------
 
 
@@ -497,29 +391,6 @@ def test_application_transaction_freshports_pattern(
 # -- the seeds' semantics ----------------------------------------------------------------
 
 
-def test_after_unlisten_nothing_more_arrives(
-    ps: pgcast.PubSub, conn: Conn, unique_channel: str
-) -> None:
-    other = unique_channel + "_other"
-    ps.listen(unique_channel, other)
-    # Already read into the inbox but not handed out:
-    for i in range(3):
-        pgcast.notify(conn, unique_channel, f"read {i}")
-    wait_readable(ps, 10)
-    time.sleep(0.05)
-    first = ps.get_event()
-    assert isinstance(first, pgcast.Event) and first.payload == "read 0"
-    # Still on the socket, unread, when unlisten is called:
-    pgcast.notify(conn, unique_channel, "unread")
-    wait_readable(ps, 10)
-    ps.unlisten(unique_channel)
-    assert ps.get_event() is None
-    pgcast.notify(conn, unique_channel, "after")
-    pgcast.notify(conn, other, "end")
-    got = collect_until(ps, "end")
-    assert [(e.channel, e.payload) for e in got] == [(other, "end")]
-
-
 def test_psql_notify_arrives_with_psql_s_pid(
     ps: pgcast.PubSub, psql: Callable[..., str]
 ) -> None:
@@ -532,14 +403,6 @@ def test_psql_notify_arrives_with_psql_s_pid(
 
 
 # -- notify_many --------------------------------------------------------------------------
-
-
-def test_notify_many_is_one_round_trip(ps: pgcast.PubSub, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    messages = trace(ps, lambda: ps.notify_many((unique_channel, str(i)) for i in range(200)))
-    assert messages.count("Sync") + messages.count("Query") == 1
-    assert messages.count("ReadyForQuery") == 1
-    assert len(collect(ps, 200)) == 200
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -557,11 +420,6 @@ def trace(ps: pgcast.PubSub, action: Callable[[], object]) -> list[str]:
             pgconn.untrace()
         f.seek(0)
         return [line.split("\t")[2] for line in f.read().splitlines() if line.count("\t") >= 2]
-
-
-def test_trace_helper_sees_messages(ps: pgcast.PubSub) -> None:
-    assert trace(ps, lambda: ps.unlisten("nothing")) == []
-    assert trace(ps, lambda: ps.notify("traced"))[-1] == "ReadyForQuery"
 
 
 @pytest.mark.parametrize("delay_ms", [0, 1, 2, 5, 10, 20, 50])

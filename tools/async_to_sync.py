@@ -56,6 +56,7 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_aio_worker_loop.py", "tests/test_worker_loop.py"),
     ("tests/test_aio_durable.py", "tests/test_durable.py"),
     ("tests/test_aio_reconnect.py", "tests/test_reconnect.py"),
+    ("tests/test_aio_wire.py", "tests/test_wire.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
