@@ -28,6 +28,7 @@ from psycopg import sql
 
 import pgcast
 import pgcast.aio
+from _durable_log import age, log_rows
 from _eventwait import ajoin, apause, arun, astart
 from pgcast.durable import install_schema
 from pgcast.durable._core import INLINE_LIMIT, ref_payload
@@ -84,22 +85,6 @@ def terminate(conn: Conn, pid: int) -> None:
 
 def ids(events: list[Any]) -> list[int]:
     return [e.id for e in events]
-
-
-def log_rows(conn: Conn, channel: str) -> list[tuple[int, str]]:
-    return [
-        (r[0], r[1])
-        for r in conn.execute(
-            "SELECT id, payload FROM pgcast.log WHERE channel = %s ORDER BY id", (channel,)
-        )
-    ]
-
-
-def age(conn: Conn, channel: str, ids_: list[int], days: int) -> None:
-    conn.execute(
-        "UPDATE pgcast.log SET created_at = now() - make_interval(days => %s) "
-        "WHERE channel = %s AND id = ANY(%s)", (days, channel, ids_),
-    )
 
 
 # -- the schema --------------------------------------------------------------------------

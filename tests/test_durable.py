@@ -1,6 +1,5 @@
 # Generated from tests/test_aio_durable.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
-# ruff: noqa: E501
 """Durable channels against PostgreSQL, the same in both flavours: written
 once for asyncio; tests/test_durable.py, the same tests for the sync flavour,
 is generated from this file by tools/async_to_sync.py (edit this one, then
@@ -31,6 +30,7 @@ from psycopg import sql
 
 import pgcast
 import pgcast.aio
+from _durable_log import age, log_rows
 from _eventwait import join_thread, pause, run_sync, start_thread
 from pgcast.durable import install_schema
 from pgcast.durable._core import INLINE_LIMIT, ref_payload
@@ -87,22 +87,6 @@ def terminate(conn: Conn, pid: int) -> None:
 
 def ids(events: list[Any]) -> list[int]:
     return [e.id for e in events]
-
-
-def log_rows(conn: Conn, channel: str) -> list[tuple[int, str]]:
-    return [
-        (r[0], r[1])
-        for r in conn.execute(
-            "SELECT id, payload FROM pgcast.log WHERE channel = %s ORDER BY id", (channel,)
-        )
-    ]
-
-
-def age(conn: Conn, channel: str, ids_: list[int], days: int) -> None:
-    conn.execute(
-        "UPDATE pgcast.log SET created_at = now() - make_interval(days => %s) WHERE channel = %s AND id = ANY(%s)",
-        (days, channel, ids_),
-    )
 
 
 # -- the schema --------------------------------------------------------------------------

@@ -14,26 +14,11 @@ import psycopg
 import pytest
 
 import pgcast
+from _durable_log import age, log_rows
 from pgcast.durable import install_schema
 from pgcast.durable._schema import LATEST_VERSION
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-def log_rows(conn: Conn, channel: str) -> list[tuple[int, str]]:
-    return [
-        (r[0], r[1])
-        for r in conn.execute(
-            "SELECT id, payload FROM pgcast.log WHERE channel = %s ORDER BY id", (channel,)
-        )
-    ]
-
-
-def age(conn: Conn, channel: str, ids_: list[int], days: int) -> None:
-    conn.execute(
-        "UPDATE pgcast.log SET created_at = now() - make_interval(days => %s) "
-        "WHERE channel = %s AND id = ANY(%s)", (days, channel, ids_),
-    )
 
 
 def pgcast_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
