@@ -3,7 +3,8 @@ for asyncio; tests/test_wire.py, the same tests for the sync flavour, is
 generated from this file by tools/async_to_sync.py (edit this one, then run
 the script).
 
-Round trips counted in libpq's protocol trace, NOTIFY's payload limits,
+Round trips counted in libpq's protocol trace, invalid channel names refused
+before anything is sent, NOTIFY's payload limits,
 what an unlisten leaves behind, closing while another task (a thread, in the
 sync flavour) iterates, notifying while one iterates, and waiting idle
 without spinning. *conn* is a plain sync psycopg connection in both
@@ -86,6 +87,45 @@ def test_notify_many_is_one_round_trip(dsn: str, unique_channel: str) -> None:
             got = await acollect(ps, 200)
             assert [e.payload for e in got] == [str(i) for i in range(200)]
             assert await trace(ps, lambda: ps.notify_many([])) == []  # nothing to send
+
+    arun(body())
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a" * 64, "チャンネル" * 4 + "名前", "nul\x00name"],
+    ids=["empty", "64-ascii", "22-chars-66-bytes", "nul"],
+)
+def test_invalid_names_raise_before_anything_is_sent(
+    dsn: str, name: str, unique_channel: str
+) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps, \
+                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as app:
+            await ps.listen(unique_channel)
+            calls: list[Callable[[], Awaitable[object]]] = [
+                lambda: ps.listen("fine", name),
+                lambda: ps.unlisten(unique_channel, name),
+                lambda: ps.notify(name, "p"),
+                lambda: ps.notify_many([(unique_channel, "no"), (name, "p")]),
+                lambda: ps.subscribe(name, print),
+                lambda: ps.unsubscribe(name),
+                lambda: pgcast.aio.notify(app, name, "p"),
+            ]
+
+            async def attempt_all() -> None:
+                for call in calls:
+                    with pytest.raises(ValueError) as info:
+                        await call()
+                    assert isinstance(info.value, pgcast.InvalidChannelError)
+
+            assert await trace(ps, attempt_all) == [], "something was sent"
+            # The valid names in the same calls took no effect either.
+            assert ps.listening_channels() == {unique_channel}
+            cur = await ps.connection.execute("SELECT pg_listening_channels()")
+            listening = {r[0] for r in await cur.fetchall()}
+            assert {c for c in listening if not c.startswith("pgcast.probe.")} == {unique_channel}
+            await ps.notify(unique_channel, "end")
+            assert [e.payload for e in await acollect_until(ps, "end")] == ["end"]
 
     arun(body())
 
