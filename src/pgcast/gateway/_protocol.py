@@ -39,6 +39,7 @@ from urllib.parse import parse_qsl
 from .._channels import check_channels
 from .._errors import InvalidChannelError, PayloadError, ProtocolError
 from .._payload import encode_payload
+from ._frame import Frame, sse_event
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -125,22 +126,6 @@ Command: TypeAlias = "Subscribe | Unsubscribe | Publish | Ping | Auth"
 
 #: The longest token an ``auth`` frame may carry, in characters.
 MAX_TOKEN_CHARS = 8192
-
-
-class Frame(NamedTuple):
-    """One frame queued for a client: JSON text, shared by every recipient."""
-
-    text: str
-    """The JSON object, as sent in a WebSocket text frame or an SSE ``data:`` line."""
-
-    id: str | None = None
-    """The durable event id (the SSE ``id:`` line), if the event has one."""
-
-    is_message: bool = False
-    """Whether this is a ``message`` frame (counted as a message out)."""
-
-    channel: str | None = None
-    """The channel of a ``message`` frame."""
 
 
 def query_utf8_error(query: bytes) -> str | None:
@@ -418,14 +403,17 @@ def published(channel: str, ref: Ref = None) -> Frame:
     return Frame(_dump(_with_ref({"type": "published", "channel": channel}, ref)))
 
 
-def message(channel: str, payload: str, pid: int, event_id: object = None) -> Frame:
-    """One notification, encoded once and shared by every subscriber."""
+def message(
+    channel: str, payload: str, pid: int, event_id: object = None, received: float | None = None
+) -> Frame:
+    """One notification, encoded once and shared by every subscriber;
+    *received*: when it arrived (see :attr:`Frame.received`)."""
     obj: dict[str, Any] = {"type": "message", "channel": channel, "payload": payload, "pid": pid}
     sid = None
     if event_id is not None:
         obj["id"] = event_id
         sid = str(event_id)
-    return Frame(_dump(obj), sid, True, channel)
+    return Frame(_dump(obj), sid, True, channel, received)
 
 
 def error(text: str, ref: Ref = None) -> Frame:
@@ -454,26 +442,6 @@ def pong(ref: Ref = None) -> Frame:
 
 
 # -- Server-Sent Events ------------------------------------------------------
-
-
-def sse_event(data: str, event_id: str | None = None, retry_ms: int | None = None) -> str:
-    """One SSE event: optional ``id:`` and ``retry:`` lines, then *data*.
-
-    Each line of *data* gets its own ``data:`` field, so a newline in it
-    cannot end the event early; CR and LF in an id are refused, since they
-    would split the ``id:`` line.
-    """
-    parts = []
-    if event_id is not None:
-        if "\n" in event_id or "\r" in event_id or "\x00" in event_id:
-            raise ValueError(f"SSE event id must not contain CR, LF or NUL: {event_id!r}")
-        parts.append(f"id: {event_id}\n")
-    if retry_ms is not None:
-        parts.append(f"retry: {int(retry_ms)}\n")
-    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        parts.append(f"data: {line}\n")
-    parts.append("\n")
-    return "".join(parts)
 
 
 def sse_position(positions: dict[str, int]) -> str:
