@@ -13,7 +13,6 @@ flavours: the "other session" that sends.
 
 from __future__ import annotations
 
-import selectors
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,7 @@ from psycopg import pq
 
 import pgcast
 import pgcast.aio
-from _eventwait import acollect, acollect_until, ajoin, apause, arun, astart
+from _eventwait import acollect, acollect_until, ajoin, apause, arun, astart, wait_readable
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -42,13 +41,6 @@ async def trace(ps: pgcast.AsyncPubSub, action: Callable[[], Awaitable[object]])
             pgconn.untrace()
         f.seek(0)
         return [line.split("\t")[2] for line in f.read().splitlines() if line.count("\t") >= 2]
-
-
-def wait_readable(ps: pgcast.AsyncPubSub, timeout: float) -> None:
-    """Block until the PubSub's socket has something to read (or *timeout*)."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(ps.connection.fileno(), selectors.EVENT_READ)
-        sel.select(timeout)
 
 
 # -- round trips -----------------------------------------------------------------------------

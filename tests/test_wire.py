@@ -15,7 +15,6 @@ flavours: the "other session" that sends.
 
 from __future__ import annotations
 
-import selectors
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +26,15 @@ from psycopg import pq
 
 import pgcast
 import pgcast.aio
-from _eventwait import collect, collect_until, join_thread, pause, run_sync, start_thread
+from _eventwait import (
+    collect,
+    collect_until,
+    join_thread,
+    pause,
+    run_sync,
+    start_thread,
+    wait_readable,
+)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -44,13 +51,6 @@ def trace(ps: pgcast.PubSub, action: Callable[[], object]) -> list[str]:
             pgconn.untrace()
         f.seek(0)
         return [line.split("\t")[2] for line in f.read().splitlines() if line.count("\t") >= 2]
-
-
-def wait_readable(ps: pgcast.PubSub, timeout: float) -> None:
-    """Block until the PubSub's socket has something to read (or *timeout*)."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(ps.connection.fileno(), selectors.EVENT_READ)
-        sel.select(timeout)
 
 
 # -- round trips -----------------------------------------------------------------------------

@@ -5,7 +5,8 @@ The asyncio drivers are the only hand-written ones; each sync twin is made
 from its source by an AST transform (psycopg 3's way, see its
 ``tools/async_to_sync.py``):
 
-* ``async def`` / ``async for`` / ``async with`` lose ``async``, ``await x``
+* ``async def`` / ``async for`` / ``async with`` (and ``async for`` in a
+  comprehension) lose ``async``, ``await x``
   becomes ``x``; ``Awaitable[T]`` and ``Coroutine[..., T]`` become ``T``;
 * names are renamed by :data:`NAMES` (``AsyncPubSub`` -> ``PubSub``,
   ``AsyncIterator`` -> ``Iterator``, the ``*_async`` modules -> their twins),
@@ -57,6 +58,7 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_aio_durable.py", "tests/test_durable.py"),
     ("tests/test_aio_reconnect.py", "tests/test_reconnect.py"),
     ("tests/test_aio_wire.py", "tests/test_wire.py"),
+    ("tests/test_aio_receive.py", "tests/test_receive.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -162,6 +164,10 @@ class AsyncToSync(ast.NodeTransformer):
         new = ast.With(items=node.items, body=node.body)
         ast.copy_location(new, node)
         return self.generic_visit(new)
+
+    def visit_comprehension(self, node: ast.comprehension) -> ast.AST:
+        node.is_async = 0  # [x async for x in it] -> [x for x in it]
+        return self.generic_visit(node)
 
     def visit_Await(self, node: ast.Await) -> ast.AST:
         return self.visit(node.value)

@@ -40,6 +40,7 @@ PAIRS: list[tuple[str, str]] = [
     ("test_pubsub.py", "test_aio_pubsub.py"),
     ("test_worker_loop.py", "test_aio_worker_loop.py"),
     ("test_wire.py", "test_aio_wire.py"),
+    ("test_receive.py", "test_aio_receive.py"),
 ]
 
 #: Tests of a mechanism only one flavour has, so no twin can exist: each with
