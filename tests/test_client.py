@@ -1,14 +1,15 @@
-"""The synchronous PubSub (:mod:`pgcast.client`) against real PostgreSQL.
+# Generated from tests/test_aio.py by tools/async_to_sync.py: do not edit.
+# Edit the source, then run `python tools/async_to_sync.py`.
+"""A PubSub's connection and its end, the same in both flavours: written once
+for asyncio; tests/test_client.py, the same tests for the sync flavour, is
+generated from this file by tools/async_to_sync.py (edit this one, then run
+the script).
 
-Each test proves one sentence of the foundation's contract (issue 2): the API
-calls, the seeds' LISTEN/NOTIFY semantics, exact channel names, payload
-limits, transactions, batch publishing and connection errors. The callback
-interface is in test_callbacks.py, threads in test_threads.py, the asyncio
-twin in test_aio.py.
-
-To show that something is *not* delivered, a test sends it and then a
-sentinel from the same session, and checks everything received up to the
-sentinel: PostgreSQL delivers one session's notifications in order.
+Connect errors that are a pgcast error with the server's message and never
+a hang, iteration that yields only events, a closed PubSub refusing every
+use, waking on the socket, and close() racing notify(). The rest of the
+PubSub's contract is in test_aio_pubsub.py, test_aio_wire.py and
+test_aio_receive.py (the same way).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -25,31 +26,19 @@ import pytest
 
 import _hba
 import pgcast
+import pgcast.aio
+from _eventwait import join_thread, pause, run_sync, start_thread
 from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-password_role = _hba.password_role  # a fixture, shared by test_client/test_aio
-
-#: A bound for "never blocks" / "returns at once", not a benchmark.
-@pytest.fixture
-def ps(dsn: str) -> Iterator[pgcast.PubSub]:
-    with pgcast.connect(dsn) as pubsub:
-        yield pubsub
+password_role = _hba.password_role  # a fixture
 
 
-# -- connect -------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
+def send(dsn: str, channel: str, *payloads: str) -> None:
+    """Send *payloads* on *channel* from a session of its own."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+        for payload in payloads:
+            pgcast.notify(c, channel, payload)
 
 
 # -- connect errors: a pgcast error with the server's message, never a hang ----
@@ -58,14 +47,17 @@ def ps(dsn: str) -> Iterator[pgcast.PubSub]:
 def test_server_that_never_answers_times_out() -> None:
     # A socket that accepts TCP connections but never speaks: without
     # connect_timeout, libpq would wait for the server's reply forever.
-    with socket.socket() as mute:
-        mute.bind(("127.0.0.1", 0))
-        mute.listen(8)
-        port = mute.getsockname()[1]
+
+    def body(port: int) -> None:
         start = time.monotonic()
         with pytest.raises(pgcast.ConnectError, match="timeout"):
             pgcast.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=1)
         assert time.monotonic() - start < 10
+
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        run_sync(body(mute.getsockname()[1]), timeout=15)
 
 
 def test_wrong_password_raises_connect_error(
@@ -73,76 +65,44 @@ def test_wrong_password_raises_connect_error(
 ) -> None:
     role, password = password_role
     base = f"127.0.0.1:{server.port}/postgres"
-    with pytest.raises(
-        pgcast.ConnectError, match=f'password authentication failed for user "{role}"'
-    ):
-        pgcast.connect(f"postgresql://{role}:wrong@{base}")
-    with pgcast.connect(f"postgresql://{role}:{password}@{base}") as ps:
-        assert ps.backend_pid > 0
 
+    def body() -> None:
+        with pytest.raises(
+            pgcast.ConnectError, match=f'password authentication failed for user "{role}"'
+        ):
+            pgcast.connect(f"postgresql://{role}:wrong@{base}")
+        with pgcast.connect(f"postgresql://{role}:{password}@{base}") as ps:
+            assert ps.backend_pid > 0
 
-# -- listen / unlisten / listening_channels ------------------------------------
-
-
-# -- notify ----------------------------------------------------------------------
+    run_sync(body())
 
 
 # -- receiving ---------------------------------------------------------------------
 
 
-def test_events_without_yield_timeouts_only_yields_events(
-    ps: pgcast.PubSub, dsn: str, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    sender = threading.Timer(0.4, lambda: send(dsn, unique_channel, "late"))
-    sender.start()
-    try:
-        first = next(iter(ps.events(select_timeout=0.05)))
-    finally:
-        sender.join(10)
-    assert isinstance(first, pgcast.Event) and first.payload == "late"
+def test_events_without_yield_timeouts_only_yields_events(dsn: str, unique_channel: str) -> None:
 
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            for iterate in (lambda: ps.events(select_timeout=0.05), lambda: ps.wait(None)):
+                sender = threading.Timer(0.3, send, (dsn, unique_channel, "late"))
+                sender.start()
+                try:
+                    for event in iterate():
+                        first = event
+                        break
+                finally:
+                    sender.join(10)
+                assert isinstance(first, pgcast.Event) and first.payload == "late"
 
-def send(dsn: str, channel: str, *payloads: str) -> None:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
-        for payload in payloads:
-            pgcast.notify(c, channel, payload)
-
-
-# -- close ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "use",
-    [
-        lambda ps: ps.listen("x"),
-        lambda ps: ps.unlisten("x"),
-        lambda ps: ps.unlisten(),
-        lambda ps: ps.notify("x", "p"),
-        lambda ps: ps.notify_many([("x", "p")]),
-        lambda ps: ps.get_event(),
-        lambda ps: next(iter(ps.events())),
-        lambda ps: next(iter(ps.wait(0))),
-        lambda ps: ps.transaction().__enter__(),
-        lambda ps: ps.run_in_thread(),
-        lambda ps: ps.subscribe("x", print),
-    ],
-)
-def test_using_a_closed_pubsub_raises_closed_error(
-    dsn: str, use: Callable[[pgcast.PubSub], object]
-) -> None:
-    ps = pgcast.connect(dsn)
-    ps.close()
-    with pytest.raises(pgcast.ClosedError, match="closed"):
-        use(ps)
-
-
-# -- waking on the socket ----------------------------------------------------------
+    run_sync(body())
 
 
 def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
     # select_timeout=30: an event can only arrive promptly if the wait ends
-    # on the socket becoming readable, not on a timer.
+    # on the socket becoming readable, not on a timer. The sender is a
+    # thread with a session of its own in both flavours.
     rounds = 50
     ready = threading.Event()
     sent_at: list[float] = []
@@ -154,65 +114,85 @@ def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
                 if not ready.wait(10):
                     return
                 ready.clear()
-                time.sleep(0.002)  # let the listener block in select()
+                time.sleep(0.002)  # let the listener block on its socket
                 sent_at.append(time.perf_counter())
                 pgcast.notify(c, unique_channel, str(i))
 
-    with pgcast.connect(dsn) as ps:
-        ps.listen(unique_channel)
-        thread = threading.Thread(target=sender, daemon=True)
-        thread.start()
-        ready.set()
-        for event in ps.events(select_timeout=30, yield_timeouts=True):
-            assert isinstance(event, pgcast.Event), "no event within 30 s"
-            latencies.append(time.perf_counter() - sent_at[int(event.payload)])
-            if len(latencies) == rounds:
-                break
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            thread = threading.Thread(target=sender, daemon=True)
+            thread.start()
             ready.set()
-        thread.join(10)
-    assert statistics.median(latencies) < 0.020, sorted(latencies)
+            for event in ps.events(select_timeout=30, yield_timeouts=True):
+                assert isinstance(event, pgcast.Event), "no event within 30 s"
+                latencies.append(time.perf_counter() - sent_at[int(event.payload)])
+                if len(latencies) == rounds:
+                    break
+                ready.set()
+            thread.join(10)
+
+    run_sync(body())
+    assert statistics.median(latencies) < 0.02, sorted(latencies)
 
 
-# -- channel names are exact ---------------------------------------------------------
+# -- close ---------------------------------------------------------------------
+
+USES: list[Callable[[pgcast.PubSub], object]] = [
+    lambda ps: ps.listen("x"),
+    lambda ps: ps.unlisten("x"),
+    lambda ps: ps.unlisten(),
+    lambda ps: ps.notify("x", "p"),
+    lambda ps: ps.notify_many([("x", "p")]),
+    lambda ps: ps.get_event(),
+    lambda ps: ps.events().__next__(),
+    lambda ps: ps.wait(0).__next__(),
+    lambda ps: ps.transaction().__enter__(),
+    lambda ps: ps.subscribe("x", print),
+]
+USES.append(lambda ps: ps.run_in_thread())
 
 
-# -- payload limits ---------------------------------------------------------------------
+@pytest.mark.parametrize("use", USES)
+def test_using_a_closed_pubsub_raises_closed_error(
+    dsn: str, use: Callable[[pgcast.PubSub], object]
+) -> None:
 
+    def body() -> None:
+        ps = pgcast.connect(dsn)
+        ps.listen("x")
+        ps.close()
+        with pytest.raises(pgcast.ClosedError, match="closed"):
+            use(ps)
 
-# -- transactions ------------------------------------------------------------------------
-
-
-# -- the seeds' semantics ----------------------------------------------------------------
-
-
-# -- notify_many --------------------------------------------------------------------------
-
-
-# -- helpers ---------------------------------------------------------------------------------
+    run_sync(body())
 
 
 @pytest.mark.parametrize("delay_ms", [0, 1, 2, 5, 10, 20, 50])
 def test_close_while_notifying_raises_closed_error(
     dsn: str, unique_channel: str, delay_ms: int
 ) -> None:
-    """close() from another thread while notify() runs: every notify after the
-    close started raises ClosedError, never a psycopg or a database error
-    made up from the torn connection (the race hammered at several delays)."""
-    ps = pgcast.connect(dsn)
+    """close() from the test body while another task (a thread, in the sync
+    flavour) runs notify(): every notify after the close started raises
+    ClosedError, never a psycopg or a database error made up from the torn
+    connection (the race hammered at several delays)."""
     outcomes: list[str] = []
 
-    def publish() -> None:
-        try:
-            for i in range(5_000):
-                ps.notify(unique_channel, str(i))
-            outcomes.append("finished")
-        except pgcast.PgcastError as exc:
-            outcomes.append(type(exc).__name__)
+    def body() -> None:
+        ps = pgcast.connect(dsn)
 
-    thread = threading.Thread(target=publish, daemon=True)
-    thread.start()
-    time.sleep(delay_ms / 1000)
-    ps.close()
-    thread.join(10)
-    assert not thread.is_alive(), "notify() did not end within 10 s of close()"
+        def publish() -> None:
+            try:
+                for i in range(5000):
+                    ps.notify(unique_channel, str(i))
+                outcomes.append("finished")
+            except pgcast.PgcastError as exc:
+                outcomes.append(type(exc).__name__)
+
+        publisher = start_thread(publish)
+        pause(delay_ms / 1000)
+        ps.close()
+        join_thread(publisher, 10)  # fails if notify() did not end within 10 s
+
+    run_sync(body())
     assert outcomes in (["finished"], ["ClosedError"])
