@@ -8,6 +8,7 @@ exercise what they wait with.
 from __future__ import annotations
 
 import asyncio
+import selectors
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -95,6 +96,14 @@ async def acollect_until(
         if time.monotonic() > deadline:
             break
     pytest.fail(f"sentinel {sentinel!r} not received within {timeout} s; got {got[-3:]}")
+
+
+def wait_readable(ps: pgcast.PubSub | pgcast.AsyncPubSub, timeout: float) -> None:
+    """Block until the PubSub's socket has something to read (or *timeout*):
+    what was sent to it has arrived, not yet read. The same in both flavours."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(ps.connection.fileno(), selectors.EVENT_READ)
+        sel.select(timeout)
 
 
 def arun(coro: Awaitable[T], timeout: float = 60.0) -> T:

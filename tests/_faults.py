@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -123,3 +123,17 @@ def hot_standby() -> Iterator[EmbeddedServer]:
                 standby.stop()
         finally:
             shutil.rmtree(top, ignore_errors=True)
+
+
+def failing_coroutine_callback(seen: list[str]) -> Callable[[pgcast.Reconnected], Awaitable[None]]:
+    """An ``on_reconnect`` that is a coroutine function and raises.
+
+    Defined here, not in a test source that tools/async_to_sync.py turns into
+    sync code, so that both flavours' tests get a coroutine function.
+    """
+
+    async def on_reconnect(marker: pgcast.Reconnected) -> None:
+        seen.append("async")
+        raise RuntimeError("callback bug")
+
+    return on_reconnect

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 from hypothesis import settings
+from psycopg import sql
 
 from pgcast.embedded import BIN_DIR, EmbeddedServer
 
@@ -114,3 +115,14 @@ def psql(pg_server: EmbeddedServer | None, dsn: str) -> Callable[..., str]:
 def unique_channel() -> str:
     """A channel name no other test (or concurrent run) uses."""
     return f"pgcast_test_{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def fresh_dsn(dsn: str, conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[str]:
+    """A new, empty database (no pgcast schema), dropped afterwards."""
+    name = f"pgcast_fresh_{uuid.uuid4().hex[:12]}"
+    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield psycopg.conninfo.make_conninfo(dsn, dbname=name)
+    finally:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

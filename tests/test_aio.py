@@ -1,647 +1,62 @@
-"""The asyncio PubSub (:mod:`pgcast.aio`) against real PostgreSQL.
+"""A PubSub's connection and its end, the same in both flavours: written once
+for asyncio; tests/test_client.py, the same tests for the sync flavour, is
+generated from this file by tools/async_to_sync.py (edit this one, then run
+the script).
 
-It mirrors test_client.py: the same contract, awaited. Each test body is a
-coroutine run by :func:`_eventwait.arun` in a fresh event loop with an overall
-timeout, so no pytest plugin is needed and nothing can hang. Senders are
-plain psycopg connections unless the test is about asyncio sending.
+Connect errors that are a pgcast error with the server's message and never
+a hang, iteration that yields only events, a closed PubSub refusing every
+use, waking on the socket, and close() racing notify(). The rest of the
+PubSub's contract is in test_aio_pubsub.py, test_aio_wire.py and
+test_aio_receive.py (the same way).
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import statistics
-import tempfile
+import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
 
 import _hba
 import pgcast
 import pgcast.aio
-from _eventwait import acollect, acollect_until, arun
+from _eventwait import ajoin, apause, arun, astart
 from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-password_role = _hba.password_role  # a fixture, shared by test_client/test_aio
-IMMEDIATE = 0.05
+password_role = _hba.password_role  # a fixture
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+def send(dsn: str, channel: str, *payloads: str) -> None:
+    """Send *payloads* on *channel* from a session of its own."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+        for payload in payloads:
+            pgcast.notify(c, channel, payload)
 
 
-async def server_channels(aps: pgcast.AsyncPubSub) -> set[str]:
-    cur = await aps.connection.execute("SELECT pg_listening_channels()")
-    return {r[0] for r in await cur.fetchall() if not r[0].startswith("pgcast.probe.")}
-
-
-async def trace(aps: pgcast.AsyncPubSub, action: Callable[[], Any]) -> list[str]:
-    """The protocol messages (names only) exchanged while *action()* is awaited."""
-    pgconn = aps.connection.pgconn
-    with tempfile.TemporaryFile("w+") as f:
-        pgconn.trace(f.fileno())
-        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-        try:
-            await action()
-        finally:
-            pgconn.untrace()
-        f.seek(0)
-        return [line.split("\t")[2] for line in f.read().splitlines() if line.count("\t") >= 2]
-
-
-async def payloads_until(aps: pgcast.AsyncPubSub, sentinel: str = "end") -> list[str]:
-    return [e.payload for e in await acollect_until(aps, sentinel)]
-
-
-def connect_kwargs(dsn: str) -> dict[str, Any]:
-    """*dsn* as the keyword arguments of psycopg.connect."""
-    return dict(conninfo_to_dict(dsn))
-
-
-# -- connect ---------------------------------------------------------------------
-
-
-def test_connect_with_a_dsn_and_async_with(dsn: str) -> None:
-    async def main() -> None:
-        aps = await pgcast.aio.connect(dsn)
-        assert isinstance(aps, pgcast.AsyncPubSub)
-        async with aps:
-            cur = await aps.connection.execute("SELECT pg_backend_pid()")
-            assert await cur.fetchone() == (aps.backend_pid,)
-            assert aps.connection.autocommit and not aps.closed
-        assert aps.closed and aps.connection.closed
-        await aps.close()  # idempotent
-        assert "closed" in repr(aps)
-
-    arun(main())
-
-
-def test_connect_with_keyword_args(dsn: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(**connect_kwargs(dsn)) as aps:
-            await aps.listen("kw")
-            await aps.notify("kw", "by keywords")
-            assert (await acollect(aps, 1))[0].payload == "by keywords"
-
-    arun(main())
-
-
-def test_connect_with_no_args_uses_database_url_then_pg_variables(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect() as aps:
-            assert aps.backend_pid > 0
-
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    monkeypatch.setenv("PGPORT", str(closed_port()))
-    arun(main())
-    monkeypatch.delenv("DATABASE_URL")
-    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER",
-             "dbname": "PGDATABASE", "password": "PGPASSWORD"}
-    for key, value in conninfo_to_dict(dsn).items():
-        if key in names:
-            monkeypatch.setenv(names[key], str(value))
-    arun(main())
-
-
-@pytest.mark.parametrize(
-    ("make_kwargs", "message"),
-    [
-        (lambda dsn: {"conninfo": "nonsense dsn"}, 'missing "=" after "nonsense"'),
-        (lambda dsn: {"conninfo": f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres"},
-         "Connection refused"),
-        (lambda dsn: {**connect_kwargs(dsn), "dbname": "pgcast_no_such_db"},
-         'database "pgcast_no_such_db" does not exist'),
-    ],
-    ids=["malformed", "server-gone", "no-such-database"],
-)
-def test_connect_errors(
-    dsn: str, make_kwargs: Callable[[str], dict[str, Any]], message: str
-) -> None:
-    async def main() -> None:
-        with pytest.raises(pgcast.ConnectError, match=message) as info:
-            await pgcast.aio.connect(**make_kwargs(dsn))
-        assert isinstance(info.value.__cause__, psycopg.Error)
-
-    arun(main(), timeout=20)
+# -- connect errors: a pgcast error with the server's message, never a hang ----
 
 
 def test_server_that_never_answers_times_out() -> None:
-    async def main(port: int) -> None:
+    # A socket that accepts TCP connections but never speaks: without
+    # connect_timeout, libpq would wait for the server's reply forever.
+    async def body(port: int) -> None:
+        start = time.monotonic()
         with pytest.raises(pgcast.ConnectError, match="timeout"):
             await pgcast.aio.connect(
                 f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=1
             )
+        assert time.monotonic() - start < 10
 
     with socket.socket() as mute:
         mute.bind(("127.0.0.1", 0))
         mute.listen(8)
-        arun(main(mute.getsockname()[1]), timeout=15)
-
-
-# -- subscriptions and notify ---------------------------------------------------------
-
-
-def test_listen_unlisten_listening_channels(dsn: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen("orders", "Prices")
-            await aps.listen("third", "orders")
-            expected = {"orders", "Prices", "third"}
-            assert aps.listening_channels() == frozenset(expected)
-            assert await server_channels(aps) == expected
-            await aps.unlisten("orders")
-            assert aps.listening_channels() == {"Prices", "third"}
-            assert await server_channels(aps) == {"Prices", "third"}
-            await aps.unlisten()
-            assert aps.listening_channels() == frozenset()
-            assert await server_channels(aps) == set()
-
-    arun(main())
-
-
-def test_notify_payloads(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            await aps.notify(unique_channel)
-            await aps.notify(unique_channel, "shipped 42")
-            await aps.notify(unique_channel, {"id": 42})
-            await aps.notify(unique_channel, [1, "two"])
-            events = await acollect(aps, 4)
-            assert [e.payload for e in events] == ["", "shipped 42", '{"id":42}', '[1,"two"]']
-            assert events[2].json() == {"id": 42}
-            assert events[3].json() == [1, "two"]
-            channel, payload, pid = events[1]
-            assert (channel, payload, pid) == (unique_channel, "shipped 42", aps.backend_pid)
-
-    arun(main())
-
-
-# -- receiving ---------------------------------------------------------------------------
-
-
-def test_get_event_never_blocks(dsn: str, conn: Conn, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            for _ in range(5):
-                start = time.monotonic()
-                assert await aps.get_event() is None
-                assert time.monotonic() - start < IMMEDIATE
-            pgcast.notify(conn, unique_channel, "1")
-            got: object = None
-            deadline = time.monotonic() + 10
-            while got is None and time.monotonic() < deadline:
-                got = await aps.get_event()
-                if got is None:
-                    await asyncio.sleep(0.01)
-            assert isinstance(got, pgcast.Event) and got.payload == "1"
-            assert await aps.get_event() is None
-
-    arun(main())
-
-
-def test_events_yield_timeouts_and_wait(dsn: str, conn: Conn, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            values: list[object] = []
-            start = time.monotonic()
-            async for value in aps.events(select_timeout=0.1, yield_timeouts=True):
-                values.append(value)
-                if len(values) == 3:
-                    break
-            assert values == [None, None, None]
-            assert 0.25 < time.monotonic() - start < 5
-
-            start = time.monotonic()
-            assert [x async for x in aps.wait(0)] == []
-            assert time.monotonic() - start < IMMEDIATE
-
-            pgcast.notify(conn, unique_channel, "x")
-            values = []
-            async for value in aps.wait(timeout=0.1):
-                values.append(value)
-                if len(values) == 3:
-                    break
-            assert isinstance(values[0], pgcast.Event) and values[0].payload == "x"
-            assert values[1:] == [None, None]
-
-            with pytest.raises(ValueError):
-                aps.events(select_timeout=0)
-            with pytest.raises(ValueError):
-                aps.wait(timeout=-1)
-
-    arun(main())
-
-
-def test_events_without_yield_timeouts_only_yields_events(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps, await pgcast.aio.connect(dsn) as sender:
-            await aps.listen(unique_channel)
-
-            async def later() -> None:
-                await asyncio.sleep(0.3)
-                await sender.notify(unique_channel, "late")
-
-            task = asyncio.create_task(later())
-            async for event in aps.events(select_timeout=0.05):
-                first = event
-                break
-            await task
-            assert isinstance(first, pgcast.Event) and first.payload == "late"
-
-            task = asyncio.create_task(later())
-            async for event in aps.wait(timeout=None):
-                first = event
-                break
-            await task
-            assert isinstance(first, pgcast.Event) and first.payload == "late"
-
-    arun(main())
-
-
-def test_wait_zero_yields_what_is_pending_and_ends(
-    dsn: str, conn: Conn, unique_channel: str
-) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            for i in range(3):
-                pgcast.notify(conn, unique_channel, str(i))
-            await asyncio.sleep(0.1)  # let all three reach the socket
-            pending = [e async for e in aps.wait(0)]
-            assert [e.payload for e in pending if isinstance(e, pgcast.Event)] == ["0", "1", "2"]
-            assert [x async for x in aps.wait(0)] == []
-
-    arun(main())
-
-
-@pytest.mark.parametrize("how", ["events", "wait"])
-def test_breaking_out_loses_nothing(dsn: str, conn: Conn, unique_channel: str, how: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            for i in range(5):
-                pgcast.notify(conn, unique_channel, str(i))
-            iterator = aps.events(select_timeout=10) if how == "events" else aps.wait(10)
-            async for event in iterator:  # and break out of it
-                first = event
-                break
-            assert isinstance(first, pgcast.Event) and first.payload == "0"
-            assert [e.payload for e in await acollect(aps, 4)] == ["1", "2", "3", "4"]
-
-    arun(main())
-
-
-def test_backend_pid_and_ignore_own(dsn: str, conn: Conn, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            await aps.notify(unique_channel, "mine")
-            pgcast.notify(conn, unique_channel, "theirs")
-            await aps.notify(unique_channel, "mine again")
-            pgcast.notify(conn, unique_channel, "theirs again")
-            got = []
-            async for event in aps.events(select_timeout=10, ignore_own=True):
-                assert isinstance(event, pgcast.Event)
-                got.append(event)
-                if len(got) == 2:
-                    break
-            assert [e.payload for e in got] == ["theirs", "theirs again"]
-            assert {e.pid for e in got} == {conn.info.backend_pid}
-
-    arun(main())
-
-
-def test_using_a_closed_async_pubsub_raises_closed_error(dsn: str) -> None:
-    async def main() -> None:
-        aps = await pgcast.aio.connect(dsn)
-        await aps.listen("x")
-        await aps.close()
-        uses: list[Callable[[], Any]] = [
-            lambda: aps.listen("x"),
-            lambda: aps.listen("y"),
-            lambda: aps.unlisten("x"),
-            aps.unlisten,
-            lambda: aps.notify("x", "p"),
-            lambda: aps.notify_many([("x", "p")]),
-            aps.get_event,
-            lambda: anext(aps.events()),
-            lambda: anext(aps.wait(0)),
-            lambda: aps.transaction().__aenter__(),
-            lambda: aps.subscribe("y", print),
-            aps.run,
-        ]
-        for use in uses:
-            with pytest.raises(pgcast.ClosedError, match="closed"):
-                await use()
-
-    arun(main())
-
-
-def test_closing_ends_iteration_in_another_task(dsn: str) -> None:
-    async def main() -> None:
-        aps = await pgcast.aio.connect(dsn)
-        await aps.listen("x")
-
-        async def iterate() -> list[object]:
-            return [x async for x in aps.events(select_timeout=30)]
-
-        task = asyncio.create_task(iterate())
-        await asyncio.sleep(0.1)
-        await aps.close()
-        assert await asyncio.wait_for(task, 5) == []
-
-    arun(main())
-
-
-def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
-    # select_timeout=30: only a wake-up on the socket can deliver promptly.
-    rounds = 50
-
-    async def main() -> list[float]:
-        latencies: list[float] = []
-        sent_at: list[float] = []
-        ready = asyncio.Event()
-        async with await pgcast.aio.connect(dsn) as aps, await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True
-        ) as sender:
-            await aps.listen(unique_channel)
-
-            async def send() -> None:
-                for i in range(rounds):
-                    await asyncio.wait_for(ready.wait(), 10)
-                    ready.clear()
-                    await asyncio.sleep(0.002)
-                    sent_at.append(time.perf_counter())
-                    await pgcast.aio.notify(sender, unique_channel, str(i))
-
-            task = asyncio.create_task(send())
-            ready.set()
-            async for event in aps.events(select_timeout=30, yield_timeouts=True):
-                assert isinstance(event, pgcast.Event), "no event within 30 s"
-                latencies.append(time.perf_counter() - sent_at[int(event.payload)])
-                if len(latencies) == rounds:
-                    break
-                ready.set()
-            await task
-        return latencies
-
-    latencies = arun(main())
-    assert statistics.median(latencies) < 0.020, sorted(latencies)
-
-
-def test_other_tasks_notify_while_one_iterates(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            got: list[pgcast.Event] = []
-
-            async def iterate() -> None:
-                async for event in aps.events(select_timeout=30, yield_timeouts=True):
-                    assert isinstance(event, pgcast.Event), "no event within 30 s"
-                    got.append(event)
-                    if len(got) == 50:
-                        return
-
-            task = asyncio.create_task(iterate())
-            await asyncio.sleep(0.05)  # the iterating task is waiting now
-            start = time.monotonic()
-            for i in range(50):
-                await aps.notify(unique_channel, str(i))
-            elapsed = time.monotonic() - start
-            await asyncio.wait_for(task, 10)
-            assert elapsed < 1.0  # not one select_timeout per notify
-            assert [e.payload for e in got] == [str(i) for i in range(50)]
-            assert {e.pid for e in got} == {aps.backend_pid}
-
-    arun(main())
-
-
-# -- names and payloads -------------------------------------------------------------------
-
-
-def test_channel_names_are_exact(dsn: str, conn: Conn, psql: Callable[..., str]) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen("Prices")
-            conn.execute("SELECT pg_notify('Prices', 'via pg_notify')")
-            conn.execute("SELECT pg_notify('prices', 'lower case')")
-            psql("""NOTIFY Prices, 'unquoted'; NOTIFY "Prices", 'quoted'; NOTIFY "Prices", 'end'""")
-            got = await acollect_until(aps, "end")
-            assert [e.payload for e in got] == ["via pg_notify", "quoted", "end"]
-            assert {e.channel for e in got} == {"Prices"}
-
-    arun(main())
-
-
-INJECTION = 'x"; DROP TABLE users; --'
-
-
-def test_injection_name_is_just_a_channel(dsn: str, conn: Conn) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.connection.execute("CREATE TEMP TABLE users (name text)")
-            await aps.connection.execute("INSERT INTO users VALUES ('alice')")
-            await aps.listen(INJECTION)
-            assert await server_channels(aps) == {INJECTION}
-            pgcast.notify(conn, INJECTION, "works")
-            [event] = await acollect(aps, 1)
-            assert (event.channel, event.payload) == (INJECTION, "works")
-            await aps.unlisten(INJECTION)
-            cur = await aps.connection.execute("SELECT name FROM users")
-            assert await cur.fetchall() == [("alice",)]
-
-    arun(main())
-
-
-@pytest.mark.parametrize(
-    "name", ["", "a" * 64, "チャンネル" * 4 + "名前", "nul\x00name"],
-    ids=["empty", "64-ascii", "22-chars-66-bytes", "nul"],
-)
-def test_invalid_names_raise_before_anything_is_sent(
-    dsn: str, name: str, unique_channel: str
-) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            calls: list[Callable[[], Any]] = [
-                lambda: aps.listen("fine", name),
-                lambda: aps.unlisten(unique_channel, name),
-                lambda: aps.notify(name, "p"),
-                lambda: aps.notify_many([(unique_channel, "no"), (name, "p")]),
-                lambda: aps.subscribe(name, print),
-            ]
-
-            async def attempt_all() -> None:
-                for call in calls:
-                    with pytest.raises(ValueError) as info:
-                        await call()
-                    assert isinstance(info.value, pgcast.InvalidChannelError)
-
-            assert await trace(aps, attempt_all) == [], "something was sent"
-            assert aps.listening_channels() == {unique_channel}
-            await aps.notify(unique_channel, "end")
-            assert await payloads_until(aps) == ["end"]
-
-    arun(main())
-
-
-def test_payload_limits(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps, await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True
-        ) as app:
-            await aps.listen(unique_channel)
-            with pytest.raises(pgcast.PayloadTooLargeError, match="8000 bytes") as info:
-                await pgcast.aio.notify(app, unique_channel, "é" * 4000)
-            assert (info.value.size, info.value.limit) == (8000, 8000)
-            with pytest.raises(pgcast.PayloadTooLargeError, match="100000 bytes"):
-                await pgcast.aio.notify(app, unique_channel, "a" * 100_000)
-            with pytest.raises(pgcast.PayloadError, match="NUL"):
-                await pgcast.aio.notify(app, unique_channel, "a\x00")
-            with pytest.raises(pgcast.PayloadError, match="NUL"):
-                await aps.notify(unique_channel, "a\x00")
-            with pytest.raises(pgcast.PayloadError, match="NUL"):
-                await aps.notify_many([(unique_channel, "ok"), (unique_channel, "a\x00")])
-            await pgcast.aio.notify(app, unique_channel, "é" * 3999 + "a")  # 7999 bytes
-            await aps.notify(unique_channel, "end")
-            assert await payloads_until(aps) == ["é" * 3999 + "a", "end"]
-
-    arun(main())
-
-
-# -- transactions and the seeds' semantics ---------------------------------------------------
-
-
-def test_transaction_commit_and_rollback(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps, await pgcast.aio.connect(
-            dsn
-        ) as listener:
-            await listener.listen(unique_channel)
-            async with aps.transaction():
-                await aps.notify(unique_channel, "at commit")
-                await aps.notify(unique_channel, "at commit")  # identical: once
-                await asyncio.sleep(0.05)
-                assert await listener.get_event() is None
-            with pytest.raises(ZeroDivisionError):
-                async with aps.transaction():
-                    await aps.notify(unique_channel, "rolled back")
-                    1 / 0  # noqa: B018
-            await aps.notify(unique_channel, "end")
-            assert await payloads_until(listener) == ["at commit", "end"]
-
-    arun(main())
-
-
-def test_application_transaction_freshports_pattern(dsn: str, unique_channel: str) -> None:
-    table = f"ports_{uuid.uuid4().hex[:8]}"
-
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps, await psycopg.AsyncConnection.connect(
-            dsn
-        ) as app:
-            await aps.listen(unique_channel)
-            await app.execute(f"CREATE TABLE {table} (name text)")
-            await app.commit()
-            try:
-                await app.execute(f"INSERT INTO {table} VALUES ('x')")
-                await pgcast.aio.notify(app, unique_channel, "rolled back")
-                await app.rollback()
-                await app.execute(f"INSERT INTO {table} VALUES ('y')")
-                await pgcast.aio.notify(app, unique_channel, "committed")
-                await app.commit()
-                await pgcast.aio.notify(app, unique_channel, "end")
-                await app.commit()
-                got = await acollect_until(aps, "end")
-                assert [e.payload for e in got] == ["committed", "end"]
-                assert got[0].pid == app.info.backend_pid
-            finally:
-                await app.rollback()
-                await app.execute(f"DROP TABLE {table}")
-                await app.commit()
-
-    arun(main())
-
-
-def test_order_dedup_before_listen_and_after_unlisten(
-    dsn: str, conn: Conn, unique_channel: str
-) -> None:
-    other = unique_channel + "_other"
-
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            pgcast.notify(conn, unique_channel, "before listen")
-            await aps.listen(unique_channel, other)
-            for i in range(1000):
-                pgcast.notify(conn, unique_channel, str(i))
-            got = await acollect(aps, 1000, timeout=30)
-            assert [int(e.payload) for e in got] == list(range(1000))
-
-            await aps.notify_many([(unique_channel, "dup")] * 3 + [(unique_channel, "end")])
-            assert await payloads_until(aps) == ["dup", "end"]
-
-            for i in range(3):
-                pgcast.notify(conn, unique_channel, f"queued {i}")
-            await asyncio.sleep(0.1)
-            first = await aps.get_event()  # reads all three, hands out one
-            assert isinstance(first, pgcast.Event) and first.payload == "queued 0"
-            pgcast.notify(conn, unique_channel, "unread")
-            await aps.unlisten(unique_channel)
-            assert await aps.get_event() is None
-            pgcast.notify(conn, unique_channel, "after")
-            pgcast.notify(conn, other, "end")
-            got = await acollect_until(aps, "end")
-            assert [(e.channel, e.payload) for e in got] == [(other, "end")]
-
-    arun(main())
-
-
-def test_psql_notify_arrives_with_psql_s_pid(dsn: str, psql: Callable[..., str]) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen("data")
-            out = await asyncio.to_thread(
-                psql, "NOTIFY data, 'green'", "-Atq", "--command=SELECT pg_backend_pid()"
-            )
-            [event] = await acollect(aps, 1)
-            assert event == ("data", "green", int(out.strip()))
-
-    arun(main())
-
-
-def test_notify_many(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as aps:
-            await aps.listen(unique_channel)
-            messages: list[tuple[str, pgcast.Payload]] = [
-                (unique_channel, str(i)) for i in range(300)
-            ]
-            sent = await trace(aps, lambda: aps.notify_many(messages))
-            assert sent.count("ReadyForQuery") == 1
-            got = await acollect(aps, 300)
-            assert [e.payload for e in got] == [str(i) for i in range(300)]
-            with pytest.raises(pgcast.InvalidChannelError):
-                await aps.notify_many([(unique_channel, "1"), ("", "2")])
-            await aps.notify_many([])
-            await aps.notify(unique_channel, "end")
-            assert await payloads_until(aps) == ["end"]
-
-    arun(main())
+        arun(body(mute.getsockname()[1]), timeout=15)
 
 
 def test_wrong_password_raises_connect_error(
@@ -650,28 +65,122 @@ def test_wrong_password_raises_connect_error(
     role, password = password_role
     base = f"127.0.0.1:{server.port}/postgres"
 
-    async def main() -> None:
+    async def body() -> None:
         with pytest.raises(
             pgcast.ConnectError, match=f'password authentication failed for user "{role}"'
         ):
             await pgcast.aio.connect(f"postgresql://{role}:wrong@{base}")
-        async with await pgcast.aio.connect(f"postgresql://{role}:{password}@{base}") as aps:
-            assert aps.backend_pid > 0
+        async with await pgcast.aio.connect(f"postgresql://{role}:{password}@{base}") as ps:
+            assert ps.backend_pid > 0
 
-    arun(main())
+    arun(body())
+
+
+# -- receiving ---------------------------------------------------------------------
+
+
+def test_events_without_yield_timeouts_only_yields_events(dsn: str, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen(unique_channel)
+            for iterate in (lambda: ps.events(select_timeout=0.05), lambda: ps.wait(None)):
+                sender = threading.Timer(0.3, send, (dsn, unique_channel, "late"))
+                sender.start()
+                try:
+                    async for event in iterate():
+                        first = event
+                        break
+                finally:
+                    sender.join(10)
+                assert isinstance(first, pgcast.Event) and first.payload == "late"
+
+    arun(body())
+
+
+def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
+    # select_timeout=30: an event can only arrive promptly if the wait ends
+    # on the socket becoming readable, not on a timer. The sender is a
+    # thread with a session of its own in both flavours.
+    rounds = 50
+    ready = threading.Event()
+    sent_at: list[float] = []
+    latencies: list[float] = []
+
+    def sender() -> None:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+            for i in range(rounds):
+                if not ready.wait(10):
+                    return
+                ready.clear()
+                time.sleep(0.002)  # let the listener block on its socket
+                sent_at.append(time.perf_counter())
+                pgcast.notify(c, unique_channel, str(i))
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen(unique_channel)
+            thread = threading.Thread(target=sender, daemon=True)
+            thread.start()
+            ready.set()
+            async for event in ps.events(select_timeout=30, yield_timeouts=True):
+                assert isinstance(event, pgcast.Event), "no event within 30 s"
+                latencies.append(time.perf_counter() - sent_at[int(event.payload)])
+                if len(latencies) == rounds:
+                    break
+                ready.set()
+            thread.join(10)
+
+    arun(body())
+    assert statistics.median(latencies) < 0.020, sorted(latencies)
+
+
+# -- close ---------------------------------------------------------------------
+
+
+USES: list[Callable[[pgcast.AsyncPubSub], Awaitable[object]]] = [
+    lambda ps: ps.listen("x"),
+    lambda ps: ps.unlisten("x"),
+    lambda ps: ps.unlisten(),
+    lambda ps: ps.notify("x", "p"),
+    lambda ps: ps.notify_many([("x", "p")]),
+    lambda ps: ps.get_event(),
+    lambda ps: ps.events().__anext__(),
+    lambda ps: ps.wait(0).__anext__(),
+    lambda ps: ps.transaction().__aenter__(),
+    lambda ps: ps.subscribe("x", print),
+]
+if True:  # ASYNC
+    USES.append(lambda ps: ps.run())
+else:
+    USES.append(lambda ps: ps.run_in_thread())
+
+
+@pytest.mark.parametrize("use", USES)
+def test_using_a_closed_pubsub_raises_closed_error(
+    dsn: str, use: Callable[[pgcast.AsyncPubSub], Awaitable[object]]
+) -> None:
+    async def body() -> None:
+        ps = await pgcast.aio.connect(dsn)
+        await ps.listen("x")
+        await ps.close()
+        with pytest.raises(pgcast.ClosedError, match="closed"):
+            await use(ps)
+
+    arun(body())
 
 
 @pytest.mark.parametrize("delay_ms", [0, 1, 2, 5, 10, 20, 50])
 def test_close_while_notifying_raises_closed_error(
     dsn: str, unique_channel: str, delay_ms: int
 ) -> None:
-    """close() from another task while notify() runs: every notify after the
-    close started raises ClosedError, never a psycopg or a database error
-    made up from the torn connection (the race hammered at several delays)."""
+    """close() from the test body while another task (a thread, in the sync
+    flavour) runs notify(): every notify after the close started raises
+    ClosedError, never a psycopg or a database error made up from the torn
+    connection (the race hammered at several delays)."""
+    outcomes: list[str] = []
 
-    async def body() -> list[str]:
+    async def body() -> None:
         ps = await pgcast.aio.connect(dsn)
-        outcomes: list[str] = []
 
         async def publish() -> None:
             try:
@@ -681,10 +190,10 @@ def test_close_while_notifying_raises_closed_error(
             except pgcast.PgcastError as exc:
                 outcomes.append(type(exc).__name__)
 
-        task = asyncio.create_task(publish())
-        await asyncio.sleep(delay_ms / 1000)
+        publisher = astart(publish)
+        await apause(delay_ms / 1000)
         await ps.close()
-        await asyncio.wait_for(task, 10)
-        return outcomes
+        await ajoin(publisher, 10)  # fails if notify() did not end within 10 s
 
-    assert arun(body()) in (["finished"], ["ClosedError"])
+    arun(body())
+    assert outcomes in (["finished"], ["ClosedError"])

@@ -1,15 +1,24 @@
-"""Durable channels on the asyncio client (:class:`pgcast.AsyncPubSub`).
+"""Durable channels against PostgreSQL, the same in both flavours: written
+once for asyncio; tests/test_durable.py, the same tests for the sync flavour,
+is generated from this file by tools/async_to_sync.py (edit this one, then
+run the script).
 
-The logic is the sync client's (:mod:`pgcast.durable._core`); these tests
-check that the asyncio driver runs it: durable notify, replay with ``since``,
-named consumers and ``ack``, many replay batches, the switch-over under a
-concurrent publisher, and replay across a reconnect, before the marker.
+The schema (install, idempotence, concurrency, privileges, versions),
+durable notify and replay with ``since``, named consumers and ``ack``, the
+switch-over under concurrent publishers, commit order against id order,
+reconnects, retention and forged references. The pure parts are in
+tests/test_durable_core.py, the CLI in tests/test_durable_cli.py.
+
+Each test opens its PubSubs inside its body (an asyncio fixture would need a
+plugin); *conn* is a plain sync psycopg connection in both flavours: the
+"other session" that looks at the log or ends a backend.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -19,21 +28,25 @@ from psycopg import sql
 
 import pgcast
 import pgcast.aio
-from _eventwait import arun
-from pgcast.durable import install_schema, install_schema_async, prune_async
+from _durable_log import age, log_rows
+from _eventwait import ajoin, apause, arun, astart
+from pgcast.durable import install_schema
 from pgcast.durable._core import INLINE_LIMIT, ref_payload
+from pgcast.durable._schema import LATEST_VERSION, MIGRATIONS
 
+Conn = psycopg.Connection[tuple[Any, ...]]
 TIMEOUT = 20.0
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def schema(dsn: str) -> None:
+    """The pgcast schema installed in the session's database."""
     with psycopg.connect(dsn, autocommit=True) as c:
         install_schema(c)
 
 
 async def drain(aps: pgcast.AsyncPubSub, idle: float = 0.3) -> list[pgcast.Event]:
-    """Every event until *idle* seconds pass without one (bounded)."""
+    """Every event until *idle* seconds pass without one (bounded by TIMEOUT)."""
     got: list[pgcast.Event] = []
     deadline = time.monotonic() + TIMEOUT
     async for item in aps.wait(idle):
@@ -47,7 +60,7 @@ async def drain(aps: pgcast.AsyncPubSub, idle: float = 0.3) -> list[pgcast.Event
 
 
 async def take(aps: pgcast.AsyncPubSub, n: int, timeout: float = TIMEOUT) -> list[Any]:
-    """The next *n* events and markers, or fail."""
+    """The next *n* values (events and markers) of *aps*, or fail."""
     got: list[Any] = []
     deadline = time.monotonic() + timeout
     async for item in aps.events(select_timeout=0.05, yield_timeouts=True):
@@ -60,170 +73,315 @@ async def take(aps: pgcast.AsyncPubSub, n: int, timeout: float = TIMEOUT) -> lis
     pytest.fail(f"received {len(got)} of {n} within {timeout} s: last {got[-3:]}")
 
 
-def test_durable_notify_and_replay_since(dsn: str, unique_channel: str) -> None:
+def terminate(conn: Conn, pid: int) -> None:
+    """End the session *pid* and wait until it is gone."""
+    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    deadline = time.monotonic() + TIMEOUT
+    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+        if time.monotonic() > deadline:
+            pytest.fail(f"backend {pid} still alive {TIMEOUT} s after pg_terminate_backend")
+        time.sleep(0.01)
+
+
+def ids(events: list[Any]) -> list[int]:
+    return [e.id for e in events]
+
+
+# -- the schema --------------------------------------------------------------------------
+
+
+def test_install_schema_creates_it_once(fresh_dsn: str) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as c:
+            cur = await c.execute("SELECT to_regnamespace('pgcast')")
+            assert await cur.fetchone() == (None,)
+            assert await pgcast.aio.install_schema(c) == 0
+            assert await pgcast.aio.install_schema(c) == LATEST_VERSION  # idempotent
+            cur = await c.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'pgcast'")
+            assert {r[0] for r in await cur.fetchall()} == {"log", "consumers", "schema_version"}
+            cur = await c.execute("SELECT version FROM pgcast.schema_version")
+            assert await cur.fetchall() == [(v.version,) for v in MIGRATIONS]
+
+    arun(main())
+
+
+def test_install_schema_in_a_non_autocommit_connection(fresh_dsn: str) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_dsn) as c:
+            assert await pgcast.aio.install_schema(c) == 0  # its own transaction, committed
+        async with await psycopg.AsyncConnection.connect(fresh_dsn) as c:
+            await c.execute("SELECT 1")  # a transaction is open: install joins it (savepoint)
+            assert await pgcast.aio.install_schema(c) == LATEST_VERSION
+
+    arun(main())
+
+
+def test_concurrent_installs_take_turns(fresh_dsn: str) -> None:
+    n = 6
+    results: list[int] = []
+
+    async def main() -> None:
+        # Every connection is open before the first install starts.
+        conns = [await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True)
+                 for _ in range(n)]
+        try:
+
+            def installer(c: psycopg.AsyncConnection[Any]) -> Any:
+                async def install() -> None:
+                    results.append(await pgcast.aio.install_schema(c))
+
+                return install
+
+            runners = [astart(installer(c)) for c in conns]
+            for runner in runners:
+                await ajoin(runner, TIMEOUT)
+        finally:
+            for c in conns:
+                await c.close()
+
+    arun(main())
+    assert sorted(results) == [0] + [LATEST_VERSION] * (n - 1)
+
+
+def test_a_newer_schema_is_refused(fresh_dsn: str) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as c:
+            await pgcast.aio.install_schema(c)
+            await c.execute("INSERT INTO pgcast.schema_version VALUES (%s, 'from the future')",
+                            (LATEST_VERSION + 1,))
+            with pytest.raises(pgcast.SchemaError, match="newer than this pgcast knows"):
+                await pgcast.aio.install_schema(c)
+        async with await pgcast.aio.connect(fresh_dsn) as ps:
+            await ps.notify("c", "plain is fine")
+            with pytest.raises(pgcast.SchemaError, match="upgrade"):
+                await ps.notify("c", "x", durable=True)
+
+    arun(main())
+
+
+def test_pubsub_runs_no_ddl_unless_asked(fresh_dsn: str) -> None:
+    def schema_exists() -> bool:
+        with psycopg.connect(fresh_dsn, autocommit=True) as c:
+            return c.execute("SELECT to_regnamespace('pgcast')").fetchone() != (None,)
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(fresh_dsn) as ps:
+            await ps.notify("c", "plain")  # no schema needed
+            # Each door that needs the log: refused with the command to run,
+            # nothing created, the PubSub still usable.
+            with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+                await ps.notify("c", "kept", durable=True)
+            with pytest.raises(pgcast.SchemaError, match="install_schema=True"):
+                await ps.notify("c", "x" * 9000)
+            with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+                await ps.notify_many([("c", "a"), ("c", "y" * 9000)])
+            with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+                await ps.listen("c", durable=True)
+            assert not schema_exists()
+            await ps.listen("c")
+            await ps.notify("c", "after")
+            assert [e.payload for e in await take(ps, 1)] == ["after"]
+        # Asked for: the PubSub installs it when it first needs it.
+        async with await pgcast.aio.connect(fresh_dsn, install_schema=True) as ps:
+            await ps.notify("c", "plain")
+            assert not schema_exists()  # not before it is needed
+            assert await ps.notify("c", "kept", durable=True) == 1
+            with psycopg.connect(fresh_dsn, autocommit=True) as c:
+                assert log_rows(c, "c") == [(1, "kept")]
+        # Installed once (by pgcast init, here install_schema()): no opt-in needed.
+        async with await pgcast.aio.connect(fresh_dsn) as ps:
+            assert await ps.notify("c", "again", durable=True) == 2
+
+    arun(main())
+
+
+def test_a_role_that_may_not_install_is_told_to_run_init(fresh_dsn: str, conn: Conn) -> None:
+    role = f"pgcast_weak_{uuid.uuid4().hex[:8]}"
+    try:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    except psycopg.errors.InsufficientPrivilege:
+        pytest.skip("the test server's role may not create roles")
+
+    async def main() -> None:
+        weak = psycopg.conninfo.make_conninfo(fresh_dsn, user=role)
+        async with await pgcast.aio.connect(weak) as ps:
+            await ps.notify("c", "small is fine")
+            with pytest.raises(pgcast.SchemaError, match="pgcast init") as info:
+                await ps.notify("c", "x" * 9000)
+            assert "9000" not in str(info.value)  # names the problem, not the payload
+            with pytest.raises(pgcast.SchemaError, match="pgcast init"):
+                await ps.listen("c", durable=True)
+            # Nothing half-done: the PubSub is usable and the channel not durable.
+            await ps.listen("c")
+            await ps.notify("c", "after")
+            assert [e.payload for e in await take(ps, 1)] == ["after"]
+
+    try:
+        arun(main())
+    finally:
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_the_sql_functions_work_from_sql(
+    dsn: str, schema: None, unique_channel: str, conn: Conn
+) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen(unique_channel)
+            row = conn.execute("SELECT pgcast.notify(%s, 'from SQL')",
+                               (unique_channel,)).fetchone()
+            assert row is not None and isinstance(row[0], int)
+            plain = conn.execute("SELECT pgcast.notify(%s, 'plain', false)",
+                                 (unique_channel,)).fetchone()
+            assert plain == (None,)
+            conn.execute("SELECT pgcast.notify_many(ARRAY[%s, %s], ARRAY['a', 'b'])",
+                         (unique_channel, unique_channel))
+            got = await take(ps, 4)
+            assert [e.payload for e in got] == ["from SQL", "plain", "a", "b"]
+            assert got[0].id == row[0] and type(got[1]) is pgcast.Event
+            assert got[2].id < got[3].id
+            with pytest.raises(psycopg.errors.RaiseException,
+                               match="2 channels but 1 payloads"):
+                conn.execute("SELECT pgcast.notify_many(ARRAY['a', 'b'], ARRAY['x'])")
+
+    arun(main())
+
+
+# -- durable notify and replay ---------------------------------------------------------------
+
+
+def test_durable_notify_returns_increasing_ids(
+    dsn: str, schema: None, unique_channel: str, conn: Conn
+) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub:
+            a = await pub.notify(unique_channel, "a", durable=True)
+            b = await pub.notify(unique_channel, {"b": 2}, durable=True)
+            last = await pub.notify_many([(unique_channel, "c"), (unique_channel, "d")],
+                                         durable=True)
+            assert a is not None and b is not None and last is not None and a < b < last
+            assert await pub.notify(unique_channel, "plain") is None
+            assert log_rows(conn, unique_channel) == [
+                (a, "a"), (b, '{"b":2}'), (last - 1, "c"), (last, "d")]
+
+    arun(main())
+
+
+def test_durable_notify_and_replay_since(dsn: str, schema: None, unique_channel: str) -> None:
     async def main() -> None:
         async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
             first = await pub.notify(unique_channel, "1", durable=True)
             last = await pub.notify_many(
                 [(unique_channel, str(i)) for i in range(2, 5)], durable=True)
             assert first is not None and last == first + 3
-            assert await pub.notify(unique_channel, "plain") is None
-            await sub.listen(unique_channel, durable=True, since=first)
+            await sub.listen(unique_channel, durable=True, since=first)  # after the first
             await pub.notify(unique_channel, "5", durable=True)
             got = await take(sub, 4)
             assert [e.payload for e in got] == ["2", "3", "4", "5"]
-            assert [e.id for e in got] == list(range(first + 1, first + 5))
+            assert {type(e) for e in got} == {pgcast.DurableEvent}
+            assert ids(got) == list(range(first + 1, first + 5))
             assert await drain(sub) == []
 
     arun(main())
 
 
-def test_consumer_and_ack(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as pub:
-            await pub.notify_many([(unique_channel, str(i)) for i in range(4)], durable=True)
-            async with await pgcast.aio.connect(dsn) as worker:
-                await worker.listen(unique_channel, durable=True, consumer="aw", since=0)
-                got = await drain(worker)
-                assert [e.payload for e in got] == ["0", "1", "2", "3"]
-                await worker.ack(got[1])
-                with pytest.raises(TypeError):
-                    await worker.ack(pgcast.Event(unique_channel, "x", 1))
-            async with await pgcast.aio.connect(dsn) as worker:
-                await worker.listen(unique_channel, durable=True, consumer="aw")
-                assert [e.payload for e in await drain(worker)] == ["2", "3"]
-
-    arun(main())
-
-
-def test_many_batches_and_a_concurrent_publisher(dsn: str, unique_channel: str) -> None:
-    backlog, live = 2300, 300
-
+def test_listen_since_zero_replays_everything_kept(
+    dsn: str, schema: None, unique_channel: str
+) -> None:
     async def main() -> None:
         async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
-            await pub.notify_many([(unique_channel, f"b{i}") for i in range(backlog)],
-                                  durable=True)
-
-            async def publish() -> None:
-                async with await pgcast.aio.connect(dsn) as p:
-                    for i in range(live):
-                        await p.notify(unique_channel, f"l{i}", durable=True)
-
-            task = asyncio.create_task(publish())
-            await asyncio.sleep(0.02)
+            await pub.notify_many([(unique_channel, str(i)) for i in range(10)], durable=True)
             await sub.listen(unique_channel, durable=True, since=0)
-            got = await take(sub, backlog + live, timeout=60)
-            await task
-            assert await drain(sub) == []
-            assert [e.payload for e in got] == (
-                [f"b{i}" for i in range(backlog)] + [f"l{i}" for i in range(live)])
-            event_ids = [e.id for e in got]
-            assert event_ids == sorted(set(event_ids))
+            assert [e.payload for e in await drain(sub)] == [str(i) for i in range(10)]
 
-    arun(main(), timeout=90)
+    arun(main())
 
 
-def test_replay_across_a_reconnect_comes_before_the_marker(
-    dsn: str, unique_channel: str
+def test_durable_listen_without_since_starts_at_the_end(
+    dsn: str, schema: None, unique_channel: str
 ) -> None:
     async def main() -> None:
-        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub, \
-                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as admin:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await pub.notify(unique_channel, "old", durable=True)
             await sub.listen(unique_channel, durable=True)
-            pid = sub.backend_pid
-            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            for _ in range(2000):  # until the backend is gone (bounded: 20 s)
-                cur = await admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
-                                          (pid,))
-                if await cur.fetchone() is None:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                pytest.fail("the terminated backend did not go away")
-            for i in range(3):
-                await pub.notify(unique_channel, f"missed {i}", durable=True)
-            got = await take(sub, 4)
-            assert [e.payload for e in got[:3]] == ["missed 0", "missed 1", "missed 2"]
-            assert isinstance(got[3], pgcast.Reconnected)
-            assert sub.backend_pid != pid
+            await pub.notify(unique_channel, "new", durable=True)
+            assert [e.payload for e in await drain(sub)] == ["new"]
 
     arun(main())
 
 
-def test_async_schema_and_prune(dsn: str, unique_channel: str) -> None:
-    async def main() -> None:
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
-            assert await install_schema_async(c) == pgcast.durable.LATEST_VERSION
-            async with await pgcast.aio.connect(dsn) as pub:
-                await pub.notify(unique_channel, "x", durable=True)
-            assert await prune_async(c, older_than=timedelta(0), channel=unique_channel) == {
-                unique_channel: 1}
-
-    arun(main())
-
-
-def test_a_forged_reference_reads_no_other_channels_message(
-    dsn: str, conn: psycopg.Connection[Any], unique_channel: str
+def test_a_plain_listener_sees_durable_messages_with_ids(
+    dsn: str, schema: None, unique_channel: str
 ) -> None:
-    """The asyncio twin: a forged reference payload (raw SQL NOTIFY,
-    pg_notify) makes the listener fetch on its own channel only."""
-    private, public = unique_channel + ".private", unique_channel + ".public"
-    secret = "secret:" + "x" * INLINE_LIMIT
-
     async def main() -> None:
         async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
-            secret_id = await pub.notify(private, secret, durable=True)
-            assert secret_id is not None
-            forged = ref_payload(secret_id)
-            await sub.listen(public)
-            conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(public), forged))
-            conn.execute("SELECT pg_notify(%s, %s)", (public, forged))
-            await pub.notify(public, forged)
-            await pub.notify(public, "after")
+            await sub.listen(unique_channel)
+            sent = await pub.notify(unique_channel, "durable", durable=True)
+            await pub.notify(unique_channel, "plain")
             got = await take(sub, 2)
-            assert [e.payload for e in got] == [forged, "after"]
-            assert all("secret" not in e.payload for e in got)
+            assert got[0] == pgcast.DurableEvent(unique_channel, "durable", pub.backend_pid,
+                                                 sent or 0)
+            assert type(got[1]) is pgcast.Event and getattr(got[1], "id", None) is None
 
     arun(main())
 
 
-def test_a_forged_reference_never_moves_a_durable_position(
-    dsn: str, conn: psycopg.Connection[Any], unique_channel: str
+def test_replay_spans_many_batches_and_get_event(
+    dsn: str, schema: None, unique_channel: str
 ) -> None:
-    """The asyncio twin: forged references (raw NOTIFY, pg_notify,
-    pgcast.aio.notify, the AsyncPublisher) never move the position or ack()."""
-    huge, texts = 2**62, ["forged-a", "forged-b"]
+    n = 2500  # more than two replay batches of 1000
 
     async def main() -> None:
         async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
-            await sub.listen(unique_channel, durable=True, consumer="forge-test")
-            first = await pub.notify(unique_channel, "one", durable=True)
-            assert first is not None
-            refs = [ref_payload(huge, texts[0]), ref_payload(first + 1, texts[1]),
-                    ref_payload(huge + 1)]
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as app:
-                for ref in refs:
-                    conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(unique_channel),
-                                                                 ref))
-                    conn.execute("SELECT pg_notify(%s, %s)", (unique_channel, ref))
-                    await pgcast.aio.notify(app, unique_channel, ref)
-            async with await pgcast.AsyncPublisher.connect(dsn) as publisher:
-                for ref in refs:
-                    await publisher.publish(unique_channel, ref)
-                await publisher.flush()
-            second = await pub.notify(unique_channel, "two", durable=True)
-            got: list[Any] = []
-            for _ in range(100):
-                got += [e for e in await take(sub, 1) if isinstance(e, pgcast.Event)]
-                if got[-1].payload == "two":
+            await pub.notify_many([(unique_channel, str(i)) for i in range(n)], durable=True)
+            await sub.listen(unique_channel, durable=True, since=0)
+            got: list[pgcast.Event] = []
+            deadline = time.monotonic() + TIMEOUT
+            while len(got) < n and time.monotonic() < deadline:
+                event = await sub.get_event()  # never waits, yet replays batch after batch
+                if isinstance(event, pgcast.Event):
+                    got.append(event)
+            assert [e.payload for e in got] == [str(i) for i in range(n)]
+
+    arun(main())
+
+
+def test_ignore_own_and_rollback(dsn: str, schema: None, unique_channel: str) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, \
+                await pgcast.aio.connect(dsn) as other:
+            await pub.listen(unique_channel, durable=True)
+            await pub.notify(unique_channel, "mine", durable=True)
+            await other.notify(unique_channel, "theirs", durable=True)
+            with pytest.raises(RuntimeError):
+                async with pub.transaction():
+                    await pub.notify(unique_channel, "rolled back", durable=True)
+                    raise RuntimeError
+            await other.notify(unique_channel, "end", durable=True)
+            got = []
+            async for e in pub.events(select_timeout=0.05, ignore_own=True):
+                assert e is not None
+                got.append(e.payload)
+                if e.payload == "end":
                     break
-            payloads = [e.payload for e in got]
-            assert payloads[0] == "one" and payloads[-1] == "two"
-            assert not set(texts) & set(payloads), payloads
-            await sub.ack(got[-1])
-        row = conn.execute("SELECT position FROM pgcast.consumers WHERE name = 'forge-test' "
-                           "AND channel = %s", (unique_channel,)).fetchone()
-        assert row is not None and row[0] == second
+            assert got == ["theirs", "end"]
+
+    arun(main())
+
+
+def test_unlisten_and_listen_again(dsn: str, schema: None, unique_channel: str) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await sub.listen(unique_channel, durable=True)
+            a = await pub.notify(unique_channel, "a", durable=True)
+            assert [e.payload for e in await take(sub, 1)] == ["a"]
+            await sub.listen(unique_channel, durable=True)  # the same again: nothing to do
+            with pytest.raises(ValueError, match="already listened to durably"):
+                await sub.listen(unique_channel, durable=True, since=0)
+            await sub.unlisten(unique_channel)
+            await pub.notify(unique_channel, "while away", durable=True)
+            await sub.listen(unique_channel, durable=True, since=a)
+            assert [e.payload for e in await drain(sub)] == ["while away"]
 
     arun(main())
 
@@ -238,3 +396,399 @@ def test_notify_many_refuses_what_is_not_a_pair(dsn: str, unique_channel: str) -
             await ps.notify(unique_channel, "still usable")
 
     arun(main())
+
+
+# -- named consumers ------------------------------------------------------------------------
+
+
+def test_consumer_resumes_after_what_it_acknowledged(
+    dsn: str, schema: None, unique_channel: str
+) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub:
+            for i in range(5):
+                await pub.notify(unique_channel, str(i), durable=True)
+            async with await pgcast.aio.connect(dsn) as worker:
+                await worker.listen(unique_channel, durable=True, consumer="cache", since=0)
+                got = await drain(worker)
+                assert [e.payload for e in got] == ["0", "1", "2", "3", "4"]
+                await worker.ack(got[2])
+                await worker.ack(got[1])  # acknowledgements only move forward
+            await pub.notify(unique_channel, "5", durable=True)
+            async with await pgcast.aio.connect(dsn) as worker:
+                await worker.listen(unique_channel, durable=True, consumer="cache")
+                assert [e.payload for e in await drain(worker)] == ["3", "4", "5"]
+                await worker.listen(unique_channel)  # already listened: nothing changes
+            # Another consumer keeps its own position; a new one starts at the end.
+            async with await pgcast.aio.connect(dsn) as other:
+                await other.listen(unique_channel, durable=True, consumer="audit")
+                await pub.notify(unique_channel, "6", durable=True)
+                assert [e.payload for e in await drain(other)] == ["6"]
+
+    arun(main())
+
+
+def test_consumer_positions_are_in_the_database(
+    dsn: str, schema: None, unique_channel: str, conn: Conn
+) -> None:
+    async def main() -> int | None:
+        async with await pgcast.aio.connect(dsn) as pub, \
+                await pgcast.aio.connect(dsn) as worker:
+            sent = await pub.notify(unique_channel, "x", durable=True)
+            await worker.listen(unique_channel, durable=True, consumer="w", since=0)
+            (event,) = await drain(worker)
+            await worker.ack(event)
+            return sent
+
+    sent = arun(main())
+    row = conn.execute(
+        "SELECT position FROM pgcast.consumers WHERE name = 'w' AND channel = %s",
+        (unique_channel,),
+    ).fetchone()
+    assert row == (sent,)
+
+
+def test_ack_errors(dsn: str, schema: None, unique_channel: str) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await sub.listen(unique_channel, durable=True)
+            await pub.notify(unique_channel, "x", durable=True)
+            (event,) = await take(sub, 1)
+            with pytest.raises(ValueError, match="not listened to with a consumer"):
+                await sub.ack(event)
+            with pytest.raises(TypeError, match="only events of durable channels"):
+                await sub.ack(pgcast.Event(unique_channel, "x", 1))
+            with pytest.raises(ValueError,
+                               match="already listened to durably; unlisten it first"):
+                await sub.listen("other_" + unique_channel[-8:], unique_channel,
+                                 durable=True, consumer="b")
+            assert sub.listening_channels() == {unique_channel}
+
+    arun(main())
+
+
+# -- switch-over and commit order against PostgreSQL ----------------------------------------
+
+
+def test_switch_over_under_concurrent_publishers(
+    dsn: str, schema: None, unique_channel: str
+) -> None:
+    """Publishers keep committing while a listener replays a backlog and goes
+    live: every message arrives once, in id order, each publisher's in its order."""
+    backlog = 2500
+    per_publisher, publishers = 400, 4
+
+    def publisher(k: int) -> Any:
+        async def publish() -> None:
+            async with await pgcast.aio.connect(dsn) as p:
+                for i in range(per_publisher):
+                    await p.notify(unique_channel, f"{k}:{i}", durable=True)
+
+        return publish
+
+    async def main() -> list[Any]:
+        async with await pgcast.aio.connect(dsn) as pub:
+            await pub.notify_many([(unique_channel, f"b:{i}") for i in range(backlog)],
+                                  durable=True)
+        async with await pgcast.aio.connect(dsn) as sub:
+            runners = [astart(publisher(k)) for k in range(publishers)]
+            await apause(0.05)  # publishers are running
+            await sub.listen(unique_channel, durable=True, since=0)
+            got = await take(sub, backlog + per_publisher * publishers, timeout=60)
+            for runner in runners:
+                await ajoin(runner, TIMEOUT)
+            assert await drain(sub) == []
+            return got
+
+    got = arun(main(), timeout=120)
+    event_ids = ids(got)
+    assert event_ids == sorted(set(event_ids))  # increasing: no duplicate, in order
+    payloads = [e.payload for e in got]
+    assert payloads[:backlog] == [f"b:{i}" for i in range(backlog)]
+    for k in range(publishers):
+        mine = [p for p in payloads if p.startswith(f"{k}:")]
+        assert mine == [f"{k}:{i}" for i in range(per_publisher)]
+
+
+def test_a_later_id_cannot_commit_first(dsn: str, schema: None, unique_channel: str) -> None:
+    """Transaction A draws its id and stays open; B, on the same channel,
+    waits for A (the advisory lock), so ids follow commit order and a replay
+    that starts meanwhile misses neither."""
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as a, await pgcast.aio.connect(dsn) as b, \
+                await pgcast.aio.connect(dsn) as sub:
+            b_id: list[int | None] = []
+
+            async def publish_b() -> None:
+                b_id.append(await b.notify(unique_channel, "B", durable=True))
+
+            async with a.transaction():
+                a_id = await a.notify(unique_channel, "A", durable=True)
+                runner = astart(publish_b)
+                await apause(0.5)
+                assert b_id == []  # B waits for A's commit
+                await sub.listen(unique_channel, durable=True, since=0)  # replay, A open
+            await ajoin(runner, TIMEOUT)
+            assert a_id is not None and b_id[0] is not None
+            assert a_id < b_id[0]
+            assert [e.payload for e in await take(sub, 2)] == ["A", "B"]
+            assert await drain(sub) == []
+
+    arun(main())
+
+
+def test_other_channels_are_not_held_up(dsn: str, schema: None, unique_channel: str) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as a, await pgcast.aio.connect(dsn) as b, \
+                a.transaction():
+            await a.notify(unique_channel, "A", durable=True)
+            started = time.monotonic()
+            await b.notify(unique_channel + "_other", "B", durable=True)
+            assert time.monotonic() - started < 5  # not waiting for A
+
+    arun(main())
+
+
+def test_many_batches_and_a_concurrent_publisher(
+    dsn: str, schema: None, unique_channel: str
+) -> None:
+    backlog, live = 2300, 300
+
+    async def publish() -> None:
+        async with await pgcast.aio.connect(dsn) as p:
+            for i in range(live):
+                await p.notify(unique_channel, f"l{i}", durable=True)
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await pub.notify_many([(unique_channel, f"b{i}") for i in range(backlog)],
+                                  durable=True)
+            runner = astart(publish)
+            await apause(0.02)
+            await sub.listen(unique_channel, durable=True, since=0)
+            got = await take(sub, backlog + live, timeout=60)
+            await ajoin(runner, TIMEOUT)
+            assert await drain(sub) == []
+            assert [e.payload for e in got] == (
+                [f"b{i}" for i in range(backlog)] + [f"l{i}" for i in range(live)])
+            event_ids = ids(got)
+            assert event_ids == sorted(set(event_ids))
+
+    arun(main(), timeout=90)
+
+
+# -- across reconnects ------------------------------------------------------------------------
+
+
+def test_messages_sent_while_disconnected_are_replayed_before_the_marker(
+    dsn: str, schema: None, unique_channel: str, conn: Conn
+) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await sub.listen(unique_channel, durable=True)
+            await sub.listen(unique_channel + "_plain")
+            await pub.notify(unique_channel, "before", durable=True)
+            assert [e.payload for e in await take(sub, 1)] == ["before"]
+            pid = sub.backend_pid
+            terminate(conn, pid)
+            for i in range(5):
+                await pub.notify(unique_channel, f"missed {i}", durable=True)
+            await pub.notify(unique_channel + "_plain", "lost for good")
+            got = await take(sub, 6)
+            assert [e.payload for e in got[:5]] == [f"missed {i}" for i in range(5)]
+            assert isinstance(got[5], pgcast.Reconnected)
+            assert sub.backend_pid != pid
+            await pub.notify(unique_channel, "after", durable=True)
+            assert [e.payload for e in await drain(sub)] == ["after"]
+
+    arun(main())
+
+
+def test_a_long_gap_goes_on_after_the_marker(
+    dsn: str, schema: None, unique_channel: str, conn: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pgcast.durable._core, "BATCHES_BEFORE_MARKER", 1)
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await sub.listen(unique_channel, durable=True)
+            terminate(conn, sub.backend_pid)
+            await pub.notify_many([(unique_channel, str(i)) for i in range(2500)],
+                                  durable=True)
+            got = await take(sub, 2501)
+            marker = [i for i, e in enumerate(got) if isinstance(e, pgcast.Reconnected)]
+            assert marker == [1000]  # one batch before the marker, the rest after it
+            payloads = [e.payload for e in got if not isinstance(e, pgcast.Reconnected)]
+            assert payloads == [str(i) for i in range(2500)]
+            assert await drain(sub) == []
+
+    arun(main())
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+def test_prune_by_age_and_keep_last(dsn: str, schema: None, unique_channel: str) -> None:
+    other = unique_channel + "_b"
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, \
+                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c, \
+                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as look:
+            sent = [await pub.notify(unique_channel, str(i), durable=True) or 0
+                    for i in range(6)]
+            sent_b = [await pub.notify(other, str(i), durable=True) or 0 for i in range(3)]
+            with psycopg.connect(dsn, autocommit=True) as plain:
+                age(plain, unique_channel, sent[:4], 8)  # 0..3 are 8 days old
+                age(plain, other, sent_b, 8)
+
+            async def kept() -> list[str]:
+                cur = await look.execute(
+                    "SELECT payload FROM pgcast.log WHERE channel = %s ORDER BY id",
+                    (unique_channel,))
+                return [r[0] for r in await cur.fetchall()]
+
+            # keep_last protects the newest of each channel whatever their age.
+            deleted = await pgcast.aio.prune(c, keep_last=5, channel=unique_channel)
+            assert deleted == {unique_channel: 1}
+            assert await kept() == ["1", "2", "3", "4", "5"]
+            # The default: older than 7 days, on every channel.
+            deleted = await pgcast.aio.prune(c)
+            assert deleted[unique_channel] == 3 and deleted[other] == 3
+            assert await kept() == ["4", "5"]
+            # Age 0 with keep_last: exactly the last N.
+            assert await pgcast.aio.prune(c, older_than=timedelta(0), keep_last=1,
+                                     channel=unique_channel) == {unique_channel: 1}
+            assert await kept() == ["5"]
+            assert await pgcast.aio.prune(c, older_than=None, keep_last=0,
+                                     channel=unique_channel) == {unique_channel: 1}
+            assert await pgcast.aio.prune(c, channel=unique_channel) == {}
+
+    arun(main())
+
+
+def test_prune_without_the_schema(fresh_dsn: str) -> None:
+    async def main() -> None:
+        c = await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True)
+        try:
+            with pytest.raises(pgcast.SchemaError, match="not installed"):
+                await pgcast.aio.prune(c)
+        finally:
+            await c.close()
+
+    arun(main())
+
+
+def test_a_referenced_payload_pruned_before_it_is_read_is_skipped(
+    dsn: str, schema: None, conn: Conn, unique_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await sub.listen(unique_channel)
+            await pub.notify(unique_channel, "x" * 10_000)
+            await pub.notify(unique_channel, "end")
+            # The payload is fetched as the event is handed out: delete it first.
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+                await pgcast.aio.prune(c, older_than=timedelta(0), channel=unique_channel)
+            with caplog.at_level(logging.WARNING, logger="pgcast"):
+                assert [e.payload for e in await take(sub, 1)] == ["end"]
+
+    arun(main())
+    assert "is not in the log (pruned before it could be read" in caplog.text
+
+
+# -- forged references ------------------------------------------------------------------------
+
+
+def test_a_forged_reference_reads_no_other_channels_message(
+    dsn: str, conn: Conn, unique_channel: str, schema: None
+) -> None:
+    """A plain NOTIFY whose payload imitates a log reference (raw SQL, the
+    SQL function pg_notify) names a message of another channel: the listener
+    fetches on its own channel only, so the private payload never reaches it.
+    Sent through pgcast, the same text is an ordinary payload, delivered as is."""
+    private, public = unique_channel + ".private", unique_channel + ".public"
+    secret = "secret:" + "x" * INLINE_LIMIT  # too large to ride inline: fetched by id
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            secret_id = await pub.notify(private, secret, durable=True)
+            assert secret_id is not None
+            forged = ref_payload(secret_id)
+            await sub.listen(public)
+            conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(public), forged))
+            conn.execute("SELECT pg_notify(%s, %s)", (public, forged))
+            await pub.notify(public, forged)  # pgcast sends it through the log, as text
+            await pub.notify(public, "after")
+            got = await take(sub, 2)
+            assert [e.payload for e in got] == [forged, "after"]
+            assert not [e for e in got if "secret" in e.payload]
+
+    arun(main())
+
+
+async def forge_everywhere(conn: Conn, dsn: str, channel: str, near: int) -> list[str]:
+    """Send reference payloads naming a huge id and the next few ids by every
+    door a plain sender has; returns the inline texts used."""
+    texts = [f"forged-{i}" for i in range(4)]
+    refs = [ref_payload(2**62, texts[0]), ref_payload(near + 1, texts[1]),
+            ref_payload(near + 2, texts[2]), ref_payload(2**62 + 5), ref_payload(near + 3)]
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as app:
+        for ref in refs:
+            conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(channel), ref))
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, ref))
+            await pgcast.aio.notify(app, channel, ref)
+    if True:  # ASYNC
+        publisher = await pgcast.AsyncPublisher.connect(dsn)
+    else:
+        publisher = pgcast.Publisher(dsn)
+    async with publisher:
+        for ref in refs:
+            await publisher.publish(channel, ref)
+        await publisher.flush()
+    return texts
+
+
+def test_a_forged_reference_never_moves_a_durable_position(
+    dsn: str, conn: Conn, unique_channel: str, schema: None
+) -> None:
+    """Issue 12 item 1(b): a forged reference with a huge (or a guessed next)
+    id moved the durable position, so real messages were dropped as
+    duplicates, and ack() stored the forged position. Now a reference is only
+    a hint to read the log: only rows read move the position."""
+
+    async def main() -> int | None:
+        async with await pgcast.aio.connect(dsn) as pub, await pgcast.aio.connect(dsn) as sub:
+            await sub.listen(unique_channel, durable=True, consumer="forge-test")
+            first = await pub.notify(unique_channel, "one", durable=True)
+            assert first is not None
+            texts = await forge_everywhere(conn, dsn, unique_channel, first)
+            await pub.notify_many([(unique_channel, ref_payload(2**62, "many"))])
+            second = await pub.notify(unique_channel, "two", durable=True)
+            got: list[Any] = []
+            for _ in range(100):
+                got += [e for e in await take(sub, 1) if isinstance(e, pgcast.Event)]
+                if got[-1].payload == "two":
+                    break
+            payloads = [e.payload for e in got]
+            assert payloads[0] == "one" and payloads[-1] == "two"
+            assert not set(texts) & set(payloads), payloads  # no forged text as a message
+            logged = {i for i, _ in log_rows(conn, unique_channel)}
+            assert not [e for e in got if getattr(e, "id", None) not in logged], "not in the log"
+            await sub.ack(got[-1])
+            return second
+
+    second = arun(main())
+    row = conn.execute("SELECT position FROM pgcast.consumers WHERE name = 'forge-test' "
+                       "AND channel = %s", (unique_channel,)).fetchone()
+    assert row is not None and row[0] == second
+
+    async def again() -> None:
+        async with await pgcast.aio.connect(dsn) as pub, \
+                await pgcast.aio.connect(dsn) as resumed:
+            await resumed.listen(unique_channel, durable=True, consumer="forge-test")
+            await pub.notify(unique_channel, "three", durable=True)
+            assert [e.payload for e in await drain(resumed)] == ["three"]
+
+    arun(again())

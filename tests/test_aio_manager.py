@@ -184,7 +184,7 @@ def test_events_already_received_are_yielded_first(dsn: str) -> None:
     arun(body())
 
 
-def test_notify_from_another_task_on_a_managed_connection(dsn: str) -> None:
+def test_a_notify_while_the_manager_waits_on_the_connection(dsn: str) -> None:
     async def body() -> None:
         ch = channel()
         async with pubsubs(dsn) as open_:
@@ -470,7 +470,7 @@ def test_clearing_the_set_ends_the_iteration(dsn: str) -> None:
     arun(body())
 
 
-def test_a_connection_added_from_another_task_wakes_the_manager(dsn: str) -> None:
+def test_a_connection_added_while_the_manager_waits_wakes_it(dsn: str) -> None:
     async def body() -> None:
         chans = [channel() for _ in range(2)]
         async with pubsubs(dsn) as open_:
@@ -833,5 +833,92 @@ def test_waiting_on_idle_connections_burns_no_cpu(dsn: str) -> None:
                 assert await anext(nm) is None
                 used = time.process_time() - cpu
             assert used < 0.2, f"{used:.3f} s of CPU for 1 s of waiting: polling?"
+
+    arun(body())
+
+
+# -- the twins of test_manager.py's iteration and connection-set tests ----------------
+
+
+def test_the_manager_is_its_own_iterator(dsn: str) -> None:
+    async def body() -> None:
+        async with pubsubs(dsn) as open_, NotificationManager(await open_()) as nm:
+            assert aiter(nm) is nm
+
+    arun(body())
+
+
+def test_settimeout_while_iterating_takes_effect(dsn: str) -> None:
+    async def body() -> None:
+        async with pubsubs(dsn) as open_, \
+                NotificationManager(await open_(channel()), timeout=0.1) as nm:
+            assert await anext(nm) is None
+            nm.settimeout(0.4)
+            start = time.monotonic()
+            assert await anext(nm) is None
+            assert time.monotonic() - start >= 0.3
+
+    arun(body())
+
+
+def test_timeout_set_to_zero_inside_the_loop_ends_after_a_poll(dsn: str, conn: Conn) -> None:
+    async def body() -> None:
+        ch = channel()
+        async with pubsubs(dsn) as open_:
+            aps = await open_(ch)
+            values: list[Value] = []
+            async with NotificationManager(aps, timeout=0.1) as nm:
+                async for x in nm:
+                    values.append(x)
+                    if x is None:
+                        notify(conn, ch, "pending")
+                        settle(aps)
+                        nm.settimeout(0)
+                    assert len(values) < 10
+            assert values[0] is None
+            assert [(x[0], [e.payload for e in x[1]]) for x in values[1:] if x] == [
+                (aps, ["pending"])]
+
+    arun(body())
+
+
+def test_replacing_the_set(dsn: str, conn: Conn) -> None:
+    async def body() -> None:
+        chans = [channel() for _ in range(2)]
+        async with pubsubs(dsn) as open_:
+            a, b = [await open_(ch) for ch in chans]
+            async with NotificationManager(a, timeout=0.2) as nm:
+                nm.connections = {b}
+                assert isinstance(nm.connections, set) and nm.connections == {b}
+                notify(conn, chans[0], "to a")
+                notify(conn, chans[1], "to b")
+                got = events_of(await take(nm, 1))
+                assert got == [(b, chans[1], "to b")]
+                assert a.wake_callback is None
+
+    arun(body())
+
+
+def test_reusing_the_descriptor_of_a_closed_connection(dsn: str, conn: Conn) -> None:
+    # When a managed connection is closed, the system may give its socket's
+    # number to the next connection opened; that one must be watched (the
+    # event loop's reader for the old socket must not stand for the new one).
+    async def body() -> None:
+        ch = channel()
+        async with pubsubs(dsn) as open_:
+            old = await open_()
+            async with NotificationManager(old, timeout=0.1) as nm:
+                assert await anext(nm) is None
+                fd = old.fileno()
+                await old.close()
+                for _ in range(5):  # the number goes to one of the next sockets opened
+                    new = await open_(ch)
+                    if new.fileno() == fd:
+                        break
+                assert new.fileno() == fd, "the descriptor was not reused: nothing to test"
+                nm.connections.add(new)
+                notify(conn, ch, "on the new one")
+                assert events_of(await take(nm, 1)) == [(new, ch, "on the new one")]
+                assert nm.garbage == {old}
 
     arun(body())

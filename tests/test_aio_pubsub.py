@@ -245,6 +245,15 @@ def test_wait_none_yields_events_only(dsn: str, unique_channel: str) -> None:
     arun(body())
 
 
+def test_wait_refuses_a_negative_timeout(dsn: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            with pytest.raises(ValueError):
+                ps.wait(timeout=-1)
+
+    arun(body())
+
+
 def test_wait_positive_yields_idle_events(dsn: str, conn: Conn, unique_channel: str) -> None:
     async def body() -> None:
         async with await pgcast.aio.connect(dsn) as ps:

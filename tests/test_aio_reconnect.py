@@ -1,19 +1,38 @@
-"""Reconnect of the asyncio PubSub against real PostgreSQL: the twin of
-test_reconnect.py (terminations, restarts, outages, reconnect=False)."""
+"""Reconnect against real PostgreSQL, the same in both flavours: written once
+for asyncio; tests/test_reconnect.py, the same tests for the sync flavour, is
+generated from this file by tools/async_to_sync.py (edit this one, then run
+the script).
+
+Backend terminations, server restarts, notify during an outage,
+reconnect=False, hooks and callbacks. Tests that stop or restart a server
+use a dedicated one (``own_server``), so the session's server is never
+disturbed. *conn* is a plain sync psycopg connection in both flavours: the
+"other session" that ends backends and sends.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 import pgcast
 import pgcast.aio
-from _eventwait import arun
-from _faults import FAST, RECONNECT_TIMEOUT, auntil, dedicated_server, markers, payloads, terminate
+from _eventwait import ajoin, apause, arun, astart
+from _faults import (
+    FAST,
+    RECONNECT_TIMEOUT,
+    auntil,
+    dedicated_server,
+    failing_coroutine_callback,
+    markers,
+    payloads,
+    terminate,
+)
 from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -29,28 +48,47 @@ def own_server(pg_server: EmbeddedServer | None) -> Iterator[EmbeddedServer]:
 
 @pytest.fixture
 def running(own_server: EmbeddedServer) -> EmbeddedServer:
+    """The dedicated server, running at the start of the test (and after)."""
     if not own_server.is_running:
         own_server.start()
     return own_server
 
 
+async def until_true(condition: Callable[[], bool], what: str) -> None:
+    """Let the other task (or thread) run until *condition* holds; fail after
+    RECONNECT_TIMEOUT seconds."""
+    deadline = time.monotonic() + RECONNECT_TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {RECONNECT_TIMEOUT} s")
+        await apause(0.02)
+
+
 def test_terminated_backend_gives_a_marker_then_events_flow_again(
     dsn: str, conn: Conn, unique_channel: str
 ) -> None:
+    before = datetime.now(UTC)
+
     async def body() -> None:
-        async with await pgcast.aio.connect(dsn, health_check_interval=0) as aps:
-            await aps.listen(unique_channel)
-            old = aps.backend_pid
-            terminate(conn, old)
-            got = await auntil(aps, pgcast.Reconnected)
+        async with await pgcast.aio.connect(dsn, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            old_pid = ps.backend_pid
+            terminate(conn, old_pid)
+            got = await auntil(ps, pgcast.Reconnected)
             assert payloads(got) == []
-            marker = markers(got)[0]
-            assert marker.lost_at <= marker.restored_at
-            assert aps.backend_pid != old
-            assert aps.generation == 1
-            assert not aps.closed
+            marker = got[-1]
+            assert isinstance(marker, pgcast.Reconnected)
+            assert before <= marker.lost_at <= marker.restored_at <= datetime.now(UTC)
+            assert marker.downtime.total_seconds() >= 0
+            assert marker.attempts >= 1
+            assert "lost" in marker.error
+            assert ps.backend_pid != old_pid
+            assert ps.generation == 1
+            assert ps.listening_channels() == {unique_channel}
+            assert not ps.closed
+            # The marker means every channel is LISTENed again: this arrives.
             conn.execute("SELECT pg_notify(%s, 'after')", (unique_channel,))
-            assert payloads(await auntil(aps, "after")) == ["after"]
+            assert payloads(await auntil(ps, "after")) == ["after"]
 
     arun(body())
 
@@ -59,34 +97,86 @@ def test_a_marker_after_every_one_of_five_terminations(
     dsn: str, conn: Conn, unique_channel: str
 ) -> None:
     async def body() -> None:
-        async with await pgcast.aio.connect(dsn, health_check_interval=0) as aps:
-            await aps.listen(unique_channel)
+        async with await pgcast.aio.connect(dsn, health_check_interval=0) as ps:
+            await ps.listen(unique_channel, unique_channel + "_b")
+            pids = {ps.backend_pid}
             for round_ in range(5):
-                terminate(conn, aps.backend_pid)
-                assert len(markers(await auntil(aps, pgcast.Reconnected))) == 1
-                conn.execute("SELECT pg_notify(%s, %s)", (unique_channel, f"r{round_}"))
-                assert payloads(await auntil(aps, f"r{round_}")) == [f"r{round_}"]
-            assert aps.generation == 5
+                terminate(conn, ps.backend_pid)
+                got = await auntil(ps, pgcast.Reconnected)
+                assert len(markers(got)) == 1, got
+                pids.add(ps.backend_pid)
+                conn.execute("SELECT pg_notify(%s, %s)", (unique_channel + "_b", f"r{round_}"))
+                assert payloads(await auntil(ps, f"r{round_}")) == [f"r{round_}"]
+            assert len(pids) == 6
+            assert ps.generation == 5
+
+    arun(body())
+
+
+def test_events_read_before_the_loss_are_kept(dsn: str, conn: Conn, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            conn.execute("SELECT pg_notify(%s, 'before')", (unique_channel,))
+            assert payloads(await auntil(ps, "before")) == ["before"]
+            conn.execute("SELECT pg_notify(%s, 'pending')", (unique_channel,))
+            deadline = time.monotonic() + RECONNECT_TIMEOUT
+            while not ps._core.inbox and time.monotonic() < deadline:
+                await ps._fill(0.05)  # read it into the inbox without handing it out
+            assert ps._core.inbox, "the notification did not arrive"
+            terminate(conn, ps.backend_pid)
+            got = await auntil(ps, pgcast.Reconnected)
+            assert payloads(got) == ["pending"]
+
+    arun(body())
+
+
+def test_get_event_reconnects_and_returns_the_marker(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            deadline = time.monotonic() + RECONNECT_TIMEOUT
+            item = None
+            while item is None and time.monotonic() < deadline:
+                item = await ps.get_event()
+                await apause(0.02)  # polling is what get_event() is for
+            assert isinstance(item, pgcast.Reconnected), item
+            assert ps.generation == 1
 
     arun(body())
 
 
 def test_reconnect_false_raises_connection_lost(dsn: str, conn: Conn, unique_channel: str) -> None:
     async def body() -> None:
-        async with await pgcast.aio.connect(
-            dsn, reconnect=False, health_check_interval=0
-        ) as aps:
-            await aps.listen(unique_channel)
-            terminate(conn, aps.backend_pid)
+        async with await pgcast.aio.connect(dsn, reconnect=False, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            deadline = time.monotonic() + RECONNECT_TIMEOUT
+            with pytest.raises(pgcast.ConnectionLostError, match="connection to PostgreSQL lost"):
+                async for _ in ps.events(select_timeout=0.05, yield_timeouts=True):
+                    assert time.monotonic() < deadline, "the loss was not noticed"
+            assert ps.closed
+            with pytest.raises(pgcast.ConnectionLostError):
+                await ps.get_event()
+            with pytest.raises(pgcast.ConnectionLostError):
+                await ps.notify(unique_channel, "x")
+
+    arun(body())
+
+
+def test_reconnect_false_get_event_raises(dsn: str, conn: Conn, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn, reconnect=False, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
             deadline = time.monotonic() + RECONNECT_TIMEOUT
             with pytest.raises(pgcast.ConnectionLostError):
-                async for _ in aps.events(select_timeout=0.05, yield_timeouts=True):
-                    assert time.monotonic() < deadline, "the loss was not noticed"
-            assert aps.closed
-            with pytest.raises(pgcast.ConnectionLostError):
-                await aps.get_event()
-            with pytest.raises(pgcast.ConnectionLostError):
-                await aps.notify(unique_channel, "x")
+                while time.monotonic() < deadline:
+                    await ps.get_event()
+                    await apause(0.02)
 
     arun(body())
 
@@ -94,112 +184,252 @@ def test_reconnect_false_raises_connection_lost(dsn: str, conn: Conn, unique_cha
 def test_notify_after_a_termination_reconnects_and_sends(
     dsn: str, conn: Conn, unique_channel: str
 ) -> None:
+    # Nobody iterates: the notifying caller notices the loss and reconnects.
     async def body() -> None:
-        async with await pgcast.aio.connect(dsn, health_check_interval=0) as aps:
-            await aps.listen(unique_channel)
-            terminate(conn, aps.backend_pid)
-            await asyncio.sleep(0.2)  # let the server's goodbye reach the socket
-            await aps.notify(unique_channel, "sent-after-loss")
-            got = await auntil(aps, "sent-after-loss")
+        async with await pgcast.aio.connect(dsn, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            await apause(0.2)  # let the server's goodbye reach the socket
+            await ps.notify(unique_channel, "sent-after-loss")
+            got = await auntil(ps, "sent-after-loss")
             assert len(markers(got)) == 1
+            assert got.index(markers(got)[0]) < len(got) - 1  # the marker comes first
 
     arun(body())
 
 
-def test_async_on_reconnect_and_hooks_run_before_the_marker(
+def test_on_reconnect_runs_after_relisten_and_before_the_marker(
     dsn: str, conn: Conn, unique_channel: str
 ) -> None:
-    order: list[str] = []
+    calls: list[pgcast.Reconnected] = []
+    listening_at_call: list[bool] = []
+    pubsubs: list[pgcast.AsyncPubSub] = []
 
     async def on_reconnect(marker: pgcast.Reconnected) -> None:
-        await asyncio.sleep(0)
-        order.append("on_reconnect")
-
-    async def hook(aps: pgcast.AsyncPubSub) -> None:
-        usage = await aps.queue_usage()  # commands work on the new connection
-        assert 0.0 <= usage <= 1.0
-        order.append("hook")
-        aps._core.inbox.append(pgcast.Event(unique_channel, "replayed", 0))
+        calls.append(marker)
+        # The channel is LISTENed again already: this notification is received.
+        conn.execute("SELECT pg_notify(%s, 'from-callback')", (unique_channel,))
+        listening_at_call.append(unique_channel in pubsubs[0].listening_channels())
 
     async def body() -> None:
         async with await pgcast.aio.connect(
             dsn, health_check_interval=0, on_reconnect=on_reconnect
-        ) as aps:
-            await aps.listen(unique_channel)
-            aps.add_reconnect_hook(hook)
-            terminate(conn, aps.backend_pid)
-            got = await auntil(aps, pgcast.Reconnected)
-            assert order == ["hook", "on_reconnect"]
-            assert payloads(got) == ["replayed"]
+        ) as ps:
+            pubsubs.append(ps)
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            got = await auntil(ps, pgcast.Reconnected)
+            assert calls == markers(got)
+            assert listening_at_call == [True]
+            if "from-callback" not in payloads(got):
+                got += await auntil(ps, "from-callback")
+            assert "from-callback" in payloads(got)
 
     arun(body())
 
 
-def test_explicit_reconnect_and_get_event(dsn: str, conn: Conn, unique_channel: str) -> None:
+def test_on_reconnect_may_be_a_coroutine_function_and_may_fail(
+    dsn: str, conn: Conn, unique_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+    on_reconnect = failing_coroutine_callback(seen)  # a coroutine function in both flavours
+
     async def body() -> None:
-        async with await pgcast.aio.connect(dsn, health_check_interval=0) as aps:
-            await aps.listen(unique_channel)
-            marker = await aps.reconnect()
-            assert await aps.get_event() == marker
-            terminate(conn, aps.backend_pid)
-            deadline = time.monotonic() + RECONNECT_TIMEOUT
-            item = None
-            while item is None and time.monotonic() < deadline:
-                item = await aps.get_event()
-                await asyncio.sleep(0.02)  # polling is what get_event() is for
-            assert isinstance(item, pgcast.Reconnected)
-            assert aps.generation == 2
-
-    arun(body())
-
-
-def test_run_survives_a_termination(dsn: str, conn: Conn, unique_channel: str) -> None:
-    async def body() -> None:
-        received: list[str] = []
-        arrived = asyncio.Event()
-        reconnected = asyncio.Event()
-
-        async def handler(event: pgcast.Event) -> None:
-            received.append(event.payload)
-            arrived.set()
-
         async with await pgcast.aio.connect(
-            dsn, health_check_interval=0, on_reconnect=lambda m: reconnected.set()
-        ) as aps:
-            await aps.subscribe(unique_channel, handler)
-            runner = asyncio.create_task(aps.run())
+            dsn, health_check_interval=0, on_reconnect=on_reconnect
+        ) as ps:
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            await auntil(ps, pgcast.Reconnected)  # still delivered
+
+    arun(body())
+    assert seen == ["async"]
+    assert "on_reconnect failed" in caplog.text
+
+
+def test_reconnect_hooks_run_before_the_marker(dsn: str, conn: Conn, unique_channel: str) -> None:
+    order: list[str] = []
+
+    async def on_reconnect(marker: pgcast.Reconnected) -> None:
+        await apause(0)
+        order.append("on_reconnect")
+
+    async def hook(ps: pgcast.AsyncPubSub) -> None:
+        # Hooks may run commands on the new connection (durable replay does).
+        usage = await ps.queue_usage()
+        assert 0.0 <= usage <= 1.0
+        order.append(f"hook:{len(ps._core.inbox)}")
+        ps._core.inbox.append(pgcast.Event(unique_channel, "replayed", 0))
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(
+            dsn, health_check_interval=0, on_reconnect=on_reconnect
+        ) as ps:
+            await ps.listen(unique_channel)
+            ps.add_reconnect_hook(hook)
+            with pytest.raises(TypeError):
+                ps.add_reconnect_hook("not callable")  # type: ignore[arg-type]
+            terminate(conn, ps.backend_pid)
+            got = await auntil(ps, pgcast.Reconnected)
+            assert order == ["hook:0", "on_reconnect"]
+            assert payloads(got) == ["replayed"]  # appended by the hook: before the marker
+
+    arun(body())
+
+
+def test_explicit_reconnect(dsn: str, conn: Conn, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn, reconnect=False, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            old = ps.backend_pid
+            marker = await ps.reconnect()
+            assert marker.error == "reconnect() was called"
+            assert ps.backend_pid != old
+            assert await ps.get_event() == marker
+            conn.execute("SELECT pg_notify(%s, 'x')", (unique_channel,))
+            assert payloads(await auntil(ps, "x")) == ["x"]
+        with pytest.raises(pgcast.ClosedError):
+            await ps.reconnect()
+
+    arun(body())
+
+
+def test_ignore_own_keeps_ignoring_after_a_reconnect(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            await auntil(ps, pgcast.Reconnected)
+            await ps.notify(unique_channel, "mine")
+            conn.execute("SELECT pg_notify(%s, 'theirs')", (unique_channel,))
+            got = []
+            deadline = time.monotonic() + RECONNECT_TIMEOUT
+            async for item in ps.events(select_timeout=0.05, yield_timeouts=True,
+                                        ignore_own=True):
+                if item is not None:
+                    got.append(item)
+                    break
+                assert time.monotonic() < deadline
+            assert payloads(got) == ["theirs"]
+
+    arun(body())
+
+
+def test_runner_handlers_survive_a_termination(dsn: str, conn: Conn, unique_channel: str) -> None:
+    received: list[str] = []
+    reconnected: list[pgcast.Reconnected] = []
+
+    async def handler(event: pgcast.Event) -> None:
+        received.append(event.payload)
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(
+            dsn, health_check_interval=0, on_reconnect=reconnected.append
+        ) as ps:
+            await ps.subscribe(unique_channel, handler)
+            if True:  # ASYNC
+                runner = astart(ps.run)
+                stop = ps.stop
+            else:
+                runner = ps.run_in_thread()
+                stop = runner.stop
             try:
-                terminate(conn, aps.backend_pid)
-                await asyncio.wait_for(reconnected.wait(), RECONNECT_TIMEOUT)
+                terminate(conn, ps.backend_pid)
+                await until_true(lambda: bool(reconnected), "no reconnect")
                 conn.execute("SELECT pg_notify(%s, 'after')", (unique_channel,))
-                await asyncio.wait_for(arrived.wait(), RECONNECT_TIMEOUT)
+                await until_true(lambda: "after" in received, f"not delivered: {received}")
             finally:
-                aps.stop()
-                await asyncio.wait_for(runner, 10)
+                stop()
+            if True:  # ASYNC
+                await ajoin(runner)  # raises what run() raised
+            else:
+                assert runner.exception is None
             assert received == ["after"]
 
     arun(body())
 
 
+def test_bad_arguments_are_refused(dsn: str) -> None:
+    async def body() -> None:
+        with pytest.raises(TypeError, match="reconnect must be True or False"):
+            await pgcast.aio.connect(dsn, reconnect="yes")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"reconnect_backoff must be a pgcast\.Backoff"):
+            await pgcast.aio.connect(dsn, reconnect_backoff=3)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="health_check_interval must be >= 0"):
+            await pgcast.aio.connect(dsn, health_check_interval=-1)
+        with pytest.raises(ValueError, match="notify_timeout must be >= 0"):
+            await pgcast.aio.connect(dsn, notify_timeout=-1)
+        with pytest.raises(TypeError, match="on_reconnect must be callable"):
+            await pgcast.aio.connect(dsn, on_reconnect=42)  # type: ignore[arg-type]
+
+    arun(body())
+
+
+# -- server restarts (a dedicated server) --------------------------------------
+# The server is stopped and started by blocking calls, in asyncio too: nothing
+# else needs the event loop meanwhile; a delayed start runs in a timer thread.
+
+
 @pytest.mark.slow
-def test_server_restart_and_notify_during_the_outage(
+def test_server_restart_gives_a_marker(running: EmbeddedServer, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(
+            running.dsn, health_check_interval=0, reconnect_backoff=FAST
+        ) as ps:
+            await ps.listen(unique_channel)
+            running.restart()
+            got = await auntil(ps, pgcast.Reconnected)
+            assert len(markers(got)) == 1
+            with psycopg.connect(running.dsn, autocommit=True) as c:
+                c.execute("SELECT pg_notify(%s, 'back')", (unique_channel,))
+            assert payloads(await auntil(ps, "back")) == ["back"]
+
+    arun(body(), timeout=110)
+
+
+@pytest.mark.slow
+def test_listener_waits_out_a_stopped_server(running: EmbeddedServer, unique_channel: str) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(
+            running.dsn, health_check_interval=0, reconnect_backoff=FAST
+        ) as ps:
+            await ps.listen(unique_channel)
+            running.stop()
+            starter = threading.Timer(1.5, running.start)
+            starter.start()
+            try:
+                got = await auntil(ps, pgcast.Reconnected, timeout=60)
+            finally:
+                starter.join(60)
+            marker = markers(got)[0]
+            assert marker.attempts > 1  # the first attempts found no server
+            assert marker.downtime.total_seconds() >= 1.0
+
+    arun(body(), timeout=110)
+
+
+@pytest.mark.slow
+def test_notify_during_an_outage_waits_and_succeeds(
     running: EmbeddedServer, unique_channel: str
 ) -> None:
     async def body() -> None:
         async with await pgcast.aio.connect(
             running.dsn, health_check_interval=0, reconnect_backoff=FAST, notify_timeout=60
-        ) as aps:
-            await aps.listen(unique_channel)
-            await asyncio.to_thread(running.stop)
-            starter = asyncio.create_task(asyncio.to_thread(_start_later, running, 1.5))
+        ) as ps:
+            await ps.listen(unique_channel)
+            running.stop()
+            starter = threading.Timer(1.5, running.start)
+            starter.start()
             try:
-                await aps.notify(unique_channel, "waited")  # waits for the server
+                started = time.monotonic()
+                await ps.notify(unique_channel, "waited")  # waits until the server is back
+                assert time.monotonic() - started >= 1.0
             finally:
-                await asyncio.wait_for(starter, 60)
-            got = await auntil(aps, "waited")
-            assert len(markers(got)) == 1
-            await asyncio.to_thread(running.restart)
-            assert len(markers(await auntil(aps, pgcast.Reconnected))) == 1
+                starter.join(60)
+            got = await auntil(ps, "waited")
+            assert len(markers(got)) == 1  # re-LISTENed before sending: received
 
     arun(body(), timeout=110)
 
@@ -211,20 +441,78 @@ def test_notify_during_an_outage_fails_clearly_after_the_timeout(
     async def body() -> None:
         async with await pgcast.aio.connect(
             running.dsn, health_check_interval=0, reconnect_backoff=FAST, notify_timeout=1.0
-        ) as aps:
-            await aps.listen(unique_channel)
-            await asyncio.to_thread(running.stop)
+        ) as ps:
+            await ps.listen(unique_channel)
+            running.stop()
             try:
-                with pytest.raises(pgcast.NotSentError, match=r"not sent.*notify_timeout=1 s"):
-                    await aps.notify(unique_channel, "lost?")
+                with pytest.raises(pgcast.NotSentError, match="notify_timeout=1 s") as info:
+                    await ps.notify(unique_channel, "lost?")
+                assert "not sent" in str(info.value)
+                assert isinstance(info.value, pgcast.ConnectionLostError)
             finally:
-                await asyncio.to_thread(running.start)
-            await aps.notify(unique_channel, "later")
-            assert "lost?" not in payloads(await auntil(aps, "later"))
+                running.start()
+            await ps.notify(unique_channel, "later")  # usable again once the server is back
+            got = await auntil(ps, "later")
+            assert "lost?" not in payloads(got)
 
     arun(body(), timeout=110)
 
 
-def _start_later(server: EmbeddedServer, delay: float) -> None:
-    time.sleep(delay)
-    server.start()
+@pytest.mark.slow
+def test_notify_from_another_thread_while_the_listener_reconnects(
+    running: EmbeddedServer, unique_channel: str
+) -> None:
+    """In asyncio, from another task: the notifying caller waits for the
+    reconnect the iterating one is doing."""
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(
+            running.dsn, health_check_interval=0, reconnect_backoff=FAST, notify_timeout=60
+        ) as ps:
+            await ps.listen(unique_channel)
+
+            async def publish() -> None:
+                await apause(0.5)
+                await ps.notify(unique_channel, "from-thread")
+
+            running.stop()
+            publisher = astart(publish)
+            starter = threading.Timer(1.5, running.start)
+            starter.start()
+            try:
+                got = await auntil(ps, "from-thread", timeout=60)
+            finally:
+                await ajoin(publisher, 60)
+                starter.join(60)
+            assert len(markers(got)) == 1
+
+    arun(body(), timeout=110)
+
+
+@pytest.mark.slow
+def test_close_ends_iteration_while_reconnecting(
+    running: EmbeddedServer, unique_channel: str
+) -> None:
+    async def body() -> None:
+        ps = await pgcast.aio.connect(running.dsn, health_check_interval=0,
+                                      reconnect_backoff=FAST)
+        await ps.listen(unique_channel)
+        ended: list[bool] = []
+
+        async def iterate() -> None:
+            async for _ in ps.events(select_timeout=0.05):
+                pass
+            ended.append(True)
+
+        running.stop()
+        try:
+            iterating = astart(iterate)
+            await apause(1.0)  # the iterating side is retrying against a stopped server
+            assert not ended
+            await ps.close()
+            await ajoin(iterating, 10)  # ended, and without an error
+            assert ended == [True]
+        finally:
+            running.start()
+
+    arun(body(), timeout=110)

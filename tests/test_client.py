@@ -1,84 +1,44 @@
-"""The synchronous PubSub (:mod:`pgcast.client`) against real PostgreSQL.
+# Generated from tests/test_aio.py by tools/async_to_sync.py: do not edit.
+# Edit the source, then run `python tools/async_to_sync.py`.
+"""A PubSub's connection and its end, the same in both flavours: written once
+for asyncio; tests/test_client.py, the same tests for the sync flavour, is
+generated from this file by tools/async_to_sync.py (edit this one, then run
+the script).
 
-Each test proves one sentence of the foundation's contract (issue 2): the API
-calls, the seeds' LISTEN/NOTIFY semantics, exact channel names, payload
-limits, transactions, batch publishing and connection errors. The callback
-interface is in test_callbacks.py, threads in test_threads.py, the asyncio
-twin in test_aio.py.
-
-To show that something is *not* delivered, a test sends it and then a
-sentinel from the same session, and checks everything received up to the
-sentinel: PostgreSQL delivers one session's notifications in order.
+Connect errors that are a pgcast error with the server's message and never
+a hang, iteration that yields only events, a closed PubSub refusing every
+use, waking on the socket, and close() racing notify(). The rest of the
+PubSub's contract is in test_aio_pubsub.py, test_aio_wire.py and
+test_aio_receive.py (the same way).
 """
 
 from __future__ import annotations
 
-import inspect
-import selectors
 import socket
 import statistics
-import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
 
 import _hba
 import pgcast
-from _eventwait import collect, collect_until
+import pgcast.aio
+from _eventwait import join_thread, pause, run_sync, start_thread
 from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-password_role = _hba.password_role  # a fixture, shared by test_client/test_aio
-
-#: A bound for "never blocks" / "returns at once", not a benchmark.
-IMMEDIATE = 0.05
+password_role = _hba.password_role  # a fixture
 
 
-@pytest.fixture
-def ps(dsn: str) -> Iterator[pgcast.PubSub]:
-    with pgcast.connect(dsn) as pubsub:
-        yield pubsub
-
-
-def server_channels(conn: Conn) -> set[str]:
-    """The session's LISTENs, less the health check's own probe channel."""
-    rows = conn.execute("SELECT pg_listening_channels()")
-    return {r[0] for r in rows if not r[0].startswith("pgcast.probe.")}
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-def connect_kwargs(dsn: str) -> dict[str, Any]:
-    """*dsn* as the keyword arguments of psycopg.connect."""
-    return dict(conninfo_to_dict(dsn))
-
-
-# -- connect -------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
+def send(dsn: str, channel: str, *payloads: str) -> None:
+    """Send *payloads* on *channel* from a session of its own."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+        for payload in payloads:
+            pgcast.notify(c, channel, payload)
 
 
 # -- connect errors: a pgcast error with the server's message, never a hang ----
@@ -87,14 +47,17 @@ def connect_kwargs(dsn: str) -> dict[str, Any]:
 def test_server_that_never_answers_times_out() -> None:
     # A socket that accepts TCP connections but never speaks: without
     # connect_timeout, libpq would wait for the server's reply forever.
-    with socket.socket() as mute:
-        mute.bind(("127.0.0.1", 0))
-        mute.listen(8)
-        port = mute.getsockname()[1]
+
+    def body(port: int) -> None:
         start = time.monotonic()
         with pytest.raises(pgcast.ConnectError, match="timeout"):
             pgcast.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=1)
         assert time.monotonic() - start < 10
+
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        run_sync(body(mute.getsockname()[1]), timeout=15)
 
 
 def test_wrong_password_raises_connect_error(
@@ -102,201 +65,44 @@ def test_wrong_password_raises_connect_error(
 ) -> None:
     role, password = password_role
     base = f"127.0.0.1:{server.port}/postgres"
-    with pytest.raises(
-        pgcast.ConnectError, match=f'password authentication failed for user "{role}"'
-    ):
-        pgcast.connect(f"postgresql://{role}:wrong@{base}")
-    with pgcast.connect(f"postgresql://{role}:{password}@{base}") as ps:
-        assert ps.backend_pid > 0
 
+    def body() -> None:
+        with pytest.raises(
+            pgcast.ConnectError, match=f'password authentication failed for user "{role}"'
+        ):
+            pgcast.connect(f"postgresql://{role}:wrong@{base}")
+        with pgcast.connect(f"postgresql://{role}:{password}@{base}") as ps:
+            assert ps.backend_pid > 0
 
-# -- listen / unlisten / listening_channels ------------------------------------
-
-
-def test_listen_many_channels_costs_no_more_round_trips_than_one(ps: pgcast.PubSub) -> None:
-    one = trace(ps, lambda: ps.listen("c"))
-    many = trace(ps, lambda: ps.listen(*(f"c{i}" for i in range(50))))
-    assert many.count("ReadyForQuery") == one.count("ReadyForQuery") <= 2
-    assert len(ps.listening_channels()) == 51
-
-
-# -- notify ----------------------------------------------------------------------
-
-
-def test_notify_payloads(ps: pgcast.PubSub, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    ps.notify(unique_channel)
-    ps.notify(unique_channel, "shipped 42")
-    ps.notify(unique_channel, {"id": 42, "state": "shipped"})
-    ps.notify(unique_channel, [1, "two", None])
-    ps.notify(unique_channel, "ünïcödé ✓")
-    events = collect(ps, 5)
-    assert [e.payload for e in events] == [
-        "", "shipped 42", '{"id":42,"state":"shipped"}', '[1,"two",null]', "ünïcödé ✓"
-    ]
-    assert events[2].json() == {"id": 42, "state": "shipped"}
-    assert events[3].json() == [1, "two", None]
-    assert all(e.channel == unique_channel and e.pid == ps.backend_pid for e in events)
-    channel, payload, pid = events[1]
-    assert (channel, payload, pid) == (unique_channel, "shipped 42", ps.backend_pid)
+    run_sync(body())
 
 
 # -- receiving ---------------------------------------------------------------------
 
 
-def test_get_event_never_blocks(ps: pgcast.PubSub, conn: Conn, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    for _ in range(5):
-        start = time.monotonic()
-        assert ps.get_event() is None
-        assert time.monotonic() - start < IMMEDIATE
-    pgcast.notify(conn, unique_channel, "1")
-    pgcast.notify(conn, unique_channel, "2")
-    got: list[pgcast.Event] = []
-    deadline = time.monotonic() + 10
-    while len(got) < 2 and time.monotonic() < deadline:
-        event = ps.get_event()
-        if event is None:
-            wait_readable(ps, 0.1)
-        else:
-            assert isinstance(event, pgcast.Event)
-            got.append(event)
-    assert [e.payload for e in got] == ["1", "2"]
-    assert ps.get_event() is None
+def test_events_without_yield_timeouts_only_yields_events(dsn: str, unique_channel: str) -> None:
 
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            for iterate in (lambda: ps.events(select_timeout=0.05), lambda: ps.wait(None)):
+                sender = threading.Timer(0.3, send, (dsn, unique_channel, "late"))
+                sender.start()
+                try:
+                    for event in iterate():
+                        first = event
+                        break
+                finally:
+                    sender.join(10)
+                assert isinstance(first, pgcast.Event) and first.payload == "late"
 
-def wait_readable(ps: pgcast.PubSub, timeout: float) -> None:
-    with selectors.DefaultSelector() as sel:
-        sel.register(ps.connection.fileno(), selectors.EVENT_READ)
-        sel.select(timeout)
-
-
-def test_events_without_yield_timeouts_only_yields_events(
-    ps: pgcast.PubSub, dsn: str, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    sender = threading.Timer(0.4, lambda: send(dsn, unique_channel, "late"))
-    sender.start()
-    try:
-        first = next(iter(ps.events(select_timeout=0.05)))
-    finally:
-        sender.join(10)
-    assert isinstance(first, pgcast.Event) and first.payload == "late"
-
-
-def send(dsn: str, channel: str, *payloads: str) -> None:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
-        for payload in payloads:
-            pgcast.notify(c, channel, payload)
-
-
-def test_wait_zero_yields_what_is_pending_and_ends(
-    ps: pgcast.PubSub, conn: Conn, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    start = time.monotonic()
-    assert list(ps.wait(timeout=0)) == []
-    assert time.monotonic() - start < IMMEDIATE
-    for i in range(3):
-        pgcast.notify(conn, unique_channel, str(i))
-    wait_readable(ps, 10)
-    time.sleep(0.05)  # let all three reach the socket
-    assert [e.payload for e in ps.wait(0) if isinstance(e, pgcast.Event)] == ["0", "1", "2"]
-    assert list(ps.wait(0)) == []
-
-
-@pytest.mark.parametrize("how", ["events", "wait"])
-def test_breaking_out_loses_nothing(
-    ps: pgcast.PubSub, conn: Conn, unique_channel: str, how: str
-) -> None:
-    ps.listen(unique_channel)
-    for i in range(5):
-        pgcast.notify(conn, unique_channel, str(i))
-    iterator = ps.events(select_timeout=10) if how == "events" else ps.wait(timeout=10)
-    for event in iterator:  # and break out of it
-        first = event
-        break
-    assert isinstance(first, pgcast.Event) and first.payload == "0"
-    assert [e.payload for e in collect(ps, 4)] == ["1", "2", "3", "4"]
-
-
-def test_backend_pid_and_ignore_own(ps: pgcast.PubSub, conn: Conn, unique_channel: str) -> None:
-    row = ps.connection.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None and ps.backend_pid == row[0]
-    ps.listen(unique_channel)
-    ps.notify(unique_channel, "mine")
-    pgcast.notify(conn, unique_channel, "theirs")
-    ps.notify(unique_channel, "mine again")
-    pgcast.notify(conn, unique_channel, "theirs again")
-    got = []
-    for event in ps.events(select_timeout=10, ignore_own=True):
-        assert isinstance(event, pgcast.Event)
-        got.append(event)
-        if len(got) == 2:
-            break
-    assert [e.payload for e in got] == ["theirs", "theirs again"]
-    assert {e.pid for e in got} == {conn.info.backend_pid}
-
-
-# -- close ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "use",
-    [
-        lambda ps: ps.listen("x"),
-        lambda ps: ps.unlisten("x"),
-        lambda ps: ps.unlisten(),
-        lambda ps: ps.notify("x", "p"),
-        lambda ps: ps.notify_many([("x", "p")]),
-        lambda ps: ps.get_event(),
-        lambda ps: next(iter(ps.events())),
-        lambda ps: next(iter(ps.wait(0))),
-        lambda ps: ps.transaction().__enter__(),
-        lambda ps: ps.run_in_thread(),
-        lambda ps: ps.subscribe("x", print),
-    ],
-)
-def test_using_a_closed_pubsub_raises_closed_error(
-    dsn: str, use: Callable[[pgcast.PubSub], object]
-) -> None:
-    ps = pgcast.connect(dsn)
-    ps.close()
-    with pytest.raises(pgcast.ClosedError, match="closed"):
-        use(ps)
-
-
-def test_closing_ends_iteration_in_another_thread(dsn: str) -> None:
-    ps = pgcast.connect(dsn)
-    ps.listen("x")
-    ended = threading.Event()
-    errors: list[BaseException] = []
-
-    def iterate() -> None:
-        try:
-            for _ in ps.events(select_timeout=30):
-                pass
-        except BaseException as exc:
-            errors.append(exc)
-        ended.set()
-
-    thread = threading.Thread(target=iterate, daemon=True)
-    try:
-        thread.start()
-        time.sleep(0.1)
-    finally:
-        ps.close()
-    assert ended.wait(5), "iteration did not end when the PubSub was closed"
-    thread.join(5)
-    assert errors == []
-
-
-# -- waking on the socket ----------------------------------------------------------
+    run_sync(body())
 
 
 def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
     # select_timeout=30: an event can only arrive promptly if the wait ends
-    # on the socket becoming readable, not on a timer.
+    # on the socket becoming readable, not on a timer. The sender is a
+    # thread with a session of its own in both flavours.
     rounds = 50
     ready = threading.Event()
     sent_at: list[float] = []
@@ -308,284 +114,85 @@ def test_receiving_wakes_on_the_socket(dsn: str, unique_channel: str) -> None:
                 if not ready.wait(10):
                     return
                 ready.clear()
-                time.sleep(0.002)  # let the listener block in select()
+                time.sleep(0.002)  # let the listener block on its socket
                 sent_at.append(time.perf_counter())
                 pgcast.notify(c, unique_channel, str(i))
 
-    with pgcast.connect(dsn) as ps:
-        ps.listen(unique_channel)
-        thread = threading.Thread(target=sender, daemon=True)
-        thread.start()
-        ready.set()
-        for event in ps.events(select_timeout=30, yield_timeouts=True):
-            assert isinstance(event, pgcast.Event), "no event within 30 s"
-            latencies.append(time.perf_counter() - sent_at[int(event.payload)])
-            if len(latencies) == rounds:
-                break
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            thread = threading.Thread(target=sender, daemon=True)
+            thread.start()
             ready.set()
-        thread.join(10)
-    assert statistics.median(latencies) < 0.020, sorted(latencies)
+            for event in ps.events(select_timeout=30, yield_timeouts=True):
+                assert isinstance(event, pgcast.Event), "no event within 30 s"
+                latencies.append(time.perf_counter() - sent_at[int(event.payload)])
+                if len(latencies) == rounds:
+                    break
+                ready.set()
+            thread.join(10)
+
+    run_sync(body())
+    assert statistics.median(latencies) < 0.02, sorted(latencies)
 
 
-def test_waiting_idle_burns_no_cpu(ps: pgcast.PubSub, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    cpu = time.process_time()
-    values = []
-    for value in ps.events(select_timeout=0.5, yield_timeouts=True):
-        values.append(value)
-        break
-    assert values == [None]
-    # A sleep-and-poll loop would spin; waiting on the socket uses no CPU.
-    assert time.process_time() - cpu < 0.1
+# -- close ---------------------------------------------------------------------
+
+USES: list[Callable[[pgcast.PubSub], object]] = [
+    lambda ps: ps.listen("x"),
+    lambda ps: ps.unlisten("x"),
+    lambda ps: ps.unlisten(),
+    lambda ps: ps.notify("x", "p"),
+    lambda ps: ps.notify_many([("x", "p")]),
+    lambda ps: ps.get_event(),
+    lambda ps: ps.events().__next__(),
+    lambda ps: ps.wait(0).__next__(),
+    lambda ps: ps.transaction().__enter__(),
+    lambda ps: ps.subscribe("x", print),
+]
+USES.append(lambda ps: ps.run_in_thread())
 
 
-RECEIVING_PATH = ("get_event", "events", "wait", "_drive", "_fill", "_read")
-
-
-@pytest.mark.parametrize("cls", [pgcast.PubSub, pgcast.AsyncPubSub])
-def test_no_sleep_in_the_receiving_code(cls: type) -> None:
-    import pgcast._core
-
-    functions: list[Any] = [getattr(cls, name) for name in RECEIVING_PATH]
-    functions += [pgcast._core.plan, pgcast._core.Core.read, pgcast._core.Core.take]
-    for function in functions:
-        assert "sleep(" not in inspect.getsource(function), function.__qualname__
-
-
-# -- channel names are exact ---------------------------------------------------------
-
-
-def test_channel_names_are_exact(
-    ps: pgcast.PubSub, conn: Conn, psql: Callable[..., str]
+@pytest.mark.parametrize("use", USES)
+def test_using_a_closed_pubsub_raises_closed_error(
+    dsn: str, use: Callable[[pgcast.PubSub], object]
 ) -> None:
-    ps.listen("Prices")
-    pgcast.notify(conn, "Prices", "via pg_notify")
-    conn.execute("SELECT pg_notify('Prices', 'via SQL pg_notify')")
-    conn.execute("SELECT pg_notify('prices', 'lower case')")
-    psql("""NOTIFY Prices, 'unquoted'; NOTIFY "Prices", 'quoted'; NOTIFY "Prices", 'end'""")
-    got = collect_until(ps, "end")
-    assert [e.payload for e in got] == ["via pg_notify", "via SQL pg_notify", "quoted", "end"]
-    assert {e.channel for e in got} == {"Prices"}
 
+    def body() -> None:
+        ps = pgcast.connect(dsn)
+        ps.listen("x")
+        ps.close()
+        with pytest.raises(pgcast.ClosedError, match="closed"):
+            use(ps)
 
-INJECTION = 'x"; DROP TABLE users; --'
-
-
-def test_injection_name_is_just_a_channel(ps: pgcast.PubSub, conn: Conn) -> None:
-    # A temporary table of the listener's own session: the one an injected
-    # DROP TABLE users would hit, and invisible to other tests.
-    ps.connection.execute("CREATE TEMP TABLE users (name text)")
-    ps.connection.execute("INSERT INTO users VALUES ('alice')")
-    ps.listen(INJECTION)
-    assert ps.listening_channels() == {INJECTION}
-    assert server_channels(ps.connection) == {INJECTION}
-    pgcast.notify(conn, INJECTION, "from another session")
-    ps.notify(INJECTION, "from itself")
-    got = collect(ps, 2)
-    assert [(e.channel, e.payload) for e in got] == [
-        (INJECTION, "from another session"), (INJECTION, "from itself")
-    ]
-    ps.unlisten(INJECTION)
-    assert server_channels(ps.connection) == set()
-    row = ps.connection.execute("SELECT name FROM users").fetchone()
-    assert row == ("alice",)
-
-
-@pytest.mark.parametrize(
-    "name", ["", "a" * 64, "チャンネル" * 4 + "名前", "nul\x00name"],
-    ids=["empty", "64-ascii", "22-chars-66-bytes", "nul"],
-)
-def test_invalid_names_raise_before_anything_is_sent(
-    ps: pgcast.PubSub, conn: Conn, name: str, unique_channel: str
-) -> None:
-    ps.listen(unique_channel)
-    calls: list[Callable[[], object]] = [
-        lambda: ps.listen("fine", name),
-        lambda: ps.unlisten(unique_channel, name),
-        lambda: ps.notify(name, "p"),
-        lambda: ps.notify_many([(unique_channel, "no"), (name, "p")]),
-        lambda: ps.subscribe(name, print),
-        lambda: ps.unsubscribe(name),
-        lambda: pgcast.notify(conn, name, "p"),
-    ]
-
-    def attempt_all() -> None:
-        for call in calls:
-            with pytest.raises(ValueError) as info:
-                call()
-            assert isinstance(info.value, pgcast.InvalidChannelError)
-
-    assert trace(ps, attempt_all) == [], "something was sent"
-    # The valid names in the same calls took no effect either.
-    assert ps.listening_channels() == {unique_channel}
-    assert server_channels(ps.connection) == {unique_channel}
-    ps.notify(unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["end"]
-
-
-# -- payload limits ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [
-        ("a" * 8000, (pgcast.PayloadTooLargeError,
-                      "8000 bytes in UTF-8; NOTIFY payloads must be under 8000")),
-        ("é" * 4000, (pgcast.PayloadTooLargeError, "8000 bytes")),
-        ({"k": "x" * 9000}, (pgcast.PayloadTooLargeError, "9008 bytes")),
-        ("a" * 100_000, (pgcast.PayloadTooLargeError, "100000 bytes")),
-        ("nul\x00inside", (pgcast.PayloadError, "NUL")),
-    ],
-    ids=["8000-ascii", "8000-bytes-4000-chars", "json", "100k", "nul"],
-)
-def test_payload_limits_and_the_connection_stays_usable(
-    ps: pgcast.PubSub,
-    conn: Conn,
-    unique_channel: str,
-    payload: pgcast.Payload,
-    expected: tuple[type[Exception], str],
-) -> None:
-    error, message = expected
-    # pgcast.notify(conn, ...) is plain NOTIFY: the limit is NOTIFY's.
-    # (PubSub.notify accepts any size: what NOTIFY cannot carry goes through
-    # the durable log; see test_durable*. NUL it refuses, below.)
-    ps.listen(unique_channel)
-    with pytest.raises(error, match=message) as info:
-        pgcast.notify(conn, unique_channel, payload)
-    if isinstance(info.value, pgcast.PayloadTooLargeError):
-        assert info.value.limit == 8000
-    # The connection is still usable, and nothing was sent.
-    pgcast.notify(conn, unique_channel, "after")
-    pgcast.notify(conn, unique_channel, "end")
-    assert [e.payload for e in collect_until(ps, "end")] == ["after", "end"]
-
-
-# -- transactions ------------------------------------------------------------------------
-
-
-def test_application_transaction_freshports_pattern(
-    ps: pgcast.PubSub, dsn: str, unique_channel: str
-) -> None:
-    table = f"ports_{uuid.uuid4().hex[:8]}"
-    ps.listen(unique_channel)
-    with psycopg.connect(dsn, connect_timeout=10) as app:  # not autocommit
-        app.execute(f"CREATE TABLE {table} (name text)")
-        app.commit()
-        try:
-            app.execute(f"INSERT INTO {table} VALUES ('rolled back')")
-            pgcast.notify(app, unique_channel, "rolled back")
-            app.rollback()
-            app.execute(f"INSERT INTO {table} VALUES ('committed')")
-            pgcast.notify(app, unique_channel, {"port": "committed"})
-            assert ps.get_event() is None  # not before the commit
-            app.commit()
-            [event] = collect(ps, 1)
-            assert event.json() == {"port": "committed"}
-            assert event.pid == app.info.backend_pid
-            # The listener sees the data the notification announces.
-            rows = ps.connection.execute(f"SELECT name FROM {table}").fetchall()
-            assert rows == [("committed",)]
-            app.execute(f"SELECT pg_notify('{unique_channel}', 'end')")
-            app.commit()
-            assert [e.payload for e in collect_until(ps, "end")] == ["end"]
-        finally:
-            app.rollback()
-            app.execute(f"DROP TABLE {table}")
-            app.commit()
-
-
-# -- the seeds' semantics ----------------------------------------------------------------
-
-
-def test_after_unlisten_nothing_more_arrives(
-    ps: pgcast.PubSub, conn: Conn, unique_channel: str
-) -> None:
-    other = unique_channel + "_other"
-    ps.listen(unique_channel, other)
-    # Already read into the inbox but not handed out:
-    for i in range(3):
-        pgcast.notify(conn, unique_channel, f"read {i}")
-    wait_readable(ps, 10)
-    time.sleep(0.05)
-    first = ps.get_event()
-    assert isinstance(first, pgcast.Event) and first.payload == "read 0"
-    # Still on the socket, unread, when unlisten is called:
-    pgcast.notify(conn, unique_channel, "unread")
-    wait_readable(ps, 10)
-    ps.unlisten(unique_channel)
-    assert ps.get_event() is None
-    pgcast.notify(conn, unique_channel, "after")
-    pgcast.notify(conn, other, "end")
-    got = collect_until(ps, "end")
-    assert [(e.channel, e.payload) for e in got] == [(other, "end")]
-
-
-def test_psql_notify_arrives_with_psql_s_pid(
-    ps: pgcast.PubSub, psql: Callable[..., str]
-) -> None:
-    ps.listen("data")
-    out = psql("NOTIFY data, 'green'", "-Atq", "--command=SELECT pg_backend_pid()")
-    psql_pid = int(out.strip())
-    [event] = collect(ps, 1)
-    assert event == ("data", "green", psql_pid)
-    assert event.pid != ps.backend_pid
-
-
-# -- notify_many --------------------------------------------------------------------------
-
-
-def test_notify_many_is_one_round_trip(ps: pgcast.PubSub, unique_channel: str) -> None:
-    ps.listen(unique_channel)
-    messages = trace(ps, lambda: ps.notify_many((unique_channel, str(i)) for i in range(200)))
-    assert messages.count("Sync") + messages.count("Query") == 1
-    assert messages.count("ReadyForQuery") == 1
-    assert len(collect(ps, 200)) == 200
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def trace(ps: pgcast.PubSub, action: Callable[[], object]) -> list[str]:
-    """The protocol messages (names only) exchanged while *action* runs."""
-    pgconn = ps.connection.pgconn
-    with tempfile.TemporaryFile("w+") as f:
-        pgconn.trace(f.fileno())
-        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-        try:
-            action()
-        finally:
-            pgconn.untrace()
-        f.seek(0)
-        return [line.split("\t")[2] for line in f.read().splitlines() if line.count("\t") >= 2]
-
-
-def test_trace_helper_sees_messages(ps: pgcast.PubSub) -> None:
-    assert trace(ps, lambda: ps.unlisten("nothing")) == []
-    assert trace(ps, lambda: ps.notify("traced"))[-1] == "ReadyForQuery"
+    run_sync(body())
 
 
 @pytest.mark.parametrize("delay_ms", [0, 1, 2, 5, 10, 20, 50])
 def test_close_while_notifying_raises_closed_error(
     dsn: str, unique_channel: str, delay_ms: int
 ) -> None:
-    """close() from another thread while notify() runs: every notify after the
-    close started raises ClosedError, never a psycopg or a database error
-    made up from the torn connection (the race hammered at several delays)."""
-    ps = pgcast.connect(dsn)
+    """close() from the test body while another task (a thread, in the sync
+    flavour) runs notify(): every notify after the close started raises
+    ClosedError, never a psycopg or a database error made up from the torn
+    connection (the race hammered at several delays)."""
     outcomes: list[str] = []
 
-    def publish() -> None:
-        try:
-            for i in range(5_000):
-                ps.notify(unique_channel, str(i))
-            outcomes.append("finished")
-        except pgcast.PgcastError as exc:
-            outcomes.append(type(exc).__name__)
+    def body() -> None:
+        ps = pgcast.connect(dsn)
 
-    thread = threading.Thread(target=publish, daemon=True)
-    thread.start()
-    time.sleep(delay_ms / 1000)
-    ps.close()
-    thread.join(10)
-    assert not thread.is_alive(), "notify() did not end within 10 s of close()"
+        def publish() -> None:
+            try:
+                for i in range(5000):
+                    ps.notify(unique_channel, str(i))
+                outcomes.append("finished")
+            except pgcast.PgcastError as exc:
+                outcomes.append(type(exc).__name__)
+
+        publisher = start_thread(publish)
+        pause(delay_ms / 1000)
+        ps.close()
+        join_thread(publisher, 10)  # fails if notify() did not end within 10 s
+
+    run_sync(body())
     assert outcomes in (["finished"], ["ClosedError"])

@@ -7,9 +7,11 @@ flavour's connection refuses it at once, naming the function to use (before,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -112,3 +114,18 @@ def test_the_asyncio_names_are_under_pgcast_aio() -> None:
     assert pgcast.aio.prune is pgcast.durable.prune_async
     assert pgcast.aio.NotificationManager is pgcast.aio.AsyncNotificationManager
     assert pgcast.aio.AsyncPubSub is pgcast.AsyncPubSub
+
+
+#: The methods a PubSub receives through, in both flavours.
+RECEIVING_PATH = ("get_event", "events", "wait", "_drive", "_fill", "_read")
+
+
+@pytest.mark.parametrize("cls", [pgcast.PubSub, pgcast.AsyncPubSub])
+def test_no_sleep_in_the_receiving_code(cls: type) -> None:
+    """Waiting is on the socket, never a sleep-and-poll loop, in either flavour."""
+    import pgcast._core
+
+    functions: list[Any] = [getattr(cls, name) for name in RECEIVING_PATH]
+    functions += [pgcast._core.plan, pgcast._core.Core.read, pgcast._core.Core.take]
+    for function in functions:
+        assert "sleep(" not in inspect.getsource(function), function.__qualname__

@@ -157,9 +157,9 @@ def start_bouncer(dsn: str) -> Iterator[StartBouncer]:
     # embedded server runs as (created if need be).
     account = None
     if os.geteuid() == 0:
-        from pgcast.embedded import _system_account
+        from pgcast.embedded._process import system_account
 
-        account = _system_account()
+        account = system_account()
     started: list[Bouncer] = []
     workdir = Path(tempfile.mkdtemp(prefix="pgcast-pgbouncer-"))
 

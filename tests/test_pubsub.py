@@ -258,6 +258,15 @@ def test_wait_none_yields_events_only(dsn: str, unique_channel: str) -> None:
     run_sync(body())
 
 
+def test_wait_refuses_a_negative_timeout(dsn: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps, pytest.raises(ValueError):
+            ps.wait(timeout=-1)
+
+    run_sync(body())
+
+
 def test_wait_positive_yields_idle_events(dsn: str, conn: Conn, unique_channel: str) -> None:
 
     def body() -> None:

@@ -5,7 +5,8 @@ The asyncio drivers are the only hand-written ones; each sync twin is made
 from its source by an AST transform (psycopg 3's way, see its
 ``tools/async_to_sync.py``):
 
-* ``async def`` / ``async for`` / ``async with`` lose ``async``, ``await x``
+* ``async def`` / ``async for`` / ``async with`` (and ``async for`` in a
+  comprehension) lose ``async``, ``await x``
   becomes ``x``; ``Awaitable[T]`` and ``Coroutine[..., T]`` become ``T``;
 * names are renamed by :data:`NAMES` (``AsyncPubSub`` -> ``PubSub``,
   ``AsyncIterator`` -> ``Iterator``, the ``*_async`` modules -> their twins),
@@ -54,6 +55,11 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_aio_supervisor.py", "tests/test_supervisor.py"),
     ("tests/test_aio_pubsub.py", "tests/test_pubsub.py"),
     ("tests/test_aio_worker_loop.py", "tests/test_worker_loop.py"),
+    ("tests/test_aio_durable.py", "tests/test_durable.py"),
+    ("tests/test_aio_reconnect.py", "tests/test_reconnect.py"),
+    ("tests/test_aio_wire.py", "tests/test_wire.py"),
+    ("tests/test_aio_receive.py", "tests/test_receive.py"),
+    ("tests/test_aio.py", "tests/test_client.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -88,6 +94,7 @@ NAMES: dict[str, str] = {
     "astart": "start_thread",
     "ajoin": "join_thread",
     "apause": "pause",
+    "auntil": "until",  # tests/_faults.py
     # modules
     "_flavour_async": "_flavour",
     "_pubsub_async": "_pubsub",
@@ -158,6 +165,10 @@ class AsyncToSync(ast.NodeTransformer):
         new = ast.With(items=node.items, body=node.body)
         ast.copy_location(new, node)
         return self.generic_visit(new)
+
+    def visit_comprehension(self, node: ast.comprehension) -> ast.AST:
+        node.is_async = 0  # [x async for x in it] -> [x for x in it]
+        return self.generic_visit(node)
 
     def visit_Await(self, node: ast.Await) -> ast.AST:
         return self.visit(node.value)

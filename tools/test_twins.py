@@ -6,7 +6,8 @@ file (``tests/test_client.py``) has a twin of the same name in the asyncio
 file (``tests/test_aio.py``), and the reverse. Names are compared after
 dropping the words that name a flavour (``async``, ``aio``, ``sync``).
 
-The gaps known when this check came in are listed in
+Tests of a mechanism only one flavour has are listed, with the reason, in
+:data:`ONE_FLAVOUR`. The gaps known when this check came in are listed in
 ``tests/twins_missing.txt`` (``file::test`` a line): they are the backlog.
 The script fails when a gap appears that is not listed, and says which
 listed gaps are closed (remove them from the list).
@@ -38,7 +39,23 @@ PAIRS: list[tuple[str, str]] = [
     ("test_supervisor.py", "test_aio_supervisor.py"),
     ("test_pubsub.py", "test_aio_pubsub.py"),
     ("test_worker_loop.py", "test_aio_worker_loop.py"),
+    ("test_wire.py", "test_aio_wire.py"),
+    ("test_receive.py", "test_aio_receive.py"),
 ]
+
+#: Tests of a mechanism only one flavour has, so no twin can exist: each with
+#: the reason. Not the backlog (tests/twins_missing.txt): a design decision,
+#: to be kept short; a behaviour both flavours have never belongs here.
+ONE_FLAVOUR: dict[str, str] = {
+    "test_aio_manager.py::test_a_reader_does_not_spin_while_the_loop_body_awaits": (
+        "the event loop's reader callbacks (loop.add_reader) fire while the loop body "
+        "awaits; the sync manager has no callbacks: nothing runs between two next() calls"
+    ),
+    "test_aio_manager.py::test_closing_the_manager_cancels_its_reconnects": (
+        "close() cancels the manager's reconnect tasks; the sync manager reconnects in "
+        "daemon threads, which nothing can cancel (pgcast._flavour.start_task)"
+    ),
+}
 
 _FLAVOUR_WORDS = re.compile(r"(?:^|_)(?:async|aio|sync|asyncio)(?=_|$)")
 
@@ -64,7 +81,7 @@ def gaps() -> list[str]:
         sync, asyncio_ = tests_of(TESTS / sync_name), tests_of(TESTS / async_name)
         found += [f"{sync_name}::{sync[k]}" for k in sorted(sync.keys() - asyncio_.keys())]
         found += [f"{async_name}::{asyncio_[k]}" for k in sorted(asyncio_.keys() - sync.keys())]
-    return found
+    return [g for g in found if g not in ONE_FLAVOUR]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ from ._checks import check_timeout, connect_args, is_async_callable, wrap_error
 from ._errors import ConnectionLostError
 from ._event import Event
 from ._health import HealthCheck, probe_channel, probe_sql
+from ._logfields import event_fields
 from ._notify_many import message_pairs
 from ._payload import Payload, encode_payload
 from ._plan import Wait, plan
@@ -70,12 +71,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("pgcast")
-
-
-def event_fields(event: Event) -> dict[str, object]:
-    """The structured fields of a log record about *event* (``extra=``):
-    ``channel`` and ``pid`` (the sender's backend)."""
-    return {"channel": event.channel, "pid": event.pid}
 
 #: A callback for :meth:`PubSub.subscribe`: a function or a coroutine function.
 Handler: TypeAlias = Callable[[Event], object]

@@ -60,6 +60,7 @@ from .._flavour import (
     resolve,
     sleep_unless,
 )
+from .._logfields import connection_fields
 from .._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
 from ..durable._schema import Rows
 from ._identify import Identified
@@ -403,11 +404,8 @@ class Session(Identified, Closing):
         """Drop the lost connection, then attempt, sleep and attempt again as
         :func:`~pgcast._reconnect.reconnect_plan` says until one succeeds."""
         core = self._core
-        logger.warning(
-            "pgcast: connection lost (%s); reconnecting",
-            error,
-            extra={"pid": core.backend_pid, "channels": sorted(core.channels)},
-        )
+        fields = connection_fields(core.backend_pid, core.channels)
+        logger.warning("pgcast: connection lost (%s); reconnecting", error, extra=fields)
         core.lost(error)
         self._discard()
         plan = reconnect_plan(self._res.backoff, error, deadline=deadline)
@@ -435,15 +433,8 @@ class Session(Identified, Closing):
                 raise self._closed_meanwhile()
         marker = core.restored(attempts)
         downtime = marker.downtime.total_seconds()
-        logger.warning(
-            "pgcast: reconnected after %.3f s",
-            downtime,
-            extra={
-                "pid": core.backend_pid,
-                "channels": sorted(core.channels),
-                "downtime": downtime,
-            },
-        )
+        fields = {**connection_fields(core.backend_pid, core.channels), "downtime": downtime}
+        logger.warning("pgcast: reconnected after %.3f s", downtime, extra=fields)
         return marker
 
     def _closed_meanwhile(self) -> ClosedError:

@@ -107,31 +107,30 @@ class Retry:
         return self.policy.delay(failures, rand)
 
 
-class _Named:
+@dataclass(eq=False, kw_only=True)
+class _Handled:
+    """A registered handler: how it is retried, whether it is a coroutine function."""
+
     handler: Callable[..., Any]
+    retry: Retry
+    is_async: bool
 
     @property
     def name(self) -> str:
         return getattr(self.handler, "__qualname__", repr(self.handler))
 
 
-@dataclass(eq=False)
-class _Route(_Named):
+@dataclass(eq=False, kw_only=True)
+class _Route(_Handled):
     channel: str
-    handler: Callable[..., Any]
     debounce: float
     max_batch: int
-    retry: Retry
-    is_async: bool
 
 
-@dataclass(eq=False)
-class _QueueRoute(_Named):
+@dataclass(eq=False, kw_only=True)
+class _QueueRoute(_Handled):
     queue: Queue
-    handler: Callable[..., Any]
     batch_size: int
-    retry: Retry
-    is_async: bool
     dirty: bool = True
 
 
@@ -259,8 +258,8 @@ class WorkerBase:
             _check_handler(handler)
             self._check_idle()
             self._routes.setdefault(channel, []).append(_Route(
-                channel, handler, route_debounce, route_max, retry or self._retry,
-                is_async_callable(handler)))
+                channel=channel, handler=handler, debounce=route_debounce, max_batch=route_max,
+                retry=retry or self._retry, is_async=is_async_callable(handler)))
             return handler
 
         return register
@@ -280,7 +279,8 @@ class WorkerBase:
             if q.channel in self._queues:
                 raise ValueError(f"{q!r} already has a handler in this worker")
             self._queues[q.channel] = _QueueRoute(
-                q, handler, size, retry or self._retry, is_async_callable(handler))
+                queue=q, handler=handler, batch_size=size, retry=retry or self._retry,
+                is_async=is_async_callable(handler))
             return handler
 
         return register

@@ -60,20 +60,33 @@ their comment and are replaced only when it differs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
-from .._channels import MAX_CHANNEL_BYTES, check_channel
 from .._errors import WatchError
-from .._event import Event
+from ._change import Change, Feed
+from ._trigger_sql import (
+    COMMENT,
+    DEFAULT_MAX_PARTS,
+    FUNCTIONS,
+    FUNCTIONS_VERSION,
+    LOCK_KEY,
+    OPERATIONS,
+    ROW_FUNCTION,
+    STATEMENT_FUNCTION,
+    check_arguments,
+    create_triggers,
+    default_channel,
+    parse_tgargs,
+    trigger_name,
+)
 
 __all__ = [
+    "DEFAULT_MAX_PARTS",
     "FUNCTIONS_VERSION",
     "OPERATIONS",
     "Change",
@@ -85,288 +98,6 @@ __all__ = [
     "watch_table",
     "watched_tables",
 ]
-
-#: What a feed can announce. TRUNCATE has no rows, so no keys.
-OPERATIONS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
-#: Bumped whenever the SQL of the trigger functions changes.
-FUNCTIONS_VERSION = 1
-#: The statement-level mode's default limit on notifications per statement.
-DEFAULT_MAX_PARTS = 16
-
-_COMMENT = f"pgcast table change feed, version {FUNCTIONS_VERSION}"
-# Serialises concurrent installers (two app processes starting at once): a
-# concurrent CREATE OR REPLACE FUNCTION fails with "tuple concurrently updated".
-_LOCK_KEY = "pgcast.triggers"
-
-_ROW_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION pgcast.table_change_row() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
--- TG_ARGV: channel, key columns (JSON array or 'null'), columns (JSON array or 'null')
-DECLARE
-    key_cols text[];
-    cols text[];
-    new_row jsonb;
-    old_row jsonb;
-    r jsonb;
-    k jsonb;
-    changed jsonb;
-    head jsonb;
-    payload text;
-BEGIN
-    IF TG_ARGV[1] <> 'null' THEN
-        key_cols := ARRAY(SELECT jsonb_array_elements_text(TG_ARGV[1]::jsonb));
-    END IF;
-    IF TG_ARGV[2] <> 'null' THEN
-        cols := ARRAY(SELECT jsonb_array_elements_text(TG_ARGV[2]::jsonb));
-    END IF;
-    IF TG_OP <> 'DELETE' THEN new_row := to_jsonb(NEW); END IF;
-    IF TG_OP <> 'INSERT' THEN old_row := to_jsonb(OLD); END IF;
-    r := coalesce(new_row, old_row);
-    IF key_cols IS NOT NULL THEN
-        SELECT jsonb_object_agg(c, r -> c) INTO k FROM unnest(key_cols) AS c;
-    END IF;
-    head := jsonb_build_object(
-        'op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-        'key', k, 'txid', pg_current_xact_id()::text::bigint);
-    IF cols IS NOT NULL THEN
-        SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}') INTO r
-        FROM jsonb_each(r) AS e WHERE e.key = ANY (cols);
-    END IF;
-    IF TG_OP = 'UPDATE' THEN
-        SELECT coalesce(jsonb_object_agg(o.key, o.value), '{}') INTO changed
-        FROM jsonb_each(old_row) AS o
-        WHERE (new_row -> o.key) IS DISTINCT FROM o.value
-          AND (cols IS NULL OR o.key = ANY (cols));
-        payload := (head || jsonb_build_object('row', r, 'old', changed))::text;
-    ELSE
-        payload := (head || jsonb_build_object('row', r))::text;
-    END IF;
-    -- NOTIFY refuses 8000 bytes or more, which would fail the user's
-    -- transaction: fall back to the key, then to nothing but the table.
-    IF octet_length(payload) >= 8000 THEN
-        payload := (head || '{"truncated": true}')::text;
-        IF octet_length(payload) >= 8000 THEN
-            payload := (head || '{"key": null, "truncated": true}')::text;
-        END IF;
-    END IF;
-    PERFORM pg_notify(TG_ARGV[0], payload);
-    RETURN NULL;
-END
-$fn$
-"""
-
-_STATEMENT_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION pgcast.table_change_statement() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
--- TG_ARGV: channel, key columns (JSON array or 'null'), max parts.
--- The transition tables are pgcast_new (INSERT, UPDATE) and pgcast_old
--- (UPDATE, DELETE); statements naming them run only on the matching TG_OP.
-DECLARE
-    max_parts int := TG_ARGV[2]::int;
-    key_cols text[];
-    key_expr text;
-    source text;
-    head text;
-    n bigint;
-    parts text[];
-    too_big boolean;
-    i int;
-BEGIN
-    head := left(jsonb_build_object(
-        'op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-        'txid', pg_current_xact_id()::text::bigint)::text, -1);
-    IF TG_OP = 'TRUNCATE' THEN
-        PERFORM pg_notify(TG_ARGV[0], head || ', "keys": null, "count": null}');
-        RETURN NULL;
-    END IF;
-    IF TG_OP = 'DELETE' THEN
-        SELECT count(*) INTO n FROM pgcast_old;
-    ELSE
-        SELECT count(*) INTO n FROM pgcast_new;
-    END IF;
-    IF n = 0 THEN
-        RETURN NULL;
-    END IF;
-    IF TG_ARGV[1] = 'null' THEN
-        PERFORM pg_notify(TG_ARGV[0], head || ', "keys": null, "count": ' || n || '}');
-        RETURN NULL;
-    END IF;
-    key_cols := ARRAY(SELECT jsonb_array_elements_text(TG_ARGV[1]::jsonb));
-    SELECT 'jsonb_build_object(' || string_agg(format('%L, t.%I', c, c), ', ') || ')::text'
-        INTO key_expr FROM unnest(key_cols) AS c;
-    source := CASE TG_OP
-        WHEN 'INSERT' THEN format('SELECT %s AS k FROM pgcast_new t', key_expr)
-        WHEN 'DELETE' THEN format('SELECT %s AS k FROM pgcast_old t', key_expr)
-        ELSE format('SELECT %s AS k FROM pgcast_new t UNION SELECT %s FROM pgcast_old t',
-                    key_expr, key_expr)
-    END;
-    -- Keys are cut into parts of about 6000 bytes by their running length; a
-    -- part can overrun by one key, which the final check catches.
-    EXECUTE format($q$
-        WITH keys AS (SELECT DISTINCT k FROM (%s) AS s),
-        pos AS (SELECT k, sum(octet_length(k) + 1) OVER (ORDER BY k) AS p FROM keys)
-        SELECT array_agg(part ORDER BY g)
-        FROM (SELECT (p - 1) / 6000 AS g, string_agg(k, ', ' ORDER BY k) AS part
-              FROM pos GROUP BY 1) AS chunks
-    $q$, source) INTO parts;
-    SELECT bool_or(octet_length(part) > 7000) INTO too_big FROM unnest(parts) AS part;
-    IF too_big OR cardinality(parts) > max_parts THEN
-        PERFORM pg_notify(TG_ARGV[0],
-            head || ', "keys": null, "count": ' || n || ', "truncated": true}');
-        RETURN NULL;
-    END IF;
-    FOR i IN 1 .. cardinality(parts) LOOP
-        PERFORM pg_notify(TG_ARGV[0],
-            head || ', "count": ' || n || ', "keys": [' || parts[i] || '], "part": ' || i
-            || ', "parts": ' || cardinality(parts) || '}');
-    END LOOP;
-    RETURN NULL;
-END
-$fn$
-"""
-
-_FUNCTIONS = {"row": "table_change_row", "statement": "table_change_statement"}
-
-
-class Feed(NamedTuple):
-    """One change feed: a table, the channel its changes go to, and how."""
-
-    schema: str
-    """The table's schema, as stored (not quoted)."""
-    table: str
-    """The table's name, as stored (not quoted)."""
-    channel: str
-    """The channel the events are sent on."""
-    per: Literal["row", "statement"]
-    """One event per changed row, or one (or a few) per statement."""
-    operations: tuple[str, ...]
-    """The operations announced, among :data:`OPERATIONS`."""
-    key: tuple[str, ...] | None
-    """The key columns, or None for a table with no usable key."""
-    columns: tuple[str, ...] | None
-    """The columns sent in ``row`` and ``old``; None for all."""
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A change event decoded: what :func:`watch_table`'s triggers send.
-
-    :meth:`keys` gives the changed keys in both modes, so a handler needs not
-    care which mode the feed uses.
-    """
-
-    op: str
-    """``INSERT``, ``UPDATE``, ``DELETE`` or ``TRUNCATE``."""
-    schema: str
-    """The table's schema."""
-    table: str
-    """The table's name."""
-    txid: int
-    """The id of the transaction that made the change."""
-    key: dict[str, Any] | None = None
-    """Row mode: the changed row's key (None: the table has no key, or too big)."""
-    row: dict[str, Any] | None = None
-    """Row mode: the new row (the deleted one for DELETE); None when truncated."""
-    old: dict[str, Any] | None = None
-    """Row mode, UPDATE: the old values of the changed columns."""
-    statement_keys: list[dict[str, Any]] | None = None
-    """Statement mode: this part's keys (None: no key, too many, or TRUNCATE)."""
-    count: int | None = None
-    """Statement mode: the number of rows the statement changed."""
-    part: int = 1
-    """Statement mode: which of the statement's notifications this is, from 1."""
-    parts: int = 1
-    """Statement mode: how many notifications the statement sent."""
-    truncated: bool = False
-    """Too big for NOTIFY: ``row``/``old`` (or the keys) were left out."""
-
-    @classmethod
-    def from_event(cls, event: Event) -> Change:
-        """Decode *event*'s payload.
-
-        :raises ValueError: the payload is not a change event.
-        """
-        try:
-            data = event.json()
-            return cls(
-                op=data["op"],
-                schema=data["schema"],
-                table=data["table"],
-                txid=int(data["txid"]),
-                key=data.get("key"),
-                row=data.get("row"),
-                old=data.get("old"),
-                statement_keys=data.get("keys"),
-                count=data.get("count"),
-                part=data.get("part", 1),
-                parts=data.get("parts", 1),
-                truncated=bool(data.get("truncated", False)),
-            )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(
-                f"not a pgcast change event on {event.channel!r}: {event.payload[:80]!r}"
-            ) from exc
-
-    def keys(self) -> list[dict[str, Any]] | None:
-        """The keys this event names; None when it names none (no key,
-        truncated statement, TRUNCATE), meaning "assume anything changed"."""
-        if self.statement_keys is not None:
-            return self.statement_keys
-        if self.key is not None:
-            return [self.key]
-        return None
-
-
-# -- pure helpers ------------------------------------------------------------
-
-
-def _shorten(text: str, limit: int, unique_from: str) -> str:
-    raw = text.encode()
-    if len(raw) <= limit:
-        return text
-    digest = hashlib.md5(unique_from.encode(), usedforsecurity=False).hexdigest()[:8]
-    head = raw[: limit - len(digest) - 1].decode(errors="ignore")
-    return f"{head}_{digest}"
-
-
-def default_channel(schema: str, table: str) -> str:
-    """The channel a feed uses when none is given.
-
-    ``ports_changed`` for ``public.ports``, ``shop.ports_changed`` for
-    ``shop.ports``. Longer than 63 bytes, the name part is cut (on a character
-    boundary) and an 8-hex-digit hash of ``schema.table`` keeps it unique.
-    """
-    base = table if schema == "public" else f"{schema}.{table}"
-    suffix = "_changed"
-    return _shorten(base, MAX_CHANNEL_BYTES - len(suffix), f"{schema}.{table}") + suffix
-
-
-def _trigger_name(channel: str, op: str) -> str:
-    # Unique per (channel, operation) on a table; the channel is hashed in
-    # whole, so two long channels with a common prefix do not collide.
-    suffix = "_" + op.lower()
-    return _shorten(f"pgcast_{channel}", MAX_CHANNEL_BYTES - len(suffix), channel) + suffix
-
-
-def _check_operations(operations: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(operations, str):
-        operations = (operations,)
-    ops: list[str] = []
-    for op in operations:
-        name = str(op).upper()
-        if name not in OPERATIONS:
-            raise WatchError(f"unknown operation {op!r}; use some of {', '.join(OPERATIONS)}")
-        if name not in ops:
-            ops.append(name)
-    if not ops:
-        raise WatchError("no operation to watch; use some of " + ", ".join(OPERATIONS))
-    return tuple(o for o in OPERATIONS if o in ops)
-
-
-def _parse_tgargs(raw: bytes) -> list[str]:
-    # pg_trigger.tgargs: each argument followed by a NUL byte.
-    return [a.decode() for a in raw.split(b"\x00")[:-1]]
-
 
 # -- driving the server ------------------------------------------------------
 
@@ -382,23 +113,23 @@ def install(conn: psycopg.Connection[Any]) -> None:
 
 
 def _install(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOCK_KEY,))
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (LOCK_KEY,))
     rows = conn.execute(
         "SELECT p.proname, obj_description(p.oid, 'pg_proc') FROM pg_proc p"
         " JOIN pg_namespace n ON n.oid = p.pronamespace"
         " WHERE n.nspname = 'pgcast' AND p.proname = ANY(%s)",
-        (list(_FUNCTIONS.values()),),
+        (list(FUNCTIONS.values()),),
     ).fetchall()
-    current = {name for name, comment in rows if comment == _COMMENT}
-    if current == set(_FUNCTIONS.values()):
+    current = {name for name, comment in rows if comment == COMMENT}
+    if current == set(FUNCTIONS.values()):
         return
     conn.execute("CREATE SCHEMA IF NOT EXISTS pgcast")
-    for source in (_ROW_FUNCTION, _STATEMENT_FUNCTION):
+    for source in (ROW_FUNCTION, STATEMENT_FUNCTION):
         conn.execute(source.encode(), prepare=False)
-    for name in _FUNCTIONS.values():
+    for name in FUNCTIONS.values():
         conn.execute(
             sql.SQL("COMMENT ON FUNCTION pgcast.{}() IS {}").format(
-                sql.Identifier(name), sql.Literal(_COMMENT)
+                sql.Identifier(name), sql.Literal(COMMENT)
             )
         )
 
@@ -493,69 +224,32 @@ def watch_table(
     :raises WatchError: no such table, unknown columns or operations.
     :raises InvalidChannelError: *channel* is not a usable channel name.
     """
-    if per not in _FUNCTIONS:
-        raise WatchError(f"per must be 'row' or 'statement', not {per!r}")
-    ops = _check_operations(operations)
-    if per == "statement" and columns is not None:
-        raise WatchError("columns applies to per='row'; statement events carry keys only")
-    if isinstance(max_parts, bool) or not isinstance(max_parts, int) or max_parts < 1:
-        raise WatchError(f"max_parts must be an int >= 1, not {max_parts!r}")
-    if channel is not None:
-        check_channel(channel)
+    ops = check_arguments(operations, columns, channel, per, max_parts)
     with conn.transaction():
-        oid, schema, name = _resolve(conn, table)
-        qualified = f"{schema}.{name}"
-        cols = None if columns is None else _check_columns(conn, oid, qualified, columns)
-        if channel is None:
-            channel = default_channel(schema, name)
-        key = _key_columns(conn, oid)
+        oid, feed = _read_feed(conn, table, channel, ops, columns=columns, per=per)
         _install(conn)
-        _drop_triggers(conn, oid, schema, name, channel)
-        for statement in _create_triggers(schema, name, channel, ops, per=per, key=key, cols=cols,
-                                      max_parts=max_parts):
+        _drop_triggers(conn, oid, feed.schema, feed.table, feed.channel)
+        for statement in _statements(feed, max_parts):
             conn.execute(statement)
-    return Feed(schema, name, channel, per, ops, key, cols)
+    return feed
 
 
+def _read_feed(
+    conn: psycopg.Connection[Any], table: str | tuple[str, str], channel: str | None,
+    ops: tuple[str, ...], *, columns: Sequence[str] | None, per: Literal["row", "statement"],
+) -> tuple[int, Feed]:
+    """The table's oid and the feed the arguments describe, read from *conn*."""
+    oid, schema, name = _resolve(conn, table)
+    cols = None if columns is None else _check_columns(conn, oid, f"{schema}.{name}", columns)
+    channel = default_channel(schema, name) if channel is None else channel
+    return oid, Feed(schema, name, channel, per, ops, _key_columns(conn, oid), cols)
 
-def _create_triggers(
-    schema: str, name: str, channel: str, ops: tuple[str, ...], *, per: str,
-    key: tuple[str, ...] | None, cols: tuple[str, ...] | None, max_parts: int,
-) -> list[sql.Composed]:
-    """The CREATE TRIGGER statements of one feed."""
-    statements: list[sql.Composed] = []
-    target = sql.Identifier(schema, name)
-    key_arg = "null" if key is None else json.dumps(list(key))
-    for op in ops:
-        if per == "row" and op != "TRUNCATE":
-            level, referencing = "ROW", sql.SQL("")
-            args = [channel, key_arg, "null" if cols is None else json.dumps(list(cols))]
-            function = "table_change_row"
-        else:
-            level = "STATEMENT"
-            referencing = sql.SQL({
-                "INSERT": "REFERENCING NEW TABLE AS pgcast_new",
-                "UPDATE": "REFERENCING NEW TABLE AS pgcast_new OLD TABLE AS pgcast_old",
-                "DELETE": "REFERENCING OLD TABLE AS pgcast_old",
-                "TRUNCATE": "",
-            }[op])
-            args = [channel, key_arg, str(max_parts)]
-            function = "table_change_statement"
-        statements.append(
-            sql.SQL(
-                "CREATE TRIGGER {name} AFTER {op} ON {table} {referencing}"
-                " FOR EACH {level} EXECUTE FUNCTION pgcast.{function}({args})"
-            ).format(
-                name=sql.Identifier(_trigger_name(channel, op)),
-                op=sql.SQL(op),
-                table=target,
-                referencing=referencing,
-                level=sql.SQL(level),
-                function=sql.Identifier(function),
-                args=sql.SQL(", ").join(sql.Literal(a) for a in args),
-            )
-        )
-    return statements
+
+def _statements(feed: Feed, max_parts: int) -> list[sql.Composed]:
+    """The CREATE TRIGGER statements of *feed*."""
+    return create_triggers(feed.schema, feed.table, feed.channel, feed.operations,
+                           per=feed.per, key=feed.key, cols=feed.columns, max_parts=max_parts)
+
 
 
 def sql_text(
@@ -574,34 +268,22 @@ def sql_text(
     present). Reads *conn* (the table, its key and columns) and changes nothing.
     Also ``pgcast watch TABLE --sql``.
     """
-    if per not in _FUNCTIONS:
-        raise WatchError(f"per must be 'row' or 'statement', not {per!r}")
-    ops = _check_operations(operations)
-    if channel is not None:
-        check_channel(channel)
-    oid, schema, name = _resolve(conn, table)
-    cols = None if columns is None else _check_columns(conn, oid, f"{schema}.{name}", columns)
-    if channel is None:
-        channel = default_channel(schema, name)
-    key = _key_columns(conn, oid)
+    ops = check_arguments(operations, columns, channel, per, max_parts)
+    _, feed = _read_feed(conn, table, channel, ops, columns=columns, per=per)
     parts = ["CREATE SCHEMA IF NOT EXISTS pgcast;"]
-    parts += [source.strip().rstrip(";") + ";" for source in (_ROW_FUNCTION, _STATEMENT_FUNCTION)]
+    parts += [source.strip().rstrip(";") + ";" for source in (ROW_FUNCTION, STATEMENT_FUNCTION)]
     parts += [
         sql.SQL("COMMENT ON FUNCTION pgcast.{}() IS {};").format(
-            sql.Identifier(f), sql.Literal(_COMMENT)).as_string(conn)
-        for f in _FUNCTIONS.values()
+            sql.Identifier(f), sql.Literal(COMMENT)).as_string(conn)
+        for f in FUNCTIONS.values()
     ]
-    target = sql.Identifier(schema, name)
+    target = sql.Identifier(feed.schema, feed.table)
     parts += [
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {};").format(
-            sql.Identifier(_trigger_name(channel, op)), target).as_string(conn)
+            sql.Identifier(trigger_name(feed.channel, op)), target).as_string(conn)
         for op in OPERATIONS
     ]
-    parts += [
-        statement.as_string(conn) + ";"
-        for statement in _create_triggers(schema, name, channel, ops, per=per, key=key, cols=cols,
-                                      max_parts=max_parts)
-    ]
+    parts += [statement.as_string(conn) + ";" for statement in _statements(feed, max_parts)]
     return "\n".join(parts) + "\n"
 
 
@@ -617,14 +299,14 @@ def _feed_triggers(
         " WHERE pn.nspname = 'pgcast' AND p.proname = ANY(%s)"
         " AND (%s::oid IS NULL OR t.tgrelid = %s::oid)"
         " ORDER BY n.nspname, c.relname, t.tgname",
-        (list(_FUNCTIONS.values()), oid, oid),
+        (list(FUNCTIONS.values()), oid, oid),
     ).fetchall()
     out = []
     for schema, table, tgname, proname, tgargs, tgtype in rows:
         # pg_trigger.tgtype bits: 4 INSERT, 8 DELETE, 16 UPDATE, 32 TRUNCATE.
         op = next(o for bit, o in ((4, "INSERT"), (8, "DELETE"), (16, "UPDATE"),
                                    (32, "TRUNCATE")) if tgtype & bit)
-        out.append((schema, table, tgname, proname, op, _parse_tgargs(bytes(tgargs)), tgtype))
+        out.append((schema, table, tgname, proname, op, parse_tgargs(bytes(tgargs)), tgtype))
     return out
 
 

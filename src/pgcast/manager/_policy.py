@@ -127,31 +127,30 @@ C = TypeVar("C", bound=Managed)
 
 
 @dataclass(frozen=True, slots=True)
-class Register(Generic[C]):
+class _OnConnection(Generic[C]):
+    """A request about one connection."""
+
+    conn: C
+
+
+@dataclass(frozen=True, slots=True)
+class Register(_OnConnection[C]):
     """Start watching the connection's socket."""
 
-    conn: C
-
 
 @dataclass(frozen=True, slots=True)
-class Unregister(Generic[C]):
+class Unregister(_OnConnection[C]):
     """Stop watching the connection's socket."""
 
-    conn: C
-
 
 @dataclass(frozen=True, slots=True)
-class Read(Generic[C]):
+class Read(_OnConnection[C]):
     """Read, without blocking, what arrived on the connection into its inbox."""
 
-    conn: C
-
 
 @dataclass(frozen=True, slots=True)
-class HealthTick(Generic[C]):
+class HealthTick(_OnConnection[C]):
     """Run the connection's health check (``health_tick()``): it is due."""
-
-    conn: C
 
 
 #: The events of one connection: notifications, and with ``reconnect`` its

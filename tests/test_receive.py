@@ -1,0 +1,258 @@
+# Generated from tests/test_aio_receive.py by tools/async_to_sync.py: do not edit.
+# Edit the source, then run `python tools/async_to_sync.py`.
+"""Receiving, the same in both flavours: written once for asyncio;
+tests/test_receive.py, the same tests for the sync flavour, is generated from
+this file by tools/async_to_sync.py (edit this one, then run the script).
+
+Payloads as sent and received, get_event() and wait(0) that never block,
+breaking out of an iteration, the backend pid and ignore_own, exact channel
+names (and one that looks like an injection), notifications sent in an
+application's transaction (the FreshPorts pattern) and by psql. *conn* is a
+plain sync psycopg connection in both flavours: the "other session" that
+sends.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgcast
+import pgcast.aio
+from _eventwait import collect, collect_until, pause, run_sync, wait_readable
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+#: A bound for "never blocks" / "returns at once", not a benchmark.
+IMMEDIATE = 0.05
+
+INJECTION = 'x"; DROP TABLE users; --'
+
+
+def server_channels(ps: pgcast.PubSub) -> set[str]:
+    """The PubSub's session's LISTENs, less the health check's own probe channel."""
+    cur = ps.connection.execute("SELECT pg_listening_channels()")
+    return {r[0] for r in cur.fetchall() if not r[0].startswith("pgcast.probe.")}
+
+
+def test_notify_payloads(dsn: str, unique_channel: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            ps.notify(unique_channel)
+            ps.notify(unique_channel, "shipped 42")
+            ps.notify(unique_channel, {"id": 42, "state": "shipped"})
+            ps.notify(unique_channel, [1, "two", None])
+            ps.notify(unique_channel, "ünïcödé ✓")
+            events = collect(ps, 5)
+            assert [e.payload for e in events] == [
+                "",
+                "shipped 42",
+                '{"id":42,"state":"shipped"}',
+                '[1,"two",null]',
+                "ünïcödé ✓",
+            ]
+            assert events[2].json() == {"id": 42, "state": "shipped"}
+            assert events[3].json() == [1, "two", None]
+            assert {(e.channel, e.pid) for e in events} == {(unique_channel, ps.backend_pid)}
+            channel, payload, pid = events[1]
+            assert (channel, payload, pid) == (unique_channel, "shipped 42", ps.backend_pid)
+
+    run_sync(body())
+
+
+def test_get_event_never_blocks(dsn: str, conn: Conn, unique_channel: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            for _ in range(5):
+                start = time.monotonic()
+                assert ps.get_event() is None
+                assert time.monotonic() - start < IMMEDIATE
+            pgcast.notify(conn, unique_channel, "1")
+            pgcast.notify(conn, unique_channel, "2")
+            got: list[pgcast.Event] = []
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                event = ps.get_event()
+                if event is None:
+                    wait_readable(ps, 0.1)
+                else:
+                    assert isinstance(event, pgcast.Event)
+                    got.append(event)
+            assert [e.payload for e in got] == ["1", "2"]
+            assert ps.get_event() is None
+
+    run_sync(body())
+
+
+def test_wait_zero_yields_what_is_pending_and_ends(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            start = time.monotonic()
+            assert [type(x) for x in ps.wait(timeout=0)] == []  # nothing at all
+            assert time.monotonic() - start < IMMEDIATE
+            for i in range(3):
+                pgcast.notify(conn, unique_channel, str(i))
+            wait_readable(ps, 10)
+            pause(0.05)  # let all three reach the socket
+            pending = [e.payload for e in ps.wait(0) if isinstance(e, pgcast.Event)]
+            assert pending == ["0", "1", "2"]
+            assert [type(x) for x in ps.wait(0)] == []
+
+    run_sync(body())
+
+
+@pytest.mark.parametrize("how", ["events", "wait"])
+def test_breaking_out_loses_nothing(dsn: str, conn: Conn, unique_channel: str, how: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen(unique_channel)
+            for i in range(5):
+                pgcast.notify(conn, unique_channel, str(i))
+            iterator = ps.events(select_timeout=10) if how == "events" else ps.wait(timeout=10)
+            for event in iterator:  # and break out of it
+                first = event
+                break
+            assert isinstance(first, pgcast.Event) and first.payload == "0"
+            assert [e.payload for e in collect(ps, 4)] == ["1", "2", "3", "4"]
+
+    run_sync(body())
+
+
+def test_backend_pid_and_ignore_own(dsn: str, conn: Conn, unique_channel: str) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            cur = ps.connection.execute("SELECT pg_backend_pid()")
+            row = cur.fetchone()
+            assert row is not None and ps.backend_pid == row[0]
+            ps.listen(unique_channel)
+            ps.notify(unique_channel, "mine")
+            pgcast.notify(conn, unique_channel, "theirs")
+            ps.notify(unique_channel, "mine again")
+            pgcast.notify(conn, unique_channel, "theirs again")
+            got = []
+            for event in ps.events(select_timeout=10, ignore_own=True):
+                assert isinstance(event, pgcast.Event)
+                got.append(event)
+                if len(got) == 2:
+                    break
+            assert [e.payload for e in got] == ["theirs", "theirs again"]
+            assert {e.pid for e in got} == {conn.info.backend_pid}
+
+    run_sync(body())
+
+
+# -- names ---------------------------------------------------------------------------------
+
+
+def test_channel_names_are_exact(dsn: str, conn: Conn, psql: Callable[..., str]) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen("Prices")
+            pgcast.notify(conn, "Prices", "via pg_notify")
+            conn.execute("SELECT pg_notify('Prices', 'via SQL pg_notify')")
+            conn.execute("SELECT pg_notify('prices', 'lower case')")
+            psql("NOTIFY Prices, 'unquoted'; NOTIFY \"Prices\", 'quoted'; NOTIFY \"Prices\", 'end'")
+            got = collect_until(ps, "end")
+            assert [e.payload for e in got] == [
+                "via pg_notify",
+                "via SQL pg_notify",
+                "quoted",
+                "end",
+            ]
+            assert {e.channel for e in got} == {"Prices"}
+
+    run_sync(body())
+
+
+def test_injection_name_is_just_a_channel(dsn: str, conn: Conn) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            # A temporary table of the listener's own session: the one an
+            # injected DROP TABLE users would hit, and invisible to other tests.
+            ps.connection.execute("CREATE TEMP TABLE users (name text)")
+            ps.connection.execute("INSERT INTO users VALUES ('alice')")
+            ps.listen(INJECTION)
+            assert ps.listening_channels() == {INJECTION}
+            assert server_channels(ps) == {INJECTION}
+            pgcast.notify(conn, INJECTION, "from another session")
+            ps.notify(INJECTION, "from itself")
+            got = collect(ps, 2)
+            assert [(e.channel, e.payload) for e in got] == [
+                (INJECTION, "from another session"),
+                (INJECTION, "from itself"),
+            ]
+            ps.unlisten(INJECTION)
+            assert server_channels(ps) == set()
+            cur = ps.connection.execute("SELECT name FROM users")
+            assert cur.fetchall() == [("alice",)]
+
+    run_sync(body())
+
+
+# -- sent by others ------------------------------------------------------------------------
+
+
+def test_application_transaction_freshports_pattern(dsn: str, unique_channel: str) -> None:
+    table = f"ports_{uuid.uuid4().hex[:8]}"
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps, psycopg.Connection.connect(dsn, connect_timeout=10) as app:
+            ps.listen(unique_channel)
+            app.execute(f"CREATE TABLE {table} (name text)")  # not autocommit
+            app.commit()
+            try:
+                app.execute(f"INSERT INTO {table} VALUES ('rolled back')")
+                pgcast.notify(app, unique_channel, "rolled back")
+                app.rollback()
+                app.execute(f"INSERT INTO {table} VALUES ('committed')")
+                pgcast.notify(app, unique_channel, {"port": "committed"})
+                assert ps.get_event() is None  # not before the commit
+                app.commit()
+                [event] = collect(ps, 1)
+                assert event.json() == {"port": "committed"}
+                assert event.pid == app.info.backend_pid
+                # The listener sees the data the notification announces.
+                cur = ps.connection.execute(f"SELECT name FROM {table}")
+                assert cur.fetchall() == [("committed",)]
+                app.execute(f"SELECT pg_notify('{unique_channel}', 'end')")
+                app.commit()
+                assert [e.payload for e in collect_until(ps, "end")] == ["end"]
+            finally:
+                app.rollback()
+                app.execute(f"DROP TABLE {table}")
+                app.commit()
+
+    run_sync(body())
+
+
+def test_psql_notify_arrives_with_psql_s_pid(dsn: str, psql: Callable[..., str]) -> None:
+
+    def body() -> None:
+        with pgcast.connect(dsn) as ps:
+            ps.listen("data")
+            # psql blocks; nothing needs the event loop meanwhile: the
+            # notification waits on the socket.
+            out = psql("NOTIFY data, 'green'", "-Atq", "--command=SELECT pg_backend_pid()")
+            psql_pid = int(out.strip())
+            [event] = collect(ps, 1)
+            assert event == ("data", "green", psql_pid)
+            assert event.pid != ps.backend_pid
+
+    run_sync(body())
