@@ -292,6 +292,7 @@ class Model:
         self.notes: deque[int] = deque()
         self.inbox: deque[Any] = deque()
         self.state = DurableState(self.inbox)
+        self.state.version = 1  # the merge alone; gaps: tests/test_aio_gaps.py
         self.batch = batch
         self.since = since
         self.start = since
@@ -396,6 +397,7 @@ def test_switch_over_has_no_gap_and_no_duplicate(
 def test_replay_that_finds_a_seen_id_pruned_still_goes_live() -> None:
     inbox: deque[Any] = deque()
     state = DurableState(inbox)
+    state.version = 1  # the merge alone (positional replay parameters)
     state.plan_subscribe(["c"], True, 0, None)
     state.admit("c", ref_payload(5, "five"), 1)  # dropped while replaying, seen 5
     steps = state.subscribe_steps(["c"], 0, None, batch=10)
@@ -459,7 +461,7 @@ def test_install_schema_creates_it_once(fresh_dsn: str) -> None:
         assert pgcast.install_schema(c) == LATEST_VERSION
         tables = {r[0] for r in c.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'pgcast'")}
-        assert tables == {"log", "consumers", "schema_version"}
+        assert tables == {"log", "consumers", "schema_version", "meta", "pruned"}
         versions = c.execute("SELECT version FROM pgcast.schema_version").fetchall()
         assert versions == [(v.version,) for v in MIGRATIONS]
 

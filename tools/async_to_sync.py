@@ -54,6 +54,7 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_aio_supervisor.py", "tests/test_supervisor.py"),
     ("tests/test_aio_pubsub.py", "tests/test_pubsub.py"),
     ("tests/test_aio_worker_loop.py", "tests/test_worker_loop.py"),
+    ("tests/test_aio_gaps.py", "tests/test_gaps.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.

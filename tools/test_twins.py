@@ -38,6 +38,7 @@ PAIRS: list[tuple[str, str]] = [
     ("test_supervisor.py", "test_aio_supervisor.py"),
     ("test_pubsub.py", "test_aio_pubsub.py"),
     ("test_worker_loop.py", "test_aio_worker_loop.py"),
+    ("test_gaps.py", "test_aio_gaps.py"),
 ]
 
 _FLAVOUR_WORDS = re.compile(r"(?:^|_)(?:async|aio|sync|asyncio)(?=_|$)")

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .._event import Event
+from .._gap import Gap
 from .._reconnect import Reconnected
 from ..durable import adrive
 from ..durable._core import DurableState, Unfetched, ref_payload
@@ -41,7 +42,7 @@ class Resume:
     __slots__ = ("_inbox", "_outbox", "_overflow", "_state")
 
     def __init__(self, outbox: Outbox, overflow: Callable[[], None]) -> None:
-        self._inbox: deque[Event | Reconnected] = deque()
+        self._inbox: deque[Event | Reconnected | Gap] = deque()
         self._state = DurableState(self._inbox)
         self._outbox = outbox
         #: Called when the client's queue overflows (the hub disconnects it).
@@ -77,7 +78,7 @@ class Resume:
         while inbox and not isinstance(inbox[0], Unfetched):
             self._put(inbox.popleft())
 
-    def _put(self, event: Event | Reconnected) -> None:
+    def _put(self, event: Event | Reconnected | Gap) -> None:
         if isinstance(event, Event) and not self._outbox.put(_protocol.message(
             event.channel, event.payload, event.pid, getattr(event, "id", None)
         )):
