@@ -25,7 +25,7 @@ from psycopg import sql
 import pgcast
 import pgcast.aio
 from _eventwait import ARRIVAL_TIMEOUT, arun
-from pgcast.durable import install_schema
+from pgcast.durable import _schema, install_schema
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Item = pgcast.Event | pgcast.Reconnected | pgcast.Gap
@@ -304,3 +304,65 @@ async def anext_item(ps: pgcast.aio.AsyncPubSub) -> Item:
         if time.monotonic() > deadline:
             break
     pytest.fail(f"nothing received within {ARRIVAL_TIMEOUT} s")
+
+
+# -- a version-1 schema keeps working, and is upgraded by install_schema ----------------
+
+
+@pytest.fixture
+def v1_db(dsn: str, conn: Conn) -> Iterator[str]:
+    """A new database with the pgcast schema of version 1 only, as a release
+    before epochs installed it (the migration list's first entry)."""
+    name = f"pgcast_v1_{uuid.uuid4().hex[:12]}"
+    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        url = psycopg.conninfo.make_conninfo(dsn, dbname=name)
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute(_schema._BOOTSTRAP)
+            v1 = _schema.MIGRATIONS[0]
+            assert v1.version == 1
+            c.execute(v1.sql)
+            c.execute("INSERT INTO pgcast.schema_version (version, description) "
+                      "VALUES (%s, %s)", (v1.version, v1.description))
+        yield url
+    finally:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_version_1_schema_works_then_upgrades(
+    v1_db: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        monkeypatch.setattr(_schema, "_warned_old", False)
+        ch = "jobs"
+        async with await pgcast.aio.connect(v1_db) as ps:  # no install_schema: no DDL
+            await ps.listen(ch, durable=True, consumer="w", since=0)
+            publish(v1_db, ch, "a", "b", "c")
+            got = await take(ps, "c")
+            assert shape(got) == ["a", "b", "c"]
+            assert [e.epoch for e in got] == [None] * 3  # type: ignore[union-attr]
+            await ps.ack(got[0])
+        warnings = [r.getMessage() for r in caplog.records if "version 1" in r.getMessage()]
+        assert len(warnings) == 1 and "`pgcast init`" in warnings[0]
+        # Retention still waits for the consumer on version 1 (nothing recorded).
+        assert prune_all(v1_db, ch) == {ch: 1}
+        with psycopg.connect(v1_db, autocommit=True) as c:
+            assert install_schema(c) == 1  # what `pgcast init` runs: 1 -> 2
+            assert install_schema(c) == 2
+            assert c.execute("SELECT epoch IS NULL FROM pgcast.consumers").fetchone() == (True,)
+        # Upgraded: the consumer (no epoch recorded) resumes; a forced prune
+        # behind it is now a gap.
+        prune_all(v1_db, ch, force=True, keep_last=1)
+        async with await pgcast.aio.connect(v1_db) as ps:
+            await ps.listen(ch, durable=True, consumer="w")
+            got = await take(ps, "c")
+            assert isinstance(got[0], pgcast.Gap) and got[0].reason == "pruned"
+            assert shape(got[1:]) == ["c"]
+            assert got[-1].epoch == got[0].epoch is not None  # type: ignore[union-attr]
+            await ps.ack(got[-1])
+        with psycopg.connect(v1_db, autocommit=True) as c:
+            row = c.execute("SELECT epoch = (SELECT epoch FROM pgcast.meta) "
+                            "FROM pgcast.consumers").fetchone()
+        assert row == (True,)  # its first ack records the epoch
+
+    arun(body())
