@@ -64,6 +64,7 @@ import psycopg
 from .. import _flavour, _flavour_async
 from .._checks import wrap_error
 from .._errors import PgcastError, SchemaError
+from ._lag import ConsumerLag, consumers_query, lag_of
 from ._schema import (
     DEFAULT_RETENTION,
     LATEST_VERSION,
@@ -81,9 +82,11 @@ from ._schema import (
 __all__ = [
     "DEFAULT_RETENTION",
     "LATEST_VERSION",
+    "ConsumerLag",
     "LeftBehind",
     "PruneResult",
     "adrive",
+    "consumers",
     "drive",
     "install_schema",
     "install_schema_async",
@@ -275,5 +278,34 @@ async def prune_async(
                 _prune_steps(older_than, keep_last, channel, force, max_age),
                 _async_fetch(conn),
             )
+    except psycopg.Error as exc:
+        raise wrap_error(exc) from exc
+
+
+def _consumers_steps(retention: timedelta) -> Steps[list[ConsumerLag]]:
+    exists = yield ("SELECT to_regclass('pgcast.consumers') IS NOT NULL", None)
+    if not exists[0][0]:
+        raise SchemaError(
+            "the pgcast schema is not installed in this database: there are no "
+            "consumers (`pgcast init` installs it)"
+        )
+    found = yield ("SELECT coalesce(max(version), 0) FROM pgcast.schema_version", None)
+    rows = yield consumers_query(int(found[0][0]))
+    return [lag_of(row, retention) for row in rows]
+
+
+def consumers(
+    conn: psycopg.Connection[Any], retention: timedelta = DEFAULT_RETENTION
+) -> list[ConsumerLag]:
+    """Every named consumer of every channel, and how far behind it is
+    (``pgcast consumers``): its position, the messages and the time it is
+    behind, and whether it holds messages older than *retention* (which
+    ``prune`` keeps for it) or lost some (a :class:`~pgcast.Gap` awaits it).
+    Reads only.
+
+    :raises SchemaError: the schema is not installed.
+    """
+    try:
+        return drive(_consumers_steps(retention), _sync_fetch(conn))
     except psycopg.Error as exc:
         raise wrap_error(exc) from exc
