@@ -306,13 +306,14 @@ class DurableState:
         consumer: str | None,
         batch: int = REPLAY_BATCH,
         announced: dict[str, int] | None = None,
-    ) -> Steps[None]:
+    ) -> Steps[int]:
         """Find where each of *channels* (from :meth:`plan_subscribe`) starts,
         then replay a first batch. Run after the channels were LISTENed:
         whatever commits after the start position is read is then either
         replayed or notified. *since* moves an existing *consumer* there.
         *announced*: per channel, the deleted id up to which a gap was
-        already announced otherwise (the gateway's ``subscribed`` reply)."""
+        already announced otherwise (the gateway's ``subscribed`` reply).
+        Returns how many events the first batch added."""
         position = check_since(since)
         for channel in channels:
             epoch = None
@@ -334,7 +335,7 @@ class DurableState:
                     stream.last = start
                     stream.epoch = epoch
                     stream.announced = (announced or {}).get(channel, 0)
-        yield from self.replay_steps(batch)
+        return (yield from self.replay_steps(batch))
 
     def abandon(self, channels: Iterable[str]) -> None:
         """A durable listen failed: forget *channels*, the ones

@@ -36,15 +36,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._gap import Gap, GapReason
-from ._schema import Query, Steps
+from ._schema import Query, Steps, check_steps
 
 __all__ = [
     "REPLAY_SQL",
     "Check",
-    "check_steps_for",
     "consumer_query",
     "decide",
     "replay_query",
+    "resume_steps",
 ]
 
 # A consumer's start: inserted at *since* (or the end of the channel) if new;
@@ -156,12 +156,33 @@ def decide(
     return Check(gap, real_start, now, upto)
 
 
-def check_steps_for(
-    version: int, channel: str, start: int, epoch: str | None
-) -> Steps[Check | None]:
-    """Check a resume without reading any message (the gateway's answer to
-    a subscribe, before its replay); ``None`` on schema version 1 (unknown)."""
+_HEADERS = """
+SELECT NULL, NULL, (SELECT epoch FROM pgcast.meta),
+       (SELECT p.upto FROM pgcast.pruned AS p WHERE p.channel = c.channel),
+       (SELECT min(l.id) FROM pgcast.log AS l WHERE l.channel = c.channel),
+       c.channel
+FROM unnest(%s::text[]) AS c(channel)
+"""
+
+
+def resume_steps(
+    positions: dict[str, int], epoch: str | None
+) -> Steps[tuple[int, str | None, dict[str, Check]]]:
+    """Check, without reading any message, resumes of *positions* (channel:
+    id, of *epoch*): the gateway's answer to a subscribe, before its replay.
+    Returns the schema version, the log's epoch (``None`` before version 2),
+    and per channel its :class:`Check` (none before version 2: unknown).
+    With no positions, only the epoch is read.
+
+    :raises SchemaError: the schema is not installed.
+    """
+    version = yield from check_steps()
     if version < 2:
-        return None
-    rows = yield (_HEADER, {"channel": channel})
-    return decide(channel, start, epoch, rows[0])
+        return version, None, {}
+    if not positions:
+        rows = yield ("SELECT epoch FROM pgcast.meta", None)
+        return version, (rows[0][0] if rows else None), {}
+    rows = yield (_HEADERS, (list(positions),))
+    checks = {row[5]: decide(row[5], positions[row[5]], epoch, row) for row in rows}
+    now = rows[0][2] if rows else None
+    return version, now, checks

@@ -13,6 +13,17 @@ duplicates.
 The replay reads the log on the hub's query connection in batches no larger
 than half the client's queue, and waits for the queue to drain below half
 before the next, so a long replay never overflows a client that keeps up.
+
+**Saying whether a resume is complete.** Before the subscription takes
+effect, :func:`check` reads, for every channel to resume, the log's epoch
+and the highest id ever deleted on it (:func:`pgcast.durable._gaps.resume_steps`;
+the exact test is explained there): the ``subscribed`` reply says
+``recovered`` true or false from that. The replay then checks again in every
+batch, in the same statement as its rows: a gap it finds that the reply did
+not announce (a prune that ran between the check and the replay, or during
+a long replay) becomes a ``gap`` notice before the messages after it. So
+``recovered: true`` is never left standing over a gap. SSE clients get every
+gap as a notice (:func:`gap_frames`), whatever the door.
 """
 
 from __future__ import annotations
@@ -20,42 +31,110 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from .._event import Event
+from .._event import Event, Position
 from .._gap import Gap
 from .._reconnect import Reconnected
 from ..durable import adrive
 from ..durable._core import DurableState, Unfetched, ref_payload
+from ..durable._gaps import Check, resume_steps
 from . import _protocol
+from ._metrics import Stats
 from ._router import Outbox
 
-__all__ = ["Resume"]
+__all__ = ["Checked", "Resume", "check", "gap_frames"]
 
 #: ``fetch(sql, params) -> rows`` on a connection other than the LISTEN one.
 Fetch = Callable[[str, Any], Awaitable[list[tuple[Any, ...]]]]
 
 
+class Checked(NamedTuple):
+    """What :func:`check` found before a subscription took effect."""
+
+    version: int
+    """The schema version (gaps are known from 2 on)."""
+    epoch: str | None
+    """The log's epoch (``None`` before version 2)."""
+    checks: dict[str, Check]
+    """Per channel resumed, what its replay will miss (empty before version 2)."""
+
+    def gaps(self) -> dict[str, tuple[int | None, str] | None] | None:
+        """The ``subscribed`` reply's part: per channel, ``None`` (complete) or
+        ``(oldest, reason)``; ``None`` when it cannot be known (version 1)."""
+        if self.version < 2:
+            return None
+        return {c: None if k.gap is None else (k.gap.oldest, k.gap.reason)
+                for c, k in self.checks.items()}
+
+
+async def check(
+    fetch: Fetch, positions: dict[str, int], epoch: str | None, durable: bool
+) -> Checked | None:
+    """Check the resumes of *positions* (of *epoch*), or, with none, only
+    read the epoch when *durable* channels are subscribed to; ``None`` when
+    there is nothing to say."""
+    if not positions and not durable:
+        return None
+    return Checked(*await adrive(resume_steps(positions, epoch), fetch))
+
+
+def gap_frames(checked: Checked | None) -> list[_protocol.Frame]:
+    """A ``gap`` notice per incomplete resume in *checked* (what SSE sends
+    before the replay)."""
+    if checked is None:
+        return []
+    return [_protocol.gap_notice(c, k.gap.since, k.gap.oldest, k.gap.reason, k.gap.epoch)
+            for c, k in checked.checks.items() if k.gap is not None]
+
+
 class Resume:
     """The durable channels one client resumed, and their replay."""
 
-    __slots__ = ("_inbox", "_outbox", "_overflow", "_state")
+    __slots__ = ("_inbox", "_outbox", "_overflow", "_starts", "_state", "_stats")
 
-    def __init__(self, outbox: Outbox, overflow: Callable[[], None]) -> None:
+    def __init__(
+        self, outbox: Outbox, overflow: Callable[[], None], stats: Stats | None = None
+    ) -> None:
         self._inbox: deque[Event | Reconnected | Gap] = deque()
         self._state = DurableState(self._inbox)
         self._outbox = outbox
         #: Called when the client's queue overflows (the hub disconnects it).
         self._overflow = overflow
+        self._stats = stats or Stats()
+        #: Per channel started and not replayed yet: where, and the deleted
+        #: id up to which a gap was already announced.
+        self._starts: dict[str, tuple[Position, int]] = {}
 
-    def start(self, channel: str, since: int) -> None:
+    def start(
+        self, channel: str, since: int, checked: Checked | None = None,
+        epoch: str | None = None,
+    ) -> None:
         """Hold back *channel*'s live events from now on: call it in the same
-        step as the client is subscribed, before any event can reach it."""
-        self._state.plan_subscribe([channel], True, since, None)
+        step as the client is subscribed, before any event can reach it.
+        *checked*: what :func:`check` found (the replay then does not
+        announce again what the reply said); *epoch*: the client's."""
+        position, announced = Position(since, epoch), 0
+        if checked is not None:
+            self._state.version = checked.version
+            found = checked.checks.get(channel)
+            if found is not None:
+                # From the log's start after an epoch change; announced up to
+                # what the reply covered.
+                position = Position(found.start, found.epoch)
+                announced = found.upto if found.gap is not None else 0
+        self._state.plan_subscribe([channel], True, position, None)
+        self._starts[channel] = (position, announced)
+        self._stats.replays += 1
+        if checked is not None and channel in checked.checks \
+                and checked.checks[channel].gap is not None:
+            self._stats.incomplete_resumes += 1
 
     def forget(self, channels: Sequence[str]) -> None:
         """The client unsubscribed from *channels*."""
         self._state.forget(channels)
+        for channel in channels:
+            self._starts.pop(channel, None)
 
     def divert(self, event: object) -> None:
         """A live event on a resumed channel: merge it, then queue what is due."""
@@ -79,6 +158,15 @@ class Resume:
             self._put(inbox.popleft())
 
     def _put(self, event: Event | Reconnected | Gap) -> None:
+        if isinstance(event, Gap):
+            # Found by the replay, not announced by the reply: say it now,
+            # before the messages after it.
+            self._stats.incomplete_resumes += 1
+            if not self._outbox.put_control(_protocol.gap_notice(
+                event.channel, event.since, event.oldest, event.reason, event.epoch
+            )):
+                self._overflow()
+            return
         if isinstance(event, Event) and not self._outbox.put(_protocol.message(
             event.channel, event.payload, event.pid, getattr(event, "id", None)
         )):
@@ -91,13 +179,15 @@ class Resume:
         outbox = self._outbox
         batch = max(1, min(1000, outbox.maxsize // 2))
         for channel, since in channels.items():
-            await adrive(self._state.subscribe_steps([channel], since, None, batch), fetch)
+            position, announced = self._starts.pop(channel, (Position(since), 0))
+            self._stats.replayed += await adrive(self._state.subscribe_steps(
+                [channel], position, None, batch, {channel: announced}), fetch)
             await self._flush(fetch)
         while self._state.pending and not is_gone():
             # Let the client take what it has before reading more.
             while len(outbox) > batch and not is_gone():
                 await asyncio.sleep(0.01)
-            await adrive(self._state.replay_steps(batch), fetch)
+            self._stats.replayed += await adrive(self._state.replay_steps(batch), fetch)
             await self._flush(fetch)
 
     async def _flush(self, fetch: Fetch) -> None:
