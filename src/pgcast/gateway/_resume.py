@@ -23,7 +23,7 @@ batch, in the same statement as its rows: a gap it finds that the reply did
 not announce (a prune that ran between the check and the replay, or during
 a long replay) becomes a ``gap`` notice before the messages after it. So
 ``recovered: true`` is never left standing over a gap. SSE clients get every
-gap as a notice (:func:`gap_frames`), whatever the door.
+gap as a notice (:func:`replies`), whatever the door.
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import psycopg
+
+from .._errors import PgcastError, ProtocolError
 from .._event import Event, Position
 from .._gap import Gap
 from .._reconnect import Reconnected
@@ -41,12 +44,60 @@ from ..durable._core import DurableState, Unfetched, ref_payload
 from ..durable._gaps import Check, resume_steps
 from . import _protocol
 from ._metrics import Stats
+from ._protocol import Frame, Ref, Since
 from ._router import Outbox
 
-__all__ = ["Checked", "Resume", "check", "gap_frames"]
+if TYPE_CHECKING:
+    from ._client import Client
+
+__all__ = ["Checked", "Resume", "check", "positions", "replies"]
 
 #: ``fetch(sql, params) -> rows`` on a connection other than the LISTEN one.
 Fetch = Callable[[str, Any], Awaitable[list[tuple[Any, ...]]]]
+
+
+def positions(
+    client: Client,
+    channels: tuple[str, ...],
+    since: Since,
+    strict: bool,
+    is_durable: Callable[[str], bool],
+) -> dict[str, int]:
+    """Where each channel of a subscribe resumes: the durable ones among
+    *channels* that *since* names.
+
+    :raises ProtocolError: with *strict*, *since* names a channel not being
+        subscribed to or not durable; or a channel is subscribed to already.
+    """
+    if since is None:
+        return {}
+    wanted = since if isinstance(since, dict) else dict.fromkeys(channels, since)
+    out = {}
+    for channel, position in wanted.items():
+        # A position only ever resumes a channel being subscribed to now,
+        # which the hub's access check covered: an SSE Last-Event-ID (or
+        # ?since=) naming other channels must not replay them (issue 12
+        # item 2). Checked again here so no other caller can skip it.
+        if channel not in channels or not client.access.can_read(channel):
+            if strict:
+                raise ProtocolError(
+                    f"since names {channel!r}, which is not being subscribed to"
+                )
+            continue
+        if not is_durable(channel):
+            if strict:
+                raise ProtocolError(
+                    f"channel {channel!r} is not durable on this gateway, so it cannot "
+                    "resume from a position (since)"
+                )
+            continue
+        if channel in client.sub.channels:
+            raise ProtocolError(
+                f"already subscribed to {channel!r}; unsubscribe first to resume it "
+                "from a position"
+            )
+        out[channel] = position
+    return out
 
 
 class Checked(NamedTuple):
@@ -73,19 +124,35 @@ async def check(
 ) -> Checked | None:
     """Check the resumes of *positions* (of *epoch*), or, with none, only
     read the epoch when *durable* channels are subscribed to; ``None`` when
-    there is nothing to say."""
+    there is nothing to say.
+
+    :raises ProtocolError: the log could not be read; nothing changed.
+    """
     if not positions and not durable:
         return None
-    return Checked(*await adrive(resume_steps(positions, epoch), fetch))
+    try:
+        return Checked(*await adrive(resume_steps(positions, epoch), fetch))
+    except (PgcastError, psycopg.Error) as exc:
+        raise ProtocolError(
+            f"reading the log failed: {exc}; nothing changed: subscribe again"
+        ) from None
 
 
-def gap_frames(checked: Checked | None) -> list[_protocol.Frame]:
-    """A ``gap`` notice per incomplete resume in *checked* (what SSE sends
-    before the replay)."""
-    if checked is None:
-        return []
-    return [_protocol.gap_notice(c, k.gap.since, k.gap.oldest, k.gap.reason, k.gap.epoch)
-            for c, k in checked.checks.items() if k.gap is not None]
+def replies(
+    channels: Sequence[str], ref: Ref, checked: Checked | None, resumed: bool, *, sse: bool
+) -> list[Frame]:
+    """The ``subscribed`` reply (with the epoch, and *resumed*: whether each
+    resume is complete), and for an *sse* client a ``gap`` notice per
+    incomplete resume, to queue before the replay."""
+    reply = _protocol.subscribed(
+        channels, ref, epoch=None if checked is None else checked.epoch,
+        gaps=checked.gaps() if checked is not None and resumed else None)
+    if not sse or checked is None:
+        return [reply]
+    return [reply] + [
+        _protocol.gap_notice(c, k.gap.since, k.gap.oldest, k.gap.reason, k.gap.epoch)
+        for c, k in checked.checks.items() if k.gap is not None
+    ]
 
 
 class Resume:

@@ -10,7 +10,12 @@ Durable messages carry an ``id:`` line: the log position reached on each of
 the client's durable channels, as JSON (``{"orders": 42}``). EventSource
 sends the last one back as ``Last-Event-ID`` when it reconnects, and the
 stream resumes each channel after its position (``?since=ID`` or
-``?since={"orders": 42}`` does the same for a first connection).
+``?since={"orders": 42}`` does the same for a first connection; ``?epoch=E``
+names the log epoch the positions came from, as the ``subscribed`` data
+gave it). A resume that cannot be complete (messages after the position
+were pruned, or it is from another epoch) is announced before the replay by
+an ``event: notice`` whose data is ``{"event": "gap", "channel", "since",
+"oldest", "reason", ...}`` (see :mod:`pgcast.gateway._resume`).
 
 Everything that can be refused is checked before the stream starts, with a
 plain-text HTTP error: a bad origin or token (403), no or bad channel names
@@ -66,16 +71,18 @@ class SSEEndpoint:
             await PlainTextResponse("use GET", 405, {"allow": "GET"})(scope, receive, send)
             return
         try:
-            client, channels, since = await self._admit(request)
+            client, channels, since, epoch = await self._admit(request)
         except _Refusal as r:
             await PlainTextResponse(r.message, r.status)(scope, receive, send)
             return
         try:
-            await self._stream(client, (channels, since), scope, receive, send)
+            await self._stream(client, (channels, since, epoch), scope, receive, send)
         finally:
             hub.detach(client)
 
-    async def _admit(self, request: Request) -> tuple[Client, tuple[str, ...], Since]:
+    async def _admit(
+        self, request: Request
+    ) -> tuple[Client, tuple[str, ...], Since, str | None]:
         hub = self.hub
         origin = request.headers.get("origin")
         if not origin_allowed(origin, request.headers.get("host"), hub.settings.allowed_origins):
@@ -95,6 +102,7 @@ class SSEEndpoint:
             since = _protocol.parse_since(
                 request.headers.get("last-event-id") or request.query_params.get("since")
             )
+            epoch = _protocol.parse_epoch(request.query_params.get("epoch"))
         except ProtocolError as exc:
             raise _Refusal(400, str(exc)) from None
         if len(channels) > hub.settings.max_subscriptions:
@@ -120,25 +128,25 @@ class SSEEndpoint:
             raise _Refusal(403, f"not allowed to subscribe to {names_}: "
                                 "not in this gateway's allow-list")
         try:
-            return hub.attach("sse", access, request), channels, since
+            return hub.attach("sse", access, request), channels, since, epoch
         except AccessDenied as exc:
             raise _Refusal(_status(exc), str(exc)) from None
 
     async def _stream(
         self,
         client: Client,
-        request: tuple[tuple[str, ...], Since],
+        request: tuple[tuple[str, ...], Since, str | None],
         scope: Scope,
         receive: Receive,
         send: Send,
     ) -> None:
-        channels, since = request
+        channels, since, epoch = request
         hub = self.hub
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        writer = asyncio.create_task(self._write(client, channels, since, send))
+        writer = asyncio.create_task(self._write(client, (channels, since, epoch), send))
         watcher = asyncio.create_task(_until_disconnect(receive))
         try:
             waiting: list[asyncio.Future[Any]] = [writer, watcher, client.closing]
@@ -172,8 +180,9 @@ class SSEEndpoint:
                 )
 
     async def _write(
-        self, client: Client, channels: tuple[str, ...], since: Since, send: Send
+        self, client: Client, request: tuple[tuple[str, ...], Since, str | None], send: Send
     ) -> None:
+        channels, since, epoch = request
         hub = self.hub
         wake = client.wake
 
@@ -191,7 +200,7 @@ class SSEEndpoint:
         # and this loop is what drains it (a resume over half the queue or
         # more never started when both were one task).
         subscribing = asyncio.create_task(
-            hub.subscribe(client, channels, since=since, strict=False)
+            hub.subscribe(client, channels, since=since, strict=False, epoch=epoch)
         )
         subscribing.add_done_callback(lambda _: wake.set())
         try:
@@ -255,7 +264,7 @@ class SSEEndpoint:
                 if frame.id is not None and frame.channel is not None:
                     positions[frame.channel] = int(frame.id)
                     event_id = _protocol.sse_position(positions)
-                parts.append(sse_event(frame.text, event_id))
+                parts.append(sse_event(frame.text, event_id, event=frame.sse_event))
                 sent += frame.is_message
             await write("".join(parts))
             stats.messages_out += sent
