@@ -47,6 +47,7 @@ import psycopg
 from .. import aio
 from .._errors import ConnectError, ConnectionLostError, PgcastError, ProtocolError
 from .._event import Event
+from .._gap import Gap
 from .._reconnect import Reconnected
 from . import _metrics, _protocol, _resume
 from ._client import (
@@ -374,7 +375,13 @@ class Hub(Clients):
             try:
                 async for event in aps.events(select_timeout=5.0):
                     if not isinstance(event, Event):
-                        if isinstance(event, Reconnected):
+                        if isinstance(event, Gap):
+                            # Its own durable channel resumed across the
+                            # reconnect, and the log no longer held everything.
+                            frame = _resume.gap_frame(event)
+                            for sub in router.publish(event.channel, frame, event)[1]:
+                                self._slow(self._clients.get(sub))
+                        elif isinstance(event, Reconnected):
                             # The connection reconnected by itself (and
                             # re-LISTENed): clients may have missed messages.
                             self._reap_wanted.set()

@@ -50,7 +50,7 @@ from ._router import Outbox
 if TYPE_CHECKING:
     from ._client import Client
 
-__all__ = ["Checked", "Resume", "check", "positions", "replies"]
+__all__ = ["Checked", "Resume", "check", "gap_frame", "positions", "replies"]
 
 #: ``fetch(sql, params) -> rows`` on a connection other than the LISTEN one.
 Fetch = Callable[[str, Any], Awaitable[list[tuple[Any, ...]]]]
@@ -149,10 +149,12 @@ def replies(
         gaps=checked.gaps() if checked is not None and resumed else None)
     if not sse or checked is None:
         return [reply]
-    return [reply] + [
-        _protocol.gap_notice(c, k.gap.since, k.gap.oldest, k.gap.reason, k.gap.epoch)
-        for c, k in checked.checks.items() if k.gap is not None
-    ]
+    return [reply] + [gap_frame(k.gap) for k in checked.checks.values() if k.gap is not None]
+
+
+def gap_frame(gap: Gap) -> Frame:
+    """The ``gap`` notice for *gap*."""
+    return _protocol.gap_notice(gap.channel, gap.since, gap.oldest, gap.reason, gap.epoch)
 
 
 class Resume:
@@ -204,7 +206,11 @@ class Resume:
             self._starts.pop(channel, None)
 
     def divert(self, event: object) -> None:
-        """A live event on a resumed channel: merge it, then queue what is due."""
+        """A live event on a resumed channel: merge it, then queue what is due.
+        A :class:`~pgcast.Gap` of the gateway's own listen is queued as is."""
+        if isinstance(event, Gap):
+            self._put(event)
+            return
         assert isinstance(event, Event)
         event_id = getattr(event, "id", None)
         if event_id is None:
@@ -229,9 +235,7 @@ class Resume:
             # Found by the replay, not announced by the reply: say it now,
             # before the messages after it.
             self._stats.incomplete_resumes += 1
-            if not self._outbox.put_control(_protocol.gap_notice(
-                event.channel, event.since, event.oldest, event.reason, event.epoch
-            )):
+            if not self._outbox.put_control(gap_frame(event)):
                 self._overflow()
             return
         if isinstance(event, Event) and not self._outbox.put(_protocol.message(
