@@ -389,3 +389,26 @@ def test_a_version_1_schema_works_then_upgrades(
         assert row == (True,)  # its first ack records the epoch
 
     run_sync(body())
+
+
+def test_a_replayed_message_deleted_before_its_payload_is_read_is_a_gap(db: str) -> None:
+    """A large payload is fetched when handed out, after the replay read its
+    id: deleted in between, it is a Gap, not a silent skip."""
+
+    def body() -> None:
+        ch = "big"
+        big = "x" * 100000  # over the replay's inline limit: fetched later
+        ids = publish(db, ch, "a", big, "c")
+        seen: list[pgcast.Gap] = []
+        with pgcast.connect(db, on_gap=seen.append) as ps:
+            ps.listen(ch, durable=True, since=0)  # the first batch is read now
+            with psycopg.connect(db, autocommit=True) as c:
+                c.execute("DELETE FROM pgcast.log WHERE id = %s", (ids[1],))
+            got = take(ps, "c")
+        assert shape(got[:1]) == ["a"]
+        gap = got[1]
+        assert isinstance(gap, pgcast.Gap) and (gap.since, gap.reason) == (ids[0], "pruned")
+        assert shape(got[2:]) == ["c"]
+        assert seen == [gap]
+
+    run_sync(body())

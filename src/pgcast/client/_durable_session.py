@@ -18,6 +18,7 @@ from typing import TypeVar
 from .._errors import ConnectionLostError, PgcastError
 from .._event import DurableEvent
 from .._flavour import resolve
+from .._gap import Gap
 from ..durable import _core as _durable_core
 from ..durable import schema_error
 from ..durable._core import Unfetched
@@ -118,13 +119,16 @@ class DurableSession(Session):
                 break
             self._durable(durable.replay_steps())
 
-    def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
-        """The event with its payload read from the log (None: pruned); a
-        lost connection is restored and the read tried again."""
+    def _fetch_payload(self, event: Unfetched) -> DurableEvent | Gap | None:
+        """The event with its payload read from the log (a :class:`Gap` or
+        None: pruned meanwhile); a lost connection is restored and the read
+        tried again."""
         while True:  # ends: _recover gives up or the read succeeds
             generation = self._generation
             try:
-                result: DurableEvent | None = self._durable(self._core.durable.fetch_steps(event))
+                result: DurableEvent | Gap | None = self._durable(
+                    self._core.durable.fetch_or_gap_steps(event)
+                )
                 return result
             except ConnectionLostError as exc:
                 self._check_open(lost_ok=True)

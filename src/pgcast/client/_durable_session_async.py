@@ -15,6 +15,7 @@ from typing import TypeVar
 from .._errors import ConnectionLostError, PgcastError
 from .._event import DurableEvent
 from .._flavour_async import resolve
+from .._gap import Gap
 from ..durable import _core as _durable_core
 from ..durable import schema_error
 from ..durable._core import Unfetched
@@ -120,14 +121,15 @@ class AsyncDurableSession(AsyncSession):
                 break
             await self._durable(durable.replay_steps())
 
-    async def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
-        """The event with its payload read from the log (None: pruned); a
-        lost connection is restored and the read tried again."""
+    async def _fetch_payload(self, event: Unfetched) -> DurableEvent | Gap | None:
+        """The event with its payload read from the log (a :class:`Gap` or
+        None: pruned meanwhile); a lost connection is restored and the read
+        tried again."""
         while True:  # ends: _recover gives up or the read succeeds
             generation = self._generation
             try:
-                result: DurableEvent | None = await self._durable(
-                    self._core.durable.fetch_steps(event)
+                result: DurableEvent | Gap | None = await self._durable(
+                    self._core.durable.fetch_or_gap_steps(event)
                 )
                 return result
             except ConnectionLostError as exc:

@@ -448,6 +448,20 @@ class DurableState:
             return None
         return DurableEvent(event.channel, rows[0][0], event.pid, event.id, event.epoch)
 
+    def fetch_or_gap_steps(self, event: Unfetched) -> Steps[DurableEvent | Gap | None]:
+        """:meth:`fetch_steps`; but a message of a durable channel that the
+        replay read and that was deleted before its payload could be fetched
+        is a :class:`~pgcast.Gap` (``since`` the id before it), not a silent
+        skip (it is also queued for ``on_gap``)."""
+        fetched = yield from self.fetch_steps(event)
+        if fetched is not None or event.channel not in self.streams or self.version < 2:
+            return fetched
+        rows = yield ("SELECT min(id) FROM pgcast.log WHERE channel = %s", (event.channel,))
+        oldest = rows[0][0] if rows and rows[0][0] is not None else None
+        gap = Gap(event.channel, event.id - 1, oldest, "pruned", event.epoch)
+        self.gaps.append(gap)
+        return gap
+
     def ack_query(self, event: Event) -> Query:
         """The statement recording that *event* (and all before it on its
         channel) was processed by the channel's consumer."""

@@ -262,11 +262,12 @@ class Resume:
             await self._flush(fetch)
 
     async def _flush(self, fetch: Fetch) -> None:
+        self._state.gaps.clear()  # each goes to the client as a notice (_put)
         inbox = self._inbox
         while inbox:
             event = inbox[0]
             if isinstance(event, Unfetched):
-                fetched = await adrive(DurableState.fetch_steps(event), fetch)
+                fetched = await adrive(self._state.fetch_or_gap_steps(event), fetch)
                 # The event may have been flushed meanwhile by nobody else:
                 # only this task pops Unfetched entries.
                 inbox.popleft()
