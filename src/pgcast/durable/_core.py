@@ -72,7 +72,7 @@ from dataclasses import dataclass
 
 from .._event import DurableEvent, Event, Position
 from .._gap import Gap, Marker
-from ._gaps import REPLAY_SQL, consumer_query, decide, replay_query
+from ._gaps import HEADER_SQL, REPLAY_SQL, consumer_query, decide, replay_query
 from ._publish import needs_log, publish_many_query, publish_query
 from ._schema import (
     INLINE_LIMIT,
@@ -391,19 +391,23 @@ class DurableState:
             stream.busy = True
             start, seen_before, epoch = stream.last, stream.seen, stream.epoch
         version = self.version
+        header: Sequence[object] | None = None
         try:
             rows = yield replay_query(
                 version, channel, start, epoch, batch=batch, inline=REPLAY_INLINE_BYTES
             )
+            if version >= 2:
+                # The first row carries the header; none read: its own statement.
+                header = (None, None, *rows[0][3:6]) if rows else (
+                    yield (HEADER_SQL, {"channel": channel}))[0]
         finally:
             stream.busy = False
         with self._lock:
             if self.streams.get(channel) is not stream or stream.last != start:
                 return 0  # unlistened, or replayed by another thread, meanwhile
             append = self.inbox.append
-            if version >= 2 and rows and rows[0][0] is None:
-                check = decide(channel, start, epoch, rows[0], stream.announced)
-                rows = rows[1:]
+            if header is not None:
+                check = decide(channel, start, epoch, header, stream.announced)
                 self.epoch = stream.epoch = check.epoch
                 start = check.start
                 if check.gap is not None:
@@ -412,11 +416,15 @@ class DurableState:
                     append(check.gap)
                     self.gaps.append(check.gap)
             epoch = stream.epoch
-            for id, pid, payload, *_ in rows:
-                if payload is None:
-                    append(Unfetched(channel, "", pid, id, epoch))
-                else:
-                    append(DurableEvent(channel, payload, pid, id, epoch))
+            # Fixed-arity unpacking, no list per row: the replay's hot loop.
+            if header is None:  # schema version 1: three columns
+                for id, pid, payload in rows:
+                    append(DurableEvent(channel, payload, pid, id, epoch) if payload is not None
+                           else Unfetched(channel, "", pid, id, epoch))
+            else:
+                for id, pid, payload, _, _, _ in rows:
+                    append(DurableEvent(channel, payload, pid, id, epoch) if payload is not None
+                           else Unfetched(channel, "", pid, id, epoch))
             last: int = rows[-1][0] if rows else start
             # Only rows read move the position, never an id a notification
             # named: a reference seen before this query was sent is in its

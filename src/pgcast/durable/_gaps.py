@@ -13,7 +13,10 @@ A message of C above P was deleted exactly when ``upto > P``. The replay
 query reads ``upto`` and the log rows in *one statement* (one snapshot), so
 a prune committing between the check and the read cannot slip through: every
 replay batch checks again, and a gap found in the middle of a replay (a
-prune racing it) is announced as well.
+prune racing it) is announced as well. A batch that read no row reads
+``upto`` in a second statement: nothing after P was handed out, so a
+deletion above P seen then is a gap too (``upto`` only grows, but for a
+``TRUNCATE``, which changes the epoch).
 
 **The epoch test.** ``pgcast.meta`` holds the log's epoch, a random id made
 when the schema is installed and made anew by a ``TRUNCATE`` of the log
@@ -39,6 +42,7 @@ from .._gap import Gap, GapReason
 from ._schema import Query, Steps, check_steps
 
 __all__ = [
+    "HEADER_SQL",
     "REPLAY_SQL",
     "Check",
     "consumer_query",
@@ -86,22 +90,31 @@ REPLAY_SQL = (
     "SELECT id, pid, CASE WHEN octet_length(payload) <= %s THEN payload END "
     "FROM pgcast.log WHERE channel = %s AND id > %s ORDER BY id LIMIT %s"
 )
-# The first row (id NULL) is the header: the log's epoch, the highest id
-# deleted on the channel, its oldest id. A position of another epoch reads
-# from 0. One statement, one snapshot (see the module docstring).
-_HEADER = """
-SELECT NULL::bigint AS id, NULL::integer AS pid, (SELECT epoch FROM pgcast.meta) AS payload,
-       (SELECT upto FROM pgcast.pruned WHERE channel = %(channel)s) AS upto,
-       (SELECT min(id) FROM pgcast.log WHERE channel = %(channel)s) AS oldest
+# The first row carries the header: the log's epoch, the highest id deleted
+# on the channel, its oldest id (uncorrelated subqueries: computed once per
+# statement, in the statement's snapshot; see the module docstring); the
+# other rows carry NULLs, which cost the client nothing to decode. A position
+# of another epoch reads from 0. The rows are the index scan of version 1.
+_START = """CASE
+    WHEN %(epoch)s::text IS NULL OR %(epoch)s::text = (SELECT epoch FROM pgcast.meta)
+    THEN %(start)s::bigint ELSE 0 END"""
+_FIRST = f"""id = (SELECT min(id) FROM pgcast.log
+                   WHERE channel = %(channel)s AND id > {_START})"""
+_REPLAY_V2 = f"""
+SELECT id, pid, CASE WHEN octet_length(payload) <= %(inline)s THEN payload END,
+       CASE WHEN {_FIRST} THEN (SELECT epoch FROM pgcast.meta) END,
+       CASE WHEN {_FIRST} THEN (SELECT upto FROM pgcast.pruned WHERE channel = %(channel)s) END,
+       CASE WHEN {_FIRST} THEN (SELECT min(id) FROM pgcast.log WHERE channel = %(channel)s) END
+FROM pgcast.log
+WHERE channel = %(channel)s AND id > {_START}
+ORDER BY id LIMIT %(batch)s
 """
-_REPLAY_V2 = _HEADER + """
-UNION ALL
-(SELECT id, pid, CASE WHEN octet_length(payload) <= %(inline)s THEN payload END, NULL, NULL
- FROM pgcast.log WHERE channel = %(channel)s AND id > CASE
-     WHEN %(epoch)s::text IS NULL OR %(epoch)s::text = (SELECT epoch FROM pgcast.meta)
-     THEN %(start)s::bigint ELSE 0 END
- ORDER BY id LIMIT %(batch)s)
-ORDER BY 1 NULLS FIRST
+#: The header alone, for a replay that read no row (then no row was handed
+#: out, so a deletion seen in a later snapshot is a gap all the same).
+HEADER_SQL = """
+SELECT NULL, NULL, (SELECT epoch FROM pgcast.meta),
+       (SELECT upto FROM pgcast.pruned WHERE channel = %(channel)s),
+       (SELECT min(id) FROM pgcast.log WHERE channel = %(channel)s)
 """
 
 
@@ -109,8 +122,9 @@ def replay_query(
     version: int, channel: str, start: int, epoch: str | None, *, batch: int, inline: int
 ) -> Query:
     """The statement reading at most *batch* rows ``(id, pid, payload or
-    None)`` of *channel* after *start*; from version 2, after a header row
-    ``(None, None, epoch, upto, oldest)`` (see :func:`decide`)."""
+    None)`` of *channel* after *start*; from version 2 the first row goes on
+    with ``epoch, upto, oldest`` (see :func:`decide`; :data:`HEADER_SQL`
+    when there is no row)."""
     if version < 2:
         return REPLAY_SQL, (inline, channel, start, batch)
     return _REPLAY_V2, {"channel": channel, "start": start, "epoch": epoch, "batch": batch,
