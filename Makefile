@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PYTEST = $(BIN)/pytest $(PYTEST_ARGS) || test $$? -eq 5
 
 .DEFAULT_GOAL := test
-.PHONY: demo test lint generated typecheck bench clean browser pgbouncer
+.PHONY: demo test lint generated typecheck docs bench clean browser pgbouncer
 
 # Reinstalls whenever pyproject.toml changes; `touch` marks the venv up to date.
 $(VENV): pyproject.toml
@@ -59,7 +59,12 @@ generated: $(VENV)
 	$(BIN)/python tools/async_to_sync.py --check
 	$(BIN)/python tools/test_twins.py
 
-test: lint typecheck generated browser pgbouncer
+# The documentation site (mkdocs.yml, docs/), into build/site; a warning (a
+# broken link, a docstring that does not resolve) fails the build.
+docs: $(VENV)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint typecheck generated docs browser pgbouncer
 	$(PYTEST)
 	@if $(BIN)/python -c "import psycopg; psycopg.connect('$(LOCAL_DSN)', connect_timeout=3).close()" \
 			>/dev/null 2>&1; then \

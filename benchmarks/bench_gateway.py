@@ -1,53 +1,52 @@
-"""The gateway's fan-out: 5,000 WebSocket clients on one gateway process.
+"""The gateway's fan-out against the floor and its peers, at 5,000 to 50,000 clients.
 
-What is measured, for each server design, in one run:
+What is measured, for each server, in one run (issue 10):
 
-* **latency to the last client**: the time from a ``NOTIFY`` (sent by the
-  benchmark with ``pg_notify``) to the moment the *last* connected client has
-  received it; p50 and p99 over the notifications (20, one at a time: the
-  next is sent once every client has the previous one);
-* **memory per idle client**: the server process's RSS after every client is
-  connected and subscribed, minus its RSS before any, divided by the number
-  of clients.
+* **latency to the last client**: from a ``NOTIFY`` (``pg_notify`` from the
+  benchmark) to the moment the *last* client has it; p50 and p99 over the
+  notifications, sent one at a time (the next once every client has the last);
+* **memory per idle client**: the server's RSS (its workers' summed) once every
+  client is connected and subscribed, minus its RSS before any, per client;
+* **connections accepted per second**: clients / the time from the first
+  connection to the last ``subscribed`` (the load opens 256 at a time per
+  load process);
+* **saturation throughput**: frames delivered per second when NOTIFYs come
+  faster than they can be fanned out: a burst of notifications in one
+  transaction, timed until every client has the last one.
 
-The designs (each an ASGI app served by the same uvicorn configuration, in a
-process of its own):
+The servers (``_fanout_servers.py``): a raw floor (one frame built per
+NOTIFY, ``transport.write()`` to all), the ``websockets`` library's server with
+``broadcast()``, ``pgcast serve`` (one worker, and ``--workers 2``),
+encode/broadcaster, and at a small size a database connection per client.
+The clients are processes of one epoll loop each, from their own loopback
+source address (127.0.0.2, .3, ...: ephemeral ports are per source address),
+never parsing more than a frame header and a marker: ``fanout_load.c``,
+compiled with the machine's C compiler at the first run (the same loop in
+Python, ``_fanout_load.py``, costs 25 us a frame, as much as the servers
+measured, and is used only where there is no compiler; the rows say which).
 
-* ``pgcast gateway``: :func:`pgcast.gateway.create_app`, one LISTEN
-  connection for the process, fanned out to every client;
-* ``encode/broadcaster (postgres)``: broadcaster's ``Broadcast`` with its
-  asyncpg Postgres backend, one ``subscribe()`` (an unbounded queue) per
-  WebSocket, as its README shows;
-* ``one LISTEN connection per client``: the seed's design (a database
-  connection per browser, here a :func:`pgcast.aio.connect` each). At 5,000
-  clients it needs 5,000 connections, over PostgreSQL's ``max_connections``,
-  so it runs at the largest size the server allows (leaving 20 connections
-  spare, at most 150), the pgcast gateway is measured at that size too, and a
-  row records that 5,000 is out of reach. Its PostgreSQL backends' own memory
-  (USS, summed) is reported per client as well, since that is where this
-  design pays.
+Limits of this machine, stated in the rows: a process may hold at most its
+hard descriptor limit (20,000 here; raising it needs a privilege this
+sandbox does not grant), so one server process serves at most 19,000 clients
+here; 50,000 are measured on ``pgcast serve --workers 3``. Server, clients
+and PostgreSQL share 2 cores, so absolute numbers include that contention;
+the ratios between servers of one run are what the targets judge.
 
-The clients are two processes of asyncio clients speaking just enough
-WebSocket by hand (handshake, masked text frames out, unmasked frames in) to
-keep client-side overhead out of the measurement; they never parse the JSON,
-only look for the notification's marker. Server, clients and PostgreSQL share
-the machine's 2 cores, so absolute numbers include that contention.
-
-Everything is on 127.0.0.1; every wait is bounded.
+Everything is on 127.0.0.1-127.0.0.9; every wait is bounded.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
-import json
-import os
+import hashlib
+import math
 import queue
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -61,26 +60,28 @@ from _common import Row, main, percentile, row
 
 BENCH = "gateway"
 CHANNEL = "bench_gateway"
-CLIENTS = 5_000
+HERE = Path(__file__).resolve().parent
 NOTIFICATIONS = 20
-SMOKE_CLIENTS = 100
 SMOKE_NOTIFICATIONS = 5
-#: The designs compared at full size are measured this many times, alternating,
-#: and their notifications pooled: the machine is shared, and one run of each
-#: can differ from the next by more than the designs differ.
+#: (design, clients, rounds): the 5,000-client designs are measured ROUNDS
+#: times, alternating, their notifications pooled (the machine is shared).
 ROUNDS = 3
-SMOKE_ROUNDS = 1
-CLIENT_PROCESSES = 2
-PER_CONNECTION_MAX = 150
+#: One load process holds at most this many clients (the descriptor limit).
+PER_LOAD = 19_000
 CONNECT_TIMEOUT = 300.0
 NOTIFY_TIMEOUT = 60.0
-HANDSHAKE_CONCURRENCY = 100
+BURST_FRAMES = 1_000_000  # frames per saturation burst: clients x notifications
 
 DESIGNS = {
-    "pgcast": "pgcast gateway",
+    "floor": "raw floor (one frame, transport.write to all)",
+    "websockets": "websockets server + broadcast()",
+    "pgcast": "pgcast serve",
+    "pgcast2": "pgcast serve --workers 2",
+    "pgcast3": "pgcast serve --workers 3",
     "broadcaster": "encode/broadcaster (postgres)",
     "perconn": "one LISTEN connection per client",
 }
+WORKERS = {"pgcast2": 2, "pgcast3": 3}
 
 
 def raise_nofile() -> None:
@@ -90,236 +91,7 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-# -- the servers (each runs as `bench_gateway.py --serve DESIGN PORT DSN`) -----
-
-
-def build_app(design: str, dsn: str) -> Any:
-    """The ASGI app of *design*; every one answers ``{"type":"subscribed"}``
-    once its client is listening."""
-    if design == "pgcast":
-        from pgcast.gateway import create_app
-
-        return create_app(dsn, allow=[CHANNEL], max_clients=100_000, queue_size=1000)
-
-    from starlette.applications import Starlette
-    from starlette.routing import WebSocketRoute
-    from starlette.websockets import WebSocket
-
-    if design == "broadcaster":
-        from broadcaster import Broadcast
-
-        broadcast = Broadcast(dsn)
-        # broadcaster's subscribe() is not safe for concurrent first subscribers:
-        # their LISTENs race on its one asyncpg connection ("another operation is
-        # in progress" / InternalClientError). Entering it one at a time is the fix
-        # an application would have to make, so the benchmark makes it.
-        entering = asyncio.Lock()
-
-        @contextlib.asynccontextmanager
-        async def lifespan(app: Any) -> Any:
-            await broadcast.connect()
-            yield
-            await broadcast.disconnect()
-
-        async def bc_endpoint(ws: WebSocket) -> None:
-            await ws.accept()
-            subscription = broadcast.subscribe(channel=CHANNEL)
-            async with entering:
-                subscriber = await subscription.__aenter__()
-            async def forward() -> None:
-                async for event in subscriber:  # type: ignore[attr-defined]
-                    await ws.send_text(event.message)
-
-            try:
-                await ws.send_text('{"type":"subscribed"}')
-                await _until_disconnect(ws, forward())
-            finally:
-                async with entering:
-                    await subscription.__aexit__(None, None, None)
-
-        return Starlette(routes=[WebSocketRoute("/ws", bc_endpoint)], lifespan=lifespan)
-
-    if design == "perconn":
-        import pgcast.aio
-
-        async def pc_endpoint(ws: WebSocket) -> None:
-            await ws.accept()
-            async with await pgcast.aio.connect(dsn, application_name="bench-perconn") as ps:
-                await ps.listen(CHANNEL)
-                await ws.send_text('{"type":"subscribed"}')
-
-                async def forward() -> None:
-                    async for event in ps.events():
-                        if isinstance(event, pgcast.Event):
-                            await ws.send_text(event.payload)
-
-                await _until_disconnect(ws, forward())
-
-        return Starlette(routes=[WebSocketRoute("/ws", pc_endpoint)])
-    raise ValueError(f"unknown design {design!r}")
-
-
-async def _until_disconnect(ws: Any, forward: Any) -> None:
-    """Run *forward* until the client disconnects (or it ends)."""
-    task = asyncio.ensure_future(forward)
-    try:
-        while not task.done():
-            receiving = asyncio.ensure_future(ws.receive())
-            await asyncio.wait([task, receiving], return_when=asyncio.FIRST_COMPLETED)
-            if receiving.done():
-                if receiving.result()["type"] == "websocket.disconnect":
-                    return
-            else:
-                receiving.cancel()
-    finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-
-
-def serve(design: str, port: int, dsn: str) -> None:
-    raise_nofile()
-    from pgcast.gateway._serve import GatewayServer, config
-
-    app = build_app(design, dsn)
-    server = GatewayServer(config(app, "127.0.0.1", port, log_level="error", backlog=4096,
-                                  timeout_graceful_shutdown=5))
-    server.run()
-
-
-# -- the clients (each process runs `bench_gateway.py --clients N PORT PROTO`) --
-
-_KEY = b"\x12\x34\x56\x78"
-
-
-def _frame(text: str) -> bytes:
-    """A masked client text frame."""
-    data = text.encode()
-    n = len(data)
-    header = bytes([0x81])
-    if n < 126:
-        header += bytes([0x80 | n])
-    else:
-        header += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    masked = bytes(b ^ _KEY[i % 4] for i, b in enumerate(data))
-    return header + _KEY + masked
-
-
-class _Client(asyncio.Protocol):
-    def __init__(self, port: int, proto: str, board: _Board) -> None:
-        self.port = port
-        self.proto = proto
-        self.board = board
-        self.buf = bytearray()
-        self.open = False
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(f"closed before subscribing: {exc}"))
-        self.board.lost += 1
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        if not self.open:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            if not buf.startswith(b"HTTP/1.1 101"):
-                self.ready.set_exception(ConnectionError(bytes(buf[:200]).decode("latin-1")))
-                return
-            del buf[: end + 4]
-            self.open = True
-            if self.proto == "pgcast":
-                assert self.transport is not None
-                self.transport.write(_frame(json.dumps(
-                    {"type": "subscribe", "channels": [CHANNEL]})))
-        while len(buf) >= 2:
-            length = buf[1] & 0x7F
-            offset = 2
-            if length == 126:
-                if len(buf) < 4:
-                    return
-                length, offset = int.from_bytes(buf[2:4], "big"), 4
-            elif length == 127:
-                if len(buf) < 10:
-                    return
-                length, offset = int.from_bytes(buf[2:10], "big"), 10
-            if len(buf) < offset + length:
-                return
-            opcode = buf[0] & 0x0F
-            payload = bytes(buf[offset: offset + length])
-            del buf[: offset + length]
-            if opcode == 1:
-                self._text(payload)
-            elif opcode == 9 and self.transport is not None:  # ping -> pong
-                self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + _KEY
-                                     + bytes(b ^ _KEY[i % 4] for i, b in enumerate(payload)))
-
-    def _text(self, payload: bytes) -> None:
-        at = payload.find(b"n=")
-        if at >= 0:
-            end = payload.find(b";", at)
-            self.board.received(int(payload[at + 2: end]), time.monotonic())
-        elif b'"subscribed"' in payload and not self.ready.done():
-            self.ready.set_result(None)
-
-
-class _Board:
-    """Per notification: how many clients of this process have it, and when the last did."""
-
-    def __init__(self, clients: int) -> None:
-        self.clients = clients
-        self.count: dict[int, int] = {}
-        self.lost = 0
-
-    def received(self, n: int, at: float) -> None:
-        got = self.count.get(n, 0) + 1
-        self.count[n] = got
-        if got == self.clients:
-            print(f"got {n} {at!r}", flush=True)
-
-
-async def clients_main(n: int, port: int, proto: str) -> None:
-    raise_nofile()
-    loop = asyncio.get_running_loop()
-    board = _Board(n)
-    gate = asyncio.Semaphore(HANDSHAKE_CONCURRENCY)
-    conns: list[_Client] = []
-
-    async def one() -> None:
-        async with gate:
-            _, client = await loop.create_connection(
-                lambda: _Client(port, proto, board), "127.0.0.1", port)
-            conns.append(client)
-            await asyncio.wait_for(client.ready, 60)
-
-    async with asyncio.timeout(CONNECT_TIMEOUT):
-        await asyncio.gather(*(one() for _ in range(n)))
-    print("ready", flush=True)
-    # Wait for "quit" on stdin (the coordinator), without blocking the loop.
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line or line.strip() == "quit":
-            break
-    for c in conns:
-        if c.transport is not None:
-            c.transport.abort()
-
-
-# -- the coordinator -------------------------------------------------------------
+# -- the coordinator --------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -342,10 +114,15 @@ def _wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 60) -> N
 
 
 def _rss(pid: int) -> int:
+    """The RSS of *pid* and of its children (the workers of --workers N)."""
     import psutil
 
-    rss: int = psutil.Process(pid).memory_info().rss
-    return rss
+    proc = psutil.Process(pid)
+    total: int = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total
 
 
 def _backend_uss(dsn: str) -> int:
@@ -392,6 +169,9 @@ class _Lines:
                         f"before its {prefix!r} line"
                     ) from None
                 continue
+            if line.startswith("lost"):
+                raise RuntimeError(f"the server closed a client ({line}) while waiting for "
+                                   f"{prefix!r}: the run is not valid")
             if line.startswith(prefix):
                 return line
 
@@ -421,25 +201,53 @@ def _process(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
                     stream.close()
 
 
-def measure(design: str, dsn: str, clients: int, notifications: int) -> dict[str, Any]:
-    """Serve *design*, connect *clients*, time *notifications*; the raw results."""
+
+def load_command() -> tuple[list[str], str]:
+    """The client load's command (the C one, built once, if a compiler is
+    here) and its name for the notes."""
+    source = HERE / "fanout_load.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    binary = Path(tempfile.gettempdir()) / f"pgcast-bench-fanout_load-{digest}"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if not binary.exists() and compiler is not None:
+        built = binary.with_suffix(".tmp")
+        done = subprocess.run([compiler, "-O2", "-o", str(built), str(source)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode == 0:
+            built.replace(binary)
+        else:
+            print(f"gateway: building fanout_load.c failed, the Python load is used:\n"
+                  f"{done.stderr}", file=sys.stderr)
+    if binary.exists():
+        return [str(binary)], "C epoll load (fanout_load.c)"
+    return [sys.executable, str(HERE / "_fanout_load.py")], "Python epoll load (_fanout_load.py)"
+
+
+def _server_argv(design: str, port: int, dsn: str) -> list[str]:
+    if design in WORKERS:
+        return [sys.executable, "-m", "pgcast", "serve", "--dsn", dsn, "--port", str(port),
+                "--allow", CHANNEL, "--workers", str(WORKERS[design]),
+                "--max-clients", "100000", "--log-level", "error", "--no-access-log"]
+    return [sys.executable, str(HERE / "_fanout_servers.py"), design, str(port), dsn]
+
+
+def measure(design: str, dsn: str, clients: int, notifications: int,
+            burst: bool = True) -> dict[str, Any]:
+    """Serve *design*, connect *clients*, time *notifications* and a burst."""
     port = _free_port()
-    me = str(Path(__file__).resolve())
-    with _process([sys.executable, me, "--serve", design, str(port), dsn]) as server:
+    with _process(_server_argv(design, port, dsn)) as server:
         _wait_port(port, server)
-        time.sleep(1.0)  # let start-up allocations settle
+        time.sleep(1.5 if design in WORKERS else 1.0)  # let start-up allocations settle
         before = _rss(server.pid)
-        per = [clients // CLIENT_PROCESSES + (i < clients % CLIENT_PROCESSES)
-               for i in range(CLIENT_PROCESSES)]
-        per = [n for n in per if n]
+        loads = max(2 if clients >= 1000 else 1, math.ceil(clients / PER_LOAD))
+        per = [clients // loads + (i < clients % loads) for i in range(loads)]
         with contextlib.ExitStack() as stack:
+            load, _ = load_command()
             procs = [stack.enter_context(_process(
-                [sys.executable, me, "--clients", str(n), str(port), design])) for n in per]
+                [*load, str(n), str(port), f"127.0.0.{2 + i}"])) for i, n in enumerate(per)]
             lines = [_Lines(p) for p in procs]
-            started = time.monotonic()
-            for ln in lines:
-                ln.expect("ready", CONNECT_TIMEOUT)
-            connect_s = time.monotonic() - started
+            connect_s = max(float(ln.expect("ready", CONNECT_TIMEOUT).split()[1])
+                            for ln in lines)
             time.sleep(1.0)
             after = _rss(server.pid)
             backends = _backend_uss(dsn) if design == "perconn" else None
@@ -452,79 +260,110 @@ def measure(design: str, dsn: str, clients: int, notifications: int) -> dict[str
                                for ln in lines)
                     latencies.append(last - sent)
                     time.sleep(0.05)
+                rate = None
+                if burst:
+                    count = max(10, min(500, BURST_FRAMES // clients))
+                    first = notifications
+                    final = first + count - 1
+                    sent = time.monotonic()
+                    conn.execute(
+                        "SELECT count(pg_notify(%s, 'n=' || i || ';')) "
+                        "FROM generate_series(%s::int, %s::int) AS i", (CHANNEL, first, final))
+                    last = max(float(ln.expect(f"got {final} ", NOTIFY_TIMEOUT).split()[2])
+                               for ln in lines)
+                    rate = clients * count / (last - sent)
     return {
         "latencies": latencies,
         "rss_per_client": (after - before) / clients,
         "backend_uss_per_client": None if backends is None else backends / clients,
         "connect_s": connect_s,
+        "accept_rate": clients / connect_s,
+        "frames_per_s": rate,
     }
 
 
-def _rows(
-    design: str, clients: int, results: list[dict[str, Any]], extra: str = ""
-) -> list[Row]:
-    subject = f"{DESIGNS[design]} ({clients:,} clients)"
+def subject(design: str, clients: int) -> str:
+    return f"{DESIGNS[design]} ({clients:,} clients)"
+
+
+def _rows(design: str, clients: int, results: list[dict[str, Any]], extra: str = "") -> list[Row]:
+    name = subject(design, clients)
     lat = [x * 1000 for r in results for x in r["latencies"]]
     per_round = ", ".join(
-        f"{percentile([x * 1000 for x in r['latencies']], 50):,.0f}" for r in results
-    )
-    connect = ", ".join(f"{r['connect_s']:.1f}" for r in results)
+        f"{percentile([x * 1000 for x in r['latencies']], 50):,.0f}" for r in results)
     note = (f"{len(lat)} notifications in {len(results)} run(s), each to every client; "
-            f"p50 per run: {per_round} ms; connecting all took {connect} s{extra}")
-    mem = [r["rss_per_client"] / 1024 for r in results]
+            f"p50 per run: {per_round} ms{extra}")
+
+    def median_of(key: str) -> float:
+        values = sorted(r[key] for r in results if r[key] is not None)
+        return values[len(values) // 2] if values else math.nan
+
     rows = [
-        row(BENCH, subject, "p50 NOTIFY to last client", percentile(lat, 50), "ms", note),
-        row(BENCH, subject, "p99 NOTIFY to last client", percentile(lat, 99), "ms"),
-        row(BENCH, subject, "memory per idle client", sorted(mem)[len(mem) // 2], "KiB",
-            "server process RSS delta / clients, median of the runs"),
+        row(BENCH, name, "p50 NOTIFY to last client", percentile(lat, 50), "ms", note),
+        row(BENCH, name, "p99 NOTIFY to last client", percentile(lat, 99), "ms"),
+        row(BENCH, name, "memory per idle client", median_of("rss_per_client") / 1024, "KiB",
+            "server RSS delta (workers summed) / clients, median of the runs"),
+        row(BENCH, name, "connections accepted per second", median_of("accept_rate"), "conn/s",
+            "clients / (first connect to last subscribed), median; runs: "
+            + ", ".join(f"{r['accept_rate']:,.0f}" for r in results)),
     ]
+    if any(r["frames_per_s"] for r in results):
+        rows.append(row(BENCH, name, "saturation throughput", median_of("frames_per_s"),
+                        "frames/s", "a burst in one transaction, clients x notifications / "
+                        "time to the last client's last frame; runs: "
+                        + ", ".join(f"{r['frames_per_s'] or 0:,.0f}" for r in results)))
     uss = [r["backend_uss_per_client"] for r in results if r["backend_uss_per_client"]]
     if uss:
-        rows.append(row(BENCH, subject, "PostgreSQL backend memory per client",
+        rows.append(row(BENCH, name, "PostgreSQL backend memory per client",
                         sorted(uss)[len(uss) // 2] / 1024, "KiB",
                         "USS of the per-client backends, summed / clients"))
     return rows
 
 
+def plan(smoke: bool, max_connections: int, in_use: int) -> list[tuple[str, int, int]]:
+    """(design, clients, rounds) in the order they run."""
+    small = max(1, min(150, max_connections - in_use - 20))
+    if smoke:
+        return [(d, 200, 1) for d in ("floor", "websockets", "pgcast", "pgcast2",
+                                      "broadcaster")] + [("perconn", min(small, 40), 1)]
+    out = [(d, 5_000, ROUNDS) for d in ("floor", "websockets", "pgcast", "pgcast2",
+                                         "broadcaster")]
+    out += [(d, 19_000, 1) for d in ("floor", "websockets", "pgcast")]
+    out += [("pgcast3", 50_000, 1), ("pgcast", small, 1), ("perconn", small, 1)]
+    return out
+
+
 def run(dsn: str, smoke: bool) -> list[Row]:
     """The benchmark rows (see the module docstring)."""
     raise_nofile()
-    clients = SMOKE_CLIENTS if smoke else CLIENTS
     notifications = SMOKE_NOTIFICATIONS if smoke else NOTIFICATIONS
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row_ = conn.execute("SHOW max_connections").fetchone()
-        max_connections = int(row_[0]) if row_ else 100
+        found = conn.execute("SHOW max_connections").fetchone()
+        max_connections = int(found[0]) if found else 100
         used = conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()
     in_use = int(used[0]) if used else 0
-    small = max(1, min(PER_CONNECTION_MAX, max_connections - in_use - 20,
-                       clients // 5 if smoke else PER_CONNECTION_MAX))
-    rounds = SMOKE_ROUNDS if smoke else ROUNDS
+    steps = plan(smoke, max_connections, in_use)
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for _ in range(rounds):
-        for design, size in (("pgcast", clients), ("broadcaster", clients),
-                             ("pgcast", small), ("perconn", small)):
-            results.setdefault((design, size), []).append(
-                measure(design, dsn, size, notifications))
+    for round_ in range(max(r for _, _, r in steps)):
+        for design, clients, rounds in steps:
+            if round_ < rounds:
+                print(f"gateway: {subject(design, clients)}, run {round_ + 1}", file=sys.stderr,
+                      flush=True)
+                results.setdefault((design, clients), []).append(measure(
+                    design, dsn, clients, notifications, burst=design != "perconn"))
     rows: list[Row] = []
-    rows += _rows("pgcast", clients, results["pgcast", clients])
-    rows += _rows("broadcaster", clients, results["broadcaster", clients])
-    rows += _rows("pgcast", small, results["pgcast", small])
-    rows += _rows("perconn", small, results["perconn", small],
-                  f"; the largest size max_connections={max_connections} allows here")
-    if clients > max_connections:
-        rows.append(row(
-            BENCH, f"{DESIGNS['perconn']} ({clients:,} clients)", "clients it can serve",
-            max(0, max_connections - in_use), "clients",
-            f"not run: {clients:,} clients need {clients:,} connections and this server "
-            f"allows max_connections={max_connections}",
-        ))
+    _, load = load_command()
+    for (design, clients), measured in results.items():
+        extra = f"; {load}" + (f"; the largest size max_connections={max_connections} "
+                               "allows here" if design == "perconn" else "")
+        rows += _rows(design, clients, measured, extra)
+    rows.append(row(BENCH, subject("pgcast", 50_000), "clients one process may hold here",
+                    PER_LOAD, "clients",
+                    "not run: 50,000 sockets in one process need a descriptor limit over "
+                    "50,000, and this sandbox's hard limit is 20,000 and cannot be raised; "
+                    "50,000 ran on --workers 3"))
     return rows
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
-    elif len(sys.argv) > 1 and sys.argv[1] == "--clients":
-        asyncio.run(clients_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
-    else:
-        main(run)
+    main(run)

@@ -191,3 +191,35 @@ def test_worker_stop_delivers_batches_still_in_their_window(
         assert not worker.stopping
 
     arun(main())
+
+
+def test_worker_reconnects_by_its_backoff_and_gives_up_when_it_ends(
+    dsn: str, server: Any, unique_channel: str
+) -> None:
+    """With the server gone, the worker retries as its ``reconnect_backoff``
+    says and, that policy having an end, stops with a ConnectError naming it."""
+
+    async def main() -> None:
+        worker = pgcast.aio.Worker(
+            dsn, reconnect_backoff=pgcast.Backoff(initial=0.01, maximum=0.05, max_attempts=3))
+
+        @worker.on(unique_channel)
+        async def handle(events: list[pgcast.Event]) -> None:
+            pass
+
+        errors: list[BaseException] = []
+
+        async def target() -> None:
+            try:
+                await worker.run()
+            except pgcast.ConnectError as exc:
+                errors.append(exc)
+
+        runner = astart(target)
+        assert await worker.wait_ready(WAIT)
+        server.stop()
+        await ajoin(runner, timeout=WAIT * 2)
+        assert errors, "the worker did not give up"
+        assert "gave up reconnecting after 3 attempt(s) (reconnect_backoff)" in str(errors[0])
+
+    arun(main())

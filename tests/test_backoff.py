@@ -64,6 +64,16 @@ def test_full_jitter_scales_the_cap_by_the_random_draw() -> None:
     assert delays(b, 3, rand=0.0) == [0.0, 0.0, 0.0]
 
 
+def test_delay_is_the_series_delay_without_an_end() -> None:
+    """Backoff.delay(n) is what a series gives for attempt n, whatever
+    max_attempts says (Retry and the gateway use it directly)."""
+    b = Backoff(initial=1, maximum=8, max_attempts=1)
+    assert [b.delay(n, rand=lambda: 0.5) for n in range(6)] == [0, 0.5, 1, 2, 4, 4]
+    assert Backoff(initial=1, jitter=False).delay(3) == 4
+    series = b.attempts(0.0, rand=lambda: 0.5)
+    assert series.next_delay(0.0) == b.delay(0) and series.next_delay(0.0) is None
+
+
 def test_seeded_random_source_gives_a_reproducible_schedule() -> None:
     b = Backoff(initial=0.1, maximum=3.0)
     first = b.attempts(0.0, random.Random(42).random)

@@ -1,17 +1,13 @@
 """End to end in a real browser: the demo page in headless Chromium.
 
-Debian's ``chromium`` (installed by ``make browser``, or here if missing and
-apt is usable) driven by Playwright's Python API with ``executable_path``;
-Playwright's own browser downloads are never used. Skipped, saying why, only
-where no Chromium can be installed.
+Debian's ``chromium`` driven by Playwright (see ``_browser.py``). Skipped,
+saying why, only where no Chromium can be installed.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,43 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from _browser import CHROMIUM_ARGS, find_chromium
 from pgcast.gateway import create_app
 from pgcast.gateway._serve import GatewayServer, config
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-INSTALL_TIMEOUT = 900
-
-
-def _install_chromium() -> str | None:
-    """Install Debian's chromium; None when done, else why it could not be."""
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this system to install Debian's chromium"
-    if os.geteuid() != 0:
-        return "not root, so apt-get cannot install chromium (run `make browser` as root)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, env=env,
-                                  timeout=INSTALL_TIMEOUT, check=False)
-        except subprocess.TimeoutExpired:
-            return f"{' '.join(argv)} did not finish in {INSTALL_TIMEOUT} s"
-        if done.returncode != 0:
-            return f"{' '.join(argv)} failed: {done.stderr.strip()[-300:]}"
-    return None if CHROMIUM.exists() else "apt-get installed chromium but not at /usr/bin"
 
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        why = _install_chromium()
-        if why is not None:
-            pytest.skip(f"no Chromium for the browser test: {why}")
-    pytest.importorskip("playwright.sync_api", reason="Playwright is in the dev extra")
-    return CHROMIUM
+    return find_chromium()
 
 
 @pytest.fixture

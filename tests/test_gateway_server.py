@@ -78,10 +78,12 @@ class Gateway:
 
 @pytest.fixture
 def gateway(dsn: str) -> Iterator[Callable[..., Gateway]]:
-    """``gateway(**create_app options, sndbuf=None)``: start a gateway on a free port."""
+    """``gateway(**create_app options, sndbuf=None, ws=None)``: start a gateway
+    on a free port; *ws* "asgi" serves WebSockets with uvicorn's own protocol
+    (the generic ASGI path) instead of pgcast serve's direct one."""
     running: list[Gateway] = []
 
-    def start(*, sndbuf: int | None = None, **options: Any) -> Gateway:
+    def start(*, sndbuf: int | None = None, ws: str | None = None, **options: Any) -> Gateway:
         options.setdefault("allow", ["*"])
         app = create_app(options.pop("dsn", dsn), **options)
         sock = socket.socket()
@@ -92,8 +94,9 @@ def gateway(dsn: str) -> Iterator[Callable[..., Gateway]]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+        extra = {"ws": "websockets-sansio"} if ws == "asgi" else {}
         server = GatewayServer(config(app, "127.0.0.1", port, log_level="warning",
-                                      timeout_graceful_shutdown=3))
+                                      timeout_graceful_shutdown=3, **extra))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         deadline = time.monotonic() + TIMEOUT
@@ -638,10 +641,12 @@ def burst_sql(channel: str, count: int, batch: int = 0) -> str:
             f"FROM generate_series({first}, {first + count - 1}) AS i")
 
 
+@pytest.mark.parametrize("ws", ["direct", "asgi"])
 def test_stalled_client_is_dropped_while_another_keeps_receiving(
-    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str
+    gateway: Callable[..., Gateway], conn: psycopg.Connection[Any], unique_channel: str,
+    ws: str,
 ) -> None:
-    gw = gateway(queue_size=16, sndbuf=16384, close_timeout=0.5)
+    gw = gateway(queue_size=16, sndbuf=16384, close_timeout=0.5, ws=ws)
     batches, per_batch = 100, 4
 
     async def main() -> None:
@@ -793,10 +798,12 @@ def test_requests_whose_headers_never_end_are_closed_and_bounded(
     run(main())
 
 
+@pytest.mark.parametrize("ws", ["direct", "asgi"])
 def test_drop_oldest_policy_keeps_the_slow_client_and_counts_drops(
-    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str
+    gateway: Callable[..., Gateway], psql: Callable[..., str], unique_channel: str,
+    ws: str,
 ) -> None:
-    gw = gateway(queue_size=8, sndbuf=16384, overflow="drop-oldest")
+    gw = gateway(queue_size=8, sndbuf=16384, overflow="drop-oldest", ws=ws)
     count = 300
 
     async def main() -> None:

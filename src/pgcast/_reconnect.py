@@ -147,7 +147,8 @@ def reconnect_plan(
         except RETRYABLE as exc:
             last = exc
             logger.warning(
-                "pgcast: reconnect attempt %d failed: %s", attempts.count, exc
+                "pgcast: reconnect attempt %d failed: %s", attempts.count, exc,
+                extra={"attempt": attempts.count},
             )
             continue
         return attempts.count

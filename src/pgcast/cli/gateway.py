@@ -194,7 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     scheme = "https" if args.ssl_certfile else "http"
     print(f"pgcast gateway on {scheme}://{_url_host(args.host)}:{args.port}/ "
-          f"(WebSocket /ws, SSE /sse, /healthz, /metrics)", file=sys.stderr, flush=True)
+          f"(WebSocket /ws, SSE /sse, /healthz, /metrics, the browser client /pgcast.js)",
+          file=sys.stderr, flush=True)
     return _run(app, sock, **options)
 
 

@@ -152,7 +152,11 @@ class PubSub(Supervised):
         try:
             self._execute(unlisten_sql(names))
         except PgcastError as exc:
-            logger.warning("pgcast: UNLISTEN after a LISTEN that did not hold failed: %s", exc)
+            logger.warning(
+                "pgcast: UNLISTEN after a LISTEN that did not hold failed: %s",
+                exc,
+                extra={"pid": core.backend_pid, "channels": names},
+            )
 
     def unlisten(self, *channels: str) -> None:
         """Stop receiving on *channels*; with no arguments, on every channel.

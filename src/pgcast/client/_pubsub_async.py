@@ -157,7 +157,8 @@ class AsyncPubSub(AsyncSupervised):
         try:
             await self._execute(unlisten_sql(names))
         except PgcastError as exc:
-            logger.warning("pgcast: UNLISTEN after a LISTEN that did not hold failed: %s", exc)
+            logger.warning("pgcast: UNLISTEN after a LISTEN that did not hold failed: %s", exc,
+                           extra={"pid": core.backend_pid, "channels": names})
 
     async def unlisten(self, *channels: str) -> None:
         """Stop receiving on *channels*; with no arguments, on every channel.

@@ -389,7 +389,9 @@ class Session(Identified, Closing):
                 try:
                     resolve(callback(marker))
                 except Exception:
-                    logger.exception("pgcast: on_reconnect failed on %r", marker)
+                    logger.exception(
+                        "pgcast: on_reconnect failed on %r", marker, extra={"pid": core.backend_pid}
+                    )
             core.inbox.append(marker)
             self._wake()
             return marker
@@ -400,8 +402,13 @@ class Session(Identified, Closing):
     def _reconnect_loop(self, error: ConnectionLostError, deadline: float | None) -> Reconnected:
         """Drop the lost connection, then attempt, sleep and attempt again as
         :func:`~pgcast._reconnect.reconnect_plan` says until one succeeds."""
-        self._core.lost(error)
-        logger.warning("pgcast: connection lost (%s); reconnecting", error)
+        core = self._core
+        logger.warning(
+            "pgcast: connection lost (%s); reconnecting",
+            error,
+            extra={"pid": core.backend_pid, "channels": sorted(core.channels)},
+        )
+        core.lost(error)
         self._discard()
         plan = reconnect_plan(self._res.backoff, error, deadline=deadline)
         failure: Exception | None = None
@@ -426,8 +433,17 @@ class Session(Identified, Closing):
             if self._closed:
                 self._discard()
                 raise self._closed_meanwhile()
-        marker = self._core.restored(attempts)
-        logger.warning("pgcast: reconnected after %.3f s", marker.downtime.total_seconds())
+        marker = core.restored(attempts)
+        downtime = marker.downtime.total_seconds()
+        logger.warning(
+            "pgcast: reconnected after %.3f s",
+            downtime,
+            extra={
+                "pid": core.backend_pid,
+                "channels": sorted(core.channels),
+                "downtime": downtime,
+            },
+        )
         return marker
 
     def _closed_meanwhile(self) -> ClosedError:

@@ -1,5 +1,6 @@
 # Generated from src/pgcast/feeds/_worker_async.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
+# ruff: noqa: E501
 """The Worker's loop, written once as asyncio code (``pgcast.aio.Worker``,
 this file); the sync ``pgcast.Worker`` (:mod:`pgcast.feeds._worker`) is
 generated from it by ``tools/async_to_sync.py``.
@@ -26,6 +27,7 @@ from typing import Any
 
 import psycopg
 
+from .._backoff import Attempts
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
 from .._flavour import AwaitRunner, wait_flag
@@ -41,7 +43,6 @@ from ._worker_core import (
     _QueueRoute,
     log_retry,
     logger,
-    reconnect_delay,
     signal_handlers,
 )
 from .queue import Job
@@ -64,6 +65,10 @@ class Worker(WorkerBase):
     :param poll_interval: drain the queues at least this often, seconds.
     :param name: the ``application_name`` of the worker's connections, to
         tell workers apart in ``pg_stat_activity``.
+    :param reconnect_backoff: how a lost connection is retried (a
+        :class:`pgcast.Backoff`; default ``Backoff()``: at once, then 0.1 s
+        growing to 10 s, with jitter, without end); used by the worker's
+        PubSub and by the worker itself when the PubSub gives up.
     """
 
     _pubsub: PubSub | None = None
@@ -108,18 +113,31 @@ class Worker(WorkerBase):
     # -- the loop ----------------------------------------------------------
 
     def _supervise(self) -> None:
-        failures = 0
+        attempts: Attempts | None = None
         while not self._stop.is_set():
             try:
                 self._session()
                 return
             except (ConnectionLostError, ConnectError, psycopg.OperationalError) as exc:
-                if failures == 0 and (not self._ready.is_set()) and isinstance(exc, ConnectError):
+                if (
+                    attempts is None
+                    and (not self._ready.is_set())
+                    and isinstance(exc, ConnectError)
+                ):
                     raise  # a worker that never connected has a bad DSN, not bad luck
-                failures += 1
-                delay = reconnect_delay(failures)
+                if attempts is None or self._ready.is_set():
+                    # Up since the last loss (or never lost): a new series.
+                    attempts = self._reconnect_backoff.attempts(time.monotonic())
+                delay = attempts.next_delay(time.monotonic())
+                if delay is None:
+                    raise ConnectError(
+                        f"pgcast worker: gave up reconnecting after {attempts.count} attempt(s) (reconnect_backoff); last error: {exc}"
+                    ) from exc
                 logger.warning(
-                    "pgcast worker lost its connection (%s); reconnecting in %.1f s", exc, delay
+                    "pgcast worker lost its connection (%s); reconnecting in %.1f s",
+                    exc,
+                    delay,
+                    extra={"attempt": attempts.count},
                 )
                 self._ready.clear()
                 wait_flag(self._stop, delay)
@@ -127,7 +145,9 @@ class Worker(WorkerBase):
     def _session(self) -> None:
         conninfo, options = connect_args(self.dsn or "", {"application_name": self.name})
         with contextlib.ExitStack() as stack:
-            ps = stack.enter_context(connect(conninfo, **options))
+            ps = stack.enter_context(
+                connect(conninfo, reconnect_backoff=self._reconnect_backoff, **options)
+            )
             work: psycopg.Connection[Any] | None = None
             if self._queues:
                 try:

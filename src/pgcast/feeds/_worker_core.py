@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import random
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
+from .._backoff import Backoff
 from .._channels import check_channel
 from .._core import check_timeout, is_async_callable
 from .._event import Event
@@ -28,6 +30,8 @@ from .queue import Job, Queue
 __all__ = [
     "DEFAULT_POLL_INTERVAL",
     "READ_BURST",
+    "RECONNECT_BACKOFF",
+    "RETRY_BACKOFF",
     "STOP_SLICE",
     "Abandoned",
     "Coalescer",
@@ -36,7 +40,6 @@ __all__ = [
     "WorkerBase",
     "WorkerThread",
     "log_retry",
-    "reconnect_delay",
     "signal_handlers",
 ]
 
@@ -50,34 +53,58 @@ ErrorHook = Callable[[BaseException, "list[Event] | list[Job]"], None]
 DEFAULT_POLL_INTERVAL = 30.0
 #: Events read without waiting in one go, so a flood cannot starve the timers.
 READ_BURST = 10_000
-_RECONNECT_MAX = 30.0
 #: The longest single wait, hence the longest a stop() waits to be noticed.
 STOP_SLICE = 0.2
 
 
+#: A handler's retries by default: 0.5 s growing to 30 s, with full jitter.
+RETRY_BACKOFF = Backoff(initial=0.5, maximum=30.0)
+#: A Worker's reconnects by default: pgcast's own default policy.
+RECONNECT_BACKOFF = Backoff()
+
+
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """How a failing handler is retried: *attempts* calls in all, waiting
-    *backoff* seconds before the second, multiplied by *factor* each time up
-    to *max_backoff*. ``Retry(attempts=1)`` never retries."""
+    """How a failing handler is retried: *attempts* calls in all, each retry
+    after a delay of the :class:`pgcast.Backoff` *backoff* (0.5 s growing to
+    30 s with full jitter by default; a number is taken as its ``initial``).
+    ``Retry(attempts=1)`` never retries.
+
+    The number of calls is *attempts*: a *backoff* with ``max_attempts`` or
+    ``max_time`` is refused rather than half obeyed.
+    """
 
     attempts: int = 3
-    backoff: float = 0.5
-    factor: float = 2.0
-    max_backoff: float = 30.0
+    backoff: Backoff | float = RETRY_BACKOFF
 
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) \
                 or self.attempts < 1:
             raise ValueError(f"Retry.attempts must be an int >= 1, got {self.attempts!r}")
-        for name in ("backoff", "factor", "max_backoff"):
-            check_timeout(f"Retry.{name}", getattr(self, name))
-        if self.factor < 1:
-            raise ValueError(f"Retry.factor must be >= 1, got {self.factor}")
+        backoff = self.backoff
+        if not isinstance(backoff, Backoff):
+            initial = check_timeout("Retry.backoff", backoff)
+            if initial is None:
+                raise TypeError("Retry.backoff must be a pgcast.Backoff or a number of seconds, "
+                                "not None")
+            backoff = Backoff(initial=initial, maximum=max(initial, RETRY_BACKOFF.maximum))
+            object.__setattr__(self, "backoff", backoff)
+        if backoff.max_attempts is not None or backoff.max_time is not None:
+            raise ValueError(
+                "Retry counts its calls with attempts=...: give it a Backoff without "
+                "max_attempts or max_time"
+            )
 
-    def delay(self, failures: int) -> float:
+    @property
+    def policy(self) -> Backoff:
+        """*backoff*, as a :class:`pgcast.Backoff`."""
+        backoff = self.backoff
+        assert isinstance(backoff, Backoff)  # made one in __post_init__
+        return backoff
+
+    def delay(self, failures: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after the *failures*-th failure (1-based)."""
-        return float(min(self.max_backoff, self.backoff * self.factor ** (failures - 1)))
+        return self.policy.delay(failures, rand)
 
 
 class _Named:
@@ -180,10 +207,15 @@ class WorkerBase:
         on_error: ErrorHook | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         name: str = "pgcast worker",
+        reconnect_backoff: Backoff | None = None,
     ) -> None:
         """See :class:`pgcast.Worker`."""
         self.dsn = dsn
         self.name = name
+        if reconnect_backoff is not None and not isinstance(reconnect_backoff, Backoff):
+            raise TypeError(f"reconnect_backoff must be a pgcast.Backoff or None, not "
+                            f"{type(reconnect_backoff).__name__}")
+        self._reconnect_backoff = reconnect_backoff or RECONNECT_BACKOFF
         self._debounce = _check_debounce(debounce)
         self._max_batch = _check_positive("max_batch", max_batch)
         self._retry = retry if retry is not None else Retry()
@@ -293,10 +325,11 @@ class WorkerBase:
                 hook(exc, batch)
             except Exception:
                 logger.exception("pgcast worker: the on_error hook failed on %s",
-                                 _describe(batch))
+                                 _describe(batch), extra={"handler": name})
             return
         logger.error("pgcast worker: %s failed for good on a batch of %d, dropped: %s",
-                     name, len(batch), _describe(batch), exc_info=exc)
+                     name, len(batch), _describe(batch), exc_info=exc,
+                     extra={"handler": name, "batch_size": len(batch)})
 
 
 @contextlib.contextmanager
@@ -326,18 +359,14 @@ def signal_handlers(stop: Callable[[], None]) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def reconnect_delay(failures: int) -> float:
-    """Seconds before the next attempt after *failures* lost connections in a row."""
-    return float(min(_RECONNECT_MAX, 0.5 * 2 ** min(failures - 1, 10)))
-
-
 def log_retry(exc: Exception, name: str, batch: Sequence[Any], *, attempt: int, retry: Retry,
               delay: float) -> None:
     """Log a handler's failure that will be retried."""
     logger.error(
         "pgcast worker: %s failed on a batch of %d (attempt %d of %d, retrying "
         "in %.2f s): %s", name, len(batch), attempt, retry.attempts, delay,
-        _describe(batch), exc_info=exc)
+        _describe(batch), exc_info=exc,
+        extra={"handler": name, "batch_size": len(batch), "attempt": attempt})
 
 
 def _describe(batch: Sequence[Any], limit: int = 5) -> str:

@@ -24,7 +24,8 @@ The contract:
   coroutine functions (run on the worker's own event loop); one runs at a
   time, in the worker's thread.
 - **Retries.** A handler that raises is logged (with the batch) and called
-  again with the same batch after the :class:`Retry` policy's backoff. After
+  again with the same batch after the :class:`Retry` policy's backoff (a
+  :class:`pgcast.Backoff`). After
   the last attempt, a notification batch goes to the ``on_error(exc, batch)``
   hook if there is one, else it is logged and dropped (a notification that
   must not be lost belongs in a queue table); a queue batch is retried job by
@@ -43,8 +44,9 @@ The contract:
   rolled back into the queue untouched, a notification batch goes to
   ``on_error``. A second SIGINT/SIGTERM during the graceful stop is not
   caught: it interrupts the process as usual.
-- **Connection loss.** The worker reconnects with a growing delay (up to 30 s)
-  and drains its queues again; notifications sent while it was disconnected
+- **Connection loss.** The worker reconnects as its *reconnect_backoff* says
+  (a :class:`pgcast.Backoff`, the policy of every retry in pgcast) and drains
+  its queues again; notifications sent while it was disconnected
   are lost (queued jobs are not).
 
 The same Worker runs in asyncio programs as ``pgcast.aio.Worker``:

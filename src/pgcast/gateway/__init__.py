@@ -7,7 +7,9 @@
     app = create_app("postgresql://localhost/app", allow=["orders.*"])
 
 :func:`create_app` returns a Starlette (ASGI) application to run with uvicorn
-(``pgcast serve`` does) or mount inside FastAPI or Starlette. One LISTEN
+(``pgcast serve`` does) or mount inside FastAPI or Starlette; its ``gateway``
+attribute (a :class:`Gateway`) publishes from the host's own routes and
+starts and stops the gateway from the host's lifespan. One LISTEN
 connection per process serves every client: LISTEN on a channel's first
 subscriber, UNLISTEN after its last. The protocol is in
 :mod:`pgcast.gateway._protocol` and the README; access control in
@@ -25,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "pgcast.gateway needs Starlette and uvicorn: pip install 'pgcast[gateway]'"
     ) from exc
 
+from ._gateway import Gateway, GatewayApp
 from ._ratelimit import RateLimits
 from ._router import Overflow
 from ._serve import serve
@@ -32,5 +35,6 @@ from .app import create_app
 from .auth import Access, Authorizer, allow_list
 
 __all__ = [
-    "Access", "Authorizer", "Overflow", "RateLimits", "allow_list", "create_app", "serve",
+    "Access", "Authorizer", "Gateway", "GatewayApp", "Overflow", "RateLimits", "allow_list",
+    "create_app", "serve",
 ]

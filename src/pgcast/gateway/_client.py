@@ -10,12 +10,14 @@ LISTEN connection, the fan-out).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._backoff import Backoff
 from .._errors import AccessDenied, ProtocolError
 from . import _metrics, _protocol
 from ._protocol import Command, Frame, Publish, Ref
@@ -39,6 +41,8 @@ __all__ = [
 ]
 
 
+logger = logging.getLogger("pgcast.gateway")
+
 #: WebSocket close codes the gateway uses.
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -47,6 +51,11 @@ CLOSE_SLOW_CONSUMER = 4000
 CLOSE_ACCESS_EXPIRED = 4001
 #: The client did not authenticate (no ``auth`` frame first, or a refused token).
 CLOSE_NOT_AUTHENTICATED = 4003
+
+#: How the gateway's database connection is retried by default: at once,
+#: then 0.1 s growing to 5 s, with full jitter, without end.
+GATEWAY_BACKOFF = Backoff(initial=0.1, maximum=5.0)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -70,8 +79,12 @@ class Settings:
     auth_timeout: float = 10.0
     rate_limits: RateLimits | None = field(default_factory=RateLimits)
     max_clients_per_address: int | None = None
+    reconnect_backoff: Backoff = GATEWAY_BACKOFF
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reconnect_backoff, Backoff):
+            raise TypeError(f"reconnect_backoff must be a pgcast.Backoff, not "
+                            f"{type(self.reconnect_backoff).__name__}")
         if self.max_clients_per_address is not None:
             value = self.max_clients_per_address
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -101,12 +114,10 @@ def _address(connection: Any) -> str | None:
 class Client:
     """One connected client, as the transports drive it."""
 
-    __slots__ = ("access", "address", "closing", "connection", "detached", "expiry", "limiter",
-                 "resume", "sub", "wake")
+    __slots__ = ("_wake", "access", "address", "closing", "connection", "detached", "expiry",
+                 "limiter", "resume", "sub")
 
-    def __init__(
-        self, sub: Subscriber, access: Access, wake: asyncio.Event, connection: Any = None
-    ) -> None:
+    def __init__(self, sub: Subscriber, access: Access, connection: Any = None) -> None:
         self.sub = sub
         self.access = access
         #: The Starlette request or websocket, for the authorizer.
@@ -117,8 +128,7 @@ class Client:
         self.limiter: ClientLimiter | None = None
         #: The client's address, counted against ``max_clients_per_address``.
         self.address = _address(connection)
-        #: Set when the outbox has frames (or the client must go).
-        self.wake = wake
+        self._wake: asyncio.Event | None = None
         #: Resolved with ``(close code, reason)`` when the gateway drops the client.
         self.closing: asyncio.Future[tuple[int, str]] = (
             asyncio.get_running_loop().create_future()
@@ -133,6 +143,21 @@ class Client:
         return self.detached or self.closing.done()
 
     @property
+    def wake(self) -> asyncio.Event:
+        """Set when the outbox has frames (or the client must go): what a
+        transport's sender task waits on. Made when first asked for: a
+        client whose frames go straight to its socket has no such task."""
+        wake = self._wake
+        if wake is None:
+            wake = self._wake = asyncio.Event()
+        return wake
+
+    def poke(self) -> None:
+        """Wake the sender task, if there is one (the outbox calls this)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
     def outbox(self) -> Outbox:
         """The client's bounded queue of frames."""
         return self.sub.outbox
@@ -141,7 +166,25 @@ class Client:
         """Ask the client's transport to close with *code* and *reason*."""
         if not self.closing.done():
             self.closing.set_result((code, reason))
-        self.wake.set()
+            # Every client at shutdown: not worth a line each.
+            level = logging.DEBUG if code == CLOSE_GOING_AWAY else logging.INFO
+            if logger.isEnabledFor(level):
+                logger.log(level, "pgcast gateway: closing client %s (%d): %s",
+                           self.label, code, reason,
+                           extra={"client": self.label, "close_code": code,
+                                  "transport": self.sub.transport,
+                                  "channels": sorted(self.sub.channels)})
+        self.poke()
+
+    @property
+    def label(self) -> str:
+        """``host:port`` of the client as the server sees it (``?`` unknown)."""
+        peer = getattr(self.connection, "client", None)
+        host = getattr(peer, "host", None)
+        port = getattr(peer, "port", None)
+        if host is None:
+            return "?"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Clients:
@@ -207,10 +250,10 @@ class Clients:
         """Register a new client. :raises AccessDenied: see :meth:`check_room`,
         or *access* has already expired."""
         self.check_room(connection)
-        wake = asyncio.Event()
-        outbox = Outbox(self.settings.queue_size, self.settings.overflow, wake.set)
+        outbox = Outbox(self.settings.queue_size, self.settings.overflow)
         sub = Subscriber(outbox, transport)
-        client = Client(sub, Access(), wake, connection)
+        client = Client(sub, Access(), connection)
+        outbox.wake = client.poke
         self.grant(client, access)
         self._clients[sub] = client
         if client.address is not None:

@@ -7,8 +7,6 @@ reconnect; this module says *how*, with no state of the hub's:
   :class:`pgcast.AsyncPubSub` named ``pgcast-gateway``, with TCP keepalives so
   a peer that vanished without closing the socket is noticed);
 * :func:`listen_all` LISTENs to channels, the durable ones durably;
-* :func:`reconnect_delay` is the backoff between the hub's own reconnect
-  attempts;
 * :class:`QueryConnection` is the second connection the durable replay
   queries run on, never the LISTEN one, opened when first needed;
 * :class:`QueueUsage` reads ``pg_notification_queue_usage()`` for
@@ -20,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -32,7 +29,7 @@ from .. import aio
 if TYPE_CHECKING:
     from ._client import Settings
 
-__all__ = ["QueryConnection", "QueueUsage", "connect_listener", "listen_all", "reconnect_delay"]
+__all__ = ["QueryConnection", "QueueUsage", "connect_listener", "listen_all"]
 
 logger = logging.getLogger("pgcast.gateway")
 
@@ -47,7 +44,8 @@ async def connect_listener(settings: Settings) -> aio.AsyncPubSub:
     # TCP keepalives notice a peer that vanished without closing the socket.
     for key, value in _KEEPALIVES:
         options.setdefault(key, value)
-    return await aio.connect(settings.dsn, **options)
+    return await aio.connect(settings.dsn, reconnect_backoff=settings.reconnect_backoff,
+                             **options)
 
 
 #: libpq's TCP keepalive settings for the gateway's long-lived connections.
@@ -75,15 +73,6 @@ async def listen_all(
         # The shared connection itself replays what it missed across its
         # reconnects, so no client misses any.
         await aps.listen(*durable, durable=True)
-
-
-def reconnect_delay(failed: int) -> float:
-    """Seconds to wait before the next reconnect attempt after *failed*
-    failed ones: none before the first, then exponential backoff with full
-    jitter, capped at 5 s."""
-    if failed <= 0:
-        return 0.0
-    return random.uniform(0, min(5.0, 0.1 * 2 ** (failed - 1)))
 
 
 class QueryConnection:
@@ -190,6 +179,11 @@ class QueueUsage:
         self._settings = settings
         self._last: tuple[float, float | None] = (-1e9, None)
         self._reading: asyncio.Future[float | None] | None = None
+
+    @property
+    def cached(self) -> float | None:
+        """The value last read (None before the first read, or if it failed)."""
+        return self._last[1]
 
     async def read(self) -> float | None:
         """The fraction of the NOTIFY queue in use (cached); None if it

@@ -57,7 +57,7 @@ from ._client import (
     Clients,
     Settings,
 )
-from ._database import QueryConnection, QueueUsage, connect_listener, listen_all, reconnect_delay
+from ._database import QueryConnection, QueueUsage, connect_listener, listen_all
 from ._protocol import Auth, Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
 from ._resume import Resume
 from ._router import Router, Subscriber
@@ -363,7 +363,8 @@ class Hub(Clients):
                     self._reap_wanted.set()
                     await asyncio.sleep(_RETRY_DELAY)
                 except PgcastError:
-                    logger.exception("pgcast gateway: UNLISTEN %s failed", orphans)
+                    logger.exception("pgcast gateway: UNLISTEN %s failed", orphans,
+                                     extra={"pid": aps.backend_pid, "channels": orphans})
 
     async def _pump(self) -> None:
         router = self.router
@@ -389,7 +390,7 @@ class Hub(Clients):
                         continue
                     stats.messages_in += 1
                     frame = message(event.channel, event.payload, event.pid,
-                                    getattr(event, "id", None))
+                                    getattr(event, "id", None), time.monotonic())
                     _, overflowed = router.publish(event.channel, frame, event)
                     for sub in overflowed:
                         self._slow(self._clients.get(sub))
@@ -397,10 +398,12 @@ class Hub(Clients):
                     # is streamed out rather than piled up in every queue.
                     await asyncio.sleep(0)
             except (ConnectionLostError, psycopg.Error) as exc:
-                logger.warning("pgcast gateway: LISTEN connection lost: %s", exc)
+                logger.warning("pgcast gateway: LISTEN connection lost: %s", exc,
+                               extra={"pid": aps.backend_pid})
             except Exception:
                 # Never die silently: log, then start over on a new connection.
-                logger.exception("pgcast gateway: the LISTEN loop failed; reconnecting")
+                logger.exception("pgcast gateway: the LISTEN loop failed; reconnecting",
+                                 extra={"pid": aps.backend_pid})
             if self._closing:
                 return
             await self._reconnect(aps)
@@ -409,21 +412,30 @@ class Hub(Clients):
         self._ready.clear()
         with contextlib.suppress(Exception):
             await old.close()
+        policy = self.settings.reconnect_backoff
+        attempts = policy.attempts(time.monotonic())
         attempt = 0
         while not self._closing:
-            if attempt:
-                await asyncio.sleep(reconnect_delay(attempt))
+            delay = attempts.next_delay(time.monotonic())
+            if delay is None:
+                # The series ended (max_attempts, max_time); the gateway does
+                # not give up its database: a new series, after the longest delay.
+                attempts = policy.attempts(time.monotonic())
+                delay = policy.maximum
+            await asyncio.sleep(delay)
             attempt += 1
             try:
                 aps = await connect_listener(self.settings)
             except ConnectError as exc:
-                logger.warning("pgcast gateway: reconnect attempt %d failed: %s", attempt, exc)
+                logger.warning("pgcast gateway: reconnect attempt %d failed: %s", attempt, exc,
+                               extra={"attempt": attempt})
                 continue
             async with self._lock:
                 try:
                     await listen_all(aps, sorted(self.router.channels()), self.is_durable)
                 except PgcastError as exc:
-                    logger.warning("pgcast gateway: re-LISTEN failed: %s", exc)
+                    logger.warning("pgcast gateway: re-LISTEN failed: %s", exc,
+                                   extra={"pid": aps.backend_pid})
                     with contextlib.suppress(Exception):
                         await aps.close()
                     continue
@@ -431,7 +443,9 @@ class Hub(Clients):
                 self._ready.set()
             self._reap_wanted.set()
             self._announce_reconnect()
-            logger.info("pgcast gateway: LISTEN connection restored (pid %d)", aps.backend_pid)
+            logger.info("pgcast gateway: LISTEN connection restored (pid %d)", aps.backend_pid,
+                        extra={"pid": aps.backend_pid,
+                               "channels": sorted(aps.listening_channels())})
             return
 
     def _announce_reconnect(self) -> None:

@@ -1,23 +1,64 @@
 """The gateway's counters and their Prometheus text exposition (format 0.0.4).
 
-Pure: :class:`Stats` is plain counters the driver bumps, :func:`render` turns a
-snapshot into the text ``/metrics`` serves.
+Pure: :class:`Stats` is plain counters the driver bumps (and a
+:class:`Histogram` of the delivery latency), :func:`families` turns a snapshot
+into metric families, :func:`render` into the text ``/metrics`` serves.
+:mod:`pgcast.gateway.metrics` hands the same families to prometheus_client.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["CONTENT_TYPE", "Stats", "render"]
+from ._protocol import Frame
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Family", "Histogram", "Stats", "families",
+           "render"]
 
 #: The Content-Type of the Prometheus text format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _PREFIX = "pgcast_gateway_"
+
+#: The upper bounds (seconds) of the delivery latency histogram's buckets.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """Observations counted in fixed buckets, as Prometheus histograms are."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Iterable[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(sorted(bounds))
+        if not self.bounds:
+            raise ValueError("a histogram needs at least one bucket")
+        #: Observations per bucket, not cumulative; the last one is +Inf.
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        """Count *value* (*times* times)."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.count += times
+        self.sum += value * times
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, observations <= le)`` for each bucket, ending with ``+Inf``."""
+        out = []
+        total = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += n
+            out.append((_value(float(bound)), total))
+        return out
 
 
 @dataclass
@@ -51,6 +92,29 @@ class Stats:
     """Connections refused, by reason (origin, auth, capacity, per_address, bad_request)."""
     rate_limited: Counter[str] = field(default_factory=Counter)
     """Requests refused for a client's rate limits, by kind (publish, request)."""
+    latency: Histogram = field(default_factory=Histogram)
+    """Seconds from a notification's arrival from PostgreSQL to its frame
+    handed to a client's transport, once per client it was sent to."""
+
+    def delivered_one(self, frame: Frame) -> None:
+        """Count *frame*, just written to one client's socket (the direct
+        path, see :mod:`._wsdirect`), and its latency."""
+        if frame.is_message:
+            self.messages_out += 1
+            if frame.received is not None:
+                self.latency.observe(max(0.0, time.monotonic() - frame.received))
+
+    def delivered(self, frames: Iterable[Frame], now: float) -> None:
+        """Count the message frames among *frames*, just handed to one
+        client's transport at *now* (``time.monotonic()``), and their latency."""
+        latency = self.latency
+        sent = 0
+        for frame in frames:
+            if frame.is_message:
+                sent += 1
+                if frame.received is not None:
+                    latency.observe(max(0.0, now - frame.received))
+        self.messages_out += sent
 
 
 def _value(v: float) -> str:
@@ -65,18 +129,40 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family: its full name (counters end in ``_total``), type,
+    help text, and samples ``(labels, value)``; a histogram has its
+    :class:`Histogram` instead of samples."""
+
+    name: str
+    kind: str
+    help: str
+    samples: tuple[tuple[Mapping[str, str], float], ...] = ()
+    histogram: Histogram | None = None
+
+    def lines(self) -> list[str]:
+        """The family in the text format."""
+        name = self.name
+        lines = [f"# HELP {name} {self.help}", f"# TYPE {name} {self.kind}"]
+        if self.histogram is not None:
+            for le, n in self.histogram.cumulative():
+                lines.append(f'{name}_bucket{{le="{le}"}} {n}')
+            lines.append(f"{name}_sum {_value(self.histogram.sum)}")
+            lines.append(f"{name}_count {self.histogram.count}")
+        for labels, value in self.samples:
+            if labels:
+                inner = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(labels.items()))
+                lines.append(f"{name}{{{inner}}} {_value(value)}")
+            else:
+                lines.append(f"{name} {_value(value)}")
+        return lines
+
+
 def _family(
     name: str, kind: str, text: str, samples: Iterable[tuple[Mapping[str, str], float]]
-) -> list[str]:
-    full = _PREFIX + name
-    lines = [f"# HELP {full} {text}", f"# TYPE {full} {kind}"]
-    for labels, value in samples:
-        if labels:
-            inner = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(labels.items()))
-            lines.append(f"{full}{{{inner}}} {_value(value)}")
-        else:
-            lines.append(f"{full} {_value(value)}")
-    return lines
+) -> list[Family]:
+    return [Family(_PREFIX + name, kind, text, tuple(samples))]
 
 
 def _by(
@@ -86,7 +172,7 @@ def _by(
     return [({label: k}, counts.get(k, 0)) for k in names]
 
 
-def render(
+def families(
     stats: Stats,
     *,
     clients: Mapping[str, int],
@@ -95,13 +181,13 @@ def render(
     database_up: bool,
     backend_pid: int | None,
     queue_usage: float | None,
-) -> str:
-    """The ``/metrics`` body for *stats* and the current gauges.
+) -> list[Family]:
+    """The metric families for *stats* and the current gauges.
 
     *queue_usage* is ``pg_notification_queue_usage()`` (0 to 1), or None when
     it could not be read (the sample is then omitted rather than made up).
     """
-    lines: list[str] = []
+    lines: list[Family] = []
     lines += _family("clients", "gauge", "Connected clients, by transport.",
                      _by("transport", clients, ("websocket", "sse")))
     lines += _family("subscriptions", "gauge", "Client subscriptions (client, channel pairs).",
@@ -156,4 +242,29 @@ def render(
         lines += _family("notify_queue_usage", "gauge",
                          "pg_notification_queue_usage(): fraction of the NOTIFY queue in use.",
                          [({}, queue_usage)])
+    lines.append(Family(
+        _PREFIX + "delivery_latency_seconds", "histogram",
+        "Seconds from a notification's arrival from PostgreSQL to its frame handed to a "
+        "client's transport (once per client).",
+        histogram=stats.latency,
+    ))
+    return lines
+
+
+def render(
+    stats: Stats,
+    *,
+    clients: Mapping[str, int],
+    subscriptions: int,
+    channels: int,
+    database_up: bool,
+    backend_pid: int | None,
+    queue_usage: float | None,
+) -> str:
+    """The ``/metrics`` body: :func:`families` in the text format."""
+    lines: list[str] = []
+    for family in families(stats, clients=clients, subscriptions=subscriptions,
+                           channels=channels, database_up=database_up,
+                           backend_pid=backend_pid, queue_usage=queue_usage):
+        lines += family.lines()
     return "\n".join(lines) + "\n"

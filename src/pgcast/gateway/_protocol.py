@@ -52,8 +52,8 @@ from urllib.parse import parse_qsl
 from .._channels import check_channels
 from .._errors import InvalidChannelError, PayloadError, ProtocolError
 from .._payload import encode_payload
+from ._frame import Frame, sse_event
 from ._json import _json_kind, _short, _utf8_size, loads
-from ._ssewire import sse_comment, sse_event, sse_position
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -147,23 +147,21 @@ Command: TypeAlias = "Subscribe | Unsubscribe | Publish | Ping | Auth"
 MAX_TOKEN_CHARS = 8192
 
 
-class Frame(NamedTuple):
-    """One frame queued for a client: JSON text, shared by every recipient."""
+class EventFrame(Frame):
+    """A frame that SSE sends as a named event (``event: NAME`` before its
+    ``data:`` lines); a WebSocket sends its text like any other."""
 
-    text: str
-    """The JSON object, as sent in a WebSocket text frame or an SSE ``data:`` line."""
+    __slots__ = ("sse_name",)
 
-    id: str | None = None
-    """The durable event id (the SSE ``id:`` line), if the event has one."""
+    def __init__(self, text: str, sse_name: str) -> None:
+        super().__init__(text)
+        #: The SSE event name.
+        self.sse_name = sse_name
 
-    is_message: bool = False
-    """Whether this is a ``message`` frame (counted as a message out)."""
-
-    channel: str | None = None
-    """The channel of a ``message`` frame."""
-
-    sse_event: str | None = None
-    """The SSE ``event:`` name (``None``: the default, ``message``)."""
+    @property
+    def sse_data(self) -> bytes:
+        """The ``event:`` line, then the ``data:`` lines."""
+        return f"event: {self.sse_name}\n".encode() + super().sse_data
 
 
 def query_utf8_error(query: bytes) -> str | None:
@@ -397,7 +395,7 @@ def gap_notice(
                   "oldest": oldest, "reason": reason, "epoch": epoch,
                   "message": f"messages of {channel!r} after {since} are no longer in the "
                              f"log ({reason}); the replay goes on from what is left"})
-    return Frame(text, sse_event="notice")
+    return EventFrame(text, "notice")
 
 
 def unsubscribed(channels: Iterable[str], ref: Ref = None) -> Frame:
@@ -410,14 +408,17 @@ def published(channel: str, ref: Ref = None) -> Frame:
     return Frame(_dump(_with_ref({"type": "published", "channel": channel}, ref)))
 
 
-def message(channel: str, payload: str, pid: int, event_id: object = None) -> Frame:
-    """One notification, encoded once and shared by every subscriber."""
+def message(
+    channel: str, payload: str, pid: int, event_id: object = None, received: float | None = None
+) -> Frame:
+    """One notification, encoded once and shared by every subscriber;
+    *received*: when it arrived (see :attr:`Frame.received`)."""
     obj: dict[str, Any] = {"type": "message", "channel": channel, "payload": payload, "pid": pid}
     sid = None
     if event_id is not None:
         obj["id"] = event_id
         sid = str(event_id)
-    return Frame(_dump(obj), sid, True, channel)
+    return Frame(_dump(obj), sid, True, channel, received)
 
 
 def error(text: str, ref: Ref = None) -> Frame:
@@ -443,3 +444,18 @@ def authenticated(ref: Ref = None, expires: float | None = None) -> Frame:
 def pong(ref: Ref = None) -> Frame:
     """The reply to a ping."""
     return Frame(_dump(_with_ref({"type": "pong"}, ref)))
+
+
+# -- Server-Sent Events ------------------------------------------------------
+
+
+def sse_position(positions: dict[str, int]) -> str:
+    """The SSE ``id:`` of a client with durable channels: the log id reached
+    on each, as JSON, so ``Last-Event-ID`` resumes every channel where it was
+    (ids grow in commit order per channel, not across channels)."""
+    return _dump(positions)
+
+
+def sse_comment(text: str = "") -> str:
+    """An SSE comment line: ignored by EventSource, keeps the stream alive."""
+    return "".join(f": {line}\n" for line in text.split("\n")) + "\n"

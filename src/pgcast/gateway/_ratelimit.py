@@ -103,7 +103,8 @@ class ClientLimiter:
         self._publishes = _bucket(limits.publishes_per_second, limits.publish_burst, clock)
         self._bytes = _bucket(limits.publish_bytes_per_second, limits.publish_bytes_burst, clock)
         self._requests = _bucket(limits.requests_per_second, limits.request_burst, clock)
-        self._refusals: deque[float] = deque()
+        #: Made at the first refusal (most clients never have one).
+        self._refusals: deque[float] | None = None
 
     def check_publish(self, size: int) -> str | None:
         """None if a publish of *size* payload bytes may go now, else why not."""
@@ -137,6 +138,8 @@ class ClientLimiter:
         often (``max_refusals`` within ``refusal_window``) and must go."""
         now = self._clock()
         window = self._refusals
+        if window is None:
+            window = self._refusals = deque()
         window.append(now)
         while window and window[0] <= now - self._limits.refusal_window:
             window.popleft()

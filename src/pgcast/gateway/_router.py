@@ -9,6 +9,12 @@ drain the queues.
   :attr:`~Outbox.overflowed` and must be closed) or ``drop-oldest`` (the oldest
   frame goes, :attr:`~Outbox.dropped` counts it). Either way memory is bounded
   and a slow client never makes :meth:`Router.publish` wait.
+  A client whose transport lets the gateway write to its socket (the
+  WebSocket path of ``pgcast serve``, :mod:`._wsdirect`) has a :class:`Wire`:
+  a frame then goes straight to the socket whenever nothing is queued before
+  it and the socket takes more, with no task switch per client; only a
+  client whose socket is full queues, and its queue is drained into the
+  socket when the socket takes more again, so no frame overtakes another.
 * :class:`Router` keeps each client's channels and, per channel, its
   subscribers. The database must LISTEN on exactly :meth:`Router.channels`:
   :meth:`Router.missing` and :meth:`Router.orphans` compare that with what the
@@ -22,11 +28,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from enum import StrEnum
+from typing import Protocol
 
 from .._errors import ProtocolError
 from ._protocol import Frame
 
-__all__ = ["CONTROL_SLACK", "Outbox", "Overflow", "Router", "Subscriber"]
+__all__ = ["CONTROL_SLACK", "Outbox", "Overflow", "Router", "Subscriber", "Wire"]
 
 #: How many replies and notices may be queued beyond a client's queue size.
 CONTROL_SLACK = 64
@@ -46,6 +53,19 @@ def _nothing() -> None:
     pass
 
 
+class Wire(Protocol):
+    """A client's socket, written to directly (see :mod:`._wsdirect`)."""
+
+    def ready(self) -> bool:
+        """Whether the socket takes more now (its buffer is under its limit)."""
+
+    def write(self, frame: Frame) -> None:
+        """Write *frame*'s bytes to the socket (nothing once it is closing)."""
+
+    def dropped(self, count: int) -> None:
+        """Tell the client that *count* frames were dropped (``drop-oldest``)."""
+
+
 class Outbox:
     """A bounded FIFO of frames for one client.
 
@@ -53,7 +73,8 @@ class Outbox:
     the client overflows, so the driver's sender can wait without polling.
     """
 
-    __slots__ = ("_items", "dropped", "maxsize", "overflowed", "policy", "unreported", "wake")
+    __slots__ = ("_items", "dropped", "maxsize", "overflowed", "policy", "unreported", "wake",
+                 "wire")
 
     def __init__(
         self,
@@ -63,7 +84,9 @@ class Outbox:
     ) -> None:
         if maxsize < 1:
             raise ValueError(f"queue size must be at least 1, got {maxsize}")
-        self._items: deque[Frame] = deque()
+        #: The queued frames; made when the first one must wait (a client
+        #: whose socket keeps up never has one, see :class:`Wire`).
+        self._items: deque[Frame] | None = None
         self.maxsize = maxsize
         self.policy = Overflow(policy)
         self.wake = wake
@@ -73,14 +96,29 @@ class Outbox:
         self.unreported = 0
         #: Set under ``disconnect`` when a frame found the queue full.
         self.overflowed = False
+        #: The client's socket, when frames may be written to it directly.
+        self.wire: Wire | None = None
 
     def __len__(self) -> int:
-        return len(self._items)
+        items = self._items
+        return len(items) if items is not None else 0
+
+    def _queue(self) -> deque[Frame]:
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        return items
 
     def put(self, frame: Frame) -> bool:
         """Queue *frame*; False when the queue was full and the policy is to
         disconnect (the frame is not queued and the client must go)."""
         items = self._items
+        wire = self.wire
+        if wire is not None and not items and wire.ready():
+            wire.write(frame)
+            return True
+        if items is None:
+            items = self._queue()
         if len(items) >= self.maxsize:
             if self.policy is Overflow.DISCONNECT:
                 if not self.overflowed:
@@ -102,6 +140,12 @@ class Outbox:
         requests without reading the replies then overflows whatever the
         policy, and False is returned."""
         items = self._items
+        wire = self.wire
+        if wire is not None and not items and wire.ready():
+            wire.write(frame)
+            return True
+        if items is None:
+            items = self._queue()
         if len(items) >= self.maxsize + CONTROL_SLACK:
             if not self.overflowed:
                 self.overflowed = True
@@ -114,9 +158,32 @@ class Outbox:
 
     def take(self) -> list[Frame]:
         """Every queued frame, oldest first, leaving the queue empty."""
-        items = list(self._items)
-        self._items.clear()
-        return items
+        items = self._items
+        if not items:
+            return []
+        taken = list(items)
+        items.clear()
+        return taken
+
+    def attach(self, wire: Wire) -> None:
+        """Write to *wire* from now on, starting with what is queued."""
+        self.wire = wire
+        self.drain()
+
+    def drain(self) -> None:
+        """Move queued frames to the wire while it takes them (a ``dropped``
+        notice first, if frames were dropped); called again by the wire when
+        its socket takes more."""
+        wire = self.wire
+        if wire is None:
+            return
+        if self.unreported and wire.ready():
+            wire.dropped(self.take_unreported())
+        items = self._items
+        while items and wire.ready():
+            wire.write(items.popleft())
+        if items is not None and not items:
+            self._items = None  # drained: the memory goes back
 
     def take_unreported(self) -> int:
         """The number of frames dropped since the last call."""

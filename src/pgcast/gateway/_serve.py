@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 
 from ._linger import http_protocol
 from ._logging import log_config
+from ._wsdirect import DirectProtocol
 
 __all__ = ["GatewayServer", "config", "serve"]
 
@@ -71,6 +72,8 @@ def config(
     # Per-message deflate would compress every frame once per client, undoing
     # the encode-once fan-out; notifications are small (< 8000 bytes) anyway.
     options.setdefault("ws_per_message_deflate", False)
+    # Frames go straight to each client's socket, built once (see ._wsdirect).
+    options.setdefault("ws", DirectProtocol)
     options.setdefault("timeout_graceful_shutdown", 10)
     # Connections the gateway closed are aborted if their peer does not read
     # the rest within a few seconds (see ._linger).

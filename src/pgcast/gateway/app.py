@@ -1,19 +1,23 @@
 """The gateway as a Starlette application: :func:`create_app`.
 
 Routes: ``/ws`` (:mod:`.websocket`), ``/sse`` (:mod:`.sse`), ``/healthz``,
-``/metrics``, and with ``demo_page=True`` the three-bar demo page at ``/``.
+``/metrics``, the browser client ``/pgcast.js`` and its types ``/pgcast.d.ts``
+(files of ``static/``), and with ``demo_page=True`` the three-bar demo page at
+``/``.
 
 The database connection is opened by the app's lifespan when it runs
 standalone (``pgcast serve``, ``uvicorn module:app``). Mounted inside another
 application, whose server does not run a sub-app's lifespan, the gateway
 connects at its first request instead; run ``app.router.lifespan_context(app)``
 from the host's own lifespan to connect at start-up and close cleanly.
-The :class:`~pgcast.gateway._hub.Hub` is ``app.state.pgcast_gateway``.
+The app's :attr:`~pgcast.gateway.GatewayApp.gateway` (a
+:class:`~pgcast.gateway.Gateway`) is the public handle for the host: publish
+from its routes, ``async with app.gateway.running():`` in its lifespan. (The
+driver, a :class:`~pgcast.gateway._hub.Hub`, is ``app.state.pgcast_gateway``.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import html
 import re
@@ -28,10 +32,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._backoff import Backoff
 from . import _metrics
-from ._client import Settings
+from ._client import GATEWAY_BACKOFF, Settings
+from ._gateway import Gateway, GatewayApp
 from ._hub import Hub
 from ._ratelimit import RateLimits
 from ._router import Overflow
@@ -72,7 +77,8 @@ def create_app(
     auth_timeout: float = 10.0,
     rate_limits: RateLimits | None = _DEFAULT_LIMITS,
     max_clients_per_address: int | None = None,
-) -> Starlette:
+    reconnect_backoff: Backoff | None = None,
+) -> GatewayApp:
     """An ASGI app pushing PostgreSQL notifications to WebSocket and SSE clients.
 
     One LISTEN connection to *dsn* (empty: ``DATABASE_URL``, then libpq's
@@ -126,6 +132,11 @@ def create_app(
         address unless the server trusts its forwarded headers.
     :param auth_timeout: seconds a WebSocket client that gave no token in the
         handshake has to send ``{"type": "auth", "token": ...}`` first.
+    :param reconnect_backoff: how the lost database connection is retried (a
+        :class:`pgcast.Backoff`; default: at once, then 0.1 s growing to 5 s
+        with full jitter). The gateway never gives up its database: when a
+        series with ``max_attempts`` or ``max_time`` ends, another starts
+        after ``maximum`` seconds.
     """
     if authorizer is not None and (list(allow) or list(allow_publish)):
         raise ValueError("pass either an authorizer or allow/allow_publish globs, not both")
@@ -163,33 +174,35 @@ def create_app(
         auth_timeout=auth_timeout,
         rate_limits=rate_limits,
         max_clients_per_address=max_clients_per_address,
+        reconnect_backoff=GATEWAY_BACKOFF if reconnect_backoff is None else reconnect_backoff,
     )
     hub = Hub(settings)
-    starter = _Starter(hub)
+    gateway = Gateway(hub)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await starter.start()
+        await gateway.start()
         try:
             yield
         finally:
             await hub.close()
 
     async def healthz(request: Request) -> Response:
-        await starter.start_quietly()
+        await gateway.start_quietly()
         if hub.database_up:
             return JSONResponse({"status": "ok", "database": "up", "backend_pid": hub.backend_pid})
         return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
 
     async def metrics(request: Request) -> Response:
-        await starter.start_quietly()
+        await gateway.start_quietly()
         return PlainTextResponse(await hub.metrics(), media_type=_metrics.CONTENT_TYPE)
 
     routes: list[Any] = [
-        WebSocketRoute("/ws", starter.wrap_asgi(WebSocketEndpoint(hub))),
-        Route("/sse", starter.wrap_asgi(SSEEndpoint(hub))),
+        WebSocketRoute("/ws", gateway.wrap_asgi(WebSocketEndpoint(hub))),
+        Route("/sse", gateway.wrap_asgi(SSEEndpoint(hub))),
         Route("/healthz", healthz),
         Route("/metrics", metrics),
+        *_client_routes(),
     ]
     if demo_page:
         page = _demo_page(demo_command)
@@ -204,9 +217,39 @@ def create_app(
         # Starlette's own check, before routing: every route, HTTP and WebSocket.
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=hosts,
                                      www_redirect=False))
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app = GatewayApp(routes=routes, lifespan=lifespan, middleware=middleware)
+    app.gateway = gateway
     app.state.pgcast_gateway = hub
     return app
+
+
+#: The browser client's files, served at ``/<name>``, and their content types.
+CLIENT_FILES = {
+    "pgcast.js": "text/javascript; charset=utf-8",
+    "pgcast.d.ts": "application/typescript; charset=utf-8",
+}
+
+
+def _client_routes() -> list[Route]:
+    """``/pgcast.js`` and ``/pgcast.d.ts``: read once, served as they are.
+
+    Public files, so any origin may load them (a page of an allowed origin
+    imports the module from the gateway: a module script needs CORS);
+    ``no-cache`` makes browsers revalidate, so an upgraded gateway serves its
+    own client.
+    """
+    routes = []
+    for name, media_type in CLIENT_FILES.items():
+        body = (STATIC_DIR / name).read_bytes()
+        headers = {"Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*",
+                   "X-Content-Type-Options": "nosniff"}
+
+        async def serve(request: Request, body: bytes = body, media_type: str = media_type,
+                        headers: dict[str, str] = headers) -> Response:
+            return Response(body, media_type=media_type, headers=headers)
+
+        routes.append(Route(f"/{name}", serve, methods=["GET", "HEAD"]))
+    return routes
 
 
 def _check_hosts(allowed_hosts: Iterable[str] | None) -> list[str] | None:
@@ -250,41 +293,3 @@ def _demo_page(command: str | None) -> str:
     text = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     command = command or "psql -c \"NOTIFY data, 'green'\""
     return text.replace("{{PSQL_COMMAND}}", html.escape(command))
-
-
-class _Starter:
-    """Starts the hub once: from the lifespan, or at the first request when
-    the app is mounted where its lifespan does not run."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self._started = False
-        self._lock = asyncio.Lock()
-
-    async def start(self) -> None:
-        if self._started:
-            return
-        async with self._lock:
-            if not self._started:
-                await self.hub.start()
-                self._started = True
-
-    async def start_quietly(self) -> None:
-        # A failed start is reported by /healthz as 503, not as a 500.
-        with contextlib.suppress(Exception):
-            await self.start()
-
-    def wrap_asgi(self, app: ASGIApp) -> ASGIApp:
-        return _StartFirst(self, app)
-
-
-class _StartFirst:
-    # A class, not a function: Starlette routes a function as a
-    # request/response endpoint and an object as a raw ASGI app.
-    def __init__(self, starter: _Starter, app: ASGIApp) -> None:
-        self.starter = starter
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.starter.start_quietly()
-        await self.app(scope, receive, send)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -186,8 +187,9 @@ class SSEEndpoint:
         hub = self.hub
         wake = client.wake
 
-        async def write(text: str) -> None:
-            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+        async def write(text: str | bytes) -> None:
+            body = text if isinstance(text, bytes) else text.encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
 
         await write(f"retry: {RETRY_MS}\n" + _protocol.sse_comment("pgcast gateway"))
         # The durable position reached on each channel, for the id: lines.
@@ -216,7 +218,7 @@ class SSEEndpoint:
         client: Client,
         subscribing: asyncio.Task[None],
         positions: dict[str, int],
-        write: Callable[[str], Awaitable[None]],
+        write: Callable[[str | bytes], Awaitable[None]],
     ) -> None:
         hub = self.hub
         stats = hub.stats
@@ -258,16 +260,16 @@ class SSEEndpoint:
                     f"its queue holds {outbox.maxsize} (the oldest go first)",
                     count=dropped,
                 ).text))
-            sent = 0
+            chunks = [part.encode() for part in parts]
             for frame in frames:
-                event_id = None
                 if frame.id is not None and frame.channel is not None:
+                    # The id: line is this client's (its position on each of
+                    # its channels); the data: lines are shared by every client.
                     positions[frame.channel] = int(frame.id)
-                    event_id = _protocol.sse_position(positions)
-                parts.append(sse_event(frame.text, event_id, event=frame.sse_event))
-                sent += frame.is_message
-            await write("".join(parts))
-            stats.messages_out += sent
+                    chunks.append(f"id: {_protocol.sse_position(positions)}\n".encode())
+                chunks.append(frame.sse_data)
+            await write(b"".join(chunks))
+            stats.delivered(frames, time.monotonic())
 
 
 def _status(exc: AccessDenied) -> int:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import deque
 from typing import Any
 
 from starlette.responses import PlainTextResponse
@@ -38,6 +40,7 @@ from . import _protocol
 from ._client import CLOSE_NOT_AUTHENTICATED, Client, TooManyFromAddress
 from ._hub import Hub
 from ._protocol import Auth
+from ._wsdirect import EXTENSION, DirectProtocol
 from .auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL, Access, client_token, origin_allowed
 
 __all__ = ["WebSocketEndpoint"]
@@ -125,6 +128,10 @@ async def _session(hub: Hub, websocket: WebSocket, send: Send) -> None:
     except BaseException:
         hub.detach(client)
         raise
+    direct = websocket.scope.get("extensions", {}).get(EXTENSION)
+    if direct is not None:
+        await _direct_session(hub, websocket, client, direct["protocol"])
+        return
     sender = asyncio.create_task(_send(hub, send, client))
     receiver = asyncio.create_task(_receive(hub, websocket, client))
     try:
@@ -142,6 +149,67 @@ async def _session(hub: Hub, websocket: WebSocket, send: Send) -> None:
         await _cancel(sender, receiver)
         # Detached last: shutdown waits for this, so the close frame is out first.
         hub.detach(client)
+
+
+async def _direct_session(
+    hub: Hub, websocket: WebSocket, client: Client, protocol: DirectProtocol
+) -> None:
+    """The session under ``pgcast serve`` (see :mod:`._wsdirect`): frames are
+    written to the socket by whoever queues them, so no sender task; a close
+    is written by the callback that decides it; and the connection is handed
+    over to the protocol, so this ASGI call returns and no task waits for the
+    client's messages (:class:`_Requests` starts one while a request runs)."""
+    timeout = hub.settings.close_timeout
+
+    def close(closing: asyncio.Future[tuple[int, str]]) -> None:
+        code, reason = closing.result()
+        protocol.close_now(code, reason, timeout)
+
+    protocol.attach(client.outbox, hub.stats, _dropped_notice)
+    client.closing.add_done_callback(close)
+    requests = _Requests(hub, client, protocol)
+    protocol.hand_over(requests.received, requests.lost)
+
+
+class _Requests:
+    """A handed-over client's requests, carried out one at a time and in
+    order by a task that exists only while there are some; the socket is not
+    read meanwhile, so a client cannot pile requests up in memory."""
+
+    __slots__ = ("client", "hub", "pending", "protocol", "task")
+
+    def __init__(self, hub: Hub, client: Client, protocol: DirectProtocol) -> None:
+        self.hub = hub
+        self.client = client
+        self.protocol = protocol
+        self.pending: deque[str | bytes] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def received(self, data: str | bytes) -> None:
+        if self.task is not None:
+            if self.pending is None:
+                self.pending = deque()
+            self.pending.append(data)
+            self.protocol.pause_reading()
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run(data))
+
+    async def _run(self, data: str | bytes) -> None:
+        try:
+            await _carry_out(self.hub, self.client, data)
+            while self.pending:
+                await _carry_out(self.hub, self.client, self.pending.popleft())
+        finally:
+            self.task = None
+            self.pending = None
+            self.protocol.resume_reading()
+
+    def lost(self) -> None:
+        """The connection is gone: forget the client (its channels may be
+        UNLISTENed) and stop what it asked for."""
+        self.hub.detach(self.client)
+        if self.task is not None:
+            self.task.cancel()
 
 
 async def _authenticate_first(hub: Hub, websocket: WebSocket, client: Client) -> bool:
@@ -205,7 +273,6 @@ def _status(exc: AccessDenied) -> int:
 
 
 async def _receive(hub: Hub, websocket: WebSocket, client: Client) -> None:
-    max_bytes = hub.settings.max_frame_bytes
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -213,20 +280,25 @@ async def _receive(hub: Hub, websocket: WebSocket, client: Client) -> None:
         data = message.get("text")
         if data is None:
             data = message.get("bytes")
+        await _carry_out(hub, client, data)
+
+
+async def _carry_out(hub: Hub, client: Client, data: str | bytes | None) -> None:
+    """Parse one client frame and carry it out; a refusal is an error frame."""
+    try:
+        command = _protocol.parse_frame(data, hub.settings.max_frame_bytes)
+    except ProtocolError as exc:
+        refusal = str(exc)
         try:
-            command = _protocol.parse_frame(data, max_bytes)
-        except ProtocolError as exc:
-            refusal = str(exc)
-            try:
-                hub.limit(client, None)  # a flood of bad frames is a flood too
-            except ProtocolError as limited:
-                refusal = str(limited)
-            hub.refuse(client, refusal)
-            continue
-        try:
-            await hub.handle(client, command)
-        except ProtocolError as exc:
-            hub.refuse(client, str(exc), command.ref)
+            hub.limit(client, None)  # a flood of bad frames is a flood too
+        except ProtocolError as limited:
+            refusal = str(limited)
+        hub.refuse(client, refusal)
+        return
+    try:
+        await hub.handle(client, command)
+    except ProtocolError as exc:
+        hub.refuse(client, str(exc), command.ref)
 
 
 async def _send(hub: Hub, send: Send, client: Client) -> None:
@@ -248,11 +320,9 @@ async def _send(hub: Hub, send: Send, client: Client) -> None:
             if dropped:
                 stats.dropped += dropped
                 await send({"type": "websocket.send", "text": _dropped_notice(dropped, limit)})
-            sent = 0
             for frame in frames:
                 await send({"type": "websocket.send", "text": frame.text})
-                sent += frame.is_message
-            stats.messages_out += sent
+            stats.delivered(frames, time.monotonic())
     except (WebSocketDisconnect, OSError, RuntimeError):
         return  # the client went away; the session ends
 

@@ -1,15 +1,14 @@
 // The pgcast demo page: three bars driven by NOTIFY on channel "data".
-// Plain JavaScript, no build step. Speaks the gateway's WebSocket protocol:
-// subscribe, then message frames; the buttons send publish frames.
-"use strict";
+// An ES module, no build step, on the gateway's browser client (pgcast.js):
+// subscribe, then messages; the buttons publish. The client reconnects and
+// subscribes again by itself.
+import { connect } from "../pgcast.js";
 
 const CHANNEL = "data";
 const STEP = 10; // percent a bar grows per notification naming it
 
 const statusEl = document.getElementById("status");
 const logEl = document.getElementById("log");
-let socket = null;
-let retryMs = 500;
 
 function setStatus(state, text) {
   statusEl.dataset.state = state;
@@ -41,46 +40,21 @@ function apply(payload) {
   return true;
 }
 
-function connect() {
-  const url = new URL("ws", document.baseURI);
-  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  setStatus("connecting", "connecting…");
-  socket = new WebSocket(url);
-  socket.onopen = () => {
-    retryMs = 500;
-    socket.send(JSON.stringify({ type: "subscribe", channels: [CHANNEL] }));
-  };
-  socket.onmessage = (ev) => {
-    const frame = JSON.parse(ev.data);
-    switch (frame.type) {
-      case "subscribed":
-        setStatus("open", "listening on " + frame.channels.join(", "));
-        break;
-      case "message":
-        log(`${frame.channel}: ${JSON.stringify(frame.payload)} (pid ${frame.pid})`);
-        apply(frame.payload);
-        break;
-      case "notice":
-        log("notice: " + frame.message);
-        break;
-      case "error":
-        log("error: " + frame.message);
-        break;
-    }
-  };
-  socket.onclose = (ev) => {
-    setStatus("closed", `disconnected (${ev.code}${ev.reason ? ": " + ev.reason : ""}); retrying`);
-    setTimeout(connect, retryMs);
-    retryMs = Math.min(retryMs * 2, 10000);
-  };
-}
+const client = connect(new URL("ws", document.baseURI).href, { channels: [CHANNEL] });
+client.on("subscribed", (reply) => setStatus("open", "listening on " + reply.channels.join(", ")));
+client.on("message", (m) => {
+  log(`${m.channel}: ${JSON.stringify(m.payload)} (pid ${m.pid})`);
+  apply(m.payload);
+});
+client.on("notice", (notice) => log("notice: " + notice.message));
+client.on("error", (err) => log("error: " + err.message));
+client.on("gap", (gap) => log(`gap on ${gap.channel}: history ${gap.reason} (oldest ${gap.oldest})`));
+client.on("disconnected", (ev) => setStatus(
+  "closed", `disconnected (${ev.code}${ev.reason ? ": " + ev.reason : ""})${ev.final ? "" : "; retrying"}`));
+client.on("retrying", () => setStatus("connecting", "reconnecting…"));
 
 for (const button of document.querySelectorAll("button[data-colour]")) {
   button.addEventListener("click", () => {
-    if (socket && socket.readyState === WebSocket.OPEN) {
-      socket.send(JSON.stringify({ type: "publish", channel: CHANNEL, payload: button.dataset.colour }));
-    }
+    client.publish(CHANNEL, button.dataset.colour).catch((err) => log("not sent: " + err.message));
   });
 }
-
-connect();

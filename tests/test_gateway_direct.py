@@ -1,0 +1,129 @@
+"""Issue 10: frames encoded once and written straight to each client's socket.
+
+Under ``pgcast serve`` (:mod:`pgcast.gateway._wsdirect`) a WebSocket client
+has no sender task: a frame goes to its socket when nothing is queued before
+it, and waits in its bounded queue while the socket is full. These tests
+check that the direct path is the one in use, that a client with a backlog
+gets every frame once and in order (a reply included: nothing overtakes a
+queued frame), on the direct path and on the generic ASGI one, and that the
+bytes written are the ones built once per notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgcast.gateway import _frame, _protocol
+from test_gateway_server import (
+    TIMEOUT,
+    Gateway,
+    burst_sql,
+    gateway,  # noqa: F401  (the fixture)
+    recv,
+    run,
+    stalled_client,
+    subscribe,
+    ws_connect,
+)
+
+
+def test_pgcast_serve_writes_to_the_socket_and_the_asgi_path_queues(
+    gateway: Callable[..., Gateway],  # noqa: F811
+    conn: psycopg.Connection[Any],
+    unique_channel: str,
+) -> None:
+    direct = gateway()
+    generic = gateway(ws="asgi")
+
+    async def main() -> None:
+        async with ws_connect(direct.ws) as a, ws_connect(generic.ws) as b:
+            await subscribe(a, unique_channel)
+            await subscribe(b, unique_channel)
+            wires = [c.outbox.wire for c in direct.hub._clients.values()]
+            assert len(wires) == 1 and wires[0] is not None
+            assert [c.outbox.wire for c in generic.hub._clients.values()] == [None]
+            await asyncio.to_thread(conn.execute, f"NOTIFY {unique_channel}, 'both'")
+            for ws in (a, b):
+                frame = await recv(ws)
+                assert frame["payload"] == "both"
+
+    run(main())
+
+
+@pytest.mark.parametrize("ws", ["direct", "asgi"])
+def test_a_backlog_is_written_out_once_and_in_order_replies_included(
+    gateway: Callable[..., Gateway],  # noqa: F811
+    conn: psycopg.Connection[Any],
+    unique_channel: str,
+    ws: str,
+) -> None:
+    """A client stops reading while 400 messages of 4 kB come (its socket
+    fills, the rest waits in its queue), asks for a pong meanwhile, then reads
+    again: every message once, in order, and the pong after the messages
+    that were queued before it was asked for."""
+    gw = gateway(queue_size=2000, sndbuf=16384, ws=ws)
+    count = 400
+
+    async def main() -> None:
+        slow = await stalled_client(gw.ws)
+        try:
+            await slow.send(json.dumps({"type": "subscribe", "channels": [unique_channel]}))
+            await asyncio.to_thread(
+                gw.wait_metric, "pgcast_gateway_subscriptions", lambda v: v == 1
+            )
+            await asyncio.to_thread(conn.execute, burst_sql(unique_channel, count))
+            await asyncio.to_thread(
+                gw.wait_metric, "pgcast_gateway_messages_in_total", lambda v: v == count
+            )
+            # The backlog is real: frames wait in the client's queue.
+            deadline = time.monotonic() + TIMEOUT
+            while not any(len(c.outbox) for c in gw.hub._clients.values()):
+                assert time.monotonic() < deadline, "no frame was ever queued"
+                await asyncio.sleep(0.01)
+            await slow.send(json.dumps({"type": "ping", "ref": "p"}))
+            assert (await recv(slow))["type"] == "subscribed"
+            payloads: list[int] = []
+            pong_after = None
+            for _ in range(count + 2):
+                frame = await recv(slow)
+                if frame["type"] == "pong":
+                    pong_after = len(payloads)
+                    if len(payloads) == count:
+                        break
+                    continue
+                assert frame["type"] == "message", frame
+                payloads.append(int(frame["payload"].lstrip("x")))
+                if len(payloads) == count and pong_after is not None:
+                    break
+            assert payloads == list(range(1, count + 1))
+            # Queued after the messages the burst had queued before the ping.
+            assert pong_after is not None and pong_after > 0
+            assert gw.metrics()["pgcast_gateway_messages_out_total"] == count
+        finally:
+            await slow.close()
+
+    run(main())
+
+
+def test_the_bytes_on_the_wire_are_built_once_per_notification() -> None:
+    frame = _protocol.message("ch", "é" * 200, 7, 42)
+    wire = frame.ws
+    assert frame.ws is wire  # built once, then shared
+    text = frame.text.encode()
+    # An unmasked text frame: FIN + opcode 1, a 16-bit length, the text.
+    assert wire[:2] == b"\x81\x7e" and int.from_bytes(wire[2:4], "big") == len(text)
+    assert wire[4:] == text
+    small = _frame.ws_text_frame("hi")
+    assert small == b"\x81\x02hi"
+    big = _frame.ws_text_frame("x" * 70_000)
+    assert big[:2] == b"\x81\x7f" and int.from_bytes(big[2:10], "big") == 70_000
+    assert frame.sse_data is frame.sse_data
+    assert frame.sse_data == _protocol.sse_event(frame.text).encode()
+    assert _protocol.sse_event("a\nb", "3") == "id: 3\ndata: a\ndata: b\n\n"
