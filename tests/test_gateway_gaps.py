@@ -292,3 +292,37 @@ def test_on_a_version_1_schema_recovered_is_left_out(
             assert (await recv(ws))["payload"] == "b"
 
     run(main())
+
+
+def test_sse_last_event_id_carries_the_epoch_across_a_reset_of_the_log(
+    own_db: str, gateway: Callable[..., Gateway],
+) -> None:
+    """EventSource reconnects with the URL it had and its last id: the id
+    carries the epoch, so a log reset (TRUNCATE ... RESTART IDENTITY, ids
+    starting again) is a gap, not a numerically "complete" resume."""
+    gw = gateway(dsn=own_db, durable=["feed"])
+    url = f"{gw.http}/sse?channel=feed&since=0"
+
+    async def last_id() -> str:
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                client.stream("GET", url) as response:
+            lines = response.aiter_lines()
+            for _ in range(100):
+                line = await asyncio.wait_for(anext(lines), TIMEOUT)
+                if line.startswith("id: "):
+                    return line[4:]
+        raise AssertionError("no id: line")
+
+    async def main() -> None:
+        with psycopg.connect(own_db, autocommit=True) as c:
+            publish_durably(c, "feed", "old1", "old2")
+            event_id = await last_id()
+            assert json.loads(event_id)[""] == epoch_of(c)
+            c.execute("TRUNCATE pgcast.log RESTART IDENTITY")
+            publish_durably(c, "feed", "new1", "new2", "new3")
+        got = await sse(f"{gw.http}/sse?channel=feed", {"Last-Event-ID": event_id}, "new3")
+        assert got[0][1]["recovered"] == {"feed": False}
+        assert got[1][0] == "notice" and got[1][1]["reason"] == "epoch"
+        assert [d["payload"] for _, d in got[2:]] == ["new1", "new2", "new3"]
+
+    run(main())

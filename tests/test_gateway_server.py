@@ -1163,6 +1163,8 @@ def test_sse_resumes_with_last_event_id(
             assert set(got) == {(unique_channel, "a2"), (other, "b1")}
             # The id: line is the position on every durable channel of the stream.
             last = json.loads(events[-1][0] or "{}")
+            # ... and the log's epoch under "" (tests/test_gateway_gaps.py).
+            assert last.pop("") == events[0][1]["epoch"]
             assert last == {unique_channel: a2, other: b1}
         async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
             r = await client.get(url, headers={"Last-Event-ID": "not an id"})

@@ -35,8 +35,9 @@ false}`` per resumed durable channel, and for each ``false`` one ``"oldest":
 an epoch change). A gap found during the replay (a prune racing it) comes as
 ``{"type": "notice", "event": "gap", "channel", "since", "oldest", "reason",
 "epoch"}``; SSE sends every incomplete resume so, as ``event: notice``,
-before the replay. On a schema before version 2, ``recovered`` is left out
-(unknown). See :mod:`pgcast.gateway._resume`.
+before the replay, and its ``id:`` lines carry the epoch under the key
+``""``. On a schema before version 2, ``recovered`` is left out (unknown).
+See :mod:`pgcast.gateway._resume`.
 
 :func:`parse_frame` turns a frame into a :data:`Command` or raises
 :class:`~pgcast.ProtocolError` whose message is fit to send back verbatim.
@@ -74,6 +75,7 @@ __all__ = [
     "notice",
     "parse_epoch",
     "parse_frame",
+    "parse_position",
     "parse_since",
     "pong",
     "published",
@@ -449,11 +451,34 @@ def pong(ref: Ref = None) -> Frame:
 # -- Server-Sent Events ------------------------------------------------------
 
 
-def sse_position(positions: dict[str, int]) -> str:
+def sse_position(positions: dict[str, int], epoch: str | None = None) -> str:
     """The SSE ``id:`` of a client with durable channels: the log id reached
     on each, as JSON, so ``Last-Event-ID`` resumes every channel where it was
-    (ids grow in commit order per channel, not across channels)."""
-    return _dump(positions)
+    (ids grow in commit order per channel, not across channels); and, under
+    the key ``""`` (never a channel name), the log's *epoch*, so that an
+    EventSource that reconnects by itself is checked against it too."""
+    if epoch is None:
+        return _dump(positions)
+    return _dump({**positions, "": epoch})
+
+
+def parse_position(value: str | None) -> tuple[Since, str | None]:
+    """Read an SSE ``Last-Event-ID`` or ``?since=``: the positions
+    (:func:`parse_since`) and the epoch the ``""`` key carries, if any.
+
+    :raises ProtocolError: what :func:`parse_since` and :func:`parse_epoch`
+        refuse.
+    """
+    if value is None:
+        return None, None
+    try:
+        obj = loads(value)
+    except (ValueError, RecursionError):
+        obj = None
+    if isinstance(obj, dict) and "" in obj:
+        epoch = parse_epoch(obj.pop(""))
+        return parse_since(obj), epoch
+    return parse_since(value), None
 
 
 def sse_comment(text: str = "") -> str:

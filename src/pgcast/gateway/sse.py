@@ -12,10 +12,12 @@ sends the last one back as ``Last-Event-ID`` when it reconnects, and the
 stream resumes each channel after its position (``?since=ID`` or
 ``?since={"orders": 42}`` does the same for a first connection; ``?epoch=E``
 names the log epoch the positions came from, as the ``subscribed`` data
-gave it). A resume that cannot be complete (messages after the position
-were pruned, or it is from another epoch) is announced before the replay by
-an ``event: notice`` whose data is ``{"event": "gap", "channel", "since",
-"oldest", "reason", ...}`` (see :mod:`pgcast.gateway._resume`).
+gave it; the ``id:`` lines carry it under the key ``""``, so EventSource's
+own reconnects are checked against it). A resume that cannot be complete
+(messages after the position were pruned, or it is from another epoch) is
+announced before the replay by an ``event: notice`` whose data is
+``{"event": "gap", "channel", "since", "oldest", "reason", ...}`` (see
+:mod:`pgcast.gateway._resume`).
 
 Everything that can be refused is checked before the stream starts, with a
 plain-text HTTP error: a bad origin or token (403), no or bad channel names
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -100,10 +103,10 @@ class SSEEndpoint:
         except InvalidChannelError as exc:
             raise _Refusal(400, str(exc)) from None
         try:
-            since = _protocol.parse_since(
+            since, id_epoch = _protocol.parse_position(
                 request.headers.get("last-event-id") or request.query_params.get("since")
             )
-            epoch = _protocol.parse_epoch(request.query_params.get("epoch"))
+            epoch = _protocol.parse_epoch(request.query_params.get("epoch")) or id_epoch
         except ProtocolError as exc:
             raise _Refusal(400, str(exc)) from None
         if len(channels) > hub.settings.max_subscriptions:
@@ -226,6 +229,7 @@ class SSEEndpoint:
         wake = client.wake
         sse_event = _protocol.sse_event
         heartbeat = hub.settings.heartbeat
+        epoch: str | None = None  # the log's, from the subscribed reply
         while True:
             wake.clear()
             frames = outbox.take()
@@ -266,7 +270,9 @@ class SSEEndpoint:
                     # The id: line is this client's (its position on each of
                     # its channels); the data: lines are shared by every client.
                     positions[frame.channel] = int(frame.id)
-                    chunks.append(f"id: {_protocol.sse_position(positions)}\n".encode())
+                    chunks.append(f"id: {_protocol.sse_position(positions, epoch)}\n".encode())
+                elif epoch is None and frame.text.startswith('{"type":"subscribed"'):
+                    epoch = json.loads(frame.text).get("epoch")  # for the id: lines
                 chunks.append(frame.sse_data)
             await write(b"".join(chunks))
             stats.delivered(frames, time.monotonic())
