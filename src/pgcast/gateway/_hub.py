@@ -221,8 +221,9 @@ class Hub(Clients):
             raise ProtocolError(_not_allowed("subscribe to", refused))
         self.router.check_subscribe(client.sub, channels)
         resume_from = _resume.positions(client, channels, since, strict, self.is_durable)
+        durable = any(map(self.is_durable, channels))
         checked = await self._shielded(_resume.check(
-            self._query.fetch, resume_from, epoch, any(map(self.is_durable, channels))))
+            self._query.fetch, resume_from, epoch, durable)) if durable else None
 
         def commit() -> None:
             if client.detached:
