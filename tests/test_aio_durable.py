@@ -98,7 +98,8 @@ def test_install_schema_creates_it_once(fresh_dsn: str) -> None:
             assert await pgcast.aio.install_schema(c) == 0
             assert await pgcast.aio.install_schema(c) == LATEST_VERSION  # idempotent
             cur = await c.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'pgcast'")
-            assert {r[0] for r in await cur.fetchall()} == {"log", "consumers", "schema_version"}
+            tables = {r[0] for r in await cur.fetchall()}
+            assert tables == {"log", "consumers", "schema_version", "meta", "pruned"}
             cur = await c.execute("SELECT version FROM pgcast.schema_version")
             assert await cur.fetchall() == [(v.version,) for v in MIGRATIONS]
 

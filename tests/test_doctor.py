@@ -45,10 +45,13 @@ def test_doctor_json(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", "--dsn", dsn, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True
-    assert [c["name"] for c in data["checks"]] == [
+    # "consumers" (tests/test_consumers.py) depends on what other tests left
+    # in the shared database's pgcast schema, if it is there.
+    checks = [c for c in data["checks"] if c["name"] != "consumers"]
+    assert [c["name"] for c in checks] == [
         "connect", "primary", "listen", "round trip", "queue usage",
     ]
-    assert {c["verdict"] for c in data["checks"]} == {"ok"}
+    assert {c["verdict"] for c in checks} == {"ok"}
     assert set(data["settings"]) == set(SETTINGS)
 
 

@@ -101,7 +101,8 @@ def test_install_schema_creates_it_once(fresh_dsn: str) -> None:
             assert pgcast.install_schema(c) == 0
             assert pgcast.install_schema(c) == LATEST_VERSION  # idempotent
             cur = c.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'pgcast'")
-            assert {r[0] for r in cur.fetchall()} == {"log", "consumers", "schema_version"}
+            tables = {r[0] for r in cur.fetchall()}
+            assert tables == {"log", "consumers", "schema_version", "meta", "pruned"}
             cur = c.execute("SELECT version FROM pgcast.schema_version")
             assert cur.fetchall() == [(v.version,) for v in MIGRATIONS]
 

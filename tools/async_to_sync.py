@@ -60,6 +60,7 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_aio_wire.py", "tests/test_wire.py"),
     ("tests/test_aio_receive.py", "tests/test_receive.py"),
     ("tests/test_aio.py", "tests/test_client.py"),
+    ("tests/test_aio_gaps.py", "tests/test_gaps.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.

@@ -41,6 +41,7 @@ PAIRS: list[tuple[str, str]] = [
     ("test_worker_loop.py", "test_aio_worker_loop.py"),
     ("test_wire.py", "test_aio_wire.py"),
     ("test_receive.py", "test_aio_receive.py"),
+    ("test_gaps.py", "test_aio_gaps.py"),
 ]
 
 #: Tests of a mechanism only one flavour has, so no twin can exist: each with

@@ -41,7 +41,8 @@ from ._errors import (
     SchemaError,
     WatchError,
 )
-from ._event import DurableEvent, Event
+from ._event import DurableEvent, Event, Position
+from ._gap import Gap
 from ._payload import MAX_PAYLOAD_BYTES, Payload
 from ._reconnect import Reconnected
 from .aio import AsyncPubSub
@@ -79,6 +80,7 @@ __all__ = [
     "DurableEvent",
     "EmbeddedServerError",
     "Event",
+    "Gap",
     "HotStandbyError",
     "InvalidChannelError",
     "ListenNotEffectiveError",
@@ -88,6 +90,7 @@ __all__ = [
     "PayloadError",
     "PayloadTooLargeError",
     "PgcastError",
+    "Position",
     "ProtocolError",
     "PubSub",
     "PublishError",

@@ -22,6 +22,7 @@ import psycopg.conninfo
 from ._backoff import Backoff
 from ._core import connect_args
 from ._errors import ConnectError
+from ._gap import OnGap
 from ._reconnect import OnReconnect, Resilience, add_keepalives, resilience
 
 __all__ = ["connect_failed", "connect_plan", "psycopg2_args", "reconnect_conninfo"]
@@ -94,11 +95,12 @@ def connect_plan(
     health_check_interval: float | None,
     notify_timeout: float,
     on_reconnect: OnReconnect | None,
+    on_gap: OnGap | None = None,
 ) -> tuple[str, dict[str, Any], Resilience]:
     """``connect()``'s arguments checked: the conninfo and options to open
     every connection of the PubSub with, and its :class:`Resilience`."""
     res = resilience(reconnect, reconnect_backoff, health_check_interval, notify_timeout,
-                     on_reconnect)
+                     on_reconnect, on_gap=on_gap)
     conninfo, options = connect_args(*psycopg2_args(conninfo, kwargs))
     return conninfo, add_keepalives(conninfo, options, res.health_check_interval), res
 

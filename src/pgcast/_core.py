@@ -46,6 +46,7 @@ from ._channels import check_channel, check_channels, listen_sql, unlisten_sql
 from ._checks import check_timeout, connect_args, is_async_callable, wrap_error
 from ._errors import ConnectionLostError
 from ._event import Event
+from ._gap import Gap
 from ._health import HealthCheck, probe_channel, probe_sql
 from ._logfields import event_fields
 from ._notify_many import message_pairs
@@ -137,7 +138,7 @@ class Core:
         self, health_check_interval: float = 0.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         #: Events read but not yet handed out, and :class:`Reconnected` markers.
-        self.inbox: deque[Event | Reconnected] = deque()
+        self.inbox: deque[Event | Reconnected | Gap] = deque()
         #: The marker of the last reconnect (None before the first).
         self.last_marker: Reconnected | None = None
         #: The exact names LISTENed to now.
@@ -238,7 +239,7 @@ class Core:
     def is_async(self, handler: Handler) -> bool:
         return handler in self._async_handlers
 
-    def deliver(self, event: Event | Reconnected | None) -> Iterable[Awaitable[object]]:
+    def deliver(self, event: Event | Reconnected | Gap | None) -> Iterable[Awaitable[object]]:
         """Call the handlers of *event*'s channel in order (what ``run()``
         does with each event; markers and idle ``None`` go to none).
 
@@ -247,8 +248,8 @@ class Core:
         is called, and to pass to :meth:`handler_failed` if it raises. A
         handler that raises goes to :meth:`handler_failed`; delivery goes on.
         """
-        if event is None or isinstance(event, Reconnected):
-            return ()  # markers went to on_reconnect already
+        if event is None or isinstance(event, Reconnected | Gap):
+            return ()  # markers went to on_reconnect and on_gap already
         handlers = self.handlers.get(event.channel)
         if not handlers:
             return ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple, Self
 
-__all__ = ["DurableEvent", "Event"]
+__all__ = ["DurableEvent", "Event", "Position"]
 
 
 class Event(NamedTuple):
@@ -33,6 +33,37 @@ class Event(NamedTuple):
         return json.loads(self.payload)
 
 
+class Position(NamedTuple):
+    """A position in pgcast's log: a message id and the *epoch* of the log it
+    belongs to (see :mod:`pgcast.durable`). Pass it as ``since=`` to resume
+    after that message: a position from another epoch (the log was reset
+    since) is announced by a :class:`pgcast.Gap` instead of resuming
+    silently from a wrong place. Store both parts (``str(position)`` gives
+    ``"EPOCH:ID"``, :meth:`parse` reads it back)."""
+
+    id: int
+    """The id of the last message received (0: before the first)."""
+
+    epoch: str | None = None
+    """The log's epoch the id belongs to; ``None``: unknown (not checked)."""
+
+    def __str__(self) -> str:
+        return str(self.id) if self.epoch is None else f"{self.epoch}:{self.id}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        """Read ``"EPOCH:ID"`` or ``"ID"`` (what ``str()`` gives).
+
+        :raises ValueError: anything else.
+        """
+        epoch, _, digits = text.rpartition(":")
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 19):
+            raise ValueError(
+                f"not a log position: {text!r} (expected EPOCH:ID or ID, ID a whole number)"
+            )
+        return cls(int(digits), epoch or None)
+
+
 class DurableEvent(Event):
     """An event that went through pgcast's log: a durable message, or a
     payload too large for NOTIFY. It is an :class:`Event` in every way (a
@@ -47,10 +78,23 @@ class DurableEvent(Event):
     id: int
     """The message's id in the log; ids grow in commit order on a channel."""
 
-    def __new__(cls, channel: str, payload: str, pid: int, id: int) -> Self:
+    epoch: str | None
+    """The epoch of the log the id belongs to (``None``: not known, as with
+    a schema older than version 2)."""
+
+    def __new__(
+        cls, channel: str, payload: str, pid: int, id: int, epoch: str | None = None
+    ) -> Self:
         self = tuple.__new__(cls, (channel, payload, pid))
         self.__dict__["id"] = id
+        self.__dict__["epoch"] = epoch
         return self
+
+    @property
+    def position(self) -> Position:
+        """Where this message is in the log: pass it as ``since=`` to resume
+        after it, checked against the log's epoch."""
+        return Position(self.id, self.epoch)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -72,9 +116,9 @@ class DurableEvent(Event):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.channel, self.payload, self.pid, self.id))
+        return (type(self), (self.channel, self.payload, self.pid, self.id, self.epoch))
 
     def _replace(self, **changes: Any) -> Self:
         fields = {"channel": self.channel, "payload": self.payload, "pid": self.pid,
-                  "id": self.id, **changes}
+                  "id": self.id, "epoch": self.epoch, **changes}
         return type(self)(**fields)

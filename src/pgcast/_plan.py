@@ -13,6 +13,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from ._event import Event
+from ._gap import Gap
 from ._reconnect import Reconnected
 
 __all__ = ["Wait", "plan"]
@@ -31,7 +32,7 @@ _NOW = Wait(0)
 
 
 def plan(
-    inbox: deque[Event | Reconnected],
+    inbox: deque[Event | Reconnected | Gap],
     *,
     timeout: float | None,
     idle: bool,
@@ -39,7 +40,7 @@ def plan(
     skip_pid: int | None = None,
     clock: Callable[[], float] = time.monotonic,
     skip_pids: AbstractSet[int] | None = None,
-) -> Iterator[Wait | Event | Reconnected | None]:
+) -> Iterator[Wait | Event | Reconnected | Gap | None]:
     """The iteration policy shared by ``events()`` and ``wait()``.
 
     Yields the events of *inbox* in order, and :class:`Wait` whenever it is
@@ -60,7 +61,7 @@ def plan(
         yield _NOW
         while inbox:
             event = inbox.popleft()
-            if not own or isinstance(event, Reconnected) or event.pid not in own:
+            if not own or isinstance(event, Reconnected | Gap) or event.pid not in own:
                 yield event
         return
     if timeout is None:
@@ -68,7 +69,7 @@ def plan(
         while True:
             while inbox:
                 event = inbox.popleft()
-                if not own or isinstance(event, Reconnected) or event.pid not in own:
+                if not own or isinstance(event, Reconnected | Gap) or event.pid not in own:
                     yield event
             yield forever
     deadline = clock() + timeout
@@ -76,7 +77,7 @@ def plan(
         if inbox:
             while inbox:
                 event = inbox.popleft()
-                if not own or isinstance(event, Reconnected) or event.pid not in own:
+                if not own or isinstance(event, Reconnected | Gap) or event.pid not in own:
                     yield event
             deadline = clock() + timeout
         remaining = deadline - clock()

@@ -174,6 +174,8 @@ class Resilience:
     health_check_interval: float = 30.0
     notify_timeout: float = 30.0
     on_reconnect: OnReconnect | None = None
+    #: ``on_gap`` (see :mod:`pgcast._gap`), called with each Gap marker.
+    on_gap: Callable[[Any], object] | None = None
 
 
 def resilience(
@@ -182,6 +184,8 @@ def resilience(
     health_check_interval: float | None = 30.0,
     notify_timeout: float = 30.0,
     on_reconnect: OnReconnect | None = None,
+    *,
+    on_gap: Callable[[Any], object] | None = None,
 ) -> Resilience:
     """Validate ``connect()``'s reconnect and health-check arguments."""
     if not isinstance(reconnect, bool):
@@ -196,12 +200,15 @@ def resilience(
         raise ValueError(f"notify_timeout must be >= 0 seconds, got {notify_timeout}")
     if on_reconnect is not None and not callable(on_reconnect):
         raise TypeError(f"on_reconnect must be callable, not {type(on_reconnect).__name__}")
+    if on_gap is not None and not callable(on_gap):
+        raise TypeError(f"on_gap must be callable, not {type(on_gap).__name__}")
     return Resilience(
         reconnect,
         reconnect_backoff or Backoff(),
         check_interval(health_check_interval),
         float(notify_timeout),
         on_reconnect,
+        on_gap,
     )
 
 

@@ -16,6 +16,8 @@ while one task iterates :meth:`AsyncPubSub.events`.
 
 from __future__ import annotations
 
+from ._event import Position
+from ._gap import Gap
 from .client._open_async import connect, notify
 from .client._pubsub_async import AsyncPubSub, AsyncReconnectHook
 from .durable import install_schema_async as install_schema
@@ -33,7 +35,9 @@ __all__ = [
     "AsyncPubSub",
     "AsyncReconnectHook",
     "AsyncWorker",
+    "Gap",
     "NotificationManager",
+    "Position",
     "Worker",
     "connect",
     "install_schema",

@@ -19,7 +19,9 @@ Three things silently break a listener, and are checked here:
 * a hot standby (``pg_is_in_recovery()``), where LISTEN and NOTIFY cannot run:
   :func:`check_recovery` raises :class:`~pgcast.HotStandbyError`;
 * a full notification queue (``pg_notification_queue_usage()``): a listener
-  that stopped reading makes every NOTIFY fail once the queue is full.
+  that stopped reading makes every NOTIFY fail once the queue is full;
+* durable channels' named consumers that lost messages or fall behind the
+  retention (``pgcast consumers`` lists them: :func:`pgcast.durable.consumers`).
 
 The decisions are pure functions of the rows the server returned, so the sync
 and the asyncio PubSub run the same SQL (:data:`VERIFY_SQL`,
@@ -41,7 +43,7 @@ import psycopg
 
 from ._channels import quote_ident
 from ._core import connect_args
-from ._errors import HotStandbyError, ListenNotEffectiveError
+from ._errors import HotStandbyError, ListenNotEffectiveError, PgcastError
 from ._health import PROBE_PREFIX
 
 __all__ = [
@@ -293,12 +295,49 @@ def run_checks(
         else:
             add(Check("queue usage", "ok", f"{usage:.2%} of the notification queue in use"))
 
+        _check_consumers(conn, add)
+
         idle = _seconds(report.settings.get("idle_session_timeout"))
         if idle and health_check_interval and idle <= health_check_interval:
             add(Check("idle_session_timeout", "warn",
                       f"{idle:g} s ends idle sessions sooner than the {health_check_interval:g} s "
                       "health check keeps listeners busy: listeners will be reconnected often"))
     return report
+
+
+def _check_consumers(conn: psycopg.Connection[Any], add: Callable[[Check], None]) -> None:
+    """The named consumers' lag (``pgcast consumers``), when the pgcast
+    schema is installed: a warning for any that lost messages or holds
+    messages older than the default retention."""
+    from .durable import consumers  # only the doctor needs it
+
+    exists = conn.execute("SELECT to_regclass('pgcast.consumers') IS NOT NULL").fetchone()
+    if not (exists and exists[0]):
+        return
+    try:
+        lags = consumers(conn)
+    except PgcastError as exc:
+        add(Check("consumers", "warn", f"could not read pgcast.consumers: {exc}"))
+        return
+    if not lags:
+        add(Check("consumers", "ok", "no named consumers"))
+        return
+    worst = max(lags, key=lambda lag: lag.behind)
+    summary = (f"{len(lags)} named consumer(s); furthest behind: {worst.name!r} on "
+               f"{worst.channel!r} by {worst.behind} message(s)")
+    lost = [f"{lag.name!r} on {lag.channel!r}" for lag in lags if lag.status == "lost"]
+    holding = [f"{lag.name!r} on {lag.channel!r}" for lag in lags if lag.status == "holding"]
+    problems = []
+    if lost:
+        problems.append(f"lost unacknowledged messages (a gap on resume): {', '.join(lost[:5])}")
+    if holding:
+        problems.append("behind by more than the retention (prune keeps the log for them): "
+                        + ", ".join(holding[:5]))
+    if problems:
+        add(Check("consumers", "warn", f"{summary}; " + "; ".join(problems)
+                  + " (`pgcast consumers` lists them all)"))
+    else:
+        add(Check("consumers", "ok", summary))
 
 
 def _check_listen(

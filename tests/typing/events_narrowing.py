@@ -13,12 +13,18 @@ def handle(ps: pgcast.PubSub) -> None:
     for event in ps.events():
         if isinstance(event, pgcast.Event):
             print(event.payload)  # narrowed: fine
+        elif isinstance(event, pgcast.Gap):
+            print(event.oldest)  # a durable resume that was not complete
         else:
             print(event.downtime)  # a Reconnected marker
+    for event in ps.events():
+        if isinstance(event, pgcast.Event):
+            continue
+        print(event.downtime)  # E: the Gap case is not handled
     for item in ps.events(yield_timeouts=True):
         if item is None:
             continue  # an idle event
-        if isinstance(item, pgcast.Reconnected):
+        if isinstance(item, pgcast.Reconnected | pgcast.Gap):
             continue
         print(item.payload)
     for event in ps.wait():  # timeout None: no idle events

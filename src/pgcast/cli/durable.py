@@ -1,15 +1,20 @@
-"""``pgcast init`` and ``pgcast prune``: the schema of durable channels, and retention.
+"""``pgcast init``, ``pgcast prune``, ``pgcast consumers``: the schema of
+durable channels, retention, and the named consumers' lag.
 
 ``pgcast init`` installs the ``pgcast`` schema (or migrates it to this
 release's version); it is idempotent. ``pgcast prune`` deletes old messages
 from the log: by default those older than 7 days; ``--keep-last N`` keeps the
 newest N of each channel whatever their age (with ``--older-than 0``, only
-those). See :mod:`pgcast.durable`.
+those). It keeps what a named consumer has not acknowledged, unless
+``--force`` or older than ``--max-age``, and says which consumers it held
+messages for and which it left behind. ``pgcast consumers`` lists every
+consumer's position and how far it is behind. See :mod:`pgcast.durable`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +22,8 @@ import psycopg
 
 from .._core import connect_args
 from .._errors import ConnectError
-from ..durable import install_schema, prune
+from ..durable import consumers, install_schema, prune
+from ..durable._lag import ConsumerLag
 from ..durable._schema import DEFAULT_RETENTION, LATEST_VERSION, parse_duration
 from ._common import add_dsn_argument, resolve_dsn
 
@@ -25,7 +31,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: Any) -> None:
-    """Add ``init`` and ``prune``."""
+    """Add ``init``, ``prune`` and ``consumers``."""
     p = subparsers.add_parser(
         "init",
         help="install (or upgrade) the pgcast schema for durable channels and large payloads",
@@ -51,8 +57,33 @@ def register(subparsers: Any) -> None:
         help="always keep the newest N messages of each channel",
     )
     p.add_argument("--channel", help="prune this channel only")
+    p.add_argument(
+        "--force", action="store_true",
+        help="delete even what a named consumer has not acknowledged (it gets a gap)",
+    )
+    p.add_argument(
+        "--max-age", metavar="AGE", type=_age,
+        help="delete what a named consumer has not acknowledged once older than AGE",
+    )
     add_dsn_argument(p)
     p.set_defaults(func=cmd_prune)
+
+    p = subparsers.add_parser(
+        "consumers",
+        help="list named consumers: position, messages and time behind, retention",
+        description="List every named consumer of every durable channel: its position "
+        "(the last id it acknowledged), how many messages and how much time it is "
+        "behind, and its status: ok; holding (it has not acknowledged messages older "
+        "than --retention, which prune keeps for it); lost (messages it had not "
+        "acknowledged were deleted: it gets a gap when it resumes).",
+    )
+    p.add_argument(
+        "--retention", metavar="AGE", type=_age, default=DEFAULT_RETENTION,
+        help=f"the retention prune runs with (default {days}d)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    add_dsn_argument(p)
+    p.set_defaults(func=cmd_consumers)
 
 
 def _age(text: str) -> timedelta:
@@ -94,10 +125,58 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune the log; print the count deleted per channel and the total."""
+    """Prune the log; print the count deleted per channel and the total, then
+    what was kept for consumers and which consumers were left behind."""
     with _connect(args) as conn:
-        deleted = prune(conn, args.older_than, args.keep_last, args.channel)
-    for channel, count in deleted.items():
+        result = prune(conn, args.older_than, args.keep_last, args.channel,
+                       force=args.force, max_age=args.max_age)
+    for channel, count in result.items():
         print(f"{channel}\t{count}")
-    print(f"pruned {sum(deleted.values())} message(s)")
+    print(f"pruned {sum(result.values())} message(s)")
+    for channel, count in result.held.items():
+        print(f"kept {count} message(s) of {channel!r} that a consumer has not "
+              "acknowledged (--force or --max-age deletes them)")
+    for behind in result.left_behind:
+        print(f"left behind: consumer {behind.consumer!r} on {behind.channel!r} (at "
+              f"{behind.position}) lost messages it had not acknowledged")
+    return 0
+
+
+def _duration(value: timedelta | None) -> str:
+    """``3.5d``, ``2.0h``, ``12.3m``, ``40s``, or ``-`` for none."""
+    if value is None:
+        return "-"
+    seconds = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _lag_json(lag: ConsumerLag) -> str:
+    return json.dumps({
+        "name": lag.name, "channel": lag.channel, "position": lag.position,
+        "behind": lag.behind,
+        "seconds_behind": None if lag.time_behind is None else lag.time_behind.total_seconds(),
+        "status": lag.status, "lost": lag.lost, "updated_at": lag.updated_at.isoformat(),
+    }, ensure_ascii=False)
+
+
+def cmd_consumers(args: argparse.Namespace) -> int:
+    """List the consumers and their lag."""
+    with _connect(args) as conn:
+        lags = consumers(conn, args.retention)
+    if args.json:
+        for lag in lags:
+            print(_lag_json(lag))
+        return 0
+    if not lags:
+        print("no named consumers")
+        return 0
+    rows = [("consumer", "channel", "position", "behind", "time behind", "status")]
+    rows += [(lag.name, lag.channel, str(lag.position), str(lag.behind),
+              _duration(lag.time_behind), lag.status) for lag in lags]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0

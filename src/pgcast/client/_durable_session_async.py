@@ -9,19 +9,31 @@ generated from it by ``tools/async_to_sync.py``.
 
 from __future__ import annotations
 
+import logging
 from typing import TypeVar
 
 from .._errors import ConnectionLostError, PgcastError
 from .._event import DurableEvent
+from .._flavour_async import resolve
+from .._gap import Gap
 from ..durable import _core as _durable_core
 from ..durable import schema_error
 from ..durable._core import Unfetched
-from ..durable._schema import Query, Rows, Steps, check_steps, install_steps
+from ..durable._schema import (
+    LATEST_VERSION,
+    Query,
+    Rows,
+    Steps,
+    check_steps,
+    install_steps,
+)
 from ._session_async import AsyncSession
 
 __all__ = ["AsyncDurableSession", "query_steps"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("pgcast")
 
 
 def query_steps(query: Query) -> Steps[Rows]:
@@ -38,21 +50,44 @@ class AsyncDurableSession(AsyncSession):
         schema checked first (installed if missing only when the PubSub was
         opened with ``install_schema=True``)."""
         core = self._core
-        if not core.durable.schema_ready:
+        durable = core.durable
+        if not durable.schema_ready:
             try:
                 if self._install_schema:  # asked for: connect(install_schema=True)
                     async with self.transaction():
                         await self._run_steps(install_steps())
-                else:  # no DDL unless asked: check only
-                    await self._run_steps(check_steps())
+                    durable.version = LATEST_VERSION
+                else:  # no DDL unless asked: check only (an older one is used)
+                    durable.version = await self._run_steps(check_steps())
             except PgcastError as exc:
                 raise schema_error(exc) from exc
-            core.durable.schema_ready = True
+            durable.schema_ready = True
         before = len(core.inbox)
-        result = await self._run_steps(steps)
+        try:
+            result = await self._run_steps(steps)
+        finally:
+            if durable.gaps:
+                await self._gaps_found()
         if len(core.inbox) > before:
             self._wake()  # another thread or task may be iterating
         return result
+
+    async def _gaps_found(self) -> None:
+        """Pass the gaps a replay put in the inbox to ``on_gap``."""
+        durable = self._core.durable
+        gaps, durable.gaps = durable.gaps, []
+        callback = self._res.on_gap
+        for gap in gaps:
+            logger.warning(
+                "pgcast: durable channel %r resumed from %d with a gap (%s): messages "
+                "after it are no longer in the log (oldest still there: %s)",
+                gap.channel, gap.since, gap.reason, gap.oldest,
+            )
+            if callback is not None:
+                try:
+                    await resolve(callback(gap))
+                except Exception:
+                    logger.exception("pgcast: on_gap failed on %r", gap)
 
     async def _run_steps(self, steps: Steps[T]) -> T:
         try:
@@ -86,14 +121,15 @@ class AsyncDurableSession(AsyncSession):
                 break
             await self._durable(durable.replay_steps())
 
-    async def _fetch_payload(self, event: Unfetched) -> DurableEvent | None:
-        """The event with its payload read from the log (None: pruned); a
-        lost connection is restored and the read tried again."""
+    async def _fetch_payload(self, event: Unfetched) -> DurableEvent | Gap | None:
+        """The event with its payload read from the log (a :class:`Gap` or
+        None: pruned meanwhile); a lost connection is restored and the read
+        tried again."""
         while True:  # ends: _recover gives up or the read succeeds
             generation = self._generation
             try:
-                result: DurableEvent | None = await self._durable(
-                    self._core.durable.fetch_steps(event)
+                result: DurableEvent | Gap | None = await self._durable(
+                    self._core.durable.fetch_or_gap_steps(event)
                 )
                 return result
             except ConnectionLostError as exc:

@@ -17,6 +17,7 @@ from .._backoff import Backoff
 from .._connect import connect_plan
 from .._core import notify_query
 from .._flavour import check_connection
+from .._gap import OnGap
 from .._payload import Payload
 from .._reconnect import OnReconnect
 from ._pubsub import PubSub
@@ -34,6 +35,7 @@ def connect(
     reconnect_backoff: Backoff | None = None,
     health_check_interval: float | None = 30.0,
     on_reconnect: OnReconnect | None = None,
+    on_gap: OnGap | None = None,
     notify_timeout: float = 30.0,
     install_schema: bool = False,
     **kwargs: Any,
@@ -58,6 +60,11 @@ def connect(
     :param on_reconnect: called with each marker after every channel was
         LISTENed again, before the marker reaches the event stream; a coroutine
         function is run to completion.
+    :param on_gap: called with each :class:`pgcast.Gap` (a durable resume
+        that cannot be complete: messages after its position were pruned, or
+        the position is from another epoch of the log) as it is found, by the
+        one replaying; a coroutine function is run to completion. The marker
+        is also in the event stream, before the replayed events.
     :param notify_timeout: how long a command (a notify, a listen) waits for a
         lost connection to come back before failing with
         :class:`~pgcast.NotSentError`.
@@ -75,6 +82,7 @@ def connect(
         reconnect_backoff=reconnect_backoff,
         health_check_interval=health_check_interval,
         on_reconnect=on_reconnect,
+        on_gap=on_gap,
         notify_timeout=notify_timeout,
         install_schema=install_schema,
         **kwargs,
@@ -89,6 +97,7 @@ def connect_as(
     reconnect_backoff: Backoff | None = None,
     health_check_interval: float | None = 30.0,
     on_reconnect: OnReconnect | None = None,
+    on_gap: OnGap | None = None,
     notify_timeout: float = 30.0,
     install_schema: bool = False,
     **kwargs: Any,
@@ -105,6 +114,7 @@ def connect_as(
         health_check_interval=health_check_interval,
         notify_timeout=notify_timeout,
         on_reconnect=on_reconnect,
+        on_gap=on_gap,
     )
     open_connection = opener(conninfo, options)
     pubsub = cls(

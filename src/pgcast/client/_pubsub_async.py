@@ -24,8 +24,9 @@ from .. import diagnostics
 from .._channels import unlisten_sql
 from .._core import ExceptionHandler, Handler, Wait, check_timeout, plan
 from .._errors import ClosedError, ConnectionLostError, ListenNotEffectiveError, PgcastError
-from .._event import Event
+from .._event import Event, Position
 from .._flavour_async import AwaitRunner
+from .._gap import Gap
 from .._payload import Payload
 from .._reconnect import Reconnected
 from ..durable._core import Unfetched, publish_many_query, publish_query
@@ -69,7 +70,7 @@ class AsyncPubSub(AsyncSupervised):
         self,
         *channels: str,
         durable: bool = False,
-        since: int | None = None,
+        since: int | Position | None = None,
         consumer: str | None = None,
     ) -> None:
         """Start receiving notifications on *channels* (exact names).
@@ -80,12 +81,20 @@ class AsyncPubSub(AsyncSupervised):
 
         With *durable*, the channels' durable messages (see
         :mod:`pgcast.durable`) are also replayed from the log: those after
-        log id *since*; or, for a named *consumer*, those after the last one
-        it acknowledged with :meth:`ack` (a new consumer starts at *since*,
-        else at the end of the log); or, with neither, only what is missed
-        across reconnects. Then they continue live, per channel in commit
-        order, with no gap and no duplicate. The first batch of the replay is
-        in the inbox when this returns.
+        *since* (a log id, or a :class:`~pgcast.Position`,
+        ``event.position``, which is also checked against the log's epoch);
+        or, for a named *consumer*, those after the last one it acknowledged
+        with :meth:`ack` (a new consumer starts at *since*, else at the end
+        of the log; *since* given for an existing consumer **moves** it
+        there, forward or back: seek and rewind); or, with neither, only what
+        is missed across reconnects. Then they continue live, per channel in
+        commit order, with no gap and no duplicate. The first batch of the
+        replay is in the inbox when this returns.
+
+        A resume that cannot be complete (messages after the position were
+        pruned, or the position is from another epoch of the log) is
+        announced: a :class:`~pgcast.Gap` marker comes before the replayed
+        events, and ``on_gap`` (see ``connect()``) is called.
 
         :raises InvalidChannelError: a name is empty, contains NUL or is over
             63 bytes in UTF-8.
@@ -227,8 +236,9 @@ class AsyncPubSub(AsyncSupervised):
 
     # -- receiving ---------------------------------------------------------
 
-    async def get_event(self) -> Event | Reconnected | None:
-        """The next event or :class:`Reconnected` marker, or None.
+    async def get_event(self) -> Event | Reconnected | Gap | None:
+        """The next event or marker (:class:`Reconnected`, :class:`~pgcast.Gap`),
+        or None.
 
         Reads only what has arrived, without waiting; but when it finds the
         connection lost, it reconnects first (which waits), unless
@@ -258,25 +268,25 @@ class AsyncPubSub(AsyncSupervised):
         select_timeout: float | None = ...,
         yield_timeouts: Literal[False] = ...,
         ignore_own: bool = ...,
-    ) -> AsyncIterator[Event | Reconnected]: ...
+    ) -> AsyncIterator[Event | Reconnected | Gap]: ...
 
     @overload
     def events(
         self, select_timeout: float | None, yield_timeouts: Literal[True], ignore_own: bool = ...
-    ) -> AsyncIterator[Event | Reconnected | None]: ...
+    ) -> AsyncIterator[Event | Reconnected | Gap | None]: ...
 
     @overload
     def events(
         self, select_timeout: float | None = ..., *, yield_timeouts: Literal[True],
         ignore_own: bool = ...,
-    ) -> AsyncIterator[Event | Reconnected | None]: ...
+    ) -> AsyncIterator[Event | Reconnected | Gap | None]: ...
 
     def events(
         self,
         select_timeout: float | None = 5.0,
         yield_timeouts: bool = False,
         ignore_own: bool = False,
-    ) -> AsyncIterator[Event | Reconnected | None]:
+    ) -> AsyncIterator[Event | Reconnected | Gap | None]:
         """Yield events as they arrive (pgpubsub's interface).
 
         The socket is waited on in slices of *select_timeout* seconds; with
@@ -287,7 +297,9 @@ class AsyncPubSub(AsyncSupervised):
 
         After a lost connection is restored, a :class:`Reconnected` marker is
         yielded: notifications sent meanwhile were missed (the type says so:
-        narrow it with ``isinstance(x, pgcast.Event)``). With
+        narrow it with ``isinstance(x, pgcast.Event)``). A durable resume
+        that cannot be complete yields a :class:`~pgcast.Gap` before the
+        replayed events (see :meth:`listen`). With
         ``reconnect=False``, :class:`~pgcast.ConnectionLostError` is raised
         instead.
         """
@@ -299,27 +311,28 @@ class AsyncPubSub(AsyncSupervised):
         return self._drive(steps)
 
     @overload
-    def wait(self, timeout: None = ...) -> AsyncIterator[Event | Reconnected]: ...
+    def wait(self, timeout: None = ...) -> AsyncIterator[Event | Reconnected | Gap]: ...
 
     @overload
-    def wait(self, timeout: float) -> AsyncIterator[Event | Reconnected | None]: ...
+    def wait(self, timeout: float) -> AsyncIterator[Event | Reconnected | Gap | None]: ...
 
-    def wait(self, timeout: float | None = None) -> AsyncIterator[Event | Reconnected | None]:
+    def wait(self, timeout: float | None = None) -> AsyncIterator[Event | Reconnected | Gap | None]:
         """Yield events, and ``None`` as an idle event about every *timeout*
         seconds without one (py-postgresql's interface).
 
         ``timeout=None`` never idles (and yields no ``None``); ``timeout=0``
         yields what is pending now and ends. Breaking out of the loop loses
-        nothing. :class:`Reconnected` markers are yielded as in :meth:`events`.
+        nothing. :class:`Reconnected` and :class:`~pgcast.Gap` markers are
+        yielded as in :meth:`events`.
         """
         t = check_timeout("timeout", timeout)
         return self._drive(plan(self._core.inbox, timeout=t, idle=t is not None, once=t == 0))
 
     async def _drive(
         self,
-        steps: Iterator[Wait | Event | Reconnected | None],
+        steps: Iterator[Wait | Event | Reconnected | Gap | None],
         stop: Callable[[], bool] | None = None,
-    ) -> AsyncIterator[Event | Reconnected | None]:
+    ) -> AsyncIterator[Event | Reconnected | Gap | None]:
         """Hand out what *steps* (:func:`pgcast._core.plan`) yields, waiting
         where it says; until closed, or *stop* answers True."""
         self._check_open(lost_ok=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from .._errors import ConnectionLostError
 from .._event import Event
 from .._flavour import acquire
+from .._gap import Gap
 from .._reconnect import Reconnected
 from ..durable._core import Unfetched
 from ._durable_session import DurableSession
@@ -165,7 +166,7 @@ class Supervised(DurableSession):
                 inbox[i] = fetched
             i += 1
 
-    def take_pending(self) -> list[Event | Reconnected]:
+    def take_pending(self) -> list[Event | Reconnected | Gap]:
         """Every event and marker received and not yet handed out, in order
         (none: an empty list); they are handed out now."""
         inbox = self._core.inbox

@@ -30,6 +30,7 @@ from typing import Any, Literal, overload
 
 from .._closing import Closing
 from .._event import Event
+from .._gap import Gap
 from .._reconnect import Reconnected
 from ..client._open import connect as _connect
 from ..client._pubsub import PubSub as _PubSub
@@ -84,7 +85,7 @@ class Notify:
         return iter((self.pid, self.channel))
 
 
-def _notify(item: Event | Reconnected | None) -> Notify | Reconnected | None:
+def _notify(item: Event | Reconnected | Gap | None) -> Notify | Reconnected | Gap | None:
     """pgcast's event as a :class:`Notify`; markers and idle ``None`` as they are."""
     if isinstance(item, Event):
         return Notify(item.pid, item.channel, item.payload)
@@ -136,28 +137,28 @@ class PubSub(Closing):
         """Send *payload* on *channel* (``pg_notify``: any channel name)."""
         self.pubsub.notify(channel, payload)
 
-    def get_event(self) -> Notify | Reconnected | None:
+    def get_event(self) -> Notify | Reconnected | Gap | None:
         """The next event received, or None at once when there is none."""
         return _notify(self.pubsub.get_event())
 
     @overload
     def events(
         self, select_timeout: float = ..., yield_timeouts: Literal[False] = ...
-    ) -> Iterator[Notify | Reconnected]: ...
+    ) -> Iterator[Notify | Reconnected | Gap]: ...
 
     @overload
     def events(
         self, select_timeout: float = ..., *, yield_timeouts: Literal[True]
-    ) -> Iterator[Notify | Reconnected | None]: ...
+    ) -> Iterator[Notify | Reconnected | Gap | None]: ...
 
     @overload
     def events(
         self, select_timeout: float, yield_timeouts: bool
-    ) -> Iterator[Notify | Reconnected | None]: ...
+    ) -> Iterator[Notify | Reconnected | Gap | None]: ...
 
     def events(
         self, select_timeout: float = 5, yield_timeouts: bool = False
-    ) -> Iterator[Notify | Reconnected | None]:
+    ) -> Iterator[Notify | Reconnected | Gap | None]:
         """Yield events as they arrive, waiting on the socket in slices of
         *select_timeout* seconds; with *yield_timeouts*, ``None`` after each
         slice without one. Ends when the PubSub is closed."""

@@ -41,9 +41,16 @@ saying to run ``pgcast init`` as one that may.
 **Retention**: nothing is deleted by itself. :func:`prune` (``pgcast prune``)
 deletes messages older than :data:`DEFAULT_RETENTION` (7 days) unless told
 otherwise, optionally keeping the newest *keep_last* of every channel
-whatever their age. Run it from cron or a scheduler. Prune does not wait for
-consumers: one that falls further behind than the retention misses what was
-deleted.
+whatever their age. Run it from cron or a scheduler. Prune waits for named
+consumers: what one has not acknowledged is kept, unless ``force=True`` or
+it is older than ``max_age``; the consumers that lose messages that way are
+reported (:class:`PruneResult`).
+
+**Gaps and epochs** (schema version 2): every deletion from the log is
+recorded per channel, and the log has an *epoch*, made anew when it is
+truncated. A resume that cannot be complete (a position before deleted
+messages, or from another epoch) is announced by a :class:`pgcast.Gap`
+marker before the replay; see :mod:`pgcast.durable._core`.
 """
 
 from __future__ import annotations
@@ -57,21 +64,29 @@ import psycopg
 from .. import _flavour, _flavour_async
 from .._checks import wrap_error
 from .._errors import PgcastError, SchemaError
+from ._lag import ConsumerLag, consumers_query, lag_of
 from ._schema import (
     DEFAULT_RETENTION,
     LATEST_VERSION,
+    LeftBehind,
+    PruneResult,
     Query,
     Rows,
     Steps,
     install_steps,
     parse_duration,
     prune_query,
+    warn_old_schema,
 )
 
 __all__ = [
     "DEFAULT_RETENTION",
     "LATEST_VERSION",
+    "ConsumerLag",
+    "LeftBehind",
+    "PruneResult",
     "adrive",
+    "consumers",
     "drive",
     "install_schema",
     "install_schema_async",
@@ -184,17 +199,26 @@ async def install_schema_async(conn: psycopg.AsyncConnection[Any]) -> int:
 
 
 def _prune_steps(
-    older_than: timedelta | None, keep_last: int | None, channel: str | None
-) -> Steps[dict[str, int]]:
-    sql, params = prune_query(older_than, keep_last, channel)
+    older_than: timedelta | None,
+    keep_last: int | None,
+    channel: str | None,
+    force: bool,
+    max_age: timedelta | None,
+) -> Steps[PruneResult]:
+    prune_query(older_than, keep_last, channel, force=force, max_age=max_age)  # checks
     exists = yield ("SELECT to_regclass('pgcast.log') IS NOT NULL", None)
     if not exists[0][0]:
         raise SchemaError(
             "the pgcast schema is not installed in this database: there is nothing to "
             "prune (`pgcast init` installs it)"
         )
-    rows = yield (sql, params)
-    return {channel: int(count) for channel, count in rows}
+    found = yield ("SELECT coalesce(max(version), 0) FROM pgcast.schema_version", None)
+    version = int(found[0][0])
+    warn_old_schema(version)  # version 1: what is deleted is not recorded
+    rows = yield prune_query(
+        older_than, keep_last, channel, force=force, max_age=max_age, version=version
+    )
+    return PruneResult(rows)
 
 
 def prune(
@@ -202,22 +226,38 @@ def prune(
     older_than: timedelta | None = DEFAULT_RETENTION,
     keep_last: int | None = None,
     channel: str | None = None,
-) -> dict[str, int]:
+    *,
+    force: bool = False,
+    max_age: timedelta | None = None,
+) -> PruneResult:
     """Delete from the log the messages retention no longer keeps.
 
-    A message is deleted when it is older than *older_than* (default: 7
-    days; ``None`` keeps messages of any age) and is not among the
-    *keep_last* newest of its channel (``None``: no such protection). So
+    A message is old enough to go when it is older than *older_than*
+    (default: 7 days; ``None`` keeps messages of any age) and is not among
+    the *keep_last* newest of its channel (``None``: no such protection). So
     ``prune(conn, older_than=timedelta(0), keep_last=1000)`` keeps exactly the
     last 1000 messages per channel. *channel* limits it to one channel.
-    Returns how many messages were deleted per channel.
+
+    **Consumers are waited for**: a message a named consumer of its channel
+    has not acknowledged (:meth:`pgcast.PubSub.ack`) is kept, unless
+    *force*, or it is older than *max_age* (a bound on how long a stalled
+    consumer may hold the log). Consumers that lose messages that way are
+    reported, and get a :class:`pgcast.Gap` when they resume.
+
+    Returns a :class:`~pgcast.durable.PruneResult`: how many messages were
+    deleted per channel (a dict), ``.held`` (per channel, how many were kept
+    for consumers) and ``.left_behind`` (the consumers that lost messages).
+    Every deletion is recorded per channel in ``pgcast.pruned`` (schema
+    version 2) so that a resume from before it is announced as a gap.
 
     :raises SchemaError: the schema is not installed.
     :raises ValueError: a negative age or count, or neither limit.
     """
     try:
         with conn.transaction():
-            return drive(_prune_steps(older_than, keep_last, channel), _sync_fetch(conn))
+            return drive(
+                _prune_steps(older_than, keep_last, channel, force, max_age), _sync_fetch(conn)
+            )
     except psycopg.Error as exc:
         raise wrap_error(exc) from exc
 
@@ -227,12 +267,45 @@ async def prune_async(
     older_than: timedelta | None = DEFAULT_RETENTION,
     keep_last: int | None = None,
     channel: str | None = None,
-) -> dict[str, int]:
+    *,
+    force: bool = False,
+    max_age: timedelta | None = None,
+) -> PruneResult:
     """:func:`prune` on an asyncio connection."""
     try:
         async with conn.transaction():
             return await adrive(
-                _prune_steps(older_than, keep_last, channel), _async_fetch(conn)
+                _prune_steps(older_than, keep_last, channel, force, max_age),
+                _async_fetch(conn),
             )
+    except psycopg.Error as exc:
+        raise wrap_error(exc) from exc
+
+
+def _consumers_steps(retention: timedelta) -> Steps[list[ConsumerLag]]:
+    exists = yield ("SELECT to_regclass('pgcast.consumers') IS NOT NULL", None)
+    if not exists[0][0]:
+        raise SchemaError(
+            "the pgcast schema is not installed in this database: there are no "
+            "consumers (`pgcast init` installs it)"
+        )
+    found = yield ("SELECT coalesce(max(version), 0) FROM pgcast.schema_version", None)
+    rows = yield consumers_query(int(found[0][0]))
+    return [lag_of(row, retention) for row in rows]
+
+
+def consumers(
+    conn: psycopg.Connection[Any], retention: timedelta = DEFAULT_RETENTION
+) -> list[ConsumerLag]:
+    """Every named consumer of every channel, and how far behind it is
+    (``pgcast consumers``): its position, the messages and the time it is
+    behind, and whether it holds messages older than *retention* (which
+    ``prune`` keeps for it) or lost some (a :class:`~pgcast.Gap` awaits it).
+    Reads only.
+
+    :raises SchemaError: the schema is not installed.
+    """
+    try:
+        return drive(_consumers_steps(retention), _sync_fetch(conn))
     except psycopg.Error as exc:
         raise wrap_error(exc) from exc

@@ -46,6 +46,20 @@ the replay, memory holds about one batch; only after a reconnect is up to
 :data:`BATCHES_BEFORE_MARKER` batches read at once, so that what was missed
 comes before the :class:`~pgcast.Reconnected` marker (a longer gap goes on
 after it, in order all the same).
+
+**Gaps.** Every replay batch (schema version 2) reads, in the same statement
+as its rows, the log's epoch and the highest id ever deleted on the channel;
+a resume that cannot be complete (messages of the channel after the
+position were deleted, or the position belongs to another epoch) puts a
+:class:`~pgcast.Gap` in the inbox before the replayed events, once per
+deletion: whether the position came from ``since=``, a consumer's row, or
+the position reached before a reconnect, it is the same replay, so the
+same check. The exact test (ids are global across channels, so "the
+channel's oldest id is above the position" would be a false alarm) and the
+epochs are explained in :mod:`pgcast.durable._gaps`. A reset of the log
+*while* a channel is live (``TRUNCATE ... RESTART IDENTITY``) is seen at
+the next replay (a reconnect): until then its new, lower ids look like
+duplicates.
 """
 
 from __future__ import annotations
@@ -56,14 +70,13 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .._channels import check_channel
-from .._errors import PayloadError
-from .._event import DurableEvent, Event
-from .._notify_many import message_pairs, notify_many_params, plain_messages
-from .._payload import MAX_PAYLOAD_BYTES, Payload, to_text
-from .._reconnect import Reconnected
+from .._event import DurableEvent, Event, Position
+from .._gap import Gap, Marker
+from ._gaps import HEADER_SQL, REPLAY_SQL, consumer_query, decide, replay_query
+from ._publish import needs_log, publish_many_query, publish_query
 from ._schema import (
     INLINE_LIMIT,
+    LATEST_VERSION,
     REF_PREFIX,
     Query,
     Steps,
@@ -73,9 +86,11 @@ __all__ = [
     "BATCHES_BEFORE_MARKER",
     "INLINE_LIMIT",
     "REF_PREFIX",
+    "REPLAY_SQL",
     "DurableState",
     "Unfetched",
     "check_consumer",
+    "check_since",
     "needs_log",
     "parse_ref",
     "publish_many_query",
@@ -120,77 +135,6 @@ def parse_ref(text: str) -> tuple[int, str | None] | None:
     return int(digits), (None if colon < 0 else text[colon + 1:])
 
 
-# -- publishing ----------------------------------------------------------------
-
-NOTIFY_LOGGED_SQL = "SELECT pgcast.notify(%s, %s, %s)"
-NOTIFY_MANY_LOGGED_SQL = "SELECT pgcast.notify_many(%s::text[], %s::text[], %s)"
-
-
-def _checked(payload: Payload) -> tuple[str, bool]:
-    """The text of *payload*, and whether it must go through the log."""
-    text = to_text(payload)
-    if "\x00" in text:
-        raise PayloadError("payload contains a NUL character, which PostgreSQL text cannot hold")
-    if text.isascii():  # the common case: one byte per character
-        size = len(text)
-    else:
-        try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise PayloadError(f"payload is not valid Unicode: {exc}") from exc
-    return text, size >= MAX_PAYLOAD_BYTES or text.startswith("\x1e")
-
-
-def needs_log(text: str) -> bool:
-    """Whether *text* cannot travel as a plain NOTIFY payload: 8000 bytes or
-    more in UTF-8, or starting like a reference payload.
-
-    :raises PayloadError: NUL, or not valid Unicode.
-    """
-    return _checked(text)[1]
-
-
-def publish_query(channel: str, payload: Payload, durable: bool) -> tuple[Query, bool]:
-    """The statement sending one message, and whether it uses the log.
-
-    A durable message, and one that NOTIFY cannot carry, goes through
-    ``pgcast.notify()`` (which returns its id); anything else is a plain
-    ``pg_notify``.
-    """
-    check_channel(channel)
-    text, too_large = _checked(payload)
-    if durable or too_large:
-        return (NOTIFY_LOGGED_SQL, (channel, text, durable)), True
-    return ("SELECT pg_notify(%s, %s)", (channel, text)), False
-
-
-def publish_many_query(
-    messages: Iterable[tuple[str, Payload]], durable: bool
-) -> tuple[Query, bool] | None:
-    """The statement sending every message in one round trip (``None``: no
-    messages), and whether it uses the log. All are checked first."""
-    pairs = message_pairs(messages)
-    if not pairs:
-        return None
-    # The usual batch (short ASCII text, not durable) is checked all at once.
-    plain = None if durable else plain_messages(pairs)
-    if plain is not None:
-        return notify_many_params(*plain), False
-    channels: list[str] = []
-    texts: list[str] = []
-    logged = durable
-    for channel, payload in pairs:
-        channels.append(check_channel(channel))
-        text, too_large = _checked(payload)
-        texts.append(text)
-        logged = logged or too_large
-    if not channels:
-        return None
-    if logged:
-        return (NOTIFY_MANY_LOGGED_SQL, (channels, texts, durable)), True
-    return notify_many_params(channels, texts), False
-
-
 # -- consumers and retention ---------------------------------------------------
 
 
@@ -203,6 +147,27 @@ def check_consumer(name: object) -> str:
             f"consumer name must be 1 to 200 characters without NUL, got {name!r}"
         )
     return name
+
+
+def check_since(since: object) -> Position | None:
+    """Validate ``since=``: a log id (an int >= 0) or a :class:`~pgcast.Position`."""
+    if since is None:
+        return None
+    if isinstance(since, Position):
+        id, epoch = since
+        if not (isinstance(id, int) and not isinstance(id, bool) and id >= 0) or not (
+            epoch is None or (isinstance(epoch, str) and epoch)
+        ):
+            raise ValueError(
+                "since must be a log id (an int >= 0) or a pgcast.Position(id, epoch) "
+                f"with a non-empty str epoch, got {since!r}"
+            )
+        return since
+    if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        raise ValueError(
+            f"since must be a log id (an int >= 0) or a pgcast.Position, got {since!r}"
+        )
+    return Position(since)
 
 
 # -- receiving -----------------------------------------------------------------
@@ -222,25 +187,13 @@ class _Stream:
     replaying: bool = True
     seen: int = 0  # the highest live id dropped while replaying
     busy: bool = False  # a replay query for it is running
+    # The log's epoch the position belongs to (None: not known yet).
+    epoch: str | None = None
+    # The highest deleted id already announced by a Gap (see _gaps).
+    announced: int = 0
 
 
-_CONSUMER_SQL = """
-WITH new AS (
-    INSERT INTO pgcast.consumers (name, channel, position)
-    VALUES (%(name)s, %(channel)s, coalesce(%(since)s::bigint,
-        (SELECT max(id) FROM pgcast.log WHERE channel = %(channel)s), 0))
-    ON CONFLICT (name, channel) DO NOTHING
-    RETURNING position
-)
-SELECT position FROM new
-UNION ALL
-SELECT position FROM pgcast.consumers WHERE name = %(name)s AND channel = %(channel)s
-"""
 _END_SQL = "SELECT coalesce(max(id), 0) FROM pgcast.log WHERE channel = %s"
-REPLAY_SQL = (
-    "SELECT id, pid, CASE WHEN octet_length(payload) <= %s THEN payload END "
-    "FROM pgcast.log WHERE channel = %s AND id > %s ORDER BY id LIMIT %s"
-)
 
 
 class DurableState:
@@ -255,13 +208,19 @@ class DurableState:
     first replay batch). :meth:`replay_steps` reads the next batches.
     """
 
-    __slots__ = ("_lock", "inbox", "schema_ready", "streams")
+    __slots__ = ("_lock", "epoch", "gaps", "inbox", "schema_ready", "streams", "version")
 
-    def __init__(self, inbox: deque[Event | Reconnected]) -> None:
+    def __init__(self, inbox: deque[Event | Marker]) -> None:
         self.inbox = inbox
         self.streams: dict[str, _Stream] = {}
         #: Whether this connection's server was checked to have the schema.
         self.schema_ready = False
+        #: The schema version found (gaps and epochs are checked from 2 on).
+        self.version = LATEST_VERSION
+        #: The log's epoch as last read (None: not read yet, or version 1).
+        self.epoch: str | None = None
+        #: Gaps put in the inbox and not yet passed to ``on_gap``.
+        self.gaps: list[Gap] = []
         self._lock = threading.Lock()
 
     # -- live ------------------------------------------------------------
@@ -288,8 +247,8 @@ class DurableState:
         id, payload = ref
         stream = self.streams.get(channel)
         if stream is None:
-            self.inbox.append(Unfetched(channel, "", pid, id) if payload is None
-                              else DurableEvent(channel, payload, pid, id))
+            self.inbox.append(Unfetched(channel, "", pid, id, self.epoch) if payload is None
+                              else DurableEvent(channel, payload, pid, id, self.epoch))
             return
         with self._lock:
             if stream.replaying:
@@ -303,12 +262,16 @@ class DurableState:
                 stream.seen = id
                 return
             stream.last = id
-            self.inbox.append(DurableEvent(channel, payload, pid, id))
+            self.inbox.append(DurableEvent(channel, payload, pid, id, stream.epoch))
 
     # -- subscriptions ---------------------------------------------------
 
     def plan_subscribe(
-        self, channels: Sequence[str], durable: bool, since: int | None, consumer: str | None
+        self,
+        channels: Sequence[str],
+        durable: bool,
+        since: int | Position | None,
+        consumer: str | None,
     ) -> list[str]:
         """Validate the durable part of a listen (*channels* are valid names)
         and hold back the live notifications of the channels to make durable,
@@ -317,10 +280,7 @@ class DurableState:
             if since is not None or consumer is not None:
                 raise ValueError("since and consumer need durable=True")
             return []
-        if since is not None and (
-            isinstance(since, bool) or not isinstance(since, int) or since < 0
-        ):
-            raise ValueError(f"since must be a log id (an int >= 0), got {since!r}")
+        check_since(since)
         if consumer is not None:
             check_consumer(consumer)
         new = []
@@ -342,22 +302,30 @@ class DurableState:
     def subscribe_steps(
         self,
         channels: Sequence[str],
-        since: int | None,
+        since: int | Position | None,
         consumer: str | None,
         batch: int = REPLAY_BATCH,
-    ) -> Steps[None]:
+        announced: dict[str, int] | None = None,
+    ) -> Steps[int]:
         """Find where each of *channels* (from :meth:`plan_subscribe`) starts,
         then replay a first batch. Run after the channels were LISTENed:
         whatever commits after the start position is read is then either
-        replayed or notified."""
+        replayed or notified. *since* moves an existing *consumer* there.
+        *announced*: per channel, the deleted id up to which a gap was
+        already announced otherwise (the gateway's ``subscribed`` reply).
+        Returns how many events the first batch added."""
+        position = check_since(since)
         for channel in channels:
+            epoch = None
             if consumer is not None:
-                rows = yield (
-                    _CONSUMER_SQL, {"name": consumer, "channel": channel, "since": since}
+                rows = yield consumer_query(
+                    self.version, consumer, channel,
+                    None if position is None else position.id,
+                    None if position is None else position.epoch,
                 )
-                start = int(rows[0][0])
-            elif since is not None:
-                start = since
+                start, epoch = int(rows[0][0]), rows[0][1]
+            elif position is not None:
+                start, epoch = position
             else:
                 rows = yield (_END_SQL, (channel,))
                 start = int(rows[0][0])
@@ -365,7 +333,9 @@ class DurableState:
                 stream = self.streams.get(channel)
                 if stream is not None and stream.last is None:
                     stream.last = start
-        yield from self.replay_steps(batch)
+                    stream.epoch = epoch
+                    stream.announced = (announced or {}).get(channel, 0)
+        return (yield from self.replay_steps(batch))
 
     def abandon(self, channels: Iterable[str]) -> None:
         """A durable listen failed: forget *channels*, the ones
@@ -419,20 +389,42 @@ class DurableState:
             channel, stream = picked
             assert stream.last is not None
             stream.busy = True
-            start, seen_before = stream.last, stream.seen
+            start, seen_before, epoch = stream.last, stream.seen, stream.epoch
+        version = self.version
+        header: Sequence[object] | None = None
         try:
-            rows = yield (REPLAY_SQL, (REPLAY_INLINE_BYTES, channel, start, batch))
+            rows = yield replay_query(
+                version, channel, start, epoch, batch=batch, inline=REPLAY_INLINE_BYTES
+            )
+            if version >= 2:
+                # The first row carries the header; none read: its own statement.
+                header = (None, None, *rows[0][3:6]) if rows else (
+                    yield (HEADER_SQL, {"channel": channel}))[0]
         finally:
             stream.busy = False
         with self._lock:
             if self.streams.get(channel) is not stream or stream.last != start:
                 return 0  # unlistened, or replayed by another thread, meanwhile
             append = self.inbox.append
-            for id, pid, payload in rows:
-                if payload is None:
-                    append(Unfetched(channel, "", pid, id))
-                else:
-                    append(DurableEvent(channel, payload, pid, id))
+            if header is not None:
+                check = decide(channel, start, epoch, header, stream.announced)
+                self.epoch = stream.epoch = check.epoch
+                start = check.start
+                if check.gap is not None:
+                    # Announced before the replayed events: see pgcast._gap.
+                    stream.announced = max(stream.announced, check.upto)
+                    append(check.gap)
+                    self.gaps.append(check.gap)
+            epoch = stream.epoch
+            # Fixed-arity unpacking, no list per row: the replay's hot loop.
+            if header is None:  # schema version 1: three columns
+                for id, pid, payload in rows:
+                    append(DurableEvent(channel, payload, pid, id, epoch) if payload is not None
+                           else Unfetched(channel, "", pid, id, epoch))
+            else:
+                for id, pid, payload, _, _, _ in rows:
+                    append(DurableEvent(channel, payload, pid, id, epoch) if payload is not None
+                           else Unfetched(channel, "", pid, id, epoch))
             last: int = rows[-1][0] if rows else start
             # Only rows read move the position, never an id a notification
             # named: a reference seen before this query was sent is in its
@@ -462,7 +454,21 @@ class DurableState:
                 event.id, event.channel,
             )
             return None
-        return DurableEvent(event.channel, rows[0][0], event.pid, event.id)
+        return DurableEvent(event.channel, rows[0][0], event.pid, event.id, event.epoch)
+
+    def fetch_or_gap_steps(self, event: Unfetched) -> Steps[DurableEvent | Gap | None]:
+        """:meth:`fetch_steps`; but a message of a durable channel that the
+        replay read and that was deleted before its payload could be fetched
+        is a :class:`~pgcast.Gap` (``since`` the id before it), not a silent
+        skip (it is also queued for ``on_gap``)."""
+        fetched = yield from self.fetch_steps(event)
+        if fetched is not None or event.channel not in self.streams or self.version < 2:
+            return fetched
+        rows = yield ("SELECT min(id) FROM pgcast.log WHERE channel = %s", (event.channel,))
+        oldest = rows[0][0] if rows and rows[0][0] is not None else None
+        gap = Gap(event.channel, event.id - 1, oldest, "pruned", event.epoch)
+        self.gaps.append(gap)
+        return gap
 
     def ack_query(self, event: Event) -> Query:
         """The statement recording that *event* (and all before it on its
@@ -476,8 +482,20 @@ class DurableState:
                 f"channel {event.channel!r} is not listened to with a consumer: "
                 "use listen(channel, durable=True, consumer=NAME)"
             )
+        epoch = getattr(event, "epoch", None)
+        if self.version < 2:
+            return (
+                "UPDATE pgcast.consumers SET position = greatest(position, %s), "
+                "updated_at = now() WHERE name = %s AND channel = %s",
+                (id, stream.consumer, event.channel),
+            )
+        # A position of another epoch is replaced, not compared (ids of a
+        # reset log may be lower).
         return (
-            "UPDATE pgcast.consumers SET position = greatest(position, %s), updated_at = now() "
-            "WHERE name = %s AND channel = %s",
-            (id, stream.consumer, event.channel),
+            "UPDATE pgcast.consumers SET position = CASE WHEN %(epoch)s::text IS NOT NULL "
+            "AND epoch IS DISTINCT FROM %(epoch)s::text THEN %(id)s "
+            "ELSE greatest(position, %(id)s) END, "
+            "epoch = coalesce(%(epoch)s::text, epoch), updated_at = now() "
+            "WHERE name = %(name)s AND channel = %(channel)s",
+            {"id": id, "epoch": epoch, "name": stream.consumer, "channel": event.channel},
         )

@@ -47,8 +47,9 @@ import psycopg
 from .. import aio
 from .._errors import ConnectError, ConnectionLostError, PgcastError, ProtocolError
 from .._event import Event
+from .._gap import Gap
 from .._reconnect import Reconnected
-from . import _metrics, _protocol
+from . import _metrics, _protocol, _resume
 from ._client import (
     CLOSE_GOING_AWAY,
     CLOSE_SLOW_CONSUMER,
@@ -173,7 +174,8 @@ class Hub(Clients):
             return  # being closed (over its limits, say): nothing more is done for it
         self.limit(client, command)
         if isinstance(command, Subscribe):
-            await self.subscribe(client, command.channels, command.ref, command.since)
+            await self.subscribe(client, command.channels, command.ref, command.since,
+                                 epoch=command.epoch)
         elif isinstance(command, Unsubscribe):
             await self.unsubscribe(client, command.channels, command.ref)
         elif isinstance(command, Publish):
@@ -201,6 +203,8 @@ class Hub(Clients):
         ref: Ref = None,
         since: Since = None,
         strict: bool = True,
+        *,
+        epoch: str | None = None,
     ) -> None:
         """Subscribe *client* to *channels*; ``subscribed`` is queued once
         LISTEN is in effect for all of them. All or nothing.
@@ -209,12 +213,17 @@ class Hub(Clients):
         position (see :mod:`._resume`). *strict*: a *since* for a channel that
         is not durable here is an error (else it is ignored, as for an SSE
         ``Last-Event-ID`` naming a channel that is no longer durable).
+        *epoch*: the log epoch the client's positions came from. The reply
+        says whether each resume is complete (:func:`._resume.check`).
         """
         refused = [c for c in channels if not client.access.can_read(c)]
         if refused:
             raise ProtocolError(_not_allowed("subscribe to", refused))
         self.router.check_subscribe(client.sub, channels)
-        resume_from = self._resume_positions(client, channels, since, strict)
+        resume_from = _resume.positions(client, channels, since, strict, self.is_durable)
+        durable = any(map(self.is_durable, channels))
+        checked = await self._shielded(_resume.check(
+            self._query.fetch, resume_from, epoch, durable)) if durable else None
 
         def commit() -> None:
             if client.detached:
@@ -223,11 +232,14 @@ class Hub(Clients):
             if resume_from:
                 resume = client.resume
                 if resume is None:
-                    resume = client.resume = Resume(client.outbox, lambda: self._slow(client))
+                    resume = client.resume = Resume(
+                        client.outbox, lambda: self._slow(client), self.stats)
                 for channel, position in resume_from.items():
-                    resume.start(channel, position)
+                    resume.start(channel, position, checked, epoch)
                     client.sub.diverted[channel] = resume.divert
-            self.reply(client, _protocol.subscribed(channels, ref))
+            for frame in _resume.replies(channels, ref, checked, bool(resume_from),
+                                         sse=client.sub.transport == "sse"):
+                self.reply(client, frame)
 
         await self._shielded(self._listen_then(channels, commit))
         if resume_from and client.resume is not None and not client.gone:
@@ -248,39 +260,6 @@ class Hub(Clients):
                     f"replaying the log failed: {exc}; the subscription to "
                     f"{', '.join(map(repr, channels))} was undone: subscribe again"
                 ) from None
-
-    def _resume_positions(
-        self, client: Client, channels: tuple[str, ...], since: Since, strict: bool
-    ) -> dict[str, int]:
-        if since is None:
-            return {}
-        positions = since if isinstance(since, dict) else dict.fromkeys(channels, since)
-        out = {}
-        for channel, position in positions.items():
-            # A position only ever resumes a channel being subscribed to now,
-            # which the access check above covered: an SSE Last-Event-ID (or
-            # ?since=) naming other channels must not replay them (issue 12
-            # item 2). Checked again here so no other caller can skip it.
-            if channel not in channels or not client.access.can_read(channel):
-                if strict:
-                    raise ProtocolError(
-                        f"since names {channel!r}, which is not being subscribed to"
-                    )
-                continue
-            if not self.is_durable(channel):
-                if strict:
-                    raise ProtocolError(
-                        f"channel {channel!r} is not durable on this gateway, so it cannot "
-                        "resume from a position (since)"
-                    )
-                continue
-            if channel in client.sub.channels:
-                raise ProtocolError(
-                    f"already subscribed to {channel!r}; unsubscribe first to resume it "
-                    "from a position"
-                )
-            out[channel] = position
-        return out
 
     async def unsubscribe(
         self, client: Client, channels: tuple[str, ...], ref: Ref = None
@@ -398,7 +377,13 @@ class Hub(Clients):
             try:
                 async for event in aps.events(select_timeout=5.0):
                     if not isinstance(event, Event):
-                        if isinstance(event, Reconnected):
+                        if isinstance(event, Gap):
+                            # Its own durable channel resumed across the
+                            # reconnect, and the log no longer held everything.
+                            frame = _resume.gap_frame(event)
+                            for sub in router.publish(event.channel, frame, event)[1]:
+                                self._slow(self._clients.get(sub))
+                        elif isinstance(event, Reconnected):
                             # The connection reconnected by itself (and
                             # re-LISTENed): clients may have missed messages.
                             self._reap_wanted.set()

@@ -77,6 +77,13 @@ class Stats:
     """Times the LISTEN connection was lost and opened again."""
     errors: int = 0
     """Error frames sent to clients (refused or malformed requests)."""
+    replays: int = 0
+    """Durable channels a client resumed from a position (each replayed)."""
+    replayed: int = 0
+    """Messages read from the log and queued for resuming clients."""
+    incomplete_resumes: int = 0
+    """Resumes that could not be complete (pruned, or another epoch): each
+    announced to its client (``recovered: false``, a gap notice)."""
     connections: Counter[str] = field(default_factory=Counter)
     """Clients accepted, by transport."""
     disconnects: Counter[str] = field(default_factory=Counter)
@@ -214,6 +221,16 @@ def families(
     lines += _family("reconnects_total", "counter",
                      "Times the LISTEN connection was lost and reopened.",
                      [({}, stats.reconnects)])
+    lines += _family("replays_total", "counter",
+                     "Durable channels resumed by clients from a position (since).",
+                     [({}, stats.replays)])
+    lines += _family("replayed_messages_total", "counter",
+                     "Messages replayed from the log to resuming clients.",
+                     [({}, stats.replayed)])
+    lines += _family("incomplete_resumes_total", "counter",
+                     "Resumes that could not be complete (messages pruned, or another "
+                     "epoch of the log), announced to the client.",
+                     [({}, stats.incomplete_resumes)])
     lines += _family("worker_pid", "gauge",
                      "The process id of the gateway process (worker) that answered.",
                      [({}, os.getpid())])

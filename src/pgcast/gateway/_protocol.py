@@ -8,7 +8,7 @@ Client to server (JSON text frames; ``ref`` is optional in each and, when
 given as a string or an integer, is echoed in the reply so a client can match
 replies to requests)::
 
-    {"type": "subscribe",   "channels": ["a", "b"]}            (+ "since": ID or {"a": ID})
+    {"type": "subscribe",   "channels": ["a", "b"]}   (+ "since": ID or {"a": ID}, "epoch": "E")
     {"type": "unsubscribe", "channels": ["a"]}
     {"type": "publish",     "channel": "a", "payload": "text or JSON value"}
     {"type": "ping"}
@@ -16,12 +16,28 @@ replies to requests)::
 Server to client::
 
     {"type": "subscribed",   "channels": [...]}      once LISTEN is in effect
+                         (+ "epoch", + with since: "recovered", "oldest", "reason")
     {"type": "unsubscribed", "channels": [...]}
     {"type": "published",    "channel": "a"}         the NOTIFY was sent
     {"type": "message", "channel": "a", "payload": "...", "pid": 123}   (+ "id" when durable)
     {"type": "error",   "message": "..."}            the request was refused; nothing changed
-    {"type": "notice",  "event": "...", "message": "..."}   reconnected, dropped, shutdown
+    {"type": "notice",  "event": "...", "message": "..."}   reconnected, dropped, shutdown,
+                                                            gap
     {"type": "pong"}
+
+**Resuming durable channels.** ``since`` is the last id the client saw (one,
+or per channel), ``epoch`` the log epoch it came from (as ``subscribed``
+gave it). ``subscribed`` carries ``epoch`` whenever a durable channel is
+among the channels; with ``since``, also ``"recovered": {"a": true, "b":
+false}`` per resumed durable channel, and for each ``false`` one ``"oldest":
+{"b": ID or null}`` (the oldest id the log still holds) and ``"reason":
+{"b": "pruned" or "epoch"}``; the replay follows (from the log's start after
+an epoch change). A gap found during the replay (a prune racing it) comes as
+``{"type": "notice", "event": "gap", "channel", "since", "oldest", "reason",
+"epoch"}``; SSE sends every incomplete resume so, as ``event: notice``,
+before the replay, and its ``id:`` lines carry the epoch under the key
+``""``. On a schema before version 2, ``recovered`` is left out (unknown).
+See :mod:`pgcast.gateway._resume`.
 
 :func:`parse_frame` turns a frame into a :data:`Command` or raises
 :class:`~pgcast.ProtocolError` whose message is fit to send back verbatim.
@@ -30,8 +46,6 @@ Server to client::
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple, TypeAlias
 from urllib.parse import parse_qsl
@@ -40,6 +54,7 @@ from .._channels import check_channels
 from .._errors import InvalidChannelError, PayloadError, ProtocolError
 from .._payload import encode_payload
 from ._frame import Frame, sse_event
+from ._json import _json_kind, _short, _utf8_size, loads
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -55,9 +70,12 @@ __all__ = [
     "Unsubscribe",
     "authenticated",
     "error",
+    "gap_notice",
     "message",
     "notice",
+    "parse_epoch",
     "parse_frame",
+    "parse_position",
     "parse_since",
     "pong",
     "published",
@@ -77,6 +95,7 @@ Ref: TypeAlias = "str | int | None"
 
 _MAX_REF_CHARS = 64
 _MAX_ID = 2**63 - 1
+_MAX_EPOCH_CHARS = 64
 
 #: Where a durable subscription resumes: one log id for every channel, or one
 #: per channel; messages with a larger id are replayed, then live ones follow.
@@ -89,6 +108,8 @@ class Subscribe(NamedTuple):
     channels: tuple[str, ...]
     ref: Ref = None
     since: Since = None
+    epoch: str | None = None
+    """The log epoch the ids of :attr:`since` came from (``None``: unknown)."""
 
 
 class Unsubscribe(NamedTuple):
@@ -126,6 +147,23 @@ Command: TypeAlias = "Subscribe | Unsubscribe | Publish | Ping | Auth"
 
 #: The longest token an ``auth`` frame may carry, in characters.
 MAX_TOKEN_CHARS = 8192
+
+
+class EventFrame(Frame):
+    """A frame that SSE sends as a named event (``event: NAME`` before its
+    ``data:`` lines); a WebSocket sends its text like any other."""
+
+    __slots__ = ("sse_name",)
+
+    def __init__(self, text: str, sse_name: str) -> None:
+        super().__init__(text)
+        #: The SSE event name.
+        self.sse_name = sse_name
+
+    @property
+    def sse_data(self) -> bytes:
+        """The ``event:`` line, then the ``data:`` lines."""
+        return f"event: {self.sse_name}\n".encode() + super().sse_data
 
 
 def query_utf8_error(query: bytes) -> str | None:
@@ -180,7 +218,8 @@ def parse_frame(data: str | bytes | None, max_bytes: int = MAX_FRAME_BYTES) -> C
     kind = obj.get("type")
     if kind == "subscribe":
         channels = _channels(obj, kind)
-        return Subscribe(channels, ref, parse_since(obj.get("since"), channels))
+        since = parse_since(obj.get("since"), channels)
+        return Subscribe(channels, ref, since, parse_epoch(obj.get("epoch")))
     if kind == "unsubscribe":
         return Unsubscribe(_channels(obj, kind), ref)
     if kind == "publish":
@@ -195,88 +234,6 @@ def parse_frame(data: str | bytes | None, max_bytes: int = MAX_FRAME_BYTES) -> C
         f"unknown frame type {_short(kind)}; expected subscribe, unsubscribe, publish, ping "
         "or auth"
     )
-
-
-#: A JSON escape of a UTF-16 surrogate: only then can decoding make a lone one.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON (JSON.parse rejects it)")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range for a JSON number (it reads as {value})")
-    return value
-
-
-def loads(text: str) -> Any:
-    """``json.loads`` with what browsers and PostgreSQL accept and nothing else.
-
-    ``NaN``/``Infinity`` and numbers that overflow to infinity are refused (a
-    browser's ``JSON.parse`` rejects them, so they must never be echoed or
-    broadcast), and so is a lone surrogate escape such as ``"\\ud800"``: it
-    decodes to a string no UTF-8 encoder accepts, so echoing it would fail
-    half-way through a send instead of here. Surrogate *pairs* are fine.
-
-    :raises ValueError: naming what was refused.
-    """
-    obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
-    if _SURROGATE_ESCAPE.search(text) is not None:
-        _check_unicode(obj)
-    return obj
-
-
-def _check_unicode(value: object) -> None:
-    # Bounded: json.loads already refused what nests past the recursion limit.
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(
-                f"a string holds a lone surrogate escape ({json.dumps(value[:20])}): "
-                "not valid Unicode"
-            ) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_unicode(key)
-            _check_unicode(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_unicode(item)
-
-
-def _utf8_size(text: str) -> int:
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ProtocolError("frame is not valid Unicode") from None
-
-
-def _json_kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _short(value: object) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # never echo what cannot be sent
-            text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _ref(obj: dict[str, Any]) -> Ref:
@@ -325,6 +282,23 @@ def _channels(obj: dict[str, Any], kind: str) -> tuple[str, ...]:
 def _log_id(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_ID:
         raise ProtocolError(f"{what} must be a log id (an integer >= 0), not {_short(value)}")
+    return value
+
+
+def parse_epoch(value: object) -> str | None:
+    """Validate a log epoch sent back by a client: ``None``, or the string a
+    ``subscribed`` reply gave (1 to 64 printable ASCII characters).
+
+    :raises ProtocolError: anything else.
+    """
+    if value is None:
+        return None
+    if not (isinstance(value, str) and 0 < len(value) <= _MAX_EPOCH_CHARS
+            and value.isascii() and value.isprintable()):
+        raise ProtocolError(
+            "epoch must be the string a subscribed reply gave (1 to "
+            f"{_MAX_EPOCH_CHARS} printable ASCII characters), not {_short(value)}"
+        )
     return value
 
 
@@ -388,9 +362,42 @@ def _with_ref(obj: dict[str, Any], ref: Ref) -> dict[str, Any]:
     return obj
 
 
-def subscribed(channels: Iterable[str], ref: Ref = None) -> Frame:
-    """The reply to a subscribe, sent once LISTEN is in effect for every channel."""
-    return Frame(_dump(_with_ref({"type": "subscribed", "channels": list(channels)}, ref)))
+def subscribed(
+    channels: Iterable[str],
+    ref: Ref = None,
+    *,
+    epoch: str | None = None,
+    gaps: dict[str, tuple[int | None, str] | None] | None = None,
+) -> Frame:
+    """The reply to a subscribe, sent once LISTEN is in effect for every channel.
+
+    *epoch*: the log's epoch (a durable channel is among *channels*).
+    *gaps*: for a subscribe with ``since``, each resumed durable channel:
+    ``None`` when its replay is complete, else ``(oldest, reason)``.
+    """
+    obj: dict[str, Any] = {"type": "subscribed", "channels": list(channels)}
+    if epoch is not None:
+        obj["epoch"] = epoch
+    if gaps is not None:
+        obj["recovered"] = {c: gap is None for c, gap in gaps.items()}
+        lost = {c: gap for c, gap in gaps.items() if gap is not None}
+        if lost:
+            obj["oldest"] = {c: gap[0] for c, gap in lost.items()}
+            obj["reason"] = {c: gap[1] for c, gap in lost.items()}
+    return Frame(_dump(_with_ref(obj, ref)))
+
+
+def gap_notice(
+    channel: str, since: int, oldest: int | None, reason: str, epoch: str | None
+) -> Frame:
+    """A resume of *channel* from *since* that is not complete: messages
+    after it were pruned, or it is from another epoch. An SSE ``notice``
+    event; on a WebSocket a ``notice`` frame like the others."""
+    text = _dump({"type": "notice", "event": "gap", "channel": channel, "since": since,
+                  "oldest": oldest, "reason": reason, "epoch": epoch,
+                  "message": f"messages of {channel!r} after {since} are no longer in the "
+                             f"log ({reason}); the replay goes on from what is left"})
+    return EventFrame(text, "notice")
 
 
 def unsubscribed(channels: Iterable[str], ref: Ref = None) -> Frame:
@@ -444,11 +451,34 @@ def pong(ref: Ref = None) -> Frame:
 # -- Server-Sent Events ------------------------------------------------------
 
 
-def sse_position(positions: dict[str, int]) -> str:
+def sse_position(positions: dict[str, int], epoch: str | None = None) -> str:
     """The SSE ``id:`` of a client with durable channels: the log id reached
     on each, as JSON, so ``Last-Event-ID`` resumes every channel where it was
-    (ids grow in commit order per channel, not across channels)."""
-    return _dump(positions)
+    (ids grow in commit order per channel, not across channels); and, under
+    the key ``""`` (never a channel name), the log's *epoch*, so that an
+    EventSource that reconnects by itself is checked against it too."""
+    if epoch is None:
+        return _dump(positions)
+    return _dump({**positions, "": epoch})
+
+
+def parse_position(value: str | None) -> tuple[Since, str | None]:
+    """Read an SSE ``Last-Event-ID`` or ``?since=``: the positions
+    (:func:`parse_since`) and the epoch the ``""`` key carries, if any.
+
+    :raises ProtocolError: what :func:`parse_since` and :func:`parse_epoch`
+        refuse.
+    """
+    if value is None:
+        return None, None
+    try:
+        obj = loads(value)
+    except (ValueError, RecursionError):
+        obj = None
+    if isinstance(obj, dict) and "" in obj:
+        epoch = parse_epoch(obj.pop(""))
+        return parse_since(obj), epoch
+    return parse_since(value), None
 
 
 def sse_comment(text: str = "") -> str:

@@ -10,7 +10,14 @@ Durable messages carry an ``id:`` line: the log position reached on each of
 the client's durable channels, as JSON (``{"orders": 42}``). EventSource
 sends the last one back as ``Last-Event-ID`` when it reconnects, and the
 stream resumes each channel after its position (``?since=ID`` or
-``?since={"orders": 42}`` does the same for a first connection).
+``?since={"orders": 42}`` does the same for a first connection; ``?epoch=E``
+names the log epoch the positions came from, as the ``subscribed`` data
+gave it; the ``id:`` lines carry it under the key ``""``, so EventSource's
+own reconnects are checked against it). A resume that cannot be complete
+(messages after the position were pruned, or it is from another epoch) is
+announced before the replay by an ``event: notice`` whose data is
+``{"event": "gap", "channel", "since", "oldest", "reason", ...}`` (see
+:mod:`pgcast.gateway._resume`).
 
 Everything that can be refused is checked before the stream starts, with a
 plain-text HTTP error: a bad origin or token (403), no or bad channel names
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -67,16 +75,18 @@ class SSEEndpoint:
             await PlainTextResponse("use GET", 405, {"allow": "GET"})(scope, receive, send)
             return
         try:
-            client, channels, since = await self._admit(request)
+            client, channels, since, epoch = await self._admit(request)
         except _Refusal as r:
             await PlainTextResponse(r.message, r.status)(scope, receive, send)
             return
         try:
-            await self._stream(client, (channels, since), scope, receive, send)
+            await self._stream(client, (channels, since, epoch), scope, receive, send)
         finally:
             hub.detach(client)
 
-    async def _admit(self, request: Request) -> tuple[Client, tuple[str, ...], Since]:
+    async def _admit(
+        self, request: Request
+    ) -> tuple[Client, tuple[str, ...], Since, str | None]:
         hub = self.hub
         origin = request.headers.get("origin")
         if not origin_allowed(origin, request.headers.get("host"), hub.settings.allowed_origins):
@@ -93,9 +103,10 @@ class SSEEndpoint:
         except InvalidChannelError as exc:
             raise _Refusal(400, str(exc)) from None
         try:
-            since = _protocol.parse_since(
+            since, id_epoch = _protocol.parse_position(
                 request.headers.get("last-event-id") or request.query_params.get("since")
             )
+            epoch = _protocol.parse_epoch(request.query_params.get("epoch")) or id_epoch
         except ProtocolError as exc:
             raise _Refusal(400, str(exc)) from None
         if len(channels) > hub.settings.max_subscriptions:
@@ -121,25 +132,25 @@ class SSEEndpoint:
             raise _Refusal(403, f"not allowed to subscribe to {names_}: "
                                 "not in this gateway's allow-list")
         try:
-            return hub.attach("sse", access, request), channels, since
+            return hub.attach("sse", access, request), channels, since, epoch
         except AccessDenied as exc:
             raise _Refusal(_status(exc), str(exc)) from None
 
     async def _stream(
         self,
         client: Client,
-        request: tuple[tuple[str, ...], Since],
+        request: tuple[tuple[str, ...], Since, str | None],
         scope: Scope,
         receive: Receive,
         send: Send,
     ) -> None:
-        channels, since = request
+        channels, since, epoch = request
         hub = self.hub
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        writer = asyncio.create_task(self._write(client, channels, since, send))
+        writer = asyncio.create_task(self._write(client, (channels, since, epoch), send))
         watcher = asyncio.create_task(_until_disconnect(receive))
         try:
             waiting: list[asyncio.Future[Any]] = [writer, watcher, client.closing]
@@ -173,8 +184,9 @@ class SSEEndpoint:
                 )
 
     async def _write(
-        self, client: Client, channels: tuple[str, ...], since: Since, send: Send
+        self, client: Client, request: tuple[tuple[str, ...], Since, str | None], send: Send
     ) -> None:
+        channels, since, epoch = request
         hub = self.hub
         wake = client.wake
 
@@ -193,7 +205,7 @@ class SSEEndpoint:
         # and this loop is what drains it (a resume over half the queue or
         # more never started when both were one task).
         subscribing = asyncio.create_task(
-            hub.subscribe(client, channels, since=since, strict=False)
+            hub.subscribe(client, channels, since=since, strict=False, epoch=epoch)
         )
         subscribing.add_done_callback(lambda _: wake.set())
         try:
@@ -217,6 +229,7 @@ class SSEEndpoint:
         wake = client.wake
         sse_event = _protocol.sse_event
         heartbeat = hub.settings.heartbeat
+        epoch: str | None = None  # the log's, from the subscribed reply
         while True:
             wake.clear()
             frames = outbox.take()
@@ -257,7 +270,9 @@ class SSEEndpoint:
                     # The id: line is this client's (its position on each of
                     # its channels); the data: lines are shared by every client.
                     positions[frame.channel] = int(frame.id)
-                    chunks.append(f"id: {_protocol.sse_position(positions)}\n".encode())
+                    chunks.append(f"id: {_protocol.sse_position(positions, epoch)}\n".encode())
+                elif epoch is None and frame.text.startswith('{"type":"subscribed"'):
+                    epoch = json.loads(frame.text).get("epoch")  # for the id: lines
                 chunks.append(frame.sse_data)
             await write(b"".join(chunks))
             stats.delivered(frames, time.monotonic())

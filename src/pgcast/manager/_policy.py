@@ -82,6 +82,7 @@ from typing import Generic, Protocol, TypeAlias, TypeVar
 from .._core import Wait, check_timeout
 from .._errors import ConnectionLostError
 from .._event import Event
+from .._gap import Gap
 from .._reconnect import Reconnected
 from ._connection_set import ConnectionSet
 
@@ -120,7 +121,7 @@ class Managed(Protocol):
 
     def fileno(self) -> int: ...
 
-    def take_pending(self) -> list[Event | Reconnected]: ...
+    def take_pending(self) -> list[Event | Reconnected | Gap]: ...
 
 
 C = TypeVar("C", bound=Managed)
@@ -155,7 +156,7 @@ class HealthTick(_OnConnection[C]):
 
 #: The events of one connection: notifications, and with ``reconnect`` its
 #: :class:`~pgcast.Reconnected` markers, in the order they came.
-Events: TypeAlias = list[Event | Reconnected]
+Events: TypeAlias = list[Event | Reconnected | Gap]
 #: What :meth:`ManagerCore.steps` yields: a request, or a value for the user.
 Step: TypeAlias = (
     "Register[C] | Unregister[C] | Read[C] | HealthTick[C] | Wait | tuple[C, Events] | None"

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..._event import Event
+from ..._gap import Gap
 from ..._payload import Payload
 from ..._reconnect import Reconnected
 from ...client._open import connect_as
@@ -69,7 +70,9 @@ class Connection(PubSub):
         messages = [(c, "") if isinstance(c, str) else c for c in channels]
         self.notify_many([*messages, *channel_and_payload.items()])
 
-    def iternotifies(self, timeout: float | None = None) -> Iterator[Event | Reconnected | None]:
+    def iternotifies(
+        self, timeout: float | None = None
+    ) -> Iterator[Event | Reconnected | Gap | None]:
         """Yield ``(channel, payload, pid)`` triples (:class:`pgcast.Event`),
         and ``None`` as an idle event every *timeout* seconds without one.
 
