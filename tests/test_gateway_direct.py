@@ -170,3 +170,36 @@ def test_requests_sent_at_once_are_answered_in_order_and_a_leaving_client_is_for
             await asyncio.sleep(0.02)
 
     run(main())
+
+
+def test_a_request_right_behind_the_auth_frame_is_not_lost(
+    gateway: Callable[..., Gateway],  # noqa: F811
+    unique_channel: str,
+) -> None:
+    """A client that authenticates with its first frame and sends its
+    subscribe right behind it, without waiting: the subscribe may arrive
+    while the endpoint still reads through ASGI, before the hand-over; it was
+    lost there (and reading stayed paused: no answer ever). Every time, both
+    replies come, in order."""
+    from pgcast import AccessDenied
+    from pgcast.gateway import Access
+
+    def authorizer(connection: Any, token: str | None) -> Access:
+        if token != "t":
+            raise AccessDenied("unknown token")
+        return Access.globs(read=[unique_channel])
+
+    gw = gateway(authorizer=authorizer, allow=[])
+
+    async def main() -> None:
+        for attempt in range(20):
+            async with ws_connect(gw.ws) as ws:
+                await ws.send(json.dumps({"type": "auth", "token": "t", "ref": "a"}))
+                await ws.send(json.dumps({"type": "subscribe", "channels": [unique_channel],
+                                          "ref": "s"}))
+                await ws.send(json.dumps({"type": "ping", "ref": "p"}))
+                replies = [await recv(ws) for _ in range(3)]
+                assert [r["type"] for r in replies] == ["authenticated", "subscribed", "pong"], (
+                    attempt, replies)
+
+    run(main())

@@ -136,6 +136,11 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         call may then return without the connection being closed."""
         self._on_message = on_message
         self._on_lost = on_lost
+        # Messages that came while the app was still reading through ASGI
+        # (a subscribe sent right behind an auth frame) go to on_message first.
+        waiting = []
+        while not self.queue.empty():
+            waiting.append(self.queue.get_nowait())
         self.queue = _NO_QUEUE  # type: ignore[assignment]
         self.writable = _Flag(self.writable.is_set())  # type: ignore[assignment]
         # The handshake's request stays referenced by websockets' parser for
@@ -145,8 +150,16 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         if request is not None:
             request.headers.clear()
         self.request = self.response = None  # type: ignore[assignment]
+        for message in waiting:
+            if message["type"] == "websocket.receive":
+                text = message.get("text")
+                on_message(text if text is not None else message.get("bytes") or b"")
         if self.disconnected:  # it went while the app was admitting it
+            self._on_lost = None
             on_lost()
+            return
+        if not self.close_sent:
+            self.resume_reading()  # uvicorn pauses reading while its queue holds a message
 
     async def run_asgi(self) -> None:
         """As uvicorn's, except that a connection the app handed over stays open."""
