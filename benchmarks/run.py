@@ -429,7 +429,7 @@ def report(rows: Sequence[Row], env: dict[str, str], smoke: bool) -> str:
         "",
         "![pgcast next to the raw drivers, Redis and pgbench](chart.png)",
         "",
-        "## Targets (issue 7)",
+        "## Targets (issues 7 and 10)",
         "",
         "| target | measured | ratio | status |",
         "|---|---|---:|---|",

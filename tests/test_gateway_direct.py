@@ -203,3 +203,47 @@ def test_a_request_right_behind_the_auth_frame_is_not_lost(
                     attempt, replies)
 
     run(main())
+
+
+def test_a_host_app_on_plain_uvicorn_with_pgcasts_protocol_gets_the_direct_path(
+    dsn: str, conn: psycopg.Connection[Any], unique_channel: str
+) -> None:
+    """The README's advice: uvicorn.run(host_app, ws=pgcast.gateway.WebSocketProtocol)
+    with the gateway mounted under a prefix: its clients are written to directly."""
+    import socket
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from pgcast.gateway import WebSocketProtocol, create_app
+
+    realtime = create_app(dsn, allow=[unique_channel])
+    host = Starlette(routes=[Mount("/rt", app=realtime)],
+                     lifespan=lambda app: realtime.gateway.running())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(host, ws=WebSocketProtocol, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+        async def main() -> None:
+            async with ws_connect(f"ws://127.0.0.1:{port}/rt/ws") as ws:
+                await subscribe(ws, unique_channel)
+                hub = realtime.state.pgcast_gateway
+                assert [c.outbox.wire is not None for c in hub._clients.values()] == [True]
+                await asyncio.to_thread(conn.execute, f"NOTIFY {unique_channel}, 'hi'")
+                assert (await recv(ws))["payload"] == "hi"
+
+        run(main())
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()

@@ -15,6 +15,12 @@ subscriber, UNLISTEN after its last. The protocol is in
 :mod:`pgcast.gateway._protocol` and the README; access control in
 :mod:`pgcast.gateway.auth`.
 
+Under ``pgcast serve`` or :func:`serve` each notification's frame is
+written straight to every subscriber's socket (:mod:`._wsdirect`); another
+uvicorn gets the same with ``ws=pgcast.gateway.WebSocketProtocol``, and any
+other ASGI server runs the generic path (a task and an ASGI ``send`` per
+client and frame: several times slower at thousands of clients).
+
 Needs the ``gateway`` extra (``pip install 'pgcast[gateway]'``).
 """
 
@@ -31,10 +37,19 @@ from ._gateway import Gateway, GatewayApp
 from ._ratelimit import RateLimits
 from ._router import Overflow
 from ._serve import serve
+from ._wsdirect import DirectProtocol as WebSocketProtocol
 from .app import create_app
 from .auth import Access, Authorizer, allow_list
 
 __all__ = [
-    "Access", "Authorizer", "Gateway", "GatewayApp", "Overflow", "RateLimits", "allow_list",
-    "create_app", "serve",
+    "Access",
+    "Authorizer",
+    "Gateway",
+    "GatewayApp",
+    "Overflow",
+    "RateLimits",
+    "WebSocketProtocol",
+    "allow_list",
+    "create_app",
+    "serve",
 ]
