@@ -117,16 +117,21 @@ class Outbox:
             items = self._items = deque()
         return items
 
+    def _written(self, frame: Frame) -> bool:
+        """Write *frame* to the wire now if nothing is queued before it and
+        the socket takes it; True if it was."""
+        wire = self.wire
+        if wire is not None and not self._items and wire.ready():
+            wire.write(frame)
+            return True
+        return False
+
     def put(self, frame: Frame) -> bool:
         """Queue *frame*; False when the queue was full and the policy is to
         disconnect (the frame is not queued and the client must go)."""
-        items = self._items
-        wire = self.wire
-        if wire is not None and not items and wire.ready():
-            wire.write(frame)
+        if self.wire is not None and self._written(frame):
             return True
-        if items is None:
-            items = self._queue()
+        items = self._queue()
         if len(items) >= self.maxsize:
             if self.policy is Overflow.DISCONNECT:
                 if not self.overflowed:
@@ -147,13 +152,9 @@ class Outbox:
         :data:`CONTROL_SLACK` frames more are allowed; a client that sends
         requests without reading the replies then overflows whatever the
         policy, and False is returned."""
-        items = self._items
-        wire = self.wire
-        if wire is not None and not items and wire.ready():
-            wire.write(frame)
+        if self.wire is not None and self._written(frame):
             return True
-        if items is None:
-            items = self._queue()
+        items = self._queue()
         if len(items) >= self.maxsize + CONTROL_SLACK:
             if not self.overflowed:
                 self.overflowed = True
