@@ -67,3 +67,25 @@ def test_demo_terminal_cleans_up_on_sigterm(tmp_path: Path) -> None:
     assert "Traceback" not in err, err
     proc.stderr.close()
     out.close()
+
+
+def test_the_demo_suggests_a_pgcast_command_that_runs_from_a_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: make demo's pgcast lives in .venv-demo/bin, not on PATH: the
+    printed command names it by its path; on PATH it is plain pgcast."""
+    from pgcast.cli.gateway import pgcast_command
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "pgcast"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "demo"])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert pgcast_command() == str(script.resolve())
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert pgcast_command() == "pgcast"
+    monkeypatch.setattr(sys, "argv", ["-m"])  # python -m pgcast, nothing on PATH
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert pgcast_command().endswith(" -m pgcast")

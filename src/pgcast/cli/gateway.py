@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import shlex
+import shutil
 import socket
 import sys
 from collections.abc import Iterator
@@ -226,6 +227,19 @@ def _raise_descriptor_limit(max_clients: int) -> None:
               "run several --workers", file=sys.stderr)
 
 
+def pgcast_command() -> str:
+    """How to run this very ``pgcast`` from a shell: ``pgcast`` when that is
+    what PATH finds, else the script's full path (``make demo`` runs it from
+    ``.venv-demo/bin``, which is not on PATH), else ``python -m pgcast``."""
+    script = Path(sys.argv[0]).resolve()
+    found = shutil.which("pgcast")
+    if found is not None and (script.name != "pgcast" or Path(found).resolve() == script):
+        return "pgcast"
+    if script.name == "pgcast" and script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m pgcast"
+
+
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     """uvicorn's options from ``pgcast serve``'s operations flags.
 
@@ -366,6 +380,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         url = f"http://{_url_host(args.host)}:{args.port}/"
         print(f"\npgcast demo: open {url}\n\nMove the green bar from a terminal with:\n\n"
-              f"    {command}\n\n(or: pgcast notify --dsn {shlex.quote(dsn)} {DEMO_CHANNEL} "
-              f"green)\nCtrl-C to stop.\n", flush=True)
+              f"    {command}\n\n(or: {pgcast_command()} notify --dsn {shlex.quote(dsn)} "
+              f"{DEMO_CHANNEL} green)\nCtrl-C to stop.\n", flush=True)
         return _run(app, sock, log_level="warning")
