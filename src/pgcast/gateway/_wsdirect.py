@@ -50,6 +50,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from ._frame import Frame
+from ._linger import Linger
 from ._metrics import Stats
 from ._router import Outbox
 
@@ -123,7 +124,9 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         self._outbox = outbox
         self._stats = stats
         self._notice = dropped_notice
-        self._raw = getattr(self.transport, "transport", self.transport)
+        transport = self.transport
+        # Past pgcast's own wrapper only (never into a TLS transport's inner one).
+        self._raw = transport.transport if isinstance(transport, Linger) else transport
         self.write_bytes = self._raw.write  # type: ignore[method-assign]  # one call less
         self.open = self.ready()
         outbox.attach(self)
