@@ -247,3 +247,54 @@ def test_a_host_app_on_plain_uvicorn_with_pgcasts_protocol_gets_the_direct_path(
         server.should_exit = True
         thread.join(TIMEOUT)
     assert not thread.is_alive()
+
+
+def test_the_handed_over_path_takes_binary_json_and_closes_on_invalid_utf8(
+    gateway: Callable[..., Gateway],  # noqa: F811
+    unique_channel: str,
+) -> None:
+    """Another door to the same parser: a subscribe in a binary frame is
+    carried out like a text one; a text frame that is not UTF-8 closes the
+    connection with 1007 (invalid data) and nothing of it reaches the hub."""
+    import socket
+
+    gw = gateway()
+
+    def masked(opcode: int, data: bytes) -> bytes:
+        key = b"\x01\x02\x03\x04"
+        return (bytes([0x80 | opcode, 0x80 | len(data)]) + key
+                + bytes(b ^ key[i % 4] for i, b in enumerate(data)))
+
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=TIMEOUT)
+    try:
+        sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(4096)
+            assert chunk, "closed during the handshake"
+            buf += chunk
+        assert buf.startswith(b"HTTP/1.1 101")
+        buf = buf.split(b"\r\n\r\n", 1)[1]
+        sub = json.dumps({"type": "subscribe", "channels": [unique_channel]}).encode()
+        sock.sendall(masked(0x2, sub))  # binary
+        while b'"subscribed"' not in buf:
+            chunk = sock.recv(4096)
+            assert chunk, "closed before the subscribed reply"
+            buf += chunk
+        sock.sendall(masked(0x1, b'{"type": "ping", "x": "\xff"}'))  # not UTF-8
+        rest = b""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+            if rest.startswith(b"\x88"):
+                break
+        assert rest[:1] == b"\x88", rest  # a close frame, not a pong
+        assert int.from_bytes(rest[2:4], "big") == 1007
+    finally:
+        sock.close()
+    gw.wait_metric('pgcast_gateway_clients{transport="websocket"}', lambda v: v == 0)
