@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 from _common import SERVER_SETTINGS, Row, fmt, row  # noqa: E402
 
 RESULTS_MD = HERE / "RESULTS.md"
+NOTES_MD = HERE / "NOTES.md"
 RESULTS_JSON = HERE / "results.json"
 CHART = HERE / "chart.png"
 
@@ -441,6 +442,11 @@ def report(rows: Sequence[Row], env: dict[str, str], smoke: bool) -> str:
         out += ["", "### What was measured, tried, and why", ""]
         for title, note in TARGET_NOTES.items():
             out += [f"**{title}.** {note(rows)}", ""]
+        if NOTES_MD.exists():
+            # Hand-written notes between full runs (benchmarks/NOTES.md), one
+            # heading level down, so a regeneration keeps them.
+            kept = NOTES_MD.read_text().strip().replace("\n## ", "\n#### ")
+            out += ["### Notes kept between runs (benchmarks/NOTES.md)", "", kept, ""]
     benchmarks: dict[str, list[Row]] = {}
     for r in rows:
         benchmarks.setdefault(r["benchmark"], []).append(r)
