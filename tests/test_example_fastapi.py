@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +25,7 @@ import pytest
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
+import _serving
 import pgcast
 
 pytest.importorskip("fastapi")
@@ -48,24 +47,9 @@ def load_example(dsn: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 @contextlib.contextmanager
 def serving(app: Any) -> Iterator[str]:
     """*app* under uvicorn on a free loopback port, lifespan on: its host:port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise AssertionError("the FastAPI example did not start")
-        time.sleep(0.02)
-    try:
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    with _serving.serving(lambda port: uvicorn.Server(config), TIMEOUT) as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-    assert not thread.is_alive(), "the FastAPI example did not shut down"
 
 
 @pytest.fixture

@@ -7,15 +7,13 @@ saying why, only where no Chromium can be installed.
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from _browser import CHROMIUM_ARGS, find_chromium
+from _serving import serving
 from pgcast.gateway import create_app
 from pgcast.gateway._serve import GatewayServer, config
 
@@ -29,23 +27,9 @@ def chromium() -> Path:
 def demo_url(dsn: str, psql: Callable[..., str]) -> Iterator[str]:
     app = create_app(dsn, allow=["data"], allow_publish=["data"], demo_page=True,
                      demo_command="psql -c \"NOTIFY data, 'green'\"")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = GatewayServer(config(app, "127.0.0.1", port, log_level="warning",
-                                  timeout_graceful_shutdown=3))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.02)
-    try:
+    with serving(lambda port: GatewayServer(config(app, "127.0.0.1", port, log_level="warning",
+                                                   timeout_graceful_shutdown=3)), 10) as port:
         yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive()
 
 
 @pytest.mark.slow

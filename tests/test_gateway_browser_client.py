@@ -37,6 +37,7 @@ import psycopg
 import pytest
 
 from _browser import CHROMIUM_ARGS, find_chromium
+from _serving import serving
 
 STATIC = Path(__file__).resolve().parent.parent / "src" / "pgcast" / "gateway" / "static"
 START_TIMEOUT = 30.0
@@ -429,23 +430,10 @@ def token_gateway(dsn: str, unique_channel: str) -> Iterator[str]:
         return Access.globs(read=[unique_channel])
 
     app = create_app(dsn, authorizer=authorizer)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = GatewayServer(config(app, "127.0.0.1", port, log_level="warning",
-                                  timeout_graceful_shutdown=3))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.02)
-    try:
+    with serving(lambda port: GatewayServer(config(app, "127.0.0.1", port, log_level="warning",
+                                                   timeout_graceful_shutdown=3)),
+                 START_TIMEOUT) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive()
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from _serving import serving
 from pgcast.gateway import _frame, _protocol
 from test_gateway_server import (
     TIMEOUT,
@@ -210,9 +211,6 @@ def test_a_host_app_on_plain_uvicorn_with_pgcasts_protocol_gets_the_direct_path(
 ) -> None:
     """The README's advice: uvicorn.run(host_app, ws=pgcast.gateway.WebSocketProtocol)
     with the gateway mounted under a prefix: its clients are written to directly."""
-    import socket
-    import threading
-
     import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import Mount
@@ -222,31 +220,18 @@ def test_a_host_app_on_plain_uvicorn_with_pgcasts_protocol_gets_the_direct_path(
     realtime = create_app(dsn, allow=[unique_channel])
     host = Starlette(routes=[Mount("/rt", app=realtime)],
                      lifespan=lambda app: realtime.gateway.running())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(host, ws=WebSocketProtocol, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
 
-        async def main() -> None:
-            async with ws_connect(f"ws://127.0.0.1:{port}/rt/ws") as ws:
-                await subscribe(ws, unique_channel)
-                hub = realtime.state.pgcast_gateway
-                assert [c.outbox.wire is not None for c in hub._clients.values()] == [True]
-                await asyncio.to_thread(conn.execute, f"NOTIFY {unique_channel}, 'hi'")
-                assert (await recv(ws))["payload"] == "hi"
+    async def main(port: int) -> None:
+        async with ws_connect(f"ws://127.0.0.1:{port}/rt/ws") as ws:
+            await subscribe(ws, unique_channel)
+            hub = realtime.state.pgcast_gateway
+            assert [c.outbox.wire is not None for c in hub._clients.values()] == [True]
+            await asyncio.to_thread(conn.execute, f"NOTIFY {unique_channel}, 'hi'")
+            assert (await recv(ws))["payload"] == "hi"
 
-        run(main())
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT)
-    assert not thread.is_alive()
+    config = uvicorn.Config(host, ws=WebSocketProtocol, log_level="warning")
+    with serving(lambda port: uvicorn.Server(config), TIMEOUT) as port:
+        run(main(port))
 
 
 def test_the_handed_over_path_takes_binary_json_and_closes_on_invalid_utf8(

@@ -10,14 +10,13 @@ database), and the same sample names as the gateway's own ``/metrics``.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
+from _serving import serving
 from pgcast.gateway import GatewayApp, create_app
 from pgcast.gateway._metrics import Histogram
 from pgcast.gateway._serve import GatewayServer, config
@@ -32,24 +31,9 @@ from pgcast.gateway.metrics import PrometheusCollector  # noqa: E402
 @pytest.fixture
 def served(dsn: str) -> Iterator[tuple[GatewayApp, int]]:
     app = create_app(dsn, allow=["*"])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = GatewayServer(config(app, "127.0.0.1", port, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise AssertionError("the gateway did not start")
-        time.sleep(0.02)
-    try:
+    with serving(lambda port: GatewayServer(config(app, "127.0.0.1", port,
+                                                   log_level="warning")), TIMEOUT) as port:
         yield app, port
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-    assert not thread.is_alive(), "the gateway did not shut down"
 
 
 def samples(text: str) -> dict[str, float]:

@@ -26,6 +26,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from _serving import serving
 from pgcast import AccessDenied
 from pgcast.embedded import EmbeddedServer
 from pgcast.gateway import Access, create_app
@@ -950,32 +951,23 @@ def test_app_mounted_in_another_starlette_app_connects_at_first_request(
 
     inner = create_app(dsn, allow=["*"])
     outer = Starlette(routes=[Mount("/rt", app=inner)])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = GatewayServer(config(outer, "127.0.0.1", port, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+
+    async def main(port: int) -> None:
+        async with ws_connect(f"ws://127.0.0.1:{port}/rt/ws") as ws:
+            await subscribe(ws, unique_channel)
+            await apsql(psql, f"NOTIFY {unique_channel}, 'mounted'")
+            assert (await recv(ws))["payload"] == "mounted"
+
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline
-            time.sleep(0.02)
-
-        async def main() -> None:
-            async with ws_connect(f"ws://127.0.0.1:{port}/rt/ws") as ws:
-                await subscribe(ws, unique_channel)
-                await apsql(psql, f"NOTIFY {unique_channel}, 'mounted'")
-                assert (await recv(ws))["payload"] == "mounted"
-
-        run(main())
-        r = httpx.get(f"http://127.0.0.1:{port}/rt/healthz", trust_env=False, timeout=TIMEOUT)
-        assert r.status_code == 200
+        with serving(lambda port: GatewayServer(config(outer, "127.0.0.1", port,
+                                                       log_level="warning")),
+                     TIMEOUT) as port:
+            run(main(port))
+            r = httpx.get(f"http://127.0.0.1:{port}/rt/healthz", trust_env=False,
+                          timeout=TIMEOUT)
+            assert r.status_code == 200
     finally:
-        server.should_exit = True
-        thread.join(TIMEOUT + 5)
         asyncio.run(inner.state.pgcast_gateway.close())
-    assert not thread.is_alive()
 
 
 # -- the command ---------------------------------------------------------------
