@@ -35,6 +35,12 @@ WebSocket endpoint (:mod:`.websocket`) attaches the client's queue
   socket, this protocol, ``websockets``' parser and pgcast's few slotted
   objects: about a third of what a task per client held.
 
+It subclasses uvicorn's ``websockets_sansio_impl`` and relies on some of its
+attributes (``queue``, ``writable``, ``frames``, ``close_sent``,
+``read_paused``, ``close_timer``): the ``gateway`` extra asks for the uvicorn
+it was written and tested against (0.55 or later), and the gateway tests run
+every WebSocket path through it.
+
 Every other ASGI app (a route of an application that mounts the gateway, any
 other WebSocket endpoint) sees plain ASGI and works as with uvicorn's own
 protocol; so does :func:`pgcast.gateway.create_app` mounted in another ASGI
