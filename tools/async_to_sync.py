@@ -61,6 +61,7 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_aio_receive.py", "tests/test_receive.py"),
     ("tests/test_aio.py", "tests/test_client.py"),
     ("tests/test_aio_gaps.py", "tests/test_gaps.py"),
+    ("tests/test_aio_manager.py", "tests/test_manager.py"),
 ]
 
 #: Names of the asyncio flavour and their sync namesakes.
@@ -87,6 +88,8 @@ NAMES: dict[str, str] = {
     "__aiter__": "__iter__",
     "__anext__": "__next__",
     "aclose": "close",
+    "aiter": "iter",
+    "anext": "next",
     "asynccontextmanager": "contextmanager",
     # test helpers (tests/_eventwait.py)
     "acollect": "collect",

@@ -67,11 +67,24 @@ def tests_of(path: Path) -> dict[str, str]:
         return {}
     tree = ast.parse(path.read_text(), filename=str(path))
     out = {}
-    for node in tree.body:
+    for node in _statements(tree.body):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith(
             "test_"
         ):
             out[_FLAVOUR_WORDS.sub("", node.name[5:]).strip("_")] = node.name
+    return out
+
+
+def _statements(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements of a module, those of its ``if`` blocks included (a
+    test of one flavour sits in an ``if True:  # ASYNC`` block, which the
+    generated file leaves out)."""
+    out = []
+    for node in body:
+        if isinstance(node, ast.If):
+            out += _statements(node.body + node.orelse)
+        else:
+            out.append(node)
     return out
 
 
