@@ -511,6 +511,42 @@ def test_close_racing_notify_raises_closed_error(dsn: str, unique_channel: str) 
     arun(body())
 
 
+def test_commands_from_two_tasks_at_once_each_run_once_in_order(
+    dsn: str, unique_channel: str
+) -> None:
+    """Commands that return nothing share one cursor per connection (a fresh
+    one per NOTIFY cost a third of psycopg's client work): notify() from two
+    tasks (threads, in the sync twin) at once, with a command that fetches in
+    between, sends every message once, in each sender's order."""
+    count = 150
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as sender, \
+                await pgcast.aio.connect(dsn) as receiver:
+            await receiver.listen(unique_channel)
+            usages: list[float] = []
+
+            async def publish() -> None:
+                for i in range(count):
+                    await sender.notify(unique_channel, f"other {i}")
+                    if i % 10 == 0:
+                        usages.append(await sender.queue_usage())
+
+            other = astart(publish)
+            for i in range(count):
+                await sender.notify(unique_channel, f"main {i}")
+            await ajoin(other)
+            got = [e.payload for e in await acollect(receiver, 2 * count)]
+            for who in ("main", "other"):
+                mine = [p for p in got if p.startswith(who)]
+                assert mine == [f"{who} {i}" for i in range(count)]
+            assert len(usages) == count // 10 and 0.0 <= min(usages) <= max(usages) < 1.0
+            await sender.notify(unique_channel, "still usable")
+            assert [e.payload for e in await acollect(receiver, 1)] == ["still usable"]
+
+    arun(body())
+
+
 # -- connecting: the arguments psycopg takes, and pgcast's defaults -------------
 
 

@@ -532,6 +532,41 @@ def test_close_racing_notify_raises_closed_error(dsn: str, unique_channel: str) 
     run_sync(body())
 
 
+def test_commands_from_two_tasks_at_once_each_run_once_in_order(
+    dsn: str, unique_channel: str
+) -> None:
+    """Commands that return nothing share one cursor per connection (a fresh
+    one per NOTIFY cost a third of psycopg's client work): notify() from two
+    tasks (threads, in the sync twin) at once, with a command that fetches in
+    between, sends every message once, in each sender's order."""
+    count = 150
+
+    def body() -> None:
+        with pgcast.connect(dsn) as sender, pgcast.connect(dsn) as receiver:
+            receiver.listen(unique_channel)
+            usages: list[float] = []
+
+            def publish() -> None:
+                for i in range(count):
+                    sender.notify(unique_channel, f"other {i}")
+                    if i % 10 == 0:
+                        usages.append(sender.queue_usage())
+
+            other = start_thread(publish)
+            for i in range(count):
+                sender.notify(unique_channel, f"main {i}")
+            join_thread(other)
+            got = [e.payload for e in collect(receiver, 2 * count)]
+            for who in ("main", "other"):
+                mine = [p for p in got if p.startswith(who)]
+                assert mine == [f"{who} {i}" for i in range(count)]
+            assert len(usages) == count // 10 and 0.0 <= min(usages) <= max(usages) < 1.0
+            sender.notify(unique_channel, "still usable")
+            assert [e.payload for e in collect(receiver, 1)] == ["still usable"]
+
+    run_sync(body())
+
+
 # -- connecting: the arguments psycopg takes, and pgcast's defaults -------------
 
 

@@ -110,6 +110,11 @@ class AsyncSession(AsyncIdentified, AsyncClosing):
         self._res = res = resilience or Resilience()
         self._conn = conn
         self._pgconn = conn.pgconn
+        # One cursor for the commands that return nothing (notify, listen):
+        # a fresh cursor per command costs a third of psycopg's client work
+        # for a NOTIFY (its adapters start cold). psycopg runs a cursor's
+        # execute() under the connection's lock, so sharing it is safe.
+        self._cursor = conn.cursor()
         self._core = Core(res.health_check_interval)
         self._core.new_connection(conn.info.backend_pid)
         self._connector = connector or opener(reconnect_conninfo(conn), {"autocommit": True})
@@ -204,8 +209,16 @@ class AsyncSession(AsyncIdentified, AsyncClosing):
                 with self._state_lock:
                     self._in_flight += 1
                 try:
-                    cur = await conn.execute(sql, params, prepare=None if params else False)
-                    rows = await cur.fetchall() if fetch and cur.description is not None else []
+                    prepare = None if params else False
+                    if fetch:
+                        cur = await conn.execute(sql, params, prepare=prepare)
+                        rows = await cur.fetchall() if cur.description is not None else []
+                    else:
+                        cur = self._cursor
+                        if cur.connection is not conn:  # reconnected meanwhile
+                            cur = conn.cursor()
+                        await cur.execute(sql, params, prepare=prepare)
+                        rows = []
                 except psycopg.Error as exc:
                     raise self._command_failed(exc, generation) from exc
                 finally:
@@ -451,6 +464,7 @@ class AsyncSession(AsyncIdentified, AsyncClosing):
         conn = await self._connector()
         self._conn = conn
         self._pgconn = conn.pgconn
+        self._cursor = conn.cursor()
         conn.add_notify_handler(self._core.on_notify)
         self._core.new_connection(conn.info.backend_pid)
         self._generation += 1
