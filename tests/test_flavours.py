@@ -70,6 +70,21 @@ def test_generated_modules_say_so_and_name_their_source() -> None:
         assert (ROOT / source).exists()
 
 
+#: Issue 11: no module of the package over this many lines (a layer that
+#: grows past it is split, as client/, durable/ and feeds/ were).
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_is_over_the_size_limit() -> None:
+    sizes = {
+        str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+        for path in sorted((ROOT / "src" / "pgcast").rglob("*.py"))
+    }
+    assert len(sizes) > 50, sizes  # the package was found
+    over = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
+
+
 def test_both_flavour_modules_offer_the_same_names() -> None:
     from pgcast import _flavour, _flavour_async
 

@@ -43,7 +43,7 @@ from .._closing import AsyncClosing
 from .._connect import connect_failed, reconnect_conninfo
 from .._core import Core, wrap_error
 from .._discard import DISCARD_TIMEOUT, shutdown
-from .._errors import ClosedError, ConnectionLostError, NotSentError, PgcastError
+from .._errors import ClosedError, ConnectionLostError, PgcastError
 from .._flavour_async import (
     ACTOR,
     Event,
@@ -60,6 +60,7 @@ from .._flavour_async import (
 from .._logfields import connection_fields
 from .._reconnect import Reconnected, Resilience, Sleep, reconnect_plan
 from ..durable._schema import Rows
+from ._failures import Failures
 from ._identify_async import AsyncIdentified
 
 __all__ = ["AsyncSession", "opener"]
@@ -86,7 +87,7 @@ def _has_input(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-class AsyncSession(AsyncIdentified, AsyncClosing):
+class AsyncSession(AsyncIdentified, AsyncClosing, Failures):
     """One connection, used for LISTEN and commands, kept alive and restored."""
 
     def __init__(
@@ -110,10 +111,9 @@ class AsyncSession(AsyncIdentified, AsyncClosing):
         self._res = res = resilience or Resilience()
         self._conn = conn
         self._pgconn = conn.pgconn
-        # One cursor for the commands that return nothing (notify, listen):
-        # a fresh cursor per command costs a third of psycopg's client work
-        # for a NOTIFY (its adapters start cold). psycopg runs a cursor's
-        # execute() under the connection's lock, so sharing it is safe.
+        # The commands that return nothing (notify, listen) share a cursor: a
+        # fresh one per NOTIFY costs a third of psycopg's client work (cold
+        # adapters); its execute() runs under the connection's lock.
         self._cursor = conn.cursor()
         self._core = Core(res.health_check_interval)
         self._core.new_connection(conn.info.backend_pid)
@@ -209,16 +209,11 @@ class AsyncSession(AsyncIdentified, AsyncClosing):
                 with self._state_lock:
                     self._in_flight += 1
                 try:
-                    prepare = None if params else False
-                    if fetch:
-                        cur = await conn.execute(sql, params, prepare=prepare)
-                        rows = await cur.fetchall() if cur.description is not None else []
-                    else:
-                        cur = self._cursor
-                        if cur.connection is not conn:  # reconnected meanwhile
-                            cur = conn.cursor()
-                        await cur.execute(sql, params, prepare=prepare)
-                        rows = []
+                    cur = self._cursor  # a fresh one for rows, or after a reconnect:
+                    if fetch or cur.connection is not conn:
+                        cur = conn.cursor()
+                    await cur.execute(sql, params, prepare=None if params else False)
+                    rows = await cur.fetchall() if fetch and cur.description is not None else []
                 except psycopg.Error as exc:
                     raise self._command_failed(exc, generation) from exc
                 finally:
@@ -324,46 +319,6 @@ class AsyncSession(AsyncIdentified, AsyncClosing):
                 return  # closed or lost meanwhile: the next read or command notices it
         if self._core.inbox and (self._wake_callback is not None or self._waiter.waiting()):
             self._wake()
-
-    def _public_error(self, exc: PgcastError | psycopg.Error | OSError) -> PgcastError:
-        """What a public call raises for *exc*: :class:`ClosedError` when the
-        PubSub was closed meanwhile (by another thread or task: whatever the
-        closed connection made psycopg raise, a bare ``DatabaseError`` such as
-        "got no result from the query" included, or the ``OSError`` of a
-        wait on its socket), else *exc* in pgcast's tree. No psycopg
-        exception leaves a public call."""
-        if self._closed and not isinstance(exc, ClosedError):
-            return ClosedError(f"this {type(self).__name__} was closed during the command")
-        if isinstance(exc, psycopg.Error):
-            return wrap_error(exc)
-        if isinstance(exc, OSError):
-            return ConnectionLostError(f"connection to PostgreSQL lost: {exc}")
-        return exc
-
-    def _command_failed(self, exc: psycopg.Error, generation: int) -> PgcastError:
-        if self._closed:
-            # close() from another thread or task while the command was on
-            # the wire: psycopg reports whatever the torn connection gave.
-            return ClosedError(
-                f"this {type(self).__name__} was closed while the command was on "
-                f"its way: the server may or may not have run it ({exc})"
-            )
-        error = wrap_error(exc)
-        if isinstance(error, ConnectionLostError):
-            if generation == self._generation:
-                self._core.lost(error)
-            return ConnectionLostError(
-                f"{error} (while the command was on its way: the server may or "
-                "may not have run it)"
-            )
-        return error
-
-    def _not_sent(self, gave_up: ConnectionLostError) -> NotSentError:
-        return NotSentError(
-            f"not sent: the connection to PostgreSQL was lost and not "
-            f"restored within notify_timeout={self._res.notify_timeout:g} s "
-            f"({gave_up})"
-        )
 
     # -- reconnecting ------------------------------------------------------
 

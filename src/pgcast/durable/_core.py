@@ -5,10 +5,10 @@ sync and the asyncio drivers (:mod:`pgcast.client`, :mod:`pgcast.aio`) and for
 :mod:`pgcast.durable`:
 
 * (the schema's SQL and retention are in :mod:`pgcast.durable._schema`);
-* the *reference payload*, what NOTIFY carries for a message kept in the log
-  (:func:`ref_payload`, :func:`parse_ref`);
-* :func:`publish_query`: whether a message can go out as a plain NOTIFY or
-  must go through the log, and the statement either way;
+* (re-exported from :mod:`pgcast.durable._publish`) the *reference payload*,
+  what NOTIFY carries for a message kept in the log (:func:`ref_payload`,
+  :func:`parse_ref`), and :func:`publish_query`: whether a message can go out
+  as a plain NOTIFY or must go through the log, and the statement either way;
 * :class:`DurableState`: per durable channel, the position reached, the
   switch-over from replay to live, and the duplicates it removes.
 
@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from .._event import DurableEvent, Event, Position
 from .._gap import Gap, Marker
 from ._gaps import HEADER_SQL, REPLAY_SQL, consumer_query, decide, replay_query
-from ._publish import needs_log, publish_many_query, publish_query
+from ._publish import needs_log, parse_ref, publish_many_query, publish_query, ref_payload
 from ._schema import (
     INLINE_LIMIT,
     LATEST_VERSION,
@@ -108,32 +108,6 @@ BATCHES_BEFORE_MARKER = 100
 #: Replayed payloads larger than this are fetched one at a time as they are
 #: handed out, so a batch never holds more than about this much per row.
 REPLAY_INLINE_BYTES = 64 * 1024
-
-# -- reference payloads --------------------------------------------------------
-
-
-def ref_payload(id: int, payload: str | None = None) -> str:
-    """What NOTIFY carries for log row *id*: with *payload* inline, or not."""
-    if payload is None:
-        return f"{REF_PREFIX}{id}"
-    return f"{REF_PREFIX}{id}:{payload}"
-
-
-_REF_START = len(REF_PREFIX)
-
-
-def parse_ref(text: str) -> tuple[int, str | None] | None:
-    """The log id and inline payload (``None``: to fetch) of a reference
-    payload, or ``None`` if *text* is not one (then it is an ordinary payload)."""
-    # On the receive path of every durable message: string methods, no regex.
-    if not text.startswith(REF_PREFIX):
-        return None
-    colon = text.find(":", _REF_START)
-    digits = text[_REF_START:] if colon < 0 else text[_REF_START:colon]
-    if not (0 < len(digits) <= 19 and digits.isascii() and digits.isdigit()):
-        return None
-    return int(digits), (None if colon < 0 else text[colon + 1:])
-
 
 # -- consumers and retention ---------------------------------------------------
 

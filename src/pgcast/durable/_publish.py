@@ -1,7 +1,8 @@
 """Publishing through pgcast's log, pure: whether a message can go out as a
 plain NOTIFY or must go through the log (:func:`publish_query`,
-:func:`publish_many_query`), and the statement either way. Re-exported by
-:mod:`pgcast.durable._core`.
+:func:`publish_many_query`), the statement either way, and the *reference
+payload* NOTIFY carries for a message kept in the log (:func:`ref_payload`,
+:func:`parse_ref`). Re-exported by :mod:`pgcast.durable._core`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from .._channels import check_channel
 from .._errors import PayloadError
 from .._notify_many import message_pairs, notify_many_params, plain_messages
 from .._payload import MAX_PAYLOAD_BYTES, Payload, to_text
-from ._schema import Query
+from ._schema import REF_PREFIX, Query
 
-__all__ = ["needs_log", "publish_many_query", "publish_query"]
+__all__ = ["needs_log", "parse_ref", "publish_many_query", "publish_query", "ref_payload"]
 
 # -- publishing ----------------------------------------------------------------
 
@@ -85,3 +86,29 @@ def publish_many_query(
     if logged:
         return (NOTIFY_MANY_LOGGED_SQL, (channels, texts, durable)), True
     return notify_many_params(channels, texts), False
+
+
+# -- reference payloads --------------------------------------------------------
+
+
+def ref_payload(id: int, payload: str | None = None) -> str:
+    """What NOTIFY carries for log row *id*: with *payload* inline, or not."""
+    if payload is None:
+        return f"{REF_PREFIX}{id}"
+    return f"{REF_PREFIX}{id}:{payload}"
+
+
+_REF_START = len(REF_PREFIX)
+
+
+def parse_ref(text: str) -> tuple[int, str | None] | None:
+    """The log id and inline payload (``None``: to fetch) of a reference
+    payload, or ``None`` if *text* is not one (then it is an ordinary payload)."""
+    # On the receive path of every durable message: string methods, no regex.
+    if not text.startswith(REF_PREFIX):
+        return None
+    colon = text.find(":", _REF_START)
+    digits = text[_REF_START:] if colon < 0 else text[_REF_START:colon]
+    if not (0 < len(digits) <= 19 and digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits), (None if colon < 0 else text[colon + 1:])
