@@ -8,6 +8,7 @@ Each test that prunes without a channel, or truncates, gets its own database.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -159,6 +160,67 @@ def test_consumers_lists_position_lag_and_status(db: str) -> None:
         assert (lags["gone"].status, lags["gone"].lost) == ("lost", True)
         # With a retention longer than its lag, the slow one is fine.
         assert {lag.name: lag.status for lag in consumers(c, timedelta(days=30))}["slow"] == "ok"
+
+
+def test_async_consumers_and_drive_agree_with_the_sync_ones(db: str) -> None:
+    """pgcast.aio.consumers and pgcast.aio.drive: the same code as the sync
+    ones (generated from them), on an asyncio connection."""
+    with psycopg.connect(db, autocommit=True) as c:
+        ids = publish(c, "jobs", "a", "b")
+        consumer(c, "slow", "jobs", ids[0])
+        expected = [dataclasses.replace(lag, time_behind=None) for lag in consumers(c)]
+
+    def steps() -> Iterator[tuple[str, Any]]:
+        rows = yield ("SELECT count(*) FROM pgcast.log WHERE channel = %s", ("jobs",))
+        more = yield ("SELECT %s::int + 1", (rows[0][0],))
+        return more[0][0]
+
+    async def body() -> None:
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as ac:
+            got = await pgcast.aio.consumers(ac)
+            assert [dataclasses.replace(lag, time_behind=None) for lag in got] == expected
+            assert [(lag.name, lag.behind) for lag in expected] == [("slow", 1)]
+
+            async def fetch(query: str, params: Any) -> list[tuple[Any, ...]]:
+                cur = await ac.execute(query, params)
+                return await cur.fetchall()
+
+            assert await pgcast.aio.drive(steps(), fetch) == 3  # type: ignore[arg-type]
+            with psycopg.connect(db) as c, pytest.raises(
+                TypeError, match=r"use pgcast\.durable\.consumers\(\)"
+            ):
+                await pgcast.aio.consumers(c)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=r"use pgcast\.aio\.prune\(\)"):
+                pgcast.prune(ac)  # type: ignore[arg-type]
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_consumers_and_prune_without_the_schema_say_so(dsn: str) -> None:
+    """Both flavours, read-only: no schema is installed by asking."""
+    name = f"pgcast_noschema_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            url = psycopg.conninfo.make_conninfo(dsn, dbname=name)
+            with psycopg.connect(url, autocommit=True) as c:
+                with pytest.raises(pgcast.SchemaError, match="there are no consumers"):
+                    consumers(c)
+                with pytest.raises(pgcast.SchemaError, match="nothing to prune"):
+                    pgcast.prune(c, older_than=timedelta(0))
+
+            async def body() -> None:
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as ac:
+                    with pytest.raises(pgcast.SchemaError, match="there are no consumers"):
+                        await pgcast.aio.consumers(ac)
+                    with pytest.raises(pgcast.SchemaError, match="nothing to prune"):
+                        await pgcast.aio.prune(ac, older_than=timedelta(0))
+                    schema = await ac.execute("SELECT to_regnamespace('pgcast')")
+                    assert await schema.fetchone() == (None,)
+
+            asyncio.run(asyncio.wait_for(body(), 60))
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def test_cli_consumers_prune_and_doctor(db: str) -> None:

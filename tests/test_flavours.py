@@ -125,8 +125,16 @@ def test_install_schema_refuses_the_other_flavour(dsn: str) -> None:
 def test_the_asyncio_names_are_under_pgcast_aio() -> None:
     import pgcast.durable
 
+    # The functions under their sync names; the older names in pgcast.durable
+    # are the same functions.
     assert pgcast.aio.install_schema is pgcast.durable.install_schema_async
     assert pgcast.aio.prune is pgcast.durable.prune_async
+    assert pgcast.aio.drive is pgcast.durable.adrive
+    for name in ("install_schema", "prune", "consumers", "drive"):
+        sync, asyncio_ = getattr(pgcast.durable, name), getattr(pgcast.aio, name)
+        assert not inspect.iscoroutinefunction(sync), name
+        assert inspect.iscoroutinefunction(asyncio_), name
+        assert sync.__doc__ == asyncio_.__doc__, name  # one source
     assert pgcast.aio.NotificationManager is pgcast.aio.AsyncNotificationManager
     assert pgcast.aio.AsyncPubSub is pgcast.AsyncPubSub
 

@@ -51,6 +51,7 @@ FILES: list[tuple[str, str]] = [
     ("src/pgcast/manager/_manager_async.py", "src/pgcast/manager/_manager.py"),
     ("src/pgcast/publisher/_publisher_async.py", "src/pgcast/publisher/_publisher.py"),
     ("src/pgcast/feeds/_worker_async.py", "src/pgcast/feeds/_worker.py"),
+    ("src/pgcast/durable/_run_async.py", "src/pgcast/durable/_run.py"),
     # tests written once
     ("tests/test_aio_supervisor.py", "tests/test_supervisor.py"),
     ("tests/test_aio_pubsub.py", "tests/test_pubsub.py"),
@@ -110,6 +111,7 @@ NAMES: dict[str, str] = {
     "_manager_async": "_manager",
     "_publisher_async": "_publisher",
     "_worker_async": "_worker",
+    "_run_async": "_run",
 }
 
 #: Generic types whose last parameter is what a sync call returns.

@@ -39,9 +39,9 @@ from .._errors import PgcastError, ProtocolError
 from .._event import Event, Position
 from .._gap import Gap
 from .._reconnect import Reconnected
-from ..durable import adrive
 from ..durable._core import DurableState, Unfetched, ref_payload
 from ..durable._gaps import Check, resume_steps
+from ..durable._run_async import drive
 from . import _protocol
 from ._metrics import Stats
 from ._protocol import Frame, Ref, Since
@@ -131,7 +131,7 @@ async def check(
     if not positions and not durable:
         return None
     try:
-        return Checked(*await adrive(resume_steps(positions, epoch), fetch))
+        return Checked(*await drive(resume_steps(positions, epoch), fetch))
     except (PgcastError, psycopg.Error) as exc:
         raise ProtocolError(
             f"reading the log failed: {exc}; nothing changed: subscribe again"
@@ -251,14 +251,14 @@ class Resume:
         batch = max(1, min(1000, outbox.maxsize // 2))
         for channel, since in channels.items():
             position, announced = self._starts.pop(channel, (Position(since), 0))
-            self._stats.replayed += await adrive(self._state.subscribe_steps(
+            self._stats.replayed += await drive(self._state.subscribe_steps(
                 [channel], position, None, batch, {channel: announced}), fetch)
             await self._flush(fetch)
         while self._state.pending and not is_gone():
             # Let the client take what it has before reading more.
             while len(outbox) > batch and not is_gone():
                 await asyncio.sleep(0.01)
-            self._stats.replayed += await adrive(self._state.replay_steps(batch), fetch)
+            self._stats.replayed += await drive(self._state.replay_steps(batch), fetch)
             await self._flush(fetch)
 
     async def _flush(self, fetch: Fetch) -> None:
@@ -267,7 +267,7 @@ class Resume:
         while inbox:
             event = inbox[0]
             if isinstance(event, Unfetched):
-                fetched = await adrive(self._state.fetch_or_gap_steps(event), fetch)
+                fetched = await drive(self._state.fetch_or_gap_steps(event), fetch)
                 # The event may have been flushed meanwhile by nobody else:
                 # only this task pops Unfetched entries.
                 inbox.popleft()
