@@ -39,6 +39,19 @@ def schema_error(exc: BaseException) -> PgcastError:
     return wrap_error(exc)
 
 
+def _installed_version(table: str, otherwise: str) -> Steps[int]:
+    """The installed schema's version; SchemaError saying *otherwise* when
+    the schema (its table ``pgcast.<table>``) is not installed. Reads only."""
+    exists = yield ("SELECT to_regclass(%s) IS NOT NULL", (f"pgcast.{table}",))
+    if not exists[0][0]:
+        raise SchemaError(
+            f"the pgcast schema is not installed in this database: {otherwise} "
+            "(`pgcast init` installs it)"
+        )
+    found = yield ("SELECT coalesce(max(version), 0) FROM pgcast.schema_version", None)
+    return int(found[0][0])
+
+
 def prune_steps(
     older_than: timedelta | None,
     keep_last: int | None,
@@ -48,14 +61,7 @@ def prune_steps(
 ) -> Steps[PruneResult]:
     """Delete what retention no longer keeps (see :func:`pgcast.durable.prune`)."""
     prune_query(older_than, keep_last, channel, force=force, max_age=max_age)  # checks
-    exists = yield ("SELECT to_regclass('pgcast.log') IS NOT NULL", None)
-    if not exists[0][0]:
-        raise SchemaError(
-            "the pgcast schema is not installed in this database: there is nothing to "
-            "prune (`pgcast init` installs it)"
-        )
-    found = yield ("SELECT coalesce(max(version), 0) FROM pgcast.schema_version", None)
-    version = int(found[0][0])
+    version = yield from _installed_version("log", "there is nothing to prune")
     warn_old_schema(version)  # version 1: what is deleted is not recorded
     rows = yield prune_query(
         older_than, keep_last, channel, force=force, max_age=max_age, version=version
@@ -65,12 +71,6 @@ def prune_steps(
 
 def consumers_steps(retention: timedelta) -> Steps[list[ConsumerLag]]:
     """Every named consumer and its lag (see :func:`pgcast.durable.consumers`)."""
-    exists = yield ("SELECT to_regclass('pgcast.consumers') IS NOT NULL", None)
-    if not exists[0][0]:
-        raise SchemaError(
-            "the pgcast schema is not installed in this database: there are no "
-            "consumers (`pgcast init` installs it)"
-        )
-    found = yield ("SELECT coalesce(max(version), 0) FROM pgcast.schema_version", None)
-    rows = yield consumers_query(int(found[0][0]))
+    version = yield from _installed_version("consumers", "there are no consumers")
+    rows = yield consumers_query(version)
     return [lag_of(row, retention) for row in rows]
