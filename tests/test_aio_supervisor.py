@@ -71,6 +71,30 @@ def test_the_wake_callback_tells_of_events_that_came_another_way(
     arun(body())
 
 
+def test_wake_ends_a_wait_without_making_up_an_event(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            await ps.listen(unique_channel)
+            woken: list[int] = []
+            ps.set_wake_callback(lambda: woken.append(1))
+            ps.wake()  # what Worker.stop() uses to end the worker's wait
+            assert woken == [1]
+            assert ps.take_pending() == []
+            ps.set_wake_callback(None)
+            ps.wake()
+            assert woken == [1]
+            # The wakes left pending end the iteration's first wait at once,
+            # with nothing to hand out: it waits again, and the first thing
+            # it yields is the event that came next, not an idle None.
+            conn.execute("SELECT pg_notify(%s, 'after the wake')", (unique_channel,))
+            first = await anext(ps.wait(TIMEOUT))
+            assert isinstance(first, pgcast.Event) and first.payload == "after the wake"
+
+    arun(body())
+
+
 def test_health_check_schedule_and_tick(dsn: str, unique_channel: str) -> None:
     async def body() -> None:
         async with await pgcast.aio.connect(dsn, health_check_interval=0.5) as ps:

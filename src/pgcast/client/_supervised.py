@@ -8,7 +8,8 @@ it: wait on :meth:`~Supervised.fileno` yourself, call
 callback says something arrived another way) and hand out
 :meth:`~Supervised.take_pending`; run :meth:`~Supervised.health_tick`
 when :meth:`~Supervised.health_check_due` says, and
-:meth:`~Supervised.reconnect` when something says the connection is lost.
+:meth:`~Supervised.reconnect` when something says the connection is lost;
+:meth:`~Supervised.wake` ends a wait without an event.
 
 Written for asyncio (``_supervised_async.py``); the sync twin is generated
 from it by ``tools/async_to_sync.py``.
@@ -108,6 +109,13 @@ class Supervised(DurableSession):
         """Set :attr:`wake_callback` (a supervisor waiting on :meth:`fileno`
         sets it; the sync one may be called from any thread)."""
         self._wake_callback = callback
+
+    def wake(self) -> None:
+        """End the current wait on this PubSub (its iteration's, or a
+        supervisor's through :attr:`wake_callback`) without an event, so the
+        waiter looks at its own state again: a worker asked to stop, say.
+        No event is made up. Any thread (sync) or task."""
+        self._wake()
 
     @property
     def health_check_interval(self) -> float:

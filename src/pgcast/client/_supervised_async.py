@@ -6,7 +6,8 @@ it: wait on :meth:`~AsyncSupervised.fileno` yourself, call
 callback says something arrived another way) and hand out
 :meth:`~AsyncSupervised.take_pending`; run :meth:`~AsyncSupervised.health_tick`
 when :meth:`~AsyncSupervised.health_check_due` says, and
-:meth:`~AsyncSupervised.reconnect` when something says the connection is lost.
+:meth:`~AsyncSupervised.reconnect` when something says the connection is lost;
+:meth:`~AsyncSupervised.wake` ends a wait without an event.
 
 Written for asyncio (``_supervised_async.py``); the sync twin is generated
 from it by ``tools/async_to_sync.py``.
@@ -108,6 +109,13 @@ class AsyncSupervised(AsyncDurableSession):
         """Set :attr:`wake_callback` (a supervisor waiting on :meth:`fileno`
         sets it; the sync one may be called from any thread)."""
         self._wake_callback = callback
+
+    def wake(self) -> None:
+        """End the current wait on this PubSub (its iteration's, or a
+        supervisor's through :attr:`wake_callback`) without an event, so the
+        waiter looks at its own state again: a worker asked to stop, say.
+        No event is made up. Any thread (sync) or task."""
+        self._wake()
 
     @property
     def health_check_interval(self) -> float:

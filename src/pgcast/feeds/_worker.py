@@ -104,7 +104,7 @@ class Worker(WorkerBase):
         self._stop.set()
         ps = self._pubsub
         if ps is not None:
-            ps._wake()
+            ps.wake()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the worker listens and has drained its queues once."""

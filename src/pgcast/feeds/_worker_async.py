@@ -101,7 +101,7 @@ class AsyncWorker(WorkerBase):
         self._stop.set()
         ps = self._pubsub
         if ps is not None:
-            ps._wake()
+            ps.wake()
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the worker listens and has drained its queues once."""
