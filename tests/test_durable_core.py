@@ -353,3 +353,56 @@ def test_listen_arguments_are_checked() -> None:
         state.plan_subscribe(["c"], True, None, "")
     with pytest.raises(TypeError, match="consumer must be a str"):
         state.plan_subscribe(["c"], True, None, 5)  # type: ignore[arg-type]
+
+
+# -- running steps: pgcast.durable.drive and pgcast.aio.drive ------------------------
+
+
+def _recovering_steps(cleanup: list[str]) -> Any:
+    """Steps that handle a failed query by asking another."""
+    try:
+        try:
+            yield ("bad", None)
+        except ValueError as exc:
+            rows = yield ("good", (str(exc),))
+            return rows
+        yield ("unreachable", None)
+    finally:
+        cleanup.append("done")
+
+
+def _failing_steps(cleanup: list[str]) -> Any:
+    try:
+        yield ("bad", None)
+    finally:
+        cleanup.append("undone")
+
+
+def _fetch(sql: str, params: Any) -> list[tuple[Any, ...]]:
+    if sql == "bad":
+        raise ValueError("no such table")
+    return [tuple(params)]
+
+
+async def _afetch(sql: str, params: Any) -> list[tuple[Any, ...]]:
+    return _fetch(sql, params)
+
+
+def test_drive_throws_what_fetch_raises_into_the_steps() -> None:
+    """Both flavours: a failed query is the steps' to handle; one they do not
+    handle leaves them through their finally blocks and reaches the caller."""
+    import asyncio
+
+    import pgcast.aio
+    import pgcast.durable
+
+    for run in (
+        lambda steps: pgcast.durable.drive(steps, _fetch),
+        lambda steps: asyncio.run(pgcast.aio.drive(steps, _afetch)),
+    ):
+        cleanup: list[str] = []
+        assert run(_recovering_steps(cleanup)) == [("no such table",)]
+        assert cleanup == ["done"]
+        with pytest.raises(ValueError, match="no such table"):
+            run(_failing_steps(cleanup))
+        assert cleanup == ["done", "undone"]

@@ -22,6 +22,7 @@ from .._gap import Gap
 from ..durable import _core as _durable_core
 from ..durable import schema_error
 from ..durable._core import Unfetched
+from ..durable._run import drive
 from ..durable._schema import LATEST_VERSION, Query, Rows, Steps, check_steps, install_steps
 from ._session import Session
 
@@ -51,16 +52,16 @@ class DurableSession(Session):
             try:
                 if self._install_schema:  # asked for: connect(install_schema=True)
                     with self.transaction():
-                        self._run_steps(install_steps())
+                        drive(install_steps(), self._fetch)
                     durable.version = LATEST_VERSION
                 else:  # no DDL unless asked: check only (an older one is used)
-                    durable.version = self._run_steps(check_steps())
+                    durable.version = drive(check_steps(), self._fetch)
             except PgcastError as exc:
                 raise schema_error(exc) from exc
             durable.schema_ready = True
         before = len(core.inbox)
         try:
-            result = self._run_steps(steps)
+            result = drive(steps, self._fetch)
         finally:
             if durable.gaps:
                 self._gaps_found()
@@ -87,20 +88,6 @@ class DurableSession(Session):
                 except Exception:
                     logger.exception("pgcast: on_gap failed on %r", gap)
 
-    def _run_steps(self, steps: Steps[T]) -> T:
-        try:
-            query = next(steps)
-            while True:  # ends: the steps return
-                try:
-                    rows = self._fetch(*query)
-                except BaseException as exc:
-                    query = steps.throw(exc)
-                    continue
-                query = steps.send(rows)
-        except StopIteration as done:
-            result: T = done.value
-            return result
-
     def _replay(self) -> bool:
         """Read one replay batch if a durable channel is catching up."""
         durable = self._core.durable
@@ -113,11 +100,9 @@ class DurableSession(Session):
         # A reconnect hook: every channel is LISTENed again; what was missed
         # meanwhile is read now (a few batches at most), so that it comes
         # before the marker (Core.new_connection set the replay going).
-        durable = self._core.durable
         for _ in range(_durable_core.BATCHES_BEFORE_MARKER):
-            if not durable.pending:
+            if not self._replay():
                 break
-            self._durable(durable.replay_steps())
 
     def _fetch_payload(self, event: Unfetched) -> DurableEvent | Gap | None:
         """The event with its payload read from the log (a :class:`Gap` or

@@ -19,6 +19,7 @@ from .._gap import Gap
 from ..durable import _core as _durable_core
 from ..durable import schema_error
 from ..durable._core import Unfetched
+from ..durable._run_async import drive
 from ..durable._schema import (
     LATEST_VERSION,
     Query,
@@ -55,16 +56,16 @@ class AsyncDurableSession(AsyncSession):
             try:
                 if self._install_schema:  # asked for: connect(install_schema=True)
                     async with self.transaction():
-                        await self._run_steps(install_steps())
+                        await drive(install_steps(), self._fetch)
                     durable.version = LATEST_VERSION
                 else:  # no DDL unless asked: check only (an older one is used)
-                    durable.version = await self._run_steps(check_steps())
+                    durable.version = await drive(check_steps(), self._fetch)
             except PgcastError as exc:
                 raise schema_error(exc) from exc
             durable.schema_ready = True
         before = len(core.inbox)
         try:
-            result = await self._run_steps(steps)
+            result = await drive(steps, self._fetch)
         finally:
             if durable.gaps:
                 await self._gaps_found()
@@ -89,20 +90,6 @@ class AsyncDurableSession(AsyncSession):
                 except Exception:
                     logger.exception("pgcast: on_gap failed on %r", gap)
 
-    async def _run_steps(self, steps: Steps[T]) -> T:
-        try:
-            query = next(steps)
-            while True:  # ends: the steps return
-                try:
-                    rows = await self._fetch(*query)
-                except BaseException as exc:
-                    query = steps.throw(exc)
-                    continue
-                query = steps.send(rows)
-        except StopIteration as done:
-            result: T = done.value
-            return result
-
     async def _replay(self) -> bool:
         """Read one replay batch if a durable channel is catching up."""
         durable = self._core.durable
@@ -115,11 +102,9 @@ class AsyncDurableSession(AsyncSession):
         # A reconnect hook: every channel is LISTENed again; what was missed
         # meanwhile is read now (a few batches at most), so that it comes
         # before the marker (Core.new_connection set the replay going).
-        durable = self._core.durable
         for _ in range(_durable_core.BATCHES_BEFORE_MARKER):
-            if not durable.pending:
+            if not await self._replay():
                 break
-            await self._durable(durable.replay_steps())
 
     async def _fetch_payload(self, event: Unfetched) -> DurableEvent | Gap | None:
         """The event with its payload read from the log (a :class:`Gap` or

@@ -10,6 +10,9 @@ not restored in time to send).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import psycopg
 
 from .._core import Core, wrap_error
@@ -41,6 +44,18 @@ class Failures:
         if isinstance(exc, OSError):
             return ConnectionLostError(f"connection to PostgreSQL lost: {exc}")
         return exc
+
+    @contextlib.contextmanager
+    def _public_errors(self) -> Iterator[None]:
+        """Let no psycopg exception (nor an ``OSError``) out of the block:
+        what leaves it is :meth:`_public_error`'s."""
+        try:
+            yield
+        except (PgcastError, psycopg.Error, OSError) as exc:
+            error = self._public_error(exc)
+            if error is not exc:
+                raise error from exc
+            raise
 
     def _command_failed(self, exc: psycopg.Error, generation: int) -> PgcastError:
         """What a command that failed on the wire raises; a lost connection

@@ -46,7 +46,7 @@ from .._closing import Closing
 from .._connect import connect_failed, reconnect_conninfo
 from .._core import Core, wrap_error
 from .._discard import DISCARD_TIMEOUT, shutdown
-from .._errors import ClosedError, ConnectionLostError, PgcastError
+from .._errors import ClosedError, ConnectionLostError
 from .._flavour import (
     ACTOR,
     Event,
@@ -198,9 +198,8 @@ class Session(Identified, Closing, Failures):
         return self._command(sql, params, fetch=True)
 
     def _command(self, sql: str | bytes, params: Any, *, fetch: bool) -> Rows:
-        if self._closed:
-            raise ClosedError(f"this {type(self).__name__} is closed")
-        try:
+        self._check_open(lost_ok=True)  # a lost one is restored by _begin_command
+        with self._public_errors():
             self._begin_command()
             try:
                 if not self._core.identified:  # built on a connection, not by connect()
@@ -225,11 +224,6 @@ class Session(Identified, Closing, Failures):
             finally:
                 self._end_command()
                 self._after_query()
-        except (PgcastError, psycopg.Error, OSError) as exc:
-            error = self._public_error(exc)
-            if error is not exc:
-                raise error from exc
-            raise
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -256,28 +250,25 @@ class Session(Identified, Closing, Failures):
         hooks' commands), nor with ``reconnect=False``: those see the loss."""
         with self._state_lock:
             self._queries += 1
+        deadline: float | None = None
         try:
-            deadline: float | None = None
-            while True:  # ends: _recover gives up at the deadline
-                generation = self._generation
-                try:
-                    self._settle()
-                    return
-                except ConnectionLostError as exc:
-                    if not self._res.reconnect or self._in_reconnect():
-                        raise
-                    if deadline is None:
-                        deadline = time.monotonic() + self._res.notify_timeout
+            with self._public_errors():
+                while True:  # ends: _recover gives up at the deadline
+                    generation = self._generation
                     try:
-                        self._recover(exc, generation, deadline)
-                    except ConnectionLostError as gave_up:
-                        raise self._not_sent(gave_up) from gave_up
-        except BaseException as exc:
+                        self._settle()
+                        return
+                    except ConnectionLostError as exc:
+                        if not self._res.reconnect or self._in_reconnect():
+                            raise
+                        if deadline is None:
+                            deadline = time.monotonic() + self._res.notify_timeout
+                        try:
+                            self._recover(exc, generation, deadline)
+                        except ConnectionLostError as gave_up:
+                            raise self._not_sent(gave_up) from gave_up
+        except BaseException:
             self._end_command()
-            if isinstance(exc, PgcastError | psycopg.Error | OSError):
-                error = self._public_error(exc)
-                if error is not exc:
-                    raise error from exc
             raise
 
     def _end_command(self) -> None:

@@ -32,17 +32,21 @@ Params = Sequence[Any] | Mapping[str, Any] | None
 
 def drive(steps: Steps[T], fetch: Callable[[str, Params], Rows]) -> T:
     """Run *steps* (see :mod:`pgcast.durable._core`): each query they yield
-    is run by *fetch*, and its rows sent back, until they return."""
+    is run by *fetch* and its rows are sent back, until they return. What
+    *fetch* raises is thrown into them: they may handle it, and their
+    ``finally`` blocks undo their bookkeeping when they do not."""
     try:
         query: Query = next(steps)
-        while True:
-            query = steps.send(fetch(*query))
+        while True:  # ends: the steps return, or raise
+            try:
+                rows = fetch(*query)
+            except BaseException as exc:
+                query = steps.throw(exc)
+                continue
+            query = steps.send(rows)
     except StopIteration as stop:
         result: T = stop.value
         return result
-    except BaseException:
-        steps.close()  # lets the steps undo their bookkeeping
-        raise
 
 
 def _fetcher(conn: psycopg.Connection[Any]) -> Callable[[str, Params], Rows]:

@@ -30,17 +30,21 @@ Params = Sequence[Any] | Mapping[str, Any] | None
 
 async def drive(steps: Steps[T], fetch: Callable[[str, Params], Awaitable[Rows]]) -> T:
     """Run *steps* (see :mod:`pgcast.durable._core`): each query they yield
-    is run by *fetch*, and its rows sent back, until they return."""
+    is run by *fetch* and its rows are sent back, until they return. What
+    *fetch* raises is thrown into them: they may handle it, and their
+    ``finally`` blocks undo their bookkeeping when they do not."""
     try:
         query: Query = next(steps)
-        while True:
-            query = steps.send(await fetch(*query))
+        while True:  # ends: the steps return, or raise
+            try:
+                rows = await fetch(*query)
+            except BaseException as exc:
+                query = steps.throw(exc)
+                continue
+            query = steps.send(rows)
     except StopIteration as stop:
         result: T = stop.value
         return result
-    except BaseException:
-        steps.close()  # lets the steps undo their bookkeeping
-        raise
 
 
 def _fetcher(conn: psycopg.AsyncConnection[Any]) -> Callable[[str, Params], Awaitable[Rows]]:
