@@ -3,7 +3,7 @@
 # ruff: noqa: E501
 """A PubSub's connection: running commands, waiting for the socket, the health
 check and reconnecting. :class:`Session` is what
-:class:`pgcast.aio.PubSub` is built on; the sync twin
+:class:`pgcast.PubSub` is built on; the sync twin
 (:mod:`pgcast.client._session`) is generated from this file by
 ``tools/async_to_sync.py``.
 

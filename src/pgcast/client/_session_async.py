@@ -1,6 +1,6 @@
 """A PubSub's connection: running commands, waiting for the socket, the health
 check and reconnecting. :class:`AsyncSession` is what
-:class:`pgcast.aio.AsyncPubSub` is built on; the sync twin
+:class:`pgcast.AsyncPubSub` is built on; the sync twin
 (:mod:`pgcast.client._session`) is generated from this file by
 ``tools/async_to_sync.py``.
 
