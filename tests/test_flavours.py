@@ -85,6 +85,46 @@ def test_no_module_is_over_the_size_limit() -> None:
     assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
 
 
+def _private_names_of_the_pubsub() -> set[str]:
+    """The private methods and attributes the PubSub's classes define."""
+    import ast
+
+    names: set[str] = set()
+    for path in (ROOT / "src" / "pgcast" / "client").glob("*_async.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                names.add(node.name)
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "self"
+            ):
+                names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_nothing_outside_the_client_reaches_into_a_pubsub() -> None:
+    """Issue 11: the managers, the Worker, the Publisher, the gateway and the
+    compat layers drive a PubSub through its public (supervisor) interface:
+    no ``other._private`` of a PubSub's private name outside client/."""
+    import ast
+
+    private = _private_names_of_the_pubsub()
+    assert {"_wake", "_read", "_core", "_conn", "_fill"} <= private  # the scan works
+    found = []
+    for path in sorted((ROOT / "src" / "pgcast").rglob("*.py")):
+        if path.parent.name == "client":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in private
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+    assert not found, found
+
+
 def test_both_flavour_modules_offer_the_same_names() -> None:
     from pgcast import _flavour, _flavour_async
 
