@@ -10,8 +10,7 @@ not restored in time to send).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from typing import NoReturn
 
 import psycopg
 
@@ -45,17 +44,16 @@ class Failures:
             return ConnectionLostError(f"connection to PostgreSQL lost: {exc}")
         return exc
 
-    @contextlib.contextmanager
-    def _public_errors(self) -> Iterator[None]:
-        """Let no psycopg exception (nor an ``OSError``) out of the block:
-        what leaves it is :meth:`_public_error`'s."""
-        try:
-            yield
-        except (PgcastError, psycopg.Error, OSError) as exc:
-            error = self._public_error(exc)
-            if error is not exc:
-                raise error from exc
-            raise
+    def _raise_public(self, exc: PgcastError | psycopg.Error | OSError) -> NoReturn:
+        """Raise what a public call raises for *exc* (:meth:`_public_error`),
+        from inside the ``except`` block that caught it: *exc* itself when it
+        is already pgcast's, so its traceback stays whole. (An ``except``
+        clause, not a context manager: it costs a command nothing when all
+        goes well.)"""
+        error = self._public_error(exc)
+        if error is exc:
+            raise exc
+        raise error from exc
 
     def _command_failed(self, exc: psycopg.Error, generation: int) -> PgcastError:
         """What a command that failed on the wire raises; a lost connection
@@ -85,3 +83,4 @@ class Failures:
             f"restored within notify_timeout={self._res.notify_timeout:g} s "
             f"({gave_up})"
         )
+

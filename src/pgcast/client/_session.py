@@ -46,7 +46,7 @@ from .._closing import Closing
 from .._connect import connect_failed, reconnect_conninfo
 from .._core import Core, wrap_error
 from .._discard import DISCARD_TIMEOUT, shutdown
-from .._errors import ClosedError, ConnectionLostError
+from .._errors import ClosedError, ConnectionLostError, PgcastError
 from .._flavour import (
     ACTOR,
     Event,
@@ -199,7 +199,7 @@ class Session(Identified, Closing, Failures):
 
     def _command(self, sql: str | bytes, params: Any, *, fetch: bool) -> Rows:
         self._check_open(lost_ok=True)  # a lost one is restored by _begin_command
-        with self._public_errors():
+        try:
             self._begin_command()
             try:
                 if not self._core.identified:  # built on a connection, not by connect()
@@ -224,6 +224,8 @@ class Session(Identified, Closing, Failures):
             finally:
                 self._end_command()
                 self._after_query()
+        except (PgcastError, psycopg.Error, OSError) as exc:
+            self._raise_public(exc)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -252,23 +254,24 @@ class Session(Identified, Closing, Failures):
             self._queries += 1
         deadline: float | None = None
         try:
-            with self._public_errors():
-                while True:  # ends: _recover gives up at the deadline
-                    generation = self._generation
+            while True:  # ends: _recover gives up at the deadline
+                generation = self._generation
+                try:
+                    self._settle()
+                    return
+                except ConnectionLostError as exc:
+                    if not self._res.reconnect or self._in_reconnect():
+                        raise
+                    if deadline is None:
+                        deadline = time.monotonic() + self._res.notify_timeout
                     try:
-                        self._settle()
-                        return
-                    except ConnectionLostError as exc:
-                        if not self._res.reconnect or self._in_reconnect():
-                            raise
-                        if deadline is None:
-                            deadline = time.monotonic() + self._res.notify_timeout
-                        try:
-                            self._recover(exc, generation, deadline)
-                        except ConnectionLostError as gave_up:
-                            raise self._not_sent(gave_up) from gave_up
-        except BaseException:
+                        self._recover(exc, generation, deadline)
+                    except ConnectionLostError as gave_up:
+                        raise self._not_sent(gave_up) from gave_up
+        except BaseException as exc:
             self._end_command()
+            if isinstance(exc, PgcastError | psycopg.Error | OSError):
+                self._raise_public(exc)
             raise
 
     def _end_command(self) -> None:
