@@ -120,3 +120,43 @@ def test_reconnect_keeps_the_mapped_database(dsn: str) -> None:
         assert isinstance(got[-1], pgcast.Reconnected), got
         assert ps.backend_pid != old
         assert ps.connection.info.dbname == params["database"]
+
+
+def test_connect_keywords_and_defaults_are_written_once() -> None:
+    """connect()'s own keywords are RESILIENCE_KEYWORDS (plus install_schema),
+    with resilience()'s defaults: connect_as() and compat take that list."""
+    import inspect
+
+    from pgcast._connect import RESILIENCE_KEYWORDS
+    from pgcast._reconnect import resilience
+
+    defaults = inspect.signature(resilience).parameters
+    for connect in (pgcast.connect, pgcast.aio.connect):
+        params = inspect.signature(connect).parameters
+        own = set(params) - {"conninfo", "install_schema", "kwargs"}
+        assert own == set(RESILIENCE_KEYWORDS), connect
+        for name in RESILIENCE_KEYWORDS:
+            assert params[name].default == defaults[name].default, (connect, name)
+
+
+def test_compat_open_passes_every_pgcast_keyword(dsn: str) -> None:
+    from pgcast.compat import postgresql
+
+    params = conninfo_to_dict(dsn)
+    on_gap, on_reconnect = print, repr
+    with postgresql.open(
+        host=params.get("host"), port=params.get("port"), user=params.get("user"),
+        database=params["dbname"], on_gap=on_gap, on_reconnect=on_reconnect,
+        notify_timeout=3, health_check_interval=0,
+    ) as conn:
+        res = conn._res
+        assert (res.on_gap, res.on_reconnect, res.notify_timeout) == (on_gap, on_reconnect, 3.0)
+        assert (res.reconnect, res.health_check_interval) == (False, 0)
+
+
+@pytest.mark.parametrize("bad", [{"notify_timeout": -1}, {"reconnect": "yes"}])
+def test_pgcast_keywords_are_checked_before_connecting(bad: dict[str, Any]) -> None:
+    from pgcast.client._open import connect_as
+
+    with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+        connect_as(pgcast.PubSub, "host=127.0.0.1 port=1 connect_timeout=1", **bad)

@@ -19,13 +19,14 @@ from typing import Any
 import psycopg
 import psycopg.conninfo
 
-from ._backoff import Backoff
 from ._core import connect_args
 from ._errors import ConnectError
-from ._gap import OnGap
-from ._reconnect import OnReconnect, Resilience, add_keepalives, resilience
+from ._reconnect import Resilience, add_keepalives, resilience
 
-__all__ = ["connect_failed", "connect_plan", "psycopg2_args", "reconnect_conninfo"]
+__all__ = [
+    "RESILIENCE_KEYWORDS",
+    "connect_failed",
+    "connect_plan", "psycopg2_args", "reconnect_conninfo"]
 
 #: psycopg2 keywords that name a Python object rather than a connection
 #: setting: pgcast makes its own connections and cursors, so none applies.
@@ -86,22 +87,21 @@ def psycopg2_args(conninfo: str, kwargs: dict[str, Any]) -> tuple[str, dict[str,
 
 
 
-def connect_plan(
-    conninfo: str,
-    kwargs: dict[str, Any],
-    *,
-    reconnect: bool,
-    reconnect_backoff: Backoff | None,
-    health_check_interval: float | None,
-    notify_timeout: float,
-    on_reconnect: OnReconnect | None,
-    on_gap: OnGap | None = None,
-) -> tuple[str, dict[str, Any], Resilience]:
+#: ``connect()``'s keywords that set how the PubSub behaves, validated by
+#: :func:`~pgcast._reconnect.resilience` (its defaults are ``connect()``'s);
+#: every other keyword goes to ``psycopg.connect``.
+RESILIENCE_KEYWORDS = (
+    "reconnect", "reconnect_backoff", "health_check_interval", "notify_timeout",
+    "on_reconnect", "on_gap",
+)
+
+
+def connect_plan(conninfo: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], Resilience]:
     """``connect()``'s arguments checked: the conninfo and options to open
     every connection of the PubSub with, and its :class:`Resilience`."""
-    res = resilience(reconnect, reconnect_backoff, health_check_interval, notify_timeout,
-                     on_reconnect, on_gap=on_gap)
-    conninfo, options = connect_args(*psycopg2_args(conninfo, kwargs))
+    res = resilience(**{name: kwargs[name] for name in RESILIENCE_KEYWORDS if name in kwargs})
+    rest = {name: value for name, value in kwargs.items() if name not in RESILIENCE_KEYWORDS}
+    conninfo, options = connect_args(*psycopg2_args(conninfo, rest))
     return conninfo, add_keepalives(conninfo, options, res.health_check_interval), res
 
 

@@ -82,27 +82,13 @@ async def connect(
 
 
 async def connect_as(
-    cls: type[P],
-    conninfo: str = "",
-    *,
-    reconnect: bool = True,
-    reconnect_backoff: Backoff | None = None,
-    health_check_interval: float | None = 30.0,
-    on_reconnect: OnReconnect | None = None,
-    on_gap: OnGap | None = None,
-    notify_timeout: float = 30.0,
-    install_schema: bool = False,
-    **kwargs: Any,
+    cls: type[P], conninfo: str = "", *, install_schema: bool = False, **kwargs: Any
 ) -> P:
-    """:func:`connect`, opening an instance of *cls*, a subclass of the
-    PubSub that adds names and no state (:mod:`pgcast.compat`'s connections),
-    so that it is a PubSub in every way: a NotificationManager watches it and
-    yields it."""
-    conninfo, options, res = connect_plan(
-        conninfo, kwargs, reconnect=reconnect, reconnect_backoff=reconnect_backoff,
-        health_check_interval=health_check_interval, notify_timeout=notify_timeout,
-        on_reconnect=on_reconnect, on_gap=on_gap,
-    )
+    """:func:`connect` (the same arguments and defaults), opening an instance
+    of *cls*, a subclass of the PubSub that adds names and no state
+    (:mod:`pgcast.compat`'s connections), so that it is a PubSub in every
+    way: a NotificationManager watches it and yields it."""
+    conninfo, options, res = connect_plan(conninfo, kwargs)
     open_connection = opener(conninfo, options)
     pubsub = cls(
         await open_connection(), resilience=res, connector=open_connection,

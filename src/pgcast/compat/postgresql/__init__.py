@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ..._connect import RESILIENCE_KEYWORDS
 from ..._event import Event
 from ..._gap import Gap
 from ..._payload import Payload
@@ -120,7 +121,4 @@ def open(iri: str | None = None, prompt_title: object = None, **kw: Any) -> Conn
 
 
 #: :func:`pgcast.connect`'s own keywords, passed on untouched.
-_PGCAST_KEYWORDS = (
-    "reconnect", "reconnect_backoff", "health_check_interval", "on_reconnect",
-    "notify_timeout", "install_schema",
-)
+_PGCAST_KEYWORDS = (*RESILIENCE_KEYWORDS, "install_schema")
