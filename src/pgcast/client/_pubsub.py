@@ -2,18 +2,11 @@
 # Edit the source, then run `python tools/async_to_sync.py`.
 """The PubSub: listen to and notify PostgreSQL channels over one connection.
 
-This is the asyncio one (:class:`PubSub`, :func:`connect`,
-:func:`notify`), written by hand; the sync one (:mod:`pgcast.client._pubsub`:
-:class:`pgcast.PubSub`) is generated from this file by
-``tools/async_to_sync.py``. The connection underneath (commands, waiting,
-the health check, reconnecting) is :mod:`pgcast.client._session_async`; the
-decisions are the core's (:mod:`pgcast._core`, :mod:`pgcast.durable._core`).
-
-Other threads or tasks may notify, listen and unlisten while one iterates
-:meth:`PubSub.events`: they do not wait for its timeout. What is not
-safe: two iterating the same PubSub at once, and :meth:`PubSub.transaction`
-while others notify through the same PubSub (their NOTIFYs would join the
-transaction). An asyncio PubSub belongs to the event loop it was created in.
+The asyncio one (:class:`PubSub`), written by hand; the sync one
+(:class:`pgcast.PubSub`) is generated from this file by
+``tools/async_to_sync.py``. The connection underneath is
+:mod:`pgcast.client._session_async`; the decisions are the core's
+(:mod:`pgcast._core`, :mod:`pgcast.durable._core`).
 """
 
 from __future__ import annotations
@@ -52,6 +45,12 @@ class PubSub(Supervised):
 
     Create it with ``connect()``. Use it as a context manager, or call
     ``close()``.
+
+    Other threads or tasks may notify, listen and unlisten while one iterates
+    :meth:`events`: they do not wait for its timeout. What is not safe: two
+    iterating the same PubSub at once, and :meth:`transaction` while others
+    notify through the same PubSub (their NOTIFYs would join the
+    transaction). An asyncio PubSub belongs to the event loop it was created in.
     """
 
     #: Set by stop(), read by run() (asyncio flavour).

@@ -1,15 +1,8 @@
 # Generated from src/pgcast/client/_supervised_async.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
-"""Waiting for the socket: a PubSub's own iteration (``_fill``, which reads
-what arrived into the inbox, sending the health check's probe when due), or a
-supervisor (a NotificationManager) that drives the PubSub without iterating
-it: wait on :meth:`~Supervised.fileno` yourself, call
-:meth:`~Supervised.read_ready` when it is readable (or when the wake
-callback says something arrived another way) and hand out
-:meth:`~Supervised.take_pending`; run :meth:`~Supervised.health_tick`
-when :meth:`~Supervised.health_check_due` says, and
-:meth:`~Supervised.reconnect` when something says the connection is lost;
-:meth:`~Supervised.wake` ends a wait without an event.
+"""Waiting for the socket: a PubSub's own iteration (``_fill``), and the
+supervisor interface through which a NotificationManager drives it without
+iterating it (:class:`Supervised`).
 
 Written for asyncio (``_supervised_async.py``); the sync twin is generated
 from it by ``tools/async_to_sync.py``.
@@ -31,8 +24,12 @@ __all__ = ["Supervised"]
 
 
 class Supervised(DurableSession):
-    """The waiting of a PubSub, and its supervisor interface (see the module
-    docstring)."""
+    """The waiting of a PubSub, and its supervisor interface: wait on
+    :meth:`fileno` yourself, call :meth:`read_ready` when it is readable (or
+    when :attr:`wake_callback` says something arrived another way) and hand
+    out :meth:`take_pending`; run :meth:`health_tick` when
+    :meth:`health_check_due` says, and :meth:`reconnect` when the connection
+    is lost; :meth:`wake` ends a wait without an event."""
 
     # -- waiting -----------------------------------------------------------
 

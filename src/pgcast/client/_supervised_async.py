@@ -1,13 +1,6 @@
-"""Waiting for the socket: a PubSub's own iteration (``_fill``, which reads
-what arrived into the inbox, sending the health check's probe when due), or a
-supervisor (a NotificationManager) that drives the PubSub without iterating
-it: wait on :meth:`~AsyncSupervised.fileno` yourself, call
-:meth:`~AsyncSupervised.read_ready` when it is readable (or when the wake
-callback says something arrived another way) and hand out
-:meth:`~AsyncSupervised.take_pending`; run :meth:`~AsyncSupervised.health_tick`
-when :meth:`~AsyncSupervised.health_check_due` says, and
-:meth:`~AsyncSupervised.reconnect` when something says the connection is lost;
-:meth:`~AsyncSupervised.wake` ends a wait without an event.
+"""Waiting for the socket: a PubSub's own iteration (``_fill``), and the
+supervisor interface through which a NotificationManager drives it without
+iterating it (:class:`AsyncSupervised`).
 
 Written for asyncio (``_supervised_async.py``); the sync twin is generated
 from it by ``tools/async_to_sync.py``.
@@ -29,8 +22,12 @@ __all__ = ["AsyncSupervised"]
 
 
 class AsyncSupervised(AsyncDurableSession):
-    """The waiting of a PubSub, and its supervisor interface (see the module
-    docstring)."""
+    """The waiting of a PubSub, and its supervisor interface: wait on
+    :meth:`fileno` yourself, call :meth:`read_ready` when it is readable (or
+    when :attr:`wake_callback` says something arrived another way) and hand
+    out :meth:`take_pending`; run :meth:`health_tick` when
+    :meth:`health_check_due` says, and :meth:`reconnect` when the connection
+    is lost; :meth:`wake` ends a wait without an event."""
 
     # -- waiting -----------------------------------------------------------
 
