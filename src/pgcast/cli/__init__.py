@@ -67,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A command whose extra is not installed: one line naming the extra.
         if exc.name not in _EXTRAS:
             raise
-        print(f"pgcast {args.command}: error: this needs {exc.name}: "
-              f"pip install 'pgcast[{_EXTRAS[exc.name]}]'", file=sys.stderr)
+        advice = f"pip install 'pgcast[{_EXTRAS[exc.name]}]'"
+        message = exc.msg if advice in exc.msg else f"this needs {exc.name}: {advice}"
+        print(f"pgcast {args.command}: error: {message}", file=sys.stderr)
         return 1
     except UsageError as exc:
         print(f"pgcast {args.command}: error: {exc}", file=sys.stderr)

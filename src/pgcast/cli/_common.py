@@ -48,7 +48,14 @@ def resolve_dsn(args: argparse.Namespace) -> str:
             return os.environ[name]
     if any(k in os.environ for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")):
         return ""
-    from ..embedded import default_datadir, ensure_running, persistent_dsn
+    try:
+        from ..embedded import default_datadir, ensure_running, persistent_dsn
+    except ImportError as exc:
+        raise ImportError(
+            "no DSN given (--dsn, PGCAST_DSN, DATABASE_URL or PG* variables), and the "
+            f"embedded server needs {exc.name}: pip install 'pgcast[embedded]'",
+            name=exc.name,
+        ) from exc
 
     if (running := persistent_dsn()) is not None:
         return running

@@ -30,7 +30,8 @@ try:
     import starlette  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
-        "pgcast.gateway needs Starlette and uvicorn: pip install 'pgcast[gateway]'"
+        "pgcast.gateway needs Starlette and uvicorn: pip install 'pgcast[gateway]'",
+        name=exc.name,  # the pgcast command names the extra from it
     ) from exc
 
 from ._gateway import Gateway, GatewayApp
