@@ -10,6 +10,8 @@ import asyncio
 import inspect
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +136,52 @@ def test_both_flavour_modules_offer_the_same_names() -> None:
     imported = {
         "Any", "Awaitable", "Callable", "ConnectionLostError", "Generic", "Iterable", "K",
         "TypeVar", "annotations", "check_flavour", "asyncio", "concurrent", "contextlib",
-        "inspect", "os", "pq", "psycopg", "select", "selectors", "socket", "threading", "time",
-        "weakref",
+        "inspect", "logging", "os", "pq", "psycopg", "select", "selectors", "socket",
+        "threading", "time", "weakref",
     }
     assert public - imported <= set(_flavour_async.__all__)
+
+
+def test_sync_gather_cancelled_stops_sleeping_threads_and_bounds_its_wait(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sync twin of cancelling tasks: a start_task() thread ends at its
+    # next sleep_unless(); one busy elsewhere (a connection attempt) is waited
+    # for within the timeout, then left, named in a warning, to end at its sleep.
+    from pgcast import _flavour
+
+    monkeypatch.setattr(_flavour, "_CANCEL_TIMEOUT", 0.5)
+    tracked: set[Any] = set()
+    never = threading.Event()  # the PubSub's closing: not set here
+    busy = threading.Event()
+    slept: list[str] = []
+
+    def sleeper() -> None:
+        _flavour.sleep_unless(never, 60)
+        slept.append("sleeper")  # not reached: stopped
+
+    def attempting() -> None:
+        assert busy.wait(10), "not released"
+        _flavour.sleep_unless(never, 60)
+        slept.append("attempting")
+
+    _flavour.start_task(sleeper, "t-sleeper", tracked)
+    _flavour.start_task(attempting, "t-attempting", tracked)
+    assert len(tracked) == 2
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="pgcast"):
+        _flavour.gather_cancelled(tracked)
+    took = time.monotonic() - started
+    assert 0.4 < took < 2.0, took
+    assert [t.name for t in tracked] == ["t-attempting"]
+    assert "t-attempting" in caplog.text and "t-sleeper" not in caplog.text
+    busy.set()
+    deadline = time.monotonic() + 5
+    while tracked:
+        assert time.monotonic() < deadline, "the busy thread did not end at its sleep"
+        time.sleep(0.01)
+    assert slept == []
+    assert _flavour.sleep_unless(never, 0.01) is False  # other threads sleep as before
 
 
 def test_every_new_test_has_its_twin_in_the_other_flavour() -> None:

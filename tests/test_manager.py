@@ -10,10 +10,9 @@ Each test proves a sentence of issue 3 or of the py-postgresql seeds'
 "Notification Management" sections. The pure policy
 (:mod:`pgcast.manager._policy`) is exercised through both flavours. What runs
 next to the body (a notify, a close, a change of the set while the manager
-waits) is a task in asyncio and a thread in the generated sync tests. Two
-tests are of the event loop alone and are left out of the sync file: a
-reader that fires while the user's loop body awaits must not make the loop
-spin, and close() cancels the reconnect tasks.
+waits) is a task in asyncio and a thread in the generated sync tests. One
+test is of the event loop alone and is left out of the sync file: a reader
+that fires while the user's loop body awaits must not make the loop spin.
 
 Each test body runs under :func:`_eventwait.arun`, which fails it (rather
 than hanging) after 60 s. Waits inside are bounded more tightly: managers
@@ -953,6 +952,57 @@ def test_reconnect_option_a_closed_connection_still_goes_to_garbage(dsn: str) ->
                 assert nm.connections == {b}
 
     run_sync(body())
+
+
+def reconnects(nm: pgcast.NotificationManager, before: set[threading.Thread]) -> list[object]:
+    """The manager's reconnects still running: its tasks, and (sync) the
+    threads named as its reconnects that were not there *before*."""
+    threads = [
+        t
+        for t in threading.enumerate()
+        if t.name == "pgcast-manager-reconnect" and t not in before and t.is_alive()
+    ]
+    return [*nm._reconnects, *threads]
+
+
+def test_closing_the_manager_ends_its_reconnects(dsn: str) -> None:
+    # The sync manager's close() used to leave its reconnect threads running:
+    # they went on reconnecting the PubSub after the manager was gone.
+    before = set(threading.enumerate())
+    with EmbeddedServer() as second:
+
+        def body() -> None:
+            ch = channel()
+            with pubsubs(dsn) as open_:
+                here = open_(channel())
+                there = open_(ch, dsn=second.dsn, reconnect_backoff=FAST)
+                nm = pgcast.NotificationManager(here, there, timeout=0.1, reconnect=True)
+                second.stop()  # every reconnect attempt is refused now
+                until(nm, lambda _: bool(reconnects(nm, before)), "no reconnect started")
+                until(nm, lambda got: len(got) >= 3, "no idle events")  # in its backoff
+                generation = there.generation
+                started = time.monotonic()
+                nm.close()
+                took = time.monotonic() - started
+                assert not reconnects(nm, before), "a reconnect outlived the manager's close()"
+                assert took < 3.0, f"close() took {took:.1f} s"
+                # Nothing reconnects the PubSub behind its user's back once the
+                # server is back (the thread's backoff sleeps 0.2 s at most) ...
+                second.start()
+                pause(1.0)
+                assert there.generation == generation, "reconnected after the manager's close()"
+                # ... and it is usable: lost, and restored by its next command.
+                there.notify(ch, "back")
+                assert there.generation == generation + 1
+                got: list[object] = []
+                for e in there.wait(ARRIVAL):
+                    got.append(e)
+                    if isinstance(e, pgcast.Event) or e is None:
+                        break
+                assert [type(e) for e in got] == [pgcast.Reconnected, pgcast.Event], got
+                assert payloads(got[1:]) == ["back"]
+
+        run_sync(body())
 
 
 # -- scale ------------------------------------------------------------------------------

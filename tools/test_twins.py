@@ -52,10 +52,6 @@ ONE_FLAVOUR: dict[str, str] = {
         "the event loop's reader callbacks (loop.add_reader) fire while the loop body "
         "awaits; the sync manager has no callbacks: nothing runs between two next() calls"
     ),
-    "test_aio_manager.py::test_closing_the_manager_cancels_its_reconnects": (
-        "close() cancels the manager's reconnect tasks; the sync manager reconnects in "
-        "daemon threads, which nothing can cancel (pgcast._flavour.start_task)"
-    ),
 }
 
 _FLAVOUR_WORDS = re.compile(r"(?:^|_)(?:async|aio|sync|asyncio)(?=_|$)")

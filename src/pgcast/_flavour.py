@@ -15,6 +15,11 @@ differs in the sync flavour:
 * :class:`StateLock` is a real lock: threads share the PubSub's counters.
 * :func:`resolve` and :class:`AwaitRunner` run a coroutine a callback returned
   on an event loop of their own, since there is no running one.
+* :func:`start_task` runs a daemon thread that :func:`gather_cancelled` can
+  stop, as asyncio cancels a task, but only where it sleeps: its next
+  :func:`sleep_unless` (a reconnect's backoff) raises instead of sleeping
+  on. Work that cannot be interrupted (a connection attempt) ends first, so
+  :func:`gather_cancelled` waits for it within a timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import inspect
+import logging
 import os
 import select
 import selectors
@@ -42,6 +48,8 @@ from ._flavour_async import check_flavour
 # The names are those of pgcast._flavour_async.__all__ (tests/test_flavours.py).
 
 K = TypeVar("K")
+
+_logger = logging.getLogger("pgcast")
 
 #: Who runs things, for messages ("another thread is reconnecting").
 ACTOR = "thread"
@@ -162,8 +170,24 @@ def readable(fd: int, timeout: float | None) -> None:
 
 
 def sleep_unless(event: threading.Event, seconds: float) -> bool:
-    """Sleep *seconds*, or less if *event* is set meanwhile; whether it is."""
-    return event.wait(seconds)
+    """Sleep *seconds*, or less if *event* is set meanwhile; whether it is.
+
+    In a :func:`start_task` thread, raise :class:`_Cancelled` once
+    :func:`gather_cancelled` stopped the thread (what a cancelled asyncio
+    task's sleep does)."""
+    task = threading.current_thread()
+    if type(task) is not _Task:
+        return event.wait(seconds)
+    # A thread cannot wait on two events: the stop is looked at between slices.
+    deadline = time.monotonic() + seconds
+    while True:  # ends: the event, the stop, or the deadline
+        if task.stop.is_set():
+            raise _Cancelled(f"{task.name} was stopped")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return event.is_set()
+        if event.wait(min(left, _STOP_POLL)):
+            return True
 
 
 def wait_flag(flag: threading.Event, timeout: float | None) -> bool:
@@ -202,10 +226,42 @@ class AwaitRunner:
             self._runner.close()
 
 
+#: How long :func:`gather_cancelled` waits for the threads it stopped, in all.
+_CANCEL_TIMEOUT = 5.0
+#: How often a :func:`start_task` thread's sleep looks at its stop.
+_STOP_POLL = 0.05
+
+
+class _Cancelled(BaseException):
+    """asyncio's CancelledError for a :func:`start_task` thread: raised by its
+    :func:`sleep_unless` once stopped; the thread ends quietly with it."""
+
+
+class _Task(threading.Thread):
+    """A :func:`start_task` thread: kept in *tracked* until it ends; set
+    :attr:`stop` to end it at its next :func:`sleep_unless`."""
+
+    def __init__(self, target: Callable[[], None], name: str, tracked: set[Any]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.stop = threading.Event()
+        self._work = target
+        self._tracked = tracked
+
+    def run(self) -> None:
+        try:
+            self._work()
+        except _Cancelled:
+            pass
+        finally:
+            self._tracked.discard(self)
+
+
 def start_task(target: Callable[[], None], name: str, tracked: set[Any]) -> None:
-    """Run ``target()`` in the background: a daemon thread, which ends by
-    itself (not kept in *tracked*: nothing cancels a thread)."""
-    threading.Thread(target=target, name=name, daemon=True).start()
+    """Run ``target()`` in the background: a daemon thread, kept in *tracked*
+    until it ends (to stop with its owner: :func:`gather_cancelled`)."""
+    task = _Task(target, name, tracked)
+    tracked.add(task)  # before it starts: it removes itself when done
+    task.start()
 
 
 def check_connection(conn: object, sync_name: str, async_name: str) -> None:
@@ -297,8 +353,25 @@ class SocketsWaiter(Generic[K]):
         self._finalizer()
 
 
-def gather_cancelled(tasks: Iterable[threading.Thread]) -> None:
-    """Background threads end by themselves (a reconnect ends when it gives up)."""
+def gather_cancelled(tasks: Iterable[_Task]) -> None:
+    """Stop the :func:`start_task` threads *tasks* (background work that ends
+    with its owner) and wait for them, at most ``_CANCEL_TIMEOUT`` seconds in
+    all. A thread stops at its next :func:`sleep_unless`; one busy with work
+    that cannot be interrupted (a connection attempt) still running then is
+    left to end by itself at its next sleep, and a warning names it."""
+    me = threading.current_thread()
+    pending = [task for task in list(tasks) if task is not me]
+    for task in pending:
+        task.stop.set()
+    deadline = time.monotonic() + _CANCEL_TIMEOUT
+    for task in pending:
+        join(task, max(0.0, deadline - time.monotonic()))
+    left = [task.name for task in pending if task.is_alive()]
+    if left:
+        _logger.warning(
+            "pgcast: %d thread(s) %s did not stop within %.0f s (busy with a "
+            "connection attempt?); they end when it does", len(left), left, _CANCEL_TIMEOUT,
+        )
 
 
 class Signal:

@@ -37,7 +37,8 @@ I/O; here it is driven, and the PubSubs through their supervisor interface
   connection is left. With ``reconnect=True`` a lost connection is
   reconnected instead (in a thread or task of its own, so the backoff holds
   up no other connection) and its :class:`~pgcast.Reconnected` marker is
-  yielded.
+  yielded. Those reconnects are the manager's: ``close()`` ends them, in
+  both flavours (see :meth:`~NotificationManager.close`).
 * The manager runs its connections' health checks (``health_check_interval``
   of ``connect()``), which a managed PubSub cannot run itself: it wakes when
   a connection's probe is due (``health_tick()``), so a connection the
@@ -64,7 +65,7 @@ from typing import Any, Self
 from .._closing import Closing
 from .._core import Wait
 from .._errors import ClosedError
-from .._flavour import SocketsWaiter, start_task
+from .._flavour import SocketsWaiter, gather_cancelled, start_task
 from ..client._pubsub import PubSub
 from ._policy import (
     ConnectionSet,
@@ -97,7 +98,8 @@ class NotificationManager(Closing):
         garbage. A connection found dead by its health check counts as lost.
 
     Use it as a context manager, or call ``close()``, to release what it
-    waits with; the PubSubs themselves stay open.
+    waits with and end the reconnects it started; the PubSubs themselves
+    stay open.
     """
 
     def __init__(
@@ -184,13 +186,32 @@ class NotificationManager(Closing):
 
     def close(self) -> None:
         """Stop watching every connection. The PubSubs stay open and keep
-        their unread events. Idempotent."""
+        their unread events. Idempotent.
+
+        The reconnects the manager started (``reconnect=True``) end with it,
+        in both flavours: a task (asyncio) is cancelled; a thread (sync) is
+        stopped at its backoff's next sleep, and close() waits for the
+        threads, 5 s at most in all. A connection attempt in progress cannot
+        be interrupted in a thread: one still running then is left to end
+        at the sleep after its attempt (a warning names it). So once
+        close() returned (or, for such a thread, once its attempt ended) no
+        reconnect of the manager's goes on, and a PubSub whose reconnect
+        was ended stays as the reconnect left it: lost (its
+        connection closed), unless an attempt had just succeeded (then
+        reconnected, its :class:`~pgcast.Reconnected` marker queued). A lost
+        one is restored as any lost PubSub: with ``reconnect=True`` (the
+        default of ``connect()``) by its next command or its own iteration,
+        or by calling its ``reconnect()``; otherwise its commands raise
+        :class:`~pgcast.ConnectionLostError`.
+        """
         if self._closed:
             return
         self._closed = True
         for conn in list(self._core.fds):
             self._unregister(conn)
         self._waiter.close()
+        # The reconnects are the manager's work: they end with it.
+        gather_cancelled(self._reconnects)
 
     # -- carrying out the policy's requests ----------------------------------
 
