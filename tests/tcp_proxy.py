@@ -25,7 +25,8 @@ import threading
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit, urlunsplit
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 __all__ = ["TcpProxy"]
 
@@ -69,16 +70,16 @@ class TcpProxy:
 
     @classmethod
     def for_dsn(cls, dsn: str) -> TcpProxy:
-        """A proxy to the host and port of a ``postgresql://`` URL."""
-        parts = urlsplit(dsn)
-        return cls(parts.hostname or "127.0.0.1", parts.port or 5432)
+        """A proxy to the host and port of *dsn* (a URL or ``key=value``)."""
+        params = conninfo_to_dict(dsn)
+        host = str(params.get("host") or "127.0.0.1")
+        if host.startswith("/"):
+            raise ValueError(f"a TCP proxy needs a TCP server, not the socket in {host}")
+        return cls(host, int(params.get("port") or 5432))
 
     def dsn(self, dsn: str) -> str:
         """*dsn* rewritten to go through this proxy."""
-        parts = urlsplit(dsn)
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = (userinfo + "@" if userinfo else "") + f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return make_conninfo(dsn, host="127.0.0.1", hostaddr="127.0.0.1", port=self.port)
 
     # -- lifecycle -------------------------------------------------------------
 
