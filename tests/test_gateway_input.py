@@ -144,3 +144,30 @@ def test_a_payload_that_is_not_utf8_reaches_clients_with_its_bytes(
             assert gw.hub.backend_pid == pid
 
     run(main())
+
+
+def test_a_durable_replay_on_a_sql_ascii_database(
+    gateway: Callable[..., Gateway], sql_ascii_dsn: str, unique_channel: str,
+) -> None:
+    """The replay connection spoke the database's SQL_ASCII: psycopg read the
+    log's text as bytes, and the replay failed (KeyError on a bytes channel,
+    the client closed with 1011)."""
+    from pgcast.durable import install_schema
+
+    with psycopg.connect(sql_ascii_dsn, autocommit=True, connect_timeout=10,
+                         client_encoding="UTF8") as conn:
+        install_schema(conn)
+        ids = [int(conn.execute("SELECT pgcast.notify(%s, %s)", (unique_channel, p))
+                   .fetchone()[0]) for p in ("one", "twö")]  # type: ignore[index]
+    gw = gateway(dsn=sql_ascii_dsn, durable=[unique_channel])
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            reply = await request(ws, {"type": "subscribe", "channels": [unique_channel],
+                                       "since": 0})
+            assert reply["channels"] == [unique_channel], reply
+            replayed = [await recv(ws) for _ in range(2)]
+            assert [(f["payload"], f["id"]) for f in replayed] == [("one", ids[0]),
+                                                                  ("twö", ids[1])]
+
+    run(main())
