@@ -126,3 +126,22 @@ def fresh_dsn(dsn: str, conn: psycopg.Connection[tuple[object, ...]]) -> Iterato
         yield psycopg.conninfo.make_conninfo(dsn, dbname=name)
     finally:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def sql_ascii_dsn(dsn: str) -> Iterator[str]:
+    """A database in ``SQL_ASCII``, which stores whatever bytes a session
+    sends (the embedded server and PGCAST_TEST_DSN's alike); dropped at the end."""
+    name = f"pgcast_sqlascii_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+        c.execute(
+            sql.SQL(
+                "CREATE DATABASE {} ENCODING 'SQL_ASCII' TEMPLATE template0 "
+                "LC_COLLATE 'C' LC_CTYPE 'C'"
+            ).format(sql.Identifier(name))
+        )
+    try:
+        yield psycopg.conninfo.make_conninfo(dsn, dbname=name)
+    finally:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
+            c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

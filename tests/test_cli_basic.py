@@ -8,6 +8,7 @@ a queue with a timeout, so a stuck command fails the test instead of hanging.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -28,6 +29,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 import pgcast
+from pgcast.cli.basic import event_line
 from pgcast.embedded import EmbeddedServer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -565,3 +567,10 @@ def test_listen_decode_prints_json_payloads_as_json(
     assert payloads == [{"a": [1, 2]}, "plain text", 42]
     code, _, _ = listener.finish()
     assert code == 0
+
+
+def test_listen_line_of_a_payload_that_is_not_utf8_carries_its_bytes() -> None:
+    record = json.loads(event_line(pgcast.UndecodableEvent.from_bytes("c", b"caf\xe9", 7)))
+    assert record["payload"] == "caf\ufffd"
+    assert base64.b64decode(record["raw"]) == b"caf\xe9"
+    assert "raw" not in json.loads(event_line(pgcast.Event("c", "café", 7)))

@@ -64,3 +64,22 @@ def test_public_names() -> None:
         assert hasattr(pgcast, name), name
     for name in ("channel", "payload", "pid", "json"):
         assert getattr(Event, name).__doc__, name
+
+
+def test_undecodable_event_keeps_the_bytes_and_is_an_event() -> None:
+    raw = b"caf\xe9 \xff"
+    e = pgcast.UndecodableEvent.from_bytes("c", raw, 7)
+    assert isinstance(e, Event) and e.raw == raw
+    assert tuple(e) == ("c", "caf\ufffd \ufffd", 7)  # valid text: printable, JSON-able
+    e.payload.encode("utf-8")
+    assert e.raw.decode("latin-1") == "café ÿ"
+    assert e == pgcast.UndecodableEvent("c", "caf\ufffd \ufffd", 7, raw)
+    # Other bytes with the same replacement are a different event.
+    assert e != pgcast.UndecodableEvent.from_bytes("c", b"caf\xe8 \xfe", 7)
+    assert hash(e) == hash(Event(*e))
+    assert pickle.loads(pickle.dumps(e)) == e and pickle.loads(pickle.dumps(e)).raw == raw
+    assert e._replace(pid=8).raw == raw and e._replace(pid=8).pid == 8
+    assert "raw=b'caf\\xe9 \\xff'" in repr(e)
+    with pytest.raises(AttributeError, match="immutable"):
+        e.raw = b""  # type: ignore[misc]
+    assert pgcast.UndecodableEvent.__doc__ and "SQL_ASCII" in pgcast.UndecodableEvent.__doc__

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pgcast
 from pgcast import MAX_PAYLOAD_BYTES, ProtocolError
 from pgcast.gateway import _metrics, _protocol
 from pgcast.gateway._protocol import Ping, Publish, Subscribe, Unsubscribe, parse_frame
@@ -155,6 +156,12 @@ def test_server_frames_are_compact_json() -> None:
     assert json.loads(msg.text) == {"type": "message", "channel": "a", "payload": "é", "pid": 42}
     durable = _protocol.message("a", "p", 1, event_id=17)
     assert durable.id == "17" and json.loads(durable.text)["id"] == 17
+    # Bytes that are not UTF-8: valid text, and the bytes in base64.
+    bad = _protocol.event_message(pgcast.UndecodableEvent.from_bytes("a", b"\xe9t\xe9", 5))
+    assert json.loads(bad.ws[2:].decode()) == {
+        "type": "message", "channel": "a", "payload": "\ufffdt\ufffd", "pid": 5, "raw": "6XTp",
+    }
+    assert _protocol.event_message(pgcast.Event("a", "é", 42)).text == msg.text
     assert json.loads(_protocol.error("no", "r").text) == {
         "type": "error", "message": "no", "ref": "r",
     }

@@ -2,17 +2,23 @@
 UTF-8 encoder, would reject is refused before the stream starts (400, saying
 why), by ``?since=`` and by ``Last-Event-ID`` alike; a WebSocket ``since``
 with the same values gets an error frame and the connection stays usable.
+A notification that is not UTF-8 (a database in SQL_ASCII) reaches clients as
+valid JSON with its bytes in ``raw``.
 The gateway fixture is ``test_gateway_server``'s; messages come from psql.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 from collections.abc import Callable
 from urllib.parse import quote
 
 import httpx
+import psycopg
 import pytest
+from psycopg import sql
 from websockets.exceptions import InvalidStatus
 
 import test_gateway_server
@@ -102,5 +108,66 @@ def test_sse_query_bytes_that_are_not_utf8_are_refused(
                     if line.startswith("data: "):
                         assert json.loads(line[6:])["channels"] == [f"{unique_channel}_é"]
                         break
+
+    run(main())
+
+
+def test_a_payload_that_is_not_utf8_reaches_clients_with_its_bytes(
+    gateway: Callable[..., Gateway], sql_ascii_dsn: str, unique_channel: str,
+) -> None:
+    """On a database in SQL_ASCII, NOTIFY from a LATIN1 session carries
+    "caf\\xe9": the server ended the gateway's listening session over it (a
+    ``reconnected`` notice to every client, the next messages lost). Now
+    the message arrives, U+FFFD in ``payload`` and the bytes in ``raw``."""
+    gw = gateway(dsn=sql_ascii_dsn)
+
+    def latin1_notify(*payloads: str) -> int:
+        with psycopg.connect(sql_ascii_dsn, autocommit=True, connect_timeout=10,
+                             client_encoding="LATIN1") as c:
+            for payload in payloads:
+                c.execute(sql.SQL("NOTIFY {}, {}").format(
+                    sql.Identifier(unique_channel), sql.Literal(payload)))
+            return c.info.backend_pid
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            await subscribe(ws, unique_channel)
+            pid = gw.hub.backend_pid
+            sender = await asyncio.to_thread(latin1_notify, "café", "after")
+            assert await recv(ws) == {
+                "type": "message", "channel": unique_channel, "payload": "caf\ufffd",
+                "pid": sender, "raw": base64.b64encode(b"caf\xe9").decode(),
+            }
+            assert await recv(ws) == {
+                "type": "message", "channel": unique_channel, "payload": "after", "pid": sender,
+            }
+            assert gw.hub.backend_pid == pid
+
+    run(main())
+
+
+def test_a_durable_replay_on_a_sql_ascii_database(
+    gateway: Callable[..., Gateway], sql_ascii_dsn: str, unique_channel: str,
+) -> None:
+    """The replay connection spoke the database's SQL_ASCII: psycopg read the
+    log's text as bytes, and the replay failed (KeyError on a bytes channel,
+    the client closed with 1011)."""
+    from pgcast.durable import install_schema
+
+    with psycopg.connect(sql_ascii_dsn, autocommit=True, connect_timeout=10,
+                         client_encoding="UTF8") as conn:
+        install_schema(conn)
+        ids = [int(conn.execute("SELECT pgcast.notify(%s, %s)", (unique_channel, p))
+                   .fetchone()[0]) for p in ("one", "twö")]  # type: ignore[index]
+    gw = gateway(dsn=sql_ascii_dsn, durable=[unique_channel])
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            reply = await request(ws, {"type": "subscribe", "channels": [unique_channel],
+                                       "since": 0})
+            assert reply["channels"] == [unique_channel], reply
+            replayed = [await recv(ws) for _ in range(2)]
+            assert [(f["payload"], f["id"]) for f in replayed] == [("one", ids[0]),
+                                                                  ("twö", ids[1])]
 
     run(main())

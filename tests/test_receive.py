@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 import pgcast
 import pgcast.aio
@@ -254,5 +255,73 @@ def test_psql_notify_arrives_with_psql_s_pid(dsn: str, psql: Callable[..., str])
             [event] = collect(ps, 1)
             assert event == ("data", "green", psql_pid)
             assert event.pid != ps.backend_pid
+
+    run_sync(body())
+
+
+def latin1_notify(dsn: str, channel: str, *payloads: str) -> int:
+    """Send *payloads* from a session in LATIN1 (as raw SQL, as a legacy
+    application would); return its pid."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10, client_encoding="LATIN1") as c:
+        for payload in payloads:
+            c.execute(
+                sql.SQL("NOTIFY {}, {}").format(sql.Identifier(channel), sql.Literal(payload))
+            )
+        return c.info.backend_pid
+
+
+def test_payload_not_utf8_on_a_sql_ascii_database(sql_ascii_dsn: str, unique_channel: str) -> None:
+    # The server stores LATIN1's "caf\xe9" as it is; a listener asking for
+    # UTF-8 had its session ended by the server (a Reconnected marker, the
+    # notification and the one after it lost).
+
+    def body() -> None:
+        with pgcast.connect(sql_ascii_dsn) as ps:
+            ps.listen(unique_channel)
+            pid = ps.backend_pid
+            sender = latin1_notify(sql_ascii_dsn, unique_channel, "café", "after")
+            bad, after = collect(ps, 2)  # fails on a Reconnected marker
+            assert isinstance(bad, pgcast.UndecodableEvent)
+            assert bad.raw == b"caf\xe9"
+            assert bad == pgcast.UndecodableEvent(unique_channel, "caf�", sender, b"caf\xe9")
+            assert bad.raw.decode("latin-1") == "café"
+            assert type(after) is pgcast.Event
+            assert after == (unique_channel, "after", sender)
+            assert ps.backend_pid == pid
+            # One that arrives with a command's results (psycopg's notify
+            # handler would raise from the command), and UTF-8 as usual.
+            sender = latin1_notify(sql_ascii_dsn, unique_channel, "è 2")
+            pause(0.2)  # in the socket before the command's answer
+            ps.notify(unique_channel, "ünïcödé ✓")
+            bad, mine = collect(ps, 2)
+            assert isinstance(bad, pgcast.UndecodableEvent) and bad.raw == b"\xe8 2"
+            assert mine == (unique_channel, "ünïcödé ✓", pid)
+            assert type(mine) is pgcast.Event
+            assert server_channels(ps) == {unique_channel}  # text results are str
+            assert ps.backend_pid == pid
+
+    run_sync(body())
+
+
+def test_pubsub_on_a_connection_in_latin1(dsn: str, unique_channel: str) -> None:
+    # A connection handed to PubSub() may speak another encoding: the PubSub
+    # decoded LATIN1's "caf\xe9" as UTF-8 (UnicodeDecodeError from the
+    # iteration), and psycopg could not send "✓" in LATIN1.
+
+    def body() -> None:
+        conn = psycopg.Connection.connect(
+            dsn, autocommit=True, connect_timeout=10, client_encoding="LATIN1"
+        )
+        if conn.info.parameter_status("server_encoding") != "UTF8":
+            conn.close()
+            pytest.skip("the test database is not in UTF-8: LATIN1's bytes would reach it as such")
+        with pgcast.PubSub(conn) as ps:
+            ps.listen(unique_channel)
+            pid = ps.backend_pid
+            sender = latin1_notify(dsn, unique_channel, "café")
+            ps.notify(unique_channel, "ünïcödé ✓")
+            got = collect(ps, 2)
+            assert got == [(unique_channel, "café", sender), (unique_channel, "ünïcödé ✓", pid)]
+            assert ps.backend_pid == pid
 
     run_sync(body())

@@ -41,7 +41,7 @@ from ._errors import (
     SchemaError,
     WatchError,
 )
-from ._event import DurableEvent, Event, Position
+from ._event import DurableEvent, Event, Position, UndecodableEvent
 from ._gap import Gap
 from ._payload import MAX_PAYLOAD_BYTES, Payload
 from ._reconnect import Reconnected
@@ -101,6 +101,7 @@ __all__ = [
     "Retry",
     "Runner",
     "SchemaError",
+    "UndecodableEvent",
     "WatchError",
     "Worker",
     "__version__",

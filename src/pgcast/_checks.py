@@ -52,7 +52,8 @@ def connect_args(conninfo: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, 
 
     No arguments at all means ``DATABASE_URL``, then libpq's ``PG*`` variables.
     The connection is in autocommit (a NOTIFY outside :meth:`transaction` is
-    sent at once), speaks UTF-8 (the unit of the payload limit), and gives up
+    sent at once), speaks UTF-8 (the unit of the payload limit; a PubSub on a
+    database in ``SQL_ASCII`` listens in ``SQL_ASCII``: :mod:`pgcast._encoding`), and gives up
     connecting after ``connect_timeout`` seconds (10 unless given) instead of
     hanging.
     """

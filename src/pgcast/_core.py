@@ -8,8 +8,8 @@ decision that needs no waiting lives here, once:
 
 * :meth:`Core.plan_listen` / :meth:`Core.plan_unlisten` validate names and
   compute the SQL that changes the subscription;
-* :func:`notify_query` / :func:`notify_many_query` check payloads and build the
-  statements that publish;
+* :func:`notify_query` checks a payload and builds the statement that
+  publishes it (many at once: :mod:`pgcast._notify_many`);
 * :meth:`Core.read` takes what has arrived on the socket (never blocking);
 * :func:`plan` (:mod:`pgcast._plan`) is the iteration policy of
   ``events()``, ``wait()`` and the idle events: a generator that yields
@@ -44,19 +44,18 @@ from ._channels import check_channel, check_channels, listen_sql, unlisten_sql
 # check_timeout, connect_args, is_async_callable, wrap_error, Wait and plan
 # are re-exported: the drivers import them from here.
 from ._checks import check_timeout, connect_args, is_async_callable, wrap_error
+from ._encoding import decode_channel, undecodable_event
 from ._errors import ConnectionLostError
 from ._event import Event
 from ._gap import Gap
 from ._health import HealthCheck, probe_channel, probe_sql
 from ._logfields import event_fields
-from ._notify_many import message_pairs
 from ._payload import Payload, encode_payload
 from ._plan import Wait, plan
 from ._reconnect import Reconnected, utcnow
 from .durable._core import DurableState
 
 __all__ = [
-    "NOTIFY_MANY_SQL",
     "NOTIFY_SQL",
     "Core",
     "ExceptionHandler",
@@ -65,7 +64,6 @@ __all__ = [
     "check_timeout",
     "connect_args",
     "is_async_callable",
-    "notify_many_query",
     "notify_query",
     "plan",
     "wrap_error",
@@ -79,35 +77,11 @@ Handler: TypeAlias = Callable[[Event], object]
 ExceptionHandler: TypeAlias = Callable[[BaseException, Event], None]
 
 NOTIFY_SQL = "SELECT pg_notify(%s, %s)"
-# One statement, so one round trip and one transaction in autocommit mode; the
-# function scan over unnest() calls pg_notify in array order.
-NOTIFY_MANY_SQL = "SELECT count(pg_notify(c, p)) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
 
 
 def notify_query(channel: str, payload: Payload = "") -> tuple[str, tuple[str, str]]:
     """The statement and parameters that send one notification, checked."""
     return NOTIFY_SQL, (check_channel(channel), encode_payload(payload))
-
-
-def notify_many_query(
-    messages: Iterable[tuple[str, Payload]],
-) -> tuple[str, tuple[list[str], list[str]]] | None:
-    """The statement sending every message in one round trip, or None if empty.
-
-    Every channel and payload is checked first: a bad one means nothing is sent.
-    """
-    channels: list[str] = []
-    payloads: list[str] = []
-    for channel, payload in message_pairs(messages):
-        channels.append(check_channel(channel))
-        payloads.append(encode_payload(payload))
-    if not channels:
-        return None
-    return NOTIFY_MANY_SQL, (channels, payloads)
-
-
-def _event_from_notify(n: psycopg.Notify) -> Event:
-    return Event(n.channel, n.payload, n.pid)
 
 
 class Core:
@@ -289,15 +263,30 @@ class Core:
 
     # -- reading -----------------------------------------------------------
 
-    def on_notify(self, n: psycopg.Notify) -> None:
-        """psycopg's notify handler: notifications that arrive during a query."""
-        if n.channel in self.channels:
-            if n.payload.startswith("\x1e"):  # a log reference: pgcast.durable
-                self.durable.admit(n.channel, n.payload, n.pid)
+    def on_notify(self, n: pq.PGnotify) -> None:
+        """The connection's ``pgconn.notify_handler``: notifications that
+        arrive during a query, as bytes (:mod:`pgcast._encoding` says why not
+        psycopg's handler, which decodes them strictly)."""
+        relname, pid, extra = n
+        try:
+            channel = relname.decode()
+            payload = extra.decode()
+        except UnicodeDecodeError:
+            self._undecodable(relname, pid, extra)
+            return
+        if channel in self.channels:
+            if payload.startswith("\x1e"):  # a log reference: pgcast.durable
+                self.durable.admit(channel, payload, pid)
             else:
-                self.inbox.append(_event_from_notify(n))
-        elif n.channel == self.probe:
+                self.inbox.append(Event(channel, payload, pid))
+        elif channel == self.probe:
             self.health.heard(self.clock())
+
+    def _undecodable(self, relname: bytes, pid: int, extra: bytes) -> None:
+        # Not UTF-8: possible on a database in SQL_ASCII only (pgcast._encoding).
+        channel = decode_channel(relname)
+        if channel in self.channels:
+            self.inbox.append(undecodable_event(channel, extra, pid))
 
     def read(self, pgconn: pq.abc.PGconn) -> None:
         """Take what has arrived on the socket into the inbox, never blocking.
@@ -330,12 +319,17 @@ class Core:
             channels = self.channels
             while n is not None:
                 relname, pid, extra = n
-                channel = relname.decode()
+                try:  # costs nothing unless raised
+                    channel = relname.decode()
+                    payload = extra.decode()
+                except UnicodeDecodeError:  # see pgcast._encoding
+                    self._undecodable(relname, pid, extra)
+                    n = notifies()
+                    continue
                 # A notification can still arrive for a channel just UNLISTENed
                 # (it was queued before); the user asked not to see those.
                 # Probes (not in channels) end here too.
                 if channel in channels:
-                    payload = extra.decode()
                     # payload.startswith("\x1e"), a log reference for
                     # pgcast.durable, tested the cheaper way: only strings
                     # starting with \x1e sort between these two.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple, Self
 
-__all__ = ["DurableEvent", "Event", "Position"]
+__all__ = ["DurableEvent", "Event", "Position", "UndecodableEvent"]
 
 
 class Event(NamedTuple):
@@ -121,4 +121,66 @@ class DurableEvent(Event):
     def _replace(self, **changes: Any) -> Self:
         fields = {"channel": self.channel, "payload": self.payload, "pid": self.pid,
                   "id": self.id, "epoch": self.epoch, **changes}
+        return type(self)(**fields)
+
+
+class UndecodableEvent(Event):
+    """A notification whose payload is not valid UTF-8, delivered all the same.
+
+    PostgreSQL checks the text of a NOTIFY against the database encoding, and
+    a database in ``SQL_ASCII`` checks nothing: a session with another
+    ``client_encoding`` (``LATIN1``, or ``SQL_ASCII`` itself) can send bytes
+    that are not UTF-8, such as ``NOTIFY c, 'caf\xe9'`` from a Latin-1
+    client. pgcast listens to such a database in ``SQL_ASCII`` (the server
+    passes the bytes on as they are; asked for UTF-8 it would end the
+    listening session instead), decodes every payload as UTF-8, and hands one
+    that is not valid as this event: nothing is dropped and the connection
+    stays as it was. A warning is logged for each (channel, pid, the bad
+    byte's offset).
+
+    It is an :class:`Event` in every way, so code that does not look for it
+    keeps working: :attr:`payload` is valid text (each byte that is not
+    UTF-8 became U+FFFD, the replacement character), safe to print, log,
+    encode as JSON or send on. The bytes as sent are in :attr:`raw`: decode
+    them with the sender's encoding (``event.raw.decode("latin-1")``).
+    """
+
+    raw: bytes
+    """The payload exactly as PostgreSQL delivered it."""
+
+    def __new__(cls, channel: str, payload: str, pid: int, raw: bytes) -> Self:
+        self = tuple.__new__(cls, (channel, payload, pid))
+        self.__dict__["raw"] = raw
+        return self
+
+    @classmethod
+    def from_bytes(cls, channel: str, raw: bytes, pid: int) -> Self:
+        """The event for *raw*, which is not valid UTF-8."""
+        return cls(channel, raw.decode("utf-8", "replace"), pid, raw)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, UndecodableEvent) and self.raw != other.raw:
+            return False
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = Event.__hash__
+
+    def __repr__(self) -> str:
+        return (
+            f"UndecodableEvent(channel={self.channel!r}, payload={self.payload!r}, "
+            f"pid={self.pid!r}, raw={self.raw!r})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.channel, self.payload, self.pid, self.raw))
+
+    def _replace(self, **changes: Any) -> Self:
+        fields = {"channel": self.channel, "payload": self.payload, "pid": self.pid,
+                  "raw": self.raw, **changes}
         return type(self)(**fields)

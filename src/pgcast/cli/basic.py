@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import sys
@@ -11,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import client
-from .._event import Event
+from .._event import Event, UndecodableEvent
 from .._reconnect import Reconnected
 from ._common import EXIT_NOTHING, EXIT_OK, UsageError, add_dsn_argument, resolve_dsn
 
@@ -45,17 +46,16 @@ def register(subparsers: Any) -> None:
 
 def event_line(event: Any, decode: bool = False) -> str:
     """The JSON line ``pgcast listen`` prints for *event*; with *decode*, a
-    payload that is valid JSON is printed as that value (else as a string)."""
+    payload that is valid JSON is printed as that value (else as a string).
+    An :class:`~pgcast.UndecodableEvent` adds ``raw``, its bytes in base64."""
     payload: Any = event.payload
     if decode:
         with contextlib.suppress(ValueError):
             payload = json.loads(payload)
-    record = {
-        "channel": event.channel,
-        "payload": payload,
-        "pid": event.pid,
-        "received": datetime.now(UTC).isoformat(timespec="microseconds"),
-    }
+    record = {"channel": event.channel, "payload": payload, "pid": event.pid}
+    if isinstance(event, UndecodableEvent):  # not UTF-8: the bytes, as the gateway sends them
+        record["raw"] = base64.b64encode(event.raw).decode("ascii")
+    record["received"] = datetime.now(UTC).isoformat(timespec="microseconds")
     return json.dumps(record, ensure_ascii=False)
 
 

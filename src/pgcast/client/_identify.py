@@ -16,6 +16,7 @@ import psycopg
 
 from .. import diagnostics
 from .._core import Core, wrap_error
+from .._encoding import encoding_setup
 from .._errors import PgcastError
 from ..durable._schema import Rows
 
@@ -39,12 +40,16 @@ class Identified:
             raise wrap_error(exc) from exc
 
     def _identify(self) -> None:
-        """Once per connection, before anything else runs on it: take the
-        server's own ``pg_backend_pid()`` (the pid given at login is made up
-        behind a pooler), and behind a pooler stop preparing statements."""
+        """Once per connection, before anything else runs on it: set the
+        encoding to listen in (:func:`pgcast._encoding.encoding_setup`), take
+        the server's own ``pg_backend_pid()`` (the pid given at login is made
+        up behind a pooler), and behind a pooler stop preparing statements."""
         core = self._core
         if core.identified:
             return
+        encoding_sql = encoding_setup(self._conn)  # SQL_ASCII: see pgcast._encoding
+        if encoding_sql is not None:
+            self._direct(encoding_sql)
         rows = self._direct(diagnostics.BACKEND_PID_SQL, fetch=True)
         if core.identify(int(rows[0][0])):
             # Under transaction pooling the next statement may run on another

@@ -135,7 +135,7 @@ class AsyncSession(AsyncIdentified, AsyncClosing, Failures):
         self._waiter = SocketWaiter(conn.pgconn)
         # Called whenever this PubSub wakes its own waiter (see set_wake_callback).
         self._wake_callback: Callable[[], object] | None = None
-        conn.add_notify_handler(self._core.on_notify)
+        conn.pgconn.notify_handler = self._core.on_notify  # bytes: pgcast._encoding
 
     # -- the connection ----------------------------------------------------
 
@@ -414,7 +414,7 @@ class AsyncSession(AsyncIdentified, AsyncClosing, Failures):
         self._conn = conn
         self._pgconn = conn.pgconn
         self._cursor = conn.cursor()
-        conn.add_notify_handler(self._core.on_notify)
+        conn.pgconn.notify_handler = self._core.on_notify  # bytes: pgcast._encoding
         self._core.new_connection(conn.info.backend_pid)
         self._generation += 1
         self._waiter.replace(conn.pgconn)  # the waiter waits on the old socket

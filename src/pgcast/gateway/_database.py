@@ -155,7 +155,10 @@ class QueryConnection:
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         options = dict(self._settings.connect_kwargs)
-        options.update(autocommit=True, application_name="pgcast-gateway-replay")
+        # UTF-8 as every pgcast connection (_core.connect_args): else, on a
+        # database in SQL_ASCII, psycopg returns the log's text as bytes.
+        options.update(autocommit=True, application_name="pgcast-gateway-replay",
+                       client_encoding="UTF8")
         options.setdefault("connect_timeout", 10)
         for key, value in _KEEPALIVES:
             options.setdefault(key, value)

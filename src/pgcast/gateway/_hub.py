@@ -370,7 +370,7 @@ class Hub(Clients):
     async def _pump(self) -> None:
         router = self.router
         stats = self.stats
-        message = _protocol.message
+        event_message = _protocol.event_message
         while not self._closing:
             aps = self._aps
             assert aps is not None
@@ -390,8 +390,7 @@ class Hub(Clients):
                             self._announce_reconnect()
                         continue
                     stats.messages_in += 1
-                    frame = message(event.channel, event.payload, event.pid,
-                                    getattr(event, "id", None), time.monotonic())
+                    frame = event_message(event, time.monotonic())
                     _, overflowed = router.publish(event.channel, frame, event)
                     for sub in overflowed:
                         self._slow(self._clients.get(sub))

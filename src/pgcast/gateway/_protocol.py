@@ -19,7 +19,8 @@ Server to client::
                          (+ "epoch", + with since: "recovered", "oldest", "reason")
     {"type": "unsubscribed", "channels": [...]}
     {"type": "published",    "channel": "a"}         the NOTIFY was sent
-    {"type": "message", "channel": "a", "payload": "...", "pid": 123}   (+ "id" when durable)
+    {"type": "message", "channel": "a", "payload": "...", "pid": 123}   (+ "id" when durable,
+                         + "raw": the payload's bytes in base64 when they are not UTF-8)
     {"type": "error",   "message": "..."}            the request was refused; nothing changed
     {"type": "notice",  "event": "...", "message": "..."}   reconnected, dropped, shutdown,
                                                             gap
@@ -45,6 +46,7 @@ See :mod:`pgcast.gateway._resume`.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable
 from typing import Any, NamedTuple, TypeAlias
@@ -52,6 +54,7 @@ from urllib.parse import parse_qsl
 
 from .._channels import check_channels
 from .._errors import InvalidChannelError, PayloadError, ProtocolError
+from .._event import Event, UndecodableEvent
 from .._payload import encode_payload
 from ._frame import Frame, sse_event
 from ._json import _json_kind, _short, _utf8_size, loads
@@ -70,6 +73,7 @@ __all__ = [
     "Unsubscribe",
     "authenticated",
     "error",
+    "event_message",
     "gap_notice",
     "message",
     "notice",
@@ -410,12 +414,21 @@ def published(channel: str, ref: Ref = None) -> Frame:
     return Frame(_dump(_with_ref({"type": "published", "channel": channel}, ref)))
 
 
-def message(
-    channel: str, payload: str, pid: int, event_id: object = None, received: float | None = None
-) -> Frame:
+def event_message(event: Event, received: float | None = None) -> Frame:
+    """:func:`message` for *event* (its log id if durable, bytes if undecodable)."""
+    raw = event.raw if isinstance(event, UndecodableEvent) else None
+    return message(event.channel, event.payload, event.pid, getattr(event, "id", None),
+                   received, raw=raw)
+
+
+def message(channel: str, payload: str, pid: int, event_id: object = None,
+            received: float | None = None, *, raw: bytes | None = None) -> Frame:
     """One notification, encoded once and shared by every subscriber;
-    *received*: when it arrived (see :attr:`Frame.received`)."""
+    *received*: when it arrived (see :attr:`Frame.received`); *raw*: the
+    payload's bytes when not UTF-8 (:class:`~pgcast.UndecodableEvent`)."""
     obj: dict[str, Any] = {"type": "message", "channel": channel, "payload": payload, "pid": pid}
+    if raw is not None:
+        obj["raw"] = base64.b64encode(raw).decode("ascii")
     sid = None
     if event_id is not None:
         obj["id"] = event_id

@@ -215,7 +215,7 @@ class Resume:
         event_id = getattr(event, "id", None)
         if event_id is None:
             # A plain NOTIFY on a durable channel: not in the log, no position.
-            if not self._outbox.put(_protocol.message(event.channel, event.payload, event.pid)):
+            if not self._outbox.put(_protocol.event_message(event)):
                 self._overflow()
             return
         # The gateway's own durable PubSub read it from the log: trusted.
@@ -238,9 +238,7 @@ class Resume:
             if not self._outbox.put_control(gap_frame(event)):
                 self._overflow()
             return
-        if isinstance(event, Event) and not self._outbox.put(_protocol.message(
-            event.channel, event.payload, event.pid, getattr(event, "id", None)
-        )):
+        if isinstance(event, Event) and not self._outbox.put(_protocol.event_message(event)):
             self._overflow()
 
     async def replay(

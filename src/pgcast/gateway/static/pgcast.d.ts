@@ -64,6 +64,10 @@ export interface Message {
   pid: number;
   /** The log id, on durable channels only. */
   id?: number;
+  /** Only when the payload's bytes were not valid UTF-8 (possible on a
+   * database in SQL_ASCII): those bytes, in base64; `payload` then has
+   * U+FFFD in place of each byte that is not UTF-8. */
+  raw?: string;
 }
 
 /** The gateway's reply to a subscribe. */
