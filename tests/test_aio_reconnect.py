@@ -12,6 +12,7 @@ disturbed. *conn* is a plain sync psycopg connection in both flavours: the
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -163,6 +164,37 @@ def test_reconnect_false_raises_connection_lost(dsn: str, conn: Conn, unique_cha
                 await ps.get_event()
             with pytest.raises(pgcast.ConnectionLostError):
                 await ps.notify(unique_channel, "x")
+
+    arun(body())
+
+
+def test_the_marker_and_the_error_say_why_the_server_ended_the_session(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    """A server that ends an idle session says why in a FATAL message, which
+    libpq hands over as a notice: the marker and the error carry it, not
+    only libpq's "server closed the connection unexpectedly"."""
+    why = "terminating connection due to administrator command (57P01)"
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            marker = (await auntil(ps, pgcast.Reconnected))[-1]
+            assert isinstance(marker, pgcast.Reconnected)
+            assert marker.error.endswith(f"the server ended it: FATAL: {why}"), marker.error
+            # The next loss has its own reason: none is carried over.
+            await ps.reconnect()
+            marker = (await auntil(ps, pgcast.Reconnected))[-1]
+            assert isinstance(marker, pgcast.Reconnected)
+            assert "FATAL" not in marker.error, marker.error
+        async with await pgcast.aio.connect(dsn, reconnect=False, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            deadline = time.monotonic() + RECONNECT_TIMEOUT
+            with pytest.raises(pgcast.ConnectionLostError, match=re.escape(why)):
+                async for _ in ps.events(select_timeout=0.05, yield_timeouts=True):
+                    assert time.monotonic() < deadline, "the loss was not noticed"
 
     arun(body())
 

@@ -14,6 +14,7 @@ disturbed. *conn* is a plain sync psycopg connection in both flavours: the
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -169,6 +170,37 @@ def test_reconnect_false_raises_connection_lost(dsn: str, conn: Conn, unique_cha
                 ps.get_event()
             with pytest.raises(pgcast.ConnectionLostError):
                 ps.notify(unique_channel, "x")
+
+    run_sync(body())
+
+
+def test_the_marker_and_the_error_say_why_the_server_ended_the_session(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    """A server that ends an idle session says why in a FATAL message, which
+    libpq hands over as a notice: the marker and the error carry it, not
+    only libpq's "server closed the connection unexpectedly"."""
+    why = "terminating connection due to administrator command (57P01)"
+
+    def body() -> None:
+        with pgcast.connect(dsn, health_check_interval=0) as ps:
+            ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            marker = until(ps, pgcast.Reconnected)[-1]
+            assert isinstance(marker, pgcast.Reconnected)
+            assert marker.error.endswith(f"the server ended it: FATAL: {why}"), marker.error
+            # The next loss has its own reason: none is carried over.
+            ps.reconnect()
+            marker = until(ps, pgcast.Reconnected)[-1]
+            assert isinstance(marker, pgcast.Reconnected)
+            assert "FATAL" not in marker.error, marker.error
+        with pgcast.connect(dsn, reconnect=False, health_check_interval=0) as ps:
+            ps.listen(unique_channel)
+            terminate(conn, ps.backend_pid)
+            deadline = time.monotonic() + RECONNECT_TIMEOUT
+            with pytest.raises(pgcast.ConnectionLostError, match=re.escape(why)):
+                for _ in ps.events(select_timeout=0.05, yield_timeouts=True):
+                    assert time.monotonic() < deadline, "the loss was not noticed"
 
     run_sync(body())
 

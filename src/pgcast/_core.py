@@ -2,9 +2,9 @@
 
 A PubSub is a connection plus the state kept here: the channels listened to,
 the *inbox* of events read from the socket but not yet handed to the user, and
-the handlers of the callback interface. The drivers (:mod:`pgcast.client` and
-:mod:`pgcast.aio`) own the waiting: a selector or the event loop's reader. Every
-decision that needs no waiting lives here, once:
+the handlers of the callback interface (:mod:`pgcast._handlers`). The drivers
+(:mod:`pgcast.client`) own the waiting: a selector or the event loop's reader.
+Every decision that needs no waiting lives here, once:
 
 * :meth:`Core.plan_listen` / :meth:`Core.plan_unlisten` validate names and
   compute the SQL that changes the subscription;
@@ -32,9 +32,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import TypeAlias
 
 import psycopg
 from psycopg import pq
@@ -48,8 +47,8 @@ from ._encoding import decode_channel, undecodable_event
 from ._errors import ConnectionLostError
 from ._event import Event
 from ._gap import Gap
+from ._handlers import ExceptionHandler, Handler, Handlers
 from ._health import HealthCheck, probe_channel, probe_sql
-from ._logfields import event_fields
 from ._payload import Payload, encode_payload
 from ._plan import Wait, plan
 from ._reconnect import Reconnected, utcnow
@@ -71,11 +70,6 @@ __all__ = [
 
 logger = logging.getLogger("pgcast")
 
-#: A callback for :meth:`PubSub.subscribe`: a function or a coroutine function.
-Handler: TypeAlias = Callable[[Event], object]
-#: Called with the exception a handler raised and the event it was handling.
-ExceptionHandler: TypeAlias = Callable[[BaseException, Event], None]
-
 NOTIFY_SQL = "SELECT pg_notify(%s, %s)"
 
 
@@ -84,17 +78,15 @@ def notify_query(channel: str, payload: Payload = "") -> tuple[str, tuple[str, s
     return NOTIFY_SQL, (check_channel(channel), encode_payload(payload))
 
 
-class Core:
+class Core(Handlers):
     """The state of one PubSub that needs no I/O to maintain."""
 
     __slots__ = (
-        "_async_handlers",
         "backend_pid",
         "channels",
         "clock",
         "durable",
-        "exception_handler",
-        "handlers",
+        "farewell",
         "health",
         "identified",
         "inbox",
@@ -117,9 +109,7 @@ class Core:
         self.last_marker: Reconnected | None = None
         #: The exact names LISTENed to now.
         self.channels: set[str] = set()
-        self.handlers: dict[str, list[Handler]] = {}
-        self._async_handlers: set[Handler] = set()
-        self.exception_handler: ExceptionHandler | None = None
+        Handlers.__init__(self)
         self.clock = clock
         #: The probe schedule of the current connection.
         self.health = HealthCheck(health_check_interval, clock())
@@ -133,6 +123,8 @@ class Core:
         self.own_pids: set[int] = set()
         #: When and why the connection was lost, until it is restored.
         self.outage: tuple[datetime, str] | None = None
+        #: The FATAL message the server ended this connection with (on_notice).
+        self.farewell: str | None = None
         #: Durable channels and log references (:mod:`pgcast.durable._core`).
         self.durable = DurableState(self.inbox)
         #: The server process of the current connection: the one given at
@@ -195,71 +187,6 @@ class Core:
             ]
             self.inbox.clear()
             self.inbox.extend(keep)
-
-    # -- callbacks ---------------------------------------------------------
-
-    def add_handler(self, channel: str, handler: Handler) -> None:
-        check_channel(channel)
-        if not callable(handler):
-            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-        if is_async_callable(handler):
-            self._async_handlers.add(handler)
-        self.handlers.setdefault(channel, []).append(handler)
-
-    def remove_handlers(self, channel: str) -> None:
-        check_channel(channel)
-        self.handlers.pop(channel, None)
-
-    def is_async(self, handler: Handler) -> bool:
-        return handler in self._async_handlers
-
-    def deliver(self, event: Event | Reconnected | Gap | None) -> Iterable[Awaitable[object]]:
-        """Call the handlers of *event*'s channel in order (what ``run()``
-        does with each event; markers and idle ``None`` go to none).
-
-        A plain function is called here; what a coroutine function returns is
-        yielded, for the driver to run to completion before the next handler
-        is called, and to pass to :meth:`handler_failed` if it raises. A
-        handler that raises goes to :meth:`handler_failed`; delivery goes on.
-        """
-        if event is None or isinstance(event, Reconnected | Gap):
-            return ()  # markers went to on_reconnect and on_gap already
-        handlers = self.handlers.get(event.channel)
-        if not handlers:
-            return ()
-        if self._async_handlers:
-            return self._deliver_mixed(event, handlers)
-        # Only plain functions: no generator per event (the callbacks'
-        # receive rate, benchmarks/bench_receive.py).
-        for handler in handlers:
-            try:
-                handler(event)
-            except Exception as exc:
-                self.handler_failed(exc, event)
-        return ()
-
-    def _deliver_mixed(self, event: Event, handlers: list[Handler]) -> Iterator[Awaitable[object]]:
-        async_handlers = self._async_handlers
-        for handler in handlers:
-            try:
-                result = handler(event)
-                if handler in async_handlers:
-                    yield result  # type: ignore[misc]
-            except Exception as exc:
-                self.handler_failed(exc, event)
-
-    def handler_failed(self, exc: BaseException, event: Event) -> None:
-        """Report a handler's exception; never raises, so delivery goes on."""
-        handler = self.exception_handler
-        if handler is not None:
-            try:
-                handler(exc, event)
-            except Exception:
-                logger.exception("pgcast exception handler failed on %r", event,
-                                 extra=event_fields(event))
-            return
-        logger.error("pgcast handler failed on %r", event, exc_info=exc,
-                     extra=event_fields(event))
 
     # -- reading -----------------------------------------------------------
 
@@ -383,9 +310,21 @@ class Core:
                 self.health.heard(self.clock())
                 return
 
+    def on_notice(self, diag: psycopg.errors.Diagnostic) -> None:
+        """The connection's notice handler. It keeps the FATAL (or PANIC)
+        message a server sends before it ends an idle session (the
+        termination by ``pg_terminate_backend()``, ``idle_session_timeout``,
+        a shutdown): libpq hands it over as a notice, and the error of the
+        read that then fails says only "server closed the connection"."""
+        if diag.severity_nonlocalized in ("FATAL", "PANIC"):
+            code = f" ({diag.sqlstate})" if diag.sqlstate else ""
+            self.farewell = f"{diag.severity}: {diag.message_primary}{code}"
+
     def _lost_error(self, message: str) -> ConnectionLostError:
         # Recorded here, so the marker says why, whichever thread (or
         # supervisor calling reconnect()) then restores the connection.
+        if self.farewell is not None:  # why, where libpq says "closed unexpectedly"
+            message = f"connection to PostgreSQL lost: the server ended it: {self.farewell}"
         error = ConnectionLostError(message)
         self.lost(error)
         return error
@@ -433,6 +372,7 @@ class Core:
         """A (new) connection is in place, whose login gave *backend_pid*:
         reset its probe state; :meth:`identify` is to follow."""
         self.backend_pid = backend_pid
+        self.farewell = None
         self.identified = self.pooled = self.pinned = False
         self.probe = probe_channel(backend_pid)
         self.probe_listening = False

@@ -109,14 +109,8 @@ class AsyncSession(AsyncIdentified, AsyncClosing, Failures):
         if not conn.autocommit:
             raise ValueError(f"{type(self).__name__} needs a connection in autocommit mode")
         self._res = res = resilience or Resilience()
-        self._conn = conn
-        self._pgconn = conn.pgconn
-        # The commands that return nothing (notify, listen) share a cursor: a
-        # fresh one per NOTIFY costs a third of psycopg's client work (cold
-        # adapters); its execute() runs under the connection's lock.
-        self._cursor = conn.cursor()
         self._core = Core(res.health_check_interval)
-        self._core.new_connection(conn.info.backend_pid)
+        self._adopt(conn)
         self._connector = connector or opener(reconnect_conninfo(conn), {"autocommit": True})
         self._install_schema = install_schema
         self._closed = False
@@ -135,7 +129,19 @@ class AsyncSession(AsyncIdentified, AsyncClosing, Failures):
         self._waiter = SocketWaiter(conn.pgconn)
         # Called whenever this PubSub wakes its own waiter (see set_wake_callback).
         self._wake_callback: Callable[[], object] | None = None
-        conn.pgconn.notify_handler = self._core.on_notify  # bytes: pgcast._encoding
+
+    def _adopt(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Make *conn* (the first or a new one) the connection: the core takes
+        its notifications (as bytes: :mod:`pgcast._encoding`) and notices."""
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        # The commands that return nothing (notify, listen) share a cursor: a
+        # fresh one per NOTIFY costs a third of psycopg's client work (cold
+        # adapters); its execute() runs under the connection's lock.
+        self._cursor = conn.cursor()
+        conn.pgconn.notify_handler = self._core.on_notify
+        conn.add_notice_handler(self._core.on_notice)
+        self._core.new_connection(conn.info.backend_pid)
 
     # -- the connection ----------------------------------------------------
 
@@ -411,11 +417,7 @@ class AsyncSession(AsyncIdentified, AsyncClosing, Failures):
         """One attempt: open a connection, LISTEN again, check it, run the
         hooks; what fails is thrown back into the plan."""
         conn = await self._connector()
-        self._conn = conn
-        self._pgconn = conn.pgconn
-        self._cursor = conn.cursor()
-        conn.pgconn.notify_handler = self._core.on_notify  # bytes: pgcast._encoding
-        self._core.new_connection(conn.info.backend_pid)
+        self._adopt(conn)
         self._generation += 1
         self._waiter.replace(conn.pgconn)  # the waiter waits on the old socket
         core = self._core
