@@ -345,7 +345,7 @@ def test_invalid_channel_is_one_line(dsn: str, command: str) -> None:
         (lambda dsn: "nonsense dsn", 'missing "=" after "nonsense"'),
         (lambda dsn: f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres",
          "Connection refused"),
-        (lambda dsn: dsn.rsplit("/", 1)[0] + "/pgcast_no_such_db",
+        (lambda dsn: psycopg.conninfo.make_conninfo(dsn, dbname="pgcast_no_such_db"),
          'database "pgcast_no_such_db" does not exist'),
     ],
     ids=["malformed", "server-gone", "no-such-database"],
