@@ -406,3 +406,17 @@ def test_cli_watch_listen_unwatch(dsn: str, conn: Conn, table: str) -> None:
     assert watched_tables(conn, table) == []
     done = pgcast_cli("watch", f"{table}_missing", "--dsn", dsn)
     assert done.returncode == 1 and "no table" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_watch_and_unwatch_on_a_sql_ascii_database(sql_ascii_dsn: str) -> None:
+    """The CLI's connection speaks UTF-8 like every pgcast connection: on a
+    database in SQL_ASCII, psycopg's default would read the catalog as bytes."""
+    with psycopg.connect(sql_ascii_dsn, autocommit=True) as ascii_conn:
+        ascii_conn.execute("CREATE TABLE ports (id int PRIMARY KEY, name text)")
+    done = pgcast_cli("watch", "ports", "--dsn", sql_ascii_dsn)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ports_changed" and "key: id" in done.stderr
+    done = pgcast_cli("unwatch", "ports", "--dsn", sql_ascii_dsn)
+    assert done.returncode == 0 and "3 triggers" in done.stderr, done.stderr
+    done = pgcast_cli("init", "--dsn", sql_ascii_dsn)
+    assert done.returncode == 0, done.stderr

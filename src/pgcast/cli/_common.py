@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "EXIT_ERROR",
@@ -13,6 +16,7 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "add_dsn_argument",
+    "connection",
     "resolve_dsn",
 ]
 
@@ -64,3 +68,26 @@ def resolve_dsn(args: argparse.Namespace) -> str:
           f"{default_datadir()}); it keeps running: `pgcast embedded stop` stops it",
           file=sys.stderr, flush=True)
     return dsn
+
+
+@contextlib.contextmanager
+def connection(args: argparse.Namespace) -> Iterator[Any]:
+    """A connection to :func:`resolve_dsn`'s server, opened as every pgcast
+    connection is (autocommit, UTF-8, a connect timeout:
+    :func:`pgcast._checks.connect_args`); psycopg's errors become pgcast's,
+    which the command prints in one line."""
+    import psycopg
+
+    from .._checks import connect_args, wrap_error
+    from .._errors import ConnectError
+
+    conninfo, options = connect_args(resolve_dsn(args), {})
+    try:
+        conn = psycopg.Connection.connect(conninfo, **options)
+    except psycopg.Error as exc:
+        raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+    try:
+        with conn:
+            yield conn
+    except psycopg.Error as exc:
+        raise wrap_error(exc) from exc

@@ -18,14 +18,10 @@ import json
 from datetime import timedelta
 from typing import Any
 
-import psycopg
-
-from .._core import connect_args
-from .._errors import ConnectError
 from ..durable import consumers, install_schema, prune
 from ..durable._lag import ConsumerLag
 from ..durable._schema import DEFAULT_RETENTION, LATEST_VERSION, parse_duration
-from ._common import add_dsn_argument, resolve_dsn
+from ._common import add_dsn_argument, connection
 
 __all__ = ["register"]
 
@@ -103,17 +99,9 @@ def _count(text: str) -> int:
     return value
 
 
-def _connect(args: argparse.Namespace) -> psycopg.Connection[Any]:
-    conninfo, options = connect_args(resolve_dsn(args), {})
-    try:
-        return psycopg.Connection.connect(conninfo, **options)
-    except psycopg.Error as exc:
-        raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-
-
 def cmd_init(args: argparse.Namespace) -> int:
     """Install or migrate the schema; say what was done."""
-    with _connect(args) as conn:
+    with connection(args) as conn:
         before = install_schema(conn)
     if before == LATEST_VERSION:
         print(f"pgcast schema is up to date (version {LATEST_VERSION})")
@@ -127,7 +115,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune the log; print the count deleted per channel and the total, then
     what was kept for consumers and which consumers were left behind."""
-    with _connect(args) as conn:
+    with connection(args) as conn:
         result = prune(conn, args.older_than, args.keep_last, args.channel,
                        force=args.force, max_age=args.max_age)
     for channel, count in result.items():
@@ -164,7 +152,7 @@ def _lag_json(lag: ConsumerLag) -> str:
 
 def cmd_consumers(args: argparse.Namespace) -> int:
     """List the consumers and their lag."""
-    with _connect(args) as conn:
+    with connection(args) as conn:
         lags = consumers(conn, args.retention)
     if args.json:
         for lag in lags:

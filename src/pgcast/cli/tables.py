@@ -11,15 +11,13 @@ after a graceful stop.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 from ..feeds import triggers
-from ._common import add_dsn_argument, resolve_dsn
+from ._common import add_dsn_argument, connection, resolve_dsn
 
 __all__ = ["load_worker", "register"]
 
@@ -74,28 +72,9 @@ def _split(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-@contextlib.contextmanager
-def _connection(args: argparse.Namespace) -> Iterator[Any]:
-    """An autocommit connection; psycopg's errors become pgcast's (one line, no traceback)."""
-    import psycopg
-
-    from .._core import wrap_error
-    from .._errors import ConnectError
-
-    try:
-        conn = psycopg.connect(resolve_dsn(args), autocommit=True, connect_timeout=10)
-    except psycopg.Error as exc:
-        raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-    try:
-        with conn:
-            yield conn
-    except psycopg.Error as exc:
-        raise wrap_error(exc) from exc
-
-
 def cmd_watch(args: argparse.Namespace) -> int:
     if args.sql:
-        with _connection(args) as conn:
+        with connection(args) as conn:
             text = triggers.sql_text(
                 conn, args.table, channel=args.channel,
                 operations=_split(args.operations) or (), columns=_split(args.columns),
@@ -103,7 +82,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             )
         print(text, end="", flush=True)
         return 0
-    with _connection(args) as conn:
+    with connection(args) as conn:
         feed = triggers.watch_table(
             conn,
             args.table,
@@ -121,7 +100,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_unwatch(args: argparse.Namespace) -> int:
-    with _connection(args) as conn:
+    with connection(args) as conn:
         dropped = triggers.unwatch_table(conn, args.table, args.channel)
     what = f"the feed on {args.channel!r}" if args.channel else "the change feeds"
     if dropped:
