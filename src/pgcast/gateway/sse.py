@@ -22,7 +22,7 @@ announced before the replay by an ``event: notice`` whose data is
 Everything that can be refused is checked before the stream starts, with a
 plain-text HTTP error: a bad origin or token (403), no or bad channel names
 (400), a channel outside the allow-list (403), too many channels (400), a full
-gateway (503).
+gateway or one at its ``max_channels`` (503).
 
 This is a raw ASGI app rather than a ``StreamingResponse``: the gateway must
 be able to stop writing to a client that stopped reading (a full queue), and
@@ -131,6 +131,10 @@ class SSEEndpoint:
             names_ = ", ".join(repr(c) for c in refused[:5])
             raise _Refusal(403, f"not allowed to subscribe to {names_}: "
                                 "not in this gateway's allow-list")
+        try:
+            hub.router.check_room(channels)  # max_channels
+        except ProtocolError as exc:
+            raise _Refusal(503, str(exc)) from None
         try:
             return hub.attach("sse", access, request), channels, since, epoch
         except AccessDenied as exc:

@@ -1,0 +1,281 @@
+"""A determined client against a real ``pgcast serve`` path (uvicorn with the
+direct WebSocket protocol) and real PostgreSQL: each gate tried through
+another door. Every attempt is refused with an error naming the limit, and
+the gateway goes on serving an honest client.
+
+Holes these tests found (they failed before the fix): request headers of
+any size (httptools sets no limit: 100 MB of short header lines took the
+process to 1.5 GB), pongs piling up for a client that pings and never reads,
+and no bound on the distinct channels of all clients together (each a
+LISTEN that PostgreSQL scans on every LISTEN and every notification).
+"""
+
+# ruff: noqa: F811  (the gateway fixture is imported, then requested by name)
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+import unicodedata
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psycopg
+
+from pgcast.durable._schema import REF_PREFIX
+from test_gateway_server import (
+    TIMEOUT,
+    Gateway,
+    durable_schema,  # noqa: F401  (a fixture)
+    gateway,  # noqa: F401  (the fixture)
+    publish_durably,
+    recv,
+    request,
+    run,
+    subscribe,
+    ws_connect,
+)
+
+
+async def honest_client_still_served(gw: Gateway, channel: str, psql: Callable[..., str]) -> None:
+    """A client of *channel* gets a NOTIFY sent by psql: the gateway is up."""
+    async with ws_connect(gw.ws) as ws:
+        await subscribe(ws, channel)
+        await asyncio.to_thread(psql, f"NOTIFY \"{channel}\", 'still here'")
+        frame = await recv(ws)
+        assert (frame["channel"], frame["payload"]) == (channel, "still here")
+
+
+def _handshake(port: int, path: str = "/ws") -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+# -- one name, many spellings ---------------------------------------------------
+
+
+def test_other_spellings_of_an_allowed_name_are_other_channels(
+    gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
+) -> None:
+    """NFC/NFD, case, a trailing space, NUL (as JSON \\u0000 and %00), a
+    name over 63 bytes that PostgreSQL would truncate onto the allowed one,
+    overlong UTF-8: on WebSocket and SSE alike, each is refused or is
+    another channel, never the allowed one."""
+    nfc = unicodedata.normalize("NFC", f"{unique_channel}_café")
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfc != nfd
+    long_allowed = (unique_channel + "_" + "x" * 63)[:63]
+    gw = gateway(allow=[nfc, long_allowed])
+    spellings = {
+        nfd: "not allowed to subscribe",
+        nfc.upper(): "not allowed to subscribe",
+        nfc + " ": "not allowed to subscribe",
+        nfc + "\x00": "NUL",
+        long_allowed + "x": "63",  # PostgreSQL would truncate it onto long_allowed
+        long_allowed[:62] + "é": "63",  # 64 bytes: cut inside a character
+    }
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            for name, why in spellings.items():
+                reply = await request(ws, {"type": "subscribe", "channels": [name]})
+                assert reply["type"] == "error" and why in reply["message"], (name, reply)
+            # The escaped spelling of NUL, and overlong UTF-8 "/" in a binary frame.
+            text = '{"type": "subscribe", "channels": [' + json.dumps(nfc + "\x00") + "]}"
+            assert "\\u0000" in text  # json.dumps escapes it
+            await ws.send(text)
+            reply = await recv(ws)
+            assert reply["type"] == "error" and "NUL" in reply["message"]
+            await ws.send(b'{"type": "subscribe", "channels": ["' + nfc.encode()
+                          + b'\xc0\xaf"]}')
+            reply = await recv(ws)
+            assert reply["type"] == "error" and "not UTF-8" in reply["message"]
+            await subscribe(ws, nfc, long_allowed)
+            # A NOTIFY on the other spelling does not reach the allowed one.
+            await asyncio.to_thread(psql, f"NOTIFY \"{nfd}\", 'other'; "
+                                          f"NOTIFY \"{nfc}\", 'mine'")
+            frame = await recv(ws)
+            assert (frame["channel"], frame["payload"]) == (nfc, "mine")
+        async with httpx.AsyncClient(timeout=TIMEOUT, trust_env=False) as client:
+            for name, why in spellings.items():
+                r = await client.get(f"{gw.http}/sse", params={"channel": name})
+                assert r.status_code in (400, 403) and why in r.text.replace("allow-list",
+                                                                             ""), (name, r.text)
+            for raw in ("%00", "%C0%AF", "%FF"):
+                r = await client.get(f"{gw.http}/sse?channel={nfc}{raw}")
+                assert r.status_code == 400, (raw, r.text)
+
+    run(main())
+
+
+def test_a_read_only_client_cannot_publish_nor_forge_a_log_reference(
+    gateway: Callable[..., Gateway], unique_channel: str, conn: psycopg.Connection[Any],
+    durable_schema: None,
+) -> None:
+    """Publish on a channel one may only read: refused. Publish, where one
+    may, a payload imitating a durable log reference (``\\x1epgcast:<id>``
+    of another channel's row): the subscribers never get that row."""
+    secret, room = f"{unique_channel}_secret", f"{unique_channel}_room"
+    gw = gateway(allow=[room], allow_publish=[room], durable=[f"{unique_channel}*"])
+    (secret_id,) = publish_durably(conn, secret, "the secret")
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as reader, ws_connect(gw.ws) as writer:
+            await subscribe(reader, room)
+            reply = await request(writer, {"type": "publish", "channel": secret,
+                                           "payload": "x"})
+            assert reply["type"] == "error" and "not allowed to publish" in reply["message"]
+            for forged in (f"{REF_PREFIX}{secret_id}", f"{REF_PREFIX}{secret_id}:inline"):
+                await writer.send(json.dumps({"type": "publish", "channel": room,
+                                              "payload": forged}))
+                await recv(writer)  # published, or an error: either way, nothing of secret
+            await writer.send(json.dumps({"type": "publish", "channel": room,
+                                          "payload": "last"}))
+            assert (await recv(writer))["type"] == "published"
+            seen = []
+            while True:
+                frame = await recv(reader)
+                seen.append(frame)
+                if frame.get("payload") == "last":
+                    break
+            assert all("the secret" not in json.dumps(f) for f in seen), seen
+            assert all(f.get("channel") == room for f in seen if f["type"] == "message")
+
+    run(main())
+
+
+# -- resources -------------------------------------------------------------------
+
+
+def test_request_headers_over_the_limit_get_431(
+    gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
+) -> None:
+    """httptools sets no limit on headers: 100 MB of short header lines in
+    one request took the process from 50 MB to 1.5 GB, and the request was
+    then served."""
+    from pgcast.gateway._linger import MAX_HEADER_BYTES
+
+    gw = gateway()
+    start = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=TIMEOUT) as sock:
+        sock.sendall(start + b"X-Big: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n")
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert f"request headers over {MAX_HEADER_BYTES} bytes".encode() in answer
+    # A flood of short header lines, for a WebSocket upgrade too: cut off early.
+    for path in ("/healthz", "/ws"):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=TIMEOUT) as sock:
+            sent = 0
+            try:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n".encode())
+                for _ in range(400):  # 20 MB at most
+                    sock.sendall(b"X-B: c\r\n" * 6400)
+                    sent += 1
+                sock.sendall(b"\r\n")
+                answer = sock.recv(4096)
+            except (ConnectionResetError, BrokenPipeError, TimeoutError):
+                answer = b""
+            assert not answer.startswith(b"HTTP/1.1 200"), path
+            assert sent < 400, f"{path}: the server read 20 MB of headers"
+    # Headers under the limit (a big cookie, a long token) are fine.
+    r = httpx.get(f"{gw.http}/healthz", headers={"Cookie": "c=" + "a" * 32_000},
+                  timeout=TIMEOUT, trust_env=False)
+    assert r.status_code == 200
+    run(honest_client_still_served(gw, unique_channel, psql))
+
+
+def test_a_client_pinging_without_reading_is_not_read_until_it_reads(
+    gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
+) -> None:
+    """Each WebSocket ping is answered by a pong; a client that never reads
+    made the gateway buffer them all (2 million pings: +250 MB in 10 s).
+    Now reading stops while the socket is full, so the client's own sends
+    block after what the kernel buffers."""
+    gw = gateway(sndbuf=16384)
+    ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125  # masked, 125 bytes
+    burst = ping * 1000
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", gw.port))
+        sock.sendall(_handshake(gw.port))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        sock.settimeout(3.0)
+        sent = 0
+        deadline = time.monotonic() + 20
+        try:
+            while sent < 200 and time.monotonic() < deadline:  # 26 MB at most
+                sock.sendall(burst)
+                sent += 1
+        except TimeoutError:
+            pass  # the gateway stopped reading: what this test wants
+        assert sent < 200, "the gateway read 200,000 pings whose pongs were never read"
+        run(honest_client_still_served(gw, unique_channel, psql))
+        # Once the client reads, the pongs flow and reading resumes.
+        sock.settimeout(0.5)
+        got = 0
+        with_deadline = time.monotonic() + TIMEOUT
+        while got < 1_000_000 and time.monotonic() < with_deadline:
+            try:
+                data = sock.recv(1 << 16)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            got += len(data)
+        assert got > 100_000
+        sock.settimeout(TIMEOUT)
+        sock.sendall(ping)
+
+
+def test_compression_is_never_negotiated(gateway: Callable[..., Gateway]) -> None:
+    """No permessage-deflate: a compressed frame (a 16 KiB frame that
+    inflates to gigabytes) cannot even be sent."""
+    gw = gateway()
+
+    async def main() -> None:
+        async with ws_connect(gw.ws, compression="deflate") as ws:
+            assert ws.response is not None
+            assert "Sec-WebSocket-Extensions" not in ws.response.headers
+            assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+
+    run(main())
+
+
+def test_distinct_channels_of_all_clients_are_bounded(
+    gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
+) -> None:
+    """Each client may have 100 channels, and there may be thousands of
+    clients: LISTENs without bound (40,000 in 8 s from one address; each
+    subscribe then took 30 ms under the gateway's lock, growing with every
+    channel, and PostgreSQL scans the list on every notification)."""
+    gw = gateway(max_channels=4)
+    a = [f"{unique_channel}_a{i}" for i in range(3)]
+    b = [f"{unique_channel}_b{i}" for i in range(2)]
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as one, ws_connect(gw.ws) as two:
+            await subscribe(one, *a)
+            reply = await request(two, {"type": "subscribe", "channels": b})
+            assert reply["type"] == "error"
+            assert "limit of 4 distinct channels (max_channels)" in reply["message"]
+            # Channels someone already has cost nothing; one more still fits.
+            await subscribe(two, a[0], a[1], b[0])
+            async with httpx.AsyncClient(timeout=TIMEOUT, trust_env=False) as client:
+                r = await client.get(f"{gw.http}/sse", params={"channel": b[1]})
+                assert r.status_code == 503 and "max_channels" in r.text
+            assert len(gw.hub.listening()) == 4
+            await asyncio.to_thread(psql, f"NOTIFY \"{a[2]}\", 'ok'")
+            frame = await recv(one)
+            assert (frame["channel"], frame["payload"]) == (a[2], "ok")
+            # Room again once channels are given up.
+            await request(one, {"type": "unsubscribe", "channels": [a[2]]})
+            await subscribe(two, b[1])
+
+    run(main())
