@@ -25,8 +25,10 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 
 from pgcast.durable._schema import REF_PREFIX
+from pgcast.gateway import Access
 from test_gateway_server import (
     TIMEOUT,
     Gateway,
@@ -279,3 +281,139 @@ def test_distinct_channels_of_all_clients_are_bounded(
             await subscribe(two, b[1])
 
     run(main())
+
+
+# -- SSE, the transport with no frames back ----------------------------------------
+
+
+def test_an_sse_stream_ends_when_its_token_expires(
+    gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
+) -> None:
+    """A long-lived SSE stream outlives no token: it ends with a
+    ``disconnected`` notice (code 4001) at the token's expiry; the same
+    token afterwards is refused (403)."""
+    expires = time.time() + 1.5
+
+    def authorizer(connection: Any, token: str | None) -> Access:
+        return Access.globs(read=[unique_channel], expires=expires)
+
+    gw = gateway(allow=[], authorizer=authorizer)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=TIMEOUT, trust_env=False) as client:
+            url = f"{gw.http}/sse?channel={unique_channel}&token=t"
+            async with client.stream("GET", url) as r:
+                assert r.status_code == 200
+                frames = []
+                async with asyncio.timeout(TIMEOUT):
+                    async for line in r.aiter_lines():
+                        if line.startswith("data:"):
+                            frames.append(json.loads(line[5:]))
+                            if frames[-1]["type"] == "subscribed":
+                                await asyncio.to_thread(psql, f"NOTIFY \"{unique_channel}\"")
+            assert [f["type"] for f in frames] == ["subscribed", "message", "notice"]
+            assert frames[-1]["code"] == 4001 and "access expired" in frames[-1]["message"]
+            assert time.time() >= expires
+            r = await client.get(url)
+            assert r.status_code == 403 and "expired" in r.text
+
+    run(main())
+    assert gw.metrics()['pgcast_gateway_disconnects_total{reason="expired"}'] == 1
+
+
+def test_an_sse_client_that_never_reads_is_dropped_and_others_are_served(
+    gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
+) -> None:
+    """An SSE stream nobody reads fills its queue (bounded) and is closed as
+    a slow consumer; the socket is let go; a WebSocket subscriber of the same
+    channel gets every message."""
+    gw = gateway(sndbuf=16384, queue_size=100)
+    count, payload = 400, "x" * 1000
+
+    async def main() -> None:
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.settimeout(TIMEOUT)
+            stalled.connect(("127.0.0.1", gw.port))
+            stalled.sendall(f"GET /sse?channel={unique_channel} HTTP/1.1\r\n"
+                            f"Host: 127.0.0.1:{gw.port}\r\n\r\n".encode())
+            assert stalled.recv(64).startswith(b"HTTP/1.1 200")
+            async with ws_connect(gw.ws) as good:
+                await subscribe(good, unique_channel)
+                for batch in range(0, count, 50):  # at the pace of the good client
+                    await asyncio.to_thread(
+                        psql, f"SELECT pg_notify('{unique_channel}', '{payload}' || g) "
+                              f"FROM generate_series({batch}, {batch + 49}) g")
+                    for i in range(batch, batch + 50):
+                        assert (await recv(good))["payload"] == f"{payload}{i}"
+            deadline = time.monotonic() + 3 * TIMEOUT
+            while gw.hub.clients_by_transport()["sse"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not gw.hub.clients_by_transport()["sse"], "the stalled stream stayed"
+
+    run(main())
+    assert gw.metrics()['pgcast_gateway_disconnects_total{reason="slow_consumer"}'] == 1
+
+
+def test_an_sse_stream_nobody_reads_is_dropped_even_when_nothing_more_comes(
+    gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SSE has no pings: a stream that stopped reading once its socket was
+    full, with less than a queue's worth behind it and a quiet channel, was
+    never dropped (no overflow), holding its socket and frames for good."""
+    from pgcast.gateway import sse
+
+    monkeypatch.setattr(sse, "STALL_TIMEOUT", 1.0)
+    gw = gateway(sndbuf=16384)
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.settimeout(TIMEOUT)
+        stalled.connect(("127.0.0.1", gw.port))
+        stalled.sendall(f"GET /sse?channel={unique_channel} HTTP/1.1\r\n"
+                        f"Host: 127.0.0.1:{gw.port}\r\n\r\n".encode())
+        assert stalled.recv(64).startswith(b"HTTP/1.1 200")
+        psql(f"SELECT pg_notify('{unique_channel}', repeat('x', 1000) || g) "
+             "FROM generate_series(1, 300) g")  # more than the buffers, less than the queue
+        deadline = time.monotonic() + TIMEOUT
+        while gw.hub.clients_by_transport()["sse"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not gw.hub.clients_by_transport()["sse"], "the stalled stream stayed"
+    assert gw.metrics()['pgcast_gateway_disconnects_total{reason="slow_consumer"}'] == 1
+    run(honest_client_still_served(gw, unique_channel, psql))
+
+
+def _masked(text: str) -> bytes:
+    """A client's text frame (masked with a zero key), under 126 bytes."""
+    data = text.encode()
+    assert len(data) < 126
+    return bytes([0x81, 0x80 | len(data)]) + b"\0\0\0\0" + data
+
+
+def test_a_resume_nobody_reads_is_dropped_not_polled_forever(
+    gateway: Callable[..., Gateway], unique_channel: str, conn: psycopg.Connection[Any],
+    durable_schema: None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replay waits for the client's queue to drain before reading more,
+    so it never overflows: a client that resumed from 0 and never read was
+    never dropped where nothing else finds it out (the generic ASGI path of
+    a server without pings), its replay polling the queue every 10 ms."""
+    from pgcast.gateway import _resume
+
+    monkeypatch.setattr(_resume, "STALL_TIMEOUT", 1.0)
+    gw = gateway(sndbuf=16384, queue_size=20, durable=[f"{unique_channel}*"], ws="asgi")
+    conn.execute("SELECT pgcast.notify(%s, repeat('x', 1000) || g) "
+                 "FROM generate_series(1, 2000) g", (unique_channel,))
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.settimeout(TIMEOUT)
+        stalled.connect(("127.0.0.1", gw.port))
+        stalled.sendall(_handshake(gw.port))
+        assert stalled.recv(4096).startswith(b"HTTP/1.1 101")
+        stalled.sendall(_masked(json.dumps({"type": "subscribe", "channels": [unique_channel],
+                                            "since": 0})))
+        deadline = time.monotonic() + TIMEOUT
+        while gw.hub.clients_by_transport()["websocket"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not gw.hub.clients_by_transport()["websocket"], "the stalled resume stayed"
+    assert gw.metrics()['pgcast_gateway_disconnects_total{reason="slow_consumer"}'] == 1
