@@ -417,3 +417,30 @@ def test_a_resume_nobody_reads_is_dropped_not_polled_forever(
             time.sleep(0.05)
         assert not gw.hub.clients_by_transport()["websocket"], "the stalled resume stayed"
     assert gw.metrics()['pgcast_gateway_disconnects_total{reason="slow_consumer"}'] == 1
+
+
+def test_a_raw_notify_imitating_a_log_reference_does_not_cut_everyone_off(
+    gateway: Callable[..., Gateway], fresh_dsn: str, unique_channel: str,
+) -> None:
+    """Any database role may NOTIFY. One ``\\x1epgcast:<id>`` on a plain
+    channel of a database without the pgcast schema ended the gateway's
+    LISTEN loop: every client got ``reconnected`` and lost what came
+    meanwhile; repeated, nobody got anything."""
+    gw = gateway(dsn=fresh_dsn)
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            await subscribe(ws, unique_channel)
+            async with await psycopg.AsyncConnection.connect(fresh_dsn,
+                                                             autocommit=True) as other:
+                for i in range(3):
+                    await other.execute("SELECT pg_notify(%s, %s)",
+                                        (unique_channel, f"{REF_PREFIX}{i + 1}"))
+                    await other.execute("SELECT pg_notify(%s, %s)",
+                                        (unique_channel, f"plain {i}"))
+            for i in range(3):
+                frame = await recv(ws)
+                assert (frame["type"], frame.get("payload")) == ("message", f"plain {i}"), frame
+        assert gw.metrics()["pgcast_gateway_reconnects_total"] == 0
+
+    run(main())
