@@ -444,3 +444,44 @@ def test_a_raw_notify_imitating_a_log_reference_does_not_cut_everyone_off(
         assert gw.metrics()["pgcast_gateway_reconnects_total"] == 0
 
     run(main())
+
+
+def test_a_message_of_a_million_fragments_is_one_buffer(
+    gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
+) -> None:
+    """The 1 MiB limit on a client message counts its payload bytes: sent as
+    1-byte fragments, a message was a million bytes objects (7 MB sent, 50 MB
+    held until it ended). Now its fragments go into one buffer; the whole is
+    then refused for its size, and fragmented requests under it still work."""
+    from pgcast.gateway._wsdirect import DirectProtocol
+
+    gw = gateway()
+    count = 200_000
+
+    def fragment(data: bytes, opcode: int = 0x0, fin: bool = False) -> bytes:
+        return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(data)]) + b"\0\0\0\0" + data
+
+    def pending_fragments() -> list[int]:
+        return [len(p.frames) for p in gw.server.server_state.connections
+                if isinstance(p, DirectProtocol) and p.frames]
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=TIMEOUT) as sock:
+        sock.sendall(_handshake(gw.port))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        sock.sendall(fragment(b'{"type": "ping"', 0x1))
+        for _ in range(count // 10_000):
+            sock.sendall(fragment(b" ") * 10_000)
+        deadline = time.monotonic() + TIMEOUT
+        while sum(pending_fragments()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # whatever was sent has been read
+        assert pending_fragments() == [1]
+        sock.sendall(fragment(b"}", fin=True))
+        reply = json.loads(sock.recv(4096)[2:])
+        assert reply["type"] == "error"
+        assert f"frame is {count + 16} bytes; the limit is 16384" in reply["message"]
+        parts = [b'{"type":', b' "ping",', b' "ref": 7}']
+        sock.sendall(fragment(parts[0], 0x1) + fragment(parts[1])
+                     + fragment(parts[2], fin=True))
+        assert json.loads(sock.recv(4096)[2:]) == {"type": "pong", "ref": 7}
+    run(honest_client_still_served(gw, unique_channel, psql))
