@@ -3,11 +3,15 @@ direct WebSocket protocol) and real PostgreSQL: each gate tried through
 another door. Every attempt is refused with an error naming the limit, and
 the gateway goes on serving an honest client.
 
-Holes these tests found (they failed before the fix): request headers of
-any size (httptools sets no limit: 100 MB of short header lines took the
-process to 1.5 GB), pongs piling up for a client that pings and never reads,
-and no bound on the distinct channels of all clients together (each a
-LISTEN that PostgreSQL scans on every LISTEN and every notification).
+Holes these tests found (each failed before its fix): request headers of any
+size (httptools sets no limit: 100 MB of short header lines took the process
+to 1.5 GB); pongs piling up for a client that pings and never reads; no bound
+on the distinct channels of all clients together (each a LISTEN that
+PostgreSQL scans on every LISTEN and notification); SSE streams and resumes
+whose client stopped reading never dropped when the queue did not overflow;
+a raw NOTIFY imitating a log reference, without the pgcast schema, ending
+the LISTEN loop; a message of a million 1-byte fragments held as a million
+objects.
 """
 
 # ruff: noqa: F811  (the gateway fixture is imported, then requested by name)
@@ -281,6 +285,14 @@ def test_distinct_channels_of_all_clients_are_bounded(
             await subscribe(two, b[1])
 
     run(main())
+
+
+def test_pgcast_serve_max_channels_option() -> None:
+    from pgcast.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).max_channels == 10_000
+    assert parser.parse_args(["serve", "--max-channels", "7"]).max_channels == 7
 
 
 # -- SSE, the transport with no frames back ----------------------------------------
