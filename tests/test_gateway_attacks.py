@@ -458,6 +458,36 @@ def test_a_raw_notify_imitating_a_log_reference_does_not_cut_everyone_off(
     run(main())
 
 
+def test_a_resume_of_many_channels_stops_reading_once_the_client_is_dropped(
+    gateway: Callable[..., Gateway], unique_channel: str, conn: psycopg.Connection[Any],
+    durable_schema: None,
+) -> None:
+    """One subscribe frame may resume 100 durable channels from 0: the
+    replay read a first batch of each (up to 100 x 500 rows) even after the
+    client had overflowed and been dropped at the first few."""
+    gw = gateway(sndbuf=16384, queue_size=20, durable=[f"{unique_channel}*"])
+    channels = [f"{unique_channel}_{i}" for i in range(50)]
+    for channel in channels:
+        conn.execute("SELECT pgcast.notify(%s, repeat('x', 2000) || g) "
+                     "FROM generate_series(1, 50) g", (channel,))
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.settimeout(TIMEOUT)
+        stalled.connect(("127.0.0.1", gw.port))
+        stalled.sendall(_handshake(gw.port))
+        assert stalled.recv(4096).startswith(b"HTTP/1.1 101")
+        frame = json.dumps({"type": "subscribe", "channels": channels, "since": 0}).encode()
+        stalled.sendall(bytes([0x81, 0xFE]) + len(frame).to_bytes(2, "big") + b"\0\0\0\0"
+                        + frame)
+        gw.wait_metric('pgcast_gateway_disconnects_total{reason="slow_consumer"}',
+                       lambda n: n == 1)
+        time.sleep(0.5)  # what the replay would still read
+    replayed = gw.metrics()["pgcast_gateway_replayed_messages_total"]
+    # The socket and the queue took ~70 (2 KB each); then each channel left
+    # cost a batch (10: half the queue) after the client was gone: 420.
+    assert replayed < 5 * len(channels), replayed
+
+
 def test_a_message_of_a_million_fragments_is_one_buffer(
     gateway: Callable[..., Gateway], unique_channel: str, psql: Callable[..., str],
 ) -> None:

@@ -258,6 +258,8 @@ class Resume:
         outbox = self._outbox
         batch = max(1, min(1000, outbox.maxsize // 2))
         for channel, since in channels.items():
+            if is_gone():  # overflowed by the channels before: read no more for it
+                return
             position, announced = self._starts.pop(channel, (Position(since), 0))
             self._stats.replayed += await drive(self._state.subscribe_steps(
                 [channel], position, None, batch, {channel: announced}), fetch)
