@@ -729,6 +729,30 @@ def test_a_forged_reference_reads_no_other_channels_message(
     arun(main())
 
 
+def test_a_forged_reference_without_the_schema_is_skipped(
+    fresh_dsn: str, unique_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any role may NOTIFY: a reference payload on a plain channel of a
+    database without the pgcast schema raised SchemaError out of events(),
+    ending the iteration (the gateway's LISTEN loop reconnected, its clients
+    losing what came meanwhile). Now it is skipped with a warning."""
+
+    async def main() -> None:
+        async with await pgcast.aio.connect(fresh_dsn) as sub:
+            await sub.listen(unique_channel)
+            async with await psycopg.AsyncConnection.connect(fresh_dsn,
+                                                             autocommit=True) as app:
+                for ref in (ref_payload(5), ref_payload(6, "inline")):
+                    await app.execute("SELECT pg_notify(%s, %s)", (unique_channel, ref))
+                await app.execute("SELECT pg_notify(%s, 'after')", (unique_channel,))
+            got = await take(sub, 2)
+            assert [e.payload for e in got] == ["inline", "after"]
+
+    with caplog.at_level(logging.WARNING, logger="pgcast"):
+        arun(main())
+    assert "names the log, which cannot be read" in caplog.text
+
+
 async def forge_everywhere(conn: Conn, dsn: str, channel: str, near: int) -> list[str]:
     """Send reference payloads naming a huge id and the next few ids by every
     door a plain sender has; returns the inline texts used."""

@@ -56,6 +56,9 @@ def register(subparsers: Any) -> None:
                    help="clients connected at once, per worker (default 50000; the "
                    "process's descriptor limit is raised to its hard limit, and a note "
                    "says when that allows fewer)")
+    p.add_argument("--max-channels", type=int, default=10_000, metavar="N",
+                   help="distinct channels of all clients together, each a LISTEN on the "
+                   "worker's connection (default 10000)")
     p.add_argument("--queue-size", type=int, default=1000, metavar="N",
                    help="messages queued per client before --overflow applies (default 1000)")
     p.add_argument("--overflow", choices=("disconnect", "drop-oldest"), default="disconnect",
@@ -191,6 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_origins=args.allowed_origin,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         max_clients=args.max_clients,
+        max_channels=args.max_channels,
         queue_size=args.queue_size,
         overflow=args.overflow,
         durable=args.durable,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TypeVar
 
-from .._errors import ConnectionLostError, PgcastError
+from .._errors import ConnectionLostError, DatabaseError, PgcastError
 from .._event import DurableEvent
 from .._flavour import resolve
 from .._gap import Gap
@@ -107,7 +107,13 @@ class DurableSession(Session):
     def _fetch_payload(self, event: Unfetched) -> DurableEvent | Gap | None:
         """The event with its payload read from the log (a :class:`Gap` or
         None: pruned meanwhile); a lost connection is restored and the read
-        tried again."""
+        tried again.
+
+        On a channel not listened to durably, a log that cannot be read (no
+        ``pgcast`` schema, no privilege) skips the event with a warning:
+        anyone who may NOTIFY can send a reference payload, and one such
+        NOTIFY ended the iteration for every channel (the gateway's LISTEN
+        loop reconnected, and its clients missed what came meanwhile)."""
         while True:  # ends: _recover gives up or the read succeeds
             generation = self._generation
             try:
@@ -118,3 +124,13 @@ class DurableSession(Session):
             except ConnectionLostError as exc:
                 self._check_open(lost_ok=True)
                 self._recover(exc, generation)
+            except DatabaseError as exc:
+                if event.channel in self._core.durable.streams:
+                    raise
+                logger.warning(
+                    "pgcast: message %d on %r names the log, which cannot be read (%s); skipped (a reference payload not sent by pgcast?)",
+                    event.id,
+                    event.channel,
+                    exc,
+                )
+                return None

@@ -66,6 +66,7 @@ class Settings:
     allowed_origins: frozenset[str] | None = None
     max_clients: int = 10_000
     max_subscriptions: int = 100
+    max_channels: int | None = 10_000
     max_frame_bytes: int = _protocol.MAX_FRAME_BYTES
     queue_size: int = 1000
     overflow: Overflow = Overflow.DISCONNECT
@@ -85,11 +86,11 @@ class Settings:
         if not isinstance(self.reconnect_backoff, Backoff):
             raise TypeError(f"reconnect_backoff must be a pgcast.Backoff, not "
                             f"{type(self.reconnect_backoff).__name__}")
-        if self.max_clients_per_address is not None:
-            value = self.max_clients_per_address
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"max_clients_per_address must be an integer >= 1 or None, "
-                                 f"got {value!r}")
+        for name in ("max_clients_per_address", "max_channels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         for name in ("max_clients", "max_subscriptions", "max_frame_bytes", "queue_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -77,7 +77,7 @@ class Hub(Clients):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stats = _metrics.Stats()
-        self.router = Router(settings.max_subscriptions, self.stats.written)
+        self.router = Router(settings.max_subscriptions, self.stats.written, settings.max_channels)
         self._aps: aio.AsyncPubSub | None = None
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()

@@ -14,10 +14,12 @@ freed and the peer gets RST) if bytes are still unsent.
 :func:`http_protocol` is the uvicorn HTTP protocol class with the wrapper;
 WebSocket connections start as HTTP, so their protocol gets the same
 transport when the connection is upgraded. It also bounds the time a client
-may take to send a request's headers (:data:`HEADER_TIMEOUT`) and how many
-connections may be doing so at once (:data:`MAX_UNFINISHED`): incomplete
-upgrade requests (slowloris) held connections forever, outside
-``max_clients``, which counts only clients past their handshake.
+may take to send a request's headers (:data:`HEADER_TIMEOUT`), how many
+connections may be doing so at once (:data:`MAX_UNFINISHED`), and their size
+(:data:`MAX_HEADER_BYTES`): incomplete upgrade requests (slowloris) held
+connections forever, outside ``max_clients``, which counts only clients past
+their handshake; and httptools sets no limit on headers, so one request of
+100 MB of short header lines took the process from 50 MB to 1.5 GB.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import struct
 import termios
 from typing import Any
 
-__all__ = ["ABORT_AFTER", "HEADER_TIMEOUT", "MAX_UNFINISHED", "Linger", "http_protocol"]
+__all__ = ["ABORT_AFTER", "HEADER_TIMEOUT", "MAX_HEADER_BYTES", "MAX_UNFINISHED", "Linger",
+           "http_protocol"]
 
 logger = logging.getLogger("pgcast.gateway")
 
@@ -108,13 +111,17 @@ HEADER_TIMEOUT = 10.0
 #: Connections at once that have not finished sending their request's
 #: headers; more are closed as they come.
 MAX_UNFINISHED = 1000
+#: The most bytes a request line and headers may take (a request over it
+#: gets 431). Tokens in headers and cookies fit many times over.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 def http_protocol() -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools when installed, else h11) whose
     connections close within :data:`ABORT_AFTER` seconds, and (httptools)
     whose requests must send their headers within :data:`HEADER_TIMEOUT`,
-    with at most :data:`MAX_UNFINISHED` connections doing so at once."""
+    with at most :data:`MAX_UNFINISHED` connections doing so at once, in at
+    most :data:`MAX_HEADER_BYTES` (h11 has a limit of its own, 16 KiB)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # pragma: no cover - httptools is part of uvicorn[standard]
@@ -129,6 +136,8 @@ _unfinished: set[Any] = set()
 def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
     class HttpToolsLinger(base):  # type: ignore[misc]
         _header_timer: asyncio.TimerHandle | None = None
+        #: Bytes received since the request began, while its headers are unfinished.
+        _header_bytes = 0
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(_wrap(transport))
@@ -138,6 +147,15 @@ def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
                 self.transport.abort()
                 return
             self._await_headers()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is not None:  # the headers are not complete yet
+                budget = MAX_HEADER_BYTES - self._header_bytes
+                self._header_bytes += len(data)
+                if len(data) > budget and not 0 <= data.find(b"\r\n\r\n") <= budget - 4:
+                    self._too_big()
+                    return
+            super().data_received(data)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -159,6 +177,7 @@ def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
 
         def _headers_done(self) -> None:
             _unfinished.discard(self)
+            self._header_bytes = 0
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -169,6 +188,18 @@ def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
             logger.info("pgcast gateway: closing a connection that sent no complete "
                         "request headers within %g s", HEADER_TIMEOUT)
             self.transport.abort()
+
+        def _too_big(self) -> None:
+            self._headers_done()
+            logger.info("pgcast gateway: refusing a request whose headers are over %d bytes",
+                        MAX_HEADER_BYTES)
+            body = (f"request headers over {MAX_HEADER_BYTES} bytes "
+                    "(the gateway's limit)\n").encode()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.transport.close()
 
     return HttpToolsLinger
 

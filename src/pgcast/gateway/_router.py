@@ -226,10 +226,13 @@ class Router:
         self,
         max_subscriptions: int = 100,
         on_written: Callable[[Frame, int], None] | None = None,
+        max_channels: int | None = None,
     ) -> None:
         if max_subscriptions < 1:
             raise ValueError(f"max_subscriptions must be at least 1, got {max_subscriptions}")
         self.max_subscriptions = max_subscriptions
+        #: Distinct channels at once, for every client together (None: no limit).
+        self.max_channels = max_channels
         #: Told, after each :meth:`publish`, how many sockets the frame was
         #: written to directly (for the metrics: counted once, not per client).
         self.on_written = on_written
@@ -258,8 +261,26 @@ class Router:
         return self._subscribers.get(channel, ())
 
     def missing(self, listening: Collection[str], channels: Iterable[str]) -> list[str]:
-        """Which of *channels* the connection must still LISTEN to."""
+        """Which of *channels* the connection must still LISTEN to.
+
+        :raises ProtocolError: they would take the gateway over
+            :attr:`max_channels` (checked here, where the LISTEN follows).
+        """
+        self.check_room(channels)
         return [c for c in channels if c not in listening]
+
+    def check_room(self, channels: Iterable[str]) -> None:
+        """:raises ProtocolError: subscribing to *channels* would make more
+        than :attr:`max_channels` distinct channels."""
+        limit = self.max_channels
+        if limit is None:
+            return
+        new = sum(1 for c in dict.fromkeys(channels) if c not in self._subscribers)
+        if new and len(self._subscribers) + new > limit:
+            raise ProtocolError(
+                f"{new} more channel(s) would take the gateway over its limit of {limit} "
+                "distinct channels (max_channels); try again later"
+            )
 
     def orphans(self, listening: Iterable[str]) -> list[str]:
         """Channels the connection listens to that no client wants any more."""
@@ -279,8 +300,14 @@ class Router:
     def check_subscribe(self, subscriber: Subscriber, channels: Iterable[str]) -> list[str]:
         """The channels of *channels* that would be new for *subscriber*.
 
-        :raises ProtocolError: they would take it over :attr:`max_subscriptions`.
+        :raises ProtocolError: they would take it over :attr:`max_subscriptions`,
+            or the gateway over :attr:`max_channels`.
         """
+        new = self._new_for(subscriber, channels)
+        self.check_room(new)
+        return new
+
+    def _new_for(self, subscriber: Subscriber, channels: Iterable[str]) -> list[str]:
         new = [c for c in dict.fromkeys(channels) if c not in subscriber.channels]
         total = len(subscriber.channels) + len(new)
         if total > self.max_subscriptions:
@@ -298,7 +325,7 @@ class Router:
 
         :raises ProtocolError: over the subscription limit; nothing changes.
         """
-        new = self.check_subscribe(subscriber, channels)
+        new = self._new_for(subscriber, channels)
         for channel in new:
             subscriber.channels.add(channel)
             subs = self._subscribers.get(channel)

@@ -26,6 +26,14 @@ WebSocket endpoint (:mod:`.websocket`) attaches the client's queue
   callback that decides it, and the connection is reset after
   ``close_timeout`` seconds if the peer does not answer (see also
   :mod:`._linger`);
+* the pong a client's ping asks for is written at once, as in uvicorn; but
+  a ping that finds the socket over its high-water mark pauses reading until
+  the buffer drains: a client sending pings without reading the pongs grew
+  the process by 250 MB in 10 s (2 million pings), now by at most what one
+  read holds;
+* the fragments of a client message are gathered in one buffer, not kept
+  as one object each: a message of a million 1-byte fragments (7 MB sent,
+  1 MB in all) held 50 MB until it ended;
 * once the client is admitted, the endpoint *hands the connection over*
   (:meth:`DirectProtocol.hand_over`) and its ASGI call returns: the
   connection lives on in this protocol, without a task. Each client message
@@ -114,6 +122,8 @@ class DirectProtocol(WebSocketsSansIOProtocol):
     _notice: Any = None
     #: The socket's transport itself (uvicorn's may be wrapped, see ._linger).
     _raw: Any = None
+    #: Reading is paused until the socket drains: a ping came while it was full.
+    _pongs_unread = False
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -205,6 +215,26 @@ class DirectProtocol(WebSocketsSansIOProtocol):
             return
         on_message(text)
 
+    def handle_cont(self, event: Any) -> None:
+        frames: list[Any] = self.frames  # its first item becomes a bytearray
+        if not frames:  # no message begun (websockets refuses that anyway)
+            return
+        if type(frames[0]) is not bytearray:
+            frames[0] = bytearray(frames[0])
+        frames[0] += event.data  # one growing buffer, whatever the fragments
+        if event.fin:
+            self.frames = [bytes(frames[0])]
+            self.send_receive_event_to_app()
+
+    def handle_ping(self) -> None:
+        super().handle_ping()  # writes the pong
+        if not self.writable.is_set() and not self.disconnected:
+            # The peer sends pings and does not read the pongs: read nothing
+            # more from it until it reads (resume_writing), or the keepalive
+            # ping it cannot answer meanwhile times the connection out.
+            self._pongs_unread = True
+            self.transport.pause_reading()
+
     def handle_close(self, event: Any) -> None:
         self.open = False  # the peer closes: what follows is the close reply
         super().handle_close(event)
@@ -232,10 +262,12 @@ class DirectProtocol(WebSocketsSansIOProtocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        """Read client messages again."""
+        """Read client messages again (once the socket drained, if a ping
+        found it full)."""
         if self.read_paused:
             self.read_paused = False
-            self.transport.resume_reading()
+            if not self._pongs_unread:
+                self.transport.resume_reading()
 
     def ready(self) -> bool:
         """Whether the socket takes more: under its high-water mark and open."""
@@ -267,6 +299,10 @@ class DirectProtocol(WebSocketsSansIOProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self.open = self.ready()
+        if self._pongs_unread:
+            self._pongs_unread = False
+            if not self.read_paused and not self.disconnected:
+                self.transport.resume_reading()
         outbox = self._outbox
         if outbox is not None and len(outbox):
             outbox.drain()

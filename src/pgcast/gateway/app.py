@@ -62,6 +62,7 @@ def create_app(
     allowed_hosts: Iterable[str] | None = None,
     max_clients: int = 10_000,
     max_subscriptions: int = 100,
+    max_channels: int | None = 10_000,
     max_frame_bytes: int = 16 * 1024,
     queue_size: int = 1000,
     overflow: str = "disconnect",
@@ -101,6 +102,12 @@ def create_app(
         the loopback names when it listens on a loopback address.
     :param max_clients: connected clients at once; more are refused (503).
     :param max_subscriptions: channels per client.
+    :param max_channels: distinct channels of every client together, that is
+        LISTENs on the gateway's connection (None: no limit). A subscribe
+        that would add more is refused; PostgreSQL scans a connection's list
+        of channels on each LISTEN and each notification, so one client
+        (100 channels per connection, many connections) could otherwise slow
+        the gateway down for everyone.
     :param max_frame_bytes: the largest client frame accepted, in bytes.
     :param queue_size: frames queued per client before *overflow* applies.
     :param overflow: ``"disconnect"`` (close code 4000) or ``"drop-oldest"``
@@ -161,6 +168,7 @@ def create_app(
         allowed_origins=origins,
         max_clients=max_clients,
         max_subscriptions=max_subscriptions,
+        max_channels=max_channels,
         max_frame_bytes=max_frame_bytes,
         queue_size=queue_size,
         overflow=Overflow(overflow),

@@ -4,7 +4,9 @@ Each SSE event's ``data:`` is one server frame of the WebSocket protocol as
 JSON (``subscribed`` first, once LISTEN is in effect, then ``message``,
 ``notice`` ...), so ``EventSource.onmessage`` sees the same objects a
 WebSocket client does. A comment line is sent every ``heartbeat`` seconds so
-proxies and clients can tell a quiet stream from a dead one.
+proxies and clients can tell a quiet stream from a dead one; a write the
+client does not take within :data:`STALL_TIMEOUT` seconds ends the stream
+(a slow consumer).
 
 Durable messages carry an ``id:`` line: the log position reached on each of
 the client's durable channels, as JSON (``{"orders": 42}``). EventSource
@@ -22,7 +24,7 @@ announced before the replay by an ``event: notice`` whose data is
 Everything that can be refused is checked before the stream starts, with a
 plain-text HTTP error: a bad origin or token (403), no or bad channel names
 (400), a channel outside the allow-list (403), too many channels (400), a full
-gateway (503).
+gateway or one at its ``max_channels`` (503).
 
 This is a raw ASGI app rather than a ``StreamingResponse``: the gateway must
 be able to stop writing to a client that stopped reading (a full queue), and
@@ -45,7 +47,7 @@ from starlette.types import Receive, Scope, Send
 from .._channels import check_channels
 from .._errors import AccessDenied, InvalidChannelError, ProtocolError
 from . import _protocol
-from ._client import Client, TooManyFromAddress
+from ._client import CLOSE_SLOW_CONSUMER, Client, TooManyFromAddress
 from ._hub import Hub
 from ._protocol import Since
 from .auth import client_token, origin_allowed
@@ -60,6 +62,12 @@ _HEADERS = [
 
 #: What EventSource waits before reconnecting after the stream ends, in ms.
 RETRY_MS = 2000
+
+#: Seconds a write may wait for the client to read (its socket is full):
+#: SSE has no pings, so a client that stops reading while no more messages
+#: come (no overflow) was never found out, and held its socket and queue
+#: (with replayed messages, its own) for as long as it liked.
+STALL_TIMEOUT = 30.0
 
 
 class SSEEndpoint:
@@ -132,6 +140,10 @@ class SSEEndpoint:
             raise _Refusal(403, f"not allowed to subscribe to {names_}: "
                                 "not in this gateway's allow-list")
         try:
+            hub.router.check_room(channels)  # max_channels
+        except ProtocolError as exc:
+            raise _Refusal(503, str(exc)) from None
+        try:
             return hub.attach("sse", access, request), channels, since, epoch
         except AccessDenied as exc:
             raise _Refusal(_status(exc), str(exc)) from None
@@ -192,7 +204,14 @@ class SSEEndpoint:
 
         async def write(text: str | bytes) -> None:
             body = text if isinstance(text, bytes) else text.encode()
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+            try:
+                async with asyncio.timeout(STALL_TIMEOUT):
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            except TimeoutError:
+                hub.stats.disconnects["slow_consumer"] += 1
+                client.kick(CLOSE_SLOW_CONSUMER,
+                            f"slow consumer: it read nothing for {STALL_TIMEOUT:g} s")
+                raise
 
         await write(f"retry: {RETRY_MS}\n" + _protocol.sse_comment("pgcast gateway"))
         # The durable position reached on each channel, for the id: lines.
