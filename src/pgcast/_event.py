@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple, Self
+from typing import Any, ClassVar, NamedTuple, Self
 
 __all__ = ["DurableEvent", "Event", "Position", "UndecodableEvent"]
 
@@ -64,7 +64,47 @@ class Position(NamedTuple):
         return cls(int(digits), epoch or None)
 
 
-class DurableEvent(Event):
+class _ExtendedEvent(Event):
+    """An :class:`Event` with more immutable attributes, kept in the instance
+    dict out of the tuple (a tuple subclass cannot add slots), so plain
+    Events stay as cheap as they were. A subclass names them in
+    :attr:`_extras` (in ``__new__``'s order); two of its events are equal
+    when their tuples and their :attr:`_key` are."""
+
+    _extras: ClassVar[tuple[str, ...]]
+    _key: ClassVar[str]
+    _shown: ClassVar[tuple[str, ...]]  # the extras its repr shows
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        key = self._key
+        if isinstance(other, type(self)) and getattr(self, key) != getattr(other, key):
+            return False
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = Event.__hash__
+
+    def __repr__(self) -> str:
+        shown = "".join(f", {name}={getattr(self, name)!r}" for name in self._shown)
+        return (f"{type(self).__name__}(channel={self.channel!r}, payload={self.payload!r}, "
+                f"pid={self.pid!r}{shown})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        extras = tuple(getattr(self, name) for name in self._extras)
+        return (type(self), (self.channel, self.payload, self.pid, *extras))
+
+    def _replace(self, **changes: Any) -> Self:
+        fields = {"channel": self.channel, "payload": self.payload, "pid": self.pid,
+                  **{name: getattr(self, name) for name in self._extras}, **changes}
+        return type(self)(**fields)
+
+
+class DurableEvent(_ExtendedEvent):
     """An event that went through pgcast's log: a durable message, or a
     payload too large for NOTIFY. It is an :class:`Event` in every way (a
     3-tuple: ``channel, payload, pid = event`` still works) and also carries
@@ -73,8 +113,10 @@ class DurableEvent(Event):
     can ask ``getattr(event, "id", None)``.
     """
 
-    # A tuple subclass cannot add slots, so ``id`` lives in the instance
-    # dict, kept out of the tuple: plain Events stay as cheap as they were.
+    _extras = ("id", "epoch")
+    _key = "id"
+    _shown = ("id",)
+
     id: int
     """The message's id in the log; ids grow in commit order on a channel."""
 
@@ -96,35 +138,8 @@ class DurableEvent(Event):
         after it, checked against the log's epoch."""
         return Position(self.id, self.epoch)
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, DurableEvent) and self.id != other.id:
-            return False
-        return tuple.__eq__(self, other)
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    __hash__ = Event.__hash__
-
-    def __repr__(self) -> str:
-        return (
-            f"DurableEvent(channel={self.channel!r}, payload={self.payload!r}, "
-            f"pid={self.pid!r}, id={self.id!r})"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.channel, self.payload, self.pid, self.id, self.epoch))
-
-    def _replace(self, **changes: Any) -> Self:
-        fields = {"channel": self.channel, "payload": self.payload, "pid": self.pid,
-                  "id": self.id, "epoch": self.epoch, **changes}
-        return type(self)(**fields)
-
-
-class UndecodableEvent(Event):
+class UndecodableEvent(_ExtendedEvent):
     """A notification whose payload is not valid UTF-8, delivered all the same.
 
     PostgreSQL checks the text of a NOTIFY against the database encoding, and
@@ -145,6 +160,9 @@ class UndecodableEvent(Event):
     them with the sender's encoding (``event.raw.decode("latin-1")``).
     """
 
+    _extras = _shown = ("raw",)
+    _key = "raw"
+
     raw: bytes
     """The payload exactly as PostgreSQL delivered it."""
 
@@ -157,30 +175,3 @@ class UndecodableEvent(Event):
     def from_bytes(cls, channel: str, raw: bytes, pid: int) -> Self:
         """The event for *raw*, which is not valid UTF-8."""
         return cls(channel, raw.decode("utf-8", "replace"), pid, raw)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, UndecodableEvent) and self.raw != other.raw:
-            return False
-        return tuple.__eq__(self, other)
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    __hash__ = Event.__hash__
-
-    def __repr__(self) -> str:
-        return (
-            f"UndecodableEvent(channel={self.channel!r}, payload={self.payload!r}, "
-            f"pid={self.pid!r}, raw={self.raw!r})"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.channel, self.payload, self.pid, self.raw))
-
-    def _replace(self, **changes: Any) -> Self:
-        fields = {"channel": self.channel, "payload": self.payload, "pid": self.pid,
-                  "raw": self.raw, **changes}
-        return type(self)(**fields)
