@@ -128,10 +128,12 @@ def fresh_dsn(dsn: str, conn: psycopg.Connection[tuple[object, ...]]) -> Iterato
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def sql_ascii_dsn(dsn: str) -> Iterator[str]:
     """A database in ``SQL_ASCII``, which stores whatever bytes a session
-    sends (the embedded server and PGCAST_TEST_DSN's alike); dropped at the end."""
+    sends (the embedded server and PGCAST_TEST_DSN's alike); dropped after
+    the test (one per test: tests that restart the embedded server may give
+    it a new data directory)."""
     name = f"pgcast_sqlascii_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
         c.execute(

@@ -103,6 +103,9 @@ def gateway(dsn: str) -> Iterator[Callable[..., Gateway]]:
         deadline = time.monotonic() + TIMEOUT
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
+                server.should_exit = True
+                thread.join(TIMEOUT)
+                sock.close()  # uvicorn closes it only after a start
                 raise AssertionError("the gateway did not start")
             time.sleep(0.02)
         gw = Gateway(port, app.state.pgcast_gateway, server, thread)
