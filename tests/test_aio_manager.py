@@ -1024,6 +1024,24 @@ def test_closing_the_manager_ends_its_reconnects(dsn: str) -> None:
         arun(body())
 
 
+def test_a_loss_seen_after_close_starts_no_reconnect(dsn: str) -> None:
+    # A loss the iteration reports as close() runs (from another thread, in
+    # the sync flavour) must not start a reconnect that close() did not see.
+    before = set(threading.enumerate())
+
+    async def body() -> None:
+        async with pubsubs(dsn) as open_:
+            ps = await open_(channel())
+            nm = pgcast.aio.NotificationManager(ps, timeout=0.1, reconnect=True)
+            await nm.close()
+            nm._lose(ps, pgcast.ConnectionLostError("lost as the manager closed"))
+            await apause(0.1)
+            assert not reconnects(nm, before), "a reconnect started after close()"
+            assert ps.generation == 0
+
+    arun(body())
+
+
 # -- scale ------------------------------------------------------------------------------
 
 

@@ -1005,6 +1005,24 @@ def test_closing_the_manager_ends_its_reconnects(dsn: str) -> None:
         run_sync(body())
 
 
+def test_a_loss_seen_after_close_starts_no_reconnect(dsn: str) -> None:
+    # A loss the iteration reports as close() runs (from another thread, in
+    # the sync flavour) must not start a reconnect that close() did not see.
+    before = set(threading.enumerate())
+
+    def body() -> None:
+        with pubsubs(dsn) as open_:
+            ps = open_(channel())
+            nm = pgcast.NotificationManager(ps, timeout=0.1, reconnect=True)
+            nm.close()
+            nm._lose(ps, pgcast.ConnectionLostError("lost as the manager closed"))
+            pause(0.1)
+            assert not reconnects(nm, before), "a reconnect started after close()"
+            assert ps.generation == 0
+
+    run_sync(body())
+
+
 # -- scale ------------------------------------------------------------------------------
 
 

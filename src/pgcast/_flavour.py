@@ -256,12 +256,18 @@ class _Task(threading.Thread):
             self._tracked.discard(self)
 
 
-def start_task(target: Callable[[], None], name: str, tracked: set[Any]) -> None:
+def start_task(target: Callable[[], None], name: str, tracked: set[Any]) -> _Task:
     """Run ``target()`` in the background: a daemon thread, kept in *tracked*
     until it ends (to stop with its owner: :func:`gather_cancelled`)."""
     task = _Task(target, name, tracked)
     tracked.add(task)  # before it starts: it removes itself when done
     task.start()
+    return task
+
+
+def cancel(task: _Task) -> None:
+    """Stop one :func:`start_task` thread at its next sleep, without waiting."""
+    task.stop.set()
 
 
 def check_connection(conn: object, sync_name: str, async_name: str) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "SocketsWaiter",
     "StateLock",
     "acquire",
+    "cancel",
     "check_connection",
     "check_flavour",
     "current",
@@ -240,12 +241,18 @@ class AwaitRunner:
 
 def start_task(
     target: Callable[[], Coroutine[Any, Any, None]], name: str, tracked: set[Any]
-) -> None:
+) -> asyncio.Task[None]:
     """Run ``target()`` in the background: a task of the running loop, kept
     in *tracked* until it ends (to cancel with its owner: :func:`gather_cancelled`)."""
     task = asyncio.get_running_loop().create_task(target(), name=name)
     tracked.add(task)
     task.add_done_callback(tracked.discard)
+    return task
+
+
+def cancel(task: asyncio.Task[None]) -> None:
+    """Cancel one :func:`start_task` task, without waiting for it."""
+    task.cancel()
 
 
 def check_connection(conn: object, sync_name: str, async_name: str) -> None:

@@ -65,7 +65,7 @@ from typing import Any, Self
 from .._closing import Closing
 from .._core import Wait
 from .._errors import ClosedError
-from .._flavour import SocketsWaiter, gather_cancelled, start_task
+from .._flavour import SocketsWaiter, cancel, gather_cancelled, start_task
 from ..client._pubsub import PubSub
 from ._policy import (
     ConnectionSet,
@@ -274,10 +274,14 @@ class NotificationManager(Closing):
             logger.warning("pgcast: %r moved to the manager's garbage: %s", conn, exc)
             return
         self._unregister(conn)
+        if self._closed:
+            return  # the manager's reconnects end with it (see close())
         # In a thread or task of its own, so that the backoff between
         # attempts does not hold up the other connections.
         reconnect = functools.partial(self._reconnect, conn)
-        start_task(reconnect, "pgcast-manager-reconnect", self._reconnects)
+        task = start_task(reconnect, "pgcast-manager-reconnect", self._reconnects)
+        if self._closed:  # sync: close() ran meanwhile in another thread, without it
+            cancel(task)
 
     def _reconnect(self, conn: PubSub) -> None:
         try:
