@@ -120,7 +120,8 @@ def test_the_readme_and_the_docs_list_every_metric() -> None:
     names = [f.name for f in _metrics.families(
         _metrics.Stats(), clients={}, subscriptions=0, channels=0, database_up=True,
         backend_pid=1, queue_usage=0.5)]
-    assert len(names) == 21  # 18, and issue 13's replays, replayed messages, incomplete resumes
+    assert len(names) == 23  # 18, issue 13's replays, replayed messages, incomplete
+    # resumes, and the replay connection's queries and refusals (replay_wait)
     for name in names:
         assert f"`{name.removeprefix('pgcast_gateway_')}" in readme, name
         assert f"`{name}`" in operations, name

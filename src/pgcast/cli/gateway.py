@@ -59,6 +59,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-channels", type=int, default=10_000, metavar="N",
                    help="distinct channels of all clients together, each a LISTEN on the "
                    "worker's connection (default 10000)")
+    p.add_argument("--replay-wait", type=float, default=10.0, metavar="SECONDS",
+                   help="how long a resume's query waits for its turn on the one replay "
+                   "connection before the resume fails with an error (default 10)")
     p.add_argument("--queue-size", type=int, default=1000, metavar="N",
                    help="messages queued per client before --overflow applies (default 1000)")
     p.add_argument("--overflow", choices=("disconnect", "drop-oldest"), default="disconnect",
@@ -195,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         max_clients=args.max_clients,
         max_channels=args.max_channels,
+        replay_wait=args.replay_wait,
         queue_size=args.queue_size,
         overflow=args.overflow,
         durable=args.durable,

@@ -72,6 +72,7 @@ class Settings:
     overflow: Overflow = Overflow.DISCONNECT
     heartbeat: float = 15.0
     database_timeout: float = 10.0
+    replay_wait: float = 10.0
     close_timeout: float = 2.0
     metrics_cache: float = 5.0
     durable: tuple[str, ...] = ()
@@ -96,7 +97,7 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("heartbeat", "database_timeout", "close_timeout", "metrics_cache",
-                     "auth_timeout"):
+                     "auth_timeout", "replay_wait"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -116,7 +117,7 @@ class Client:
     """One connected client, as the transports drive it."""
 
     __slots__ = ("_wake", "access", "address", "closing", "connection", "detached", "expiry",
-                 "limiter", "resume", "sub")
+                 "limiter", "replay_rows", "resume", "sub")
 
     def __init__(self, sub: Subscriber, access: Access, connection: Any = None) -> None:
         self.sub = sub
@@ -137,6 +138,10 @@ class Client:
         self.detached = False
         #: The durable channels it resumed from a position, if any.
         self.resume: Resume | None = None
+        #: Rows read on the replay connection for it (at least one a query):
+        #: its place when queries wait there (least served first, see
+        #: :mod:`._turns`).
+        self.replay_rows = 0
 
     @property
     def gone(self) -> bool:

@@ -8,7 +8,8 @@ reconnect; this module says *how*, with no state of the hub's:
   a peer that vanished without closing the socket is noticed);
 * :func:`listen_all` LISTENs to channels, the durable ones durably;
 * :class:`QueryConnection` is the second connection the durable replay
-  queries run on, never the LISTEN one, opened when first needed;
+  queries run on, never the LISTEN one, opened when first needed, one query
+  at a time, least served client first (:mod:`._turns`);
 * :class:`QueueUsage` reads ``pg_notification_queue_usage()`` for
   ``/metrics`` from a short connection of its own, cached.
 """
@@ -25,9 +26,12 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from .. import aio
+from ._metrics import Stats
+from ._turns import ReplayBusy, Served, Turns
 
 if TYPE_CHECKING:
     from ._client import Settings
+    from ._resume import Fetch
 
 __all__ = ["QueryConnection", "QueueUsage", "connect_listener", "listen_all"]
 
@@ -78,47 +82,75 @@ async def listen_all(
 class QueryConnection:
     """The connection the replay queries run on (not the LISTEN one)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stats: Stats | None = None) -> None:
         self._settings = settings
+        self._stats = stats or Stats()
         self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._lock = asyncio.Lock()
+        self._turns = Turns()
 
-    async def fetch(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
+    def fetch_for(self, who: Served) -> Fetch:
+        """:meth:`fetch` for the replay queries of *who* (a client): its
+        place among the waiting queries is by the rows read for it so far."""
+
+        async def fetch(sql: str, params: Any) -> list[tuple[Any, ...]]:
+            return await self.fetch(sql, params, who)
+
+        return fetch
+
+    async def fetch(
+        self, sql: str, params: Any, who: Served | None = None
+    ) -> list[tuple[Any, ...]]:
         """Run a query and return its rows; the connection is opened when
         first needed and again after it broke.
+
+        One query at a time: a query waits for its turn at most
+        ``replay_wait`` seconds, least served client (*who*) first (see
+        :mod:`._turns`).
 
         The replay's queries only read, so one that fails because the
         connection broke (its backend terminated, the server restarted) is
         run once more on a fresh connection: a connection that died while
         idle is noticed only by the next query. So is one that got no answer
         within ``database_timeout`` (a peer gone without closing the socket:
-        without a bound it held this lock, and so every client's resume,
-        forever); its connection is closed.
+        without a bound it held the connection, and so every client's
+        resume, forever); its connection is closed.
 
         :raises psycopg.OperationalError: it failed on a fresh connection too.
+        :raises ReplayBusy: it got no turn within ``replay_wait``.
         """
+        try:
+            async with self._turns.turn(who, self._settings.replay_wait):
+                self._stats.replay_queries += 1
+                rows = await self._retried(sql, params)
+        except ReplayBusy:
+            self._stats.replay_busy += 1
+            raise
+        if who is not None:
+            who.replay_rows += max(1, len(rows))
+        return rows
+
+    async def _retried(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
         timeout = self._settings.database_timeout
-        async with self._lock:
-            for attempt in range(2):
-                try:
-                    return await self._bounded(sql, params, timeout)
-                except _NoAnswer:
-                    if attempt:
-                        raise psycopg.OperationalError(
-                            f"a replay query got no answer within {timeout:g} s "
-                            "(database_timeout), twice"
-                        ) from None
-                    logger.warning("pgcast gateway: a replay query got no answer within "
-                                   "%g s; reopening its connection", timeout)
-                except psycopg.OperationalError:
-                    conn = self._conn
-                    if attempt or not (conn is None or conn.closed or conn.broken):
-                        raise
-                    logger.info("pgcast gateway: the replay connection broke; reopening it")
-                    self._conn = None
-                    if conn is not None:
-                        await conn.close()
-            raise AssertionError("unreachable")  # pragma: no cover
+        for attempt in range(2):
+            try:
+                return await self._bounded(sql, params, timeout)
+            except _NoAnswer:
+                if attempt:
+                    raise psycopg.OperationalError(
+                        f"a replay query got no answer within {timeout:g} s "
+                        "(database_timeout), twice"
+                    ) from None
+                logger.warning("pgcast gateway: a replay query got no answer within "
+                               "%g s; reopening its connection", timeout)
+            except psycopg.OperationalError:
+                conn = self._conn
+                if attempt or not (conn is None or conn.closed or conn.broken):
+                    raise
+                logger.info("pgcast gateway: the replay connection broke; reopening it")
+                self._conn = None
+                if conn is not None:
+                    await conn.close()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _bounded(self, sql: str, params: Any, timeout: float) -> list[tuple[Any, ...]]:
         """Connect if needed and run the query, in at most *timeout* seconds.

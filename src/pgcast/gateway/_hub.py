@@ -91,7 +91,7 @@ class Hub(Clients):
         self._queue_usage = QueueUsage(settings)
         self._authorize: Authorizer = settings.authorizer or _deny_all
         self.is_durable = globs_matcher(settings.durable)
-        self._query = QueryConnection(settings)
+        self._query = QueryConnection(settings, self.stats)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -223,7 +223,7 @@ class Hub(Clients):
         resume_from = _resume.positions(client, channels, since, strict, self.is_durable)
         durable = any(map(self.is_durable, channels))
         checked = await self._shielded(_resume.check(
-            self._query.fetch, resume_from, epoch, durable)) if durable else None
+            self._query.fetch_for(client), resume_from, epoch, durable)) if durable else None
 
         def commit() -> None:
             if client.detached:
@@ -246,7 +246,7 @@ class Hub(Clients):
             resume = client.resume
             try:
                 await self._shielded(
-                    resume.replay(resume_from, self._query.fetch, lambda: client.gone)
+                    resume.replay(resume_from, self._query.fetch_for(client), lambda: client.gone)
                 )
             except (PgcastError, psycopg.Error) as exc:
                 # An error frame means nothing changed: undo the whole

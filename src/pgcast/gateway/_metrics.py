@@ -84,6 +84,11 @@ class Stats:
     incomplete_resumes: int = 0
     """Resumes that could not be complete (pruned, or another epoch): each
     announced to its client (``recovered: false``, a gap notice)."""
+    replay_queries: int = 0
+    """Queries run on the replay connection (resume checks and replays)."""
+    replay_busy: int = 0
+    """Replay queries that got no turn on the replay connection within
+    ``replay_wait`` (their resume failed with an error; nothing changed)."""
     connections: Counter[str] = field(default_factory=Counter)
     """Clients accepted, by transport."""
     disconnects: Counter[str] = field(default_factory=Counter)
@@ -231,6 +236,13 @@ def families(
                      "Resumes that could not be complete (messages pruned, or another "
                      "epoch of the log), announced to the client.",
                      [({}, stats.incomplete_resumes)])
+    lines += _family("replay_queries_total", "counter",
+                     "Queries run on the replay connection for resuming clients.",
+                     [({}, stats.replay_queries)])
+    lines += _family("replay_busy_total", "counter",
+                     "Resume queries refused: no turn on the replay connection within "
+                     "replay_wait.",
+                     [({}, stats.replay_busy)])
     lines += _family("worker_pid", "gauge",
                      "The process id of the gateway process (worker) that answered.",
                      [({}, os.getpid())])

@@ -68,6 +68,7 @@ def create_app(
     overflow: str = "disconnect",
     heartbeat: float = 15.0,
     database_timeout: float = 10.0,
+    replay_wait: float = 10.0,
     close_timeout: float = 2.0,
     metrics_cache: float = 5.0,
     durable: Iterable[str] = (),
@@ -116,6 +117,11 @@ def create_app(
     :param heartbeat: seconds between SSE heartbeat comments.
     :param database_timeout: how long a request waits for a lost database
         connection to come back before it gets an error.
+    :param replay_wait: seconds a resume's query waits for its turn on the
+        gateway's one replay connection; over it the resume fails with an
+        error naming this setting, and nothing changed (subscribe again).
+        Waiting queries go least served client first, so a short resume
+        passes long ones.
     :param close_timeout: how long closing a client (or all, at shutdown) may take.
     :param metrics_cache: seconds the NOTIFY queue usage in ``/metrics`` is cached.
     :param durable: globs of durable channels (:mod:`pgcast.durable`): LISTENed
@@ -174,6 +180,7 @@ def create_app(
         overflow=Overflow(overflow),
         heartbeat=heartbeat,
         database_timeout=database_timeout,
+        replay_wait=replay_wait,
         close_timeout=close_timeout,
         metrics_cache=metrics_cache,
         durable=tuple(durable),
