@@ -415,3 +415,38 @@ def test_since_positions() -> None:
     position = sse_position({"a": 3, "weird,name\n": 4})
     assert "\n" not in position and json.loads(position) == {"a": 3, "weird,name\n": 4}
     assert parse_since(position) == {"a": 3, "weird,name\n": 4}
+
+
+def test_a_failed_hub_job_whose_caller_left_is_not_logged_as_never_retrieved() -> None:
+    """A statement of the hub runs in a task of its own (_shielded) so a
+    client that leaves cannot cancel it; its failure then belongs to nobody.
+    asyncio logged "Task exception was never retrieved" for every such one:
+    under a flood of clients that leave, a flood of tracebacks."""
+    import asyncio
+    import gc
+
+    from pgcast.gateway._client import Settings
+    from pgcast.gateway._hub import Hub
+
+    reported: list[dict[str, object]] = []
+
+    async def fails_later() -> None:
+        await asyncio.sleep(0.05)
+        raise pgcast.DatabaseError("the replay query failed")
+
+    async def body() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: reported.append(ctx))
+        hub = Hub(Settings(dsn="host=127.0.0.1 port=1"))
+        caller = asyncio.create_task(hub._shielded(fails_later()))
+        await asyncio.sleep(0.01)
+        caller.cancel()  # the client left
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        async with asyncio.timeout(5):
+            while hub._jobs:
+                await asyncio.sleep(0.01)
+        gc.collect()  # a task's "never retrieved" is reported when it is freed
+
+    asyncio.run(body())
+    gc.collect()
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported

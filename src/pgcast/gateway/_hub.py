@@ -50,13 +50,7 @@ from .._event import Event
 from .._gap import Gap
 from .._reconnect import Reconnected
 from . import _metrics, _protocol, _resume
-from ._client import (
-    CLOSE_GOING_AWAY,
-    CLOSE_SLOW_CONSUMER,
-    Client,
-    Clients,
-    Settings,
-)
+from ._client import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, Client, Clients, Settings
 from ._database import QueryConnection, QueueUsage, connect_listener, listen_all
 from ._protocol import Auth, Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
 from ._resume import Resume
@@ -287,8 +281,15 @@ class Hub(Clients):
         # The statement finishes even if the client's task is cancelled.
         task = asyncio.ensure_future(coro)
         self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
+        task.add_done_callback(self._job_done)
         return await asyncio.shield(task)
+
+    def _job_done(self, task: asyncio.Task[Any]) -> None:
+        # Its error is its caller's, who may have left (a client gone): taken
+        # here, or asyncio logs "never retrieved" for every one, a flood.
+        self._jobs.discard(task)
+        if not task.cancelled():
+            task.exception()
 
     async def _wait_ready(self, deadline: float) -> None:
         if self._ready.is_set():
