@@ -287,6 +287,41 @@ def test_payload_not_utf8_on_a_sql_ascii_database(sql_ascii_dsn: str, unique_cha
     arun(body())
 
 
+def test_durable_payload_not_utf8_on_a_sql_ascii_database(
+    sql_ascii_dsn: str, unique_channel: str
+) -> None:
+    # A client in LATIN1 stores "x\xe9y" in the log: live, its reference came
+    # out as an UndecodableEvent with pgcast's prefix; replayed, the log's row
+    # raised UnicodeDecodeError out of the iteration, for ever at that row.
+    from pgcast.durable import install_schema
+
+    with psycopg.connect(sql_ascii_dsn, autocommit=True, connect_timeout=10) as conn:
+        install_schema(conn)
+
+    def send(*payloads: str) -> list[int]:
+        with psycopg.connect(sql_ascii_dsn, autocommit=True, connect_timeout=10,
+                             client_encoding="LATIN1") as c:
+            return [int(c.execute("SELECT pgcast.notify(%s, %s)", (unique_channel, p))
+                        .fetchone()[0]) for p in payloads]  # type: ignore[index]
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(sql_ascii_dsn) as ps:
+            await ps.listen(unique_channel, durable=True)
+            ids = send("x\xe9y", "after")
+            got = await acollect(ps, 2)  # fails on a Reconnected marker
+            assert [(type(e), e.payload, getattr(e, "id", None)) for e in got] == [
+                (pgcast.DurableEvent, "x\ufffdy", ids[0]),
+                (pgcast.DurableEvent, "after", ids[1]),
+            ]
+        async with await pgcast.aio.connect(sql_ascii_dsn) as ps:
+            await ps.listen(unique_channel, durable=True, since=0)
+            got = await acollect(ps, 2)
+            assert [(e.payload, getattr(e, "id", None)) for e in got] == [
+                ("x\ufffdy", ids[0]), ("after", ids[1])]
+
+    arun(body())
+
+
 def test_pubsub_on_a_connection_in_latin1(dsn: str, unique_channel: str) -> None:
     # A connection handed to PubSub() may speak another encoding: the PubSub
     # decoded LATIN1's "caf\xe9" as UTF-8 (UnicodeDecodeError from the

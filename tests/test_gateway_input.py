@@ -159,6 +159,13 @@ def test_a_durable_replay_on_a_sql_ascii_database(
         install_schema(conn)
         ids = [int(conn.execute("SELECT pgcast.notify(%s, %s)", (unique_channel, p))
                    .fetchone()[0]) for p in ("one", "twö")]  # type: ignore[index]
+    # A client in LATIN1 stores bytes that are not UTF-8 in the log: the
+    # server refused to send them to the UTF-8 replay connection, and every
+    # resume failed at that row.
+    with psycopg.connect(sql_ascii_dsn, autocommit=True, connect_timeout=10,
+                         client_encoding="LATIN1") as conn:
+        ids.append(int(conn.execute("SELECT pgcast.notify(%s, %s)", (unique_channel, "café"))
+                       .fetchone()[0]))  # type: ignore[index]
     gw = gateway(dsn=sql_ascii_dsn, durable=[unique_channel])
 
     async def main() -> None:
@@ -166,8 +173,8 @@ def test_a_durable_replay_on_a_sql_ascii_database(
             reply = await request(ws, {"type": "subscribe", "channels": [unique_channel],
                                        "since": 0})
             assert reply["channels"] == [unique_channel], reply
-            replayed = [await recv(ws) for _ in range(2)]
-            assert [(f["payload"], f["id"]) for f in replayed] == [("one", ids[0]),
-                                                                  ("twö", ids[1])]
+            replayed = [await recv(ws) for _ in range(3)]
+            assert [(f["payload"], f["id"]) for f in replayed] == [
+                ("one", ids[0]), ("twö", ids[1]), ("caf\ufffd", ids[2])]
 
     run(main())

@@ -213,7 +213,11 @@ class Core(Handlers):
         # Not UTF-8: possible on a database in SQL_ASCII only (pgcast._encoding).
         channel = decode_channel(relname)
         if channel in self.channels:
-            self.inbox.append(undecodable_event(channel, extra, pid))
+            event = undecodable_event(channel, extra, pid)
+            if event.payload.startswith("\x1e"):  # a log reference: the log has it
+                self.durable.admit(channel, event.payload, pid)
+            else:
+                self.inbox.append(event)
 
     def read(self, pgconn: pq.abc.PGconn) -> None:
         """Take what has arrived on the socket into the inbox, never blocking.

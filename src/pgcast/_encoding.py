@@ -36,11 +36,19 @@ import logging
 from typing import Any
 
 import psycopg
+from psycopg.abc import Buffer
 from psycopg.types.string import TextBinaryLoader, TextLoader
 
 from ._event import UndecodableEvent
 
-__all__ = ["SQL_ASCII_SQL", "UTF8_SQL", "decode_channel", "encoding_setup", "undecodable_event"]
+__all__ = [
+    "SQL_ASCII_SQL",
+    "UTF8_SQL",
+    "decode_channel",
+    "encoding_setup",
+    "read_text_as_utf8",
+    "undecodable_event",
+]
 
 logger = logging.getLogger("pgcast")
 
@@ -53,18 +61,44 @@ UTF8_SQL = "SET client_encoding TO 'UTF8'"
 _TEXT_TYPES = ("text", "varchar", "bpchar", "name", '"char"')
 
 
+def _text(data: Buffer) -> str:
+    """*data* as UTF-8; bytes that are not (stored in the log by a client in
+    another encoding) become U+FFFD, with a warning: a strict decoding
+    raised from the replay, for ever at the same row."""
+    raw = bytes(data)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        logger.warning(
+            "pgcast: a text value read from PostgreSQL is not valid UTF-8 (%s at byte %d): "
+            "read with U+FFFD in place of its bad bytes", exc.reason, exc.start,
+        )
+        return raw.decode("utf-8", "replace")
+
+
 class _Utf8Loader(TextLoader):
     """Text as UTF-8, whatever the connection's encoding says."""
 
-    def __init__(self, oid: int, context: Any = None) -> None:
-        super().__init__(oid, context)
-        self._encoding = "utf-8"
+    def load(self, data: Buffer) -> str:
+        return _text(data)
 
 
 class _Utf8BinaryLoader(TextBinaryLoader):
-    def __init__(self, oid: int, context: Any = None) -> None:
-        super().__init__(oid, context)
-        self._encoding = "utf-8"
+    def load(self, data: Buffer) -> str:
+        return _text(data)
+
+
+def read_text_as_utf8(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """On a database in ``SQL_ASCII``, give *conn* loaders that read text
+    as UTF-8, the bytes that are not replaced (a client in another encoding
+    may have stored them: psycopg's own loaders raise, or give bytes);
+    whether it is such a database."""
+    if conn.info.parameter_status("server_encoding") != "SQL_ASCII":
+        return False
+    for name in _TEXT_TYPES:
+        conn.adapters.register_loader(name, _Utf8Loader)
+        conn.adapters.register_loader(name, _Utf8BinaryLoader)
+    return True
 
 
 def encoding_setup(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str | None:
@@ -79,10 +113,7 @@ def encoding_setup(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any])
     """
     info = conn.info
     client = info.parameter_status("client_encoding")
-    if info.parameter_status("server_encoding") == "SQL_ASCII":
-        for name in _TEXT_TYPES:
-            conn.adapters.register_loader(name, _Utf8Loader)
-            conn.adapters.register_loader(name, _Utf8BinaryLoader)
+    if read_text_as_utf8(conn):
         return None if client == "SQL_ASCII" else SQL_ASCII_SQL
     return None if client in ("UTF8", "UNICODE") else UTF8_SQL
 
@@ -108,7 +139,7 @@ def undecodable_event(channel: str, raw: bytes, pid: int) -> UndecodableEvent:
         reason = "valid UTF-8"  # as called, not reached
     logger.warning(
         "pgcast: a notification on channel %r from pid %d is not valid UTF-8 (%s): "
-        "delivered as an UndecodableEvent, its bytes in .raw",
+        "delivered with U+FFFD in place of its bad bytes",
         channel, pid, reason, extra={"channel": channel, "pid": pid},
     )
     return event

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from .. import aio
+from .._encoding import encoding_setup
 from ._metrics import Stats
 from ._turns import ReplayBusy, Served, Turns
 
@@ -187,14 +188,19 @@ class QueryConnection:
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         options = dict(self._settings.connect_kwargs)
-        # UTF-8 as every pgcast connection (_core.connect_args): else, on a
-        # database in SQL_ASCII, psycopg returns the log's text as bytes.
         options.update(autocommit=True, application_name="pgcast-gateway-replay",
                        client_encoding="UTF8")
         options.setdefault("connect_timeout", 10)
         for key, value in _KEEPALIVES:
             options.setdefault(key, value)
-        return await psycopg.AsyncConnection.connect(self._settings.dsn, **options)
+        conn = await psycopg.AsyncConnection.connect(self._settings.dsn, **options)
+        # In SQL_ASCII, as the PubSubs: the server refuses to send a UTF-8
+        # client the log's bytes that are not UTF-8 (a client in LATIN1 stored
+        # them), and every resume failed at that row.
+        setup = encoding_setup(conn)
+        if setup is not None:
+            await conn.execute(setup)
+        return conn
 
     async def close(self) -> None:
         """Close the connection, if it was opened."""
