@@ -8,6 +8,7 @@ that must stop or restart the server (the ``server`` fixture) are then skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -128,22 +129,35 @@ def fresh_dsn(dsn: str, conn: psycopg.Connection[tuple[object, ...]]) -> Iterato
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-@pytest.fixture
-def sql_ascii_dsn(dsn: str) -> Iterator[str]:
-    """A database in ``SQL_ASCII``, which stores whatever bytes a session
-    sends (the embedded server and PGCAST_TEST_DSN's alike); dropped after
-    the test (one per test: tests that restart the embedded server may give
-    it a new data directory)."""
-    name = f"pgcast_sqlascii_{uuid.uuid4().hex[:12]}"
+@contextlib.contextmanager
+def _database_in(dsn: str, encoding: str) -> Iterator[str]:
+    """A new database in *encoding* (C locale), dropped at the end."""
+    name = f"pgcast_{encoding.lower()}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
         c.execute(
             sql.SQL(
-                "CREATE DATABASE {} ENCODING 'SQL_ASCII' TEMPLATE template0 "
-                "LC_COLLATE 'C' LC_CTYPE 'C'"
-            ).format(sql.Identifier(name))
+                "CREATE DATABASE {} ENCODING {} TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+            ).format(sql.Identifier(name), sql.Literal(encoding))
         )
     try:
         yield psycopg.conninfo.make_conninfo(dsn, dbname=name)
     finally:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as c:
             c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def sql_ascii_dsn(dsn: str) -> Iterator[str]:
+    """A database in ``SQL_ASCII``, which stores whatever bytes a session
+    sends (the embedded server and PGCAST_TEST_DSN's alike); dropped after
+    the test (one per test: tests that restart the embedded server may give
+    it a new data directory)."""
+    with _database_in(dsn, "SQL_ASCII") as ascii_dsn:
+        yield ascii_dsn
+
+
+@pytest.fixture
+def win1252_dsn(dsn: str) -> Iterator[str]:
+    """A database in ``WIN1252``, where five bytes have no UTF-8 equivalent."""
+    with _database_in(dsn, "WIN1252") as win_dsn:
+        yield win_dsn

@@ -322,6 +322,33 @@ def test_durable_payload_not_utf8_on_a_sql_ascii_database(
     arun(body())
 
 
+def test_a_byte_the_server_cannot_convert_ends_the_session_and_the_marker_says_why(
+    win1252_dsn: str, unique_channel: str
+) -> None:
+    # What the README says of databases in other encodings: the server
+    # converts a notification to the listener's UTF-8 and ends the session
+    # over a byte it cannot convert (WIN1252's 0x81); the loss is announced
+    # with the server's reason, and notifications after the marker arrive.
+    async def body() -> None:
+        async with await pgcast.aio.connect(win1252_dsn, health_check_interval=0) as ps:
+            await ps.listen(unique_channel)
+            with psycopg.connect(win1252_dsn, autocommit=True, connect_timeout=10,
+                                 client_encoding="WIN1252") as c:
+                c.execute(f"NOTIFY {unique_channel}, 'x".encode() + b"\x81y'")
+            deadline = time.monotonic() + 20
+            async for item in ps.events(select_timeout=0.05, yield_timeouts=True):
+                assert not isinstance(item, pgcast.Event), item
+                if isinstance(item, pgcast.Reconnected):
+                    assert "has no equivalent in encoding" in item.error, item.error
+                    break
+                assert time.monotonic() < deadline, "the loss was not announced"
+            with psycopg.connect(win1252_dsn, autocommit=True, connect_timeout=10) as c:
+                c.execute(sql.SQL("NOTIFY {}, 'after'").format(sql.Identifier(unique_channel)))
+            assert [e.payload for e in await acollect(ps, 1)] == ["after"]
+
+    arun(body())
+
+
 def test_pubsub_on_a_connection_in_latin1(dsn: str, unique_channel: str) -> None:
     # A connection handed to PubSub() may speak another encoding: the PubSub
     # decoded LATIN1's "caf\xe9" as UTF-8 (UnicodeDecodeError from the
