@@ -9,10 +9,14 @@ UNLISTEN behind the PubSub's back on its own connection.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
+from psycopg import pq
 
 import pgcast
 import pgcast.aio
@@ -122,6 +126,86 @@ def test_asyncio_listen_that_did_not_hold_raises(dsn: str, unique_channel: str) 
             assert aps.listening_channels() == {unique_channel}
 
     arun(body())
+
+
+# -- the check after a LISTEN does not grow with the channels listened to ---------
+
+MANY = 2000
+
+
+@contextmanager
+def answer_sizes(pgconn: pq.abc.PGconn) -> Iterator[list[int]]:
+    """The lengths of the rows (DataRow messages) the server sends on *pgconn*
+    meanwhile, from libpq's own protocol trace."""
+    sizes: list[int] = []
+    with tempfile.TemporaryFile("w+") as trace:
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            yield sizes
+        finally:
+            pgconn.untrace()
+        trace.seek(0)
+        for line in trace.read().splitlines():
+            fields = line.split("\t")
+            if len(fields) > 2 and fields[0] == "B" and fields[2] == "DataRow":
+                sizes.append(int(fields[1]))
+
+
+def test_the_check_after_a_listen_reads_the_size_of_the_listen(
+    dsn: str, unique_channel: str
+) -> None:
+    # It read every channel listened to after each LISTEN: 10,000 channels
+    # LISTENed one at a time took 17 s, most of it that array.
+    many = [f"{unique_channel}_{i}" for i in range(MANY)]
+    with pgcast.connect(dsn) as ps:
+        ps.listen(*many)
+        with answer_sizes(ps.connection.pgconn) as sizes:
+            ps.listen(unique_channel)
+        assert sizes, "no row read: the LISTEN was not checked"
+        assert max(sizes) < 200, sizes  # the whole list is over 20 kB
+        assert ps.listening_channels() == {*many, unique_channel}
+
+
+def test_asyncio_check_after_a_listen_reads_the_size_of_the_listen(
+    dsn: str, unique_channel: str
+) -> None:
+    async def body() -> None:
+        many = [f"{unique_channel}_{i}" for i in range(MANY)]
+        async with await pgcast.aio.connect(dsn) as aps:
+            await aps.listen(*many)
+            with answer_sizes(aps.connection.pgconn) as sizes:
+                await aps.listen(unique_channel)
+            assert sizes, "no row read: the LISTEN was not checked"
+            assert max(sizes) < 200, sizes
+            assert aps.listening_channels() == {*many, unique_channel}
+
+    arun(body())
+
+
+def test_check_listen_and_the_shortfall() -> None:
+    # Every checked channel listed, as many in all as expected: passes.
+    assert diagnostics.check_listen(["a", "p"], 3, (False, ["p", "a"], 3))
+    # More listed than expected (others' channels on a shared session): the
+    # shared-session check is check_pinned's, not this one's.
+    assert diagnostics.check_listen(["a"], 1, (False, ["a"], 5))
+    # Fewer in all: some listened to before are missing.
+    assert not diagnostics.check_listen(["a"], 3, (False, ["a"], 2))
+    with pytest.raises(pgcast.ListenNotEffectiveError) as info:
+        diagnostics.check_listen(["a", "b"], 2, (False, None, 0))
+    assert info.value.missing == {"a", "b"}
+    with pytest.raises(pgcast.HotStandbyError):
+        diagnostics.check_listen(["a"], 1, (True, ["a"], 1))
+    with pytest.raises(pgcast.ListenNotEffectiveError, match="returned no row"):
+        diagnostics.check_listen(["a"], 1, None)
+    # The shortfall names what the full list lacks, or the pooler when it
+    # lacks nothing (the two checks ran on different server sessions).
+    with pytest.raises(pgcast.ListenNotEffectiveError) as info:
+        diagnostics.check_shortfall({"a", "b"}, (False, ["a"]))
+    assert info.value.missing == {"b"}
+    with pytest.raises(pgcast.ListenNotEffectiveError, match="fewer channels") as info:
+        diagnostics.check_shortfall({"a", "b"}, (False, ["a", "b"]))
+    assert "pool_mode=transaction" in str(info.value)
 
 
 def test_queue_usage_is_zero_then_grows_behind_a_listener_that_does_not_read(

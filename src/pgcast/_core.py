@@ -415,6 +415,13 @@ class Core(Handlers):
             names.append(self.probe)
         return listen_sql(names)
 
+    def listen_check(self, new: Iterable[str]) -> tuple[list[str], int]:
+        """What :data:`~pgcast.diagnostics.VERIFY_NEW_SQL` checks after a
+        LISTEN of *new* (done): those channels and the probe's, and how many
+        the session must list in all."""
+        probe = [self.probe] if self.probe_listening and self.probe is not None else []
+        return [*new, *probe], len(self.channels) + len(probe)
+
     def expected_listening(self) -> frozenset[str]:
         """What ``pg_listening_channels()`` must show on this connection."""
         if self.probe_listening and self.probe is not None:

@@ -125,8 +125,13 @@ class PubSub(Supervised):
                     # A separate statement: behind a transaction-mode pooler it
                     # may run on another server session, which is what it is
                     # to catch.
-                    rows = self._fetch(diagnostics.VERIFY_SQL)
-                    diagnostics.check_session(core.expected_listening(), rows[0] if rows else None)
+                    checked, total = core.listen_check(new)
+                    rows = self._fetch(diagnostics.VERIFY_NEW_SQL, (checked,))
+                    if not diagnostics.check_listen(checked, total, rows[0] if rows else None):
+                        rows = self._fetch(diagnostics.VERIFY_SQL)
+                        diagnostics.check_shortfall(
+                            core.expected_listening(), rows[0] if rows else None
+                        )
                     self._check_pinned()
                 except ListenNotEffectiveError:
                     core.channels.difference_update(new)
