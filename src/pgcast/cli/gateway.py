@@ -87,13 +87,18 @@ def register(subparsers: Any) -> None:
                      help="comma-separated proxy addresses whose X-Forwarded-* headers are "
                      "trusted (default 127.0.0.1; * for any: only behind a proxy)")
     limits = p.add_argument_group(
-        "rate limits", "per client; over a limit a request gets an error frame, and a client "
-        "refused 50 times within 10 s is closed with 4029")
+        "rate limits", "per client, and --total-publish-rate for all together; over a limit "
+        "a request gets an error frame, and a client refused 50 times within 10 s (over its "
+        "own limits) is closed with 4029")
     limits.add_argument("--publish-rate", type=float, default=100.0, metavar="N",
                         help="publishes a second per client (bursts of 2N; default 100)")
     limits.add_argument("--request-rate", type=float, default=50.0, metavar="N",
                         help="other requests (subscribe, unsubscribe, ping, auth) a second "
                         "per client (bursts of 2N; default 50)")
+    limits.add_argument("--total-publish-rate", type=float, default=1000.0, metavar="N",
+                        help="publishes a second of all clients together, per worker "
+                        "(bursts of 2N; default 1000): NOTIFY's queue is shared by the "
+                        "whole database")
     limits.add_argument("--no-rate-limits", action="store_true",
                         help="no per-client rate limits at all")
     limits.add_argument("--max-clients-per-address", type=int, default=None, metavar="N",
@@ -287,9 +292,11 @@ def rate_limits(args: argparse.Namespace) -> Any:
             publish_burst=burst(args.publish_rate),
             requests_per_second=args.request_rate,
             request_burst=burst(args.request_rate),
+            total_publishes_per_second=args.total_publish_rate,
+            total_publish_burst=burst(args.total_publish_rate),
         )
     except ValueError as exc:
-        raise UsageError(f"--publish-rate/--request-rate: {exc}") from None
+        raise UsageError(f"--publish-rate/--request-rate/--total-publish-rate: {exc}") from None
 
 
 def jwt_authorizer(args: argparse.Namespace) -> Any:

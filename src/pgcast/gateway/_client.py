@@ -21,7 +21,7 @@ from .._backoff import Backoff
 from .._errors import AccessDenied, ProtocolError
 from . import _metrics, _protocol
 from ._protocol import Command, Frame, Publish, Ref
-from ._ratelimit import CLOSE_RATE_LIMITED, ClientLimiter, RateLimits
+from ._ratelimit import CLOSE_RATE_LIMITED, ClientLimiter, RateLimits, TotalLimiter
 from ._router import Outbox, Overflow, Router, Subscriber
 from .auth import Access, Authorizer
 
@@ -208,6 +208,7 @@ class Clients:
     _closing: bool
     _authorize: Authorizer
     _reap_wanted: asyncio.Event
+    _total: TotalLimiter | None = None
 
     def reply(self, client: Client, frame: Frame) -> None:
         raise NotImplementedError
@@ -348,6 +349,15 @@ class Clients:
         if isinstance(command, Publish):
             kind = "publish"
             why = limiter.check_publish(len(command.payload.encode()))
+            if why is None:
+                total = self._total
+                if total is None:
+                    total = self._total = TotalLimiter(limits)
+                why = total.check_publish()
+                if why is not None:
+                    # Not this client's doing: no refusal counted against it.
+                    self.stats.rate_limited["total_publish"] += 1
+                    raise ProtocolError(why)
         else:
             kind = "request"
             why = limiter.check_request()
