@@ -11,10 +11,15 @@ clients: 3,800 a second, every one accepted).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import psycopg
+import pytest
+from websockets.exceptions import InvalidStatus
 
 from pgcast.gateway import RateLimits
 from test_gateway_server import (
@@ -23,6 +28,7 @@ from test_gateway_server import (
     gateway,  # noqa: F401  (the fixture)
     request,
     run,
+    subscribe,
     ws_connect,
 )
 
@@ -87,3 +93,110 @@ def test_pgcast_serve_total_publish_rate_option() -> None:
     limits = rate_limits(parser.parse_args(["serve", "--total-publish-rate", "7"]))
     assert limits.total_publishes_per_second == 7 and limits.total_publish_burst == 14
     assert RateLimits().total_publishes_per_second == 1000
+
+
+# -- connections per address ----------------------------------------------------
+
+
+def test_the_per_address_cap_is_on_by_default() -> None:
+    """It was off (None): one address held 3,000 of 3,000 connections."""
+    from pgcast.cli import build_parser
+    from pgcast.cli._common import UsageError
+    from pgcast.cli.gateway import per_address
+    from pgcast.gateway import create_app
+
+    app = create_app("postgresql://nowhere")
+    assert app.state.pgcast_gateway.settings.max_clients_per_address == 1000
+    parser = build_parser()
+    assert per_address(parser.parse_args(["serve"]).max_clients_per_address) == 1000
+    assert per_address(parser.parse_args(
+        ["serve", "--max-clients-per-address", "0"]).max_clients_per_address) is None
+    with pytest.raises(UsageError, match="0 \\(no cap\\) or more"):
+        per_address(-1)
+
+
+def test_address_keys_group_an_ipv6_slash_64() -> None:
+    from pgcast.gateway._client import address_key
+
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert address_key("2001:db8:0:1::1") == "2001:db8:0:1::/64"
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("some.name") == "some.name"
+
+
+def _from(address: str) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((address, 0))
+    return sock
+
+
+def test_the_cap_holds_on_both_transports_against_forged_forwarded_headers(
+    gateway: Callable[..., Gateway], unique_channel: str,
+) -> None:
+    """From a peer that is not a trusted proxy (127.0.0.2; uvicorn trusts
+    127.0.0.1), X-Forwarded-For is ignored: a fresh forged address per
+    connection (WebSocket or SSE) still counts as 127.0.0.2. Through the
+    trusted proxy, the client's address is the rightmost untrusted one, so
+    varying the part the client itself wrote does not help either; and an
+    IPv6 client cannot step through its /64 (before: each of its 2^64
+    addresses had its own allowance)."""
+    gw = gateway(max_clients_per_address=2)
+    sse = f"{gw.http}/sse?channel={unique_channel}"
+
+    async def refused(headers: dict[str, str], address: str, source: str = "127.0.0.1",
+                      ) -> None:
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_connect(gw.ws, sock=_connected(source), additional_headers=headers):
+                pass
+        assert info.value.response.status_code == 429
+        assert f"too many connections from {address}".encode() in info.value.response.body
+        assert b"max_clients_per_address" in info.value.response.body
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT, transport=httpx.
+                                     AsyncHTTPTransport(local_address=source)) as client:
+            r = await client.get(sse, headers=headers)
+            assert r.status_code == 429 and f"from {address}" in r.text, r.text
+
+    def _connected(source: str) -> socket.socket:
+        sock = _from(source)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", gw.port))
+        sock.setblocking(False)
+        return sock
+
+    async def hold(stack: contextlib.AsyncExitStack, headers: dict[str, str],
+                   source: str = "127.0.0.1", sse_stream: bool = False) -> None:
+        if sse_stream:
+            client = await stack.enter_async_context(httpx.AsyncClient(
+                trust_env=False, timeout=TIMEOUT,
+                transport=httpx.AsyncHTTPTransport(local_address=source)))
+            r = await stack.enter_async_context(client.stream("GET", sse, headers=headers))
+            assert r.status_code == 200
+        else:
+            ws = await stack.enter_async_context(
+                ws_connect(gw.ws, sock=_connected(source), additional_headers=headers))
+            await subscribe(ws, unique_channel)
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            # Untrusted peer: its headers count for nothing.
+            await hold(stack, {"X-Forwarded-For": "10.0.0.1"}, "127.0.0.2")
+            await hold(stack, {"X-Forwarded-For": "10.0.0.2"}, "127.0.0.2", sse_stream=True)
+            await refused({"X-Forwarded-For": "10.0.0.3"}, "127.0.0.2", "127.0.0.2")
+            await refused({"X-Real-IP": "10.0.0.4", "Forwarded": "for=10.0.0.4"},
+                          "127.0.0.2", "127.0.0.2")
+            # The trusted proxy appends the real peer (10.0.0.9) to what the client sent.
+            await hold(stack, {"X-Forwarded-For": "10.0.0.1, 10.0.0.9"})
+            await hold(stack, {"X-Forwarded-For": "10.0.0.2, 10.0.0.9"}, sse_stream=True)
+            await refused({"X-Forwarded-For": "10.0.0.3, 10.0.0.9"}, "10.0.0.9")
+            await hold(stack, {"X-Forwarded-For": "10.0.0.8"})  # another client
+            # IPv6: one /64 is one address.
+            await hold(stack, {"X-Forwarded-For": "2001:db8::1"})
+            await hold(stack, {"X-Forwarded-For": "2001:db8::2"}, sse_stream=True)
+            await refused({"X-Forwarded-For": "2001:db8::ffff:3"}, "2001:db8::/64")
+            await hold(stack, {"X-Forwarded-For": "2001:db8:0:1::1"})
+            assert sum(gw.hub.clients_by_transport().values()) == 8
+
+    run(main())
+    assert gw.metrics()['pgcast_gateway_rejected_total{reason="per_address"}'] == 8

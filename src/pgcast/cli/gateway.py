@@ -101,8 +101,11 @@ def register(subparsers: Any) -> None:
                         "whole database")
     limits.add_argument("--no-rate-limits", action="store_true",
                         help="no per-client rate limits at all")
-    limits.add_argument("--max-clients-per-address", type=int, default=None, metavar="N",
-                        help="connections at once from one client address (default: no cap)")
+    limits.add_argument("--max-clients-per-address", type=int, default=1000, metavar="N",
+                        help="connections at once from one client address, an IPv6 address "
+                        "counting as its /64 (default 1000; 0: no cap). Raise it when many "
+                        "users share one address (NAT); behind a proxy, trust its headers "
+                        "(--forwarded-allow-ips) or the cap counts the proxy's address")
     jwt = p.add_argument_group(
         "JWT", "verify JSON Web Tokens instead of --allow/--allow-publish: a token's "
         "channels.read / channels.publish claims are the globs it may subscribe to / "
@@ -180,6 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     authorizer = jwt_authorizer(args)
     options = serve_options(args)
+    cap = per_address(args.max_clients_per_address)
     if authorizer is None and not args.allow:
         print("pgcast serve: warning: no --allow given, so clients can subscribe to no "
               "channel", file=sys.stderr)
@@ -198,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_publish=args.allow_publish,
         authorizer=authorizer,
         rate_limits=rate_limits(args),
-        max_clients_per_address=args.max_clients_per_address,
+        max_clients_per_address=cap,
         allowed_origins=args.allowed_origin,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         max_clients=args.max_clients,
@@ -272,6 +276,16 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.ssl_certfile:
         options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return options
+
+
+def per_address(value: int) -> int | None:
+    """``--max-clients-per-address``: 0 for no cap.
+
+    :raises UsageError: a negative number.
+    """
+    if value < 0:
+        raise UsageError(f"--max-clients-per-address must be 0 (no cap) or more, got {value}")
+    return value or None
 
 
 def rate_limits(args: argparse.Namespace) -> Any:

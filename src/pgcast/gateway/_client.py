@@ -10,6 +10,7 @@ LISTEN connection, the fan-out).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ __all__ = [
     "Clients",
     "Settings",
     "TooManyFromAddress",
+    "address_key",
 ]
 
 
@@ -55,6 +57,11 @@ CLOSE_NOT_AUTHENTICATED = 4003
 #: How the gateway's database connection is retried by default: at once,
 #: then 0.1 s growing to 5 s, with full jitter, without end.
 GATEWAY_BACKOFF = Backoff(initial=0.1, maximum=5.0)
+
+#: Connections at once from one address (an IPv6 /64) by default: a few
+#: per user for a few hundred users behind one NAT, and no single address
+#: can take more than a fiftieth of ``pgcast serve``'s 50,000 clients.
+DEFAULT_PER_ADDRESS = 1000
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class Settings:
     token_cookie: str | None = "pgcast_token"
     auth_timeout: float = 10.0
     rate_limits: RateLimits | None = field(default_factory=RateLimits)
-    max_clients_per_address: int | None = None
+    max_clients_per_address: int | None = DEFAULT_PER_ADDRESS
     reconnect_backoff: Backoff = GATEWAY_BACKOFF
 
     def __post_init__(self) -> None:
@@ -110,7 +117,24 @@ class TooManyFromAddress(AccessDenied):
 
 def _address(connection: Any) -> str | None:
     client = getattr(connection, "client", None)
-    return getattr(client, "host", None) if client is not None else None
+    host = getattr(client, "host", None) if client is not None else None
+    return address_key(host) if isinstance(host, str) else None
+
+
+def address_key(host: str) -> str:
+    """What ``max_clients_per_address`` counts *host* as: an IPv4 address
+    as it is (an IPv4-mapped IPv6 one too), an IPv6 address as its /64 (one
+    host is given a whole /64 and may use any address of it), anything else
+    (a name, a Unix socket path) as it is."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class Client:
@@ -250,7 +274,7 @@ class Clients:
             self.stats.rejected["per_address"] += 1
             raise TooManyFromAddress(
                 f"too many connections from {address}: {self._per_address[address]} open, "
-                f"the limit per address is {cap}"
+                f"the limit per address is {cap} (max_clients_per_address)"
             )
 
     def attach(self, transport: str, access: Access, connection: Any = None) -> Client:

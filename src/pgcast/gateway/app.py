@@ -35,7 +35,7 @@ from starlette.staticfiles import StaticFiles
 
 from .._backoff import Backoff
 from . import _metrics
-from ._client import GATEWAY_BACKOFF, Settings
+from ._client import DEFAULT_PER_ADDRESS, GATEWAY_BACKOFF, Settings
 from ._gateway import Gateway, GatewayApp
 from ._hub import Hub
 from ._ratelimit import RateLimits
@@ -78,7 +78,7 @@ def create_app(
     token_cookie: str | None = "pgcast_token",
     auth_timeout: float = 10.0,
     rate_limits: RateLimits | None = _DEFAULT_LIMITS,
-    max_clients_per_address: int | None = None,
+    max_clients_per_address: int | None = DEFAULT_PER_ADDRESS,
     reconnect_backoff: Backoff | None = None,
 ) -> GatewayApp:
     """An ASGI app pushing PostgreSQL notifications to WebSocket and SSE clients.
@@ -140,9 +140,12 @@ def create_app(
         publishes, payload bytes and other requests per second, and when a
         client over them is closed with 4029); None for none.
     :param max_clients_per_address: connections at once from one client
-        address (WebSocket and SSE together; more get HTTP 429); None (the
-        default) for no cap. Behind a proxy, every client has the proxy's
-        address unless the server trusts its forwarded headers.
+        address (WebSocket and SSE together; more get HTTP 429); an IPv6
+        address counts as its /64. Default 1000: raise it (None: no cap)
+        when more users than that share one address (a corporate or
+        carrier-grade NAT). Behind a proxy, every client has the proxy's
+        address unless the server trusts its forwarded headers (uvicorn's
+        ``forwarded_allow_ips``): trust them, or the cap is the proxy's.
     :param auth_timeout: seconds a WebSocket client that gave no token in the
         handshake has to send ``{"type": "auth", "token": ...}`` first.
     :param reconnect_backoff: how the lost database connection is retried (a
