@@ -200,3 +200,97 @@ def test_the_cap_holds_on_both_transports_against_forged_forwarded_headers(
 
     run(main())
     assert gw.metrics()['pgcast_gateway_rejected_total{reason="per_address"}'] == 8
+
+
+# -- /metrics, /healthz -------------------------------------------------------------
+
+REMOTE = {"X-Forwarded-For": "203.0.113.5"}  # a remote client, through the trusted proxy
+
+
+def test_metrics_answer_loopback_clients_only_by_default(
+    gateway: Callable[..., Gateway],
+) -> None:
+    """/metrics answered anyone: client and channel counts, traffic,
+    refusals, the server process id (no channel names nor addresses: the
+    families are counts). Now a remote client gets 403 naming how to allow
+    it, by GET, HEAD or with a trailing slash; /healthz stays open and says
+    only up or down (it also gave the server process id)."""
+    gw = gateway()
+    with httpx.Client(trust_env=False, timeout=TIMEOUT, follow_redirects=True) as client:
+        local = client.get(f"{gw.http}/metrics")
+        assert local.status_code == 200 and "pgcast_gateway_backend_pid" in local.text
+        for method, path in (("GET", "/metrics"), ("HEAD", "/metrics"), ("GET", "/metrics/")):
+            r = client.request(method, f"{gw.http}{path}", headers=REMOTE)
+            assert r.status_code == 403, (method, path, r.status_code)
+            assert "pgcast_gateway" not in r.text
+        r = client.get(f"{gw.http}/metrics", headers=REMOTE)
+        assert "loopback clients only" in r.text and "metrics_token" in r.text
+        health = client.get(f"{gw.http}/healthz", headers=REMOTE)
+        assert health.status_code == 200
+        assert health.json() == {"status": "ok", "database": "up"}
+
+
+def test_a_metrics_token_is_required_from_everyone_and_only_as_a_header(
+    gateway: Callable[..., Gateway],
+) -> None:
+    secret = "m" * 24
+    gw = gateway(metrics_token=secret)
+    with httpx.Client(trust_env=False, timeout=TIMEOUT) as client:
+        for headers in ({}, {"Authorization": "Bearer " + "m" * 23},
+                        {"Authorization": "Bearer " + secret + "x"},
+                        {"Authorization": "Basic " + secret}):
+            r = client.get(f"{gw.http}/metrics", headers=headers)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", headers
+            assert "metrics token" in r.text
+        # Not in the URL (it would reach access logs and proxies' logs).
+        assert client.get(f"{gw.http}/metrics?token={secret}").status_code == 401
+        for extra in ({}, REMOTE):
+            r = client.get(f"{gw.http}/metrics",
+                           headers={"Authorization": f"Bearer {secret}", **extra})
+            assert r.status_code == 200 and "pgcast_gateway_clients" in r.text
+    public = gateway(metrics_public=True)
+    assert httpx.get(f"{public.http}/metrics", headers=REMOTE, trust_env=False,
+                     timeout=TIMEOUT).status_code == 200
+    from pgcast.gateway import create_app
+
+    for bad in ("short", " " + secret, "m" * 15 + "\n"):
+        with pytest.raises(ValueError, match="metrics_token"):
+            create_app("postgresql://nowhere", metrics_token=bad)
+
+
+def test_pgcast_serve_metrics_options(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgcast.cli import build_parser
+    from pgcast.cli._common import UsageError
+    from pgcast.cli.gateway import read_metrics_token
+
+    parser = build_parser()
+    monkeypatch.delenv("PGCAST_METRICS_TOKEN", raising=False)
+    assert read_metrics_token(parser.parse_args(["serve"])) is None
+    path = tmp_path / "token"
+    path.write_text("t" * 20 + "\n")
+    args = parser.parse_args(["serve", "--metrics-token-file", str(path)])
+    assert read_metrics_token(args) == "t" * 20
+    monkeypatch.setenv("PGCAST_METRICS_TOKEN", "e" * 16)
+    assert read_metrics_token(parser.parse_args(["serve"])) == "e" * 16
+    with pytest.raises(UsageError, match="exclude each other"):
+        read_metrics_token(parser.parse_args(["serve", "--metrics-public"]))
+    monkeypatch.setenv("PGCAST_METRICS_TOKEN", "short")
+    with pytest.raises(UsageError, match="at least 16"):
+        read_metrics_token(parser.parse_args(["serve"]))
+    with pytest.raises(UsageError, match="cannot read"):
+        read_metrics_token(parser.parse_args(
+            ["serve", "--metrics-token-file", str(tmp_path / "missing")]))
+
+
+def test_the_demo_page_never_shows_the_database_password() -> None:
+    """``pgcast demo --dsn postgresql://u:secret@... --host 0.0.0.0`` put the
+    password on a page anyone reaching the host could read."""
+    from pgcast.cli.gateway import demo_command, without_password
+
+    for dsn in ("postgresql://u:s3cret-pw@db.example/app",
+                "host=db.example user=u password=s3cret-pw dbname=app",
+                "postgresql://u@db.example/app?password=s3cret-pw"):
+        shown = demo_command("psql", without_password(dsn))
+        assert "s3cret-pw" not in shown and "db.example" in shown, shown
+    plain = "postgresql://u@db.example/app"
+    assert without_password(plain) == plain

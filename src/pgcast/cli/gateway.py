@@ -86,6 +86,13 @@ def register(subparsers: Any) -> None:
     ops.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="IPS",
                      help="comma-separated proxy addresses whose X-Forwarded-* headers are "
                      "trusted (default 127.0.0.1; * for any: only behind a proxy)")
+    ops.add_argument("--metrics-token-file", metavar="PATH",
+                     help="file holding a secret /metrics then requires from any address "
+                     "(Authorization: Bearer; or PGCAST_METRICS_TOKEN). Default: /metrics "
+                     "answers loopback clients only")
+    ops.add_argument("--metrics-public", action="store_true",
+                     help="serve /metrics to anyone (no token): it shows client and channel "
+                     "counts, traffic and the server process id, no names nor addresses")
     limits = p.add_argument_group(
         "rate limits", "per client, and --total-publish-rate for all together; over a limit "
         "a request gets an error frame, and a client refused 50 times within 10 s (over its "
@@ -184,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     authorizer = jwt_authorizer(args)
     options = serve_options(args)
     cap = per_address(args.max_clients_per_address)
+    metrics_token = read_metrics_token(args)
     if authorizer is None and not args.allow:
         print("pgcast serve: warning: no --allow given, so clients can subscribe to no "
               "channel", file=sys.stderr)
@@ -212,6 +220,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overflow=args.overflow,
         durable=args.durable,
         demo_page=args.demo_page,
+        metrics_token=metrics_token,
+        metrics_public=args.metrics_public,
     )
     scheme = "https" if args.ssl_certfile else "http"
     print(f"pgcast gateway on {scheme}://{_url_host(args.host)}:{args.port}/ "
@@ -276,6 +286,26 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.ssl_certfile:
         options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return options
+
+
+def read_metrics_token(args: argparse.Namespace) -> str | None:
+    """The metrics token of ``--metrics-token-file`` or ``PGCAST_METRICS_TOKEN``.
+
+    :raises UsageError: an unreadable file, a token under 16 characters,
+        or a token with ``--metrics-public``.
+    """
+    token = os.environ.get("PGCAST_METRICS_TOKEN") or None
+    if args.metrics_token_file:
+        try:
+            token = Path(args.metrics_token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --metrics-token-file {args.metrics_token_file}: "
+                             f"{exc.strerror or exc}") from None
+    if token is not None and (len(token) < 16 or not token.isprintable()):
+        raise UsageError("the metrics token must be at least 16 printable characters")
+    if token is not None and args.metrics_public:
+        raise UsageError("--metrics-public and a metrics token exclude each other")
+    return token
 
 
 def per_address(value: int) -> int | None:
@@ -388,6 +418,19 @@ def demo_command(psql: str, dsn: str, colour: str = "green") -> str:
     return f"{shlex.quote(psql)} {shlex.quote(dsn)} -c \"NOTIFY {DEMO_CHANNEL}, '{colour}'\""
 
 
+def without_password(dsn: str) -> str:
+    """*dsn* without its password (as key=value then), or as it is."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:  # psycopg.ProgrammingError: not a DSN; shown as given
+        return dsn
+    if "password" not in params:
+        return dsn
+    return make_conninfo("", **{k: v for k, v in params.items() if k != "password"})
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.terminal:
         from . import terminal_demo
@@ -404,7 +447,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             allow=[DEMO_CHANNEL],
             allow_publish=[DEMO_CHANNEL],
             demo_page=True,
-            demo_command=command,
+            # The page is seen by whoever reaches --host: no password on it.
+            demo_command=demo_command(psql, without_password(dsn)),
             allowed_hosts=allowed_hosts(args.host, None),
         )
         url = f"http://{_url_host(args.host)}:{args.port}/"

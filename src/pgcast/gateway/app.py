@@ -40,7 +40,7 @@ from ._gateway import Gateway, GatewayApp
 from ._hub import Hub
 from ._ratelimit import RateLimits
 from ._router import Overflow
-from .auth import Authorizer, allow_list
+from .auth import Authorizer, allow_list, metrics_refusal
 from .sse import SSEEndpoint
 from .websocket import WebSocketEndpoint
 
@@ -80,6 +80,8 @@ def create_app(
     rate_limits: RateLimits | None = _DEFAULT_LIMITS,
     max_clients_per_address: int | None = DEFAULT_PER_ADDRESS,
     reconnect_backoff: Backoff | None = None,
+    metrics_token: str | None = None,
+    metrics_public: bool = False,
 ) -> GatewayApp:
     """An ASGI app pushing PostgreSQL notifications to WebSocket and SSE clients.
 
@@ -148,6 +150,15 @@ def create_app(
         ``forwarded_allow_ips``): trust them, or the cap is the proxy's.
     :param auth_timeout: seconds a WebSocket client that gave no token in the
         handshake has to send ``{"type": "auth", "token": ...}`` first.
+    :param metrics_token: a secret ``/metrics`` then requires, from any
+        address, as ``Authorization: Bearer <token>`` (at least 16
+        characters). Without it ``/metrics`` answers loopback clients only
+        (after a trusted proxy's forwarded headers), unless *metrics_public*.
+        It shows no channel names nor addresses, but the number of clients
+        and channels, the traffic, refusals and the server process id.
+        ``/healthz`` stays open to all (probes need it) and says only up or
+        down.
+    :param metrics_public: serve ``/metrics`` to anyone (when no token).
     :param reconnect_backoff: how the lost database connection is retried (a
         :class:`pgcast.Backoff`; default: at once, then 0.1 s growing to 5 s
         with full jitter). The gateway never gives up its database: when a
@@ -162,6 +173,12 @@ def create_app(
             f"not {overflow!r}"
         )
     hosts = _check_hosts(allowed_hosts)
+    if metrics_token is not None and (not isinstance(metrics_token, str)
+                                      or len(metrics_token) < 16
+                                      or not metrics_token.isprintable()
+                                      or metrics_token != metrics_token.strip()):
+        raise ValueError("metrics_token must be a string of at least 16 printable "
+                         "characters without surrounding spaces")
     _check_cookie_name(token_cookie)
     origins = None if allowed_origins is None else frozenset(
         o.rstrip("/") for o in allowed_origins
@@ -208,10 +225,15 @@ def create_app(
     async def healthz(request: Request) -> Response:
         await gateway.start_quietly()
         if hub.database_up:
-            return JSONResponse({"status": "ok", "database": "up", "backend_pid": hub.backend_pid})
+            return JSONResponse({"status": "ok", "database": "up"})
         return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
 
     async def metrics(request: Request) -> Response:
+        refusal = metrics_refusal(request, metrics_token, metrics_public)
+        if refusal is not None:
+            status, reason = refusal
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return PlainTextResponse(reason + "\n", status_code=status, headers=headers)
         await gateway.start_quietly()
         return PlainTextResponse(await hub.metrics(), media_type=_metrics.CONTENT_TYPE)
 
