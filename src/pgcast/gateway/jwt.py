@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,11 +164,10 @@ class JWTAuthorizer:
             raise AccessDenied("the token has expired") from None
         except _jwt.PyJWTError as exc:
             raise AccessDenied(f"invalid token: {exc}") from None
-        exp = claims.get("exp")
         return Access.globs(
             read=_globs(claims, self.read_claim),
             write=_globs(claims, self.publish_claim),
-            expires=float(exp) + self.leeway if isinstance(exp, int | float) else None,
+            expires=_expiry(claims.get("exp"), self.leeway),
         )
 
     def _signing_key_from_url(self, token: str) -> Any:
@@ -187,6 +187,23 @@ class JWTAuthorizer:
         if not keys:
             raise AccessDenied(f"invalid token: no key with kid {kid!r} in the JWKS")
         return keys[0].key
+
+
+def _expiry(exp: Any, leeway: float) -> float | None:
+    """When the access of a token with this (verified) ``exp`` ends.
+
+    PyJWT reads ``exp`` as ``int(exp)``, so it accepts ``"1767225600"`` as
+    a string: the access must end then too (it was never ending).
+    """
+    if exp is None:
+        return None
+    try:
+        value = float(exp) if isinstance(exp, int | float) else float(int(exp))
+    except (TypeError, ValueError, OverflowError):
+        raise AccessDenied(f"invalid token: exp must be a number, not {exp!r:.40}") from None
+    if not math.isfinite(value):
+        raise AccessDenied("invalid token: exp must be a finite number")
+    return value + leeway
 
 
 def _is_public_key(key: str | bytes | None) -> bool:
