@@ -394,3 +394,13 @@ class Clients:
                         f"rate limited: {limits.max_refusals} requests over the limit "
                         f"within {limits.refusal_window:g} s")
         raise ProtocolError(why)
+
+
+def deny_all(connection: Any, token: str | None) -> Access:
+    return Access()
+
+
+def not_allowed(verb: str, channels: list[str]) -> str:
+    names = ", ".join(repr(c) for c in channels[:5])
+    more = f" and {len(channels) - 5} more" if len(channels) > 5 else ""
+    return f"not allowed to {verb} {names}{more}: not in this gateway's allow-list"
