@@ -228,6 +228,9 @@ def test_metrics_answer_loopback_clients_only_by_default(
             assert "pgcast_gateway" not in r.text
         r = client.get(f"{gw.http}/metrics", headers=REMOTE)
         assert "loopback clients only" in r.text and "metrics_token" in r.text
+        # A client claiming loopback in the part of the header it writes itself.
+        forged = {"X-Forwarded-For": "127.0.0.1, 203.0.113.5"}
+        assert client.get(f"{gw.http}/metrics", headers=forged).status_code == 403
         health = client.get(f"{gw.http}/healthz", headers=REMOTE)
         assert health.status_code == 200
         assert health.json() == {"status": "ok", "database": "up"}
@@ -468,3 +471,23 @@ def test_churn_on_a_channel_does_not_listen_and_unlisten_each_time(
     # Nobody wants it any more: UNLISTENed within the delay.
     gw.wait_metric("pgcast_gateway_channels", lambda v: v == 0)
     assert gw.hub.listening() == frozenset()
+
+
+def test_pgcast_serve_warns_that_trusting_any_proxy_trusts_the_client(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With --forwarded-allow-ips '*' uvicorn takes the first X-Forwarded-For
+    entry, which the client writes: the per-address cap and /metrics'
+    loopback check would believe it (the deployment guide recommended '*')."""
+    from pgcast.cli import build_parser
+    from pgcast.cli.gateway import serve_options
+
+    parser = build_parser()
+    serve_options(parser.parse_args(["serve"]))
+    assert "warning" not in capsys.readouterr().err
+    serve_options(parser.parse_args(["serve", "--forwarded-allow-ips", "10.0.0.1, *"]))
+    err = capsys.readouterr().err
+    assert "--forwarded-allow-ips '*'" in err and "X-Forwarded-For $remote_addr" in err
+    serve_options(parser.parse_args(["serve", "--forwarded-allow-ips", "*",
+                                     "--no-proxy-headers"]))
+    assert "warning" not in capsys.readouterr().err

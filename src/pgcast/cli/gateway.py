@@ -277,6 +277,13 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     for path in (args.ssl_certfile, args.ssl_keyfile):
         if path and not os.access(path, os.R_OK):
             raise UsageError(f"cannot read {path}")
+    if args.proxy_headers and "*" in (h.strip() for h in args.forwarded_allow_ips.split(",")):
+        print("pgcast serve: warning: --forwarded-allow-ips '*' takes a client's address from "
+              "the first X-Forwarded-For entry, which the client can write itself unless the "
+              "proxy replaces the header (nginx: proxy_set_header X-Forwarded-For "
+              "$remote_addr); --max-clients-per-address and /metrics' loopback check then "
+              "believe it. Prefer the proxy's address or network (e.g. 10.0.0.0/8)",
+              file=sys.stderr)
     options: dict[str, Any] = {
         "log_level": args.log_level,
         "access_log": args.access_log,
