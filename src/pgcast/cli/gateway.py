@@ -295,19 +295,24 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _secret(path: str | None, flag: str, env: str, given: str | None = None) -> str | None:
+    """A secret from the file *path* (option *flag*), else *given*, else
+    the environment variable *env*. :raises UsageError: unreadable file."""
+    if not path:
+        return given or os.environ.get(env) or None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
 def read_metrics_token(args: argparse.Namespace) -> str | None:
     """The metrics token of ``--metrics-token-file`` or ``PGCAST_METRICS_TOKEN``.
 
     :raises UsageError: an unreadable file, a token under 16 characters,
         or a token with ``--metrics-public``.
     """
-    token = os.environ.get("PGCAST_METRICS_TOKEN") or None
-    if args.metrics_token_file:
-        try:
-            token = Path(args.metrics_token_file).read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read --metrics-token-file {args.metrics_token_file}: "
-                             f"{exc.strerror or exc}") from None
+    token = _secret(args.metrics_token_file, "--metrics-token-file", "PGCAST_METRICS_TOKEN")
     if token is not None and (len(token) < 16 or not token.isprintable()):
         raise UsageError("the metrics token must be at least 16 printable characters")
     if token is not None and args.metrics_public:
@@ -355,13 +360,7 @@ def jwt_authorizer(args: argparse.Namespace) -> Any:
 
     :raises UsageError: contradictory options.
     """
-    key = args.jwt_key or os.environ.get("PGCAST_JWT_KEY") or None
-    if args.jwt_key_file:
-        try:
-            key = Path(args.jwt_key_file).read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read --jwt-key-file {args.jwt_key_file}: "
-                             f"{exc.strerror or exc}") from None
+    key = _secret(args.jwt_key_file, "--jwt-key-file", "PGCAST_JWT_KEY", args.jwt_key)
     options = (key, args.jwt_jwks, args.jwt_audience, args.jwt_issuer, args.jwt_algorithm)
     if not any(options):
         return None
