@@ -217,7 +217,7 @@ def test_metrics_answer_loopback_clients_only_by_default(
     refusals, the server process id (no channel names nor addresses: the
     families are counts). Now a remote client gets 403 naming how to allow
     it, by GET, HEAD or with a trailing slash; /healthz stays open and says
-    only up or down (it also gave the server process id)."""
+    up or down, and the server process id to local clients only."""
     gw = gateway()
     with httpx.Client(trust_env=False, timeout=TIMEOUT, follow_redirects=True) as client:
         local = client.get(f"{gw.http}/metrics")
@@ -234,6 +234,8 @@ def test_metrics_answer_loopback_clients_only_by_default(
         health = client.get(f"{gw.http}/healthz", headers=REMOTE)
         assert health.status_code == 200
         assert health.json() == {"status": "ok", "database": "up"}
+        local = client.get(f"{gw.http}/healthz")
+        assert local.json()["backend_pid"] == gw.hub.backend_pid
 
 
 def test_a_metrics_token_is_required_from_everyone_and_only_as_a_header(

@@ -156,8 +156,8 @@ def create_app(
         (after a trusted proxy's forwarded headers), unless *metrics_public*.
         It shows no channel names nor addresses, but the number of clients
         and channels, the traffic, refusals and the server process id.
-        ``/healthz`` stays open to all (probes need it) and says only up or
-        down.
+        ``/healthz`` stays open to all (probes need it) and says up or
+        down; the server process id only to those who may read ``/metrics``.
     :param metrics_public: serve ``/metrics`` to anyone (when no token).
     :param reconnect_backoff: how the lost database connection is retried (a
         :class:`pgcast.Backoff`; default: at once, then 0.1 s growing to 5 s
@@ -225,7 +225,10 @@ def create_app(
     async def healthz(request: Request) -> Response:
         await gateway.start_quietly()
         if hub.database_up:
-            return JSONResponse({"status": "ok", "database": "up"})
+            body: dict[str, Any] = {"status": "ok", "database": "up"}
+            if metrics_refusal(request, metrics_token, metrics_public) is None:
+                body["backend_pid"] = hub.backend_pid  # to whoever may read /metrics
+            return JSONResponse(body)
         return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
 
     async def metrics(request: Request) -> Response:
