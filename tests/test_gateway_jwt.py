@@ -392,3 +392,44 @@ def test_a_token_may_not_be_combined_with_an_allow_list() -> None:
 
     with pytest.raises(ValueError, match="either an authorizer or allow"):
         create_app("postgresql://nowhere", authorizer=JWTAuthorizer(key=SECRET), allow=["a"])
+
+
+def test_large_tokens_are_bounded_by_the_header_and_frame_limits(
+    gateway: Callable[..., Gateway], unique_channel: str
+) -> None:
+    """A valid 40 KB token works in a header; one past the request-header
+    limit (64 KiB) gets 431 before any verification; one in an auth frame
+    past max_frame_bytes is refused naming the limit (as the first frame,
+    the 4003 close said only "authenticate first"); a later one leaves the
+    connection as it was."""
+    from pgcast.gateway._linger import MAX_HEADER_BYTES
+
+    mine = f"user.alice.{unique_channel}"
+    gw = gateway(authorizer=JWTAuthorizer(key=SECRET), allow=())
+    big = token(pad="x" * 40_000)
+    huge = token(pad="x" * MAX_HEADER_BYTES)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            async with client.stream("GET", f"{gw.http}/sse?channel={mine}",
+                                     headers={"Authorization": f"Bearer {big}"}) as r:
+                assert r.status_code == 200
+            r = await client.get(f"{gw.http}/sse?channel={mine}",
+                                 headers={"Authorization": f"Bearer {huge}"})
+            assert r.status_code == 431 and str(MAX_HEADER_BYTES) in r.text
+        # As the first frame: the close (4003) says why.
+        async with ws_connect(gw.ws) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": big}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
+            assert "the limit is 16384" in closed.value.rcvd.reason
+        # To refresh an accepted token: an error frame, and the connection stays.
+        async with ws_connect(gw.ws) as ws:
+            assert (await request(ws, {"type": "auth", "token": token()}))[
+                "type"] == "authenticated"
+            reply = await request(ws, {"type": "auth", "token": big})
+            assert reply["type"] == "error" and "the limit is 16384" in reply["message"]
+            await subscribe(ws, mine)
+
+    run(main())
