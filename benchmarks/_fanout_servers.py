@@ -166,7 +166,8 @@ def asgi_app(design: str, dsn: str) -> Any:
     if design in ("pgcast", "pgcast-asgi"):
         from pgcast.gateway import create_app
 
-        return create_app(dsn, allow=[CHANNEL], max_clients=100_000, queue_size=1000)
+        return create_app(dsn, allow=[CHANNEL], max_clients=100_000, queue_size=1000,
+                          max_clients_per_address=None)
 
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute

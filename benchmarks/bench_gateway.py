@@ -230,7 +230,9 @@ def _server_argv(design: str, port: int, dsn: str) -> list[str]:
     if design in WORKERS:
         return [sys.executable, "-m", "pgcast", "serve", "--dsn", dsn, "--port", str(port),
                 "--allow", CHANNEL, "--workers", str(WORKERS[design]),
-                "--max-clients", "100000", "--log-level", "error", "--no-access-log"]
+                "--max-clients", "100000", "--log-level", "error", "--no-access-log",
+                # every load process connects from one address: no per-address cap
+                "--max-clients-per-address", "0"]
     return [sys.executable, str(HERE / "_fanout_servers.py"), design, str(port), dsn]
 
 

@@ -286,3 +286,150 @@ def test_the_example_issues_a_token_the_gateway_accepts() -> None:
                              text=True, timeout=60, check=False,
                              env={k: v for k, v in os.environ.items() if k != "PGCAST_JWT_KEY"})
     assert missing.returncode == 2 and "PGCAST_JWT_KEY" in missing.stderr
+
+
+# -- round 2: edge cases, each refused or pinned -------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _signed(header: bytes, payload: bytes) -> str:
+    import hashlib
+    import hmac
+
+    signing_input = f"{_b64(header)}.{_b64(payload)}"
+    sig = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(sig)}"
+
+
+def test_an_exp_given_as_a_string_still_ends_the_access() -> None:
+    """PyJWT reads exp as int(exp): a signed ``"exp": "<digits>"`` passed
+    its check, and the gateway, seeing no number, gave access that never
+    ended (expires None)."""
+    at = int(time.time() + 60)
+    access = check(JWTAuthorizer(key=SECRET), token(exp=str(at)))
+    assert access.expires == at
+    with pytest.raises(AccessDenied, match="expired"):
+        check(JWTAuthorizer(key=SECRET), token(exp=str(int(time.time() - 5))))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: token(nbf=int(time.time() + 30)), r"not yet valid \(nbf\)"),
+        (lambda: token(iat=int(time.time() + 3000)), r"not yet valid \(iat\)"),
+        (lambda: _signed(b'{"alg":"HS256"}', b'{"exp": 1e400}'), "exp"),
+        (lambda: _signed(b'{"alg":"HS256"}', b'{"exp": NaN}'), "exp"),
+        (lambda: _signed(b'{"alg":"HS256"}', b'{"exp": true}'), "expired"),
+        # JSON nested past the recursion limit, unsigned (header) or signed (payload).
+        (lambda: _b64(b"[" * 50_000 + b"]" * 50_000) + "." + _b64(b"{}") + ".x",
+         "Invalid header"),
+        (lambda: _signed(b'{"alg":"HS256"}', b'{"x":' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+         "Invalid payload"),
+        (lambda: _b64(b"1") + "." + _b64(b"{}") + ".x", "json object"),
+        (lambda: _signed(b'{"alg":"HS256","kid":{"a":1}}', b'{"exp": 9999999999}'),
+         "Key ID"),
+        (lambda: _signed(b'{"alg":"HS256","crit":["b64"],"b64":false}', b'{"exp": 9999999999}'),
+         "invalid token"),
+        (lambda: _signed(b'{"alg":"HS512"}', b'{"exp": 9999999999}'), "alg|signature|Signature"),
+    ],
+)
+def test_edge_tokens_are_refused_saying_why(make: Callable[[], str], message: str) -> None:
+    with pytest.raises(AccessDenied, match=message):
+        check(JWTAuthorizer(key=SECRET), make())
+
+
+def test_header_fields_that_point_elsewhere_are_ignored() -> None:
+    """jku/x5u/jwk in a token's header never choose the key: the token
+    verifies with the configured key or not at all."""
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(other.public_key()))
+    forged = jwt.encode({"exp": int(time.time() + 60), "channels": {"read": ["*"]}}, other,
+                        algorithm="RS256", headers={"jku": "http://127.0.0.1:9/jwks",
+                                                    "x5u": "http://127.0.0.1:9/x", "jwk": jwk})
+    with pytest.raises(AccessDenied):
+        check(JWTAuthorizer(key=_pem(RSA_KEY)), forged)
+    # Signed with the configured key, the same header fields change nothing.
+    ok = jwt.encode({"exp": int(time.time() + 60)}, SECRET, algorithm="HS256",
+                    headers={"jku": "http://127.0.0.1:9/jwks"})
+    assert check(JWTAuthorizer(key=SECRET), ok).expires is not None
+
+
+def test_unknown_kids_do_not_make_the_gateway_fetch_the_jwks_each_time(
+    jwks_url: str,
+) -> None:
+    """Each token naming a kid the JWKS lacks made the gateway fetch the
+    JWKS (urllib, in a thread, under PyJWKClient's lock) where PyJWT has no
+    cooldown (older releases; and after a failed fetch in any): 50 such
+    tokens, 51 fetches to the identity provider. Now one per 30 s."""
+    authorizer = JWTAuthorizer(jwks=jwks_url)
+    assert authorizer._jwks is not None
+    fetches = 0
+    fetch = authorizer._jwks.fetch_data
+
+    def counted() -> Any:
+        nonlocal fetches
+        fetches += 1
+        return fetch()
+
+    authorizer._jwks.fetch_data = counted  # type: ignore[method-assign]
+    # As PyJWT before its cooldown, or after a fetch that failed.
+    authorizer._jwks.cooldown_duration = 0
+    assert check(authorizer, token(RSA_KEY, "RS256", _kid="r1")).can_read("news")
+    for i in range(50):
+        with pytest.raises(AccessDenied, match="invalid token"):
+            check(authorizer, token(RSA_KEY, "RS256", _kid=f"nope-{i}"))
+    assert fetches <= 2, f"{fetches} JWKS fetches for 50 tokens of unknown kids"
+    assert check(authorizer, token(EC_KEY, "ES256", _kid="e1")).can_write("chat")
+
+
+def test_a_token_may_not_be_combined_with_an_allow_list() -> None:
+    """Claims are the allow-list with JWT; an --allow beside them (a ceiling
+    the operator might expect) is refused, not silently ignored."""
+    from pgcast.gateway import create_app
+
+    with pytest.raises(ValueError, match="either an authorizer or allow"):
+        create_app("postgresql://nowhere", authorizer=JWTAuthorizer(key=SECRET), allow=["a"])
+
+
+def test_large_tokens_are_bounded_by_the_header_and_frame_limits(
+    gateway: Callable[..., Gateway], unique_channel: str
+) -> None:
+    """A valid 40 KB token works in a header; one past the request-header
+    limit (64 KiB) gets 431 before any verification; one in an auth frame
+    past max_frame_bytes is refused naming the limit (as the first frame,
+    the 4003 close said only "authenticate first"); a later one leaves the
+    connection as it was."""
+    from pgcast.gateway._linger import MAX_HEADER_BYTES
+
+    mine = f"user.alice.{unique_channel}"
+    gw = gateway(authorizer=JWTAuthorizer(key=SECRET), allow=())
+    big = token(pad="x" * 40_000)
+    huge = token(pad="x" * MAX_HEADER_BYTES)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            async with client.stream("GET", f"{gw.http}/sse?channel={mine}",
+                                     headers={"Authorization": f"Bearer {big}"}) as r:
+                assert r.status_code == 200
+            r = await client.get(f"{gw.http}/sse?channel={mine}",
+                                 headers={"Authorization": f"Bearer {huge}"})
+            assert r.status_code == 431 and str(MAX_HEADER_BYTES) in r.text
+        # As the first frame: the close (4003) says why.
+        async with ws_connect(gw.ws) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": big}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
+            assert "the limit is 16384" in closed.value.rcvd.reason
+        # To refresh an accepted token: an error frame, and the connection stays.
+        async with ws_connect(gw.ws) as ws:
+            assert (await request(ws, {"type": "auth", "token": token()}))[
+                "type"] == "authenticated"
+            reply = await request(ws, {"type": "auth", "token": big})
+            assert reply["type"] == "error" and "the limit is 16384" in reply["message"]
+            await subscribe(ws, mine)
+
+    run(main())

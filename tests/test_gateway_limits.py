@@ -213,7 +213,8 @@ def test_pgcast_serve_rate_limit_options() -> None:
     from pgcast.cli.gateway import rate_limits
 
     def args(**kw: Any) -> argparse.Namespace:
-        base = {"no_rate_limits": False, "publish_rate": 100.0, "request_rate": 50.0}
+        base = {"no_rate_limits": False, "publish_rate": 100.0, "request_rate": 50.0,
+                "total_publish_rate": 1000.0}
         return argparse.Namespace(**{**base, **kw})
 
     assert rate_limits(args()) == RateLimits()

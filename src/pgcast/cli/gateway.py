@@ -86,18 +86,33 @@ def register(subparsers: Any) -> None:
     ops.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="IPS",
                      help="comma-separated proxy addresses whose X-Forwarded-* headers are "
                      "trusted (default 127.0.0.1; * for any: only behind a proxy)")
+    ops.add_argument("--metrics-token-file", metavar="PATH",
+                     help="file holding a secret /metrics then requires from any address "
+                     "(Authorization: Bearer; or PGCAST_METRICS_TOKEN). Default: /metrics "
+                     "answers loopback clients only")
+    ops.add_argument("--metrics-public", action="store_true",
+                     help="serve /metrics to anyone (no token): it shows client and channel "
+                     "counts, traffic and the server process id, no names nor addresses")
     limits = p.add_argument_group(
-        "rate limits", "per client; over a limit a request gets an error frame, and a client "
-        "refused 50 times within 10 s is closed with 4029")
+        "rate limits", "per client, and --total-publish-rate for all together; over a limit "
+        "a request gets an error frame, and a client refused 50 times within 10 s (over its "
+        "own limits) is closed with 4029")
     limits.add_argument("--publish-rate", type=float, default=100.0, metavar="N",
                         help="publishes a second per client (bursts of 2N; default 100)")
     limits.add_argument("--request-rate", type=float, default=50.0, metavar="N",
                         help="other requests (subscribe, unsubscribe, ping, auth) a second "
                         "per client (bursts of 2N; default 50)")
+    limits.add_argument("--total-publish-rate", type=float, default=1000.0, metavar="N",
+                        help="publishes a second of all clients together, per worker "
+                        "(bursts of 2N; default 1000): NOTIFY's queue is shared by the "
+                        "whole database")
     limits.add_argument("--no-rate-limits", action="store_true",
                         help="no per-client rate limits at all")
-    limits.add_argument("--max-clients-per-address", type=int, default=None, metavar="N",
-                        help="connections at once from one client address (default: no cap)")
+    limits.add_argument("--max-clients-per-address", type=int, default=1000, metavar="N",
+                        help="connections at once from one client address, an IPv6 address "
+                        "counting as its /64 (default 1000; 0: no cap). Raise it when many "
+                        "users share one address (NAT); behind a proxy, trust its headers "
+                        "(--forwarded-allow-ips) or the cap counts the proxy's address")
     jwt = p.add_argument_group(
         "JWT", "verify JSON Web Tokens instead of --allow/--allow-publish: a token's "
         "channels.read / channels.publish claims are the globs it may subscribe to / "
@@ -175,6 +190,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     authorizer = jwt_authorizer(args)
     options = serve_options(args)
+    cap = per_address(args.max_clients_per_address)
+    metrics_token = read_metrics_token(args)
     if authorizer is None and not args.allow:
         print("pgcast serve: warning: no --allow given, so clients can subscribe to no "
               "channel", file=sys.stderr)
@@ -193,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_publish=args.allow_publish,
         authorizer=authorizer,
         rate_limits=rate_limits(args),
-        max_clients_per_address=args.max_clients_per_address,
+        max_clients_per_address=cap,
         allowed_origins=args.allowed_origin,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         max_clients=args.max_clients,
@@ -203,6 +220,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overflow=args.overflow,
         durable=args.durable,
         demo_page=args.demo_page,
+        metrics_token=metrics_token,
+        metrics_public=args.metrics_public,
     )
     scheme = "https" if args.ssl_certfile else "http"
     print(f"pgcast gateway on {scheme}://{_url_host(args.host)}:{args.port}/ "
@@ -258,6 +277,13 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     for path in (args.ssl_certfile, args.ssl_keyfile):
         if path and not os.access(path, os.R_OK):
             raise UsageError(f"cannot read {path}")
+    if args.proxy_headers and "*" in (h.strip() for h in args.forwarded_allow_ips.split(",")):
+        print("pgcast serve: warning: --forwarded-allow-ips '*' takes a client's address from "
+              "the first X-Forwarded-For entry, which the client can write itself unless the "
+              "proxy replaces the header (nginx: proxy_set_header X-Forwarded-For "
+              "$remote_addr); --max-clients-per-address and /metrics' loopback check then "
+              "believe it. Prefer the proxy's address or network (e.g. 10.0.0.0/8)",
+              file=sys.stderr)
     options: dict[str, Any] = {
         "log_level": args.log_level,
         "access_log": args.access_log,
@@ -267,6 +293,41 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.ssl_certfile:
         options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return options
+
+
+def _secret(path: str | None, flag: str, env: str, given: str | None = None) -> str | None:
+    """A secret from the file *path* (option *flag*), else *given*, else
+    the environment variable *env*. :raises UsageError: unreadable file."""
+    if not path:
+        return given or os.environ.get(env) or None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
+def read_metrics_token(args: argparse.Namespace) -> str | None:
+    """The metrics token of ``--metrics-token-file`` or ``PGCAST_METRICS_TOKEN``.
+
+    :raises UsageError: an unreadable file, a token under 16 characters,
+        or a token with ``--metrics-public``.
+    """
+    token = _secret(args.metrics_token_file, "--metrics-token-file", "PGCAST_METRICS_TOKEN")
+    if token is not None and (len(token) < 16 or not token.isprintable()):
+        raise UsageError("the metrics token must be at least 16 printable characters")
+    if token is not None and args.metrics_public:
+        raise UsageError("--metrics-public and a metrics token exclude each other")
+    return token
+
+
+def per_address(value: int) -> int | None:
+    """``--max-clients-per-address``: 0 for no cap.
+
+    :raises UsageError: a negative number.
+    """
+    if value < 0:
+        raise UsageError(f"--max-clients-per-address must be 0 (no cap) or more, got {value}")
+    return value or None
 
 
 def rate_limits(args: argparse.Namespace) -> Any:
@@ -287,9 +348,11 @@ def rate_limits(args: argparse.Namespace) -> Any:
             publish_burst=burst(args.publish_rate),
             requests_per_second=args.request_rate,
             request_burst=burst(args.request_rate),
+            total_publishes_per_second=args.total_publish_rate,
+            total_publish_burst=burst(args.total_publish_rate),
         )
     except ValueError as exc:
-        raise UsageError(f"--publish-rate/--request-rate: {exc}") from None
+        raise UsageError(f"--publish-rate/--request-rate/--total-publish-rate: {exc}") from None
 
 
 def jwt_authorizer(args: argparse.Namespace) -> Any:
@@ -297,13 +360,7 @@ def jwt_authorizer(args: argparse.Namespace) -> Any:
 
     :raises UsageError: contradictory options.
     """
-    key = args.jwt_key or os.environ.get("PGCAST_JWT_KEY") or None
-    if args.jwt_key_file:
-        try:
-            key = Path(args.jwt_key_file).read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read --jwt-key-file {args.jwt_key_file}: "
-                             f"{exc.strerror or exc}") from None
+    key = _secret(args.jwt_key_file, "--jwt-key-file", "PGCAST_JWT_KEY", args.jwt_key)
     options = (key, args.jwt_jwks, args.jwt_audience, args.jwt_issuer, args.jwt_algorithm)
     if not any(options):
         return None
@@ -367,6 +424,19 @@ def demo_command(psql: str, dsn: str, colour: str = "green") -> str:
     return f"{shlex.quote(psql)} {shlex.quote(dsn)} -c \"NOTIFY {DEMO_CHANNEL}, '{colour}'\""
 
 
+def without_password(dsn: str) -> str:
+    """*dsn* without its password (as key=value then), or as it is."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:  # psycopg.ProgrammingError: not a DSN; shown as given
+        return dsn
+    if "password" not in params:
+        return dsn
+    return make_conninfo("", **{k: v for k, v in params.items() if k != "password"})
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.terminal:
         from . import terminal_demo
@@ -383,7 +453,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             allow=[DEMO_CHANNEL],
             allow_publish=[DEMO_CHANNEL],
             demo_page=True,
-            demo_command=command,
+            # The page is seen by whoever reaches --host: no password on it.
+            demo_command=demo_command(psql, without_password(dsn)),
             allowed_hosts=allowed_hosts(args.host, None),
         )
         url = f"http://{_url_host(args.host)}:{args.port}/"

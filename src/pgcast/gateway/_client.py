@@ -10,6 +10,7 @@ LISTEN connection, the fan-out).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from .._backoff import Backoff
 from .._errors import AccessDenied, ProtocolError
 from . import _metrics, _protocol
 from ._protocol import Command, Frame, Publish, Ref
-from ._ratelimit import CLOSE_RATE_LIMITED, ClientLimiter, RateLimits
+from ._ratelimit import CLOSE_RATE_LIMITED, ClientLimiter, RateLimits, TotalLimiter
 from ._router import Outbox, Overflow, Router, Subscriber
 from .auth import Access, Authorizer
 
@@ -38,6 +39,7 @@ __all__ = [
     "Clients",
     "Settings",
     "TooManyFromAddress",
+    "address_key",
 ]
 
 
@@ -55,6 +57,11 @@ CLOSE_NOT_AUTHENTICATED = 4003
 #: How the gateway's database connection is retried by default: at once,
 #: then 0.1 s growing to 5 s, with full jitter, without end.
 GATEWAY_BACKOFF = Backoff(initial=0.1, maximum=5.0)
+
+#: Connections at once from one address (an IPv6 /64) by default: a few
+#: per user for a few hundred users behind one NAT, and no single address
+#: can take more than a fiftieth of ``pgcast serve``'s 50,000 clients.
+DEFAULT_PER_ADDRESS = 1000
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class Settings:
     token_cookie: str | None = "pgcast_token"
     auth_timeout: float = 10.0
     rate_limits: RateLimits | None = field(default_factory=RateLimits)
-    max_clients_per_address: int | None = None
+    max_clients_per_address: int | None = DEFAULT_PER_ADDRESS
     reconnect_backoff: Backoff = GATEWAY_BACKOFF
 
     def __post_init__(self) -> None:
@@ -110,7 +117,24 @@ class TooManyFromAddress(AccessDenied):
 
 def _address(connection: Any) -> str | None:
     client = getattr(connection, "client", None)
-    return getattr(client, "host", None) if client is not None else None
+    host = getattr(client, "host", None) if client is not None else None
+    return address_key(host) if isinstance(host, str) else None
+
+
+def address_key(host: str) -> str:
+    """What ``max_clients_per_address`` counts *host* as: an IPv4 address
+    as it is (an IPv4-mapped IPv6 one too), an IPv6 address as its /64 (one
+    host is given a whole /64 and may use any address of it), anything else
+    (a name, a Unix socket path) as it is."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class Client:
@@ -208,6 +232,7 @@ class Clients:
     _closing: bool
     _authorize: Authorizer
     _reap_wanted: asyncio.Event
+    _total: TotalLimiter | None = None
 
     def reply(self, client: Client, frame: Frame) -> None:
         raise NotImplementedError
@@ -249,7 +274,7 @@ class Clients:
             self.stats.rejected["per_address"] += 1
             raise TooManyFromAddress(
                 f"too many connections from {address}: {self._per_address[address]} open, "
-                f"the limit per address is {cap}"
+                f"the limit per address is {cap} (max_clients_per_address)"
             )
 
     def attach(self, transport: str, access: Access, connection: Any = None) -> Client:
@@ -348,6 +373,15 @@ class Clients:
         if isinstance(command, Publish):
             kind = "publish"
             why = limiter.check_publish(len(command.payload.encode()))
+            if why is None:
+                total = self._total
+                if total is None:
+                    total = self._total = TotalLimiter(limits)
+                why = total.check_publish()
+                if why is not None:
+                    # Not this client's doing: no refusal counted against it.
+                    self.stats.rate_limited["total_publish"] += 1
+                    raise ProtocolError(why)
         else:
             kind = "request"
             why = limiter.check_request()
@@ -360,3 +394,13 @@ class Clients:
                         f"rate limited: {limits.max_refusals} requests over the limit "
                         f"within {limits.refusal_window:g} s")
         raise ProtocolError(why)
+
+
+def deny_all(connection: Any, token: str | None) -> Access:
+    return Access()
+
+
+def not_allowed(verb: str, channels: list[str]) -> str:
+    names = ", ".join(repr(c) for c in channels[:5])
+    more = f" and {len(channels) - 5} more" if len(channels) > 5 else ""
+    return f"not allowed to {verb} {names}{more}: not in this gateway's allow-list"

@@ -10,7 +10,7 @@ Subscription changes are serialised by one lock, and made in this order, so
 the ``subscribed`` reply goes out only once LISTEN is in effect and no message
 of a channel precedes it: LISTEN the channels nobody listened to yet, then, in
 one step without awaiting, add the client to the router and queue the reply.
-UNLISTEN happens after a channel's last subscriber left (the *reaper* task).
+UNLISTEN follows a channel's last subscriber (the *reaper* task, batched: :data:`UNLISTEN_DELAY`).
 
 Statements on the shared connection run in tasks of the hub, never in a
 client's task, so a client that disconnects mid-request cannot cancel a query
@@ -49,13 +49,13 @@ from .._errors import ConnectError, ConnectionLostError, PgcastError, ProtocolEr
 from .._event import Event
 from .._gap import Gap
 from .._reconnect import Reconnected
-from . import _metrics, _protocol, _resume
+from . import _client, _metrics, _protocol, _resume
 from ._client import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, Client, Clients, Settings
 from ._database import QueryConnection, QueueUsage, connect_listener, listen_all
 from ._protocol import Auth, Command, Frame, Ping, Publish, Ref, Since, Subscribe, Unsubscribe
 from ._resume import Resume
 from ._router import Router, Subscriber
-from .auth import Access, Authorizer, globs_matcher
+from .auth import Authorizer, globs_matcher
 
 __all__ = ["Hub"]
 
@@ -64,6 +64,9 @@ logger = logging.getLogger("pgcast.gateway")
 T = TypeVar("T")
 
 _RETRY_DELAY = 0.1
+
+#: Seconds a channel nobody wants stays LISTENed, UNLISTENed with the others.
+UNLISTEN_DELAY = 1.0
 
 class Hub(Clients):
     """One LISTEN connection and the clients it serves; see the module docstring."""
@@ -83,7 +86,7 @@ class Hub(Clients):
         self._reap_wanted = asyncio.Event()
         self._jobs: set[asyncio.Task[Any]] = set()
         self._queue_usage = QueueUsage(settings)
-        self._authorize: Authorizer = settings.authorizer or _deny_all
+        self._authorize: Authorizer = settings.authorizer or _client.deny_all
         self.is_durable = globs_matcher(settings.durable)
         self._query = QueryConnection(settings, self.stats)
 
@@ -212,7 +215,7 @@ class Hub(Clients):
         """
         refused = [c for c in channels if not client.access.can_read(c)]
         if refused:
-            raise ProtocolError(_not_allowed("subscribe to", refused))
+            raise ProtocolError(_client.not_allowed("subscribe to", refused))
         self.router.check_subscribe(client.sub, channels)
         resume_from = _resume.positions(client, channels, since, strict, self.is_durable)
         durable = any(map(self.is_durable, channels))
@@ -270,7 +273,7 @@ class Hub(Clients):
     async def publish(self, client: Client, command: Publish) -> None:
         """NOTIFY on behalf of *client*, if it may write to the channel."""
         if not client.access.can_write(command.channel):
-            raise ProtocolError(_not_allowed("publish on", [command.channel]))
+            raise ProtocolError(_client.not_allowed("publish on", [command.channel]))
         await self._shielded(self._notify(command.channel, command.payload))
         self.stats.published += 1
         self.reply(client, _protocol.published(command.channel, command.ref))
@@ -349,6 +352,11 @@ class Hub(Clients):
     async def _reaper(self) -> None:
         while True:
             await self._reap_wanted.wait()
+            # Churn (subscribe, unsubscribe, again) costs no statement; past
+            # max_channels LISTENed, no waiting.
+            limit = self.settings.max_channels
+            if limit is None or len(self.listening()) <= limit:
+                await asyncio.sleep(UNLISTEN_DELAY)
             self._reap_wanted.clear()
             await self._ready.wait()
             async with self._lock:
@@ -488,12 +496,3 @@ class Hub(Clients):
             queue_usage=usage,
         )
 
-
-def _deny_all(connection: Any, token: str | None) -> Access:
-    return Access()
-
-
-def _not_allowed(verb: str, channels: list[str]) -> str:
-    names = ", ".join(repr(c) for c in channels[:5])
-    more = f" and {len(channels) - 5} more" if len(channels) > 5 else ""
-    return f"not allowed to {verb} {names}{more}: not in this gateway's allow-list"

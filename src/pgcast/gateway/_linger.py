@@ -15,7 +15,8 @@ freed and the peer gets RST) if bytes are still unsent.
 WebSocket connections start as HTTP, so their protocol gets the same
 transport when the connection is upgraded. It also bounds the time a client
 may take to send a request's headers (:data:`HEADER_TIMEOUT`), how many
-connections may be doing so at once (:data:`MAX_UNFINISHED`), and their size
+connections may be doing so at once (:data:`MAX_UNFINISHED`; one more closes
+the oldest), and their size
 (:data:`MAX_HEADER_BYTES`): incomplete upgrade requests (slowloris) held
 connections forever, outside ``max_clients``, which counts only clients past
 their handshake; and httptools sets no limit on headers, so one request of
@@ -120,7 +121,8 @@ def http_protocol() -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools when installed, else h11) whose
     connections close within :data:`ABORT_AFTER` seconds, and (httptools)
     whose requests must send their headers within :data:`HEADER_TIMEOUT`,
-    with at most :data:`MAX_UNFINISHED` connections doing so at once, in at
+    with at most :data:`MAX_UNFINISHED` connections doing so at once (one
+more closes the oldest), in at
     most :data:`MAX_HEADER_BYTES` (h11 has a limit of its own, 16 KiB)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -129,8 +131,11 @@ def http_protocol() -> type[asyncio.Protocol]:
     return _httptools_linger(HttpToolsProtocol)
 
 
-#: The connections still sending headers, across the process's servers.
-_unfinished: set[Any] = set()
+#: The connections still sending headers, across the process's servers,
+#: oldest first (a dict as an ordered set).
+_unfinished: dict[Any, None] = {}
+#: When the last warning about the limit was logged (one every 10 s at most).
+_warned = [-1e9]
 
 
 def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
@@ -142,10 +147,17 @@ def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(_wrap(transport))
             if len(_unfinished) >= MAX_UNFINISHED:
-                logger.warning("pgcast gateway: %d connections are still sending their "
-                               "headers (the limit): closing a new one", len(_unfinished))
-                self.transport.abort()
-                return
+                # The oldest goes, not this one: an honest request sends its
+                # headers at once, long before a flood pushes it out, where
+                # closing the newest turned every honest client away.
+                oldest = next(iter(_unfinished))
+                oldest._headers_done()
+                oldest.transport.abort()
+                now = asyncio.get_running_loop().time()
+                if now - _warned[0] >= 10.0:
+                    _warned[0] = now
+                    logger.warning("pgcast gateway: %d connections are still sending their "
+                                   "headers (the limit): closing the oldest", MAX_UNFINISHED)
             self._await_headers()
 
         def data_received(self, data: bytes) -> None:
@@ -171,12 +183,12 @@ def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
 
         def _await_headers(self) -> None:
             if self._header_timer is None:
-                _unfinished.add(self)
+                _unfinished[self] = None
                 self._header_timer = asyncio.get_running_loop().call_later(
                     HEADER_TIMEOUT, self._too_slow)
 
         def _headers_done(self) -> None:
-            _unfinished.discard(self)
+            _unfinished.pop(self, None)
             self._header_bytes = 0
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -184,7 +196,7 @@ def _httptools_linger(base: Any) -> type[asyncio.Protocol]:
 
         def _too_slow(self) -> None:
             self._header_timer = None
-            _unfinished.discard(self)
+            _unfinished.pop(self, None)
             logger.info("pgcast gateway: closing a connection that sent no complete "
                         "request headers within %g s", HEADER_TIMEOUT)
             self.transport.abort()

@@ -96,7 +96,8 @@ class Stats:
     rejected: Counter[str] = field(default_factory=Counter)
     """Connections refused, by reason (origin, auth, capacity, per_address, bad_request)."""
     rate_limited: Counter[str] = field(default_factory=Counter)
-    """Requests refused for a client's rate limits, by kind (publish, request)."""
+    """Requests refused for the rate limits, by kind (publish, request,
+    total_publish: the gateway's limit on all clients' publishes together)."""
     latency: Histogram = field(default_factory=Histogram)
     """Seconds from a notification's arrival from PostgreSQL to its frame
     handed to a client's transport, once per client it was sent to."""
@@ -206,8 +207,9 @@ def families(
                      _by("reason", stats.rejected,
                          ("origin", "auth", "capacity", "per_address")))
     lines += _family("rate_limited_total", "counter",
-                     "Requests refused for a client's rate limits, by kind.",
-                     _by("kind", stats.rate_limited, ("publish", "request")))
+                     "Requests refused for the rate limits, by kind (total_publish: "
+                     "the gateway's limit on all clients' publishes together).",
+                     _by("kind", stats.rate_limited, ("publish", "request", "total_publish")))
     lines += _family("disconnects_total", "counter",
                      "Clients disconnected by the gateway, by reason.",
                      _by("reason", stats.disconnects,

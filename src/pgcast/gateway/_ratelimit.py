@@ -11,9 +11,15 @@ a request (an idle client allocates nothing):
 * a bucket of *requests* of every other kind (subscribe, unsubscribe, ping,
   auth, and frames that fail to parse; default 50 a second, bursts of 100).
 
+and the gateway as a whole a bucket of publishes of all its clients together
+(default 1000 a second, bursts of 2000, per process): each client under its
+own limit, thousands of them could otherwise together flood NOTIFY, whose
+queue PostgreSQL shares across the whole database.
+
 A request over its limit is refused with an error frame naming the limit and
-when to retry; nothing else happens to it. A client refused ``max_refusals``
-times within ``refusal_window`` seconds is disconnected with close code
+when to retry (a publish refused was not sent); nothing else happens to it.
+A client refused ``max_refusals`` times within ``refusal_window`` seconds
+(for its own limits) is disconnected with close code
 :data:`CLOSE_RATE_LIMITED` (4029), and counted in ``/metrics``.
 
 Pure: the clock is passed in, so the arithmetic is tested without sleeping.
@@ -27,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["CLOSE_RATE_LIMITED", "ClientLimiter", "RateLimits", "TokenBucket"]
+__all__ = ["CLOSE_RATE_LIMITED", "ClientLimiter", "RateLimits", "TokenBucket", "TotalLimiter"]
 
 #: The close code of a client that kept exceeding its rate limits.
 CLOSE_RATE_LIMITED = 4029
@@ -75,14 +81,19 @@ class RateLimits:
     request_burst: int = 100
     max_refusals: int = 50
     refusal_window: float = 10.0
+    total_publishes_per_second: float | None = 1000.0
+    """Publishes a second of all clients together (per gateway process)."""
+    total_publish_burst: int = 2000
 
     def __post_init__(self) -> None:
-        for name in ("publishes_per_second", "publish_bytes_per_second", "requests_per_second"):
+        for name in ("publishes_per_second", "publish_bytes_per_second", "requests_per_second",
+                     "total_publishes_per_second"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(
                     value, int | float) or not value > 0 or not math.isfinite(value)):
                 raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
-        for name in ("publish_burst", "publish_bytes_burst", "request_burst", "max_refusals"):
+        for name in ("publish_burst", "publish_bytes_burst", "request_burst", "max_refusals",
+                     "total_publish_burst"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -144,6 +155,30 @@ class ClientLimiter:
         while window and window[0] <= now - self._limits.refusal_window:
             window.popleft()
         return len(window) >= self._limits.max_refusals
+
+
+class TotalLimiter:
+    """The gateway's bucket of publishes of all its clients together."""
+
+    __slots__ = ("_limits", "_publishes")
+
+    def __init__(self, limits: RateLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        self._limits = limits
+        self._publishes = _bucket(limits.total_publishes_per_second,
+                                  limits.total_publish_burst, clock)
+
+    def check_publish(self) -> str | None:
+        """None if one more publish may go now, else why not."""
+        if self._publishes is None:
+            return None
+        wait = self._publishes.take()
+        if not wait:
+            return None
+        limits = self._limits
+        return (f"rate limit: this gateway sends at most {limits.total_publishes_per_second:g} "
+                f"publishes a second from all its clients together (bursts of "
+                f"{limits.total_publish_burst}; total_publishes_per_second): not sent; "
+                f"retry in {wait:.3f} s")
 
 
 def _bucket(

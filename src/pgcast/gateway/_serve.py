@@ -21,13 +21,30 @@ from starlette.applications import Starlette
 
 from ._linger import http_protocol
 from ._logging import log_config
+from ._tls import tls_front
 from ._wsdirect import DirectProtocol
 
 __all__ = ["GatewayServer", "config", "serve"]
 
 
 class GatewayServer(uvicorn.Server):
-    """A uvicorn server that closes the gateway's clients first on shutdown."""
+    """A uvicorn server that closes the gateway's clients first on shutdown,
+    and bounds TLS handshakes (see :mod:`._tls`)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """As uvicorn's, except that with TLS the listening sockets are
+        plain and each connection's handshake is the gateway's own."""
+        config = self.config
+        context = config.ssl
+        if context is None:
+            await super().startup(sockets)
+            return
+        config.http_protocol_class = tls_front(config.http_protocol_class, context)
+        config.ssl = None
+        try:
+            await super().startup(sockets)
+        finally:
+            config.ssl = context
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Close the gateway's clients (1001), then shut down as uvicorn does."""

@@ -35,12 +35,12 @@ from starlette.staticfiles import StaticFiles
 
 from .._backoff import Backoff
 from . import _metrics
-from ._client import GATEWAY_BACKOFF, Settings
+from ._client import DEFAULT_PER_ADDRESS, GATEWAY_BACKOFF, Settings
 from ._gateway import Gateway, GatewayApp
 from ._hub import Hub
 from ._ratelimit import RateLimits
 from ._router import Overflow
-from .auth import Authorizer, allow_list
+from .auth import Authorizer, allow_list, metrics_refusal
 from .sse import SSEEndpoint
 from .websocket import WebSocketEndpoint
 
@@ -78,8 +78,10 @@ def create_app(
     token_cookie: str | None = "pgcast_token",
     auth_timeout: float = 10.0,
     rate_limits: RateLimits | None = _DEFAULT_LIMITS,
-    max_clients_per_address: int | None = None,
+    max_clients_per_address: int | None = DEFAULT_PER_ADDRESS,
     reconnect_backoff: Backoff | None = None,
+    metrics_token: str | None = None,
+    metrics_public: bool = False,
 ) -> GatewayApp:
     """An ASGI app pushing PostgreSQL notifications to WebSocket and SSE clients.
 
@@ -140,11 +142,23 @@ def create_app(
         publishes, payload bytes and other requests per second, and when a
         client over them is closed with 4029); None for none.
     :param max_clients_per_address: connections at once from one client
-        address (WebSocket and SSE together; more get HTTP 429); None (the
-        default) for no cap. Behind a proxy, every client has the proxy's
-        address unless the server trusts its forwarded headers.
+        address (WebSocket and SSE together; more get HTTP 429); an IPv6
+        address counts as its /64. Default 1000: raise it (None: no cap)
+        when more users than that share one address (a corporate or
+        carrier-grade NAT). Behind a proxy, every client has the proxy's
+        address unless the server trusts its forwarded headers (uvicorn's
+        ``forwarded_allow_ips``): trust them, or the cap is the proxy's.
     :param auth_timeout: seconds a WebSocket client that gave no token in the
         handshake has to send ``{"type": "auth", "token": ...}`` first.
+    :param metrics_token: a secret ``/metrics`` then requires, from any
+        address, as ``Authorization: Bearer <token>`` (at least 16
+        characters). Without it ``/metrics`` answers loopback clients only
+        (after a trusted proxy's forwarded headers), unless *metrics_public*.
+        It shows no channel names nor addresses, but the number of clients
+        and channels, the traffic, refusals and the server process id.
+        ``/healthz`` stays open to all (probes need it) and says up or
+        down; the server process id only to those who may read ``/metrics``.
+    :param metrics_public: serve ``/metrics`` to anyone (when no token).
     :param reconnect_backoff: how the lost database connection is retried (a
         :class:`pgcast.Backoff`; default: at once, then 0.1 s growing to 5 s
         with full jitter). The gateway never gives up its database: when a
@@ -159,6 +173,12 @@ def create_app(
             f"not {overflow!r}"
         )
     hosts = _check_hosts(allowed_hosts)
+    if metrics_token is not None and (not isinstance(metrics_token, str)
+                                      or len(metrics_token) < 16
+                                      or not metrics_token.isprintable()
+                                      or metrics_token != metrics_token.strip()):
+        raise ValueError("metrics_token must be a string of at least 16 printable "
+                         "characters without surrounding spaces")
     _check_cookie_name(token_cookie)
     origins = None if allowed_origins is None else frozenset(
         o.rstrip("/") for o in allowed_origins
@@ -205,10 +225,18 @@ def create_app(
     async def healthz(request: Request) -> Response:
         await gateway.start_quietly()
         if hub.database_up:
-            return JSONResponse({"status": "ok", "database": "up", "backend_pid": hub.backend_pid})
+            body: dict[str, Any] = {"status": "ok", "database": "up"}
+            if metrics_refusal(request, metrics_token, metrics_public) is None:
+                body["backend_pid"] = hub.backend_pid  # to whoever may read /metrics
+            return JSONResponse(body)
         return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
 
     async def metrics(request: Request) -> Response:
+        refusal = metrics_refusal(request, metrics_token, metrics_public)
+        if refusal is not None:
+            status, reason = refusal
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return PlainTextResponse(reason + "\n", status_code=status, headers=headers)
         await gateway.start_quietly()
         return PlainTextResponse(await hub.metrics(), media_type=_metrics.CONTENT_TYPE)
 

@@ -29,6 +29,8 @@ is not the gateway's own unless it is configured; clients that send no
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ __all__ = [
     "bearer_token",
     "client_token",
     "globs_matcher",
+    "metrics_refusal",
     "origin_allowed",
 ]
 
@@ -202,3 +205,44 @@ def origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str]
     host = host.lower()
     has_port = "]:" in host if host.startswith("[") else ":" in host
     return (host if has_port else f"{host}:{default}") == want
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether *host* (a client address) is a loopback address."""
+    if not host:
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def metrics_refusal(
+    connection: HTTPConnection, token: str | None, public: bool
+) -> tuple[int, str] | None:
+    """Whether a request may read ``/metrics``: None if it may, else the
+    HTTP status and the reason.
+
+    With a *token*, a request must carry it (``Authorization: Bearer``),
+    from any address; else with *public* anyone may; else only a client
+    whose address (after a trusted proxy's forwarded headers) is a
+    loopback address.
+    """
+    if token is not None:
+        auth = connection.headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        given = value.strip().encode() if scheme.lower() == "bearer" else b""
+        if hmac.compare_digest(given, token.encode()):
+            return None
+        return 401, "/metrics needs the metrics token: Authorization: Bearer <token>"
+    if public:
+        return None
+    client = connection.client
+    if is_loopback(client.host if client is not None else None):
+        return None
+    return 403, ("/metrics is served to loopback clients only; set a metrics token "
+                 "(metrics_token, --metrics-token-file, PGCAST_METRICS_TOKEN) for a "
+                 "remote scraper, or metrics_public")

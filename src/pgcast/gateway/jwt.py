@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +54,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "pgcast.gateway.jwt needs PyJWT: pip install 'pgcast[jwt]'"
     ) from exc
 
-__all__ = ["HMAC_ALGORITHMS", "PUBLIC_KEY_ALGORITHMS", "JWTAuthorizer"]
+__all__ = ["HMAC_ALGORITHMS", "JWKS_REFETCH_INTERVAL", "PUBLIC_KEY_ALGORITHMS", "JWTAuthorizer"]
+
+#: Seconds between two fetches of a JWKS URL for a kid it did not have.
+JWKS_REFETCH_INTERVAL = 30.0
 
 #: Algorithms that sign with a shared secret.
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -129,6 +135,8 @@ class JWTAuthorizer:
         self.publish_claim = publish_claim
         self._key: Any = key
         self._jwks: _jwt.PyJWKClient | None = None
+        self._refetch_lock = threading.Lock()
+        self._refetched = -math.inf
         self._jwk_set: _jwt.PyJWKSet | None = None
         if jwks is not None:
             if jwks.startswith(("http://", "https://")):
@@ -163,17 +171,32 @@ class JWTAuthorizer:
             raise AccessDenied("the token has expired") from None
         except _jwt.PyJWTError as exc:
             raise AccessDenied(f"invalid token: {exc}") from None
-        exp = claims.get("exp")
         return Access.globs(
             read=_globs(claims, self.read_claim),
             write=_globs(claims, self.publish_claim),
-            expires=float(exp) + self.leeway if isinstance(exp, int | float) else None,
+            expires=_expiry(claims.get("exp"), self.leeway),
         )
 
     def _signing_key_from_url(self, token: str) -> Any:
-        assert self._jwks is not None
+        # A kid the cached JWKS lacks makes PyJWT fetch it again: per token
+        # in PyJWT before its cooldown, and after a failed fetch still (each
+        # up to 10 s, in a thread, under the client's lock, which every
+        # verification takes). At most one such fetch per JWKS_REFETCH_INTERVAL.
+        client = self._jwks
+        assert client is not None
         try:
-            return self._jwks.get_signing_key_from_jwt(token).key
+            kid = _jwt.get_unverified_header(token).get("kid")
+            for jwk in client.get_signing_keys():
+                if jwk.key_id == kid:
+                    return jwk.key
+            with self._refetch_lock:
+                now = time.monotonic()
+                if now - self._refetched < JWKS_REFETCH_INTERVAL:
+                    raise AccessDenied(f"invalid token: no key with kid {kid!r:.80} in the "
+                                       f"JWKS (fetched again at most every "
+                                       f"{JWKS_REFETCH_INTERVAL:g} s)")
+                self._refetched = now
+            return client.get_signing_key_from_jwt(token).key
         except _jwt.PyJWTError as exc:
             raise AccessDenied(f"invalid token: {exc}") from None
 
@@ -187,6 +210,23 @@ class JWTAuthorizer:
         if not keys:
             raise AccessDenied(f"invalid token: no key with kid {kid!r} in the JWKS")
         return keys[0].key
+
+
+def _expiry(exp: Any, leeway: float) -> float | None:
+    """When the access of a token with this (verified) ``exp`` ends.
+
+    PyJWT reads ``exp`` as ``int(exp)``, so it accepts ``"1767225600"`` as
+    a string: the access must end then too (it was never ending).
+    """
+    if exp is None:
+        return None
+    try:
+        value = float(exp) if isinstance(exp, int | float) else float(int(exp))
+    except (TypeError, ValueError, OverflowError):
+        raise AccessDenied(f"invalid token: exp must be a number, not {exp!r:.40}") from None
+    if not math.isfinite(value):
+        raise AccessDenied("invalid token: exp must be a finite number")
+    return value + leeway
 
 
 def _is_public_key(key: str | bytes | None) -> bool:

@@ -257,8 +257,10 @@ async def _authenticate_first(hub: Hub, websocket: WebSocket, client: Client) ->
         data = message.get("text")
         if data is None:
             data = message.get("bytes")
-        with contextlib.suppress(ProtocolError):
+        try:
             command = _protocol.parse_frame(data, hub.settings.max_frame_bytes)
+        except ProtocolError as exc:  # say why (an oversized token, say), not just "first"
+            reason = f"authenticate first; that frame: {exc}"
     if isinstance(command, Auth):
         try:
             await hub.authenticate(client, command.token, command.ref)
