@@ -70,6 +70,8 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
         #: How many connections were accepted so far.
         self.accepted = 0
+        #: How many bytes blackholed connections swallowed so far.
+        self.swallowed = 0
 
     @classmethod
     def for_dsn(cls, dsn: str) -> TcpProxy:
@@ -222,6 +224,8 @@ class TcpProxy:
             self._close_pair(pair, reset=False)
             return
         if pair.dropped:
+            with self._lock:
+                self.swallowed += len(data)
             return  # swallowed: the other end never hears of it
         try:
             # Loopback, small messages: a short blocking send is fine here.

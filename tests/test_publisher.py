@@ -15,6 +15,7 @@ import pytest
 
 import pgcast
 from pgcast.publisher._batcher import Batcher
+from tcp_proxy import TcpProxy
 
 WAIT = 10.0  # seconds anything that should happen on loopback may take
 
@@ -44,10 +45,41 @@ def nothing_more(ps: pgcast.PubSub, wait: float = 0.3) -> None:
 
 
 @pytest.fixture
+def proxy(dsn: str) -> Iterator[TcpProxy]:
+    """A loopback proxy to the server, to fail a connection on cue."""
+    with TcpProxy.for_dsn(dsn) as p:
+        yield p
+
+
+@pytest.fixture
 def listener(dsn: str, unique_channel: str) -> Iterator[pgcast.PubSub]:
     with pgcast.connect(dsn) as ps:
         ps.listen(unique_channel)
         yield ps
+
+
+def swallow(proxy: TcpProxy) -> int:
+    """Swallow what the connections open through *proxy* send from now on;
+    returns the count to give :func:`cut_when_sent`."""
+    before = proxy.swallowed
+    assert proxy.blackhole() == 1
+    return before
+
+
+async def acut_when_sent(proxy: TcpProxy, before: int) -> None:
+    """Wait until a batch was sent into the swallowed connection, then reset
+    it: that batch fails in flight (whether it committed is unknown, so it is
+    reported, not retried)."""
+    deadline = time.monotonic() + WAIT
+    while proxy.swallowed == before:
+        assert time.monotonic() < deadline, "no batch was sent"
+        await asyncio.sleep(0.01)
+    proxy.cut()
+
+
+def cut_when_sent(proxy: TcpProxy, before: int) -> None:
+    """:func:`acut_when_sent` for the sync tests."""
+    asyncio.run(acut_when_sent(proxy, before))
 
 
 # -- the pure core -------------------------------------------------------------
@@ -241,22 +273,15 @@ def test_close_sends_the_queue_then_refuses(
 
 
 def test_failed_transaction_is_reported_then_the_next_batch_reconnects(
-    dsn: str,
-    conn: psycopg.Connection[tuple[object, ...]],
-    listener: pgcast.PubSub,
-    unique_channel: str,
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
 ) -> None:
-    app = f"pgcast_pub_{uuid.uuid4().hex[:8]}"
-    with pgcast.Publisher(dsn, interval=60, application_name=app) as pub:
+    with TcpProxy.for_dsn(dsn) as proxy, \
+            pgcast.Publisher(proxy.dsn(dsn), interval=0.005) as pub:
         pub.publish(unique_channel, "before")
         pub.flush(WAIT)
-        row = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = %s",
-            (app,),
-        ).fetchone()
-        assert row == (1,)
+        before = swallow(proxy)
         lost = pub.publish(unique_channel, "lost")
+        cut_when_sent(proxy, before)
         with pytest.raises(pgcast.PublishError) as info:
             pub.flush(WAIT)
         assert info.value.messages == [(unique_channel, "lost")]
@@ -320,17 +345,10 @@ def test_async_many_tasks_nothing_lost(
 
 
 def test_async_full_buffer_close_and_failure(
-    dsn: str,
-    conn: psycopg.Connection[tuple[object, ...]],
-    listener: pgcast.PubSub,
-    unique_channel: str,
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
 ) -> None:
-    app = f"pgcast_apub_{uuid.uuid4().hex[:8]}"
-
     async def main() -> None:
-        pub = await pgcast.AsyncPublisher.connect(
-            dsn, interval=60, max_pending=2, application_name=app
-        )
+        pub = await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=60, max_pending=2)
         async with asyncio.timeout(WAIT):
             pub.publish_nowait(unique_channel, "0")
             pub.publish_nowait(unique_channel, "1")
@@ -346,14 +364,12 @@ def test_async_full_buffer_close_and_failure(
             assert not blocked.done()  # one await: it returns at the commit
             await pub.flush()
             assert await blocked is None
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (app,),
-            )
+            before = swallow(proxy)
             lost = pub.publish_nowait(unique_channel, "lost")
+            closing = asyncio.create_task(pub.close())
+            await acut_when_sent(proxy, before)
             with pytest.raises(pgcast.PublishError) as info:
-                await pub.close()
+                await closing
             assert info.value.messages == [(unique_channel, "lost")]
             with pytest.raises(pgcast.PublishError):
                 await lost
@@ -367,27 +383,20 @@ def test_async_full_buffer_close_and_failure(
 
 
 def test_async_publish_is_one_await_that_ends_at_commit(
-    dsn: str, conn: psycopg.Connection[tuple[object, ...]], listener: pgcast.PubSub,
-    unique_channel: str,
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
 ) -> None:
-    app = f"pgcast_apub_{uuid.uuid4().hex[:8]}"
-
     async def main() -> None:
-        async with await pgcast.AsyncPublisher.connect(
-            dsn, interval=0.005, application_name=app
-        ) as pub:
+        async with await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=0.005) as pub:
             async with asyncio.timeout(WAIT):
                 assert await pub.publish(unique_channel, "committed") is None
                 # Sent already: the listener gets it with no flush.
                 assert [e.payload for e in collect(listener, 1)] == ["committed"]
                 # A failed transaction raises at that same await.
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name = %s",
-                    (app,),
-                )
+                before = swallow(proxy)
+                publishing = asyncio.create_task(pub.publish(unique_channel, "lost"))
+                await acut_when_sent(proxy, before)
                 with pytest.raises(pgcast.PublishError):
-                    await pub.publish(unique_channel, "lost")
+                    await publishing
                 with pytest.raises(pgcast.PublishError):
                     await pub.flush()  # reported there too, once
                 # A caller cancelled while waiting does not cancel the batch
@@ -434,3 +443,60 @@ def test_an_unexpected_error_in_the_sender_fails_the_batch_not_loses_it(
         pub.publish(unique_channel, "after")  # the sender lives on
         pub.flush(WAIT)
     assert [e.payload for e in collect(listener, 1)] == ["after"]
+
+
+# -- a connection the server ended while the publisher was idle -----------------
+
+
+def end_idle_publisher(conn: psycopg.Connection[tuple[object, ...]], app: str) -> None:
+    """End the publisher's backend (named *app*) and wait until it is gone, so
+    that its FATAL message and EOF are on the publisher's socket."""
+    row = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = %s", (app,),
+    ).fetchone()
+    assert row == (1,)
+    deadline = time.monotonic() + WAIT
+    while conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+    ).fetchone() != (0,):
+        assert time.monotonic() < deadline, "the publisher's backend did not end"
+        time.sleep(0.02)
+
+
+def test_a_connection_ended_while_idle_loses_no_message(
+    dsn: str, conn: psycopg.Connection[tuple[object, ...]], listener: pgcast.PubSub,
+    unique_channel: str,
+) -> None:
+    # The first batch after the server ended the idle connection (an admin's
+    # pg_terminate_backend, idle_session_timeout, a failover) used to fail
+    # with PublishError though nothing of it had reached the server: the
+    # ending is on the socket before the batch is sent, so it goes on a new
+    # connection instead.
+    app = f"pgcast_pub_{uuid.uuid4().hex[:8]}"
+    with pgcast.Publisher(dsn, interval=0.005, application_name=app) as pub:
+        pub.publish(unique_channel, "before").result(WAIT)
+        end_idle_publisher(conn, app)
+        assert pub.publish(unique_channel, "kept").result(WAIT) is None
+        pub.flush(WAIT)
+    assert [e.payload for e in collect(listener, 2)] == ["before", "kept"]
+
+
+def test_async_a_connection_ended_while_idle_loses_no_message(
+    dsn: str, conn: psycopg.Connection[tuple[object, ...]], listener: pgcast.PubSub,
+    unique_channel: str,
+) -> None:
+    app = f"pgcast_apub_{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(
+            dsn, interval=0.005, application_name=app
+        ) as pub:
+            async with asyncio.timeout(WAIT):
+                await pub.publish(unique_channel, "before")
+                end_idle_publisher(conn, app)
+                assert await pub.publish(unique_channel, "kept") is None
+                await pub.flush()
+
+    asyncio.run(main())
+    assert [e.payload for e in collect(listener, 2)] == ["before", "kept"]

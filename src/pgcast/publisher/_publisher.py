@@ -35,7 +35,9 @@ The contract:
   the previous flush, whose ``messages`` are all the unsent notifications, so
   ignoring the handles loses nothing. A failed batch is not retried (its
   commit may have succeeded with the answer lost; a retry could send it twice);
-  the next batch reconnects if the connection broke.
+  the next batch reconnects if the connection broke. A connection the server
+  ended while the publisher was idle is replaced before a batch is sent on
+  it: nothing is lost to it.
 
 The queue and its deadlines live in :mod:`pgcast.publisher._batcher`; this module only
 waits, sends and resolves handles. Written for asyncio (``_publisher_async.py``,
@@ -54,10 +56,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import select
 import time
 from typing import Any, Final
 
 import psycopg
+from psycopg import pq
 
 from .._closing import Closing
 from .._core import check_timeout, connect_args, wrap_error
@@ -116,6 +120,24 @@ def _resolve(batch: Batch[Any], error: BaseException | None) -> None:
             # flush() and close() report every failure, so a handle nobody
             # awaited is no lost error; spare asyncio's "never retrieved" log.
             handle.exception()
+
+
+def _ended_while_idle(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server ended *conn*, idle since its last batch: its FATAL
+    message or EOF waits on the socket (pg_terminate_backend,
+    ``idle_session_timeout``, a failover). Nothing of the next batch was sent
+    on it, so that batch can go on a new connection without a risk of twice."""
+    pgconn = conn.pgconn
+    try:
+        for _ in range(3):  # the message, then EOF: bounded, a notice may come first
+            ready, _, _ = select.select([pgconn.socket], [], [], 0)
+            if not ready:
+                break
+            pgconn.consume_input()  # raises at EOF
+            pgconn.is_busy()  # parses what came (a message while idle: a notice)
+    except (OSError, psycopg.Error):
+        return True
+    return pgconn.status != pq.ConnStatus.OK
 
 
 def _connect(conninfo: str, options: dict[str, Any]) -> psycopg.Connection[Any]:
@@ -328,7 +350,7 @@ class Publisher(Closing):
     def _send(self, batch: Batch[Any]) -> BaseException | None:
         try:
             conn = self._conn
-            if conn is None or conn.closed or conn.broken:
+            if conn is None or conn.closed or conn.broken or _ended_while_idle(conn):
                 if conn is not None:
                     conn.close()
                 self._conn = None
