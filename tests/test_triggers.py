@@ -420,3 +420,30 @@ def test_cli_watch_and_unwatch_on_a_sql_ascii_database(sql_ascii_dsn: str) -> No
     assert done.returncode == 0 and "3 triggers" in done.stderr, done.stderr
     done = pgcast_cli("init", "--dsn", sql_ascii_dsn)
     assert done.returncode == 0, done.stderr
+
+
+def test_statement_mode_a_key_too_big_for_notify_does_not_fail_its_statement(
+    conn: Conn, ps: pgcast.PubSub, table: str
+) -> None:
+    # Measured in bytes, not characters: 2,700 euro signs are 8,100 bytes.
+    conn.execute(f'CREATE TABLE "{table}" (id text PRIMARY KEY)')
+    feed = watch_table(conn, table, per="statement")
+    ps.listen(feed.channel)
+    conn.execute(f'INSERT INTO "{table}" VALUES (%s)', ("\u20ac" * 2700,))
+    conn.execute(f'INSERT INTO "{table}" VALUES (%s)', ("small",))
+    big, small = changes_until_sentinel(ps, conn, feed.channel)
+    assert (big.op, big.count, big.truncated, big.keys()) == ("INSERT", 1, True, None)
+    assert (small.truncated, small.keys()) == (False, [{"id": "small"}])
+    row = conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+    assert row == (2,)
+
+
+def test_row_mode_a_multibyte_key_too_big_for_notify_does_not_fail_its_insert(
+    conn: Conn, ps: pgcast.PubSub, table: str
+) -> None:
+    conn.execute(f'CREATE TABLE "{table}" (id text PRIMARY KEY)')
+    feed = watch_table(conn, table)
+    ps.listen(feed.channel)
+    conn.execute(f'INSERT INTO "{table}" VALUES (%s)', ("\u20ac" * 2700,))
+    [big] = changes_until_sentinel(ps, conn, feed.channel)
+    assert big.truncated and big.key is None and big.op == "INSERT"
