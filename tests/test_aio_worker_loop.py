@@ -299,3 +299,43 @@ def test_worker_notification_routes_go_on_after_a_termination(
         await run_until(worker, body)
 
     arun(main())
+
+
+def test_worker_that_gives_up_reconnecting_still_delivers_what_it_received(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    """Notifications received and waiting for their window when the worker
+    gives up reconnecting (ConnectError out of run()) reach the handler
+    first; they used to vanish with the worker, no handler, no on_error."""
+
+    async def main() -> None:
+        with TcpProxy.for_dsn(dsn) as proxy:
+            batches: list[list[str]] = []
+            worker = pgcast.aio.Worker(
+                proxy.dsn(dsn), debounce=60,
+                reconnect_backoff=pgcast.Backoff(initial=0.01, maximum=0.05, max_attempts=2))
+
+            @worker.on(unique_channel)
+            def handle(events: list[pgcast.Event]) -> None:
+                batches.append([e.payload for e in events])
+
+            errors: list[BaseException] = []
+
+            async def target() -> None:
+                try:
+                    await worker.run()
+                except pgcast.ConnectError as exc:
+                    errors.append(exc)
+
+            runner = astart(target)
+            assert await worker.wait_ready(WAIT), "the worker did not start listening"
+            send(conn, unique_channel, ["a", "b"])
+            await apause(0.5)  # received, waiting for its 60 s window
+            assert batches == []
+            proxy.refuse()
+            proxy.cut()
+            await ajoin(runner, WAIT)
+            assert errors, "the worker did not give up"
+            assert batches == [["a", "b"]]
+
+    arun(main())

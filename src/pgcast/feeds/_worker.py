@@ -88,7 +88,13 @@ class Worker(WorkerBase):
             with self._signals():
                 self._runner = runner = AwaitRunner()
                 try:
-                    self._supervise()
+                    try:
+                        self._supervise()
+                    except Exception:
+                        # Given up (or failed): what was received still goes
+                        # to its handlers, not down with the worker.
+                        self._deliver(time.monotonic(), everything=True)
+                        raise
                     # Graceful: what was received is handled before returning.
                     self._deliver(time.monotonic(), everything=True)
                 finally:

@@ -85,7 +85,13 @@ class AsyncWorker(WorkerBase):
             with self._signals():
                 self._runner = runner = AwaitRunner()
                 try:
-                    await self._supervise()
+                    try:
+                        await self._supervise()
+                    except Exception:
+                        # Given up (or failed): what was received still goes
+                        # to its handlers, not down with the worker.
+                        await self._deliver(time.monotonic(), everything=True)
+                        raise
                     # Graceful: what was received is handled before returning.
                     await self._deliver(time.monotonic(), everything=True)
                 finally:
