@@ -66,20 +66,21 @@ def swallow(proxy: TcpProxy) -> int:
     return before
 
 
-async def acut_when_sent(proxy: TcpProxy, before: int) -> None:
+async def acut_when_sent(proxy: TcpProxy, before: int, *, cut: bool = True) -> None:
     """Wait until a batch was sent into the swallowed connection, then reset
-    it: that batch fails in flight (whether it committed is unknown, so it is
-    reported, not retried)."""
+    it (unless not *cut*): that batch fails in flight (whether it committed
+    is unknown, so it is reported, not retried)."""
     deadline = time.monotonic() + WAIT
     while proxy.swallowed == before:
         assert time.monotonic() < deadline, "no batch was sent"
         await asyncio.sleep(0.01)
-    proxy.cut()
+    if cut:
+        proxy.cut()
 
 
-def cut_when_sent(proxy: TcpProxy, before: int) -> None:
+def cut_when_sent(proxy: TcpProxy, before: int, *, cut: bool = True) -> None:
     """:func:`acut_when_sent` for the sync tests."""
-    asyncio.run(acut_when_sent(proxy, before))
+    asyncio.run(acut_when_sent(proxy, before, cut=cut))
 
 
 # -- the pure core -------------------------------------------------------------
@@ -500,3 +501,61 @@ def test_async_a_connection_ended_while_idle_loses_no_message(
 
     asyncio.run(main())
     assert [e.payload for e in collect(listener, 2)] == ["before", "kept"]
+
+
+# -- close() that times out ------------------------------------------------------
+
+
+def test_close_that_times_out_fails_what_was_not_sent(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # The sender is stuck on a batch (a server that does not answer); close()
+    # gives up after its timeout. The notifications still queued behind it
+    # used to keep their handles pending for ever, nobody told: they now
+    # fail with PublishError (and are in the next close()'s report).
+    pub = pgcast.Publisher(proxy.dsn(dsn), interval=0.005, max_batch=1)
+    try:
+        before = swallow(proxy)
+        stuck = pub.publish(unique_channel, "stuck")
+        cut_when_sent(proxy, before, cut=False)
+        queued = pub.publish(unique_channel, "queued")
+        with pytest.raises(TimeoutError):
+            pub.close(timeout=0.3)
+        with pytest.raises(pgcast.PublishError) as info:
+            queued.result(WAIT)
+        assert info.value.messages == [(unique_channel, "queued")]
+        assert isinstance(info.value.__cause__, pgcast.ClosedError)
+        assert not stuck.done()  # in flight: whether it commits is the server's
+    finally:
+        proxy.cut()
+        with pytest.raises(pgcast.PublishError) as report:
+            pub.close(timeout=WAIT)
+    assert sorted(report.value.messages) == [(unique_channel, "queued"), (unique_channel, "stuck")]
+    with pytest.raises(pgcast.PublishError):
+        stuck.result(0)
+
+
+def test_async_close_that_times_out_fails_what_was_not_sent(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
+) -> None:
+    async def main() -> None:
+        pub = await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=0.005, max_batch=1)
+        try:
+            before = swallow(proxy)
+            stuck = pub.publish_nowait(unique_channel, "stuck")
+            await acut_when_sent(proxy, before, cut=False)
+            queued = pub.publish_nowait(unique_channel, "queued")
+            with pytest.raises(TimeoutError):
+                await pub.close(timeout=0.3)
+            with pytest.raises(pgcast.PublishError) as info:
+                await asyncio.wait_for(asyncio.shield(queued), WAIT)
+            assert info.value.messages == [(unique_channel, "queued")]
+            assert not stuck.done()
+        finally:
+            proxy.cut()
+            with pytest.raises(pgcast.PublishError) as report:
+                await pub.close(timeout=WAIT)
+        expected = [(unique_channel, "queued"), (unique_channel, "stuck")]
+        assert sorted(report.value.messages) == expected
+
+    asyncio.run(main())

@@ -204,7 +204,8 @@ class Batcher(Generic[H]):
 
     def finish(self, batch: Batch[H]) -> None:
         """Mark *batch* finished: flushes waiting for it may return."""
-        self.completed = batch.seq
+        # Batches failed while an earlier one is in flight finish first.
+        self.completed = max(self.completed, batch.seq)
 
     def fail_queued(self, cause: BaseException) -> list[tuple[Batch[H], PublishError]]:
         """Fail every queued batch (the sender cannot go on); return them for

@@ -1,5 +1,6 @@
 # Generated from src/pgcast/publisher/_publisher_async.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
+# ruff: noqa: E501
 """The publisher: many threads' (or tasks') notifications, few transactions.
 
 Every notifying transaction takes PostgreSQL's global notify lock while it
@@ -280,7 +281,9 @@ class Publisher(Closing):
 
         :raises PublishError: as :meth:`flush`.
         :raises TimeoutError: the sender did not finish within *timeout* s;
-            the publisher is closed, unsent notifications are then lost.
+            the publisher is closed, and the notifications queued behind the
+            batch it is stuck on fail with :class:`PublishError` (their
+            handles, and the report of a later ``close()``).
         """
         timeout = check_timeout("timeout", timeout)
         with self._lock:
@@ -290,6 +293,13 @@ class Publisher(Closing):
                 self._work.set()
                 self._progress.set()
         if not join(self._sender, timeout):
+            # The sender is stuck on a batch (whether that one commits is the
+            # server's): what it has not taken fails now, no handle waits for ever.
+            self._fail_queued(
+                ClosedError(
+                    f"the Publisher was closed before this was sent: close() gave up after {timeout} s, the sender stuck on an earlier batch"
+                )
+            )
             raise _unsent(timeout)
         if self._conn is not None:
             self._conn.close()
@@ -375,6 +385,11 @@ class Publisher(Closing):
         why. A flush that sees the crash also sees the failures."""
         with self._lock:
             self._crash = exc
+        self._fail_queued(exc)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Fail every batch queued and not taken by the sender, because of *exc*."""
+        with self._lock:
             failed = self._batcher.fail_queued(exc)
         for batch, error in failed:
             _resolve(batch, error)

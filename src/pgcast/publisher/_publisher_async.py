@@ -326,7 +326,9 @@ class AsyncPublisher(AsyncClosing):
 
         :raises PublishError: as :meth:`flush`.
         :raises TimeoutError: the sender did not finish within *timeout* s;
-            the publisher is closed, unsent notifications are then lost.
+            the publisher is closed, and the notifications queued behind the
+            batch it is stuck on fail with :class:`PublishError` (their
+            handles, and the report of a later ``close()``).
         """
         timeout = check_timeout("timeout", timeout)
         with self._lock:
@@ -336,6 +338,11 @@ class AsyncPublisher(AsyncClosing):
                 self._work.set()
                 self._progress.set()
         if not await join(self._sender, timeout):
+            # The sender is stuck on a batch (whether that one commits is the
+            # server's): what it has not taken fails now, no handle waits for ever.
+            self._fail_queued(ClosedError(
+                f"the Publisher was closed before this was sent: close() gave up "
+                f"after {timeout} s, the sender stuck on an earlier batch"))
             raise _unsent(timeout)
         if self._conn is not None:
             await self._conn.close()
@@ -421,6 +428,11 @@ class AsyncPublisher(AsyncClosing):
         why. A flush that sees the crash also sees the failures."""
         with self._lock:
             self._crash = exc
+        self._fail_queued(exc)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Fail every batch queued and not taken by the sender, because of *exc*."""
+        with self._lock:
             failed = self._batcher.fail_queued(exc)
         for batch, error in failed:
             _resolve(batch, error)
