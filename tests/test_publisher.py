@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+import _faults
 import pgcast
+from pgcast.embedded import EmbeddedServer
 from pgcast.publisher._batcher import Batcher
 from tcp_proxy import TcpProxy
 
@@ -560,5 +562,51 @@ def test_async_close_that_times_out_fails_what_was_not_sent(
                 await pub.close(timeout=WAIT)
         expected = [(unique_channel, "queued"), (unique_channel, "stuck")]
         assert sorted(report.value.messages) == expected
+
+    asyncio.run(main())
+
+
+# -- the server's notification queue full ------------------------------------------
+
+small_queue_server = _faults.small_queue_server  # a fixture
+
+
+def test_a_full_notification_queue_fails_the_batch_clearly_and_the_publisher_goes_on(
+    small_queue_server: EmbeddedServer, unique_channel: str
+) -> None:
+    # The batch was refused (54000): none of it was sent, and the error says
+    # so; it used to say the connection was lost and the commit unknown.
+    dsn = small_queue_server.dsn
+    with pgcast.Publisher(dsn, interval=0.005) as pub:
+        holder = _faults.fill_notify_queue(dsn)
+        try:
+            with pytest.raises(pgcast.PublishError) as info:
+                pub.publish(unique_channel, "refused").result(WAIT)
+            assert "none of its notifications was sent" in str(info.value)
+            assert "too many notifications in the NOTIFY queue" in str(info.value)
+            assert not isinstance(info.value.__cause__, pgcast.ConnectionLostError)
+            with pytest.raises(pgcast.PublishError):
+                pub.flush(WAIT)  # reported there too
+        finally:
+            holder.close()
+
+
+def test_async_a_full_notification_queue_fails_the_batch_clearly(
+    small_queue_server: EmbeddedServer, unique_channel: str
+) -> None:
+    dsn = small_queue_server.dsn
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(dsn, interval=0.005) as pub:
+            holder = _faults.fill_notify_queue(dsn)
+            try:
+                with pytest.raises(pgcast.PublishError) as info:
+                    await asyncio.wait_for(pub.publish(unique_channel, "refused"), WAIT)
+                assert "none of its notifications was sent" in str(info.value)
+                assert "too many notifications in the NOTIFY queue" in str(info.value)
+                with pytest.raises(pgcast.PublishError):
+                    await pub.flush(WAIT)
+            finally:
+                holder.close()
 
     asyncio.run(main())
