@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -608,5 +609,36 @@ def test_async_a_full_notification_queue_fails_the_batch_clearly(
                     await pub.flush(WAIT)
             finally:
                 holder.close()
+
+    asyncio.run(main())
+
+
+# -- a dead network ----------------------------------------------------------------
+
+
+def conn_options(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> dict[str, str]:
+    wanted = {b"keepalives", b"keepalives_idle", b"tcp_user_timeout"}
+    return {o.keyword.decode(): (o.val or b"").decode() for o in conn.pgconn.info
+            if o.keyword in wanted}
+
+
+def test_the_publishers_connection_gives_up_on_a_dead_network_within_a_minute(
+    dsn: str,
+) -> None:
+    # Without TCP keepalives and tcp_user_timeout, a batch sent into a dead
+    # network waited for the kernel's retransmissions (about 15 minutes on
+    # Linux), its publish() with it. The PubSub's defaults now; the DSN's win.
+    with pgcast.Publisher(dsn) as pub:
+        assert pub._conn is not None
+        assert conn_options(pub._conn) == {
+            "keepalives": "1", "keepalives_idle": "30", "tcp_user_timeout": "60000"}
+    with pgcast.Publisher(dsn, tcp_user_timeout=5000) as pub:
+        assert pub._conn is not None
+        assert conn_options(pub._conn)["tcp_user_timeout"] == "5000"
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(dsn) as apub:
+            assert apub._conn is not None
+            assert conn_options(apub._conn)["tcp_user_timeout"] == "60000"
 
     asyncio.run(main())

@@ -67,6 +67,7 @@ from .._errors import ClosedError, ConnectError, PublisherFullError
 from .._flavour_async import Signal, StateLock, future_factory, join, start_worker
 from .._notify_many import notify_many_params
 from .._payload import Payload
+from .._reconnect import add_keepalives
 from ._batcher import Batch, Batcher, check_message
 
 __all__ = ["AsyncPublisher"]
@@ -78,6 +79,9 @@ INTERVAL: Final = 0.005
 MAX_BATCH: Final = 1000
 MAX_PENDING: Final = 100_000
 TIMEOUT: Final = 5.0
+#: The keepalive settings of the publisher's connection: those of a PubSub's
+#: default health check (30 s), so tcp_user_timeout is 60 s.
+KEEPALIVE_INTERVAL: Final = 30.0
 
 # publish(timeout=...) not given: use the publisher's own.
 _DEFAULT: Final[Any] = object()
@@ -156,6 +160,9 @@ def _prepare(
     )
     timeout = check_timeout("timeout", timeout)
     conninfo, options = connect_args(conninfo, kwargs)
+    # A batch sent into a dead network fails within a minute (TCP keepalives,
+    # tcp_user_timeout), not the kernel's quarter of an hour; the DSN's own win.
+    options = add_keepalives(conninfo, options, KEEPALIVE_INTERVAL)
     return conninfo, options, batcher, timeout
 
 
