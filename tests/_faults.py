@@ -137,3 +137,28 @@ def failing_coroutine_callback(seen: list[str]) -> Callable[[pgcast.Reconnected]
         raise RuntimeError("callback bug")
 
     return on_reconnect
+
+
+@pytest.fixture(scope="module")
+def small_queue_server() -> Iterator[EmbeddedServer]:
+    """A server whose notification queue holds 64 pages (512 KiB): PostgreSQL
+    17's max_notify_queue_pages, at its minimum."""
+    with EmbeddedServer(settings={"max_notify_queue_pages": 64}) as srv:
+        yield srv
+
+
+def fill_notify_queue(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
+    """Fill the notification queue of *dsn*'s server: a listener that stays
+    in a transaction holds every notification; returned, to close."""
+    holder = psycopg.connect(dsn)
+    holder.execute("LISTEN pgcast_test_full")
+    holder.commit()
+    holder.execute("SELECT 1")  # a transaction left open: nothing is read
+    with psycopg.connect(dsn, autocommit=True) as filler:
+        for _ in range(200):  # bounded: 64 pages hold about 64 of these
+            try:
+                filler.execute("SELECT pg_notify('pgcast_test_full', repeat('x', 7000))")
+            except psycopg.errors.ProgramLimitExceeded:
+                return holder
+    holder.close()
+    pytest.fail("the notification queue did not fill up")

@@ -12,6 +12,8 @@ within a timeout, failing loudly if it does not end.
   connections are forwarded normally, so a client that reconnects gets
   through (a NAT that forgot a mapping behaves like this).
 - :meth:`TcpProxy.cut` closes every open connection with an RST.
+- :meth:`TcpProxy.refuse` closes the listening socket: every new connection
+  is refused at once (a server that is down), until :meth:`stop`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -67,6 +70,8 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
         #: How many connections were accepted so far.
         self.accepted = 0
+        #: How many bytes blackholed connections swallowed so far.
+        self.swallowed = 0
 
     @classmethod
     def for_dsn(cls, dsn: str) -> TcpProxy:
@@ -135,6 +140,18 @@ class TcpProxy:
         self._wake()
         return len(pairs)
 
+    def refuse(self) -> None:
+        """Refuse every new connection from now on (the listening socket is
+        closed by the loop thread); open ones are left as they are."""
+        with self._lock:
+            self._refuse_pending = True
+        self._wake()
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        while self._listener.fileno() != -1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._listener.fileno() != -1:
+            raise AssertionError(f"the TCP proxy did not stop listening within {_JOIN_TIMEOUT} s")
+
     @property
     def open_connections(self) -> int:
         with self._lock:
@@ -143,6 +160,7 @@ class TcpProxy:
     # -- the loop --------------------------------------------------------------
 
     _cut_pending: set[_Pair] | None = None
+    _refuse_pending = False
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -154,6 +172,11 @@ class TcpProxy:
                 if self._stopping:
                     return
                 cut, self._cut_pending = self._cut_pending, None
+                refuse, self._refuse_pending = self._refuse_pending, False
+            if refuse:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(self._listener)
+                self._listener.close()
             for pair in cut or ():
                 self._close_pair(pair, reset=True)
             for key, _ in self._selector.select(1.0):
@@ -201,6 +224,8 @@ class TcpProxy:
             self._close_pair(pair, reset=False)
             return
         if pair.dropped:
+            with self._lock:
+                self.swallowed += len(data)
             return  # swallowed: the other end never hears of it
         try:
             # Loopback, small messages: a short blocking send is fine here.

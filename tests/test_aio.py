@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import _faults
 import _hba
 import pgcast
 import pgcast.aio
@@ -197,3 +198,35 @@ def test_close_while_notifying_raises_closed_error(
 
     arun(body())
     assert outcomes in (["finished"], ["ClosedError"])
+
+
+# -- the server's notification queue full ------------------------------------------
+
+small_queue_server = _faults.small_queue_server  # a fixture
+
+
+def test_a_full_notification_queue_is_a_clear_error_not_a_lost_connection(
+    small_queue_server: EmbeddedServer, unique_channel: str
+) -> None:
+    # NOTIFY with the server's queue full fails with "too many notifications
+    # in the NOTIFY queue" (54000): nothing was sent, and the connection is
+    # fine. It used to raise ConnectionLostError ("connection to PostgreSQL
+    # lost ... the server may or may not have run it") and drop the
+    # connection, to be reconnected.
+    dsn = small_queue_server.dsn
+
+    async def body() -> None:
+        async with await pgcast.aio.connect(dsn) as ps:
+            holder = _faults.fill_notify_queue(dsn)
+            try:
+                with pytest.raises(pgcast.DatabaseError) as info:
+                    await ps.notify(unique_channel, "refused")
+                assert not isinstance(info.value, pgcast.ConnectionLostError)
+                assert "too many notifications in the NOTIFY queue" in str(info.value)
+                # The connection is still the same, and usable.
+                await ps.listen(unique_channel)
+                assert ps.generation == 0
+            finally:
+                holder.close()
+
+    arun(body())

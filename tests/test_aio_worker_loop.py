@@ -22,6 +22,7 @@ import pgcast
 import pgcast.aio
 from _eventwait import ajoin, apause, arun, astart
 from pgcast.queue import Job, Queue
+from tcp_proxy import TcpProxy
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 #: How long anything here may take before the test fails.
@@ -221,5 +222,120 @@ def test_worker_reconnects_by_its_backoff_and_gives_up_when_it_ends(
         await ajoin(runner, timeout=WAIT * 2)
         assert errors, "the worker did not give up"
         assert "gave up reconnecting after 3 attempt(s) (reconnect_backoff)" in str(errors[0])
+
+    arun(main())
+
+
+@pytest.mark.parametrize("initial", [0.05, 0.0], ids=["backoff", "no-delay"])
+def test_worker_stop_during_an_outage_returns_at_once(dsn: str, initial: float) -> None:
+    """A stop while the database is down ends run() at once, gracefully.
+    It used to wait until the PubSub's own reconnect gave up (never, with the
+    default Backoff: a SIGTERM hung the worker for the whole outage); with
+    no delay between attempts the asyncio one froze the event loop."""
+    backoff = pgcast.Backoff(initial=initial, maximum=initial * 4, max_time=6.0)
+
+    async def main() -> None:
+        with TcpProxy.for_dsn(dsn) as proxy:
+            worker = pgcast.aio.Worker(proxy.dsn(dsn), reconnect_backoff=backoff)
+
+            @worker.on(f"w_{uuid.uuid4().hex[:12]}")
+            async def handle(events: list[pgcast.Event]) -> None:
+                pass
+
+            outcome: list[object] = []
+
+            async def target() -> None:
+                try:
+                    await worker.run()
+                    outcome.append("returned")
+                except pgcast.PgcastError as exc:
+                    outcome.append(exc)
+
+            runner = astart(target)
+            assert await worker.wait_ready(WAIT), "the worker did not start listening"
+            proxy.refuse()  # the database is down: every attempt is refused
+            proxy.cut()
+            await apause(0.5)  # the worker retries meanwhile
+            started = time.monotonic()
+            worker.stop()
+            await ajoin(runner, WAIT)
+            took = time.monotonic() - started
+            assert outcome == ["returned"], outcome
+            assert took < 2.0, f"run() returned {took:.1f} s after stop()"
+
+    arun(main())
+
+
+def test_worker_notification_routes_go_on_after_a_termination(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    """The worker's listening connection ended by the server: the worker
+    reconnects, LISTENs again, and what is sent after reaches the handler."""
+    name = f"w_{uuid.uuid4().hex[:12]}"
+
+    async def main() -> None:
+        got: list[str] = []
+        worker = pgcast.aio.Worker(dsn, debounce=0, name=name)
+
+        @worker.on(unique_channel)
+        async def handle(events: list[pgcast.Event]) -> None:
+            got.extend([e.payload for e in events])
+
+        async def body() -> None:
+            send(conn, unique_channel, ["before"])
+            await eventually("the first event handled", lambda: got == ["before"])
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = %s", (name,)).fetchone()
+            assert killed == (1,)
+            deadline = time.monotonic() + WAIT
+            i = 0
+            while "after" not in " ".join(got):  # sent until the new LISTEN hears it
+                assert time.monotonic() < deadline, f"nothing after the termination: {got}"
+                i += 1
+                send(conn, unique_channel, [f"after {i}"])
+                await apause(0.1)
+
+        await run_until(worker, body)
+
+    arun(main())
+
+
+def test_worker_that_gives_up_reconnecting_still_delivers_what_it_received(
+    dsn: str, conn: Conn, unique_channel: str
+) -> None:
+    """Notifications received and waiting for their window when the worker
+    gives up reconnecting (ConnectError out of run()) reach the handler
+    first; they used to vanish with the worker, no handler, no on_error."""
+
+    async def main() -> None:
+        with TcpProxy.for_dsn(dsn) as proxy:
+            batches: list[list[str]] = []
+            worker = pgcast.aio.Worker(
+                proxy.dsn(dsn), debounce=60,
+                reconnect_backoff=pgcast.Backoff(initial=0.01, maximum=0.05, max_attempts=2))
+
+            @worker.on(unique_channel)
+            def handle(events: list[pgcast.Event]) -> None:
+                batches.append([e.payload for e in events])
+
+            errors: list[BaseException] = []
+
+            async def target() -> None:
+                try:
+                    await worker.run()
+                except pgcast.ConnectError as exc:
+                    errors.append(exc)
+
+            runner = astart(target)
+            assert await worker.wait_ready(WAIT), "the worker did not start listening"
+            send(conn, unique_channel, ["a", "b"])
+            await apause(0.5)  # received, waiting for its 60 s window
+            assert batches == []
+            proxy.refuse()
+            proxy.cut()
+            await ajoin(runner, WAIT)
+            assert errors, "the worker did not give up"
+            assert batches == [["a", "b"]]
 
     arun(main())

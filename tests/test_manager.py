@@ -45,6 +45,7 @@ import pgcast.aio
 from _capacity import spare_connections
 from _eventwait import join_thread, pause, run_sync, start_thread
 from pgcast.embedded import EmbeddedServer
+from tcp_proxy import TcpProxy
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Value = tuple[pgcast.PubSub, list[pgcast.Event | pgcast.Reconnected | pgcast.Gap]] | None
@@ -1001,6 +1002,38 @@ def test_closing_the_manager_ends_its_reconnects(dsn: str) -> None:
                         break
                 assert [type(e) for e in got] == [pgcast.Reconnected, pgcast.Event], got
                 assert payloads(got[1:]) == ["back"]
+
+        run_sync(body())
+
+
+def test_closing_the_manager_ends_a_reconnect_with_no_delay(dsn: str) -> None:
+    # With Backoff(initial=0) the reconnect never slept, and only a sleep saw
+    # the manager's stop: the sync close() waited 5 s and left the thread
+    # retrying until the backoff gave up; the asyncio one froze the event
+    # loop meanwhile (a refused connection fails without giving it a turn).
+    before = set(threading.enumerate())
+    no_delay = pgcast.Backoff(initial=0, maximum=0, max_time=4.0)
+    with TcpProxy.for_dsn(dsn) as proxy:
+
+        def body() -> None:
+            with pubsubs(dsn) as open_:
+                there = open_(
+                    channel(),
+                    dsn=proxy.dsn(dsn),
+                    reconnect_backoff=no_delay,
+                    health_check_interval=0,
+                )
+                nm = pgcast.NotificationManager(there, timeout=0.1, reconnect=True)
+                proxy.refuse()  # every attempt is refused at once now
+                proxy.cut()
+                until(nm, lambda _: bool(reconnects(nm, before)), "no reconnect started")
+                until(nm, lambda got: len(got) >= 3, "no idle events")  # retrying
+                assert there in nm.connections, "the reconnect gave up"
+                started = time.monotonic()
+                nm.close()
+                took = time.monotonic() - started
+                assert took < 2.0, f"close() took {took:.1f} s"
+                assert not reconnects(nm, before), "a reconnect outlived the manager's close()"
 
         run_sync(body())
 

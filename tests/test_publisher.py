@@ -9,12 +9,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 
+import _faults
 import pgcast
+from pgcast.embedded import EmbeddedServer
 from pgcast.publisher._batcher import Batcher
+from tcp_proxy import TcpProxy
 
 WAIT = 10.0  # seconds anything that should happen on loopback may take
 
@@ -44,10 +48,42 @@ def nothing_more(ps: pgcast.PubSub, wait: float = 0.3) -> None:
 
 
 @pytest.fixture
+def proxy(dsn: str) -> Iterator[TcpProxy]:
+    """A loopback proxy to the server, to fail a connection on cue."""
+    with TcpProxy.for_dsn(dsn) as p:
+        yield p
+
+
+@pytest.fixture
 def listener(dsn: str, unique_channel: str) -> Iterator[pgcast.PubSub]:
     with pgcast.connect(dsn) as ps:
         ps.listen(unique_channel)
         yield ps
+
+
+def swallow(proxy: TcpProxy) -> int:
+    """Swallow what the connections open through *proxy* send from now on;
+    returns the count to give :func:`cut_when_sent`."""
+    before = proxy.swallowed
+    assert proxy.blackhole() == 1
+    return before
+
+
+async def acut_when_sent(proxy: TcpProxy, before: int, *, cut: bool = True) -> None:
+    """Wait until a batch was sent into the swallowed connection, then reset
+    it (unless not *cut*): that batch fails in flight (whether it committed
+    is unknown, so it is reported, not retried)."""
+    deadline = time.monotonic() + WAIT
+    while proxy.swallowed == before:
+        assert time.monotonic() < deadline, "no batch was sent"
+        await asyncio.sleep(0.01)
+    if cut:
+        proxy.cut()
+
+
+def cut_when_sent(proxy: TcpProxy, before: int, *, cut: bool = True) -> None:
+    """:func:`acut_when_sent` for the sync tests."""
+    asyncio.run(acut_when_sent(proxy, before, cut=cut))
 
 
 # -- the pure core -------------------------------------------------------------
@@ -241,26 +277,21 @@ def test_close_sends_the_queue_then_refuses(
 
 
 def test_failed_transaction_is_reported_then_the_next_batch_reconnects(
-    dsn: str,
-    conn: psycopg.Connection[tuple[object, ...]],
-    listener: pgcast.PubSub,
-    unique_channel: str,
+    dsn: str, listener: pgcast.PubSub, unique_channel: str
 ) -> None:
-    app = f"pgcast_pub_{uuid.uuid4().hex[:8]}"
-    with pgcast.Publisher(dsn, interval=60, application_name=app) as pub:
+    with TcpProxy.for_dsn(dsn) as proxy, \
+            pgcast.Publisher(proxy.dsn(dsn), interval=0.005) as pub:
         pub.publish(unique_channel, "before")
         pub.flush(WAIT)
-        row = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = %s",
-            (app,),
-        ).fetchone()
-        assert row == (1,)
+        before = swallow(proxy)
         lost = pub.publish(unique_channel, "lost")
+        cut_when_sent(proxy, before)
         with pytest.raises(pgcast.PublishError) as info:
             pub.flush(WAIT)
         assert info.value.messages == [(unique_channel, "lost")]
         assert isinstance(info.value.__cause__, pgcast.ConnectionLostError)
+        # Lost in flight: the commit may have happened; the error says so.
+        assert "may or may not have been sent" in str(info.value)
         with pytest.raises(pgcast.PublishError):
             lost.result(0)
         # Reported once; the next batch goes out on a new connection.
@@ -320,17 +351,10 @@ def test_async_many_tasks_nothing_lost(
 
 
 def test_async_full_buffer_close_and_failure(
-    dsn: str,
-    conn: psycopg.Connection[tuple[object, ...]],
-    listener: pgcast.PubSub,
-    unique_channel: str,
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
 ) -> None:
-    app = f"pgcast_apub_{uuid.uuid4().hex[:8]}"
-
     async def main() -> None:
-        pub = await pgcast.AsyncPublisher.connect(
-            dsn, interval=60, max_pending=2, application_name=app
-        )
+        pub = await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=60, max_pending=2)
         async with asyncio.timeout(WAIT):
             pub.publish_nowait(unique_channel, "0")
             pub.publish_nowait(unique_channel, "1")
@@ -346,15 +370,14 @@ def test_async_full_buffer_close_and_failure(
             assert not blocked.done()  # one await: it returns at the commit
             await pub.flush()
             assert await blocked is None
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (app,),
-            )
+            before = swallow(proxy)
             lost = pub.publish_nowait(unique_channel, "lost")
+            closing = asyncio.create_task(pub.close())
+            await acut_when_sent(proxy, before)
             with pytest.raises(pgcast.PublishError) as info:
-                await pub.close()
+                await closing
             assert info.value.messages == [(unique_channel, "lost")]
+            assert "may or may not have been sent" in str(info.value)
             with pytest.raises(pgcast.PublishError):
                 await lost
             assert pub.closed
@@ -367,27 +390,20 @@ def test_async_full_buffer_close_and_failure(
 
 
 def test_async_publish_is_one_await_that_ends_at_commit(
-    dsn: str, conn: psycopg.Connection[tuple[object, ...]], listener: pgcast.PubSub,
-    unique_channel: str,
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
 ) -> None:
-    app = f"pgcast_apub_{uuid.uuid4().hex[:8]}"
-
     async def main() -> None:
-        async with await pgcast.AsyncPublisher.connect(
-            dsn, interval=0.005, application_name=app
-        ) as pub:
+        async with await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=0.005) as pub:
             async with asyncio.timeout(WAIT):
                 assert await pub.publish(unique_channel, "committed") is None
                 # Sent already: the listener gets it with no flush.
                 assert [e.payload for e in collect(listener, 1)] == ["committed"]
                 # A failed transaction raises at that same await.
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name = %s",
-                    (app,),
-                )
+                before = swallow(proxy)
+                publishing = asyncio.create_task(pub.publish(unique_channel, "lost"))
+                await acut_when_sent(proxy, before)
                 with pytest.raises(pgcast.PublishError):
-                    await pub.publish(unique_channel, "lost")
+                    await publishing
                 with pytest.raises(pgcast.PublishError):
                     await pub.flush()  # reported there too, once
                 # A caller cancelled while waiting does not cancel the batch
@@ -434,3 +450,195 @@ def test_an_unexpected_error_in_the_sender_fails_the_batch_not_loses_it(
         pub.publish(unique_channel, "after")  # the sender lives on
         pub.flush(WAIT)
     assert [e.payload for e in collect(listener, 1)] == ["after"]
+
+
+# -- a connection the server ended while the publisher was idle -----------------
+
+
+def end_idle_publisher(conn: psycopg.Connection[tuple[object, ...]], app: str) -> None:
+    """End the publisher's backend (named *app*) and wait until it is gone, so
+    that its FATAL message and EOF are on the publisher's socket."""
+    row = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = %s", (app,),
+    ).fetchone()
+    assert row == (1,)
+    deadline = time.monotonic() + WAIT
+    while conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+    ).fetchone() != (0,):
+        assert time.monotonic() < deadline, "the publisher's backend did not end"
+        time.sleep(0.02)
+
+
+def test_a_connection_ended_while_idle_loses_no_message(
+    dsn: str, conn: psycopg.Connection[tuple[object, ...]], listener: pgcast.PubSub,
+    unique_channel: str,
+) -> None:
+    # The first batch after the server ended the idle connection (an admin's
+    # pg_terminate_backend, idle_session_timeout, a failover) used to fail
+    # with PublishError though nothing of it had reached the server: the
+    # ending is on the socket before the batch is sent, so it goes on a new
+    # connection instead.
+    app = f"pgcast_pub_{uuid.uuid4().hex[:8]}"
+    with pgcast.Publisher(dsn, interval=0.005, application_name=app) as pub:
+        pub.publish(unique_channel, "before").result(WAIT)
+        end_idle_publisher(conn, app)
+        assert pub.publish(unique_channel, "kept").result(WAIT) is None
+        pub.flush(WAIT)
+    assert [e.payload for e in collect(listener, 2)] == ["before", "kept"]
+
+
+def test_async_a_connection_ended_while_idle_loses_no_message(
+    dsn: str, conn: psycopg.Connection[tuple[object, ...]], listener: pgcast.PubSub,
+    unique_channel: str,
+) -> None:
+    app = f"pgcast_apub_{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(
+            dsn, interval=0.005, application_name=app
+        ) as pub:
+            async with asyncio.timeout(WAIT):
+                await pub.publish(unique_channel, "before")
+                end_idle_publisher(conn, app)
+                assert await pub.publish(unique_channel, "kept") is None
+                await pub.flush()
+
+    asyncio.run(main())
+    assert [e.payload for e in collect(listener, 2)] == ["before", "kept"]
+
+
+# -- close() that times out ------------------------------------------------------
+
+
+def test_close_that_times_out_fails_what_was_not_sent(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # The sender is stuck on a batch (a server that does not answer); close()
+    # gives up after its timeout. The notifications still queued behind it
+    # used to keep their handles pending for ever, nobody told: they now
+    # fail with PublishError (and are in the next close()'s report).
+    pub = pgcast.Publisher(proxy.dsn(dsn), interval=0.005, max_batch=1)
+    try:
+        before = swallow(proxy)
+        stuck = pub.publish(unique_channel, "stuck")
+        cut_when_sent(proxy, before, cut=False)
+        queued = pub.publish(unique_channel, "queued")
+        with pytest.raises(TimeoutError):
+            pub.close(timeout=0.3)
+        with pytest.raises(pgcast.PublishError) as info:
+            queued.result(WAIT)
+        assert info.value.messages == [(unique_channel, "queued")]
+        assert isinstance(info.value.__cause__, pgcast.ClosedError)
+        assert not stuck.done()  # in flight: whether it commits is the server's
+    finally:
+        proxy.cut()
+        with pytest.raises(pgcast.PublishError) as report:
+            pub.close(timeout=WAIT)
+    assert sorted(report.value.messages) == [(unique_channel, "queued"), (unique_channel, "stuck")]
+    with pytest.raises(pgcast.PublishError):
+        stuck.result(0)
+
+
+def test_async_close_that_times_out_fails_what_was_not_sent(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
+) -> None:
+    async def main() -> None:
+        pub = await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=0.005, max_batch=1)
+        try:
+            before = swallow(proxy)
+            stuck = pub.publish_nowait(unique_channel, "stuck")
+            await acut_when_sent(proxy, before, cut=False)
+            queued = pub.publish_nowait(unique_channel, "queued")
+            with pytest.raises(TimeoutError):
+                await pub.close(timeout=0.3)
+            with pytest.raises(pgcast.PublishError) as info:
+                await asyncio.wait_for(asyncio.shield(queued), WAIT)
+            assert info.value.messages == [(unique_channel, "queued")]
+            assert not stuck.done()
+        finally:
+            proxy.cut()
+            with pytest.raises(pgcast.PublishError) as report:
+                await pub.close(timeout=WAIT)
+        expected = [(unique_channel, "queued"), (unique_channel, "stuck")]
+        assert sorted(report.value.messages) == expected
+
+    asyncio.run(main())
+
+
+# -- the server's notification queue full ------------------------------------------
+
+small_queue_server = _faults.small_queue_server  # a fixture
+
+
+def test_a_full_notification_queue_fails_the_batch_clearly_and_the_publisher_goes_on(
+    small_queue_server: EmbeddedServer, unique_channel: str
+) -> None:
+    # The batch was refused (54000): none of it was sent, and the error says
+    # so; it used to say the connection was lost and the commit unknown.
+    dsn = small_queue_server.dsn
+    with pgcast.Publisher(dsn, interval=0.005) as pub:
+        holder = _faults.fill_notify_queue(dsn)
+        try:
+            with pytest.raises(pgcast.PublishError) as info:
+                pub.publish(unique_channel, "refused").result(WAIT)
+            assert "none of its notifications was sent" in str(info.value)
+            assert "too many notifications in the NOTIFY queue" in str(info.value)
+            assert not isinstance(info.value.__cause__, pgcast.ConnectionLostError)
+            with pytest.raises(pgcast.PublishError):
+                pub.flush(WAIT)  # reported there too
+        finally:
+            holder.close()
+
+
+def test_async_a_full_notification_queue_fails_the_batch_clearly(
+    small_queue_server: EmbeddedServer, unique_channel: str
+) -> None:
+    dsn = small_queue_server.dsn
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(dsn, interval=0.005) as pub:
+            holder = _faults.fill_notify_queue(dsn)
+            try:
+                with pytest.raises(pgcast.PublishError) as info:
+                    await asyncio.wait_for(pub.publish(unique_channel, "refused"), WAIT)
+                assert "none of its notifications was sent" in str(info.value)
+                assert "too many notifications in the NOTIFY queue" in str(info.value)
+                with pytest.raises(pgcast.PublishError):
+                    await pub.flush(WAIT)
+            finally:
+                holder.close()
+
+    asyncio.run(main())
+
+
+# -- a dead network ----------------------------------------------------------------
+
+
+def conn_options(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> dict[str, str]:
+    wanted = {b"keepalives", b"keepalives_idle", b"tcp_user_timeout"}
+    return {o.keyword.decode(): (o.val or b"").decode() for o in conn.pgconn.info
+            if o.keyword in wanted}
+
+
+def test_the_publishers_connection_gives_up_on_a_dead_network_within_a_minute(
+    dsn: str,
+) -> None:
+    # Without TCP keepalives and tcp_user_timeout, a batch sent into a dead
+    # network waited for the kernel's retransmissions (about 15 minutes on
+    # Linux), its publish() with it. The PubSub's defaults now; the DSN's win.
+    with pgcast.Publisher(dsn) as pub:
+        assert pub._conn is not None
+        assert conn_options(pub._conn) == {
+            "keepalives": "1", "keepalives_idle": "30", "tcp_user_timeout": "60000"}
+    with pgcast.Publisher(dsn, tcp_user_timeout=5000) as pub:
+        assert pub._conn is not None
+        assert conn_options(pub._conn)["tcp_user_timeout"] == "5000"
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(dsn) as apub:
+            assert apub._conn is not None
+            assert conn_options(apub._conn)["tcp_user_timeout"] == "60000"
+
+    asyncio.run(main())

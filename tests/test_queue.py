@@ -10,6 +10,7 @@ retried forever.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
@@ -26,6 +27,7 @@ import psycopg
 import pytest
 
 import pgcast
+import pgcast.aio
 from _eventwait import collect, collect_until
 from pgcast.queue import Job, Queue
 
@@ -322,3 +324,38 @@ def test_a_killed_worker_leaves_its_batch_for_another_worker(
     finally:
         thread.stop()
     assert queue.pending(conn) == 0
+
+
+# -- asyncio: a worker cancelled mid-job --------------------------------------------
+
+
+def test_an_async_worker_cancelled_mid_job_leaves_the_job_queued(
+    dsn: str, conn: Conn, queue: Queue
+) -> None:
+    # Cancelling the task that runs the worker (a shutdown) while a handler
+    # works: the claim rolls back, the job stays queued (not a dead letter,
+    # not gone) for the next worker.
+    started = threading.Event()
+
+    async def main() -> None:
+        worker = pgcast.aio.Worker(dsn)
+
+        @worker.on_queue(queue)
+        async def handle(jobs: list[Job]) -> None:
+            started.set()
+            await asyncio.sleep(WAIT)
+
+        task = asyncio.create_task(worker.run())
+        assert await worker.wait_ready(WAIT)
+        queue.enqueue(conn, {"n": 1})
+        async with asyncio.timeout(WAIT):
+            while not started.is_set():
+                await asyncio.sleep(0.02)
+        task.cancel()
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    assert queue.pending(conn) == 1
+    assert queue.failed(conn) == []

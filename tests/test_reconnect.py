@@ -37,6 +37,7 @@ from _faults import (
     until,
 )
 from pgcast.embedded import EmbeddedServer
+from tcp_proxy import TcpProxy
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -543,3 +544,43 @@ def test_close_ends_iteration_while_reconnecting(
             running.start()
 
     run_sync(body(), timeout=110)
+
+
+#: No delay between attempts: a refusing server is retried at once, for 4 s.
+NO_DELAY = pgcast.Backoff(initial=0, maximum=0, max_time=4.0)
+
+
+def test_close_ends_a_reconnect_with_no_delay_between_attempts(
+    dsn: str, unique_channel: str
+) -> None:
+    # With Backoff(initial=0) the plan never sleeps: the asyncio reconnect
+    # never gave the event loop a turn (a refused connection fails without
+    # one), so close() could not run, nor anything else, until the backoff
+    # gave up (ConnectionLostError out of the iteration).
+
+    def body() -> None:
+        with TcpProxy.for_dsn(dsn) as proxy:
+            ps = pgcast.connect(proxy.dsn(dsn), health_check_interval=0, reconnect_backoff=NO_DELAY)
+            ps.listen(unique_channel)
+            outcome: list[object] = []
+
+            def iterate() -> None:
+                try:
+                    for _ in ps.events(select_timeout=0.05):
+                        pass
+                    outcome.append("ended")
+                except pgcast.PgcastError as exc:
+                    outcome.append(exc)
+
+            proxy.refuse()  # every attempt is refused at once now
+            proxy.cut()
+            iterating = start_thread(iterate)
+            pause(0.5)  # the iterating side retries meanwhile
+            started = time.monotonic()
+            ps.close()
+            join_thread(iterating, 10)
+            took = time.monotonic() - started
+            assert outcome == ["ended"], outcome
+            assert took < 2.0, f"the iteration ended {took:.1f} s after close()"
+
+    run_sync(body(), timeout=60)

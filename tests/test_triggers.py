@@ -24,9 +24,11 @@ from typing import Any
 import psycopg
 import pytest
 
+import _faults
 import pgcast
 from _eventwait import collect_until
 from pgcast import triggers
+from pgcast.embedded import EmbeddedServer
 from pgcast.triggers import Change, default_channel, unwatch_table, watch_table, watched_tables
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -420,3 +422,54 @@ def test_cli_watch_and_unwatch_on_a_sql_ascii_database(sql_ascii_dsn: str) -> No
     assert done.returncode == 0 and "3 triggers" in done.stderr, done.stderr
     done = pgcast_cli("init", "--dsn", sql_ascii_dsn)
     assert done.returncode == 0, done.stderr
+
+
+def test_statement_mode_a_key_too_big_for_notify_does_not_fail_its_statement(
+    conn: Conn, ps: pgcast.PubSub, table: str
+) -> None:
+    # Measured in bytes, not characters: 2,700 euro signs are 8,100 bytes.
+    conn.execute(f'CREATE TABLE "{table}" (id text PRIMARY KEY)')
+    feed = watch_table(conn, table, per="statement")
+    ps.listen(feed.channel)
+    conn.execute(f'INSERT INTO "{table}" VALUES (%s)', ("\u20ac" * 2700,))
+    conn.execute(f'INSERT INTO "{table}" VALUES (%s)', ("small",))
+    big, small = changes_until_sentinel(ps, conn, feed.channel)
+    assert (big.op, big.count, big.truncated, big.keys()) == ("INSERT", 1, True, None)
+    assert (small.truncated, small.keys()) == (False, [{"id": "small"}])
+    row = conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+    assert row == (2,)
+
+
+def test_row_mode_a_multibyte_key_too_big_for_notify_does_not_fail_its_insert(
+    conn: Conn, ps: pgcast.PubSub, table: str
+) -> None:
+    conn.execute(f'CREATE TABLE "{table}" (id text PRIMARY KEY)')
+    feed = watch_table(conn, table)
+    ps.listen(feed.channel)
+    conn.execute(f'INSERT INTO "{table}" VALUES (%s)', ("\u20ac" * 2700,))
+    [big] = changes_until_sentinel(ps, conn, feed.channel)
+    assert big.truncated and big.key is None and big.op == "INSERT"
+
+
+small_queue_server = _faults.small_queue_server  # a fixture
+
+
+def test_a_full_notification_queue_fails_the_commit_of_a_watched_change(
+    small_queue_server: EmbeddedServer,
+) -> None:
+    # PostgreSQL's rule, documented in the README: the change's NOTIFY is
+    # queued at commit; with the server's queue full, the commit fails and
+    # the change is rolled back with it (nothing half done, nothing silent).
+    dsn = small_queue_server.dsn
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS full_q (id int PRIMARY KEY)")
+        conn.execute("TRUNCATE full_q")
+        watch_table(conn, "full_q")
+        holder = _faults.fill_notify_queue(dsn)
+        try:
+            with pytest.raises(psycopg.errors.ProgramLimitExceeded,
+                               match="too many notifications in the NOTIFY queue"):
+                conn.execute("INSERT INTO full_q VALUES (1)")
+        finally:
+            holder.close()
+        assert conn.execute("SELECT count(*) FROM full_q").fetchone() == (0,)

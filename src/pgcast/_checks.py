@@ -33,9 +33,22 @@ def check_timeout(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def _ends_the_connection(exc: psycopg.OperationalError) -> bool:
+    """Whether *exc* means the connection is gone: libpq's own error (no
+    SQLSTATE: the socket broke), a connection exception (08), an operator
+    intervention that ends the session (57P..), or any FATAL. psycopg files
+    more under OperationalError, where the server refused one statement on a
+    connection that is fine: a full notification queue (54000), a statement
+    timeout (57014), out of memory or disk (53...)."""
+    state = exc.sqlstate
+    if state is None or state.startswith(("08", "57P")):
+        return True
+    return exc.diag.severity_nonlocalized in ("FATAL", "PANIC")
+
+
 def wrap_error(exc: psycopg.Error) -> PgcastError:
     """Map a psycopg error to the pgcast tree, keeping the server's message."""
-    if isinstance(exc, psycopg.OperationalError):
+    if isinstance(exc, psycopg.OperationalError) and _ends_the_connection(exc):
         return ConnectionLostError(f"connection to PostgreSQL lost: {exc}")
     # LISTEN and NOTIFY on a standby fail with read_only_sql_transaction and
     # "cannot execute ... during recovery": say what to do about it.

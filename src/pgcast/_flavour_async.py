@@ -206,7 +206,8 @@ async def wait_flag(flag: threading.Event, timeout: float | None) -> bool:
     while not flag.is_set():  # ends: the flag, or the deadline
         left = FLAG_POLL if deadline is None else deadline - time.monotonic()
         if left <= 0:
-            return False
+            await asyncio.sleep(0)  # even a zero wait gives the loop a turn
+            return flag.is_set()
         await asyncio.sleep(min(left, FLAG_POLL))
     return True
 

@@ -394,6 +394,10 @@ class AsyncSession(AsyncIdentified, AsyncClosing, Failures):
                 if await sleep_unless(self._closing, step.seconds):
                     raise self._closed_meanwhile()
                 continue
+            # Even with no delay (Backoff(initial=0)) each attempt lets close()
+            # in: the event loop gets a turn, a manager's stop is looked at.
+            if await sleep_unless(self._closing, 0):
+                raise self._closed_meanwhile()
             try:
                 await self._attempt()
             except BaseException as exc:

@@ -67,8 +67,8 @@ class Worker(WorkerBase):
         tell workers apart in ``pg_stat_activity``.
     :param reconnect_backoff: how a lost connection is retried (a
         :class:`pgcast.Backoff`; default ``Backoff()``: at once, then 0.1 s
-        growing to 10 s, with jitter, without end); used by the worker's
-        PubSub and by the worker itself when the PubSub gives up.
+        growing to 10 s, with jitter, without end). A :meth:`stop` during
+        an outage ends :meth:`run` at once.
     """
 
     _pubsub: PubSub | None = None
@@ -88,7 +88,13 @@ class Worker(WorkerBase):
             with self._signals():
                 self._runner = runner = AwaitRunner()
                 try:
-                    self._supervise()
+                    try:
+                        self._supervise()
+                    except Exception:
+                        # Given up (or failed): what was received still goes
+                        # to its handlers, not down with the worker.
+                        self._deliver(time.monotonic(), everything=True)
+                        raise
                     # Graceful: what was received is handled before returning.
                     self._deliver(time.monotonic(), everything=True)
                 finally:
@@ -133,8 +139,14 @@ class Worker(WorkerBase):
                     raise ConnectError(
                         f"pgcast worker: gave up reconnecting after {attempts.count} attempt(s) (reconnect_backoff); last error: {exc}"
                     ) from exc
+                what = (
+                    "lost its connection"
+                    if attempts.count == 1
+                    else f"reconnect attempt {attempts.count - 1} failed"
+                )
                 logger.warning(
-                    "pgcast worker lost its connection (%s); reconnecting in %.1f s",
+                    "pgcast worker %s (%s); reconnecting in %.1f s",
+                    what,
                     exc,
                     delay,
                     extra={"attempt": attempts.count},
@@ -145,9 +157,9 @@ class Worker(WorkerBase):
     def _session(self) -> None:
         conninfo, options = connect_args(self.dsn or "", {"application_name": self.name})
         with contextlib.ExitStack() as stack:
-            ps = stack.enter_context(
-                connect(conninfo, reconnect_backoff=self._reconnect_backoff, **options)
-            )
+            # The worker reconnects (by _supervise, which sees a stop); the
+            # PubSub's own reconnect would not end on stop() until it gave up.
+            ps = stack.enter_context(connect(conninfo, reconnect=False, **options))
             work: psycopg.Connection[Any] | None = None
             if self._queues:
                 try:

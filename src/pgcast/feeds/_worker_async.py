@@ -64,8 +64,8 @@ class AsyncWorker(WorkerBase):
         tell workers apart in ``pg_stat_activity``.
     :param reconnect_backoff: how a lost connection is retried (a
         :class:`pgcast.Backoff`; default ``Backoff()``: at once, then 0.1 s
-        growing to 10 s, with jitter, without end); used by the worker's
-        PubSub and by the worker itself when the PubSub gives up.
+        growing to 10 s, with jitter, without end). A :meth:`stop` during
+        an outage ends :meth:`run` at once.
     """
 
     _pubsub: AsyncPubSub | None = None
@@ -85,7 +85,13 @@ class AsyncWorker(WorkerBase):
             with self._signals():
                 self._runner = runner = AwaitRunner()
                 try:
-                    await self._supervise()
+                    try:
+                        await self._supervise()
+                    except Exception:
+                        # Given up (or failed): what was received still goes
+                        # to its handlers, not down with the worker.
+                        await self._deliver(time.monotonic(), everything=True)
+                        raise
                     # Graceful: what was received is handled before returning.
                     await self._deliver(time.monotonic(), everything=True)
                 finally:
@@ -128,16 +134,20 @@ class AsyncWorker(WorkerBase):
                         f"pgcast worker: gave up reconnecting after {attempts.count} "
                         f"attempt(s) (reconnect_backoff); last error: {exc}"
                     ) from exc
-                logger.warning("pgcast worker lost its connection (%s); reconnecting in %.1f s",
-                               exc, delay, extra={"attempt": attempts.count})
+                what = "lost its connection" if attempts.count == 1 else \
+                    f"reconnect attempt {attempts.count - 1} failed"
+                logger.warning("pgcast worker %s (%s); reconnecting in %.1f s",
+                               what, exc, delay, extra={"attempt": attempts.count})
                 self._ready.clear()
                 await wait_flag(self._stop, delay)
 
     async def _session(self) -> None:
         conninfo, options = connect_args(self.dsn or "", {"application_name": self.name})
         async with contextlib.AsyncExitStack() as stack:
+            # The worker reconnects (by _supervise, which sees a stop); the
+            # PubSub's own reconnect would not end on stop() until it gave up.
             ps = await stack.enter_async_context(await connect(
-                conninfo, reconnect_backoff=self._reconnect_backoff, **options))
+                conninfo, reconnect=False, **options))
             work: psycopg.AsyncConnection[Any] | None = None
             if self._queues:
                 try:

@@ -47,7 +47,10 @@ The contract:
 - **Connection loss.** The worker reconnects as its *reconnect_backoff* says
   (a :class:`pgcast.Backoff`, the policy of every retry in pgcast) and drains
   its queues again; notifications sent while it was disconnected
-  are lost (queued jobs are not).
+  are lost (queued jobs are not). A stop during an outage ends
+  :meth:`Worker.run` at once, without waiting for the database. A worker
+  whose backoff gives up raises :class:`pgcast.ConnectError` from
+  :meth:`Worker.run` after handing what it received to its handlers.
 
 The same Worker runs in asyncio programs as ``pgcast.aio.Worker``:
 ``await worker.run()``, ``await worker.wait_ready()``; its coroutine handlers

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .._channels import check_channel
-from .._errors import PublishError
+from .._errors import ConnectionLostError, PublishError
 from .._payload import Payload, encode_payload
 
 __all__ = ["Batch", "Batcher", "check_message"]
@@ -193,9 +193,16 @@ class Batcher(Generic[H]):
         """
         if cause is None:
             return None
+        if isinstance(cause, ConnectionLostError):
+            # Lost in flight: the commit may have happened, its answer lost.
+            fate = ("whether it committed is unknown (the connection was lost before "
+                    "the server answered): its notifications may or may not have been "
+                    "sent, and are not sent again")
+        else:
+            fate = "none of its notifications was sent"
         error = PublishError(
-            f"a Publisher transaction of {len(batch)} notifications failed and none "
-            f"of them was sent: {cause}",
+            f"a Publisher transaction of {len(batch)} notifications failed and {fate}: "
+            f"{cause}",
             batch.messages(),
         )
         error.__cause__ = cause
@@ -204,7 +211,8 @@ class Batcher(Generic[H]):
 
     def finish(self, batch: Batch[H]) -> None:
         """Mark *batch* finished: flushes waiting for it may return."""
-        self.completed = batch.seq
+        # Batches failed while an earlier one is in flight finish first.
+        self.completed = max(self.completed, batch.seq)
 
     def fail_queued(self, cause: BaseException) -> list[tuple[Batch[H], PublishError]]:
         """Fail every queued batch (the sender cannot go on); return them for

@@ -1,5 +1,6 @@
 # Generated from src/pgcast/publisher/_publisher_async.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
+# ruff: noqa: E501
 """The publisher: many threads' (or tasks') notifications, few transactions.
 
 Every notifying transaction takes PostgreSQL's global notify lock while it
@@ -35,7 +36,9 @@ The contract:
   the previous flush, whose ``messages`` are all the unsent notifications, so
   ignoring the handles loses nothing. A failed batch is not retried (its
   commit may have succeeded with the answer lost; a retry could send it twice);
-  the next batch reconnects if the connection broke.
+  the next batch reconnects if the connection broke. A connection the server
+  ended while the publisher was idle is replaced before a batch is sent on
+  it: nothing is lost to it.
 
 The queue and its deadlines live in :mod:`pgcast.publisher._batcher`; this module only
 waits, sends and resolves handles. Written for asyncio (``_publisher_async.py``,
@@ -54,10 +57,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import select
 import time
 from typing import Any, Final
 
 import psycopg
+from psycopg import pq
 
 from .._closing import Closing
 from .._core import check_timeout, connect_args, wrap_error
@@ -65,6 +70,7 @@ from .._errors import ClosedError, ConnectError, PublisherFullError
 from .._flavour import Signal, StateLock, future_factory, join, start_worker
 from .._notify_many import notify_many_params
 from .._payload import Payload
+from .._reconnect import add_keepalives
 from ._batcher import Batch, Batcher, check_message
 
 __all__ = ["Publisher"]
@@ -76,6 +82,9 @@ INTERVAL: Final = 0.005
 MAX_BATCH: Final = 1000
 MAX_PENDING: Final = 100000
 TIMEOUT: Final = 5.0
+#: The keepalive settings of the publisher's connection: those of a PubSub's
+#: default health check (30 s), so tcp_user_timeout is 60 s.
+KEEPALIVE_INTERVAL: Final = 30.0
 
 # publish(timeout=...) not given: use the publisher's own.
 _DEFAULT: Final[Any] = object()
@@ -118,6 +127,24 @@ def _resolve(batch: Batch[Any], error: BaseException | None) -> None:
             handle.exception()
 
 
+def _ended_while_idle(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server ended *conn*, idle since its last batch: its FATAL
+    message or EOF waits on the socket (pg_terminate_backend,
+    ``idle_session_timeout``, a failover). Nothing of the next batch was sent
+    on it, so that batch can go on a new connection without a risk of twice."""
+    pgconn = conn.pgconn
+    try:
+        for _ in range(3):  # the message, then EOF: bounded, a notice may come first
+            ready, _, _ = select.select([pgconn.socket], [], [], 0)
+            if not ready:
+                break
+            pgconn.consume_input()  # raises at EOF
+            pgconn.is_busy()  # parses what came (a message while idle: a notice)
+    except (OSError, psycopg.Error):
+        return True
+    return pgconn.status != pq.ConnStatus.OK
+
+
 def _connect(conninfo: str, options: dict[str, Any]) -> psycopg.Connection[Any]:
     try:
         return psycopg.Connection.connect(conninfo, **options)
@@ -141,6 +168,9 @@ def _prepare(
     )
     timeout = check_timeout("timeout", timeout)
     conninfo, options = connect_args(conninfo, kwargs)
+    # A batch sent into a dead network fails within a minute (TCP keepalives,
+    # tcp_user_timeout), not the kernel's quarter of an hour; the DSN's own win.
+    options = add_keepalives(conninfo, options, KEEPALIVE_INTERVAL)
     return (conninfo, options, batcher, timeout)
 
 
@@ -258,7 +288,9 @@ class Publisher(Closing):
 
         :raises PublishError: as :meth:`flush`.
         :raises TimeoutError: the sender did not finish within *timeout* s;
-            the publisher is closed, unsent notifications are then lost.
+            the publisher is closed, and the notifications queued behind the
+            batch it is stuck on fail with :class:`PublishError` (their
+            handles, and the report of a later ``close()``).
         """
         timeout = check_timeout("timeout", timeout)
         with self._lock:
@@ -268,6 +300,13 @@ class Publisher(Closing):
                 self._work.set()
                 self._progress.set()
         if not join(self._sender, timeout):
+            # The sender is stuck on a batch (whether that one commits is the
+            # server's): what it has not taken fails now, no handle waits for ever.
+            self._fail_queued(
+                ClosedError(
+                    f"the Publisher was closed before this was sent: close() gave up after {timeout} s, the sender stuck on an earlier batch"
+                )
+            )
             raise _unsent(timeout)
         if self._conn is not None:
             self._conn.close()
@@ -328,7 +367,7 @@ class Publisher(Closing):
     def _send(self, batch: Batch[Any]) -> BaseException | None:
         try:
             conn = self._conn
-            if conn is None or conn.closed or conn.broken:
+            if conn is None or conn.closed or conn.broken or _ended_while_idle(conn):
                 if conn is not None:
                     conn.close()
                 self._conn = None
@@ -353,6 +392,11 @@ class Publisher(Closing):
         why. A flush that sees the crash also sees the failures."""
         with self._lock:
             self._crash = exc
+        self._fail_queued(exc)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Fail every batch queued and not taken by the sender, because of *exc*."""
+        with self._lock:
             failed = self._batcher.fail_queued(exc)
         for batch, error in failed:
             _resolve(batch, error)
