@@ -340,23 +340,34 @@ def test_invalid_channel_is_one_line(dsn: str, command: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("make_dsn", "fragment"),
+    ("make_dsn", "fragment", "advice"),
     [
-        (lambda dsn: "nonsense dsn", 'missing "=" after "nonsense"'),
+        (lambda dsn: "nonsense dsn", 'missing "=" after "nonsense"',
+         "a DSN looks like postgresql://USER:PASSWORD@HOST:5432/DB"),
+        (lambda dsn: "host=127.0.0.1 dbnme=x", 'invalid connection option "dbnme"',
+         "a DSN looks like"),
         (lambda dsn: f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres",
-         "Connection refused"),
+         "Connection refused", "check the host and port in the DSN"),
         (lambda dsn: psycopg.conninfo.make_conninfo(dsn, dbname="pgcast_no_such_db"),
-         'database "pgcast_no_such_db" does not exist'),
+         'database "pgcast_no_such_db" does not exist', "createdb"),
+        (lambda dsn: psycopg.conninfo.make_conninfo(dsn, user="pgcast_no_such_role"),
+         'role "pgcast_no_such_role" does not exist', "fix the user name in the DSN"),
     ],
-    ids=["malformed", "server-gone", "no-such-database"],
+    ids=["malformed", "misspelt-option", "server-gone", "no-such-database", "no-such-role"],
 )
 @pytest.mark.parametrize("command", ["listen", "notify"])
-def test_bad_dsn_is_one_line_and_exit_1(
-    dsn: str, command: str, make_dsn: Callable[[str], str], fragment: str
+def test_bad_dsn_is_one_line_naming_what_to_do_and_exit_1(
+    dsn: str, command: str, make_dsn: Callable[[str], str], fragment: str, advice: str
 ) -> None:
     args: Sequence[str] = ("c", "--count", "1") if command == "listen" else ("c", "p")
     line = assert_one_line_error(run(command, *args, "--dsn", make_dsn(dsn)), fragment)
     assert line.startswith(f"pgcast {command}: error: cannot connect to PostgreSQL")
+    assert advice in line, line
+
+
+def test_the_library_names_what_to_do_about_a_missing_database(dsn: str) -> None:
+    with pytest.raises(pgcast.ConnectError, match=r"does not exist; create it \(createdb"):
+        pgcast.connect(psycopg.conninfo.make_conninfo(dsn, dbname="pgcast_no_such_db"))
 
 
 def test_bad_database_url_is_one_line(unique_channel: str) -> None:

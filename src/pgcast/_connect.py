@@ -110,6 +110,32 @@ def reconnect_conninfo(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[A
     return psycopg.conninfo.make_conninfo(conn.info.dsn, password=conn.info.password)
 
 
+#: What to do about the connection failures a newcomer meets first: a
+#: fragment of libpq's message, and the advice appended to it.
+_CONNECT_ADVICE = (
+    ("does not exist", "database \"", "create it (createdb NAME, or CREATE DATABASE) or "
+     "fix the database name at the end of the DSN"),
+    ("does not exist", "role \"", "fix the user name in the DSN (postgresql://USER@HOST/DB)"),
+    ("password authentication failed", "", "check the password (in the DSN, PGPASSWORD "
+     "or ~/.pgpass)"),
+    ("no password supplied", "", "give one in the DSN (postgresql://USER:PASSWORD@HOST/DB), "
+     "PGPASSWORD or ~/.pgpass"),
+    ("Connection refused", "", "check the host and port in the DSN, and that PostgreSQL "
+     "is running there"),
+    ("missing \"=\"", "", "a DSN looks like postgresql://USER:PASSWORD@HOST:5432/DB "
+     "or 'host=HOST dbname=DB user=USER'"),
+    ("invalid connection option", "", "a DSN looks like postgresql://USER:PASSWORD@HOST:5432/DB "
+     "or 'host=HOST dbname=DB user=USER'"),
+    ("invalid URI", "", "a DSN looks like postgresql://USER:PASSWORD@HOST:5432/DB"),
+)
+
+
 def connect_failed(exc: psycopg.Error) -> ConnectError:
-    """The error of a connection that could not be opened: the server's message."""
-    return ConnectError(f"cannot connect to PostgreSQL: {exc}".strip())
+    """The error of a connection that could not be opened: the server's
+    message, and what to do about the common ones."""
+    message = str(exc).strip()
+    for fragment, also, advice in _CONNECT_ADVICE:
+        if fragment in message and also in message:
+            message = f"{message.rstrip('.')}; {advice}"
+            break
+    return ConnectError(f"cannot connect to PostgreSQL: {message}")
