@@ -365,11 +365,6 @@ def test_bad_dsn_is_one_line_naming_what_to_do_and_exit_1(
     assert advice in line, line
 
 
-def test_the_library_names_what_to_do_about_a_missing_database(dsn: str) -> None:
-    with pytest.raises(pgcast.ConnectError, match=r"does not exist; create it \(createdb"):
-        pgcast.connect(psycopg.conninfo.make_conninfo(dsn, dbname="pgcast_no_such_db"))
-
-
 def test_bad_database_url_is_one_line(unique_channel: str) -> None:
     env = clean_env(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{closed_port()}/x")
     assert_one_line_error(run("notify", unique_channel, "p", env=env), "Connection refused")

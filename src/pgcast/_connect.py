@@ -99,6 +99,14 @@ RESILIENCE_KEYWORDS = (
 def connect_plan(conninfo: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], Resilience]:
     """``connect()``'s arguments checked: the conninfo and options to open
     every connection of the PubSub with, and its :class:`Resilience`."""
+    if not isinstance(conninfo, str):
+        # pgcast.connect(my_psycopg_connection) failed deep in libpq's parser
+        # with "'Connection' object has no attribute 'encode'".
+        raise TypeError(
+            f"connect() takes a DSN or URL (a str) or psycopg's keyword arguments, not "
+            f"{type(conninfo).__name__}; to use a connection you already have, wrap it "
+            "(pgcast.PubSub(conn) or pgcast.aio.AsyncPubSub(conn), autocommit, used by nothing "
+            "else), or send from its transaction with pgcast.notify(conn, ...)")
     res = resilience(**{name: kwargs[name] for name in RESILIENCE_KEYWORDS if name in kwargs})
     rest = {name: value for name, value in kwargs.items() if name not in RESILIENCE_KEYWORDS}
     conninfo, options = connect_args(*psycopg2_args(conninfo, rest))
