@@ -580,3 +580,39 @@ def test_listen_line_of_a_payload_that_is_not_utf8_carries_its_bytes() -> None:
     assert record["payload"] == "caf\ufffd"
     assert base64.b64decode(record["raw"]) == b"caf\xe9"
     assert "raw" not in json.loads(event_line(pgcast.Event("c", "café", 7)))
+
+
+# -- help and unknown options ----------------------------------------------------------
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    from pgcast.cli import build_parser
+
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
+def test_every_subcommand_has_help() -> None:
+    top = run("--help")
+    assert top.returncode == 0, top.stderr
+    for command in _subcommands():
+        assert f"    {command} " in top.stdout or f"    {command}\n" in top.stdout, command
+        done = run(command, "--help")
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (command, done.stderr)
+        assert done.stdout.startswith(f"usage: pgcast {command} "), (command, done.stdout)
+
+
+def test_an_unknown_option_names_the_subcommand_and_its_help(dsn: str) -> None:
+    # It printed the top-level usage ("usage: pgcast [-h] [--version] ...")
+    # and "pgcast: error:", whatever the subcommand.
+    done = run("listen", "c", "--durable", "--dsn", dsn)
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: pgcast listen "), done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "pgcast listen: error: unrecognized arguments: --durable "
+        "(`pgcast listen --help` lists its options)")
+    done = run("--durable", "listen", "c", "--dsn", dsn)  # before the subcommand: pgcast's
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == "pgcast: error: unrecognized arguments: --durable"
