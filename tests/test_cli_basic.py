@@ -616,3 +616,43 @@ def test_an_unknown_option_names_the_subcommand_and_its_help(dsn: str) -> None:
     done = run("--durable", "listen", "c", "--dsn", dsn)  # before the subcommand: pgcast's
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == "pgcast: error: unrecognized arguments: --durable"
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``pgcast ...`` line of a shell block of the README and docs/, as
+    argument lists: the line without its optional ``[...]`` parts, then with
+    each alternative of each of them (placeholders given a value)."""
+    import re
+    import shlex
+
+    values = {"N": "1", "S": "1.5", "C": "c", "GLOB": "x", "AGE": "7d", "row|statement": "row"}
+    root = Path(__file__).resolve().parent.parent
+    out: list[tuple[str, list[str]]] = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for block in re.findall(r"^```(?:sh|bash|console|shell)\n(.*?)^```$", page.read_text(),
+                                re.S | re.M):
+            for raw in block.splitlines():
+                line = raw.strip().removeprefix("$ ").split("  #")[0].strip()
+                if not re.match(r"(\S*/)?pgcast\s", line):
+                    continue
+                optional = re.findall(r"\[([^\]]*)\]", line)
+                base = shlex.split(re.sub(r"\s*\[[^\]]*\]", "", line))[1:]
+                out.append((f"{page.name}: {line}", base))
+                for part in optional:
+                    for alternative in part.split(" | "):
+                        extra = [values.get(t, t) for t in shlex.split(alternative)]
+                        out.append((f"{page.name}: {line} ({alternative})", base + extra))
+    return out
+
+
+def test_every_documented_command_line_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    from pgcast.cli import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 20, commands
+    for where, args in commands:
+        try:
+            build_parser().parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{where}: `pgcast {' '.join(args)}` does not parse: "
+                        f"{capsys.readouterr().err}")
