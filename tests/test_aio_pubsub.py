@@ -94,11 +94,29 @@ def test_unknown_database_raises_connect_error_with_server_message(dsn: str) -> 
     async def body() -> None:
         kwargs: dict[str, Any] = dict(conninfo_to_dict(dsn))
         kwargs["dbname"] = "pgcast_no_such_db"
-        with pytest.raises(pgcast.ConnectError, match='"pgcast_no_such_db" does not exist'):
+        advice = '"pgcast_no_such_db" does not exist; create it'
+        with pytest.raises(pgcast.ConnectError, match=advice):
             await pgcast.aio.connect(**kwargs)
 
     arun(body())
 
+
+def test_connect_given_a_psycopg_connection_says_to_wrap_it(dsn: str) -> None:
+    # A newcomer's first guess; it failed with "'Connection' object has no
+    # attribute 'encode'" from deep inside libpq's parser.
+    async def body() -> None:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        try:
+            with pytest.raises(TypeError) as raised:
+                await pgcast.aio.connect(conn)  # type: ignore[arg-type]
+            assert f"not {type(conn).__name__}; " in str(raised.value)
+            assert "PubSub(conn)" in str(raised.value)
+            async with pgcast.aio.AsyncPubSub(conn) as ps:  # the advice works
+                await ps.notify("pgcast_wrapped", "x")
+        finally:
+            await conn.close()
+
+    arun(body())
 
 def test_close_is_idempotent_and_context_manager_closes(dsn: str) -> None:
     async def body() -> None:

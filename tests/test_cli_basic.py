@@ -340,23 +340,29 @@ def test_invalid_channel_is_one_line(dsn: str, command: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("make_dsn", "fragment"),
+    ("make_dsn", "fragment", "advice"),
     [
-        (lambda dsn: "nonsense dsn", 'missing "=" after "nonsense"'),
+        (lambda dsn: "nonsense dsn", 'missing "=" after "nonsense"',
+         "a DSN looks like postgresql://USER:PASSWORD@HOST:5432/DB"),
+        (lambda dsn: "host=127.0.0.1 dbnme=x", 'invalid connection option "dbnme"',
+         "a DSN looks like"),
         (lambda dsn: f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres",
-         "Connection refused"),
+         "Connection refused", "check the host and port in the DSN"),
         (lambda dsn: psycopg.conninfo.make_conninfo(dsn, dbname="pgcast_no_such_db"),
-         'database "pgcast_no_such_db" does not exist'),
+         'database "pgcast_no_such_db" does not exist', "createdb"),
+        (lambda dsn: psycopg.conninfo.make_conninfo(dsn, user="pgcast_no_such_role"),
+         'role "pgcast_no_such_role" does not exist', "fix the user name in the DSN"),
     ],
-    ids=["malformed", "server-gone", "no-such-database"],
+    ids=["malformed", "misspelt-option", "server-gone", "no-such-database", "no-such-role"],
 )
 @pytest.mark.parametrize("command", ["listen", "notify"])
-def test_bad_dsn_is_one_line_and_exit_1(
-    dsn: str, command: str, make_dsn: Callable[[str], str], fragment: str
+def test_bad_dsn_is_one_line_naming_what_to_do_and_exit_1(
+    dsn: str, command: str, make_dsn: Callable[[str], str], fragment: str, advice: str
 ) -> None:
     args: Sequence[str] = ("c", "--count", "1") if command == "listen" else ("c", "p")
     line = assert_one_line_error(run(command, *args, "--dsn", make_dsn(dsn)), fragment)
     assert line.startswith(f"pgcast {command}: error: cannot connect to PostgreSQL")
+    assert advice in line, line
 
 
 def test_bad_database_url_is_one_line(unique_channel: str) -> None:
@@ -574,3 +580,79 @@ def test_listen_line_of_a_payload_that_is_not_utf8_carries_its_bytes() -> None:
     assert record["payload"] == "caf\ufffd"
     assert base64.b64decode(record["raw"]) == b"caf\xe9"
     assert "raw" not in json.loads(event_line(pgcast.Event("c", "café", 7)))
+
+
+# -- help and unknown options ----------------------------------------------------------
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    from pgcast.cli import build_parser
+
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
+def test_every_subcommand_has_help() -> None:
+    top = run("--help")
+    assert top.returncode == 0, top.stderr
+    for command in _subcommands():
+        assert f"    {command} " in top.stdout or f"    {command}\n" in top.stdout, command
+        done = run(command, "--help")
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (command, done.stderr)
+        assert done.stdout.startswith(f"usage: pgcast {command} "), (command, done.stdout)
+
+
+def test_an_unknown_option_names_the_subcommand_and_its_help(dsn: str) -> None:
+    # It printed the top-level usage ("usage: pgcast [-h] [--version] ...")
+    # and "pgcast: error:", whatever the subcommand.
+    done = run("listen", "c", "--durable", "--dsn", dsn)
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: pgcast listen "), done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "pgcast listen: error: unrecognized arguments: --durable "
+        "(`pgcast listen --help` lists its options)")
+    done = run("--durable", "listen", "c", "--dsn", dsn)  # before the subcommand: pgcast's
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == "pgcast: error: unrecognized arguments: --durable"
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``pgcast ...`` line of a shell block of the README and docs/, as
+    argument lists: the line without its optional ``[...]`` parts, then with
+    each alternative of each of them (placeholders given a value)."""
+    import re
+    import shlex
+
+    values = {"N": "1", "S": "1.5", "C": "c", "GLOB": "x", "AGE": "7d", "row|statement": "row"}
+    root = Path(__file__).resolve().parent.parent
+    out: list[tuple[str, list[str]]] = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for block in re.findall(r"^```(?:sh|bash|console|shell)\n(.*?)^```$", page.read_text(),
+                                re.S | re.M):
+            for raw in block.splitlines():
+                line = raw.strip().removeprefix("$ ").split("  #")[0].strip()
+                if not re.match(r"(\S*/)?pgcast\s", line):
+                    continue
+                optional = re.findall(r"\[([^\]]*)\]", line)
+                base = shlex.split(re.sub(r"\s*\[[^\]]*\]", "", line))[1:]
+                out.append((f"{page.name}: {line}", base))
+                for part in optional:
+                    for alternative in part.split(" | "):
+                        extra = [values.get(t, t) for t in shlex.split(alternative)]
+                        out.append((f"{page.name}: {line} ({alternative})", base + extra))
+    return out
+
+
+def test_every_documented_command_line_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    from pgcast.cli import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 20, commands
+    for where, args in commands:
+        try:
+            build_parser().parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{where}: `pgcast {' '.join(args)}` does not parse: "
+                        f"{capsys.readouterr().err}")

@@ -62,16 +62,21 @@ def test_server_that_never_answers_times_out() -> None:
 
 
 def test_wrong_password_raises_connect_error(
-    server: EmbeddedServer, password_role: tuple[str, str]
+    server: EmbeddedServer, password_role: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     role, password = password_role
+    monkeypatch.delenv("PGPASSWORD", raising=False)
     base = f"127.0.0.1:{server.port}/postgres"
 
     def body() -> None:
         with pytest.raises(
             pgcast.ConnectError, match=f'password authentication failed for user "{role}"'
-        ):
+        ) as raised:
             pgcast.connect(f"postgresql://{role}:wrong@{base}")
+        assert "; check the password (in the DSN, PGPASSWORD or ~/.pgpass)" in str(raised.value)
+        with pytest.raises(pgcast.ConnectError, match="no password supplied") as raised:
+            pgcast.connect(f"postgresql://{role}@{base}", passfile="/dev/null")
+        assert "; give one in the DSN" in str(raised.value)
         with pgcast.connect(f"postgresql://{role}:{password}@{base}") as ps:
             assert ps.backend_pid > 0
 

@@ -100,8 +100,28 @@ def test_unknown_database_raises_connect_error_with_server_message(dsn: str) -> 
     def body() -> None:
         kwargs: dict[str, Any] = dict(conninfo_to_dict(dsn))
         kwargs["dbname"] = "pgcast_no_such_db"
-        with pytest.raises(pgcast.ConnectError, match='"pgcast_no_such_db" does not exist'):
+        advice = '"pgcast_no_such_db" does not exist; create it'
+        with pytest.raises(pgcast.ConnectError, match=advice):
             pgcast.connect(**kwargs)
+
+    run_sync(body())
+
+
+def test_connect_given_a_psycopg_connection_says_to_wrap_it(dsn: str) -> None:
+    # A newcomer's first guess; it failed with "'Connection' object has no
+    # attribute 'encode'" from deep inside libpq's parser.
+
+    def body() -> None:
+        conn = psycopg.Connection.connect(dsn, autocommit=True)
+        try:
+            with pytest.raises(TypeError) as raised:
+                pgcast.connect(conn)  # type: ignore[arg-type]
+            assert f"not {type(conn).__name__}; " in str(raised.value)
+            assert "PubSub(conn)" in str(raised.value)
+            with pgcast.PubSub(conn) as ps:  # the advice works
+                ps.notify("pgcast_wrapped", "x")
+        finally:
+            conn.close()
 
     run_sync(body())
 

@@ -99,6 +99,14 @@ RESILIENCE_KEYWORDS = (
 def connect_plan(conninfo: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], Resilience]:
     """``connect()``'s arguments checked: the conninfo and options to open
     every connection of the PubSub with, and its :class:`Resilience`."""
+    if not isinstance(conninfo, str):
+        # pgcast.connect(my_psycopg_connection) failed deep in libpq's parser
+        # with "'Connection' object has no attribute 'encode'".
+        raise TypeError(
+            f"connect() takes a DSN or URL (a str) or psycopg's keyword arguments, not "
+            f"{type(conninfo).__name__}; to use a connection you already have, wrap it "
+            "(pgcast.PubSub(conn) or pgcast.aio.AsyncPubSub(conn), autocommit, used by nothing "
+            "else), or send from its transaction with pgcast.notify(conn, ...)")
     res = resilience(**{name: kwargs[name] for name in RESILIENCE_KEYWORDS if name in kwargs})
     rest = {name: value for name, value in kwargs.items() if name not in RESILIENCE_KEYWORDS}
     conninfo, options = connect_args(*psycopg2_args(conninfo, rest))
@@ -110,6 +118,32 @@ def reconnect_conninfo(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[A
     return psycopg.conninfo.make_conninfo(conn.info.dsn, password=conn.info.password)
 
 
+#: What to do about the connection failures a newcomer meets first: a
+#: fragment of libpq's message, and the advice appended to it.
+_CONNECT_ADVICE = (
+    ("does not exist", "database \"", "create it (createdb NAME, or CREATE DATABASE) or "
+     "fix the database name at the end of the DSN"),
+    ("does not exist", "role \"", "fix the user name in the DSN (postgresql://USER@HOST/DB)"),
+    ("password authentication failed", "", "check the password (in the DSN, PGPASSWORD "
+     "or ~/.pgpass)"),
+    ("no password supplied", "", "give one in the DSN (postgresql://USER:PASSWORD@HOST/DB), "
+     "PGPASSWORD or ~/.pgpass"),
+    ("Connection refused", "", "check the host and port in the DSN, and that PostgreSQL "
+     "is running there"),
+    ("missing \"=\"", "", "a DSN looks like postgresql://USER:PASSWORD@HOST:5432/DB "
+     "or 'host=HOST dbname=DB user=USER'"),
+    ("invalid connection option", "", "a DSN looks like postgresql://USER:PASSWORD@HOST:5432/DB "
+     "or 'host=HOST dbname=DB user=USER'"),
+    ("invalid URI", "", "a DSN looks like postgresql://USER:PASSWORD@HOST:5432/DB"),
+)
+
+
 def connect_failed(exc: psycopg.Error) -> ConnectError:
-    """The error of a connection that could not be opened: the server's message."""
-    return ConnectError(f"cannot connect to PostgreSQL: {exc}".strip())
+    """The error of a connection that could not be opened: the server's
+    message, and what to do about the common ones."""
+    message = str(exc).strip()
+    for fragment, also, advice in _CONNECT_ADVICE:
+        if fragment in message and also in message:
+            message = f"{message.rstrip('.')}; {advice}"
+            break
+    return ConnectError(f"cannot connect to PostgreSQL: {message}")

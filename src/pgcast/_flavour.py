@@ -97,13 +97,19 @@ class SocketWaiter:
         """Wait until the socket is readable or :meth:`wake` is called (True),
         or *timeout* seconds passed (False); no wait at all if *pending*."""
         sock = self.fileno(pgconn)
-        if self._registered != (self._replaced, sock):
-            self._register(sock)
         with self._lock:
             if self._closed:
                 return False
+            if self._selecting:
+                # It was poll()'s own "concurrent poll() invocation".
+                raise RuntimeError(
+                    "another thread is already receiving from this PubSub (events(), wait(), "
+                    "a run_in_thread() runner): one receiver at a time; hand events to your "
+                    "threads with a queue.Queue, or open one PubSub per thread")
             self._selecting = True
         try:
+            if self._registered != (self._replaced, sock):
+                self._register(sock)
             # Events that reached the inbox before _selecting was set woke
             # nobody (see waiting()): hand them out, do not wait.
             wait = 0 if pending else None if timeout is None else timeout * 1000.0

@@ -52,10 +52,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of subcommand *command*."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub: argparse.ArgumentParser = action.choices[command]
+            return sub
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pgcast`` command; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # parse_args() would blame the top-level parser ("usage: pgcast [-h] ...");
+        # the flag was given to a subcommand: its usage, and where to look.
+        given = list(sys.argv[1:] if argv is None else argv)
+        def at(token: str) -> int:
+            return given.index(token) if token in given else len(given)
+
+        if at(extra[0]) < at(args.command):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        sub = _subparser(parser, args.command)
+        sub.error(f"unrecognized arguments: {' '.join(extra)} "
+                  f"(`{sub.prog} --help` lists its options)")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for pgcast serve --workers
     try:
         code: int = args.func(args)

@@ -79,13 +79,13 @@ def connection(args: argparse.Namespace) -> Iterator[Any]:
     import psycopg
 
     from .._checks import connect_args, wrap_error
-    from .._errors import ConnectError
+    from .._connect import connect_failed
 
     conninfo, options = connect_args(resolve_dsn(args), {})
     try:
         conn = psycopg.Connection.connect(conninfo, **options)
     except psycopg.Error as exc:
-        raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+        raise connect_failed(exc) from exc
     try:
         with conn:
             yield conn

@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 
 from .._backoff import Attempts
+from .._connect import connect_failed
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
 from .._flavour import AwaitRunner, wait_flag
@@ -165,7 +166,7 @@ class Worker(WorkerBase):
                 try:
                     work = stack.enter_context(psycopg.Connection.connect(conninfo, **options))
                 except psycopg.OperationalError as exc:
-                    raise ConnectError(f"cannot connect to PostgreSQL: {exc}") from exc
+                    raise connect_failed(exc) from exc
                 for route in self._queues.values():
                     self._install(work, route)
             self._pubsub = ps

@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 
 from .._backoff import Attempts
+from .._connect import connect_failed
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
 from .._flavour_async import AwaitRunner, wait_flag
@@ -154,7 +155,7 @@ class AsyncWorker(WorkerBase):
                     work = await stack.enter_async_context(
                         await psycopg.AsyncConnection.connect(conninfo, **options))
                 except psycopg.OperationalError as exc:
-                    raise ConnectError(f"cannot connect to PostgreSQL: {exc}") from exc
+                    raise connect_failed(exc) from exc
                 for route in self._queues.values():
                     await self._install(work, route)
             self._pubsub = ps

@@ -62,8 +62,9 @@ import psycopg
 from psycopg import pq
 
 from .._closing import AsyncClosing
+from .._connect import connect_failed
 from .._core import check_timeout, connect_args, wrap_error
-from .._errors import ClosedError, ConnectError, PublisherFullError
+from .._errors import ClosedError, PublisherFullError
 from .._flavour_async import Signal, StateLock, future_factory, join, start_worker
 from .._notify_many import notify_many_params
 from .._payload import Payload
@@ -146,7 +147,7 @@ async def _connect(conninfo: str, options: dict[str, Any]) -> psycopg.AsyncConne
     try:
         return await psycopg.AsyncConnection.connect(conninfo, **options)
     except psycopg.Error as exc:
-        raise ConnectError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+        raise connect_failed(exc) from exc
 
 
 def _prepare(
