@@ -656,3 +656,16 @@ def test_every_documented_command_line_parses(capsys: pytest.CaptureFixture[str]
         except SystemExit:
             pytest.fail(f"{where}: `pgcast {' '.join(args)}` does not parse: "
                         f"{capsys.readouterr().err}")
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+@pytest.mark.parametrize(("port", "reason"), [("99999", "ports are 0 to 65535"),
+                                              ("-1", "ports are 0 to 65535"),
+                                              ("http", "is not a port number")])
+def test_a_port_out_of_range_is_a_usage_error(command: str, port: str, reason: str) -> None:
+    # It was bind()'s OverflowError, with a traceback, after the server started.
+    done = run(command, "--port", port)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert f"pgcast {command}: error: argument --port: " in done.stderr
+    assert reason in done.stderr.splitlines()[-1]

@@ -147,7 +147,20 @@ def register(subparsers: Any) -> None:
 
 def _add_listen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=_port, default=8000,
+                   help="port to listen on, 0 to 65535 (0: any free one; default 8000)")
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: a clear usage error instead of bind()'s
+    OverflowError traceback."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: ports are 0 to 65535")
+    return port
 
 
 def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
