@@ -264,3 +264,16 @@ def test_a_real_hot_standby_gets_a_clear_error(pg_server: EmbeddedServer | None)
         assert verdicts["primary"] == "fail"
         assert verdicts["listen"] == "fail"
         assert not report.ok
+
+
+@pytest.mark.parametrize("name", ["NULL", "null", "a,b", "{x}", 'q"uote', "back\\slash",
+                                  " spaced ", "é"])
+def test_the_check_after_a_listen_takes_any_name_in_its_array(dsn: str, name: str) -> None:
+    # The other door into VERIFY_NEW_SQL: the names go in a text[] parameter,
+    # where an unquoted NULL, a comma, a brace or a quote would change the
+    # array (and the check would report a LISTEN that held as missing).
+    with pgcast.connect(dsn) as ps:
+        ps.listen(name)
+        assert ps.listening_channels() == {name}
+        ps.listen(name + "_2", name + "_3")
+        assert ps.listening_channels() == {name, name + "_2", name + "_3"}
