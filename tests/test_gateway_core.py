@@ -362,10 +362,10 @@ def test_origin_check(origin: str | None, host: str | None, allowed: frozenset[s
 def test_metrics_text_format() -> None:
     stats = _metrics.Stats(messages_in=3, messages_out=5)
     stats.disconnects["slow_consumer"] += 1
-    text = _metrics.render(
+    text = _metrics.render(_metrics.families(
         stats, clients={"websocket": 2}, subscriptions=4, channels=1, database_up=True,
         backend_pid=99, queue_usage=0.25,
-    )
+    ))
     lines = text.splitlines()
     assert "# TYPE pgcast_gateway_clients gauge" in lines
     assert 'pgcast_gateway_clients{transport="websocket"} 2' in lines
@@ -381,8 +381,10 @@ def test_metrics_text_format() -> None:
             name, value = line.rsplit(" ", 1)
             float(value)
             assert name.startswith("pgcast_gateway_")
-    down = _metrics.render(_metrics.Stats(), clients={}, subscriptions=0, channels=0,
-                           database_up=False, backend_pid=None, queue_usage=None)
+    down = _metrics.render(_metrics.families(
+        _metrics.Stats(), clients={}, subscriptions=0, channels=0, database_up=False,
+        backend_pid=None, queue_usage=None,
+    ))
     assert "pgcast_gateway_database_up 0" in down
     assert "backend_pid" not in down and "notify_queue_usage" not in down
 

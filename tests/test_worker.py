@@ -277,6 +277,30 @@ def test_stop_from_another_thread_finishes_the_batch_in_hand(
     assert not worker.stopping and not started[0].is_alive()
 
 
+def test_a_handler_may_stop_the_thread_it_runs_in(
+    dsn: str, conn: Conn, unique_channel: str, started: list[Any]
+) -> None:
+    """``WorkerThread.stop()`` called by a handler (in the worker's own thread)
+    asks the worker to stop instead of joining its own thread (RuntimeError:
+    the handler failed and the worker went on)."""
+    handled: list[str] = []
+    failures: list[BaseException] = []
+    worker = Worker(dsn, debounce=0, retry=Retry(attempts=1),
+                    on_error=lambda exc, events: failures.append(exc))
+
+    @worker.on(unique_channel)
+    def last(events: list[pgcast.Event]) -> None:
+        handled.extend(e.payload for e in events)
+        started[0].stop(WAIT)
+
+    start(worker, started)
+    send(conn, unique_channel, ["the last one"])
+    started[0].join(WAIT)
+    assert not started[0].is_alive(), "the worker went on after its handler stopped it"
+    assert handled == ["the last one"] and failures == []
+    assert started[0].exception is None
+
+
 def test_an_idle_worker_stops_at_once_and_delivers_batches_still_in_their_window(
     dsn: str, conn: Conn, unique_channel: str, started: list[Any]
 ) -> None:

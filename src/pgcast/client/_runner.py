@@ -8,9 +8,11 @@ sees it), never lost.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import TYPE_CHECKING
 
+from .._background import BackgroundThread
 from .._errors import ClosedError
 
 if TYPE_CHECKING:
@@ -19,33 +21,28 @@ if TYPE_CHECKING:
 __all__ = ["Runner"]
 
 
-class Runner(threading.Thread):
+class Runner(BackgroundThread):
     """A thread delivering a PubSub's events to its handlers; see
     :meth:`PubSub.run_in_thread`."""
+
+    _what = "pgcast runner"
 
     def __init__(self, pubsub: PubSub, *, daemon: bool = True) -> None:
         super().__init__(name="pgcast-runner", daemon=daemon)
         self.pubsub = pubsub
         self._stop_event = threading.Event()
-        self.exception: BaseException | None = None
 
-    def run(self) -> None:
-        try:
+    def _body(self) -> None:
+        with contextlib.suppress(ClosedError):  # closed: delivery is over
             self.pubsub.run_forever(self._stop_event)
-        except ClosedError:
-            pass
-        except BaseException as exc:
-            self.exception = exc
-            raise
+
+    def _ask_to_stop(self) -> None:
+        self._stop_event.set()
+        self.pubsub._wake()
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop delivering and wait up to *timeout* seconds for the thread.
 
         :raises TimeoutError: a handler is still running after *timeout*.
         """
-        self._stop_event.set()
-        self.pubsub._wake()
-        if threading.current_thread() is not self:
-            self.join(timeout)
-            if self.is_alive():
-                raise TimeoutError(f"pgcast runner did not stop within {timeout} s")
+        super().stop(timeout)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
+from .._background import BackgroundThread
 from .._backoff import Backoff
 from .._channels import check_channel
 from .._core import check_timeout, is_async_callable
@@ -393,30 +394,26 @@ def _check_handler(handler: object) -> None:
         raise TypeError(f"a handler must be callable, not {type(handler).__name__}")
 
 
-class WorkerThread(threading.Thread):
+class WorkerThread(BackgroundThread):
     """A thread running a sync Worker's ``run()``; see ``Worker.run_in_thread``."""
 
+    _what = "pgcast worker"
+
     def __init__(self, worker: Any) -> None:
-        super().__init__(name="pgcast-worker")
+        super().__init__(name="pgcast-worker", daemon=None)  # as the caller
         #: The :class:`pgcast.Worker` it runs.
         self.worker = worker
-        #: What ``Worker.run`` raised, if it did.
-        self.exception: BaseException | None = None
 
-    def run(self) -> None:
-        """Run the worker; keep what it raised in :attr:`exception`."""
-        try:
-            self.worker.run()
-        except BaseException as exc:
-            self.exception = exc
-            raise
+    def _body(self) -> None:
+        self.worker.run()
+
+    def _ask_to_stop(self) -> None:
+        self.worker.stop()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the worker gracefully and wait up to *timeout* seconds.
+        """Stop the worker gracefully and wait up to *timeout* seconds (from
+        a handler of the worker itself: only ask it to stop).
 
         :raises TimeoutError: a handler is still running after *timeout*.
         """
-        self.worker.stop()
-        self.join(timeout)
-        if self.is_alive():
-            raise TimeoutError(f"pgcast worker did not stop within {timeout} s")
+        super().stop(timeout)

@@ -32,7 +32,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._channels import check_channel
 from .._errors import NotSentError, ProtocolError
 from .._payload import Payload
-from . import _metrics
 from ._metrics import Family
 
 if TYPE_CHECKING:
@@ -165,16 +164,7 @@ class Gateway:
         gateway's event loop; from the loop itself, which must not block, it
         is the last value read, and a fresh read is started for next time.
         """
-        hub = self._hub
-        return _metrics.families(
-            hub.stats,
-            clients=hub.clients_by_transport(),
-            subscriptions=hub.router.subscriptions,
-            channels=len(hub.listening()),
-            database_up=hub.database_up,
-            backend_pid=hub.backend_pid,
-            queue_usage=self._queue_usage(),
-        )
+        return self._hub.metric_families(self._queue_usage())
 
     def _queue_usage(self) -> float | None:
         hub = self._hub

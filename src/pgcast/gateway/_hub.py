@@ -485,14 +485,13 @@ class Hub(Clients):
 
     async def metrics(self) -> str:
         """The Prometheus text for ``/metrics``."""
-        usage = await self.queue_usage()
-        return _metrics.render(
-            self.stats,
-            clients=self.clients_by_transport(),
-            subscriptions=self.router.subscriptions,
-            channels=len(self.listening()),
-            database_up=self.database_up,
-            backend_pid=self.backend_pid,
-            queue_usage=usage,
+        return _metrics.render(self.metric_families(await self.queue_usage()))
+
+    def metric_families(self, queue_usage: float | None) -> list[_metrics.Family]:
+        """The metric families of now, with *queue_usage* as read by the caller."""
+        return _metrics.families(
+            self.stats, clients=self.clients_by_transport(),
+            subscriptions=self.router.subscriptions, channels=len(self.listening()),
+            database_up=self.database_up, backend_pid=self.backend_pid, queue_usage=queue_usage,
         )
 

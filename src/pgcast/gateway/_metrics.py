@@ -179,6 +179,26 @@ def _by(
     return [({label: k}, counts.get(k, 0)) for k in names]
 
 
+#: The counters of :class:`Stats` without labels: (metric, attribute, help).
+_COUNTERS = (
+    ("messages_in_total", "messages_in", "Notifications received from PostgreSQL."),
+    ("messages_out_total", "messages_out", "Message frames sent to clients."),
+    ("published_total", "published", "NOTIFYs sent on behalf of clients."),
+    ("dropped_total", "dropped", "Frames dropped from full client queues (drop-oldest policy)."),
+    ("errors_total", "errors", "Error frames sent to clients."),
+    ("reconnects_total", "reconnects", "Times the LISTEN connection was lost and reopened."),
+    ("replays_total", "replays", "Durable channels resumed by clients from a position (since)."),
+    ("replayed_messages_total", "replayed", "Messages replayed from the log to resuming clients."),
+    ("incomplete_resumes_total", "incomplete_resumes",
+     "Resumes that could not be complete (messages pruned, or another epoch of the log), "
+     "announced to the client."),
+    ("replay_queries_total", "replay_queries",
+     "Queries run on the replay connection for resuming clients."),
+    ("replay_busy_total", "replay_busy",
+     "Resume queries refused: no turn on the replay connection within replay_wait."),
+)
+
+
 def families(
     stats: Stats,
     *,
@@ -214,37 +234,8 @@ def families(
                      "Clients disconnected by the gateway, by reason.",
                      _by("reason", stats.disconnects,
                          ("slow_consumer", "shutdown", "rate_limited", "expired")))
-    lines += _family("messages_in_total", "counter", "Notifications received from PostgreSQL.",
-                     [({}, stats.messages_in)])
-    lines += _family("messages_out_total", "counter", "Message frames sent to clients.",
-                     [({}, stats.messages_out)])
-    lines += _family("published_total", "counter", "NOTIFYs sent on behalf of clients.",
-                     [({}, stats.published)])
-    lines += _family("dropped_total", "counter",
-                     "Frames dropped from full client queues (drop-oldest policy).",
-                     [({}, stats.dropped)])
-    lines += _family("errors_total", "counter", "Error frames sent to clients.",
-                     [({}, stats.errors)])
-    lines += _family("reconnects_total", "counter",
-                     "Times the LISTEN connection was lost and reopened.",
-                     [({}, stats.reconnects)])
-    lines += _family("replays_total", "counter",
-                     "Durable channels resumed by clients from a position (since).",
-                     [({}, stats.replays)])
-    lines += _family("replayed_messages_total", "counter",
-                     "Messages replayed from the log to resuming clients.",
-                     [({}, stats.replayed)])
-    lines += _family("incomplete_resumes_total", "counter",
-                     "Resumes that could not be complete (messages pruned, or another "
-                     "epoch of the log), announced to the client.",
-                     [({}, stats.incomplete_resumes)])
-    lines += _family("replay_queries_total", "counter",
-                     "Queries run on the replay connection for resuming clients.",
-                     [({}, stats.replay_queries)])
-    lines += _family("replay_busy_total", "counter",
-                     "Resume queries refused: no turn on the replay connection within "
-                     "replay_wait.",
-                     [({}, stats.replay_busy)])
+    for name, attr, text in _COUNTERS:
+        lines += _family(name, "counter", text, [({}, getattr(stats, attr))])
     lines += _family("worker_pid", "gauge",
                      "The process id of the gateway process (worker) that answered.",
                      [({}, os.getpid())])
@@ -266,20 +257,9 @@ def families(
     return lines
 
 
-def render(
-    stats: Stats,
-    *,
-    clients: Mapping[str, int],
-    subscriptions: int,
-    channels: int,
-    database_up: bool,
-    backend_pid: int | None,
-    queue_usage: float | None,
-) -> str:
-    """The ``/metrics`` body: :func:`families` in the text format."""
+def render(families: Iterable[Family]) -> str:
+    """The ``/metrics`` body: *families* (see :func:`families`) in the text format."""
     lines: list[str] = []
-    for family in families(stats, clients=clients, subscriptions=subscriptions,
-                           channels=channels, database_up=database_up,
-                           backend_pid=backend_pid, queue_usage=queue_usage):
+    for family in families:
         lines += family.lines()
     return "\n".join(lines) + "\n"
