@@ -325,9 +325,29 @@ def test_stdin_line_with_nul_stops_with_one_line(dsn: str, unique_channel: str) 
     with pgcast.connect(dsn) as ps:
         ps.listen(unique_channel)
         done = run("notify", unique_channel, "--dsn", dsn, stdin="ok\nbad\x00line\nnot sent\n")
-        assert_one_line_error(done, "NUL")
+        assert_one_line_error(done, "NUL", "line 2 of stdin", "the 1 line(s) before it were sent",
+                              "after it were not read")
         ps.notify(unique_channel, "end")
         assert collect_payloads(ps, 2) == ["ok", "end"]
+
+
+def test_stdin_line_not_in_the_input_encoding_is_named(dsn: str, unique_channel: str) -> None:
+    """Bytes that are not UTF-8 on line 3: the error names line 3 and says
+    lines 1 and 2 were sent (a text stream decoding ahead blamed line 1, or
+    let them through as surrogates, "surrogates not allowed")."""
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        for encoding in ("utf-8:strict", "utf-8:surrogateescape"):
+            done = subprocess.run(
+                argv("notify", unique_channel, "--dsn", dsn), input=b"one\ntwo\n\xff\xfe\nfour\n",
+                capture_output=True, timeout=COMMAND_TIMEOUT, check=False,
+                env=clean_env(PYTHONIOENCODING=encoding),
+            )
+            err = done.stderr.decode()
+            assert done.returncode == 1 and "Traceback" not in err, err
+            assert "line 3 of stdin: it is not utf-8 text" in err, err
+            assert "the 2 line(s) before it were sent" in err and "surrogate" not in err, err
+            assert collect_payloads(ps, 2) == ["one", "two"]
 
 
 @pytest.mark.parametrize("command", ["listen", "notify"])

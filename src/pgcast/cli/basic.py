@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import client
+from .._errors import PgcastError
 from .._event import Event, UndecodableEvent
 from .._reconnect import Reconnected
 from ._common import EXIT_NOTHING, EXIT_OK, UsageError, add_dsn_argument, resolve_dsn
@@ -95,7 +96,27 @@ def cmd_notify(args: argparse.Namespace) -> int:
             print(f"pgcast notify: reading payloads for {args.channel} from the terminal, one "
                   "per line; Ctrl-D to end (or give the payload as an argument)",
                   file=sys.stderr, flush=True)
-        for line in sys.stdin:
-            # The line without its end, "\n" or "\r\n" (text from Windows).
-            ps.notify(args.channel, line.removesuffix("\n").removesuffix("\r"))
+        sent = 0
+        try:
+            # Bytes, decoded a line at a time: a line that is not text names
+            # itself (a text stream fails at the chunk it read ahead).
+            for raw in sys.stdin.buffer:
+                # The line without its end, "\n" or "\r\n" (text from Windows).
+                line = raw.removesuffix(b"\n").removesuffix(b"\r").decode(sys.stdin.encoding)
+                ps.notify(args.channel, line)
+                sent += 1
+        except (PgcastError, UnicodeDecodeError) as exc:
+            raise _stopped(sent, exc) from exc
     return 0
+
+
+def _stopped(sent: int, exc: Exception) -> ValueError:
+    """The error of ``pgcast notify`` reading stdin: which line stopped it,
+    what was sent before it, that nothing after it was read."""
+    why = str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        why = f"it is not {sys.stdin.encoding} text ({exc.reason})"
+    return ValueError(
+        f"line {sent + 1} of stdin: {why}; the {sent} line(s) before it were sent, "
+        "the lines after it were not read"
+    )
