@@ -980,6 +980,52 @@ def test_app_mounted_in_another_starlette_app_connects_at_first_request(
         asyncio.run(inner.state.pgcast_gateway.close())
 
 
+def test_mounted_app_whose_database_fails_does_not_connect_once_per_request(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """Mounted without its lifespan, the gateway starts at a request. While
+    its database refuses it (here: no such database yet), each anonymous
+    request (``/healthz``, a WebSocket, an SSE stream) was a new login attempt
+    at the server: one attacker's request rate became the database's. Now a
+    failed start is tried again after a pause (``START_RETRY_PAUSE``);
+    meanwhile requests get the last error (503 on /healthz), and once the
+    database answers the gateway starts."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from pgcast.gateway._gateway import START_RETRY_PAUSE
+    from tcp_proxy import TcpProxy
+
+    database = f"pgcast_late_{os.getpid()}_{int(time.monotonic() * 1000)}"
+    with TcpProxy.for_dsn(dsn) as proxy:
+        params = psycopg.conninfo.conninfo_to_dict(proxy.dsn(dsn))
+        params["dbname"] = database
+        inner = create_app(psycopg.conninfo.make_conninfo(**params), allow=["*"])
+        outer = Starlette(routes=[Mount("/rt", app=inner)])
+        try:
+            with serving(lambda port: GatewayServer(config(outer, "127.0.0.1", port,
+                                                           log_level="warning")),
+                         TIMEOUT) as port:
+                base = f"http://127.0.0.1:{port}/rt"
+                with httpx.Client(trust_env=False, timeout=TIMEOUT) as http:
+                    for _ in range(30):
+                        r = http.get(f"{base}/healthz")
+                        assert r.status_code == 503, r.text
+                        assert r.json()["database"] == "down"  # the reason is the log's
+                    with http.stream("GET", f"{base}/sse?channel=c") as stream:
+                        next(stream.iter_raw())  # admitted, then told the database is down
+                    assert proxy.accepted <= 2, f"{proxy.accepted} login attempts for 31 requests"
+                    conn.execute(f'CREATE DATABASE "{database}"')
+                    deadline = time.monotonic() + START_RETRY_PAUSE + TIMEOUT
+                    while http.get(f"{base}/healthz").status_code != 200:
+                        assert time.monotonic() < deadline, "the gateway did not start"
+                        time.sleep(0.1)
+                assert proxy.accepted <= 6, proxy.accepted  # login, check, replay: a start
+        finally:
+            asyncio.run(inner.state.pgcast_gateway.close())
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}"')
+
+
 # -- the command ---------------------------------------------------------------
 
 

@@ -30,14 +30,18 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._channels import check_channel
-from .._errors import NotSentError, ProtocolError
+from .._errors import ConnectError, NotSentError, ProtocolError
 from .._payload import Payload
 from ._metrics import Family
 
 if TYPE_CHECKING:
     from ._hub import Hub
 
-__all__ = ["Gateway", "GatewayApp"]
+__all__ = ["START_RETRY_PAUSE", "Gateway", "GatewayApp"]
+
+#: Seconds before a start that failed is tried again (mounted, the gateway
+#: starts at a request: not one login attempt per request).
+START_RETRY_PAUSE = 2.0
 
 
 class Gateway:
@@ -48,6 +52,8 @@ class Gateway:
         self._started = False
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A start that failed: when to try again, and its error.
+        self._failed: tuple[float, Exception] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -56,17 +62,31 @@ class Gateway:
 
         The gateway's own lifespan calls it when it runs standalone; mounted
         in another application, call it (or use :meth:`running`) from the
-        host's lifespan, or it starts at its first request.
+        host's lifespan, or it starts at its first request. After a failed
+        start, it is tried again only once ``START_RETRY_PAUSE`` (2 s) has
+        passed; calls meanwhile raise the last error.
 
         :raises pgcast.ConnectError: PostgreSQL cannot be reached.
         """
         if self._started:
             return
         async with self._lock:
-            if not self._started:
+            if self._started:
+                return
+            failed = self._failed
+            if failed is not None and time.monotonic() < failed[0]:
+                # Not a login attempt per request (an anonymous client's rate
+                # would become the server's): the last error, until the pause ends.
+                raise ConnectError(f"{failed[1]} (tried again at most every "
+                                   f"{START_RETRY_PAUSE:g} s)") from failed[1]
+            try:
                 await self._hub.start()
-                self._loop = asyncio.get_running_loop()
-                self._started = True
+            except Exception as exc:
+                self._failed = (time.monotonic() + START_RETRY_PAUSE, exc)
+                raise
+            self._failed = None
+            self._loop = asyncio.get_running_loop()
+            self._started = True
 
     async def start_quietly(self) -> None:
         """:meth:`start`, with a failure left for ``/healthz`` to report (503)."""
