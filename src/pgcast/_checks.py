@@ -28,7 +28,7 @@ def check_timeout(name: str, value: float | None) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds or None, not {value!r}")
-    if value < 0:
+    if not value >= 0:  # NaN too: every comparison with it is false (a busy loop)
         raise ValueError(f"{name} must be >= 0 seconds, got {value}")
     return float(value)
 

@@ -63,7 +63,7 @@ def event_line(event: Any, decode: bool = False) -> str:
 def cmd_listen(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         raise UsageError("--count must be at least 1")
-    if args.timeout is not None and args.timeout <= 0:
+    if args.timeout is not None and not args.timeout > 0:  # NaN: never timing out
         raise UsageError("--timeout must be > 0 seconds")
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     seen = 0

@@ -106,7 +106,7 @@ class Settings:
         for name in ("heartbeat", "database_timeout", "close_timeout", "metrics_cache",
                      "auth_timeout", "replay_wait"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         object.__setattr__(self, "overflow", Overflow(self.overflow))
 

@@ -98,7 +98,7 @@ class Batcher(Generic[H]):
         max_batch: int,
         max_pending: int,
     ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval >= 0:
             raise ValueError(f"interval must be a number of seconds >= 0, got {interval!r}")
         for name, value in (("max_batch", max_batch), ("max_pending", max_pending)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
