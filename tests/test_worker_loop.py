@@ -13,6 +13,7 @@ flavours: the application that sends and enqueues.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -344,5 +345,40 @@ def test_worker_that_gives_up_reconnecting_still_delivers_what_it_received(
             join_thread(runner, WAIT)
             assert errors, "the worker did not give up"
             assert batches == [["a", "b"]]
+
+    run_sync(main())
+
+
+def test_worker_stop_from_another_thread_wakes_it_safely(dsn: str, unique_channel: str) -> None:
+    """stop() from a thread that is not the worker's: the asyncio Worker's
+    wait was ended by completing the event loop's future from that thread
+    (not thread safe: asyncio's debug mode raises 'Non-thread-safe operation'
+    in the stopping thread); it now goes through call_soon_threadsafe."""
+
+    def main() -> None:
+        worker = pgcast.Worker(dsn)
+
+        @worker.on(unique_channel)
+        def handle(events: list[pgcast.Event]) -> None:
+            pass
+
+        runner = start_thread(worker.run)
+        assert worker.wait_ready(WAIT), "the worker did not start listening"
+        pause(0.3)  # idle: waiting on its socket
+        errors: list[BaseException] = []
+
+        def stop() -> None:
+            try:
+                worker.stop()
+            except BaseException as exc:  # what the stopping thread met
+                errors.append(exc)
+
+        stopper = threading.Thread(target=stop)
+        stopper.start()
+        stopper.join(WAIT)
+        assert not stopper.is_alive(), "stop() did not return"
+        join_thread(runner, WAIT)
+        assert errors == []
+        assert not worker.stopping
 
     run_sync(main())

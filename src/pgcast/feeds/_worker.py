@@ -31,7 +31,7 @@ from .._backoff import Attempts
 from .._connect import connect_failed
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
-from .._flavour import AwaitRunner, wait_flag
+from .._flavour import AwaitRunner, call_home, home, wait_flag
 from ..client._open import connect
 from ..client._pubsub import PubSub
 from ._worker_core import (
@@ -74,6 +74,9 @@ class Worker(WorkerBase):
 
     _pubsub: PubSub | None = None
     _runner: AwaitRunner | None = None
+    #: Where run() waits (its event loop; None in the sync flavour): stop()
+    #: wakes it there, whatever thread it is called from.
+    _home: Any = None
 
     def run(self) -> None:
         """Work until :meth:`stop` (or SIGTERM/SIGINT, sync Worker in the
@@ -85,6 +88,7 @@ class Worker(WorkerBase):
             retried).
         """
         self._check_runnable()
+        self._home = home()
         try:
             with self._signals():
                 self._runner = runner = AwaitRunner()
@@ -111,7 +115,9 @@ class Worker(WorkerBase):
         self._stop.set()
         ps = self._pubsub
         if ps is not None:
-            ps.wake()
+            # Not ps.wake() here: from another thread, the asyncio PubSub's
+            # wake-up (completing its loop's future) is not thread safe.
+            call_home(self._home, ps.wake)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the worker listens and has drained its queues once."""

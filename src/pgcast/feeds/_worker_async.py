@@ -28,7 +28,7 @@ from .._backoff import Attempts
 from .._connect import connect_failed
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
-from .._flavour_async import AwaitRunner, wait_flag
+from .._flavour_async import AwaitRunner, call_home, home, wait_flag
 from ..client._open_async import connect
 from ..client._pubsub_async import AsyncPubSub
 from ._worker_core import (
@@ -71,6 +71,9 @@ class AsyncWorker(WorkerBase):
 
     _pubsub: AsyncPubSub | None = None
     _runner: AwaitRunner | None = None
+    #: Where run() waits (its event loop; None in the sync flavour): stop()
+    #: wakes it there, whatever thread it is called from.
+    _home: Any = None
 
     async def run(self) -> None:
         """Work until :meth:`stop` (or SIGTERM/SIGINT, sync Worker in the
@@ -82,6 +85,7 @@ class AsyncWorker(WorkerBase):
             retried).
         """
         self._check_runnable()
+        self._home = home()
         try:
             with self._signals():
                 self._runner = runner = AwaitRunner()
@@ -108,7 +112,9 @@ class AsyncWorker(WorkerBase):
         self._stop.set()
         ps = self._pubsub
         if ps is not None:
-            ps.wake()
+            # Not ps.wake() here: from another thread, the asyncio PubSub's
+            # wake-up (completing its loop's future) is not thread safe.
+            call_home(self._home, ps.wake)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the worker listens and has drained its queues once."""
