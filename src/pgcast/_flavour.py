@@ -207,13 +207,13 @@ def current() -> object:
     return threading.get_ident()
 
 
-def home() -> None:
+def home() -> object:
     """Where the caller's waits live, for :func:`call_home`: threads wait
     anywhere, so nowhere in particular."""
     return None
 
 
-def call_home(where: None, call: Callable[[], object]) -> None:
+def call_home(where: object, call: Callable[[], object]) -> None:
     """Run *call* (a wake-up) now: the sync waiters are woken from any thread."""
     call()
 
