@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import pytest
 
 import pgcast
@@ -379,3 +380,47 @@ def test_worker_stop_from_another_thread_wakes_it_safely(dsn: str, unique_channe
         assert not worker.stopping
 
     arun(main())
+
+
+KEEPALIVE_KEYS = ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                  "tcp_user_timeout")
+
+
+def keepalive_settings(conn: Any) -> dict[str, str]:
+    """libpq's keepalive settings of *conn* (a psycopg connection), as opened."""
+    return {o.keyword.decode(): (o.val or b"").decode() for o in conn.pgconn.info
+            if o.keyword.decode() in KEEPALIVE_KEYS}
+
+
+def test_worker_queue_connection_has_the_pubsubs_keepalives(dsn: str, conn: Conn) -> None:
+    """The connection that drains the queue tables had no TCP keepalives nor
+    tcp_user_timeout: a claim or a delete sent into a dead network waited for
+    the kernel (about 15 minutes on Linux), the worker with it. It now has
+    those of the worker's PubSub (the health check's); the DSN's own win."""
+    queue = Queue("k" + uuid.uuid4().hex[:12])
+    queue.install(conn)
+    try:
+        for extra, want_timeout in (("", "60000"), ("tcp_user_timeout=5000", "5000")):
+            worker_dsn = psycopg.conninfo.make_conninfo(dsn, **dict(
+                [extra.split("=")] if extra else []))
+
+            async def main() -> None:
+                worker = pgcast.aio.Worker(worker_dsn)
+
+                @worker.on_queue(queue)
+                async def handle(jobs: list[Job]) -> None:
+                    pass
+
+                async def body() -> None:
+                    assert worker._work is not None and worker._pubsub is not None
+                    settings = keepalive_settings(worker._work)
+                    assert settings == keepalive_settings(worker._pubsub.connection)
+                    assert settings["keepalives"] == "1"
+                    assert settings["tcp_user_timeout"] == want_timeout
+
+                await run_until(worker, body)
+                assert worker._work is None  # closed with the session
+
+            arun(main())
+    finally:
+        queue.uninstall(conn)

@@ -32,6 +32,7 @@ from .._connect import connect_failed
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
 from .._flavour import AwaitRunner, call_home, home, wait_flag
+from .._reconnect import add_keepalives
 from ..client._open import connect
 from ..client._pubsub import PubSub
 from ._worker_core import (
@@ -73,6 +74,8 @@ class Worker(WorkerBase):
     """
 
     _pubsub: PubSub | None = None
+    #: The connection that drains the queue tables, while a session runs.
+    _work: psycopg.Connection[Any] | None = None
     _runner: AwaitRunner | None = None
     #: Where run() waits (its event loop; None in the sync flavour): stop()
     #: wakes it there, whatever thread it is called from.
@@ -169,10 +172,16 @@ class Worker(WorkerBase):
             ps = stack.enter_context(connect(conninfo, reconnect=False, **options))
             work: psycopg.Connection[Any] | None = None
             if self._queues:
+                # The PubSub's TCP keepalives and tcp_user_timeout (the DSN's
+                # own win): a claim or a delete sent into a dead network fails
+                # within a minute, not the kernel's quarter of an hour.
+                work_options = add_keepalives(conninfo, options, ps.health_check_interval)
                 try:
-                    work = stack.enter_context(psycopg.Connection.connect(conninfo, **options))
+                    work = stack.enter_context(psycopg.Connection.connect(conninfo, **work_options))
                 except psycopg.OperationalError as exc:
                     raise connect_failed(exc) from exc
+                self._work = work
+                stack.callback(setattr, self, "_work", None)
                 for route in self._queues.values():
                     self._install(work, route)
             self._pubsub = ps

@@ -29,6 +29,7 @@ from .._connect import connect_failed
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
 from .._flavour_async import AwaitRunner, call_home, home, wait_flag
+from .._reconnect import add_keepalives
 from ..client._open_async import connect
 from ..client._pubsub_async import AsyncPubSub
 from ._worker_core import (
@@ -70,6 +71,8 @@ class AsyncWorker(WorkerBase):
     """
 
     _pubsub: AsyncPubSub | None = None
+    #: The connection that drains the queue tables, while a session runs.
+    _work: psycopg.AsyncConnection[Any] | None = None
     _runner: AwaitRunner | None = None
     #: Where run() waits (its event loop; None in the sync flavour): stop()
     #: wakes it there, whatever thread it is called from.
@@ -157,11 +160,17 @@ class AsyncWorker(WorkerBase):
                 conninfo, reconnect=False, **options))
             work: psycopg.AsyncConnection[Any] | None = None
             if self._queues:
+                # The PubSub's TCP keepalives and tcp_user_timeout (the DSN's
+                # own win): a claim or a delete sent into a dead network fails
+                # within a minute, not the kernel's quarter of an hour.
+                work_options = add_keepalives(conninfo, options, ps.health_check_interval)
                 try:
                     work = await stack.enter_async_context(
-                        await psycopg.AsyncConnection.connect(conninfo, **options))
+                        await psycopg.AsyncConnection.connect(conninfo, **work_options))
                 except psycopg.OperationalError as exc:
                     raise connect_failed(exc) from exc
+                self._work = work
+                stack.callback(setattr, self, "_work", None)
                 for route in self._queues.values():
                     await self._install(work, route)
             self._pubsub = ps
