@@ -410,29 +410,26 @@ def test_worker_queue_connection_has_the_pubsubs_keepalives(dsn: str, conn: Conn
     those of the worker's PubSub (the health check's); the DSN's own win."""
     queue = Queue("k" + uuid.uuid4().hex[:12])
     queue.install(conn)
+
+    def main(worker_dsn: str, want_timeout: str) -> None:
+        worker = pgcast.Worker(worker_dsn)
+
+        @worker.on_queue(queue)
+        def handle(jobs: list[Job]) -> None:
+            pass
+
+        def body() -> None:
+            assert worker._work is not None and worker._pubsub is not None
+            settings = keepalive_settings(worker._work)
+            assert settings == keepalive_settings(worker._pubsub.connection)
+            assert settings["keepalives"] == "1"
+            assert settings["tcp_user_timeout"] == want_timeout
+
+        run_until(worker, body)
+        assert worker._work is None  # closed with the session
+
     try:
-        for extra, want_timeout in (("", "60000"), ("tcp_user_timeout=5000", "5000")):
-            worker_dsn = psycopg.conninfo.make_conninfo(
-                dsn, **dict([extra.split("=")] if extra else [])
-            )
-
-            def main() -> None:
-                worker = pgcast.Worker(worker_dsn)
-
-                @worker.on_queue(queue)
-                def handle(jobs: list[Job]) -> None:
-                    pass
-
-                def body() -> None:
-                    assert worker._work is not None and worker._pubsub is not None
-                    settings = keepalive_settings(worker._work)
-                    assert settings == keepalive_settings(worker._pubsub.connection)
-                    assert settings["keepalives"] == "1"
-                    assert settings["tcp_user_timeout"] == want_timeout
-
-                run_until(worker, body)
-                assert worker._work is None  # closed with the session
-
-            run_sync(main())
+        run_sync(main(dsn, "60000"))
+        run_sync(main(psycopg.conninfo.make_conninfo(dsn, tcp_user_timeout=5000), "5000"))
     finally:
         queue.uninstall(conn)
