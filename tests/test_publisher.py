@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 import uuid
@@ -644,3 +645,75 @@ def test_the_publishers_connection_gives_up_on_a_dead_network_within_a_minute(
             assert conn_options(apub._conn)["tcp_user_timeout"] == "60000"
 
     asyncio.run(main())
+
+
+# -- a publish that cannot complete ------------------------------------------------
+
+
+def test_async_publish_that_cannot_commit_ends_at_its_timeout_naming_it(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # The transaction carrying it is stuck (a network that swallows
+    # everything): `await publish()` used to wait for it for ever (its
+    # timeout only bounded the wait for room), where the sync publish()
+    # returns within its timeout. The await now ends at the timeout (the
+    # call's, else the publisher's), naming it and saying the notification
+    # is not withdrawn; its fate is reported when the batch ends.
+    async def main() -> None:
+        pub = await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=0.005, timeout=0.5)
+        try:
+            async with asyncio.timeout(WAIT):
+                before = swallow(proxy)
+                with pytest.raises(TimeoutError) as info:
+                    await pub.publish(unique_channel, "stuck")  # the publisher's 0.5 s
+                message = str(info.value)
+                assert "did not commit within 0.5 s" in message
+                assert "timeout" in message and "may still be sent" in message
+                with pytest.raises(TimeoutError, match=r"within 0\.2 s"):
+                    await pub.publish(unique_channel, "behind it", timeout=0.2)
+                await acut_when_sent(proxy, before)
+                # Told, not lost: the batch's fate comes with the next flush.
+                with pytest.raises(pgcast.PublishError) as report:
+                    await pub.flush()
+                assert (unique_channel, "stuck") in report.value.messages
+                assert await pub.publish(unique_channel, "after") is None
+        finally:
+            with contextlib.suppress(pgcast.PublishError):
+                await pub.close(timeout=WAIT)
+
+    asyncio.run(main())
+    assert "after" in [e.payload for e in collect_until(listener, "after")]
+
+
+@pytest.mark.parametrize("bad", [-1, "5", True])
+def test_publish_refuses_a_bad_timeout_even_with_room(
+    dsn: str, unique_channel: str, bad: object
+) -> None:
+    # A per-call timeout was only looked at once the buffer was full: a bad
+    # one passed unnoticed until then (and -1 then raised 'full' at once).
+    with pgcast.Publisher(dsn, interval=0.005) as pub:
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            pub.publish(unique_channel, "x", timeout=bad)  # type: ignore[arg-type]
+        assert pub.pending == 0
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(dsn, interval=0.005) as apub:
+            with pytest.raises((TypeError, ValueError), match="timeout"):
+                await apub.publish(unique_channel, "x", timeout=bad)  # type: ignore[arg-type]
+            assert apub.pending == 0
+
+    asyncio.run(main())
+
+
+def collect_until(ps: pgcast.PubSub, sentinel: str, timeout: float = WAIT) -> list[pgcast.Event]:
+    """Every event up to the first whose payload is *sentinel*."""
+    got: list[pgcast.Event] = []
+    deadline = time.monotonic() + timeout
+    for event in ps.events(select_timeout=0.05, yield_timeouts=True):
+        if event is not None:
+            got.append(event)
+            if event.payload == sentinel:
+                return got
+        if time.monotonic() > deadline:
+            break
+    pytest.fail(f"{sentinel!r} not received within {timeout} s: {got[-3:]}")

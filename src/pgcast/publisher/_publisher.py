@@ -47,9 +47,11 @@ waits, sends and resolves handles. Written for asyncio (``_publisher_async.py``,
 
 In the asyncio flavour ``await publish()`` is one await: it returns once the
 transaction carrying the notification committed (or raises
-:class:`PublishError`); ``publish_nowait()`` queues without waiting and
-returns that transaction's future. The sync ``publish()`` queues (waiting for
-room only) and returns a ``concurrent.futures.Future``.
+:class:`PublishError`), and lasts at most its ``timeout`` in all, as the sync
+call does (past it: ``TimeoutError``, the notification not withdrawn);
+``publish_nowait()`` queues without waiting and returns that transaction's
+future. The sync ``publish()`` queues (waiting for room only) and returns a
+``concurrent.futures.Future``.
 """
 
 from __future__ import annotations
@@ -324,11 +326,11 @@ class Publisher(Closing):
 
     def _enqueue(self, channel: str, payload: Payload, timeout: float | None) -> Any:
         channel, text = check_message(channel, payload)
+        timeout = self._timeout if timeout is _DEFAULT else check_timeout("timeout", timeout)
         batcher = self._batcher
         with self._lock:
             self._check_open()
             if not batcher.has_room():
-                timeout = self._timeout if timeout is _DEFAULT else timeout
                 start = time.monotonic()
                 deadline = _deadline(timeout)
                 while not batcher.has_room():
