@@ -717,3 +717,74 @@ def collect_until(ps: pgcast.PubSub, sentinel: str, timeout: float = WAIT) -> li
         if time.monotonic() > deadline:
             break
     pytest.fail(f"{sentinel!r} not received within {timeout} s: {got[-3:]}")
+
+
+# -- several batches failing ---------------------------------------------------------
+
+
+def fates(message: str) -> str:
+    """What a failure's message says about its batch."""
+    if "may or may not have been sent" in message:
+        return "unknown"
+    if "none of its notifications was sent" in message:
+        return "not sent"
+    return "?"
+
+
+def test_several_failed_batches_fail_in_order_each_saying_its_fate(
+    dsn: str, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # One batch lost in flight (the commit unknown), two behind it refused a
+    # connection (not sent): their handles fail in submission order, each
+    # saying its fate, and flush()'s report lists them in that order. It
+    # said "3 notifications were not sent", the one that may have been
+    # sent among them.
+    with pgcast.Publisher(proxy.dsn(dsn), interval=0.005, max_batch=1, connect_timeout=2) as pub:
+        pub.publish(unique_channel, "warm").result(WAIT)
+        order: list[str] = []
+        before = swallow(proxy)
+        handles = []
+        for name in ("in flight", "refused 1", "refused 2"):
+            handle = pub.publish(unique_channel, name)
+            handle.add_done_callback(lambda _, name=name: order.append(name))  # type: ignore[misc]
+            handles.append(handle)
+        cut_when_sent(proxy, before, cut=False)
+        proxy.refuse()
+        proxy.cut()
+        got = []
+        for handle in handles:
+            with pytest.raises(pgcast.PublishError) as info:
+                handle.result(WAIT)
+            got.append(fates(str(info.value)))
+        assert got == ["unknown", "not sent", "not sent"]
+        assert order == ["in flight", "refused 1", "refused 2"]
+        with pytest.raises(pgcast.PublishError) as report:
+            pub.flush(WAIT)
+        assert [p for _, p in report.value.messages] == ["in flight", "refused 1", "refused 2"]
+        summary = str(report.value)
+        assert "3 notifications were not sent" not in summary
+        assert "1 may or may not have been sent" in summary
+        assert "2 were not sent" in summary
+
+
+def test_close_that_times_out_reports_the_batches_in_submission_order(
+    dsn: str, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # The batch stuck in flight was reported after those queued behind it
+    # (close() fails those first): the report's messages were out of the
+    # order they were published in.
+    pub = pgcast.Publisher(proxy.dsn(dsn), interval=0.005, max_batch=1)
+    try:
+        before = swallow(proxy)
+        pub.publish(unique_channel, "stuck")
+        cut_when_sent(proxy, before, cut=False)
+        pub.publish(unique_channel, "queued 1")
+        pub.publish(unique_channel, "queued 2")
+        with pytest.raises(TimeoutError):
+            pub.close(timeout=0.3)
+    finally:
+        proxy.cut()
+        with pytest.raises(pgcast.PublishError) as report:
+            pub.close(timeout=WAIT)
+    assert [p for _, p in report.value.messages] == ["stuck", "queued 1", "queued 2"]
+    assert "1 may or may not have been sent" in str(report.value)
