@@ -422,3 +422,103 @@ def test_worker_queue_connection_has_the_pubsubs_keepalives(dsn: str, conn: Conn
         arun(main(psycopg.conninfo.make_conninfo(dsn, tcp_user_timeout=5000), "5000"))
     finally:
         queue.uninstall(conn)
+
+
+def test_worker_statement_timeout_on_a_queue_keeps_the_session_and_retries(
+    dsn: str, conn: Conn, unique_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server cancels the claim (statement_timeout, the queue table
+    locked by someone else): the worker said it 'lost its connection' and
+    restarted its whole session, LISTEN connection included, again and again
+    (notifications sent meanwhile were lost). Now the batch's transaction is
+    rolled back, the error says what the server did, the queue is retried
+    after a backoff, and the session (its LISTEN) goes on."""
+    queue = Queue("s" + uuid.uuid4().hex[:12])
+    queue.install(conn)
+    queue.enqueue_many(conn, [1, 2])
+    worker_dsn = psycopg.conninfo.make_conninfo(dsn, options="-c statement_timeout=200")
+    locker = psycopg.connect(dsn)
+    try:
+        async def main() -> None:
+            jobs_seen: list[Any] = []
+            events: list[str] = []
+            worker = pgcast.aio.Worker(worker_dsn, debounce=0,
+                                       retry=pgcast.Retry(attempts=1, backoff=0.05))
+
+            @worker.on_queue(queue)
+            async def handle(jobs: list[Job]) -> None:
+                jobs_seen.extend([j.payload for j in jobs])
+
+            @worker.on(unique_channel)
+            async def note(batch: list[pgcast.Event]) -> None:
+                events.extend([e.payload for e in batch])
+
+            async def body() -> None:
+                await eventually("the backlog", lambda: jobs_seen == [1, 2])
+                assert worker._pubsub is not None
+                pid = worker._pubsub.backend_pid
+                # Another transaction queues a job and holds the table.
+                queue.enqueue_many(locker, [3])
+                locker.execute(f"LOCK TABLE pgcast.{queue.table} IN EXCLUSIVE MODE")
+                conn.execute("SELECT pg_notify(%s, '')", (queue.channel,))  # a wake-up
+                await eventually("a cancelled claim", lambda: [
+                    r for r in caplog.records if "statement timeout" in r.getMessage()])
+                send(conn, unique_channel, ["while blocked"])
+                await eventually("the event", lambda: events == ["while blocked"])
+                locker.commit()
+                await eventually("the job after the lock", lambda: jobs_seen == [1, 2, 3])
+                assert worker._pubsub is not None and worker._pubsub.backend_pid == pid
+
+            await run_until(worker, body)
+
+        with caplog.at_level("WARNING", logger="pgcast"):
+            arun(main())
+        messages = [r.getMessage() for r in caplog.records if r.name == "pgcast.worker"]
+        assert not [m for m in messages if "lost its connection" in m], messages
+        cancelled = [m for m in messages if "statement timeout" in m]
+        assert "rolled back" in cancelled[0] and "retrying" in cancelled[0], cancelled[0]
+        assert queue.pending(conn) == 0
+    finally:
+        locker.close()
+        queue.uninstall(conn)
+
+
+def test_worker_idle_in_transaction_timeout_during_a_handler_is_survived(
+    dsn: str, conn: Conn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that runs longer than idle_in_transaction_session_timeout:
+    the server ends the queue connection, and the worker's run() died of
+    psycopg's IdleInTransactionSessionTimeout (not an OperationalError).
+    Now the error names the setting, the jobs (rolled back, none lost) run
+    again on a new connection, and the worker goes on."""
+    queue = Queue("i" + uuid.uuid4().hex[:12])
+    queue.install(conn)
+    queue.enqueue_many(conn, [1, 2])
+    worker_dsn = psycopg.conninfo.make_conninfo(
+        dsn, options="-c idle_in_transaction_session_timeout=300")
+    try:
+        async def main() -> None:
+            calls: list[list[Any]] = []
+            worker = pgcast.aio.Worker(
+                worker_dsn, reconnect_backoff=pgcast.Backoff(initial=0.05, maximum=0.2))
+
+            @worker.on_queue(queue)
+            async def handle(jobs: list[Job]) -> None:
+                calls.append([j.payload for j in jobs])
+                if len(calls) == 1:
+                    await apause(1.0)  # longer than the server lets a transaction idle
+
+            async def body() -> None:
+                await eventually("the second call", lambda: len(calls) == 2)
+                await eventually("the jobs done", lambda: queue.pending(conn) == 0)
+
+            await run_until(worker, body)
+            assert calls == [[1, 2], [1, 2]]
+
+        with caplog.at_level("WARNING", logger="pgcast"):
+            arun(main())
+        messages = [r.getMessage() for r in caplog.records if r.name == "pgcast.worker"]
+        assert [m for m in messages if "idle_in_transaction_session_timeout" in m
+                and "2 jobs" in m and "rolled back" in m], messages
+    finally:
+        queue.uninstall(conn)

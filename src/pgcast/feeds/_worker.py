@@ -45,6 +45,8 @@ from ._worker_core import (
     _QueueRoute,
     log_retry,
     logger,
+    queue_connection_lost,
+    queue_refused,
     signal_handlers,
 )
 from .queue import Job
@@ -203,6 +205,9 @@ class Worker(WorkerBase):
                 now = time.monotonic()
                 due = self._coalescer.due_in(now)
                 timeout = next_poll - now if due is None else min(due, next_poll - now)
+                held = self._queues_held_for(now)  # a queue to retry after a refusal
+                if held is not None:
+                    timeout = min(timeout, held)
                 # One wait per turn, then whatever else has arrived, unwaited.
                 # The wait is sliced so that a stop() is seen within a slice.
                 slice_ = min(max(timeout, 0.001), STOP_SLICE)
@@ -244,34 +249,59 @@ class Worker(WorkerBase):
     def _drain(self, work: psycopg.Connection[Any]) -> None:
         for route in self._queues.values():
             while route.dirty and (not self._stop.is_set()):
+                if time.monotonic() < route.held_until:
+                    break  # refused lately: retried once its backoff is over
                 if not self._drain_batch(work, route):
-                    route.dirty = False
+                    if time.monotonic() >= route.held_until:
+                        route.dirty = False  # empty (not refused)
+                    break
 
     def _drain_batch(self, work: psycopg.Connection[Any], route: _QueueRoute) -> bool:
-        """Claim, handle and delete one batch; False when the queue was empty."""
+        """Claim, handle and delete one batch; False when the queue was empty
+        (or the server refused a statement: the queue is held for a while)."""
         queue = route.queue
         jobs: list[Job] = []
+        handled = False
+        began: float | None = None
         try:
             with work.transaction():
+                began = time.monotonic()
                 cur = work.execute(*queue.claim_query(route.batch_size))
                 jobs = [Job(*r) for r in cur.fetchall()]
                 if not jobs:
+                    route.refused = 0
                     return False
                 try:
                     self._call(route.handler, route.is_async, jobs, route.retry, route.name)
                 except Abandoned:
                     raise
                 except Exception as exc:
+                    handled = True
                     self._dead_letters(work, route, jobs, exc)
                 else:
+                    handled = True
                     work.execute(*queue.complete_query(jobs))
         except Abandoned:
             logger.warning(
                 "pgcast worker stopping: %d jobs of %r left in the queue", len(jobs), queue
             )
             return False
-        except psycopg.OperationalError as exc:
-            raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+        except psycopg.Error as exc:
+            if work.closed or work.broken:
+                # The session ended under the batch (a terminated backend, an
+                # idle_in_transaction_session_timeout, the network): a new one.
+                held = None if began is None else time.monotonic() - began
+                raise ConnectionLostError(
+                    queue_connection_lost(route, exc, len(jobs), handled, held)
+                ) from exc
+            if not isinstance(exc, psycopg.OperationalError):
+                raise
+            # A statement refused on a connection that is fine (a
+            # statement_timeout, a lock_timeout): rolled back; the session,
+            # its LISTEN and the other queues go on.
+            queue_refused(route, exc, len(jobs), handled, time.monotonic())
+            return False
+        route.refused = 0
         return True
 
     def _dead_letters(
