@@ -13,6 +13,7 @@ flavours: the application that sends and enqueues.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ import pytest
 import pgcast
 import pgcast.aio
 from _eventwait import join_thread, pause, run_sync, start_thread
+from pgcast._reconnect import RETRY_LOG_EVERY
 from pgcast.queue import Job, Queue
 from tcp_proxy import TcpProxy
 
@@ -543,3 +545,46 @@ def test_worker_idle_in_transaction_timeout_during_a_handler_is_survived(
         ], messages
     finally:
         queue.uninstall(conn)
+
+
+def test_worker_reconnect_with_no_delay_does_not_flood_the_log(
+    dsn: str, unique_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Backoff(initial=0) against a refusing server: the worker logged a
+    warning per attempt (hundreds a second). Now the loss, then a summary at
+    most every RETRY_LOG_EVERY seconds; the count is in the final error."""
+    backoff = pgcast.Backoff(initial=0, maximum=0, max_time=1.0)
+
+    def main() -> None:
+        with TcpProxy.for_dsn(dsn) as proxy:
+            worker = pgcast.Worker(proxy.dsn(dsn), reconnect_backoff=backoff)
+
+            @worker.on(unique_channel)
+            def handle(events: list[pgcast.Event]) -> None:
+                pass
+
+            errors: list[BaseException] = []
+
+            def target() -> None:
+                try:
+                    worker.run()
+                except pgcast.ConnectError as exc:
+                    errors.append(exc)
+
+            runner = start_thread(target)
+            assert worker.wait_ready(WAIT), "the worker did not start listening"
+            proxy.refuse()
+            proxy.cut()
+            started = time.monotonic()
+            join_thread(runner, WAIT)
+            took = time.monotonic() - started
+            assert errors, "the worker did not give up"
+            attempts = int(re.search("after (\\d+) attempt", str(errors[0])).group(1))  # type: ignore[union-attr]
+            assert attempts >= 20, f"only {attempts} attempts: the flood was not tested"
+            records = [r for r in caplog.records if r.name == "pgcast.worker"]
+            assert 1 <= len(records) <= 2 + took / RETRY_LOG_EVERY, [
+                r.getMessage() for r in records[:5]
+            ]
+
+    with caplog.at_level("WARNING", logger="pgcast"):
+        run_sync(main())

@@ -32,7 +32,7 @@ from .._connect import connect_failed
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
 from .._flavour import AwaitRunner, call_home, home, wait_flag
-from .._reconnect import add_keepalives
+from .._reconnect import RetryLog, add_keepalives, describe_attempts
 from ..client._open import connect
 from ..client._pubsub import PubSub
 from ._worker_core import (
@@ -132,6 +132,7 @@ class Worker(WorkerBase):
 
     def _supervise(self) -> None:
         attempts: Attempts | None = None
+        quiet = RetryLog()
         while not self._stop.is_set():
             try:
                 self._session()
@@ -146,23 +147,29 @@ class Worker(WorkerBase):
                 if attempts is None or self._ready.is_set():
                     # Up since the last loss (or never lost): a new series.
                     attempts = self._reconnect_backoff.attempts(time.monotonic())
+                    quiet = RetryLog()
                 delay = attempts.next_delay(time.monotonic())
                 if delay is None:
                     raise ConnectError(
                         f"pgcast worker: gave up reconnecting after {attempts.count} attempt(s) (reconnect_backoff); last error: {exc}"
                     ) from exc
-                what = (
-                    "lost its connection"
-                    if attempts.count == 1
-                    else f"reconnect attempt {attempts.count - 1} failed"
-                )
-                logger.warning(
-                    "pgcast worker %s (%s); reconnecting in %.1f s",
-                    what,
-                    exc,
-                    delay,
-                    extra={"attempt": attempts.count},
-                )
+                # The loss, then at most one summary per RETRY_LOG_EVERY s
+                # (without a delay, hundreds of attempts a second).
+                covered = quiet.failed(attempts.count, time.monotonic())
+                if covered is not None:
+                    first, number = covered
+                    what = (
+                        "lost its connection"
+                        if number == 1
+                        else "reconnect " + describe_attempts(first - 1, number - 1) + " failed"
+                    )
+                    logger.warning(
+                        "pgcast worker %s (%s); reconnecting in %.1f s",
+                        what,
+                        exc,
+                        delay,
+                        extra={"attempt": attempts.count},
+                    )
                 self._ready.clear()
                 wait_flag(self._stop, delay)
 
