@@ -613,7 +613,9 @@ def test_a_reconnect_with_no_delay_does_not_flood_the_log(
                     pass
             took = time.monotonic() - started
             await ps.close()
-            attempts = int(re.search(r"(\d+) attempt\(s\)", str(info.value)).group(1))  # type: ignore[union-attr]
+            found = re.search(r"(\d+) attempt\(s\)", str(info.value))
+            assert found, str(info.value)
+            attempts = int(found.group(1))
             assert attempts >= 20, f"only {attempts} attempts: the flood was not tested"
             failed = [r for r in caplog.records if "reconnect attempt" in r.getMessage()]
             assert 1 <= len(failed) <= 2 + took / RETRY_LOG_EVERY, [

@@ -1,6 +1,5 @@
 # Generated from tests/test_aio_reconnect.py by tools/async_to_sync.py: do not edit.
 # Edit the source, then run `python tools/async_to_sync.py`.
-# ruff: noqa: E501
 """Reconnect against real PostgreSQL, the same in both flavours: written once
 for asyncio; tests/test_reconnect.py, the same tests for the sync flavour, is
 generated from this file by tools/async_to_sync.py (edit this one, then run
@@ -608,7 +607,9 @@ def test_a_reconnect_with_no_delay_does_not_flood_the_log(
                     pass
             took = time.monotonic() - started
             ps.close()
-            attempts = int(re.search("(\\d+) attempt\\(s\\)", str(info.value)).group(1))  # type: ignore[union-attr]
+            found = re.search("(\\d+) attempt\\(s\\)", str(info.value))
+            assert found, str(info.value)
+            attempts = int(found.group(1))
             assert attempts >= 20, f"only {attempts} attempts: the flood was not tested"
             failed = [r for r in caplog.records if "reconnect attempt" in r.getMessage()]
             assert 1 <= len(failed) <= 2 + took / RETRY_LOG_EVERY, [

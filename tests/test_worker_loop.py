@@ -579,7 +579,9 @@ def test_worker_reconnect_with_no_delay_does_not_flood_the_log(
             join_thread(runner, WAIT)
             took = time.monotonic() - started
             assert errors, "the worker did not give up"
-            attempts = int(re.search("after (\\d+) attempt", str(errors[0])).group(1))  # type: ignore[union-attr]
+            found = re.search("after (\\d+) attempt", str(errors[0]))
+            assert found, str(errors[0])
+            attempts = int(found.group(1))
             assert attempts >= 20, f"only {attempts} attempts: the flood was not tested"
             records = [r for r in caplog.records if r.name == "pgcast.worker"]
             assert 1 <= len(records) <= 2 + took / RETRY_LOG_EVERY, [
