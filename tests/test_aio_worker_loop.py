@@ -568,3 +568,37 @@ def test_worker_reconnect_with_no_delay_does_not_flood_the_log(
 
     with caplog.at_level("WARNING", logger="pgcast"):
         arun(main())
+
+
+if True:  # ASYNC
+
+    def test_worker_cancelled_hands_what_it_received_to_on_error(
+        dsn: str, conn: Conn, unique_channel: str
+    ) -> None:
+        """The asyncio Worker's task cancelled (an application shutting down
+        its tasks) while a batch waits for its window: the batch vanished,
+        no handler, no on_error, no log. It now goes to on_error, saying so."""
+        import asyncio
+
+        async def main() -> None:
+            failed: list[tuple[BaseException, list[Any]]] = []
+            worker = pgcast.aio.Worker(
+                dsn, debounce=60, on_error=lambda exc, batch: failed.append((exc, batch)))
+
+            @worker.on(unique_channel)
+            async def handle(events: list[pgcast.Event]) -> None:
+                pass
+
+            runner = asyncio.get_running_loop().create_task(worker.run())
+            assert await worker.wait_ready(WAIT), "the worker did not start listening"
+            send(conn, unique_channel, ["a", "b"])
+            await eventually("received", lambda: bool(worker._coalescer))
+            runner.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(runner, WAIT)
+            [(exc, batch)] = failed
+            assert [e.payload for e in batch] == ["a", "b"]
+            assert "CancelledError ended run()" in str(exc)
+            assert "received and not handled" in str(exc)
+
+        arun(main())

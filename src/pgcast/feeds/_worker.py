@@ -105,6 +105,12 @@ class Worker(WorkerBase):
                         # to its handlers, not down with the worker.
                         self._deliver(time.monotonic(), everything=True)
                         raise
+                    except BaseException as exc:
+                        # Cancelled (asyncio) or interrupted (KeyboardInterrupt):
+                        # no handler runs now, but what was received and not
+                        # handled goes to on_error (or the log), not silently away.
+                        self._abandon_pending(exc)
+                        raise
                     # Graceful: what was received is handled before returning.
                     self._deliver(time.monotonic(), everything=True)
                 finally:

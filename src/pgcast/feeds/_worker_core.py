@@ -332,6 +332,17 @@ class WorkerBase:
             # were announced to nobody.
             self._mark_dirty()
 
+    def _abandon_pending(self, why: BaseException) -> None:
+        """The worker ends without running its handlers (*why*: a
+        cancellation, an interrupt): every batch received and not handled
+        goes to ``on_error`` (or the log) with an :class:`Abandoned` saying so."""
+        for route, batch in self._coalescer.take_due(0.0, everything=True):
+            error = Abandoned(
+                f"pgcast worker: {type(why).__name__} ended run() before {route.name} "
+                f"ran: this batch of {len(batch)} was received and not handled")
+            error.__cause__ = why
+            self._give_up(error, batch, route.name)
+
     def _give_up(self, exc: BaseException, batch: list[Any], name: str) -> None:
         hook = self.on_error
         if hook is not None:

@@ -43,7 +43,11 @@ The contract:
   comes during a retry's backoff, the retry is abandoned: a queue batch is
   rolled back into the queue untouched, a notification batch goes to
   ``on_error``. A second SIGINT/SIGTERM during the graceful stop is not
-  caught: it interrupts the process as usual.
+  caught: it interrupts the process as usual. A :meth:`Worker.run` that is
+  cancelled (the asyncio task) or interrupted (``KeyboardInterrupt``) runs
+  no handler: the notification batches it received and had not handled go
+  to ``on_error`` (or the log) with an error saying so; a queue batch in
+  hand is rolled back into its queue.
 - **Connection loss.** The worker reconnects as its *reconnect_backoff* says
   (a :class:`pgcast.Backoff`, the policy of every retry in pgcast) and drains
   its queues again; notifications sent while it was disconnected
