@@ -788,3 +788,33 @@ def test_close_that_times_out_reports_the_batches_in_submission_order(
             pub.close(timeout=WAIT)
     assert [p for _, p in report.value.messages] == ["stuck", "queued 1", "queued 2"]
     assert "1 may or may not have been sent" in str(report.value)
+
+
+def test_async_sender_cancelled_mid_send_fails_the_batch_in_flight(
+    dsn: str, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # The sender task cancelled (an event loop shutting its tasks down) while
+    # a batch was in flight: the batches queued failed, but the one in
+    # flight, already taken, kept its handle pending for ever and was in no
+    # report. It now fails too, its fate unknown.
+    async def main() -> None:
+        pub = await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=0.005, max_batch=1)
+        try:
+            before = swallow(proxy)
+            in_flight = pub.publish_nowait(unique_channel, "in flight")
+            await acut_when_sent(proxy, before, cut=False)
+            queued = pub.publish_nowait(unique_channel, "queued")
+            pub._sender.cancel()
+            for handle in (in_flight, queued):
+                with pytest.raises(pgcast.PublishError):
+                    await asyncio.wait_for(asyncio.shield(handle), WAIT)
+            with pytest.raises(pgcast.PublishError) as info:
+                await pub.flush(WAIT)
+            assert [p for _, p in info.value.messages] == ["in flight", "queued"]
+            assert "1 may or may not have been sent" in str(info.value)
+        finally:
+            proxy.cut()
+            with contextlib.suppress(pgcast.PgcastError, asyncio.CancelledError):
+                await pub.close(timeout=WAIT)
+
+    asyncio.run(main())

@@ -66,7 +66,7 @@ from psycopg import pq
 from .._closing import AsyncClosing
 from .._connect import connect_failed
 from .._core import check_timeout, connect_args, wrap_error
-from .._errors import ClosedError, PublisherFullError
+from .._errors import ClosedError, ConnectionLostError, PublisherFullError
 from .._flavour_async import Signal, StateLock, future_factory, join, start_worker
 from .._notify_many import notify_many_params
 from .._payload import Payload
@@ -414,6 +414,7 @@ class AsyncPublisher(AsyncClosing):
 
     async def _run(self) -> None:
         batcher = self._batcher
+        in_flight: Batch[Any] | None = None
         try:
             while True:  # ends: closed and drained
                 with self._lock:
@@ -421,12 +422,22 @@ class AsyncPublisher(AsyncClosing):
                         await self._work.wait(wait)
                     if wait is None:
                         return
-                    batch = batcher.take()
+                    batch = in_flight = batcher.take()
                     self._progress.set()  # room came free
-                self._complete(batch, await self._send(batch))
+                outcome = await self._send(batch)
+                in_flight = None
+                self._complete(batch, outcome)
         except BaseException as exc:
             # Never die silently: fail what is queued and make publish() say why.
             logger.exception("pgcast Publisher sender failed")
+            if in_flight is not None:
+                # Taken and maybe sent (cancelled, interrupted mid-send): its
+                # handle fails too, its fate unknown, instead of pending for ever.
+                lost = ConnectionLostError(
+                    f"the Publisher's sender ended ({exc!r}) while this transaction was "
+                    f"in flight")
+                lost.__cause__ = exc
+                self._complete(in_flight, lost)
             self._crashed(exc)
             raise
 
