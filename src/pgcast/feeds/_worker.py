@@ -35,6 +35,7 @@ from .._flavour import AwaitRunner, call_home, home, wait_flag
 from .._reconnect import RetryLog, add_keepalives, describe_attempts
 from ..client._open import connect
 from ..client._pubsub import PubSub
+from ._queue_faults import queue_connection_lost, queue_refused
 from ._worker_core import (
     READ_BURST,
     STOP_SLICE,
@@ -45,8 +46,6 @@ from ._worker_core import (
     _QueueRoute,
     log_retry,
     logger,
-    queue_connection_lost,
-    queue_refused,
     signal_handlers,
 )
 from .queue import Job

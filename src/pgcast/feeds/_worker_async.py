@@ -32,6 +32,7 @@ from .._flavour_async import AwaitRunner, call_home, home, wait_flag
 from .._reconnect import RetryLog, add_keepalives, describe_attempts
 from ..client._open_async import connect
 from ..client._pubsub_async import AsyncPubSub
+from ._queue_faults import queue_connection_lost, queue_refused
 from ._worker_core import (
     READ_BURST,
     STOP_SLICE,
@@ -42,8 +43,6 @@ from ._worker_core import (
     _QueueRoute,
     log_retry,
     logger,
-    queue_connection_lost,
-    queue_refused,
     signal_handlers,
 )
 from .queue import Job
