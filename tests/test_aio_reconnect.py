@@ -34,6 +34,7 @@ from _faults import (
     payloads,
     terminate,
 )
+from pgcast._reconnect import RETRY_LOG_EVERY
 from pgcast.embedded import EmbeddedServer
 from tcp_proxy import TcpProxy
 
@@ -589,3 +590,36 @@ def test_close_ends_a_reconnect_with_no_delay_between_attempts(
             assert took < 2.0, f"the iteration ended {took:.1f} s after close()"
 
     arun(body(), timeout=60)
+
+
+def test_a_reconnect_with_no_delay_does_not_flood_the_log(
+    dsn: str, unique_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Backoff(initial=0) against a server that refuses: one warning per
+    # attempt, hundreds a second. Now the first failure, then a summary at
+    # most every RETRY_LOG_EVERY seconds, and the count in the final error.
+    backoff = pgcast.Backoff(initial=0, maximum=0, max_time=1.0)
+
+    async def body() -> None:
+        with TcpProxy.for_dsn(dsn) as proxy:
+            ps = await pgcast.aio.connect(proxy.dsn(dsn), health_check_interval=0,
+                                          reconnect_backoff=backoff)
+            await ps.listen(unique_channel)
+            proxy.refuse()
+            proxy.cut()
+            started = time.monotonic()
+            with pytest.raises(pgcast.ConnectionLostError) as info:
+                async for _ in ps.events(select_timeout=0.05):
+                    pass
+            took = time.monotonic() - started
+            await ps.close()
+            found = re.search(r"(\d+) attempt\(s\)", str(info.value))
+            assert found, str(info.value)
+            attempts = int(found.group(1))
+            assert attempts >= 20, f"only {attempts} attempts: the flood was not tested"
+            failed = [r for r in caplog.records if "reconnect attempt" in r.getMessage()]
+            assert 1 <= len(failed) <= 2 + took / RETRY_LOG_EVERY, [
+                r.getMessage() for r in failed[:5]]
+
+    with caplog.at_level("WARNING", logger="pgcast"):
+        arun(body(), timeout=60)

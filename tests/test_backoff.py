@@ -239,3 +239,15 @@ def test_plan_propagates_errors_that_retrying_cannot_fix() -> None:
     pooler = ListenNotEffectiveError("LISTEN did not take effect")
     with pytest.raises(ListenNotEffectiveError):
         run_plan([pooler], Backoff(), FakeClock())
+
+
+def test_retry_log_says_the_first_failure_then_one_summary_per_period() -> None:
+    from pgcast._reconnect import RetryLog, describe_attempts
+
+    log = RetryLog(every=5.0)
+    said = [(n, log.failed(n, now=n * 0.001)) for n in range(1, 2001)]  # 2 s of attempts
+    assert [s for _, s in said if s is not None] == [(1, 1)]
+    assert log.failed(2001, now=5.001) == (2, 2001)  # the held ones, summed up
+    assert log.failed(2002, now=5.1) is None  # within 5 s of that summary
+    assert describe_attempts(1, 1) == "attempt 1"
+    assert describe_attempts(2, 2001) == "attempts 2-2001 (2000 of them; the last error)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 import uuid
@@ -642,5 +643,178 @@ def test_the_publishers_connection_gives_up_on_a_dead_network_within_a_minute(
         async with await pgcast.AsyncPublisher.connect(dsn) as apub:
             assert apub._conn is not None
             assert conn_options(apub._conn)["tcp_user_timeout"] == "60000"
+
+    asyncio.run(main())
+
+
+# -- a publish that cannot complete ------------------------------------------------
+
+
+def test_async_publish_that_cannot_commit_ends_at_its_timeout_naming_it(
+    dsn: str, listener: pgcast.PubSub, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # The transaction carrying it is stuck (a network that swallows
+    # everything): `await publish()` used to wait for it for ever (its
+    # timeout only bounded the wait for room), where the sync publish()
+    # returns within its timeout. The await now ends at the timeout (the
+    # call's, else the publisher's), naming it and saying the notification
+    # is not withdrawn; its fate is reported when the batch ends.
+    async def main() -> None:
+        pub = await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=0.005, timeout=0.5)
+        try:
+            async with asyncio.timeout(WAIT):
+                before = swallow(proxy)
+                with pytest.raises(TimeoutError) as info:
+                    await pub.publish(unique_channel, "stuck")  # the publisher's 0.5 s
+                message = str(info.value)
+                assert "did not commit within 0.5 s" in message
+                assert "timeout" in message and "may still be sent" in message
+                with pytest.raises(TimeoutError, match=r"within 0\.2 s"):
+                    await pub.publish(unique_channel, "behind it", timeout=0.2)
+                await acut_when_sent(proxy, before)
+                # Told, not lost: the batch's fate comes with the next flush.
+                with pytest.raises(pgcast.PublishError) as report:
+                    await pub.flush()
+                assert (unique_channel, "stuck") in report.value.messages
+                assert await pub.publish(unique_channel, "after") is None
+        finally:
+            with contextlib.suppress(pgcast.PublishError):
+                await pub.close(timeout=WAIT)
+
+    asyncio.run(main())
+    assert "after" in [e.payload for e in collect_until(listener, "after")]
+
+
+@pytest.mark.parametrize("bad", [-1, "5", True])
+def test_publish_refuses_a_bad_timeout_even_with_room(
+    dsn: str, unique_channel: str, bad: object
+) -> None:
+    # A per-call timeout was only looked at once the buffer was full: a bad
+    # one passed unnoticed until then (and -1 then raised 'full' at once).
+    with pgcast.Publisher(dsn, interval=0.005) as pub:
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            pub.publish(unique_channel, "x", timeout=bad)  # type: ignore[arg-type]
+        assert pub.pending == 0
+
+    async def main() -> None:
+        async with await pgcast.AsyncPublisher.connect(dsn, interval=0.005) as apub:
+            with pytest.raises((TypeError, ValueError), match="timeout"):
+                await apub.publish(unique_channel, "x", timeout=bad)  # type: ignore[arg-type]
+            assert apub.pending == 0
+
+    asyncio.run(main())
+
+
+def collect_until(ps: pgcast.PubSub, sentinel: str, timeout: float = WAIT) -> list[pgcast.Event]:
+    """Every event up to the first whose payload is *sentinel*."""
+    got: list[pgcast.Event] = []
+    deadline = time.monotonic() + timeout
+    for event in ps.events(select_timeout=0.05, yield_timeouts=True):
+        if event is not None:
+            got.append(event)
+            if event.payload == sentinel:
+                return got
+        if time.monotonic() > deadline:
+            break
+    pytest.fail(f"{sentinel!r} not received within {timeout} s: {got[-3:]}")
+
+
+# -- several batches failing ---------------------------------------------------------
+
+
+def fates(message: str) -> str:
+    """What a failure's message says about its batch."""
+    if "may or may not have been sent" in message:
+        return "unknown"
+    if "none of its notifications was sent" in message:
+        return "not sent"
+    return "?"
+
+
+def test_several_failed_batches_fail_in_order_each_saying_its_fate(
+    dsn: str, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # One batch lost in flight (the commit unknown), two behind it refused a
+    # connection (not sent): their handles fail in submission order, each
+    # saying its fate, and flush()'s report lists them in that order. It
+    # said "3 notifications were not sent", the one that may have been
+    # sent among them.
+    with pgcast.Publisher(proxy.dsn(dsn), interval=0.005, max_batch=1, connect_timeout=2) as pub:
+        pub.publish(unique_channel, "warm").result(WAIT)
+        order: list[str] = []
+        before = swallow(proxy)
+        handles = []
+        for name in ("in flight", "refused 1", "refused 2"):
+            handle = pub.publish(unique_channel, name)
+            handle.add_done_callback(lambda _, name=name: order.append(name))  # type: ignore[misc]
+            handles.append(handle)
+        cut_when_sent(proxy, before, cut=False)
+        proxy.refuse()
+        proxy.cut()
+        got = []
+        for handle in handles:
+            with pytest.raises(pgcast.PublishError) as info:
+                handle.result(WAIT)
+            got.append(fates(str(info.value)))
+        assert got == ["unknown", "not sent", "not sent"]
+        assert order == ["in flight", "refused 1", "refused 2"]
+        with pytest.raises(pgcast.PublishError) as report:
+            pub.flush(WAIT)
+        assert [p for _, p in report.value.messages] == ["in flight", "refused 1", "refused 2"]
+        summary = str(report.value)
+        assert "3 notifications were not sent" not in summary
+        assert "1 may or may not have been sent" in summary
+        assert "2 were not sent" in summary
+
+
+def test_close_that_times_out_reports_the_batches_in_submission_order(
+    dsn: str, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # The batch stuck in flight was reported after those queued behind it
+    # (close() fails those first): the report's messages were out of the
+    # order they were published in.
+    pub = pgcast.Publisher(proxy.dsn(dsn), interval=0.005, max_batch=1)
+    try:
+        before = swallow(proxy)
+        pub.publish(unique_channel, "stuck")
+        cut_when_sent(proxy, before, cut=False)
+        pub.publish(unique_channel, "queued 1")
+        pub.publish(unique_channel, "queued 2")
+        with pytest.raises(TimeoutError):
+            pub.close(timeout=0.3)
+    finally:
+        proxy.cut()
+        with pytest.raises(pgcast.PublishError) as report:
+            pub.close(timeout=WAIT)
+    assert [p for _, p in report.value.messages] == ["stuck", "queued 1", "queued 2"]
+    assert "1 may or may not have been sent" in str(report.value)
+
+
+def test_async_sender_cancelled_mid_send_fails_the_batch_in_flight(
+    dsn: str, unique_channel: str, proxy: TcpProxy
+) -> None:
+    # The sender task cancelled (an event loop shutting its tasks down) while
+    # a batch was in flight: the batches queued failed, but the one in
+    # flight, already taken, kept its handle pending for ever and was in no
+    # report. It now fails too, its fate unknown.
+    async def main() -> None:
+        pub = await pgcast.AsyncPublisher.connect(proxy.dsn(dsn), interval=0.005, max_batch=1)
+        try:
+            before = swallow(proxy)
+            in_flight = pub.publish_nowait(unique_channel, "in flight")
+            await acut_when_sent(proxy, before, cut=False)
+            queued = pub.publish_nowait(unique_channel, "queued")
+            pub._sender.cancel()
+            for handle in (in_flight, queued):
+                with pytest.raises(pgcast.PublishError):
+                    await asyncio.wait_for(asyncio.shield(handle), WAIT)
+            with pytest.raises(pgcast.PublishError) as info:
+                await pub.flush(WAIT)
+            assert [p for _, p in info.value.messages] == ["in flight", "queued"]
+            assert "1 may or may not have been sent" in str(info.value)
+        finally:
+            proxy.cut()
+            with contextlib.suppress(pgcast.PgcastError, asyncio.CancelledError):
+                await pub.close(timeout=WAIT)
 
     asyncio.run(main())

@@ -13,17 +13,21 @@ flavours: the application that sends and enqueues.
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import pytest
 
 import pgcast
 import pgcast.aio
 from _eventwait import join_thread, pause, run_sync, start_thread
+from pgcast._reconnect import RETRY_LOG_EVERY
 from pgcast.queue import Job, Queue
 from tcp_proxy import TcpProxy
 
@@ -346,3 +350,243 @@ def test_worker_that_gives_up_reconnecting_still_delivers_what_it_received(
             assert batches == [["a", "b"]]
 
     run_sync(main())
+
+
+def test_worker_stop_from_another_thread_wakes_it_safely(dsn: str, unique_channel: str) -> None:
+    """stop() from a thread that is not the worker's: the asyncio Worker's
+    wait was ended by completing the event loop's future from that thread
+    (not thread safe: asyncio's debug mode raises 'Non-thread-safe operation'
+    in the stopping thread); it now goes through call_soon_threadsafe."""
+
+    def main() -> None:
+        worker = pgcast.Worker(dsn)
+
+        @worker.on(unique_channel)
+        def handle(events: list[pgcast.Event]) -> None:
+            pass
+
+        runner = start_thread(worker.run)
+        assert worker.wait_ready(WAIT), "the worker did not start listening"
+        pause(0.3)  # idle: waiting on its socket
+        errors: list[BaseException] = []
+
+        def stop() -> None:
+            try:
+                worker.stop()
+            except BaseException as exc:  # what the stopping thread met
+                errors.append(exc)
+
+        stopper = threading.Thread(target=stop)
+        stopper.start()
+        stopper.join(WAIT)
+        assert not stopper.is_alive(), "stop() did not return"
+        join_thread(runner, WAIT)
+        assert errors == []
+        assert not worker.stopping
+
+    run_sync(main())
+
+
+KEEPALIVE_KEYS = (
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
+
+
+def keepalive_settings(conn: Any) -> dict[str, str]:
+    """libpq's keepalive settings of *conn* (a psycopg connection), as opened."""
+    return {
+        o.keyword.decode(): (o.val or b"").decode()
+        for o in conn.pgconn.info
+        if o.keyword.decode() in KEEPALIVE_KEYS
+    }
+
+
+def test_worker_queue_connection_has_the_pubsubs_keepalives(dsn: str, conn: Conn) -> None:
+    """The connection that drains the queue tables had no TCP keepalives nor
+    tcp_user_timeout: a claim or a delete sent into a dead network waited for
+    the kernel (about 15 minutes on Linux), the worker with it. It now has
+    those of the worker's PubSub (the health check's); the DSN's own win."""
+    queue = Queue("k" + uuid.uuid4().hex[:12])
+    queue.install(conn)
+
+    def main(worker_dsn: str, want_timeout: str) -> None:
+        worker = pgcast.Worker(worker_dsn)
+
+        @worker.on_queue(queue)
+        def handle(jobs: list[Job]) -> None:
+            pass
+
+        def body() -> None:
+            assert worker._work is not None and worker._pubsub is not None
+            settings = keepalive_settings(worker._work)
+            assert settings == keepalive_settings(worker._pubsub.connection)
+            assert settings["keepalives"] == "1"
+            assert settings["tcp_user_timeout"] == want_timeout
+
+        run_until(worker, body)
+        assert worker._work is None  # closed with the session
+
+    try:
+        run_sync(main(dsn, "60000"))
+        run_sync(main(psycopg.conninfo.make_conninfo(dsn, tcp_user_timeout=5000), "5000"))
+    finally:
+        queue.uninstall(conn)
+
+
+def test_worker_statement_timeout_on_a_queue_keeps_the_session_and_retries(
+    dsn: str, conn: Conn, unique_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server cancels the claim (statement_timeout, the queue table
+    locked by someone else): the worker said it 'lost its connection' and
+    restarted its whole session, LISTEN connection included, again and again
+    (notifications sent meanwhile were lost). Now the batch's transaction is
+    rolled back, the error says what the server did, the queue is retried
+    after a backoff, and the session (its LISTEN) goes on."""
+    queue = Queue("s" + uuid.uuid4().hex[:12])
+    queue.install(conn)
+    queue.enqueue_many(conn, [1, 2])
+    worker_dsn = psycopg.conninfo.make_conninfo(dsn, options="-c statement_timeout=200")
+    locker = psycopg.connect(dsn)
+    try:
+
+        def main() -> None:
+            jobs_seen: list[Any] = []
+            events: list[str] = []
+            worker = pgcast.Worker(
+                worker_dsn, debounce=0, retry=pgcast.Retry(attempts=1, backoff=0.05)
+            )
+
+            @worker.on_queue(queue)
+            def handle(jobs: list[Job]) -> None:
+                jobs_seen.extend([j.payload for j in jobs])
+
+            @worker.on(unique_channel)
+            def note(batch: list[pgcast.Event]) -> None:
+                events.extend([e.payload for e in batch])
+
+            def body() -> None:
+                eventually("the backlog", lambda: jobs_seen == [1, 2])
+                assert worker._pubsub is not None
+                pid = worker._pubsub.backend_pid
+                # Another transaction queues a job and holds the table.
+                queue.enqueue_many(locker, [3])
+                locker.execute(f"LOCK TABLE pgcast.{queue.table} IN EXCLUSIVE MODE")
+                conn.execute("SELECT pg_notify(%s, '')", (queue.channel,))  # a wake-up
+                eventually(
+                    "a cancelled claim",
+                    lambda: [r for r in caplog.records if "statement timeout" in r.getMessage()],
+                )
+                send(conn, unique_channel, ["while blocked"])
+                eventually("the event", lambda: events == ["while blocked"])
+                locker.commit()
+                eventually("the job after the lock", lambda: jobs_seen == [1, 2, 3])
+                assert worker._pubsub is not None and worker._pubsub.backend_pid == pid
+
+            run_until(worker, body)
+
+        with caplog.at_level("WARNING", logger="pgcast"):
+            run_sync(main())
+        messages = [r.getMessage() for r in caplog.records if r.name == "pgcast.worker"]
+        assert not [m for m in messages if "lost its connection" in m], messages
+        cancelled = [m for m in messages if "statement timeout" in m]
+        assert "rolled back" in cancelled[0] and "retrying" in cancelled[0], cancelled[0]
+        assert queue.pending(conn) == 0
+    finally:
+        locker.close()
+        queue.uninstall(conn)
+
+
+def test_worker_idle_in_transaction_timeout_during_a_handler_is_survived(
+    dsn: str, conn: Conn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that runs longer than idle_in_transaction_session_timeout:
+    the server ends the queue connection, and the worker's run() died of
+    psycopg's IdleInTransactionSessionTimeout (not an OperationalError).
+    Now the error names the setting, the jobs (rolled back, none lost) run
+    again on a new connection, and the worker goes on."""
+    queue = Queue("i" + uuid.uuid4().hex[:12])
+    queue.install(conn)
+    queue.enqueue_many(conn, [1, 2])
+    worker_dsn = psycopg.conninfo.make_conninfo(
+        dsn, options="-c idle_in_transaction_session_timeout=300"
+    )
+    try:
+
+        def main() -> None:
+            calls: list[list[Any]] = []
+            worker = pgcast.Worker(
+                worker_dsn, reconnect_backoff=pgcast.Backoff(initial=0.05, maximum=0.2)
+            )
+
+            @worker.on_queue(queue)
+            def handle(jobs: list[Job]) -> None:
+                calls.append([j.payload for j in jobs])
+                if len(calls) == 1:
+                    pause(1.0)  # longer than the server lets a transaction idle
+
+            def body() -> None:
+                eventually("the second call", lambda: len(calls) == 2)
+                eventually("the jobs done", lambda: queue.pending(conn) == 0)
+
+            run_until(worker, body)
+            assert calls == [[1, 2], [1, 2]]
+
+        with caplog.at_level("WARNING", logger="pgcast"):
+            run_sync(main())
+        messages = [r.getMessage() for r in caplog.records if r.name == "pgcast.worker"]
+        assert [
+            m
+            for m in messages
+            if "idle_in_transaction_session_timeout" in m and "2 jobs" in m and ("rolled back" in m)
+        ], messages
+    finally:
+        queue.uninstall(conn)
+
+
+def test_worker_reconnect_with_no_delay_does_not_flood_the_log(
+    dsn: str, unique_channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Backoff(initial=0) against a refusing server: the worker logged a
+    warning per attempt (hundreds a second). Now the loss, then a summary at
+    most every RETRY_LOG_EVERY seconds; the count is in the final error."""
+    backoff = pgcast.Backoff(initial=0, maximum=0, max_time=1.0)
+
+    def main() -> None:
+        with TcpProxy.for_dsn(dsn) as proxy:
+            worker = pgcast.Worker(proxy.dsn(dsn), reconnect_backoff=backoff)
+
+            @worker.on(unique_channel)
+            def handle(events: list[pgcast.Event]) -> None:
+                pass
+
+            errors: list[BaseException] = []
+
+            def target() -> None:
+                try:
+                    worker.run()
+                except pgcast.ConnectError as exc:
+                    errors.append(exc)
+
+            runner = start_thread(target)
+            assert worker.wait_ready(WAIT), "the worker did not start listening"
+            proxy.refuse()
+            proxy.cut()
+            started = time.monotonic()
+            join_thread(runner, WAIT)
+            took = time.monotonic() - started
+            assert errors, "the worker did not give up"
+            found = re.search("after (\\d+) attempt", str(errors[0]))
+            assert found, str(errors[0])
+            attempts = int(found.group(1))
+            assert attempts >= 20, f"only {attempts} attempts: the flood was not tested"
+            records = [r for r in caplog.records if r.name == "pgcast.worker"]
+            assert 1 <= len(records) <= 2 + took / RETRY_LOG_EVERY, [
+                r.getMessage() for r in records[:5]
+            ]
+
+    with caplog.at_level("WARNING", logger="pgcast"):
+        run_sync(main())

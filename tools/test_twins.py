@@ -48,6 +48,11 @@ PAIRS: list[tuple[str, str]] = [
 #: the reason. Not the backlog (tests/twins_missing.txt): a design decision,
 #: to be kept short; a behaviour both flavours have never belongs here.
 ONE_FLAVOUR: dict[str, str] = {
+    "test_aio_worker_loop.py::test_worker_cancelled_hands_what_it_received_to_on_error": (
+        "cancelling the task that runs the worker; a thread cannot be cancelled (the "
+        "sync worker's KeyboardInterrupt takes the same path, but only the main thread "
+        "gets one)"
+    ),
     "test_aio_manager.py::test_a_reader_does_not_spin_while_the_loop_body_awaits": (
         "the event loop's reader callbacks (loop.add_reader) fire while the loop body "
         "awaits; the sync manager has no callbacks: nothing runs between two next() calls"

@@ -128,11 +128,13 @@ class SchemaError(DatabaseError):
 
 
 class PublishError(PgcastError):
-    """A :class:`pgcast.Publisher` transaction failed; its notifications were not sent.
+    """A :class:`pgcast.Publisher` transaction failed: its notifications were
+    not sent, or, when the connection was lost before the server answered,
+    may or may not have been (the message says which; none is sent again).
 
-    :attr:`messages` holds every ``(channel, payload)`` that was not sent, in
-    order, so nothing is lost; the cause (the server's or libpq's error) is
-    ``__cause__``.
+    :attr:`messages` holds every ``(channel, payload)`` of the failed
+    transactions, in the order they were published, so nothing is lost; the
+    cause (the server's or libpq's error) is ``__cause__``.
     """
 
     def __init__(self, message: str, messages: list[tuple[str, str]]) -> None:

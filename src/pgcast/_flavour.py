@@ -207,6 +207,17 @@ def current() -> object:
     return threading.get_ident()
 
 
+def home() -> object:
+    """Where the caller's waits live, for :func:`call_home`: threads wait
+    anywhere, so nowhere in particular."""
+    return None
+
+
+def call_home(where: object, call: Callable[[], object]) -> None:
+    """Run *call* (a wake-up) now: the sync waiters are woken from any thread."""
+    call()
+
+
 def resolve(result: object) -> None:
     """Finish a callback's *result*: a coroutine is run on a loop of its own."""
     if inspect.iscoroutine(result):

@@ -16,6 +16,9 @@ meaning; only what cannot be written the same way in both lives here:
 * :func:`sleep_unless`: sleep, ending early when an event is set.
 * :func:`wait_flag`: wait for a flag any thread may set (a Worker's stop).
 * :func:`current`: who is running (a task here, a thread there).
+* :func:`home` and :func:`call_home`: run a call where the waiter it wakes
+  lives, from any thread (the event loop's thread here, through
+  ``call_soon_threadsafe``; at once there).
 * :class:`StateLock`: guards counters that threads share; an asyncio program
   has one thread, so here it does nothing.
 * :func:`resolve` and :class:`AwaitRunner`: a callback's result that may be
@@ -51,12 +54,14 @@ __all__ = [
     "SocketsWaiter",
     "StateLock",
     "acquire",
+    "call_home",
     "cancel",
     "check_connection",
     "check_flavour",
     "current",
     "future_factory",
     "gather_cancelled",
+    "home",
     "join",
     "readable",
     "resolve",
@@ -215,6 +220,32 @@ async def wait_flag(flag: threading.Event, timeout: float | None) -> bool:
 def current() -> object:
     """The task running now."""
     return asyncio.current_task()
+
+
+def home() -> asyncio.AbstractEventLoop:
+    """Where the caller's waits live, for :func:`call_home`: the running loop."""
+    return asyncio.get_running_loop()
+
+
+def call_home(where: asyncio.AbstractEventLoop | None, call: Callable[[], object]) -> None:
+    """Run *call* (a wake-up) on the event loop *where*, from any thread: at
+    once in the loop's own thread, else through ``call_soon_threadsafe``
+    (completing a loop's future from another thread is not thread safe: it
+    may not wake the loop, and in debug mode it raises, the wake-up lost).
+    *where* None: no loop known, *call* runs at once; a loop closed
+    meanwhile: nothing waits there any more, nothing to do."""
+    if where is None:
+        call()
+        return
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is where:
+        call()
+        return
+    with contextlib.suppress(RuntimeError):  # closed meanwhile: nobody to wake
+        where.call_soon_threadsafe(call)
 
 
 #: A lock for state that threads share; an asyncio program has one thread,

@@ -47,12 +47,15 @@ from ._health import check_interval, keepalive_options
 
 __all__ = [
     "RETRYABLE",
+    "RETRY_LOG_EVERY",
     "Attempt",
     "OnReconnect",
     "Reconnected",
     "Resilience",
+    "RetryLog",
     "Sleep",
     "add_keepalives",
+    "describe_attempts",
     "reconnect_plan",
     "resilience",
     "utcnow",
@@ -114,6 +117,38 @@ RETRYABLE: tuple[type[BaseException], ...] = (
 )
 
 
+#: The longest a series of failed attempts goes unmentioned in the log after
+#: its first failure: one summary per this many seconds, not one per attempt.
+RETRY_LOG_EVERY = 5.0
+
+
+class RetryLog:
+    """When to log the failures of a series of attempts, without flooding:
+    the first at once, then at most one summary each *every* seconds (a
+    ``Backoff(initial=0)`` against a refusing server tries hundreds of
+    times a second). Pure: the caller passes the time."""
+
+    __slots__ = ("_every", "_first_held", "_held", "_last")
+
+    def __init__(self, every: float = RETRY_LOG_EVERY) -> None:
+        self._every = every
+        self._last: float | None = None
+        self._held = 0  # failures not logged since the last record
+        self._first_held = 0  # the number of the first of them
+
+    def failed(self, number: int, now: float) -> tuple[int, int] | None:
+        """Attempt *number* failed at *now*: the range of attempt numbers
+        ``(first, last)`` a record written now covers, or None: hold it."""
+        if self._held == 0:
+            self._first_held = number
+        self._held += 1
+        if self._last is not None and now - self._last < self._every:
+            return None
+        self._last = now
+        first, self._held = self._first_held, 0
+        return first, number
+
+
 def reconnect_plan(
     backoff: Backoff,
     reason: BaseException,
@@ -130,6 +165,7 @@ def reconnect_plan(
     started = clock()
     attempts = backoff.attempts(started, rand)
     last: BaseException = reason
+    quiet = RetryLog()
     while True:
         now = clock()
         delay = attempts.next_delay(now)
@@ -146,12 +182,23 @@ def reconnect_plan(
             yield Attempt(attempts.count)
         except RETRYABLE as exc:
             last = exc
-            logger.warning(
-                "pgcast: reconnect attempt %d failed: %s", attempts.count, exc,
-                extra={"attempt": attempts.count},
-            )
+            covered = quiet.failed(attempts.count, clock())
+            if covered is not None:
+                first, number = covered
+                logger.warning(
+                    "pgcast: reconnect %s failed: %s", describe_attempts(first, number),
+                    exc, extra={"attempt": attempts.count},
+                )
             continue
         return attempts.count
+
+
+def describe_attempts(first: int, last: int) -> str:
+    """``attempt 3`` or ``attempts 3-812 (810 of them; the last error)``:
+    what a :class:`RetryLog` record covers."""
+    if first == last:
+        return f"attempt {last}"
+    return f"attempts {first}-{last} ({last - first + 1} of them; the last error)"
 
 
 def utcnow() -> datetime:

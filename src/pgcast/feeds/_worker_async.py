@@ -28,9 +28,11 @@ from .._backoff import Attempts
 from .._connect import connect_failed
 from .._core import connect_args
 from .._errors import ConnectError, ConnectionLostError
-from .._flavour_async import AwaitRunner, wait_flag
+from .._flavour_async import AwaitRunner, call_home, home, wait_flag
+from .._reconnect import RetryLog, add_keepalives, describe_attempts
 from ..client._open_async import connect
 from ..client._pubsub_async import AsyncPubSub
+from ._queue_faults import queue_connection_lost, queue_refused
 from ._worker_core import (
     READ_BURST,
     STOP_SLICE,
@@ -70,7 +72,12 @@ class AsyncWorker(WorkerBase):
     """
 
     _pubsub: AsyncPubSub | None = None
+    #: The connection that drains the queue tables, while a session runs.
+    _work: psycopg.AsyncConnection[Any] | None = None
     _runner: AwaitRunner | None = None
+    #: Where run() waits (its event loop; None in the sync flavour): stop()
+    #: wakes it there, whatever thread it is called from.
+    _home: Any = None
 
     async def run(self) -> None:
         """Work until :meth:`stop` (or SIGTERM/SIGINT, sync Worker in the
@@ -82,6 +89,7 @@ class AsyncWorker(WorkerBase):
             retried).
         """
         self._check_runnable()
+        self._home = home()
         try:
             with self._signals():
                 self._runner = runner = AwaitRunner()
@@ -92,6 +100,12 @@ class AsyncWorker(WorkerBase):
                         # Given up (or failed): what was received still goes
                         # to its handlers, not down with the worker.
                         await self._deliver(time.monotonic(), everything=True)
+                        raise
+                    except BaseException as exc:
+                        # Cancelled (asyncio) or interrupted (KeyboardInterrupt):
+                        # no handler runs now, but what was received and not
+                        # handled goes to on_error (or the log), not silently away.
+                        self._abandon_pending(exc)
                         raise
                     # Graceful: what was received is handled before returning.
                     await self._deliver(time.monotonic(), everything=True)
@@ -108,7 +122,9 @@ class AsyncWorker(WorkerBase):
         self._stop.set()
         ps = self._pubsub
         if ps is not None:
-            ps.wake()
+            # Not ps.wake() here: from another thread, the asyncio PubSub's
+            # wake-up (completing its loop's future) is not thread safe.
+            call_home(self._home, ps.wake)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the worker listens and has drained its queues once."""
@@ -118,6 +134,7 @@ class AsyncWorker(WorkerBase):
 
     async def _supervise(self) -> None:
         attempts: Attempts | None = None
+        quiet = RetryLog()
         while not self._stop.is_set():
             try:
                 await self._session()
@@ -129,16 +146,22 @@ class AsyncWorker(WorkerBase):
                 if attempts is None or self._ready.is_set():
                     # Up since the last loss (or never lost): a new series.
                     attempts = self._reconnect_backoff.attempts(time.monotonic())
+                    quiet = RetryLog()
                 delay = attempts.next_delay(time.monotonic())
                 if delay is None:
                     raise ConnectError(
                         f"pgcast worker: gave up reconnecting after {attempts.count} "
                         f"attempt(s) (reconnect_backoff); last error: {exc}"
                     ) from exc
-                what = "lost its connection" if attempts.count == 1 else \
-                    f"reconnect attempt {attempts.count - 1} failed"
-                logger.warning("pgcast worker %s (%s); reconnecting in %.1f s",
-                               what, exc, delay, extra={"attempt": attempts.count})
+                # The loss, then at most one summary per RETRY_LOG_EVERY s
+                # (without a delay, hundreds of attempts a second).
+                covered = quiet.failed(attempts.count, time.monotonic())
+                if covered is not None:
+                    first, number = covered
+                    what = "lost its connection" if number == 1 else \
+                        "reconnect " + describe_attempts(first - 1, number - 1) + " failed"
+                    logger.warning("pgcast worker %s (%s); reconnecting in %.1f s",
+                                   what, exc, delay, extra={"attempt": attempts.count})
                 self._ready.clear()
                 await wait_flag(self._stop, delay)
 
@@ -151,11 +174,17 @@ class AsyncWorker(WorkerBase):
                 conninfo, reconnect=False, **options))
             work: psycopg.AsyncConnection[Any] | None = None
             if self._queues:
+                # The PubSub's TCP keepalives and tcp_user_timeout (the DSN's
+                # own win): a claim or a delete sent into a dead network fails
+                # within a minute, not the kernel's quarter of an hour.
+                work_options = add_keepalives(conninfo, options, ps.health_check_interval)
                 try:
                     work = await stack.enter_async_context(
-                        await psycopg.AsyncConnection.connect(conninfo, **options))
+                        await psycopg.AsyncConnection.connect(conninfo, **work_options))
                 except psycopg.OperationalError as exc:
                     raise connect_failed(exc) from exc
+                self._work = work
+                stack.callback(setattr, self, "_work", None)
                 for route in self._queues.values():
                     await self._install(work, route)
             self._pubsub = ps
@@ -177,6 +206,9 @@ class AsyncWorker(WorkerBase):
                 now = time.monotonic()
                 due = self._coalescer.due_in(now)
                 timeout = next_poll - now if due is None else min(due, next_poll - now)
+                held = self._queues_held_for(now)  # a queue to retry after a refusal
+                if held is not None:
+                    timeout = min(timeout, held)
                 # One wait per turn, then whatever else has arrived, unwaited.
                 # The wait is sliced so that a stop() is seen within a slice.
                 slice_ = min(max(timeout, 0.001), STOP_SLICE)
@@ -218,33 +250,57 @@ class AsyncWorker(WorkerBase):
     async def _drain(self, work: psycopg.AsyncConnection[Any]) -> None:
         for route in self._queues.values():
             while route.dirty and not self._stop.is_set():
+                if time.monotonic() < route.held_until:
+                    break  # refused lately: retried once its backoff is over
                 if not await self._drain_batch(work, route):
-                    route.dirty = False
+                    if time.monotonic() >= route.held_until:
+                        route.dirty = False  # empty (not refused)
+                    break
 
     async def _drain_batch(self, work: psycopg.AsyncConnection[Any], route: _QueueRoute) -> bool:
-        """Claim, handle and delete one batch; False when the queue was empty."""
+        """Claim, handle and delete one batch; False when the queue was empty
+        (or the server refused a statement: the queue is held for a while)."""
         queue = route.queue
         jobs: list[Job] = []
+        handled = False
+        began: float | None = None
         try:
             async with work.transaction():
+                began = time.monotonic()
                 cur = await work.execute(*queue.claim_query(route.batch_size))
                 jobs = [Job(*r) for r in await cur.fetchall()]
                 if not jobs:
+                    route.refused = 0
                     return False
                 try:
                     await self._call(route.handler, route.is_async, jobs, route.retry, route.name)
                 except Abandoned:
                     raise
                 except Exception as exc:
+                    handled = True
                     await self._dead_letters(work, route, jobs, exc)
                 else:
+                    handled = True
                     await work.execute(*queue.complete_query(jobs))
         except Abandoned:
             logger.warning("pgcast worker stopping: %d jobs of %r left in the queue",
                            len(jobs), queue)
             return False
-        except psycopg.OperationalError as exc:
-            raise ConnectionLostError(f"connection to PostgreSQL lost: {exc}") from exc
+        except psycopg.Error as exc:
+            if work.closed or work.broken:
+                # The session ended under the batch (a terminated backend, an
+                # idle_in_transaction_session_timeout, the network): a new one.
+                held = None if began is None else time.monotonic() - began
+                raise ConnectionLostError(queue_connection_lost(
+                    route, exc, len(jobs), handled, held)) from exc
+            if not isinstance(exc, psycopg.OperationalError):
+                raise
+            # A statement refused on a connection that is fine (a
+            # statement_timeout, a lock_timeout): rolled back; the session,
+            # its LISTEN and the other queues go on.
+            queue_refused(route, exc, len(jobs), handled, time.monotonic())
+            return False
+        route.refused = 0
         return True
 
     async def _dead_letters(

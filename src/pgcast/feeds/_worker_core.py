@@ -133,6 +133,10 @@ class _QueueRoute(_Handled):
     queue: Queue
     batch_size: int
     dirty: bool = True
+    #: Statements the server refused in a row (a statement_timeout...).
+    refused: int = 0
+    #: Not drained again before this time (time.monotonic()) after a refusal.
+    held_until: float = 0.0
 
 
 @dataclass
@@ -303,6 +307,12 @@ class WorkerBase:
         if self._running.locked():
             raise RuntimeError("register handlers before the worker runs")
 
+    def _queues_held_for(self, now: float) -> float | None:
+        """Seconds until a queue held after a refusal is due again, if any."""
+        held = [r.held_until - now for r in self._queues.values()
+                if r.dirty and r.held_until > now]
+        return min(held) if held else None
+
     def _mark_dirty(self) -> None:
         for route in self._queues.values():
             route.dirty = True
@@ -318,6 +328,17 @@ class WorkerBase:
             # Not an event: the PubSub reconnected, and jobs queued meanwhile
             # were announced to nobody.
             self._mark_dirty()
+
+    def _abandon_pending(self, why: BaseException) -> None:
+        """The worker ends without running its handlers (*why*: a
+        cancellation, an interrupt): every batch received and not handled
+        goes to ``on_error`` (or the log) with an :class:`Abandoned` saying so."""
+        for route, batch in self._coalescer.take_due(0.0, everything=True):
+            error = Abandoned(
+                f"pgcast worker: {type(why).__name__} ended run() before {route.name} "
+                f"ran: this batch of {len(batch)} was received and not handled")
+            error.__cause__ = why
+            self._give_up(error, batch, route.name)
 
     def _give_up(self, exc: BaseException, batch: list[Any], name: str) -> None:
         hook = self.on_error

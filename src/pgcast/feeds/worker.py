@@ -43,14 +43,28 @@ The contract:
   comes during a retry's backoff, the retry is abandoned: a queue batch is
   rolled back into the queue untouched, a notification batch goes to
   ``on_error``. A second SIGINT/SIGTERM during the graceful stop is not
-  caught: it interrupts the process as usual.
+  caught: it interrupts the process as usual. A :meth:`Worker.run` that is
+  cancelled (the asyncio task) or interrupted (``KeyboardInterrupt``) runs
+  no handler: the notification batches it received and had not handled go
+  to ``on_error`` (or the log) with an error saying so; a queue batch in
+  hand is rolled back into its queue.
 - **Connection loss.** The worker reconnects as its *reconnect_backoff* says
   (a :class:`pgcast.Backoff`, the policy of every retry in pgcast) and drains
   its queues again; notifications sent while it was disconnected
   are lost (queued jobs are not). A stop during an outage ends
   :meth:`Worker.run` at once, without waiting for the database. A worker
   whose backoff gives up raises :class:`pgcast.ConnectError` from
-  :meth:`Worker.run` after handing what it received to its handlers.
+  :meth:`Worker.run` after handing what it received to its handlers. A
+  queue connection the server ends under a batch (a terminated backend, an
+  ``idle_in_transaction_session_timeout`` shorter than the handler) is such
+  a loss: the batch is rolled back into the queue and runs again, and the
+  log names the setting.
+- **Refused statements.** A claim or delete the server refuses on a
+  connection that is fine (``statement_timeout``, ``lock_timeout``: the
+  table locked by someone else) rolls the batch back into the queue; the
+  error is logged and that queue is drained again after its
+  :class:`Retry` backoff (0.1 s at least), while the session, its LISTEN
+  and the other queues go on.
 
 The same Worker runs in asyncio programs as ``pgcast.aio.Worker``:
 ``await worker.run()``, ``await worker.wait_ready()``; its coroutine handlers

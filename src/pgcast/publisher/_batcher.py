@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from .._channels import check_channel
 from .._errors import ConnectionLostError, PublishError
@@ -116,7 +116,7 @@ class Batcher(Generic[H]):
         #: True once close() began: no new messages, everything left goes now.
         self.closing = False
         self._flush_upto = 0
-        self._failures: list[PublishError] = []
+        self._failures: list[_Failure] = []
 
     # -- the publishing side ------------------------------------------------
 
@@ -193,7 +193,8 @@ class Batcher(Generic[H]):
         """
         if cause is None:
             return None
-        if isinstance(cause, ConnectionLostError):
+        unknown = isinstance(cause, ConnectionLostError)
+        if unknown:
             # Lost in flight: the commit may have happened, its answer lost.
             fate = ("whether it committed is unknown (the connection was lost before "
                     "the server answered): its notifications may or may not have been "
@@ -206,7 +207,7 @@ class Batcher(Generic[H]):
             batch.messages(),
         )
         error.__cause__ = cause
-        self._failures.append(error)
+        self._failures.append(_Failure(batch.seq, error, unknown))
         return error
 
     def finish(self, batch: Batch[H]) -> None:
@@ -229,18 +230,37 @@ class Batcher(Generic[H]):
         """The failures since the last call, as one error (None if there were none).
 
         Its :attr:`~PublishError.messages` are those of every failed
-        transaction, in order; its cause is the first failure's cause.
+        transaction, in the order they were published (a batch stuck in
+        flight fails after those queued behind it, when close() gives up);
+        its message counts the notifications not sent and those whose
+        transaction's outcome is unknown; its cause is the first failure's.
         """
-        failures, self._failures = self._failures, []
+        failures, self._failures = sorted(self._failures, key=lambda f: f.seq), []
         if not failures:
             return None
         if len(failures) == 1:
-            return failures[0]
-        messages = [m for f in failures for m in f.messages]
+            return failures[0].error
+        messages = [m for f in failures for m in f.error.messages]
+        unknown = sum(len(f.error.messages) for f in failures if f.unknown)
+        fates = []
+        if unknown:
+            fates.append(f"{unknown} may or may not have been sent (their connection was "
+                         f"lost before the server answered; not sent again)")
+        if len(messages) - unknown:
+            fates.append(f"{len(messages) - unknown} were not sent")
         error = PublishError(
-            f"{len(failures)} Publisher transactions failed; {len(messages)} notifications "
-            f"were not sent. The first failure: {failures[0]}",
+            f"{len(failures)} Publisher transactions failed; of their {len(messages)} "
+            f"notifications, {' and '.join(fates)}. The first failure: {failures[0].error}",
             messages,
         )
-        error.__cause__ = failures[0].__cause__
+        error.__cause__ = failures[0].error.__cause__
         return error
+
+
+class _Failure(NamedTuple):
+    """A failed batch, kept for :meth:`Batcher.take_failure`."""
+
+    seq: int
+    error: PublishError
+    #: Whether its transaction may have committed (lost in flight).
+    unknown: bool

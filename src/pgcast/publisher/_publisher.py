@@ -47,9 +47,11 @@ waits, sends and resolves handles. Written for asyncio (``_publisher_async.py``,
 
 In the asyncio flavour ``await publish()`` is one await: it returns once the
 transaction carrying the notification committed (or raises
-:class:`PublishError`); ``publish_nowait()`` queues without waiting and
-returns that transaction's future. The sync ``publish()`` queues (waiting for
-room only) and returns a ``concurrent.futures.Future``.
+:class:`PublishError`), and lasts at most its ``timeout`` in all, as the sync
+call does (past it: ``TimeoutError``, the notification not withdrawn);
+``publish_nowait()`` queues without waiting and returns that transaction's
+future. The sync ``publish()`` queues (waiting for room only) and returns a
+``concurrent.futures.Future``.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from psycopg import pq
 from .._closing import Closing
 from .._connect import connect_failed
 from .._core import check_timeout, connect_args, wrap_error
-from .._errors import ClosedError, PublisherFullError
+from .._errors import ClosedError, ConnectionLostError, PublisherFullError
 from .._flavour import Signal, StateLock, future_factory, join, start_worker
 from .._notify_many import notify_many_params
 from .._payload import Payload
@@ -324,11 +326,11 @@ class Publisher(Closing):
 
     def _enqueue(self, channel: str, payload: Payload, timeout: float | None) -> Any:
         channel, text = check_message(channel, payload)
+        timeout = self._timeout if timeout is _DEFAULT else check_timeout("timeout", timeout)
         batcher = self._batcher
         with self._lock:
             self._check_open()
             if not batcher.has_room():
-                timeout = self._timeout if timeout is _DEFAULT else timeout
                 start = time.monotonic()
                 deadline = _deadline(timeout)
                 while not batcher.has_room():
@@ -349,6 +351,7 @@ class Publisher(Closing):
 
     def _run(self) -> None:
         batcher = self._batcher
+        in_flight: Batch[Any] | None = None
         try:
             while True:  # ends: closed and drained
                 with self._lock:
@@ -356,12 +359,22 @@ class Publisher(Closing):
                         self._work.wait(wait)
                     if wait is None:
                         return
-                    batch = batcher.take()
+                    batch = in_flight = batcher.take()
                     self._progress.set()  # room came free
-                self._complete(batch, self._send(batch))
+                outcome = self._send(batch)
+                in_flight = None
+                self._complete(batch, outcome)
         except BaseException as exc:
             # Never die silently: fail what is queued and make publish() say why.
             logger.exception("pgcast Publisher sender failed")
+            if in_flight is not None:
+                # Taken and maybe sent (cancelled, interrupted mid-send): its
+                # handle fails too, its fate unknown, instead of pending for ever.
+                lost = ConnectionLostError(
+                    f"the Publisher's sender ended ({exc!r}) while this transaction was in flight"
+                )
+                lost.__cause__ = exc
+                self._complete(in_flight, lost)
             self._crashed(exc)
             raise
 

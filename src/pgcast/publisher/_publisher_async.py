@@ -44,9 +44,11 @@ waits, sends and resolves handles. Written for asyncio (``_publisher_async.py``,
 
 In the asyncio flavour ``await publish()`` is one await: it returns once the
 transaction carrying the notification committed (or raises
-:class:`PublishError`); ``publish_nowait()`` queues without waiting and
-returns that transaction's future. The sync ``publish()`` queues (waiting for
-room only) and returns a ``concurrent.futures.Future``.
+:class:`PublishError`), and lasts at most its ``timeout`` in all, as the sync
+call does (past it: ``TimeoutError``, the notification not withdrawn);
+``publish_nowait()`` queues without waiting and returns that transaction's
+future. The sync ``publish()`` queues (waiting for room only) and returns a
+``concurrent.futures.Future``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from psycopg import pq
 from .._closing import AsyncClosing
 from .._connect import connect_failed
 from .._core import check_timeout, connect_args, wrap_error
-from .._errors import ClosedError, PublisherFullError
+from .._errors import ClosedError, ConnectionLostError, PublisherFullError
 from .._flavour_async import Signal, StateLock, future_factory, join, start_worker
 from .._notify_many import notify_many_params
 from .._payload import Payload
@@ -218,19 +220,39 @@ class AsyncPublisher(AsyncClosing):
         ) -> None:
             """Send a notification: queue it (waiting for room when
             ``max_pending`` are unsent) and return once the transaction
-            carrying it committed. One await; to queue without waiting, see
-            :meth:`publish_nowait`.
+            carrying it committed. One await, which lasts at most *timeout*
+            seconds in all (the publisher's ``timeout`` when not given;
+            ``None``: no limit), as the sync ``publish()`` call does; to
+            queue without waiting, see :meth:`publish_nowait`.
 
             :raises InvalidChannelError: bad channel name; nothing was queued.
             :raises PayloadError: a payload NOTIFY cannot carry; nothing was queued.
             :raises PublisherFullError: no room came free within *timeout* seconds.
+            :raises TimeoutError: queued, but its transaction did not commit
+                within *timeout* seconds; it is not withdrawn and may still be
+                sent (a failure is reported by :meth:`flush` and :meth:`close`).
             :raises PublishError: the transaction carrying it failed.
             :raises ClosedError: the publisher is closed (or its sender failed).
             """
+            start = time.monotonic()
+            timeout = self._timeout if timeout is _DEFAULT else timeout
             handle = await self._enqueue(channel, payload, timeout)
+            left = None if timeout is None else timeout - (time.monotonic() - start)
             # Shielded: the handle is the whole batch's, which a cancelled
-            # caller must not cancel for the others.
-            await asyncio.shield(handle)
+            # (or timed out) caller must not cancel for the others.
+            scope = asyncio.timeout(left)
+            try:
+                async with scope:
+                    await asyncio.shield(handle)
+            except TimeoutError:
+                if not scope.expired():
+                    raise  # the batch's own error
+                raise TimeoutError(
+                    f"publish(): the transaction carrying this notification did not "
+                    f"commit within {timeout:g} s (timeout; the Publisher's own unless "
+                    f"given): it is queued or in flight, not withdrawn, and may still be "
+                    f"sent; if its transaction fails, flush() and close() report it"
+                ) from None
 
         def publish_nowait(self, channel: str, payload: Payload = "") -> asyncio.Future[None]:
             """Queue a notification without waiting; return the future of the
@@ -367,11 +389,11 @@ class AsyncPublisher(AsyncClosing):
 
     async def _enqueue(self, channel: str, payload: Payload, timeout: float | None) -> Any:
         channel, text = check_message(channel, payload)
+        timeout = self._timeout if timeout is _DEFAULT else check_timeout("timeout", timeout)
         batcher = self._batcher
         with self._lock:
             self._check_open()
             if not batcher.has_room():
-                timeout = self._timeout if timeout is _DEFAULT else timeout
                 start = time.monotonic()
                 deadline = _deadline(timeout)
                 while not batcher.has_room():
@@ -392,6 +414,7 @@ class AsyncPublisher(AsyncClosing):
 
     async def _run(self) -> None:
         batcher = self._batcher
+        in_flight: Batch[Any] | None = None
         try:
             while True:  # ends: closed and drained
                 with self._lock:
@@ -399,12 +422,22 @@ class AsyncPublisher(AsyncClosing):
                         await self._work.wait(wait)
                     if wait is None:
                         return
-                    batch = batcher.take()
+                    batch = in_flight = batcher.take()
                     self._progress.set()  # room came free
-                self._complete(batch, await self._send(batch))
+                outcome = await self._send(batch)
+                in_flight = None
+                self._complete(batch, outcome)
         except BaseException as exc:
             # Never die silently: fail what is queued and make publish() say why.
             logger.exception("pgcast Publisher sender failed")
+            if in_flight is not None:
+                # Taken and maybe sent (cancelled, interrupted mid-send): its
+                # handle fails too, its fate unknown, instead of pending for ever.
+                lost = ConnectionLostError(
+                    f"the Publisher's sender ended ({exc!r}) while this transaction was "
+                    f"in flight")
+                lost.__cause__ = exc
+                self._complete(in_flight, lost)
             self._crashed(exc)
             raise
 
