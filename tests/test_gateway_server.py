@@ -1026,6 +1026,44 @@ def test_mounted_app_whose_database_fails_does_not_connect_once_per_request(
             conn.execute(f'DROP DATABASE IF EXISTS "{database}"')
 
 
+def test_the_gateways_reconnect_with_no_delay_does_not_flood_the_log(
+    dsn: str, conn: psycopg.Connection[Any], gateway: Callable[..., Gateway],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``reconnect_backoff=Backoff(initial=0, maximum=0, max_attempts=1)``
+    against a database that refuses logins: the PubSub underneath gives up at
+    once (its retries are logged sparingly already) and the hub, which never
+    gives up its database, starts series after series: a warning per attempt,
+    hundreds a second. Now the first failure, then a summary at most every
+    ``RETRY_LOG_EVERY`` seconds."""
+    from pgcast import Backoff
+    from pgcast._reconnect import RETRY_LOG_EVERY
+    from tcp_proxy import TcpProxy
+
+    database = f"pgcast_flood_{os.getpid()}_{int(time.monotonic() * 1000)}"
+    conn.execute(f'CREATE DATABASE "{database}"')
+    try:
+        with TcpProxy.for_dsn(dsn) as proxy, caplog.at_level("WARNING", logger="pgcast"):
+            url = psycopg.conninfo.make_conninfo(proxy.dsn(dsn), dbname=database)
+            gw = gateway(dsn=url,
+                         reconnect_backoff=Backoff(initial=0, maximum=0, max_attempts=1))
+            conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            before = proxy.accepted
+            proxy.cut()  # each attempt now gets through to a FATAL refusal
+            started = time.monotonic()
+            time.sleep(1.5)
+            took = time.monotonic() - started
+            gw.server.should_exit = True
+            gw.thread.join(TIMEOUT)
+            attempts = proxy.accepted - before
+            assert attempts >= 20, f"only {attempts} attempts: the flood was not tested"
+            failed = [r.getMessage() for r in caplog.records
+                      if "gateway: reconnect" in r.getMessage()]
+            assert 1 <= len(failed) <= 2 + took / RETRY_LOG_EVERY, failed[:5]
+    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
 # -- the command ---------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ from .. import aio
 from .._errors import ConnectError, ConnectionLostError, PgcastError, ProtocolError
 from .._event import Event
 from .._gap import Gap
-from .._reconnect import Reconnected
+from .._reconnect import Reconnected, RetryLog, describe_attempts
 from . import _client, _metrics, _protocol, _resume
 from ._client import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, Client, Clients, Settings
 from ._database import QueryConnection, QueueUsage, connect_listener, listen_all
@@ -424,6 +424,7 @@ class Hub(Clients):
         policy = self.settings.reconnect_backoff
         attempts = policy.attempts(time.monotonic())
         attempt = 0
+        quiet = RetryLog()  # not a warning per attempt: Backoff(initial=0) floods
         while not self._closing:
             delay = attempts.next_delay(time.monotonic())
             if delay is None:
@@ -436,8 +437,10 @@ class Hub(Clients):
             try:
                 aps = await connect_listener(self.settings)
             except ConnectError as exc:
-                logger.warning("pgcast gateway: reconnect attempt %d failed: %s", attempt, exc,
-                               extra={"attempt": attempt})
+                covered = quiet.failed(attempt, time.monotonic())
+                if covered is not None:
+                    logger.warning("pgcast gateway: reconnect %s failed: %s",
+                                   describe_attempts(*covered), exc, extra={"attempt": attempt})
                 continue
             async with self._lock:
                 try:
