@@ -3,6 +3,8 @@ against PostgreSQL's own array parser."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import psycopg
 import pytest
 from hypothesis import given
@@ -12,6 +14,7 @@ import pgcast
 from pgcast._notify_many import (
     NOTIFY_MANY_ONE_CHANNEL_SQL,
     NOTIFY_MANY_SQL,
+    message_pairs,
     notify_many_params,
     plain_messages,
     text_array,
@@ -55,6 +58,43 @@ def test_one_channel_sends_one_array() -> None:
         NOTIFY_MANY_SQL,
         ('{"c","d"}', '{"1","2"}'),
     )
+
+
+class _Pair(NamedTuple):
+    channel: str
+    payload: str
+
+
+def test_message_pairs_checks_every_shape_on_the_fast_path_too() -> None:
+    # A list of tuples is checked with C-level loops; anything else one by one.
+    batch = [("c", str(i)) for i in range(10)]
+    pairs = message_pairs(batch)
+    assert pairs == batch and pairs is not batch  # a copy: the caller may change theirs
+    assert message_pairs([]) == []
+    assert message_pairs([["c", "1"], ("d", "2"), _Pair("e", "3")]) == [
+        ("c", "1"), ("d", "2"), ("e", "3")
+    ]
+    assert message_pairs(iter(batch)) == batch
+    for bad, shape in [
+        (("c", "x", "y"), "a tuple of 3"),
+        (("c",), "a tuple of 1"),
+        ("ab", "a str"),  # two characters are not a pair
+        (["c", "x", "y"], "a list of 3"),
+    ]:
+        expected = rf"message 5 must be a \(channel, payload\) pair, not {shape}"
+        with pytest.raises(TypeError, match=expected):
+            message_pairs([*batch[:5], bad, *batch[5:]])
+
+
+def test_a_bad_shape_among_many_sends_nothing(dsn: str, unique_channel: str) -> None:
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        batch = [(unique_channel, str(i)) for i in range(100)]
+        with pytest.raises(TypeError, match="message 100 must be"):
+            ps.notify_many([*batch, (unique_channel, "x", "y")])
+        ps.notify(unique_channel, "after")  # nothing of the bad batch came before it
+        event = next(iter(ps.wait(5.0)))
+        assert event is not None and (event.channel, event.payload) == (unique_channel, "after")
 
 
 def test_plain_messages_takes_only_what_needs_no_care() -> None:
