@@ -19,6 +19,7 @@ from pgcast._notify_many import (
     plain_messages,
     text_array,
 )
+from pgcast._payload import MAX_PAYLOAD_BYTES
 
 # Any text PostgreSQL can hold: no NUL, no lone surrogates.
 texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
@@ -112,6 +113,16 @@ def test_plain_messages_takes_only_what_needs_no_care() -> None:
         plain_messages([("c", "1"), ("", "2")])
     with pytest.raises(pgcast.InvalidChannelError, match="must be a str"):
         plain_messages([(["unhashable"], "1")])  # type: ignore[list-item]
+    # The shortcuts: a \x1e inside, large payloads each under the limit,
+    # a bad channel after many of one channel, an unhashable one not first.
+    assert plain_messages([("c", "a\x1eb"), ("c", "\x1f")]) == (["c", "c"], ["a\x1eb", "\x1f"])
+    under = ["x" * (MAX_PAYLOAD_BYTES - 1), "y" * (MAX_PAYLOAD_BYTES - 1)]
+    assert plain_messages([("c", p) for p in under]) == (["c", "c"], under)
+    assert plain_messages([("c", "1"), ("c", "x" * MAX_PAYLOAD_BYTES)]) is None
+    with pytest.raises(pgcast.InvalidChannelError, match="empty"):
+        plain_messages([("c", "1"), ("c", "2"), ("", "3")])
+    with pytest.raises(pgcast.InvalidChannelError, match="must be a str"):
+        plain_messages([("c", "1"), (["unhashable"], "2")])  # type: ignore[list-item]
 
 
 def test_notify_many_delivers_awkward_payloads_in_order(dsn: str, unique_channel: str) -> None:

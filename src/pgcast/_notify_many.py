@@ -122,15 +122,19 @@ def plain_messages(
     if (
         not joined.isascii()  # otherwise len() is not the size in bytes
         or "\x00" in joined
-        or max(map(len, payloads)) >= MAX_PAYLOAD_BYTES
+        # Each pass over the batch costs: none is longer than all together,
+        # and none starts with \x1e if none has one.
+        or (len(joined) >= MAX_PAYLOAD_BYTES and max(map(len, payloads)) >= MAX_PAYLOAD_BYTES)
         # NUL is in no payload, so it separates them: no payload starts with \x1e.
-        or "\x00\x1e" in "\x00" + "\x00".join(payloads)
+        or ("\x1e" in joined and "\x00\x1e" in "\x00" + "\x00".join(payloads))
     ):
         return None
-    try:
-        distinct: Sequence[object] = list(dict.fromkeys(channels))
-    except TypeError:  # an unhashable "channel": check_channel says what is wrong
-        distinct = channels
+    distinct: Sequence[object] = channels[:1]  # the usual batch: one channel
+    if channels.count(channels[0]) != len(channels):
+        try:
+            distinct = list(dict.fromkeys(channels))
+        except TypeError:  # an unhashable "channel": check_channel says what is wrong
+            distinct = channels
     for channel in distinct:
         check_channel(channel)
     return channels, payloads
