@@ -3,6 +3,8 @@ against PostgreSQL's own array parser."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import psycopg
 import pytest
 from hypothesis import given
@@ -12,10 +14,12 @@ import pgcast
 from pgcast._notify_many import (
     NOTIFY_MANY_ONE_CHANNEL_SQL,
     NOTIFY_MANY_SQL,
+    message_pairs,
     notify_many_params,
     plain_messages,
     text_array,
 )
+from pgcast._payload import MAX_PAYLOAD_BYTES
 
 # Any text PostgreSQL can hold: no NUL, no lone surrogates.
 texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
@@ -57,6 +61,43 @@ def test_one_channel_sends_one_array() -> None:
     )
 
 
+class _Pair(NamedTuple):
+    channel: str
+    payload: str
+
+
+def test_message_pairs_checks_every_shape_on_the_fast_path_too() -> None:
+    # A list of tuples is checked with C-level loops; anything else one by one.
+    batch = [("c", str(i)) for i in range(10)]
+    pairs = message_pairs(batch)
+    assert pairs == batch and pairs is not batch  # a copy: the caller may change theirs
+    assert message_pairs([]) == []
+    assert message_pairs([["c", "1"], ("d", "2"), _Pair("e", "3")]) == [
+        ("c", "1"), ("d", "2"), ("e", "3")
+    ]
+    assert message_pairs(iter(batch)) == batch
+    for bad, shape in [
+        (("c", "x", "y"), "a tuple of 3"),
+        (("c",), "a tuple of 1"),
+        ("ab", "a str"),  # two characters are not a pair
+        (["c", "x", "y"], "a list of 3"),
+    ]:
+        expected = rf"message 5 must be a \(channel, payload\) pair, not {shape}"
+        with pytest.raises(TypeError, match=expected):
+            message_pairs([*batch[:5], bad, *batch[5:]])
+
+
+def test_a_bad_shape_among_many_sends_nothing(dsn: str, unique_channel: str) -> None:
+    with pgcast.connect(dsn) as ps:
+        ps.listen(unique_channel)
+        batch = [(unique_channel, str(i)) for i in range(100)]
+        with pytest.raises(TypeError, match="message 100 must be"):
+            ps.notify_many([*batch, (unique_channel, "x", "y")])
+        ps.notify(unique_channel, "after")  # nothing of the bad batch came before it
+        event = next(iter(ps.wait(5.0)))
+        assert event is not None and (event.channel, event.payload) == (unique_channel, "after")
+
+
 def test_plain_messages_takes_only_what_needs_no_care() -> None:
     assert plain_messages([("c", "1"), ("d", "")]) == (["c", "d"], ["1", ""])
     for payloads in (
@@ -72,6 +113,16 @@ def test_plain_messages_takes_only_what_needs_no_care() -> None:
         plain_messages([("c", "1"), ("", "2")])
     with pytest.raises(pgcast.InvalidChannelError, match="must be a str"):
         plain_messages([(["unhashable"], "1")])  # type: ignore[list-item]
+    # The shortcuts: a \x1e inside, large payloads each under the limit,
+    # a bad channel after many of one channel, an unhashable one not first.
+    assert plain_messages([("c", "a\x1eb"), ("c", "\x1f")]) == (["c", "c"], ["a\x1eb", "\x1f"])
+    under = ["x" * (MAX_PAYLOAD_BYTES - 1), "y" * (MAX_PAYLOAD_BYTES - 1)]
+    assert plain_messages([("c", p) for p in under]) == (["c", "c"], under)
+    assert plain_messages([("c", "1"), ("c", "x" * MAX_PAYLOAD_BYTES)]) is None
+    with pytest.raises(pgcast.InvalidChannelError, match="empty"):
+        plain_messages([("c", "1"), ("c", "2"), ("", "3")])
+    with pytest.raises(pgcast.InvalidChannelError, match="must be a str"):
+        plain_messages([("c", "1"), (["unhashable"], "2")])  # type: ignore[list-item]
 
 
 def test_notify_many_delivers_awkward_payloads_in_order(dsn: str, unique_channel: str) -> None:
