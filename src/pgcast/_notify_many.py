@@ -130,7 +130,7 @@ def plain_messages(
     ):
         return None
     distinct: Sequence[object] = channels[:1]  # the usual batch: one channel
-    if channels.count(channels[0]) != len(channels):
+    if channels and channels.count(channels[0]) != len(channels):
         try:
             distinct = list(dict.fromkeys(channels))
         except TypeError:  # an unhashable "channel": check_channel says what is wrong
