@@ -80,6 +80,7 @@ class Hub(Clients):
         self._lock = asyncio.Lock()
         self._clients: dict[Subscriber, Client] = {}
         self._per_address: Counter[str] = Counter()
+        self._created: dict[str, set[str]] = {}
         self._closing = False
         self._pump_task: asyncio.Task[None] | None = None
         self._reap_task: asyncio.Task[None] | None = None
@@ -217,6 +218,7 @@ class Hub(Clients):
         if refused:
             raise ProtocolError(_client.not_allowed("subscribe to", refused))
         self.router.check_subscribe(client.sub, channels)
+        self.check_created(client.address, channels)
         resume_from = _resume.positions(client, channels, since, strict, self.is_durable)
         durable = any(map(self.is_durable, channels))
         checked = await self._shielded(_resume.check(
@@ -225,6 +227,8 @@ class Hub(Clients):
         def commit() -> None:
             if client.detached:
                 return
+            self.count_created(client.address,
+                               [c for c in channels if not self.router.subscribers(c)])
             self.router.subscribe(client.sub, channels)
             if resume_from:
                 resume = client.resume
@@ -238,7 +242,8 @@ class Hub(Clients):
                                          sse=client.sub.transport == "sse"):
                 self.reply(client, frame)
 
-        await self._shielded(self._listen_then(channels, commit))
+        await self._shielded(self._listen_then(
+            channels, commit, lambda: self.check_created(client.address, channels)))
         if resume_from and client.resume is not None and not client.gone:
             resume = client.resume
             try:
@@ -306,7 +311,8 @@ class Hub(Clients):
                 f"{self.settings.database_timeout:g} s; try again later"
             ) from None
 
-    async def _listen_then(self, channels: tuple[str, ...], commit: Callable[[], None]) -> None:
+    async def _listen_then(self, channels: tuple[str, ...], commit: Callable[[], None],
+                           check: Callable[[], None] | None = None) -> None:
         deadline = time.monotonic() + self.settings.database_timeout
         while True:
             await self._wait_ready(deadline)
@@ -316,6 +322,8 @@ class Hub(Clients):
                 if not self._ready.is_set() or aps is None:
                     continue
                 missing = self.router.missing(aps.listening_channels(), channels)
+                if check is not None:
+                    check()  # again, with what other subscribes committed meanwhile
                 try:
                     await listen_all(aps, missing, self.is_durable)
                 except ConnectionLostError:
