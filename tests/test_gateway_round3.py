@@ -5,15 +5,20 @@ WebSocket protocol), real PostgreSQL, loopback only.
 Holes these tests found (each failed before its fix): one address could take
 every one of the gateway's ``max_channels`` (100 connections of 100 new
 channels each), after which no other client could subscribe to a channel
-nobody had yet.
+nobody had yet; the server read client messages up to 1 MiB whatever
+max_frame_bytes (16 KiB), so 100 connections each sending 1 MiB less a byte,
+never finished, grew the process by 102 MB (one address: 1,000 connections).
 """
 
 # ruff: noqa: F811  (the gateway fixture is imported, then requested by name)
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 import socket
+import struct
 from collections.abc import Callable
 
 import httpx
@@ -111,3 +116,81 @@ def test_pgcast_serve_max_channels_per_address_option() -> None:
     assert Settings(max_channels_per_address=3).channels_per_address == 3
     with pytest.raises(ValueError, match="max_channels_per_address must be"):
         Settings(max_channels_per_address=0)
+
+
+# -- big and fragmented messages on the direct WebSocket path ---------------------
+
+
+def _ws_raw(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, "closed during the handshake"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _header(length: int, opcode: int = 1, fin: bool = True) -> bytes:
+    first = (0x80 if fin else 0) | opcode
+    if length < 126:
+        head = struct.pack("!BB", first, 0x80 | length)
+    elif length < 65536:
+        head = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, length)
+    return head + b"\0\0\0\0"  # the mask: zero, so the payload goes as it is
+
+
+def _close_frame(sock: socket.socket) -> tuple[int, str]:
+    data = b""
+    while True:  # bounded by the socket's timeout
+        chunk = sock.recv(4096)
+        assert chunk, f"closed without a close frame: {data!r}"
+        data += chunk
+        if len(data) >= 2 and data[0] == 0x88 and len(data) >= 2 + (data[1] & 0x7F):
+            body = data[2:2 + (data[1] & 0x7F)]
+            return struct.unpack("!H", body[:2])[0], body[2:].decode()
+        if len(data) >= 2 and data[0] != 0x88:
+            raise AssertionError(f"a frame that is not a close: {data[:80]!r}")
+
+
+def test_a_message_over_four_times_max_frame_bytes_is_refused_unread(
+    gateway: Callable[..., Gateway],
+) -> None:
+    """A message of up to 4 x max_frame_bytes is read and answered with an
+    error frame (the connection stays); a bigger one, whole or in fragments,
+    closes the connection (1009, naming the limit) as soon as its header
+    says so. Before, the server waited for up to 1 MiB of it (no close)."""
+    gw = gateway(max_frame_bytes=1000)
+
+    async def within() -> None:
+        async with ws_connect(gw.ws) as ws:
+            reply = await request(ws, {"type": "ping", "pad": "x" * 3000})
+            assert reply["type"] == "error" and "the limit is 1000 bytes" in reply["message"]
+            assert (await request(ws, {"type": "ping"}))["type"] == "pong"
+
+    run(within())
+    with _ws_raw(gw.port) as sock:
+        sock.sendall(_header(4001))  # no payload: refused on the header alone
+        code, reason = _close_frame(sock)
+        assert code == 1009 and "4000" in reason, (code, reason)
+    with _ws_raw(gw.port) as sock:  # in fragments: counted over the message
+        sock.sendall(_header(3000, fin=False) + b"x" * 3000 + _header(3000, opcode=0))
+        code, reason = _close_frame(sock)
+        assert code == 1009 and "4000" in reason, (code, reason)
+
+
+def test_pgcast_serve_reads_messages_up_to_four_times_max_frame_bytes() -> None:
+    from pgcast.gateway import create_app
+    from pgcast.gateway._serve import config
+
+    assert config(create_app("postgresql://nowhere", allow=["a"])).ws_max_size == 65536
+    small = create_app("postgresql://nowhere", allow=["a"], max_frame_bytes=100)
+    assert config(small).ws_max_size == 400
+    assert config(small, ws_max_size=5000).ws_max_size == 5000

@@ -119,7 +119,10 @@ def create_app(
         connections of *max_subscriptions* new channels each) could take
         all of *max_channels*, and no one else could subscribe to a channel
         nobody had yet. Channels other clients have cost nothing.
-    :param max_frame_bytes: the largest client frame accepted, in bytes.
+    :param max_frame_bytes: the largest client frame accepted, in bytes. A
+        bigger one gets an error frame; under ``pgcast serve`` (and
+        :func:`pgcast.gateway.serve`) one over four times this closes the
+        connection (1009) before it is read.
     :param queue_size: frames queued per client before *overflow* applies.
     :param overflow: ``"disconnect"`` (close code 4000) or ``"drop-oldest"``
         (the oldest frames go; the client gets a ``dropped`` notice and
