@@ -24,6 +24,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from pgcast import AccessDenied
 from test_gateway_server import (
     TIMEOUT,
     Gateway,
@@ -194,3 +195,82 @@ def test_pgcast_serve_reads_messages_up_to_four_times_max_frame_bytes() -> None:
     small = create_app("postgresql://nowhere", allow=["a"], max_frame_bytes=100)
     assert config(small).ws_max_size == 400
     assert config(small, ws_max_size=5000).ws_max_size == 5000
+
+
+# -- attacks that were already refused ---------------------------------------------
+
+
+def _raw(port: int, request: str) -> list[str]:
+    """The status lines of every response to *request* (raw HTTP), read
+    until the server closes or goes quiet for a second."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request.encode("latin-1"))
+        sock.settimeout(1.0)
+        data = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    return [line for line in data.decode("latin-1").split("\r\n")
+            if line.startswith("HTTP/1.")]
+
+
+@pytest.mark.parametrize("request_", [
+    # Content-Length and Transfer-Encoding both, in either order.
+    "GET /healthz HTTP/1.1\r\nHost: h\r\nContent-Length: 40\r\nTransfer-Encoding: chunked"
+    "\r\n\r\n0\r\n\r\n{smuggled}",
+    "GET /healthz HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 4"
+    "\r\n\r\n5c\r\n{smuggled}0\r\n\r\n",
+    "GET /healthz HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\n"
+    "{smuggled}",
+    "GET /healthz HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}",
+    "GET /healthz HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}",
+    "GET /healthz HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"
+    "{smuggled}",
+    "GET /healthz HTTP/1.1\nHost: h\nContent-Length: 44\n\n{smuggled}",  # bare LF
+    "GET /healthz HTTP/1.1\r\nHost: h\r\nX: a\r\n Content-Length: 44\r\n\r\n{smuggled}",
+], ids=["CL.TE", "TE.CL", "CL.CL", "TE-xchunked", "TE-space", "TE-list", "bare-LF",
+        "obs-fold"])
+def test_request_smuggling_framings_get_400_and_nothing_more(
+    gateway: Callable[..., Gateway], request_: str,
+) -> None:
+    """Already refused (uvicorn's httptools): each ambiguous framing gets
+    one 400 and the connection ends; the request hidden in it (/metrics,
+    which would be answered to a loopback peer) is never answered."""
+    gw = gateway()
+    smuggled = "GET /metrics HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert _raw(gw.port, request_.replace("{smuggled}", smuggled)) == [
+        "HTTP/1.1 400 Bad Request"]
+
+
+def test_lookalike_origins_are_refused_on_both_doors_with_a_cookie(
+    gateway: Callable[..., Gateway], unique_channel: str,
+) -> None:
+    """Already refused: cross-site WebSocket hijacking with the user's
+    cookie from origins that resemble the gateway's own (null, userinfo,
+    a longer host, a trailing dot, another port), on the WebSocket
+    and the SSE door. (The scheme is not compared: behind a TLS proxy the
+    gateway cannot tell http from https; see the report of round 3.)"""
+    from pgcast.gateway import Access
+
+    def authorizer(connection: object, token: str | None) -> Access:
+        if token != "alice-session":
+            raise AccessDenied("no session")
+        return Access.globs(read=[unique_channel])
+
+    gw = gateway(authorizer=authorizer, allow=())
+    host = f"127.0.0.1:{gw.port}"
+    key = base64.b64encode(os.urandom(16)).decode()
+    cookie = "Cookie: pgcast_token=alice-session\r\n"
+    for origin in ("null", f"http://{host}@evil.example", f"http://{host}.evil.example",
+                   f"http://127.0.0.1.:{gw.port}", f"http://127.0.0.1:{gw.port + 1}"):
+        ws = _raw(gw.port, f"GET /ws HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n{cookie}"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert ws == ["HTTP/1.1 403 Forbidden"], (origin, ws)
+        sse = _raw(gw.port, f"GET /sse?channel={unique_channel} HTTP/1.1\r\nHost: {host}\r\n"
+                            f"Origin: {origin}\r\n{cookie}Connection: close\r\n\r\n")
+        assert sse == ["HTTP/1.1 403 Forbidden"], (origin, sse)
+    # The gateway's own origin, with the cookie: served.
+    ok = _raw(gw.port, f"GET /sse?channel={unique_channel} HTTP/1.1\r\nHost: {host}\r\n"
+                       f"Origin: http://{host}\r\n{cookie}Connection: close\r\n\r\n")
+    assert ok == ["HTTP/1.1 200 OK"]
