@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from pgcast import AccessDenied
@@ -274,3 +277,51 @@ def test_lookalike_origins_are_refused_on_both_doors_with_a_cookie(
     ok = _raw(gw.port, f"GET /sse?channel={unique_channel} HTTP/1.1\r\nHost: {host}\r\n"
                        f"Origin: http://{host}\r\n{cookie}Connection: close\r\n\r\n")
     assert ok == ["HTTP/1.1 200 OK"]
+
+
+def test_names_that_quote_differently_in_sql_are_their_own_channels(
+    gateway: Callable[..., Gateway], unique_channel: str, conn: psycopg.Connection[Any],
+) -> None:
+    """Already right: names with a double quote, a quote, a backslash, a
+    semicolon, dollar quotes, a space and mixed case, allowed by a glob,
+    are LISTENed as themselves on both doors: pg_notify on each exact name
+    reaches its subscriber and no other, and nothing runs as SQL."""
+    names = [f'{unique_channel}"; NOTIFY x; --', f"{unique_channel}'b", f"{unique_channel}\\b",
+             f"{unique_channel};b", f"{unique_channel}$$b", f"{unique_channel} b",
+             f"{unique_channel}Ab"]
+    gw = gateway(allow=[f"{unique_channel}*"])
+
+    async def main() -> None:
+        async with ws_connect(gw.ws) as ws:
+            await subscribe(ws, *names)
+            async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                    client.stream("GET", f"{gw.http}/sse",
+                                  params=[("channel", n) for n in names]) as r:
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+
+                async def next_event() -> dict[str, Any]:
+                    while True:
+                        line = await asyncio.wait_for(anext(lines), TIMEOUT)
+                        if line.startswith("data: "):
+                            event: dict[str, Any] = json.loads(line[6:])
+                            return event
+
+                assert (await next_event())["type"] == "subscribed"
+                for i, name in enumerate(names):
+                    await asyncio.to_thread(conn.execute, "SELECT pg_notify(%s, %s)",
+                                            (name, str(i)))
+                    frame = await recv(ws)
+                    assert (frame["channel"], frame["payload"]) == (name, str(i))
+                    data = await next_event()
+                    assert (data["channel"], data["payload"]) == (name, str(i))
+                # The lower-case spelling is another channel.
+                await asyncio.to_thread(conn.execute, "SELECT pg_notify(%s, 'other')",
+                                        (names[-1].lower(),))
+                await asyncio.to_thread(conn.execute, "SELECT pg_notify(%s, 'last')",
+                                        (names[0],))
+                frame = await recv(ws)
+                assert frame["payload"] == "last"
+        assert all(n in gw.hub.listening() for n in names)
+
+    run(main())
