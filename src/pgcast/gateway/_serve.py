@@ -20,8 +20,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from ._linger import http_protocol
-from ._protocol import MAX_FRAME_BYTES
 from ._logging import log_config
+from ._protocol import MAX_FRAME_BYTES
 from ._tls import tls_front
 from ._wsdirect import DirectProtocol
 
