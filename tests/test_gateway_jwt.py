@@ -545,3 +545,31 @@ def test_an_identity_provider_that_is_down_from_the_start(idp: _IdP) -> None:
         check(authorizer, jwt.encode({"exp": int(time.time() + 60)}, RSA_KEY, algorithm="RS256"))
     with pytest.raises(ValueError, match="jwks_timeout must be a positive"):
         JWTAuthorizer(jwks=url, jwks_timeout=0)
+
+
+def test_the_gateway_serves_websocket_and_sse_while_the_identity_provider_hangs(
+    gateway: Callable[..., Gateway], idp: _IdP, unique_channel: str,
+) -> None:
+    """End to end: the JWKS stale and the identity provider hanging, a
+    client with a known key connects over WebSocket and SSE before the
+    hanging fetch is let go (before: each waited 10 s and got 403)."""
+    mine = f"user.alice.{unique_channel}"
+    authorizer = JWTAuthorizer(jwks=idp.url, jwks_lifespan=0.001, jwks_timeout=TIMEOUT)
+    gw = gateway(authorizer=authorizer, allow=())
+    good = token(RSA_KEY, "RS256", _kid="r1")
+
+    async def main() -> None:
+        async with ws_connect(gw.ws, subprotocols=["pgcast", f"pgcast.token.{good}"]) as ws:
+            await subscribe(ws, mine)  # the JWKS is fetched and cached
+        idp.requested.clear()
+        idp.hang.set()
+        async with ws_connect(gw.ws, subprotocols=["pgcast", f"pgcast.token.{good}"]) as ws:
+            await subscribe(ws, mine)
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                client.stream("GET", f"{gw.http}/sse?channel={mine}",
+                              headers={"Authorization": f"Bearer {good}"}) as r:
+            assert r.status_code == 200
+        assert await asyncio.to_thread(idp.requested.wait, TIMEOUT)
+        assert not idp.release.is_set()
+
+    run(main())
