@@ -9,6 +9,7 @@ import asyncio
 import base64
 import http.server
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -534,13 +535,17 @@ def test_an_unknown_kid_while_the_identity_provider_hangs_gets_a_clear_error(
     assert check(authorizer, token(RSA_KEY, "RS256", _kid="r1")).can_read("news")
 
 
-def test_an_identity_provider_that_is_down_from_the_start(idp: _IdP) -> None:
+def test_an_identity_provider_that_is_down_from_the_start(
+    idp: _IdP, caplog: pytest.LogCaptureFixture,
+) -> None:
     url = idp.url
     idp.stop()
     authorizer = JWTAuthorizer(jwks=url, jwks_timeout=1)
-    with pytest.raises(AccessDenied, match=r"no key with kid 'r1'.*last fetch of the JWKS "
-                                           r"failed: Fail to fetch"):
+    with caplog.at_level(logging.WARNING, logger="pgcast.gateway"), pytest.raises(
+            AccessDenied, match=r"no key with kid 'r1'.*last fetch of the JWKS failed: "
+                                r"Fail to fetch"):
         check(authorizer, token(RSA_KEY, "RS256", _kid="r1"))
+    assert f"fetching the JWKS from {url} failed" in caplog.text
     with pytest.raises(AccessDenied, match="has no kid"):
         check(authorizer, jwt.encode({"exp": int(time.time() + 60)}, RSA_KEY, algorithm="RS256"))
     with pytest.raises(ValueError, match="jwks_timeout must be a positive"):

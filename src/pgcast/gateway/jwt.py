@@ -36,6 +36,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 import math
 import threading
 import time
@@ -60,6 +61,8 @@ __all__ = [
     "HMAC_ALGORITHMS", "JWKS_LIFESPAN", "JWKS_REFETCH_INTERVAL", "JWKS_RETRY_PAUSE",
     "JWKS_TIMEOUT", "PUBLIC_KEY_ALGORITHMS", "JWTAuthorizer",
 ]
+
+logger = logging.getLogger("pgcast.gateway")
 
 #: Seconds between two fetches of a JWKS URL for a kid it did not have.
 JWKS_REFETCH_INTERVAL = 30.0
@@ -296,6 +299,10 @@ class JWTAuthorizer:
             else:
                 self._last_error = error
             self._fetch = None
+            cached = len(self._url_keys)
+        if keys is None:
+            logger.warning("fetching the JWKS from %s failed: %s; the %d key(s) fetched "
+                           "before still serve", client.uri, error, cached)
         fetch.set_result(None)
 
     def _signing_key_from_set(self, token: str) -> Any:
