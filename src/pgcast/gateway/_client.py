@@ -309,13 +309,25 @@ class Clients:
         ``max_channels_per_address``: otherwise one address (many
         connections, each at ``max_subscriptions``) could take every one of
         ``max_channels``, and no one else could subscribe to a new channel."""
+        self._created_from(address, channels)
+
+    def claim_created(self, address: str | None, channels: Iterable[str]) -> None:
+        """:meth:`check_created`, then count the new ones as created from
+        *address*. Called under the hub's lock, with the LISTEN and the
+        commit of the subscription (channels whose LISTEN then failed have
+        no subscribers, and stop counting at the next check over the cap)."""
+        new = self._created_from(address, channels)
+        if new and address is not None:
+            self._created.setdefault(address, set()).update(new)
+
+    def _created_from(self, address: str | None, channels: Iterable[str]) -> list[str]:
         cap = self.settings.channels_per_address
         if cap is None or address is None:
-            return
+            return []
         router = self.router
         new = [c for c in dict.fromkeys(channels) if not router.subscribers(c)]
         if not new:
-            return
+            return new
         created = self._created.get(address)
         if created is None:
             created = set()
@@ -331,14 +343,7 @@ class Clients:
                 f"{address} have subscribers, the limit per address is {cap} "
                 "(max_channels_per_address); channels other clients have cost nothing"
             )
-
-    def count_created(self, address: str | None, channels: Iterable[str]) -> None:
-        """Count *channels* (new: no client had them) as created from *address*."""
-        if address is None or self.settings.channels_per_address is None:
-            return
-        channels = list(channels)
-        if channels:
-            self._created.setdefault(address, set()).update(channels)
+        return new
 
     def attach(self, transport: str, access: Access, connection: Any = None) -> Client:
         """Register a new client. :raises AccessDenied: see :meth:`check_room`,

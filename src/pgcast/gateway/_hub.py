@@ -218,7 +218,6 @@ class Hub(Clients):
         if refused:
             raise ProtocolError(_client.not_allowed("subscribe to", refused))
         self.router.check_subscribe(client.sub, channels)
-        self.check_created(client.address, channels)
         resume_from = _resume.positions(client, channels, since, strict, self.is_durable)
         durable = any(map(self.is_durable, channels))
         checked = await self._shielded(_resume.check(
@@ -227,8 +226,6 @@ class Hub(Clients):
         def commit() -> None:
             if client.detached:
                 return
-            self.count_created(client.address,
-                               [c for c in channels if not self.router.subscribers(c)])
             self.router.subscribe(client.sub, channels)
             if resume_from:
                 resume = client.resume
@@ -242,8 +239,7 @@ class Hub(Clients):
                                          sse=client.sub.transport == "sse"):
                 self.reply(client, frame)
 
-        await self._shielded(self._listen_then(
-            channels, commit, lambda: self.check_created(client.address, channels)))
+        await self._shielded(self._listen_then(channels, commit, client.address))
         if resume_from and client.resume is not None and not client.gone:
             resume = client.resume
             try:
@@ -312,7 +308,7 @@ class Hub(Clients):
             ) from None
 
     async def _listen_then(self, channels: tuple[str, ...], commit: Callable[[], None],
-                           check: Callable[[], None] | None = None) -> None:
+                           address: str | None = None) -> None:
         deadline = time.monotonic() + self.settings.database_timeout
         while True:
             await self._wait_ready(deadline)
@@ -322,8 +318,7 @@ class Hub(Clients):
                 if not self._ready.is_set() or aps is None:
                     continue
                 missing = self.router.missing(aps.listening_channels(), channels)
-                if check is not None:
-                    check()  # again, with what other subscribes committed meanwhile
+                self.claim_created(address, channels)  # max_channels_per_address
                 try:
                     await listen_all(aps, missing, self.is_durable)
                 except ConnectionLostError:
