@@ -9,6 +9,7 @@ import asyncio
 import base64
 import http.server
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -431,5 +432,149 @@ def test_large_tokens_are_bounded_by_the_header_and_frame_limits(
             reply = await request(ws, {"type": "auth", "token": big})
             assert reply["type"] == "error" and "the limit is 16384" in reply["message"]
             await subscribe(ws, mine)
+
+    run(main())
+
+
+class _IdP:
+    """A JWKS endpoint on loopback that can be made to hang (until released,
+    at most TIMEOUT) or to stop."""
+
+    def __init__(self, document: bytes) -> None:
+        self.document = document
+        self.hang = threading.Event()
+        self.release = threading.Event()
+        self.requested = threading.Event()
+        self.requests = 0
+        idp = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                idp.requests += 1
+                idp.requested.set()
+                if idp.hang.is_set():
+                    idp.release.wait(TIMEOUT)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(idp.document)
+                except OSError:
+                    pass  # the fetch gave up (its timeout)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def idp() -> Iterator[_IdP]:
+    server = _IdP(_jwks(("r1", RSA_KEY), ("e1", EC_KEY)).encode())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_hanging_identity_provider_delays_no_one_whose_key_is_cached(idp: _IdP) -> None:
+    """The JWKS went stale (5 min) while the identity provider hung: each
+    verification fetched it again itself (urllib, PyJWT's cache) and waited
+    the full HTTP timeout, then was refused: an honest client with a key
+    the gateway had fetched waited 10.0 s and got "invalid token: Fail to
+    fetch data"; 20 at once 40.1 s (the default executor's 6 threads), all
+    refused, 21 fetches. Now the cached keys serve at once while one fetch
+    runs in the background (and after it fails)."""
+    authorizer = JWTAuthorizer(jwks=idp.url, jwks_lifespan=0.001, jwks_timeout=TIMEOUT)
+    assert check(authorizer, token(RSA_KEY, "RS256", _kid="r1")).can_read("news")
+    idp.requested.clear()
+    idp.hang.set()
+
+    async def honest() -> list[Any]:
+        return await asyncio.wait_for(asyncio.gather(*(
+            authorizer(None, token(RSA_KEY, "RS256", _kid="r1")) for _ in range(20))), TIMEOUT)
+
+    accesses = asyncio.run(honest())  # before the hanging fetch is released
+    assert all(access.can_read("news") for access in accesses)
+    assert idp.requested.wait(TIMEOUT), "the stale JWKS was not fetched again"
+    assert not idp.release.is_set()
+    assert idp.requests == 2, f"{idp.requests} fetches: one at a time"
+
+
+def test_an_unknown_kid_while_the_identity_provider_hangs_gets_a_clear_error(
+    idp: _IdP,
+) -> None:
+    """A token whose kid is not cached waits for the fetch under way at most
+    jwks_timeout, then is refused saying so; a known kid is not delayed."""
+    authorizer = JWTAuthorizer(jwks=idp.url, jwks_timeout=0.5)
+    assert authorizer._jwks is not None
+    authorizer._jwks.timeout = TIMEOUT  # the fetch outlasts the wait for it
+    assert check(authorizer, token(RSA_KEY, "RS256", _kid="r1")).can_read("news")
+    idp.hang.set()
+    with pytest.raises(AccessDenied, match=r"no key with kid 'new'.*being fetched"):
+        check(authorizer, token(RSA_KEY, "RS256", _kid="new"))
+    assert check(authorizer, token(EC_KEY, "ES256", _kid="e1")).can_write("chat")
+    # The fetch ends without the kid, which is not fetched again for 30 s.
+    fetch = authorizer._fetch
+    assert fetch is not None
+    idp.release.set()
+    fetch.result(TIMEOUT)
+    with pytest.raises(AccessDenied, match=r"no key with kid 'new' in the JWKS \(fetched again"):
+        check(authorizer, token(RSA_KEY, "RS256", _kid="new"))
+    assert idp.requests == 2
+    assert check(authorizer, token(RSA_KEY, "RS256", _kid="r1")).can_read("news")
+
+
+def test_an_identity_provider_that_is_down_from_the_start(
+    idp: _IdP, caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = idp.url
+    idp.stop()
+    authorizer = JWTAuthorizer(jwks=url, jwks_timeout=1)
+    with caplog.at_level(logging.WARNING, logger="pgcast.gateway"), pytest.raises(
+            AccessDenied, match=r"no key with kid 'r1'.*last fetch of the JWKS failed: "
+                                r"Fail to fetch"):
+        check(authorizer, token(RSA_KEY, "RS256", _kid="r1"))
+    assert f"fetching the JWKS from {url} failed" in caplog.text
+    with pytest.raises(AccessDenied, match="has no kid"):
+        check(authorizer, jwt.encode({"exp": int(time.time() + 60)}, RSA_KEY, algorithm="RS256"))
+    with pytest.raises(ValueError, match="jwks_timeout must be a positive"):
+        JWTAuthorizer(jwks=url, jwks_timeout=0)
+
+
+def test_the_gateway_serves_websocket_and_sse_while_the_identity_provider_hangs(
+    gateway: Callable[..., Gateway], idp: _IdP, unique_channel: str,
+) -> None:
+    """End to end: the JWKS stale and the identity provider hanging, a
+    client with a known key connects over WebSocket and SSE before the
+    hanging fetch is let go (before: each waited 10 s and got 403)."""
+    mine = f"user.alice.{unique_channel}"
+    authorizer = JWTAuthorizer(jwks=idp.url, jwks_lifespan=0.001, jwks_timeout=TIMEOUT)
+    gw = gateway(authorizer=authorizer, allow=())
+    good = token(RSA_KEY, "RS256", _kid="r1")
+
+    async def main() -> None:
+        async with ws_connect(gw.ws, subprotocols=["pgcast", f"pgcast.token.{good}"]) as ws:
+            await subscribe(ws, mine)  # the JWKS is fetched and cached
+        idp.requested.clear()
+        idp.hang.set()
+        async with ws_connect(gw.ws, subprotocols=["pgcast", f"pgcast.token.{good}"]) as ws:
+            await subscribe(ws, mine)
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client, \
+                client.stream("GET", f"{gw.http}/sse?channel={mine}",
+                              headers={"Authorization": f"Bearer {good}"}) as r:
+            assert r.status_code == 200
+        assert await asyncio.to_thread(idp.requested.wait, TIMEOUT)
+        assert not idp.release.is_set()
 
     run(main())

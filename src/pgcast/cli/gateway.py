@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ._common import UsageError, add_dsn_argument, resolve_dsn
 from ._workers import REUSE_PORT_FLAG, run_workers
@@ -113,6 +113,10 @@ def register(subparsers: Any) -> None:
                         "counting as its /64 (default 1000; 0: no cap). Raise it when many "
                         "users share one address (NAT); behind a proxy, trust its headers "
                         "(--forwarded-allow-ips) or the cap counts the proxy's address")
+    limits.add_argument("--max-channels-per-address", type=int, default=None, metavar="N",
+                        help="channels one client address may create (subscribe to while no "
+                        "client has them) and hold (default a quarter of --max-channels; "
+                        "0: no cap), so one address cannot take them all")
     jwt = p.add_argument_group(
         "JWT", "verify JSON Web Tokens instead of --allow/--allow-publish: a token's "
         "channels.read / channels.publish claims are the globs it may subscribe to / "
@@ -224,6 +228,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         authorizer=authorizer,
         rate_limits=rate_limits(args),
         max_clients_per_address=cap,
+        max_channels_per_address=channels_per_address(args.max_channels_per_address),
         allowed_origins=args.allowed_origin,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         max_clients=args.max_clients,
@@ -331,6 +336,19 @@ def read_metrics_token(args: argparse.Namespace) -> str | None:
     if token is not None and args.metrics_public:
         raise UsageError("--metrics-public and a metrics token exclude each other")
     return token
+
+
+def channels_per_address(value: int | None) -> int | Literal["auto"] | None:
+    """``--max-channels-per-address``: unset for a quarter of
+    ``--max-channels``, 0 for no cap.
+
+    :raises UsageError: a negative number.
+    """
+    if value is None:
+        return "auto"
+    if value < 0:
+        raise UsageError(f"--max-channels-per-address must be 0 (no cap) or more, got {value}")
+    return value or None
 
 
 def per_address(value: int) -> int | None:

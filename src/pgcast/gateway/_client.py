@@ -14,9 +14,9 @@ import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._backoff import Backoff
 from .._errors import AccessDenied, ProtocolError
@@ -89,13 +89,26 @@ class Settings:
     rate_limits: RateLimits | None = field(default_factory=RateLimits)
     max_clients_per_address: int | None = DEFAULT_PER_ADDRESS
     reconnect_backoff: Backoff = GATEWAY_BACKOFF
+    #: New channels one address may have created and still hold: "auto" is
+    #: a quarter of max_channels; None for no cap.
+    max_channels_per_address: int | Literal["auto"] | None = "auto"
+
+    @property
+    def channels_per_address(self) -> int | None:
+        """The cap on channels created from one address (None: none)."""
+        value = self.max_channels_per_address
+        if value == "auto":
+            return None if self.max_channels is None else max(1, self.max_channels // 4)
+        return value
 
     def __post_init__(self) -> None:
         if not isinstance(self.reconnect_backoff, Backoff):
             raise TypeError(f"reconnect_backoff must be a pgcast.Backoff, not "
                             f"{type(self.reconnect_backoff).__name__}")
-        for name in ("max_clients_per_address", "max_channels"):
+        for name in ("max_clients_per_address", "max_channels", "max_channels_per_address"):
             value = getattr(self, name)
+            if name == "max_channels_per_address" and value == "auto":
+                continue
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
@@ -113,6 +126,16 @@ class Settings:
 
 class TooManyFromAddress(AccessDenied):
     """A connection refused for ``max_clients_per_address`` (HTTP 429)."""
+
+
+class TooManyChannelsFromAddress(ProtocolError):
+    """A subscribe refused for ``max_channels_per_address`` (SSE: HTTP 429)."""
+
+
+def address_of(connection: Any) -> str | None:
+    """The address *connection* counts as for the per-address caps (None:
+    not known)."""
+    return _address(connection)
 
 
 def _address(connection: Any) -> str | None:
@@ -229,6 +252,9 @@ class Clients:
     router: Router
     _clients: dict[Subscriber, Client]
     _per_address: Counter[str]
+    #: The channels each address created (no one had them) and that may
+    #: still have subscribers: counted against max_channels_per_address.
+    _created: dict[str, set[str]]
     _closing: bool
     _authorize: Authorizer
     _reap_wanted: asyncio.Event
@@ -276,6 +302,48 @@ class Clients:
                 f"too many connections from {address}: {self._per_address[address]} open, "
                 f"the limit per address is {cap} (max_clients_per_address)"
             )
+
+    def check_created(self, address: str | None, channels: Iterable[str]) -> None:
+        """:raises TooManyChannelsFromAddress: subscribing to *channels* from
+        *address* would create more channels (that no client has) than
+        ``max_channels_per_address``: otherwise one address (many
+        connections, each at ``max_subscriptions``) could take every one of
+        ``max_channels``, and no one else could subscribe to a new channel."""
+        self._created_from(address, channels)
+
+    def claim_created(self, address: str | None, channels: Iterable[str]) -> None:
+        """:meth:`check_created`, then count the new ones as created from
+        *address*. Called under the hub's lock, with the LISTEN and the
+        commit of the subscription (channels whose LISTEN then failed have
+        no subscribers, and stop counting at the next check over the cap)."""
+        new = self._created_from(address, channels)
+        if new and address is not None:
+            self._created.setdefault(address, set()).update(new)
+
+    def _created_from(self, address: str | None, channels: Iterable[str]) -> list[str]:
+        cap = self.settings.channels_per_address
+        if cap is None or address is None:
+            return []
+        router = self.router
+        new = [c for c in dict.fromkeys(channels) if not router.subscribers(c)]
+        if not new:
+            return new
+        created = self._created.get(address)
+        if created is None:
+            created = set()
+        if len(created) + len(new) > cap:
+            # Channels no one has any more are not counted.
+            created.intersection_update(router.channels())
+            if not created:
+                self._created.pop(address, None)
+        if len(created) + len(new) > cap:
+            self.stats.rejected["per_address"] += 1
+            raise TooManyChannelsFromAddress(
+                f"{len(new)} new channel(s) refused: {len(created)} channels created from "
+                f"{address} have subscribers, the limit per address is {cap} "
+                "(max_channels_per_address); channels other clients have cost nothing"
+            )
+        return new
 
     def attach(self, transport: str, access: Access, connection: Any = None) -> Client:
         """Register a new client. :raises AccessDenied: see :meth:`check_room`,

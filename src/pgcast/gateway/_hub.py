@@ -80,6 +80,7 @@ class Hub(Clients):
         self._lock = asyncio.Lock()
         self._clients: dict[Subscriber, Client] = {}
         self._per_address: Counter[str] = Counter()
+        self._created: dict[str, set[str]] = {}
         self._closing = False
         self._pump_task: asyncio.Task[None] | None = None
         self._reap_task: asyncio.Task[None] | None = None
@@ -238,7 +239,7 @@ class Hub(Clients):
                                          sse=client.sub.transport == "sse"):
                 self.reply(client, frame)
 
-        await self._shielded(self._listen_then(channels, commit))
+        await self._shielded(self._listen_then(channels, commit, client.address))
         if resume_from and client.resume is not None and not client.gone:
             resume = client.resume
             try:
@@ -306,7 +307,8 @@ class Hub(Clients):
                 f"{self.settings.database_timeout:g} s; try again later"
             ) from None
 
-    async def _listen_then(self, channels: tuple[str, ...], commit: Callable[[], None]) -> None:
+    async def _listen_then(self, channels: tuple[str, ...], commit: Callable[[], None],
+                           address: str | None = None) -> None:
         deadline = time.monotonic() + self.settings.database_timeout
         while True:
             await self._wait_ready(deadline)
@@ -316,6 +318,7 @@ class Hub(Clients):
                 if not self._ready.is_set() or aps is None:
                     continue
                 missing = self.router.missing(aps.listening_channels(), channels)
+                self.claim_created(address, channels)  # max_channels_per_address
                 try:
                     await listen_all(aps, missing, self.is_durable)
                 except ConnectionLostError:
@@ -481,14 +484,10 @@ class Hub(Clients):
 
     # -- operations --------------------------------------------------------
 
-    async def queue_usage(self) -> float | None:
-        """``pg_notification_queue_usage()`` from a short separate connection,
-        cached for ``metrics_cache`` seconds; None if it cannot be read."""
-        return await self._queue_usage.read()
-
     async def metrics(self) -> str:
-        """The Prometheus text for ``/metrics``."""
-        return _metrics.render(self.metric_families(await self.queue_usage()))
+        """The Prometheus text for ``/metrics`` (the NOTIFY queue's usage read
+        on a short separate connection, cached for ``metrics_cache`` seconds)."""
+        return _metrics.render(self.metric_families(await self._queue_usage.read()))
 
     def metric_families(self, queue_usage: float | None) -> list[_metrics.Family]:
         """The metric families of now, with *queue_usage* as read by the caller."""

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 
 from ._linger import http_protocol
 from ._logging import log_config
+from ._protocol import MAX_FRAME_BYTES
 from ._tls import tls_front
 from ._wsdirect import DirectProtocol
 
@@ -73,19 +74,38 @@ class GatewayServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+#: The largest client message the server reads, as a multiple of the
+#: gateway's ``max_frame_bytes`` (64 KiB with the default 16 KiB).
+WS_SIZE_FACTOR = 4
+
+
+def _max_frame_bytes(app: Any) -> int:
+    """The ``max_frame_bytes`` of the gateway *app* is (or the default)."""
+    hub = getattr(getattr(app, "state", None), "pgcast_gateway", None)
+    settings = getattr(hub, "settings", None)
+    value = getattr(settings, "max_frame_bytes", None)
+    return value if isinstance(value, int) else MAX_FRAME_BYTES
+
+
 def config(
     app: Starlette, host: str = "127.0.0.1", port: int = 8000, **options: Any
 ) -> uvicorn.Config:
     """The uvicorn configuration the gateway runs with.
 
-    Protocol-level WebSocket pings every 20 s find dead clients; frames up to
-    1 MiB reach the app, which answers those over ``max_frame_bytes`` with an
-    error frame instead of letting the server drop the connection; no
-    per-message compression.
+    Protocol-level WebSocket pings every 20 s find dead clients; messages up
+    to :data:`WS_SIZE_FACTOR` times the app's ``max_frame_bytes`` reach the
+    app, which answers those over ``max_frame_bytes`` with an error frame
+    instead of letting the server drop the connection; a bigger one closes
+    the connection (1009, naming the limit) as soon as its header says so,
+    before it is read. No per-message compression.
     """
     options.setdefault("ws_ping_interval", 20.0)
     options.setdefault("ws_ping_timeout", 20.0)
-    options.setdefault("ws_max_size", 1024 * 1024)
+    # The server holds a message until it is whole: this is what one
+    # connection can make it hold. It was 1 MiB whatever max_frame_bytes:
+    # 100 connections each sending 1 MiB less a byte grew the process by
+    # 102 MB, and max_clients_per_address (1000) let one address hold 1 GB.
+    options.setdefault("ws_max_size", WS_SIZE_FACTOR * _max_frame_bytes(app))
     # Per-message deflate would compress every frame once per client, undoing
     # the encode-once fan-out; notifications are small (< 8000 bytes) anyway.
     options.setdefault("ws_per_message_deflate", False)

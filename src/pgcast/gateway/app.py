@@ -23,7 +23,7 @@ import html
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -79,6 +79,7 @@ def create_app(
     auth_timeout: float = 10.0,
     rate_limits: RateLimits | None = _DEFAULT_LIMITS,
     max_clients_per_address: int | None = DEFAULT_PER_ADDRESS,
+    max_channels_per_address: int | Literal["auto"] | None = "auto",
     reconnect_backoff: Backoff | None = None,
     metrics_token: str | None = None,
     metrics_public: bool = False,
@@ -111,7 +112,17 @@ def create_app(
         of channels on each LISTEN and each notification, so one client
         (100 channels per connection, many connections) could otherwise slow
         the gateway down for everyone.
-    :param max_frame_bytes: the largest client frame accepted, in bytes.
+    :param max_channels_per_address: channels one client address (an IPv6
+        /64) may create, that is subscribe to while no client has them, and
+        that still have subscribers; default ``"auto"``, a quarter of
+        *max_channels*; None for no cap. Without it one address (many
+        connections of *max_subscriptions* new channels each) could take
+        all of *max_channels*, and no one else could subscribe to a channel
+        nobody had yet. Channels other clients have cost nothing.
+    :param max_frame_bytes: the largest client frame accepted, in bytes. A
+        bigger one gets an error frame; under ``pgcast serve`` (and
+        :func:`pgcast.gateway.serve`) one over four times this closes the
+        connection (1009) before it is read.
     :param queue_size: frames queued per client before *overflow* applies.
     :param overflow: ``"disconnect"`` (close code 4000) or ``"drop-oldest"``
         (the oldest frames go; the client gets a ``dropped`` notice and
@@ -209,6 +220,7 @@ def create_app(
         auth_timeout=auth_timeout,
         rate_limits=rate_limits,
         max_clients_per_address=max_clients_per_address,
+        max_channels_per_address=max_channels_per_address,
         reconnect_backoff=GATEWAY_BACKOFF if reconnect_backoff is None else reconnect_backoff,
     )
     hub = Hub(settings)

@@ -33,7 +33,10 @@ it on from the command line. Requires the ``jwt`` extra (``pyjwt[crypto]``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
+import logging
 import math
 import threading
 import time
@@ -54,10 +57,24 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "pgcast.gateway.jwt needs PyJWT: pip install 'pgcast[jwt]'"
     ) from exc
 
-__all__ = ["HMAC_ALGORITHMS", "JWKS_REFETCH_INTERVAL", "PUBLIC_KEY_ALGORITHMS", "JWTAuthorizer"]
+__all__ = [
+    "HMAC_ALGORITHMS", "JWKS_LIFESPAN", "JWKS_REFETCH_INTERVAL", "JWKS_RETRY_PAUSE",
+    "JWKS_TIMEOUT", "PUBLIC_KEY_ALGORITHMS", "JWTAuthorizer",
+]
+
+logger = logging.getLogger("pgcast.gateway")
 
 #: Seconds between two fetches of a JWKS URL for a kid it did not have.
 JWKS_REFETCH_INTERVAL = 30.0
+#: Seconds a fetched JWKS is fresh; after that it is fetched again in the
+#: background, its keys still serving meanwhile (and for as long as the
+#: identity provider does not answer).
+JWKS_LIFESPAN = 300.0
+#: Seconds after a failed JWKS fetch before another is tried.
+JWKS_RETRY_PAUSE = 5.0
+#: The HTTP timeout of a JWKS fetch, and the longest a verification waits for
+#: one (only a token whose kid has no cached key waits).
+JWKS_TIMEOUT = 5.0
 
 #: Algorithms that sign with a shared secret.
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -72,8 +89,16 @@ class JWTAuthorizer:
     """The gateway's authorizer for JWTs; see the module docstring.
 
     :param key: an HMAC secret (``str`` or ``bytes``) or a PEM public key.
-    :param jwks: a JWKS document: a file path, or an ``http(s)://`` URL
-        fetched (and cached, refetched for an unknown ``kid``) by PyJWT.
+    :param jwks: a JWKS document: a file path, or an ``http(s)://`` URL.
+        A URL is fetched in a background thread, never while a verification
+        waits on it unless the token's ``kid`` has no cached key: fetched
+        again when *jwks_lifespan* has passed (the keys it had keep serving
+        until a fetch succeeds, so an identity provider that is down or slow
+        delays no one whose key is known), and for an unknown ``kid`` at
+        most every :data:`JWKS_REFETCH_INTERVAL` seconds.
+    :param jwks_timeout: the HTTP timeout of a JWKS fetch, and the longest a
+        token with an unknown ``kid`` waits for one.
+    :param jwks_lifespan: seconds a fetched JWKS is fresh.
     :param algorithms: the accepted ``alg`` values; default HS256 for a
         secret, RS256 and ES256 for a public key or a JWKS. Shared-secret and
         public-key algorithms cannot be mixed.
@@ -99,6 +124,8 @@ class JWTAuthorizer:
         leeway: float = 0.0,
         read_claim: str = "channels.read",
         publish_claim: str = "channels.publish",
+        jwks_timeout: float = JWKS_TIMEOUT,
+        jwks_lifespan: float = JWKS_LIFESPAN,
     ) -> None:
         if (key is None) == (jwks is None):
             raise ValueError("JWTAuthorizer needs exactly one of key= or jwks=")
@@ -135,12 +162,25 @@ class JWTAuthorizer:
         self.publish_claim = publish_claim
         self._key: Any = key
         self._jwks: _jwt.PyJWKClient | None = None
-        self._refetch_lock = threading.Lock()
-        self._refetched = -math.inf
         self._jwk_set: _jwt.PyJWKSet | None = None
+        # A JWKS URL: the keys of the last fetch that succeeded, by kid, and
+        # the one fetch under way. _state_lock guards these and is never
+        # held across I/O.
+        self._state_lock = threading.Lock()
+        self._url_keys: dict[str, Any] = {}
+        self._fetched_at = -math.inf      # the last fetch that succeeded
+        self._attempted_at = -math.inf    # the last fetch started
+        self._refetched = -math.inf       # the last fetch for an unknown kid
+        self._last_error: str | None = None
+        self._fetch: concurrent.futures.Future[None] | None = None
+        for name, value in (("jwks_timeout", jwks_timeout), ("jwks_lifespan", jwks_lifespan)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        self.jwks_timeout = jwks_timeout
+        self.jwks_lifespan = jwks_lifespan
         if jwks is not None:
             if jwks.startswith(("http://", "https://")):
-                self._jwks = _jwt.PyJWKClient(jwks, cache_keys=True, timeout=10)
+                self._jwks = _jwt.PyJWKClient(jwks, cache_jwk_set=False, timeout=jwks_timeout)
             else:
                 try:
                     self._jwk_set = _jwt.PyJWKSet.from_json(Path(jwks).read_text())
@@ -157,8 +197,7 @@ class JWTAuthorizer:
             raise AccessDenied("a token is required (a JWT)")
         key = self._key
         if self._jwks is not None:
-            # PyJWKClient fetches with urllib: not on the event loop.
-            key = await asyncio.to_thread(self._signing_key_from_url, token)
+            key = await self._signing_key_from_url(token)
         elif self._jwk_set is not None:
             key = self._signing_key_from_set(token)
         try:
@@ -177,28 +216,94 @@ class JWTAuthorizer:
             expires=_expiry(claims.get("exp"), self.leeway),
         )
 
-    def _signing_key_from_url(self, token: str) -> Any:
-        # A kid the cached JWKS lacks makes PyJWT fetch it again: per token
-        # in PyJWT before its cooldown, and after a failed fetch still (each
-        # up to 10 s, in a thread, under the client's lock, which every
-        # verification takes). At most one such fetch per JWKS_REFETCH_INTERVAL.
-        client = self._jwks
-        assert client is not None
+    async def _signing_key_from_url(self, token: str) -> Any:
+        # The key comes from the cached set; a fetch (urllib, blocking) runs
+        # in its own thread, one at a time, and is awaited only by a token
+        # whose kid the cache lacks, for at most jwks_timeout. PyJWKClient's
+        # own cache and lock are not used: under them every verification
+        # waited for a fetch (the full HTTP timeout when the identity
+        # provider hung) and, the cache expired, was refused.
         try:
             kid = _jwt.get_unverified_header(token).get("kid")
-            for jwk in client.get_signing_keys():
-                if jwk.key_id == kid:
-                    return jwk.key
-            with self._refetch_lock:
-                now = time.monotonic()
-                if now - self._refetched < JWKS_REFETCH_INTERVAL:
-                    raise AccessDenied(f"invalid token: no key with kid {kid!r:.80} in the "
-                                       f"JWKS (fetched again at most every "
-                                       f"{JWKS_REFETCH_INTERVAL:g} s)")
-                self._refetched = now
-            return client.get_signing_key_from_jwt(token).key
         except _jwt.PyJWTError as exc:
             raise AccessDenied(f"invalid token: {exc}") from None
+        if not isinstance(kid, str):
+            raise AccessDenied("invalid token: its header has no kid, which a JWKS needs")
+        now = time.monotonic()
+        with self._state_lock:
+            key = self._url_keys.get(kid)
+            if key is not None:
+                if now - self._fetched_at >= self.jwks_lifespan:
+                    self._start_fetch(now, JWKS_RETRY_PAUSE)
+                return key
+            if self._fetched_at == -math.inf:
+                fetch = self._start_fetch(now, JWKS_RETRY_PAUSE)
+            else:
+                fetch = self._start_fetch(now, JWKS_REFETCH_INTERVAL, unknown_kid=True)
+        if fetch is not None:
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fetch)),
+                                       self.jwks_timeout)
+            with self._state_lock:
+                key = self._url_keys.get(kid)
+            if key is not None:
+                return key
+        with self._state_lock:
+            error, fetching = self._last_error, self._fetch is not None
+        why = (f"; the JWKS is being fetched (timeout {self.jwks_timeout:g} s)" if fetching
+               else f"; the last fetch of the JWKS failed: {error}" if error else "")
+        raise AccessDenied(f"invalid token: no key with kid {kid!r:.80} in the JWKS{why} "
+                           f"(fetched again for an unknown kid at most every "
+                           f"{JWKS_REFETCH_INTERVAL:g} s)")
+
+    def _start_fetch(self, now: float, pause: float, unknown_kid: bool = False
+                     ) -> concurrent.futures.Future[None] | None:
+        """The fetch under way, or a new one if the last started *pause*
+        seconds ago or more (None if neither). Called under _state_lock."""
+        if self._fetch is not None:
+            return self._fetch
+        # After a fetch that succeeded, a stale set is fetched again at once;
+        # after one that failed, not before *pause*.
+        since = self._refetched if unknown_kid else (
+            self._attempted_at if self._last_error is not None else -math.inf)
+        if now - since < pause:
+            return None
+        self._attempted_at = now
+        if unknown_kid:
+            self._refetched = now
+        fetch: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._fetch = fetch
+        threading.Thread(target=self._fetch_keys, args=(fetch,), daemon=True,
+                         name="pgcast-jwks-fetch").start()
+        return fetch
+
+    def _fetch_keys(self, fetch: concurrent.futures.Future[None]) -> None:
+        client = self._jwks
+        assert client is not None
+        keys: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            jwk_set = _jwt.PyJWKSet.from_dict(client.fetch_data())
+            keys = {jwk.key_id: jwk.key for jwk in jwk_set.keys
+                    if jwk.key_id and jwk.public_key_use in ("sig", None)}
+            if not keys:
+                error = "the JWKS has no signing keys (with a kid)"
+                keys = None
+        except Exception as exc:
+            error = str(exc)[:200] or type(exc).__name__
+        with self._state_lock:
+            if keys is not None:
+                self._url_keys = keys
+                self._fetched_at = time.monotonic()
+                self._last_error = None
+            else:
+                self._last_error = error
+            self._fetch = None
+            cached = len(self._url_keys)
+        if keys is None:
+            logger.warning("fetching the JWKS from %s failed: %s; the %d key(s) fetched "
+                           "before still serve", client.uri, error, cached)
+        fetch.set_result(None)
 
     def _signing_key_from_set(self, token: str) -> Any:
         assert self._jwk_set is not None

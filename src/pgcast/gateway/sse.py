@@ -47,7 +47,7 @@ from starlette.types import Receive, Scope, Send
 from .._channels import check_channels
 from .._errors import AccessDenied, InvalidChannelError, ProtocolError
 from . import _protocol
-from ._client import CLOSE_SLOW_CONSUMER, Client, TooManyFromAddress
+from ._client import CLOSE_SLOW_CONSUMER, Client, TooManyFromAddress, address_of
 from ._hub import Hub
 from ._protocol import Since
 from .auth import client_token, origin_allowed
@@ -143,6 +143,10 @@ class SSEEndpoint:
             hub.router.check_room(channels)  # max_channels
         except ProtocolError as exc:
             raise _Refusal(503, str(exc)) from None
+        try:
+            hub.check_created(address_of(request), channels)
+        except ProtocolError as exc:
+            raise _Refusal(429, str(exc)) from None
         try:
             return hub.attach("sse", access, request), channels, since, epoch
         except AccessDenied as exc:
