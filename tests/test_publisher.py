@@ -17,6 +17,7 @@ import pytest
 
 import _faults
 import pgcast
+from _eventwait import collect_until
 from pgcast.embedded import EmbeddedServer
 from pgcast.publisher._batcher import Batcher
 from tcp_proxy import TcpProxy
@@ -703,20 +704,6 @@ def test_publish_refuses_a_bad_timeout_even_with_room(
             assert apub.pending == 0
 
     asyncio.run(main())
-
-
-def collect_until(ps: pgcast.PubSub, sentinel: str, timeout: float = WAIT) -> list[pgcast.Event]:
-    """Every event up to the first whose payload is *sentinel*."""
-    got: list[pgcast.Event] = []
-    deadline = time.monotonic() + timeout
-    for event in ps.events(select_timeout=0.05, yield_timeouts=True):
-        if event is not None:
-            got.append(event)
-            if event.payload == sentinel:
-                return got
-        if time.monotonic() > deadline:
-            break
-    pytest.fail(f"{sentinel!r} not received within {timeout} s: {got[-3:]}")
 
 
 # -- several batches failing ---------------------------------------------------------
