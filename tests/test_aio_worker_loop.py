@@ -61,6 +61,20 @@ async def run_until(worker: pgcast.aio.Worker, body: Callable[[], Any]) -> None:
         await ajoin(runner, WAIT)
 
 
+def start_until_it_gives_up(worker: pgcast.aio.Worker) -> tuple[Any, list[BaseException]]:
+    """Run *worker* alongside the test body: its task, and the list that
+    receives the ConnectError with which it gives up reconnecting."""
+    errors: list[BaseException] = []
+
+    async def target() -> None:
+        try:
+            await worker.run()
+        except pgcast.ConnectError as exc:
+            errors.append(exc)
+
+    return astart(target), errors
+
+
 def test_worker_repr_and_registration(dsn: str, unique_channel: str) -> None:
     async def main() -> None:
         worker = pgcast.aio.Worker(dsn)
@@ -212,15 +226,7 @@ def test_worker_reconnects_by_its_backoff_and_gives_up_when_it_ends(
         async def handle(events: list[pgcast.Event]) -> None:
             pass
 
-        errors: list[BaseException] = []
-
-        async def target() -> None:
-            try:
-                await worker.run()
-            except pgcast.ConnectError as exc:
-                errors.append(exc)
-
-        runner = astart(target)
+        runner, errors = start_until_it_gives_up(worker)
         assert await worker.wait_ready(WAIT)
         server.stop()
         await ajoin(runner, timeout=WAIT * 2)
@@ -323,15 +329,7 @@ def test_worker_that_gives_up_reconnecting_still_delivers_what_it_received(
             def handle(events: list[pgcast.Event]) -> None:
                 batches.append([e.payload for e in events])
 
-            errors: list[BaseException] = []
-
-            async def target() -> None:
-                try:
-                    await worker.run()
-                except pgcast.ConnectError as exc:
-                    errors.append(exc)
-
-            runner = astart(target)
+            runner, errors = start_until_it_gives_up(worker)
             assert await worker.wait_ready(WAIT), "the worker did not start listening"
             send(conn, unique_channel, ["a", "b"])
             await apause(0.5)  # received, waiting for its 60 s window
@@ -542,15 +540,7 @@ def test_worker_reconnect_with_no_delay_does_not_flood_the_log(
             async def handle(events: list[pgcast.Event]) -> None:
                 pass
 
-            errors: list[BaseException] = []
-
-            async def target() -> None:
-                try:
-                    await worker.run()
-                except pgcast.ConnectError as exc:
-                    errors.append(exc)
-
-            runner = astart(target)
+            runner, errors = start_until_it_gives_up(worker)
             assert await worker.wait_ready(WAIT), "the worker did not start listening"
             proxy.refuse()
             proxy.cut()

@@ -64,6 +64,20 @@ def run_until(worker: pgcast.Worker, body: Callable[[], Any]) -> None:
         join_thread(runner, WAIT)
 
 
+def start_until_it_gives_up(worker: pgcast.Worker) -> tuple[Any, list[BaseException]]:
+    """Run *worker* alongside the test body: its task, and the list that
+    receives the ConnectError with which it gives up reconnecting."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            worker.run()
+        except pgcast.ConnectError as exc:
+            errors.append(exc)
+
+    return (start_thread(target), errors)
+
+
 def test_worker_repr_and_registration(dsn: str, unique_channel: str) -> None:
 
     def main() -> None:
@@ -216,15 +230,7 @@ def test_worker_reconnects_by_its_backoff_and_gives_up_when_it_ends(
         def handle(events: list[pgcast.Event]) -> None:
             pass
 
-        errors: list[BaseException] = []
-
-        def target() -> None:
-            try:
-                worker.run()
-            except pgcast.ConnectError as exc:
-                errors.append(exc)
-
-        runner = start_thread(target)
+        runner, errors = start_until_it_gives_up(worker)
         assert worker.wait_ready(WAIT)
         server.stop()
         join_thread(runner, timeout=WAIT * 2)
@@ -330,15 +336,7 @@ def test_worker_that_gives_up_reconnecting_still_delivers_what_it_received(
             def handle(events: list[pgcast.Event]) -> None:
                 batches.append([e.payload for e in events])
 
-            errors: list[BaseException] = []
-
-            def target() -> None:
-                try:
-                    worker.run()
-                except pgcast.ConnectError as exc:
-                    errors.append(exc)
-
-            runner = start_thread(target)
+            runner, errors = start_until_it_gives_up(worker)
             assert worker.wait_ready(WAIT), "the worker did not start listening"
             send(conn, unique_channel, ["a", "b"])
             pause(0.5)  # received, waiting for its 60 s window
@@ -563,15 +561,7 @@ def test_worker_reconnect_with_no_delay_does_not_flood_the_log(
             def handle(events: list[pgcast.Event]) -> None:
                 pass
 
-            errors: list[BaseException] = []
-
-            def target() -> None:
-                try:
-                    worker.run()
-                except pgcast.ConnectError as exc:
-                    errors.append(exc)
-
-            runner = start_thread(target)
+            runner, errors = start_until_it_gives_up(worker)
             assert worker.wait_ready(WAIT), "the worker did not start listening"
             proxy.refuse()
             proxy.cut()
